@@ -1,0 +1,272 @@
+//! The Updater: one named worker that receives from a queue and runs a handler per
+//! message, settling each by its outcome.
+
+mod run;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{Backoff, Handler, MessageSource, TransportError, Worker, WorkerContext, WorkerError};
+
+/// How an [`Updater`] receives and handles messages.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct UpdaterConfig {
+    /// The most messages one receive asks for. Default 16.
+    pub batch_size: usize,
+    /// The most handlers running at once. Default 8.
+    pub concurrency: usize,
+    /// How long one receive waits on an empty queue. Default 5 s.
+    pub wait: Duration,
+    /// Renew a lock this long before it expires (at most half the lock). Default 10 s.
+    pub renew_margin: Duration,
+    /// A message delivered more often than this is dead-lettered with reason
+    /// `MaxDeliveryCountExceeded`, without calling the handler. Default 10.
+    pub max_deliveries: u32,
+    /// The redelivery delay of a retry without `after`, by delivery count: by default
+    /// 1 s doubling to 2 min.
+    pub retry_backoff: Backoff,
+    /// The pauses between dependency probes while the circuit breaker is open: by default
+    /// 1 s doubling to 30 s.
+    pub probe_backoff: Backoff,
+    /// No progress for this long means the worker is stalled. `None`: 5 × `wait` + 60 s.
+    pub stall_timeout: Option<Duration>,
+    /// After a receive error, how long running handlers may finish before the worker
+    /// aborts them and restarts. Default 10 s.
+    pub error_drain: Duration,
+}
+
+impl Default for UpdaterConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            concurrency: 8,
+            wait: Duration::from_secs(5),
+            renew_margin: Duration::from_secs(10),
+            max_deliveries: 10,
+            retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(120)),
+            probe_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+            stall_timeout: None,
+            error_drain: Duration::from_secs(10),
+        }
+    }
+}
+
+impl UpdaterConfig {
+    /// Sets the batch size (at least 1).
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// Sets the concurrency (at least 1).
+    #[must_use]
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Sets the receive wait.
+    #[must_use]
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Sets the lock renewal margin.
+    #[must_use]
+    pub fn with_renew_margin(mut self, renew_margin: Duration) -> Self {
+        self.renew_margin = renew_margin;
+        self
+    }
+
+    /// Sets the delivery limit.
+    #[must_use]
+    pub fn with_max_deliveries(mut self, max_deliveries: u32) -> Self {
+        self.max_deliveries = max_deliveries;
+        self
+    }
+
+    /// Sets the retry backoff.
+    #[must_use]
+    pub fn with_retry_backoff(mut self, retry_backoff: Backoff) -> Self {
+        self.retry_backoff = retry_backoff;
+        self
+    }
+
+    /// Sets the probe backoff of the circuit breaker.
+    #[must_use]
+    pub fn with_probe_backoff(mut self, probe_backoff: Backoff) -> Self {
+        self.probe_backoff = probe_backoff;
+        self
+    }
+
+    /// Sets the stall timeout.
+    #[must_use]
+    pub fn with_stall_timeout(mut self, stall_timeout: Duration) -> Self {
+        self.stall_timeout = Some(stall_timeout);
+        self
+    }
+
+    /// The stall timeout in effect.
+    #[must_use]
+    pub fn effective_stall_timeout(&self) -> Duration {
+        self.stall_timeout
+            .unwrap_or_else(|| self.wait.saturating_mul(5).saturating_add(Duration::from_secs(60)))
+    }
+}
+
+/// Opens a [`MessageSource`], once per (re)start of an [`Updater`].
+///
+/// Implemented for async closures returning `Result<impl MessageSource, TransportError>`.
+#[async_trait]
+pub trait Connect: Send + Sync + 'static {
+    /// Connects and returns a source.
+    ///
+    /// # Errors
+    ///
+    /// The transport's connection errors; retryable ones make the worker back off.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Should be cancel safe: a shutdown drops it.
+    async fn connect(&self) -> Result<Arc<dyn MessageSource>, TransportError>;
+}
+
+#[async_trait]
+impl<F, Fut, S> Connect for F
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<S, TransportError>> + Send,
+    S: MessageSource,
+{
+    async fn connect(&self) -> Result<Arc<dyn MessageSource>, TransportError> {
+        Ok(Arc::new(self().await?))
+    }
+}
+
+/// One source shared by every restart.
+struct Fixed(Arc<dyn MessageSource>);
+
+#[async_trait]
+impl Connect for Fixed {
+    async fn connect(&self) -> Result<Arc<dyn MessageSource>, TransportError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// A named worker that receives messages from a queue and hands each to a [`Handler`],
+/// settling it by the [`Outcome`](crate::Outcome).
+///
+/// - Handlers run as tasks, up to `concurrency` at once; messages with the same
+///   `session_id` run strictly one after another, in arrival order, and a message waiting
+///   for its turn keeps its lock renewed. On transports without sessions, a message
+///   retried with a delay also holds back its session's later messages until it returns
+///   (or for the delay plus twice the wait, if another consumer took it).
+/// - Locks are renewed before they expire while a handler runs. A lost lock is logged
+///   and counted (`lease_lost`), and that message is never settled.
+/// - A message delivered more than `max_deliveries` times is dead-lettered with reason
+///   `MaxDeliveryCountExceeded` without calling the handler.
+/// - A handler panic is caught, logged with the message id and its payload, counted and
+///   treated as a retry.
+/// - A retry with [`RetryCause::Dependency`](crate::RetryCause::Dependency) opens the
+///   worker's circuit breaker: it stops receiving (state `backing_off`) until
+///   [`Handler::probe`] succeeds.
+/// - Progress is recorded on every poll, handler completion and lock renewal.
+/// - On shutdown it calls `stop_receiving`, releases the messages that have not started,
+///   lets running handlers finish until the drain deadline, then aborts the rest and
+///   abandons their messages so another consumer gets them at once.
+///
+/// Run it under a [`Supervisor`](crate::Supervisor); see there for an example.
+pub struct Updater {
+    name: String,
+    connect: Arc<dyn Connect>,
+    handler: Arc<dyn Handler>,
+    config: UpdaterConfig,
+}
+
+impl fmt::Debug for Updater {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Updater")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Updater {
+    /// An updater that connects a new source with `connect` on every (re)start.
+    #[must_use]
+    pub fn new(name: impl Into<String>, connect: impl Connect, handler: impl Handler) -> Self {
+        Self {
+            name: name.into(),
+            connect: Arc::new(connect),
+            handler: Arc::new(handler),
+            config: UpdaterConfig::default(),
+        }
+    }
+
+    /// An updater over one source, kept across restarts. Only for sources that never
+    /// break for good (an in-memory source in tests); a source whose connection can drop
+    /// needs [`Updater::new`] with a [`Connect`] that opens a new one.
+    #[must_use]
+    pub fn with_source(
+        name: impl Into<String>,
+        source: impl MessageSource,
+        handler: impl Handler,
+    ) -> Self {
+        Self::new(name, Fixed(Arc::new(source)), handler)
+    }
+
+    /// Replaces the configuration.
+    #[must_use]
+    pub fn with_config(mut self, config: UpdaterConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &UpdaterConfig {
+        &self.config
+    }
+}
+
+#[async_trait]
+impl Worker for Updater {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn stall_timeout(&self) -> Option<Duration> {
+        Some(self.config.effective_stall_timeout())
+    }
+
+    async fn run(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+        let source = tokio::select! {
+            source = self.connect.connect() => source?,
+            () = ctx.cancelled() => return Ok(()),
+        };
+        ctx.progress();
+        ctx.set_running();
+        tracing::info!(queue = source.queue(), "receiving");
+        let mut run = run::Run::new(&ctx, source.as_ref(), &self.handler, &self.config);
+        let failure = run.receive_loop().await;
+        match &failure {
+            None => {
+                let shutting_down = ctx.is_shutting_down();
+                run.drain(shutting_down, ctx.drain_deadline(), ctx.hard_deadline()).await;
+            }
+            Some(_) => {
+                let deadline = tokio::time::Instant::now() + self.config.error_drain;
+                run.drain(false, deadline, deadline + Duration::from_secs(1)).await;
+            }
+        }
+        failure.map_or(Ok(()), |error| Err(error.into()))
+    }
+}

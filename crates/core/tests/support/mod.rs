@@ -1,0 +1,188 @@
+//! Shared helpers for the Updater and Supervisor tests.
+
+#![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use steward_core::{
+    Backoff, Capabilities, Delivery, HealthHandle, Jitter, MessageSink, MessageSource,
+    OutgoingMessage, Supervisor, SupervisorConfig, TransportError, UpdaterConfig, WorkerHealth,
+};
+use steward_inmem::{InMemoryBroker, QueueOptions};
+use tokio::time::Instant;
+
+pub const QUEUE: &str = "jobs";
+
+/// A strict broker with `QUEUE` declared with this lock duration.
+pub fn broker(lock: Duration) -> InMemoryBroker {
+    let broker = InMemoryBroker::builder().strict(true).build();
+    broker.declare_queue(QUEUE, QueueOptions::default().with_lock_duration(lock));
+    broker
+}
+
+pub async fn send(broker: &InMemoryBroker, id: &str, session: Option<&str>) {
+    let mut message = OutgoingMessage::new(id.to_owned()).with_message_id(id);
+    message.session_id = session.map(str::to_owned);
+    broker.send(QUEUE, message).await.unwrap();
+}
+
+/// Small, fast settings for tests: 1 s waits, no retry jitter.
+pub fn config() -> UpdaterConfig {
+    UpdaterConfig::default()
+        .with_wait(Duration::from_secs(1))
+        .with_retry_backoff(
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+                .with_jitter(Jitter::none()),
+        )
+        .with_probe_backoff(
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(8))
+                .with_jitter(Jitter::none()),
+        )
+}
+
+/// A supervisor whose restart backoff has no jitter.
+pub fn supervisor() -> Supervisor {
+    Supervisor::new(SupervisorConfig::default().with_backoff(
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(300)).with_jitter(Jitter::none()),
+    ))
+}
+
+pub fn worker(health: &HealthHandle, name: &str) -> WorkerHealth {
+    health.snapshot().worker(name).cloned().unwrap()
+}
+
+/// Polls `condition` every 10 ms (of tokio time) until it holds, or panics after `within`.
+pub async fn eventually(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Wraps a source to hide the broker's sessions: messages carry their ordering key in
+/// property `session` and the source claims no session support, so ordering is the
+/// updater's job, as on a transport without sessions.
+pub struct LocalSessions<S>(pub S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for LocalSessions<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { sessions: false, ..self.0.capabilities() }
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let batch = self.0.receive(max, wait).await?;
+        Ok(batch
+            .into_iter()
+            .map(|delivery| {
+                delivery.map_message(|mut message| {
+                    message.session_id = message.properties.get("session").cloned();
+                    message
+                })
+            })
+            .collect())
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}
+
+pub async fn send_local_session(broker: &InMemoryBroker, id: &str, session: &str) {
+    let message =
+        OutgoingMessage::new(id.to_owned()).with_message_id(id).with_property("session", session);
+    broker.send(QUEUE, message).await.unwrap();
+}
+
+/// Wraps a source to record when each receive was called.
+pub struct Timed<S> {
+    pub inner: S,
+    pub calls: Arc<Mutex<Vec<Instant>>>,
+}
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for Timed<S> {
+    fn queue(&self) -> &str {
+        self.inner.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        self.calls.lock().unwrap().push(Instant::now());
+        self.inner.receive(max, wait).await
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.inner.stop_receiving().await
+    }
+}
+
+/// Makes a source that returns at once honour `wait` when it has nothing, as the
+/// `MessageSource` contract demands (for mocks).
+pub struct Paced<S>(pub S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for Paced<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let batch = self.0.receive(max, wait).await?;
+        if batch.is_empty() {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(batch)
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}
+
+/// Captures what the test's tracing subscriber writes, for asserting on log lines.
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    /// Installs a subscriber writing here for the current thread, until the guard drops.
+    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

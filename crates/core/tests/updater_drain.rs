@@ -1,0 +1,99 @@
+//! Graceful shutdown: draining, deadlines, aborting and abandoning.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use steward_core::{MessageSource, Outcome, Updater, WorkerState, handler_fn};
+use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
+use tokio::time::{Instant, sleep};
+
+/// Ensures that handlers in flight at shutdown finish and are settled within the drain
+/// deadline, and nothing is left running.
+#[tokio::test(start_paused = true)]
+async fn in_flight_handlers_finish_within_drain_deadline() {
+    let broker = broker(Duration::from_secs(30));
+    for i in 0..4 {
+        send(&broker, &format!("m{i}"), None).await;
+    }
+    let started = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let started = started.clone();
+        handler_fn(move |_| {
+            started.fetch_add(1, Ordering::SeqCst);
+            async {
+                sleep(Duration::from_secs(3)).await;
+                Outcome::Complete
+            }
+        })
+    };
+    let supervisor = supervisor();
+    supervisor.spawn(
+        Updater::with_source("drainer", broker.source(QUEUE).unwrap(), handler)
+            .with_config(config().with_concurrency(4)),
+    );
+    let health = supervisor.health();
+    eventually("all started", Duration::from_secs(5), || started.load(Ordering::SeqCst) == 4).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = supervisor.shutdown(deadline).await;
+    assert!(Instant::now() <= deadline);
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.stopped, ["drainer"]);
+    let snapshot = worker(&health, "drainer");
+    assert_eq!(snapshot.outcomes.completed, 4);
+    assert_eq!(snapshot.state, WorkerState::Stopped);
+    assert_eq!(broker.message_count(QUEUE), 0);
+}
+
+/// Ensures that past the drain deadline, handlers that ignore cancellation are aborted
+/// and their messages abandoned (another consumer gets them at once), that `shutdown`
+/// returns by its deadline naming them, and that no tracked task is left.
+#[tokio::test(start_paused = true)]
+async fn handlers_past_drain_deadline_are_aborted_and_abandoned() {
+    let broker = broker(Duration::from_secs(60));
+    send(&broker, "quick", None).await;
+    send(&broker, "stubborn", None).await;
+    send(&broker, "never-started", None).await;
+    let handler = handler_fn(|message| async move {
+        if message.id == "stubborn" {
+            // Ignores cancellation: would run for an hour.
+            sleep(Duration::from_secs(3600)).await;
+        } else {
+            sleep(Duration::from_secs(1)).await;
+        }
+        Outcome::Complete
+    });
+    let supervisor = supervisor();
+    supervisor.spawn(
+        Updater::with_source("stubborn", broker.source(QUEUE).unwrap(), handler)
+            .with_config(config().with_concurrency(2)),
+    );
+    let health = supervisor.health();
+    eventually("two running", Duration::from_secs(5), || {
+        worker(&health, "stubborn").in_flight >= 2
+    })
+    .await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = supervisor.shutdown(deadline).await;
+    assert!(Instant::now() <= deadline, "shutdown overran its deadline");
+    let aborted: Vec<_> = report.aborted_handlers.iter().map(|a| a.message_id.as_str()).collect();
+    assert_eq!(aborted, ["stubborn"], "{report:?}");
+    assert!(!report.aborted_handlers[0].blocked);
+    assert_eq!(report.aborted_handlers[0].worker, "stubborn");
+    assert!(report.overran.is_empty(), "{report:?}");
+    assert_eq!(report.tasks_left, 0, "no tracked task outlived the shutdown");
+
+    // Both unfinished messages are available to a new consumer at once.
+    let fresh = broker.source(QUEUE).unwrap();
+    let got = fresh.receive(10, Duration::ZERO).await.unwrap();
+    let mut ids: Vec<_> = got.iter().map(|d| d.message().id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["never-started", "stubborn"]);
+    assert_eq!(worker(&health, "stubborn").outcomes.completed, 1, "quick completed");
+}

@@ -1,0 +1,51 @@
+//! The Updater against mockall doubles.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use steward_core::{
+    Capabilities, Delivery, Message, MockHandler, MockMessageSource, MockSettle, Outcome,
+    TransportError, Updater,
+};
+use support::{Paced, config, eventually, supervisor, worker};
+use tokio::time::Instant;
+
+/// Ensures that when `complete` fails with `LockLost`, the message is not settled again
+/// (no abandon, no dead-letter, no second complete) and `lease_lost` is counted.
+#[tokio::test(start_paused = true)]
+async fn complete_lock_lost_is_counted_and_not_settled_again() {
+    let mut settle = MockSettle::new();
+    settle.expect_locked_until().return_const(None);
+    settle.expect_complete().times(1).returning(|| Err(TransportError::lock_lost("m-1")));
+    settle.expect_abandon().never();
+    settle.expect_dead_letter().never();
+    settle.expect_renew_lock().never();
+    let mut delivery = Some(Delivery::new(Message::new("m-1", "{}"), settle));
+
+    let mut source = MockMessageSource::new();
+    source.expect_queue().return_const("mocked".to_owned());
+    source.expect_capabilities().return_const(Capabilities::default());
+    source.expect_receive().returning(move |_, _| Ok(delivery.take().into_iter().collect()));
+    source.expect_stop_receiving().times(1).returning(|| Ok(()));
+
+    let mut handler = MockHandler::new();
+    handler.expect_handle().times(1).returning(|_: Arc<Message>| Outcome::Complete);
+
+    let supervisor = supervisor();
+    supervisor.spawn(Updater::with_source("mocked", Paced(source), handler).with_config(config()));
+    let health = supervisor.health();
+    eventually("lease lost counted", Duration::from_secs(10), || {
+        worker(&health, "mocked").outcomes.lease_lost == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let counts = worker(&health, "mocked").outcomes;
+    assert_eq!((counts.completed, counts.retried, counts.dead_lettered), (0, 0, 0));
+    assert_eq!(counts.lease_lost, 1);
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+    assert!(report.is_clean(), "{report:?}");
+}

@@ -1,0 +1,239 @@
+//! Ordering, concurrency and lock renewal of the Updater on the in-memory broker.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use steward_core::{Outcome, Updater, WorkerState, handler_fn};
+use support::{
+    LocalSessions, QUEUE, broker, config, eventually, send, send_local_session, supervisor, worker,
+};
+use tokio::time::{Instant, sleep};
+
+/// Ensures that 1,000 messages over 10 sessions at concurrency 8 are each handled once,
+/// in order within each session, never with more than 8 handlers at once.
+#[tokio::test(start_paused = true)]
+async fn sessions_keep_order_and_concurrency_stays_within_limit() {
+    let broker = broker(Duration::from_secs(30));
+    for i in 0..1000 {
+        send(&broker, &format!("{}-{:04}", i % 10, i / 10), Some(&format!("s{}", i % 10))).await;
+    }
+    let seen: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (seen, running, peak) = (seen.clone(), running.clone(), peak.clone());
+        handler_fn(move |message| {
+            let (seen, running, peak) = (seen.clone(), running.clone(), peak.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                // Uneven handler times interleave the sessions.
+                let n: u64 = message.id[2..].parse().unwrap();
+                sleep(Duration::from_millis(5 + (n * 37) % 50)).await;
+                let session = message.session_id.clone().unwrap();
+                seen.lock().unwrap().entry(session).or_default().push(message.id.clone());
+                running.fetch_sub(1, Ordering::SeqCst);
+                Outcome::Complete
+            }
+        })
+    };
+    let supervisor = supervisor();
+    let updater = Updater::with_source("ordered", broker.source(QUEUE).unwrap(), handler)
+        .with_config(config().with_concurrency(8).with_batch_size(16));
+    supervisor.spawn(updater);
+    let health = supervisor.health();
+    eventually("all messages completed", Duration::from_secs(3600), || {
+        worker(&health, "ordered").outcomes.completed == 1000
+    })
+    .await;
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 10);
+    for (session, ids) in seen.iter() {
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, &sorted, "order within {session}");
+        assert_eq!(ids.len(), 100, "each message of {session} handled once");
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 8, "{peak} handlers ran at once, more than 8");
+    assert!(peak >= 4, "only {peak} handlers at once: the sessions did not run in parallel");
+    assert_eq!(broker.message_count(QUEUE), 0);
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+    assert!(report.is_clean(), "{report:?}");
+}
+
+/// Ensures that a handler running three times the lock duration keeps its message, and
+/// the message waiting behind it in its session keeps its lock too: neither is
+/// redelivered, both are handled once, in order.
+#[tokio::test(start_paused = true)]
+async fn long_handler_and_waiting_message_keep_their_locks() {
+    let lock = Duration::from_secs(10);
+    let broker = broker(lock);
+    send_local_session(&broker, "first", "s").await;
+    send_local_session(&broker, "second", "s").await;
+    let calls: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
+    let handler = {
+        let calls = calls.clone();
+        handler_fn(move |message| {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().push((
+                    message.id.clone(),
+                    message.delivery_count,
+                    Instant::now(),
+                ));
+                if message.id == "first" {
+                    sleep(lock * 3).await;
+                }
+                Outcome::Complete
+            }
+        })
+    };
+    let started = Instant::now();
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(Updater::with_source("long", source, handler).with_config(config()));
+    let health = supervisor.health();
+    eventually("both completed", Duration::from_secs(600), || {
+        worker(&health, "long").outcomes.completed == 2
+    })
+    .await;
+
+    let calls = calls.lock().unwrap().clone();
+    let ids: Vec<_> = calls.iter().map(|(id, count, _)| (id.as_str(), *count)).collect();
+    assert_eq!(ids, [("first", 1), ("second", 1)], "each handled once, in order, first delivery");
+    assert!(calls[1].2 - started >= lock * 3, "second waited for first");
+    let snapshot = worker(&health, "long");
+    assert_eq!(snapshot.outcomes.lease_lost, 0);
+    assert_eq!(snapshot.restarts, 0);
+    assert_eq!(broker.message_count(QUEUE), 0);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+async fn delayed_retry_blocks_session(local: bool) {
+    let broker = broker(Duration::from_secs(30));
+    if local {
+        send_local_session(&broker, "s-1", "s").await;
+        send_local_session(&broker, "s-2", "s").await;
+        send_local_session(&broker, "other", "t").await;
+    } else {
+        send(&broker, "s-1", Some("s")).await;
+        send(&broker, "s-2", Some("s")).await;
+        send(&broker, "other", Some("t")).await;
+    }
+    let calls: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let handler = {
+        let calls = calls.clone();
+        handler_fn(move |message| {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().push((message.id.clone(), Instant::now()));
+                if message.id == "s-1" && message.delivery_count == 1 {
+                    Outcome::retry_after(Duration::from_secs(20), "not yet")
+                } else {
+                    Outcome::Complete
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let supervisor = supervisor();
+    if local {
+        let source = LocalSessions(broker.source(QUEUE).unwrap());
+        supervisor.spawn(Updater::with_source("retry", source, handler).with_config(config()));
+    } else {
+        let source = broker.source(QUEUE).unwrap();
+        supervisor.spawn(Updater::with_source("retry", source, handler).with_config(config()));
+    }
+    let health = supervisor.health();
+    eventually("all completed", Duration::from_secs(600), || {
+        worker(&health, "retry").outcomes.completed == 3
+    })
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    let order: Vec<_> = calls.iter().map(|(id, _)| id.as_str()).collect();
+    let at = |id: &str| {
+        calls.iter().filter(|(i, _)| i == id).map(|(_, t)| *t - started).collect::<Vec<_>>()
+    };
+    assert_eq!(at("s-1").len(), 2, "s-1 handled twice: {order:?}");
+    assert_eq!(at("s-1")[1], Duration::from_secs(20), "s-1 came back after its delay");
+    assert!(at("s-2")[0] >= at("s-1")[1], "s-2 ran before the retried s-1: {order:?}");
+    assert!(at("other")[0] < Duration::from_secs(1), "another session was not held up: {order:?}");
+    assert_eq!(broker.message_count(QUEUE), 0);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a message retried with a delay holds back the later messages of its
+/// session until it returns and is settled, on a broker with sessions.
+#[tokio::test(start_paused = true)]
+async fn delayed_retry_blocks_its_session_with_broker_sessions() {
+    delayed_retry_blocks_session(false).await;
+}
+
+/// Ensures the same on a transport without sessions, where the updater holds the
+/// session back itself.
+#[tokio::test(start_paused = true)]
+async fn delayed_retry_blocks_its_session_without_broker_sessions() {
+    delayed_retry_blocks_session(true).await;
+}
+
+/// Ensures that progress advances on an idle queue (so an idle worker is never deemed
+/// stalled), and that a worker whose every slot is busy with long, lock-renewed
+/// handlers is not deemed stalled either.
+#[tokio::test(start_paused = true)]
+async fn progress_advances_when_idle_and_when_all_slots_are_busy() {
+    let broker = broker(Duration::from_secs(30));
+    let supervisor = supervisor();
+    let idle = Updater::with_source(
+        "idle",
+        broker.source(QUEUE).unwrap(),
+        handler_fn(|_| async { Outcome::Complete }),
+    )
+    .with_config(config().with_stall_timeout(Duration::from_secs(10)));
+    supervisor.spawn(idle);
+
+    broker.declare_queue("busy", Default::default());
+    for i in 0..2 {
+        broker
+            .enqueue("busy", steward_core::OutgoingMessage::new(format!("{i}")), None)
+            .await
+            .unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let busy_handler = {
+        let calls = calls.clone();
+        handler_fn(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                sleep(Duration::from_secs(600)).await;
+                Outcome::Complete
+            }
+        })
+    };
+    let busy = Updater::with_source("busy", broker.source("busy").unwrap(), busy_handler)
+        .with_config(config().with_concurrency(2).with_stall_timeout(Duration::from_secs(30)));
+    supervisor.spawn(busy);
+    let health = supervisor.health();
+
+    for _ in 0..30 {
+        sleep(Duration::from_secs(10)).await;
+        let idle = worker(&health, "idle");
+        assert_eq!(idle.state, WorkerState::Running);
+        assert!(idle.since_progress.unwrap() <= Duration::from_secs(1), "{idle:?}");
+        let busy = worker(&health, "busy");
+        assert_eq!(busy.state, WorkerState::Running, "{busy:?}");
+        assert!(busy.since_progress.unwrap() < Duration::from_secs(30), "{busy:?}");
+    }
+    assert_eq!(worker(&health, "idle").restarts, 0);
+    assert_eq!(worker(&health, "busy").restarts, 0);
+    assert_eq!(worker(&health, "busy").in_flight, 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "no redelivery while the handlers ran");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
