@@ -1,0 +1,435 @@
+//! One queue (or dead-letter sub-queue): messages in sequence order and the rules for
+//! handing them out. Everything here takes `now` explicitly and never blocks.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use steward_core::Message;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// The reason a message carries into the dead-letter queue when it was delivered too often.
+pub const MAX_DELIVERY_COUNT_EXCEEDED: &str = "MaxDeliveryCountExceeded";
+
+/// `now + duration`, or a moment decades away when that does not fit the clock.
+pub(crate) fn later(now: Instant, duration: Duration) -> Instant {
+    now.checked_add(duration).unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 60 * 60))
+}
+
+/// Settings of one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// How long a received message stays locked to its consumer.
+    pub lock_duration: Duration,
+    /// After this many deliveries, the next abandon or lock expiry moves the message to
+    /// the dead-letter queue with reason `MaxDeliveryCountExceeded`. `None`: no limit.
+    pub max_delivery_count: Option<u32>,
+}
+
+impl Default for QueueOptions {
+    /// A 60 s lock (Service Bus's default) and no delivery limit.
+    fn default() -> Self {
+        Self { lock_duration: Duration::from_secs(60), max_delivery_count: None }
+    }
+}
+
+impl QueueOptions {
+    /// Sets the lock duration.
+    #[must_use]
+    pub fn with_lock_duration(mut self, lock_duration: Duration) -> Self {
+        self.lock_duration = lock_duration;
+        self
+    }
+
+    /// Sets the maximum delivery count.
+    #[must_use]
+    pub fn with_max_delivery_count(mut self, max: u32) -> Self {
+        self.max_delivery_count = Some(max);
+        self
+    }
+}
+
+/// Why a message is in a dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterInfo {
+    /// The reason, e.g. `MessageFormatIncorrect` or `MaxDeliveryCountExceeded`.
+    pub reason: String,
+    /// The description.
+    pub description: String,
+}
+
+/// A message as stored, with its broker-side state.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub(crate) message: Message,
+    pub(crate) sequence: u64,
+    pub(crate) visible_at: Instant,
+    pub(crate) lock: Option<Lock>,
+    pub(crate) dead_letter: Option<DeadLetterInfo>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lock {
+    pub(crate) token: Uuid,
+    pub(crate) until: Instant,
+    /// The connection generation that took the lock; a disconnect invalidates it.
+    pub(crate) generation: u64,
+}
+
+/// A message handed out under a lock.
+#[derive(Debug, Clone)]
+pub struct LockedMessage {
+    /// The message, with its delivery count already incremented.
+    pub message: Message,
+    /// The queue's sequence number of the message.
+    pub sequence: u64,
+    /// The lock token; settlements must present it.
+    pub lock_token: Uuid,
+    /// When the lock expires.
+    pub locked_until: Instant,
+    /// Set for messages received from a dead-letter queue.
+    pub dead_letter: Option<DeadLetterInfo>,
+}
+
+/// A settlement was refused because the lock is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LockGone;
+
+#[derive(Debug)]
+pub(crate) struct Entity {
+    pub(crate) options: QueueOptions,
+    messages: BTreeMap<u64, Stored>,
+    next_sequence: u64,
+    pub(crate) generation: u64,
+    pub(crate) notify: Arc<Notify>,
+}
+
+impl Entity {
+    pub(crate) fn new(options: QueueOptions) -> Self {
+        Self {
+            options,
+            messages: BTreeMap::new(),
+            next_sequence: 1,
+            generation: 0,
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Stored> {
+        self.messages.values()
+    }
+
+    /// Appends a message, visible from `visible_at`; returns its sequence number.
+    pub(crate) fn push(
+        &mut self,
+        mut message: Message,
+        visible_at: Instant,
+        dead_letter: Option<DeadLetterInfo>,
+    ) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        if message.enqueued_at.is_none() {
+            message.enqueued_at = Some(SystemTime::now());
+        }
+        self.messages
+            .insert(sequence, Stored { message, sequence, visible_at, lock: None, dead_letter });
+        self.notify.notify_waiters();
+        sequence
+    }
+
+    fn lock_is_held(&self, lock: &Lock, now: Instant) -> bool {
+        lock.until > now && lock.generation == self.generation
+    }
+
+    /// Locks up to `max` available messages for `generation`. Messages due for the
+    /// dead-letter queue because of their delivery count are returned in the second
+    /// `Vec` instead.
+    ///
+    /// A message is available when it is visible, not locked, and — if it has a session —
+    /// the oldest message of its session, so a session delivers one message at a time,
+    /// in order, and a message waiting out a delay blocks its session.
+    pub(crate) fn take(
+        &mut self,
+        max: usize,
+        now: Instant,
+        generation: u64,
+    ) -> (Vec<LockedMessage>, Vec<Stored>) {
+        let mut taken = Vec::new();
+        let mut overflow = Vec::new();
+        let mut seen_sessions: HashSet<String> = HashSet::new();
+        let mut expired_overflow = Vec::new();
+        let current_generation = self.generation;
+        for stored in self.messages.values_mut() {
+            if taken.len() >= max {
+                break;
+            }
+            let held = stored
+                .lock
+                .is_some_and(|lock| lock.until > now && lock.generation == current_generation);
+            let is_head = match &stored.message.session_id {
+                Some(session) => seen_sessions.insert(session.clone()),
+                None => true,
+            };
+            if !is_head || held || stored.visible_at > now {
+                continue;
+            }
+            if let Some(max_count) = self.options.max_delivery_count {
+                if stored.message.delivery_count >= max_count {
+                    // Delivered too often: off to the dead-letter queue, and the next
+                    // message of the session (if any) becomes its head next time.
+                    expired_overflow.push(stored.sequence);
+                    continue;
+                }
+            }
+            stored.message.delivery_count += 1;
+            let lock = Lock {
+                token: Uuid::new_v4(),
+                until: later(now, self.options.lock_duration),
+                generation,
+            };
+            stored.lock = Some(lock);
+            taken.push(LockedMessage {
+                message: stored.message.clone(),
+                sequence: stored.sequence,
+                lock_token: lock.token,
+                locked_until: lock.until,
+                dead_letter: stored.dead_letter.clone(),
+            });
+        }
+        for sequence in expired_overflow {
+            if let Some(stored) = self.messages.remove(&sequence) {
+                overflow.push(stored);
+            }
+        }
+        if !overflow.is_empty() {
+            self.notify.notify_waiters();
+        }
+        (taken, overflow)
+    }
+
+    /// The earliest future moment at which a message may become available: a delay
+    /// ending or a lock expiring.
+    pub(crate) fn next_change(&self, now: Instant) -> Option<Instant> {
+        self.messages
+            .values()
+            .flat_map(|stored| {
+                let visible = (stored.visible_at > now).then_some(stored.visible_at);
+                let unlock =
+                    stored.lock.filter(|lock| self.lock_is_held(lock, now)).map(|lock| lock.until);
+                [visible, unlock]
+            })
+            .flatten()
+            .min()
+    }
+
+    fn held_mut(
+        &mut self,
+        sequence: u64,
+        token: Uuid,
+        now: Instant,
+    ) -> Result<&mut Stored, LockGone> {
+        let generation = self.generation;
+        let stored = self.messages.get_mut(&sequence).ok_or(LockGone)?;
+        match stored.lock {
+            Some(lock)
+                if lock.token == token && lock.until > now && lock.generation == generation =>
+            {
+                Ok(stored)
+            }
+            _ => Err(LockGone),
+        }
+    }
+
+    /// The sequence number of the message with `message_id`, if it is held with `token`.
+    pub(crate) fn sequence_of(&self, message_id: &str, token: Uuid) -> Option<u64> {
+        self.messages
+            .values()
+            .find(|s| s.message.id == message_id && s.lock.is_some_and(|l| l.token == token))
+            .map(|s| s.sequence)
+    }
+
+    pub(crate) fn complete(
+        &mut self,
+        sequence: u64,
+        token: Uuid,
+        now: Instant,
+    ) -> Result<Stored, LockGone> {
+        self.held_mut(sequence, token, now)?;
+        let stored = self.messages.remove(&sequence).ok_or(LockGone)?;
+        self.notify.notify_waiters();
+        Ok(stored)
+    }
+
+    /// Releases the lock, making the message visible again after `delay`. Returns the
+    /// message instead when it has used up its deliveries and must be dead-lettered.
+    pub(crate) fn abandon(
+        &mut self,
+        sequence: u64,
+        token: Uuid,
+        delay: Option<Duration>,
+        now: Instant,
+    ) -> Result<Option<Stored>, LockGone> {
+        let max = self.options.max_delivery_count;
+        let stored = self.held_mut(sequence, token, now)?;
+        if max.is_some_and(|max| stored.message.delivery_count >= max) {
+            let removed = self.messages.remove(&sequence);
+            self.notify.notify_waiters();
+            return Ok(removed);
+        }
+        stored.lock = None;
+        stored.visible_at = later(now, delay.unwrap_or_default());
+        self.notify.notify_waiters();
+        Ok(None)
+    }
+
+    pub(crate) fn renew(
+        &mut self,
+        sequence: u64,
+        token: Uuid,
+        now: Instant,
+    ) -> Result<Instant, LockGone> {
+        let duration = self.options.lock_duration;
+        let stored = self.held_mut(sequence, token, now)?;
+        let until = later(now, duration);
+        if let Some(lock) = stored.lock.as_mut() {
+            lock.until = until;
+        }
+        Ok(until)
+    }
+
+    /// Removes every message, in sequence order.
+    pub(crate) fn take_all(&mut self) -> Vec<Stored> {
+        let taken = std::mem::take(&mut self.messages).into_values().collect();
+        self.notify.notify_waiters();
+        taken
+    }
+
+    /// Invalidates every lock and every source of the current connection generation.
+    pub(crate) fn disconnect(&mut self) {
+        self.generation += 1;
+        for stored in self.messages.values_mut() {
+            stored.lock = None;
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Removes a held message for dead-lettering.
+    pub(crate) fn remove_held(
+        &mut self,
+        sequence: u64,
+        token: Uuid,
+        now: Instant,
+    ) -> Result<Stored, LockGone> {
+        self.complete(sequence, token, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: &str, session: Option<&str>) -> Message {
+        let mut message = Message::new(id, id.to_owned()).with_delivery_count(0);
+        message.session_id = session.map(str::to_owned);
+        message
+    }
+
+    fn ids(locked: &[LockedMessage]) -> Vec<&str> {
+        locked.iter().map(|l| l.message.id.as_str()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn session_head_blocks_later_messages_until_settled() {
+        let now = Instant::now();
+        let mut entity = Entity::new(QueueOptions::default());
+        entity.push(message("a1", Some("a")), now, None);
+        entity.push(message("a2", Some("a")), now, None);
+        entity.push(message("b1", Some("b")), now, None);
+        let (first, _) = entity.take(10, now, 0);
+        assert_eq!(ids(&first), ["a1", "b1"]);
+        let (none, _) = entity.take(10, now, 0);
+        assert!(none.is_empty(), "both sessions are locked");
+        entity.complete(first[0].sequence, first[0].lock_token, now).unwrap();
+        let (next, _) = entity.take(10, now, 0);
+        assert_eq!(ids(&next), ["a2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delayed_message_keeps_its_session_blocked() {
+        let now = Instant::now();
+        let mut entity = Entity::new(QueueOptions::default());
+        entity.push(message("a1", Some("a")), now, None);
+        entity.push(message("a2", Some("a")), now, None);
+        let (first, _) = entity.take(10, now, 0);
+        let delay = Duration::from_secs(30);
+        entity.abandon(first[0].sequence, first[0].lock_token, Some(delay), now).unwrap();
+        let (blocked, _) = entity.take(10, now + Duration::from_secs(29), 0);
+        assert!(blocked.is_empty(), "a2 must wait for the delayed a1");
+        assert_eq!(entity.next_change(now), Some(now + delay));
+        let (again, _) = entity.take(10, now + delay, 0);
+        assert_eq!(ids(&again), ["a1"]);
+        assert_eq!(again[0].message.delivery_count, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_lock_makes_message_available_and_refuses_old_token() {
+        let now = Instant::now();
+        let lock = Duration::from_secs(5);
+        let mut entity = Entity::new(QueueOptions::default().with_lock_duration(lock));
+        entity.push(message("m", None), now, None);
+        let (first, _) = entity.take(1, now, 0);
+        assert_eq!(first[0].locked_until, now + lock);
+        assert!(entity.take(1, now + lock - Duration::from_millis(1), 0).0.is_empty());
+        let (second, _) = entity.take(1, now + lock, 0);
+        assert_eq!(second[0].message.delivery_count, 2);
+        let stale = entity.complete(first[0].sequence, first[0].lock_token, now + lock);
+        assert_eq!(stale.err(), Some(LockGone));
+        assert!(entity.renew(second[0].sequence, second[0].lock_token, now + lock).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_delivery_limit_moves_out_instead_of_delivering() {
+        let now = Instant::now();
+        let options = QueueOptions::default().with_max_delivery_count(2);
+        let mut entity = Entity::new(options);
+        entity.push(message("m", None), now, None);
+        for _ in 0..2 {
+            let (got, _) = entity.take(1, now, 0);
+            entity.abandon(got[0].sequence, got[0].lock_token, None, now).ok();
+        }
+        assert_eq!(entity.len(), 0, "the second abandon hit the limit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lock_expiry_past_delivery_limit_overflows_on_next_take() {
+        let now = Instant::now();
+        let lock = Duration::from_secs(1);
+        let options = QueueOptions::default().with_lock_duration(lock).with_max_delivery_count(1);
+        let mut entity = Entity::new(options);
+        entity.push(message("m", None), now, None);
+        let (got, _) = entity.take(1, now, 0);
+        assert_eq!(got.len(), 1);
+        let (again, overflow) = entity.take(1, now + lock, 0);
+        assert!(again.is_empty());
+        assert_eq!(overflow.len(), 1);
+        assert_eq!(overflow[0].message.id, "m");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disconnect_releases_locks_and_refuses_old_generation() {
+        let now = Instant::now();
+        let mut entity = Entity::new(QueueOptions::default());
+        entity.push(message("m", None), now, None);
+        let (got, _) = entity.take(1, now, 0);
+        entity.disconnect();
+        assert_eq!(entity.complete(got[0].sequence, got[0].lock_token, now).err(), Some(LockGone));
+        let (again, _) = entity.take(1, now, entity.generation);
+        assert_eq!(ids(&again), ["m"]);
+    }
+}

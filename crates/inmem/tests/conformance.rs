@@ -1,0 +1,81 @@
+//! The steward transport conformance suite on the in-memory broker, under paused time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use steward_core::testkit::{DeadLetter, FaultHooks, TransportFactory, unique_name};
+use steward_core::{Capabilities, ErrorKind, MessageSink, MessageSource, TransportError};
+use steward_inmem::{InMemoryBroker, QueueOptions};
+
+const LOCK: Duration = Duration::from_secs(30);
+
+struct Factory {
+    broker: InMemoryBroker,
+}
+
+impl Factory {
+    fn new() -> Self {
+        Self { broker: InMemoryBroker::builder().strict(true).build() }
+    }
+}
+
+#[async_trait]
+impl TransportFactory for Factory {
+    fn name(&self) -> &str {
+        "inmem"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.broker.capabilities()
+    }
+
+    fn lock_duration(&self) -> Option<Duration> {
+        Some(LOCK)
+    }
+
+    async fn create_queue(&self, prefix: &str) -> Result<String, TransportError> {
+        let name = unique_name(prefix);
+        self.broker.declare_queue(&name, QueueOptions::default().with_lock_duration(LOCK));
+        Ok(name)
+    }
+
+    async fn source(&self, queue: &str) -> Result<Box<dyn MessageSource>, TransportError> {
+        Ok(Box::new(self.broker.source(queue)?))
+    }
+
+    async fn sink(&self) -> Result<Arc<dyn MessageSink>, TransportError> {
+        Ok(Arc::new(self.broker.clone()))
+    }
+
+    async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
+        Ok(self
+            .broker
+            .dead_letters(queue)
+            .into_iter()
+            .map(|d| DeadLetter {
+                message: d.message,
+                reason: d.info.reason,
+                description: d.info.description,
+            })
+            .collect())
+    }
+
+    fn faults(&self) -> Option<&dyn FaultHooks> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl FaultHooks for Factory {
+    async fn break_receive(&self, queue: &str) -> Result<(), TransportError> {
+        self.broker.faults(queue).fail_receives(1, ErrorKind::Connection);
+        Ok(())
+    }
+}
+
+steward_core::conformance_tests! {
+    factory: Factory::new(),
+    runtime: (start_paused = true),
+    skip: {},
+}
