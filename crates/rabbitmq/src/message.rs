@@ -1,0 +1,327 @@
+//! How steward messages map to AMQP properties and headers, both ways.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use steward_core::{Message, OutgoingMessage};
+
+use crate::error::Error;
+
+/// The header carrying the ordering key ([`Message::session_id`]).
+pub const SESSION_ID_HEADER: &str = "x-session-id";
+/// The header where the transport keeps the deliveries a message had before it was
+/// republished (through a delay bucket).
+pub const DELIVERY_COUNT_HEADER: &str = "x-steward-delivery-count";
+/// The header of a dead-lettered message holding the reason.
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-steward-dead-letter-reason";
+/// The header of a dead-lettered message holding the description.
+pub const DEAD_LETTER_DESCRIPTION_HEADER: &str = "x-steward-dead-letter-description";
+
+/// Headers the broker sets: how often a quorum queue delivered the message before.
+/// RabbitMQ 4.1+ sets `x-acquired-count` for every earlier delivery; older brokers
+/// set `x-delivery-count`, which 4.x keeps for failed deliveries only.
+const BROKER_COUNT_HEADERS: [&str; 2] = ["x-acquired-count", "x-delivery-count"];
+
+/// AMQP persistent delivery mode.
+const PERSISTENT: u8 = 2;
+
+/// Headers that are transport bookkeeping, not application properties.
+fn is_bookkeeping(key: &str) -> bool {
+    key == SESSION_ID_HEADER || key == DELIVERY_COUNT_HEADER || BROKER_COUNT_HEADERS.contains(&key)
+}
+
+pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, Error> {
+    ShortString::try_new(value)
+        .map_err(|_| Error::TooLong { what: what.to_owned(), len: value.len() })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The AMQP properties of a message sent through the sink: persistent, a message id
+/// (generated if absent), a timestamp, the session id as `x-session-id`, the
+/// application properties as string headers.
+///
+/// # Errors
+///
+/// [`Error::TooLong`] when the message id, correlation id, content type or a property
+/// name does not fit AMQP's 255 bytes.
+pub(crate) fn outgoing_properties(message: &OutgoingMessage) -> Result<BasicProperties, Error> {
+    let id = message.message_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut headers = FieldTable::default();
+    for (key, value) in &message.properties {
+        if is_bookkeeping(key) {
+            continue;
+        }
+        headers.insert(short("property name", key)?, AMQPValue::LongString(value.as_str().into()));
+    }
+    if let Some(session) = &message.session_id {
+        headers.insert(
+            short("header", SESSION_ID_HEADER)?,
+            AMQPValue::LongString(session.as_str().into()),
+        );
+    }
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(short("message id", &id)?)
+        .with_timestamp(now_secs())
+        .with_headers(headers);
+    if let Some(correlation) = &message.correlation_id {
+        properties = properties.with_correlation_id(short("correlation id", correlation)?);
+    }
+    if let Some(content_type) = &message.content_type {
+        properties = properties.with_content_type(short("content type", content_type)?);
+    }
+    Ok(properties)
+}
+
+/// A header value as text, for the scalar types; `None` for tables, arrays and bytes.
+fn header_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        AMQPValue::ShortString(text) => text.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+/// A header value as a count: integers, or text holding one.
+fn header_count(value: &AMQPValue) -> Option<u32> {
+    let n: i64 = match value {
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => *n,
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok()?,
+        other => header_text(other)?.trim().parse().ok()?,
+    };
+    u32::try_from(n.max(0)).ok()
+}
+
+fn header<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a AMQPValue> {
+    headers?.inner().get(key)
+}
+
+/// The delivery count of a received message: the transport's own header (deliveries
+/// before a republish), plus the broker's count of earlier deliveries of this copy
+/// (absent on its first delivery), plus this delivery.
+pub(crate) fn delivery_count(properties: &BasicProperties) -> u32 {
+    let headers = properties.headers().as_ref();
+    let own = header(headers, DELIVERY_COUNT_HEADER).and_then(header_count).unwrap_or(0);
+    let broker = BROKER_COUNT_HEADERS
+        .iter()
+        .find_map(|key| header(headers, key).and_then(header_count))
+        .unwrap_or(0);
+    own.saturating_add(broker).saturating_add(1)
+}
+
+/// The [`Message`] a handler sees for a delivery. A message published without a
+/// message id gets a generated one (`amqp-<uuid>`).
+pub(crate) fn to_message(properties: &BasicProperties, body: Bytes) -> Message {
+    let headers = properties.headers().as_ref();
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map_or_else(|| format!("amqp-{}", uuid::Uuid::new_v4()), |id| id.as_str().to_owned());
+    let mut message = Message::new(id, body);
+    message.session_id = header(headers, SESSION_ID_HEADER).and_then(header_text);
+    message.correlation_id = properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
+    message.content_type = properties.content_type().as_ref().map(|c| c.as_str().to_owned());
+    message.properties = headers
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter(|(key, _)| !is_bookkeeping(key.as_str()))
+                .filter_map(|(key, value)| Some((key.as_str().to_owned(), header_text(value)?)))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .unwrap_or_default();
+    message.delivery_count = delivery_count(properties);
+    message.enqueued_at = properties.timestamp().map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+    message
+}
+
+/// The properties of a copy of a received message, republished by the transport (to a
+/// delay bucket or the dead-letter queue): the original properties and headers, the
+/// message id made explicit, the broker's counters dropped, the deliveries so far in
+/// [`DELIVERY_COUNT_HEADER`], and `extra` headers on top.
+pub(crate) fn republish_properties(
+    original: &BasicProperties,
+    message_id: &str,
+    delivery_count: u32,
+    extra: &[(&str, &str)],
+) -> Result<BasicProperties, Error> {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    let kept: BTreeMap<ShortString, AMQPValue> = headers
+        .inner()
+        .iter()
+        .filter(|(key, _)| !BROKER_COUNT_HEADERS.contains(&key.as_str()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    headers = FieldTable::from(kept);
+    headers.insert(
+        short("header", DELIVERY_COUNT_HEADER)?,
+        AMQPValue::LongLongInt(i64::from(delivery_count)),
+    );
+    for (key, value) in extra {
+        headers.insert(short("header", key)?, AMQPValue::LongString(LongString::from(*value)));
+    }
+    Ok(original
+        .clone()
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(short("message id", message_id)?)
+        .with_headers(headers))
+}
+
+/// A header of a received message as text.
+pub(crate) fn header_string(properties: &BasicProperties, key: &str) -> Option<String> {
+    header(properties.headers().as_ref(), key).and_then(header_text)
+}
+
+/// Why the broker dead-lettered a message, from the `x-death` header of a message it
+/// moved itself (`delivery_limit`, `expired`, `rejected`, `maxlen`).
+pub(crate) fn broker_death_reason(properties: &BasicProperties) -> Option<String> {
+    let headers = properties.headers().as_ref();
+    if let Some(reason) = header(headers, "x-first-death-reason").and_then(header_text) {
+        return Some(reason);
+    }
+    let AMQPValue::FieldArray(deaths) = header(headers, "x-death")? else { return None };
+    deaths.as_slice().iter().find_map(|death| match death {
+        AMQPValue::FieldTable(table) => table.inner().get("reason").and_then(header_text),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_headers(pairs: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        for (key, value) in pairs {
+            headers.insert((*key).into(), value.clone());
+        }
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn first_delivery_counts_one() {
+        assert_eq!(delivery_count(&BasicProperties::default()), 1);
+    }
+
+    #[test]
+    fn delivery_count_adds_own_header_broker_count_and_this_delivery() {
+        let props = with_headers(&[
+            (DELIVERY_COUNT_HEADER, AMQPValue::LongLongInt(2)),
+            ("x-delivery-count", AMQPValue::LongLongInt(1)),
+        ]);
+        assert_eq!(delivery_count(&props), 4);
+        // x-acquired-count (RabbitMQ 4.1+) wins over x-delivery-count.
+        let props = with_headers(&[
+            ("x-acquired-count", AMQPValue::LongInt(3)),
+            ("x-delivery-count", AMQPValue::LongInt(1)),
+        ]);
+        assert_eq!(delivery_count(&props), 4);
+        // A count sent as text by some other client still counts.
+        let props = with_headers(&[(DELIVERY_COUNT_HEADER, AMQPValue::LongString("5".into()))]);
+        assert_eq!(delivery_count(&props), 6);
+    }
+
+    #[test]
+    fn outgoing_message_round_trips_through_properties() {
+        let sent = OutgoingMessage::json("{}")
+            .with_message_id("m-1")
+            .with_session_id("s-1")
+            .with_correlation_id("c-1")
+            .with_property("origin", "test");
+        let props = outgoing_properties(&sent).unwrap();
+        assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
+        let got = to_message(&props, Bytes::from_static(b"{}"));
+        assert_eq!(got.id, "m-1");
+        assert_eq!(got.session_id.as_deref(), Some("s-1"));
+        assert_eq!(got.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(got.content_type.as_deref(), Some("application/json"));
+        assert_eq!(got.properties, BTreeMap::from([("origin".to_owned(), "test".to_owned())]));
+        assert_eq!(got.delivery_count, 1);
+        assert!(got.enqueued_at.is_some());
+    }
+
+    #[test]
+    fn message_without_id_gets_one_and_scalar_headers_become_text() {
+        let props = with_headers(&[
+            ("n", AMQPValue::LongInt(7)),
+            ("flag", AMQPValue::Boolean(true)),
+            ("table", AMQPValue::FieldTable(FieldTable::default())),
+            ("x-delivery-count", AMQPValue::LongLongInt(1)),
+        ]);
+        let got = to_message(&props, Bytes::new());
+        assert!(got.id.starts_with("amqp-"), "{}", got.id);
+        assert_eq!(got.properties.get("n").map(String::as_str), Some("7"));
+        assert_eq!(got.properties.get("flag").map(String::as_str), Some("true"));
+        assert!(!got.properties.contains_key("table"));
+        assert!(!got.properties.contains_key("x-delivery-count"));
+        assert_eq!(got.delivery_count, 2);
+    }
+
+    #[test]
+    fn republished_copy_keeps_headers_and_carries_the_count() {
+        let original = with_headers(&[
+            ("origin", AMQPValue::LongString("test".into())),
+            ("x-delivery-count", AMQPValue::LongLongInt(1)),
+        ]);
+        let message = to_message(&original, Bytes::new());
+        assert_eq!(message.delivery_count, 2);
+        let copy = republish_properties(
+            &original,
+            &message.id,
+            message.delivery_count,
+            &[(DEAD_LETTER_REASON_HEADER, "Bad")],
+        )
+        .unwrap();
+        assert_eq!(header_string(&copy, "origin").as_deref(), Some("test"));
+        assert_eq!(header_string(&copy, DEAD_LETTER_REASON_HEADER).as_deref(), Some("Bad"));
+        assert_eq!(header_string(&copy, "x-delivery-count"), None);
+        assert_eq!(copy.message_id().as_ref().map(ShortString::as_str), Some(message.id.as_str()));
+        // Delivered again from the queue for the first time: 2 before, plus this one.
+        assert_eq!(delivery_count(&copy), 3);
+    }
+
+    #[test]
+    fn over_long_ids_are_errors_not_panics() {
+        let sent = OutgoingMessage::new("x").with_message_id("m".repeat(300));
+        let err = outgoing_properties(&sent).unwrap_err();
+        assert!(err.to_string().contains("message id is 300 bytes"), "{err}");
+        let sent = OutgoingMessage::new("x").with_property("k".repeat(256), "v");
+        assert!(outgoing_properties(&sent).is_err());
+    }
+
+    #[test]
+    fn broker_death_reason_reads_x_death() {
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), AMQPValue::LongString("delivery_limit".into()));
+        let props = with_headers(&[(
+            "x-death",
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+        )]);
+        assert_eq!(broker_death_reason(&props).as_deref(), Some("delivery_limit"));
+        assert_eq!(broker_death_reason(&BasicProperties::default()), None);
+    }
+}

@@ -1,0 +1,514 @@
+//! [`RabbitMqSource`]: a consumer on its own connection, and the settlement of its
+//! deliveries.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use steward_core::{Capabilities, Delivery, MessageSource, Settle, TransportError};
+use tokio::sync::Mutex;
+use tokio::time::{Instant, timeout};
+use tracing::debug;
+
+use crate::error::{Error, is_closed};
+use crate::message::{
+    DEAD_LETTER_DESCRIPTION_HEADER, DEAD_LETTER_REASON_HEADER, republish_properties, short,
+    to_message,
+};
+use crate::publish::Publisher;
+use crate::topology::{dead_letter_queue, delay_queue};
+use crate::{CAPABILITIES, RabbitMq, connect};
+
+/// Requeuing at least this many buffered messages at once is a burst after which
+/// `stop_receiving` waits for the queue to take them back (see there).
+const REQUEUE_BURST: usize = 16;
+
+/// How long `stop_receiving` waits at most for requeued messages to be counted back
+/// (other consumers may take them first, so the count need not get there).
+const REQUEUE_WAIT: Duration = Duration::from_secs(2);
+
+/// A consumer of one queue, on a connection of its own (named after the queue).
+///
+/// - `receive` hands out what the broker pushed ahead (up to the prefetch); messages
+///   stay with this consumer until settled or until its connection closes.
+/// - `stop_receiving` cancels the consumer (`basic.cancel`) and puts the messages it
+///   had buffered but not handed out back on the queue (`basic.nack` with requeue);
+///   after requeuing 16 or more it waits (at most 2 s) until the queue counts them
+///   back, so that settlements right after it are not lost (rabbitmq-server#10327).
+/// - When the connection or channel closes, `receive` fails with a retryable
+///   [`TransportError::Connection`] at once (a silent network failure is noticed by
+///   the heartbeat within about two heartbeat intervals); the deliveries it handed out
+///   settle with [`TransportError::LockLost`], and the broker redelivers them. The
+///   source does not reconnect: the updater opens a new one.
+/// - When the queue is deleted, the broker cancels the consumer and `receive` fails
+///   with [`TransportError::NotFound`].
+///
+/// Dropping the source (and every delivery it handed out) closes its connection.
+pub struct RabbitMqSource {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    queue: String,
+    connection: Arc<Connection>,
+    channel: Channel,
+    consumer_tag: ShortString,
+    intake: Mutex<Intake>,
+    publisher: Publisher,
+    /// `stop_receiving` was called: the end of the stream is expected.
+    stopped: AtomicBool,
+    /// The broker confirmed the consumer's cancellation.
+    cancelled: AtomicBool,
+    confirm_timeout: Duration,
+}
+
+struct Intake {
+    consumer: Consumer,
+    ended: Option<Ended>,
+}
+
+/// Why the consumer's stream ended.
+enum Ended {
+    /// `stop_receiving` cancelled it.
+    Stopped,
+    /// The channel or connection failed.
+    Failed(lapin::Error),
+    /// The broker cancelled the consumer (the queue was deleted, or the node went away).
+    Cancelled,
+}
+
+impl fmt::Debug for RabbitMqSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitMqSource")
+            .field("queue", &self.shared.queue)
+            .field("consumer_tag", &self.shared.consumer_tag.as_str())
+            .field("connected", &self.shared.connection.status().connected())
+            .field("stopped", &self.shared.stopped.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl RabbitMqSource {
+    /// Connects, sets the prefetch and starts consuming `queue`.
+    pub(crate) async fn open(rabbit: &RabbitMq, queue: &str) -> Result<Self, TransportError> {
+        let config = rabbit.config();
+        let queue_name = short("queue name", queue)?;
+        let connection = Arc::new(connect(config, &format!("source {queue}")).await?);
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::lapin(format!("open a channel to consume from {queue}"), e))?;
+        channel
+            .basic_qos(config.prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| Error::lapin(format!("set the prefetch for {queue}"), e))?;
+        let consumer_tag = format!("steward-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                queue_name,
+                consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::lapin(format!("consume from queue {queue}"), e))?;
+        debug!(queue, consumer_tag, prefetch = config.prefetch, "rabbitmq consumer started");
+        let publisher = Publisher::new(connection.clone(), config.confirm_timeout);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                queue: queue.to_owned(),
+                connection,
+                channel,
+                consumer_tag: consumer_tag.into(),
+                intake: Mutex::new(Intake { consumer, ended: None }),
+                publisher,
+                stopped: AtomicBool::new(false),
+                cancelled: AtomicBool::new(false),
+                confirm_timeout: config.confirm_timeout,
+            }),
+        })
+    }
+
+    fn delivery(&self, delivery: lapin::message::Delivery) -> Delivery {
+        let body = Bytes::from(delivery.data);
+        let message = to_message(&delivery.properties, body.clone());
+        let settle = RabbitMqSettle {
+            shared: self.shared.clone(),
+            acker: delivery.acker,
+            properties: delivery.properties,
+            body,
+            message_id: message.id.clone(),
+            delivery_count: message.delivery_count,
+        };
+        Delivery::new(message, settle)
+    }
+
+    /// The error `receive` returns once the stream ended for `ended`.
+    async fn ended_error(&self, ended: &Ended) -> TransportError {
+        let queue = &self.shared.queue;
+        match ended {
+            Ended::Failed(error) => {
+                Error::lapin(format!("receive from queue {queue}"), error.clone()).into()
+            }
+            Ended::Cancelled | Ended::Stopped => match self.check_queue().await {
+                Err(error) => error,
+                Ok(()) => Error::ConsumerCancelled { queue: queue.clone() }.into(),
+            },
+        }
+    }
+
+    /// Whether the queue still exists (a passive declare on a throw-away channel).
+    async fn check_queue(&self) -> Result<(), TransportError> {
+        let channel = self.shared.throwaway_channel("check").await?;
+        let result = self.shared.ready_messages(&channel).await.map(drop);
+        if channel.status().connected() {
+            let _ = channel.close(200, "checked".into()).await;
+        }
+        result
+    }
+}
+
+impl Shared {
+    /// A channel of the source's connection for a passive declare (a refused one
+    /// closes its channel, so never the consumer's).
+    async fn throwaway_channel(&self, what: &str) -> Result<Channel, TransportError> {
+        let queue = &self.queue;
+        Ok(self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::lapin(format!("open a channel to {what} queue {queue}"), e))?)
+    }
+
+    /// The messages ready in the queue (a passive declare on `channel`).
+    async fn ready_messages(&self, channel: &Channel) -> Result<u32, TransportError> {
+        let queue = &self.queue;
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let declared =
+            channel.queue_declare(short("queue name", queue)?, options, FieldTable::default());
+        Ok(timeout(self.confirm_timeout, declared)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("checking queue {queue}"),
+                after: self.confirm_timeout,
+            })?
+            .map(|declared| declared.message_count())
+            .map_err(|e| Error::lapin(format!("check queue {queue}"), e))?)
+    }
+
+    /// The ready messages now, when `released` requeues are a burst (see
+    /// [`REQUEUE_BURST`]); `None` otherwise or when the count cannot be read.
+    async fn ready_before_burst(&self, released: usize) -> Option<(Channel, u32)> {
+        if released < REQUEUE_BURST {
+            return None;
+        }
+        let channel = self.throwaway_channel("count").await.ok()?;
+        match self.ready_messages(&channel).await {
+            Ok(ready) => Some((channel, ready)),
+            Err(error) => {
+                debug!(queue = %self.queue, error = %error, "cannot count ready messages");
+                None
+            }
+        }
+    }
+
+    /// Waits, at most [`REQUEUE_WAIT`], until the queue holds `target` ready messages:
+    /// the requeued ones are back (or other consumers took them meanwhile).
+    async fn wait_until_ready(&self, channel: &Channel, target: u64) {
+        let deadline = Instant::now() + REQUEUE_WAIT;
+        loop {
+            match self.ready_messages(channel).await {
+                Ok(ready) if u64::from(ready) >= target => break,
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(ready) => {
+                    debug!(queue = %self.queue, ready, target, "requeued messages not all counted back");
+                    break;
+                }
+                Err(error) => {
+                    debug!(queue = %self.queue, error = %error, "cannot count ready messages");
+                    break;
+                }
+            }
+        }
+        if channel.status().connected() {
+            let _ = channel.close(200, "counted".into()).await;
+        }
+    }
+}
+
+#[async_trait]
+impl MessageSource for RabbitMqSource {
+    fn queue(&self) -> &str {
+        &self.shared.queue
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    /// Up to `max` of the messages the broker pushed to this consumer, waiting at most
+    /// `wait` for the first.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Connection`] once the channel or connection closed (retryable:
+    /// open a new source); [`TransportError::NotFound`] once the queue was deleted.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: messages are taken from the consumer's buffer only after the last
+    /// await point, so a cancelled call leaves them there for the next.
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let deadline = Instant::now() + wait;
+        let mut intake = self.shared.intake.lock().await;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(ended) = &intake.ended {
+            if matches!(ended, Ended::Stopped) && self.shared.stopped.load(Ordering::Acquire) {
+                // Stopped on purpose: nothing more comes. Wait like an empty queue would,
+                // so a caller that keeps polling does not spin.
+                drop(intake);
+                tokio::time::sleep_until(deadline).await;
+                return Ok(Vec::new());
+            }
+            return Err(self.ended_error(ended).await);
+        }
+        let Ok(first) = tokio::time::timeout_at(deadline, intake.consumer.next()).await else {
+            return Ok(Vec::new());
+        };
+        // No await from here on: whatever is taken from the buffer is returned.
+        let mut deliveries = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next {
+            match item {
+                // The channel died after the broker pushed this one: the broker has
+                // requeued it already, and settling it could only fail.
+                Some(Ok(delivery)) if delivery.acker.poisoned() => {}
+                Some(Ok(delivery)) => deliveries.push(self.delivery(delivery)),
+                Some(Err(error)) => {
+                    intake.ended = Some(Ended::Failed(error));
+                    break;
+                }
+                None => {
+                    let stopped = self.shared.stopped.load(Ordering::Acquire);
+                    intake.ended = Some(if stopped { Ended::Stopped } else { Ended::Cancelled });
+                    break;
+                }
+            }
+            if deliveries.len() >= max {
+                break;
+            }
+            next = intake.consumer.next().now_or_never();
+        }
+        if deliveries.is_empty() {
+            if let Some(ended) = &intake.ended {
+                if matches!(ended, Ended::Stopped) {
+                    return Ok(Vec::new());
+                }
+                debug!(queue = %self.shared.queue, "rabbitmq consumer ended");
+                return Err(self.ended_error(ended).await);
+            }
+        }
+        Ok(deliveries)
+    }
+
+    /// Cancels the consumer (`basic.cancel`) and requeues what it had buffered; after
+    /// requeuing 16 or more, waits (at most 2 s) until the queue counts them back.
+    ///
+    /// # Errors
+    ///
+    /// Errors cancelling the consumer other than a closed channel (which already gave
+    /// every unacknowledged message back to the queue).
+    ///
+    /// # Cancellation safety
+    ///
+    /// Not cancel safe: a cancelled call may leave buffered messages with this
+    /// consumer until its connection closes.
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        shared.stopped.store(true, Ordering::Release);
+        if shared.cancelled.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let queue = &shared.queue;
+        let cancel =
+            shared.channel.basic_cancel(shared.consumer_tag.clone(), BasicCancelOptions::default());
+        match timeout(shared.confirm_timeout, cancel).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: format!("cancelling the consumer of queue {queue}"),
+                    after: shared.confirm_timeout,
+                }
+                .into());
+            }
+            Ok(Err(error)) if is_closed(&error) || !shared.channel.status().connected() => {
+                debug!(queue = %queue, "consumer already gone with its channel");
+                return Ok(());
+            }
+            Ok(Err(error)) => {
+                return Err(
+                    Error::lapin(format!("cancel the consumer of queue {queue}"), error).into()
+                );
+            }
+            Ok(Ok(())) => shared.cancelled.store(true, Ordering::Release),
+        }
+        // The broker sent every delivery before its cancel-ok, so the buffer now ends
+        // with the end of the stream.
+        let mut intake = shared.intake.lock().await;
+        let mut buffered = Vec::new();
+        while intake.ended.is_none() {
+            match intake.consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => buffered.push(delivery),
+                Some(Some(Err(error))) => intake.ended = Some(Ended::Failed(error)),
+                Some(None) | None => intake.ended = Some(Ended::Stopped),
+            }
+        }
+        drop(intake);
+        let released = buffered.len();
+        let before = shared.ready_before_burst(released).await;
+        for delivery in buffered {
+            let requeue = BasicNackOptions { multiple: false, requeue: true };
+            if let Err(error) = delivery.acker.nack(requeue).await {
+                // The channel closed: the broker requeues everything it had sent anyway.
+                debug!(queue = %queue, error = %error, "requeue of a buffered message failed");
+            }
+        }
+        // A quorum queue's channel holds back settlements while more than 32 of its
+        // commands are not yet applied, and drops them when the channel closes first
+        // (rabbitmq-server#10327). Requeuing a full buffer is such a burst: were the
+        // running handlers to settle now and the connection close right after (a
+        // graceful shutdown), their acks would be lost and the messages redelivered.
+        // So wait until the queue has the requeued messages back.
+        if let Some((channel, ready)) = before {
+            let target = u64::from(ready) + u64::try_from(released).unwrap_or(u64::MAX);
+            shared.wait_until_ready(&channel, target).await;
+        }
+        debug!(queue = %queue, released, "rabbitmq consumer stopped");
+        Ok(())
+    }
+}
+
+/// The settlement handle of one delivery: its channel's acker, plus what it takes to
+/// republish the message to a delay bucket or the dead-letter queue.
+struct RabbitMqSettle {
+    shared: Arc<Shared>,
+    acker: lapin::Acker,
+    properties: BasicProperties,
+    body: Bytes,
+    message_id: String,
+    delivery_count: u32,
+}
+
+impl RabbitMqSettle {
+    fn gone(&self) -> Error {
+        Error::ChannelGone { message_id: self.message_id.clone() }
+    }
+
+    /// Maps an ack or nack result: `Ok(false)` (the acker was poisoned by a closed
+    /// channel) and errors of a closing channel mean the lock is lost.
+    fn acked(&self, what: &str, result: Result<bool, lapin::Error>) -> Result<(), Error> {
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.gone()),
+            Err(_) if self.acker.poisoned() => Err(self.gone()),
+            Err(error) if is_closed(&error) => Err(self.gone()),
+            Err(error) => Err(Error::lapin(format!("{what} message {}", self.message_id), error)),
+        }
+    }
+
+    async fn ack(&self) -> Result<(), Error> {
+        if !self.acker.usable() {
+            return Err(self.gone());
+        }
+        let result = self.acker.ack(BasicAckOptions { multiple: false }).await;
+        self.acked("ack", result)
+    }
+
+    async fn requeue(&self) -> Result<(), Error> {
+        if !self.acker.usable() {
+            return Err(self.gone());
+        }
+        let result = self.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+        self.acked("requeue", result)
+    }
+
+    /// Publishes a copy to `target`, waits for its confirm, then acks the original.
+    /// If the copy cannot be published, the original goes back to the queue, so it is
+    /// not stuck with this consumer, and the publish error is returned.
+    async fn republish_then_ack(&self, target: &str, extra: &[(&str, &str)]) -> Result<(), Error> {
+        if !self.acker.usable() {
+            return Err(self.gone());
+        }
+        let published = match republish_properties(
+            &self.properties,
+            &self.message_id,
+            self.delivery_count,
+            extra,
+        ) {
+            Ok(properties) => self.shared.publisher.publish(target, &self.body, properties).await,
+            Err(error) => Err(error),
+        };
+        match published {
+            Ok(()) => self.ack().await,
+            Err(_) if self.acker.poisoned() => Err(self.gone()),
+            Err(error) => {
+                if let Err(requeue) = self.requeue().await {
+                    debug!(
+                        queue = %self.shared.queue,
+                        message_id = %self.message_id,
+                        error = %requeue,
+                        "requeue after a failed republish failed"
+                    );
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Settle for RabbitMqSettle {
+    fn locked_until(&self) -> Option<Instant> {
+        None
+    }
+
+    async fn renew_lock(&self) -> Result<Option<Instant>, TransportError> {
+        // A delivery stays with its consumer until settled or disconnected: no timed
+        // lock to renew. A lost channel shows when settling.
+        Ok(None)
+    }
+
+    async fn complete(&self) -> Result<(), TransportError> {
+        Ok(self.ack().await?)
+    }
+
+    async fn abandon(&self, delay: Option<Duration>) -> Result<(), TransportError> {
+        match delay.filter(|delay| !delay.is_zero()) {
+            None => Ok(self.requeue().await?),
+            Some(delay) => {
+                let bucket = delay_queue(&self.shared.queue, delay);
+                Ok(self.republish_then_ack(&bucket, &[]).await?)
+            }
+        }
+    }
+
+    async fn dead_letter(&self, reason: &str, description: &str) -> Result<(), TransportError> {
+        let dlq = dead_letter_queue(&self.shared.queue);
+        let headers =
+            [(DEAD_LETTER_REASON_HEADER, reason), (DEAD_LETTER_DESCRIPTION_HEADER, description)];
+        Ok(self.republish_then_ack(&dlq, &headers).await?)
+    }
+}
