@@ -1,0 +1,394 @@
+//! Deployment statuses, resource types and the action → status maps (reference §5.1).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The actions TRE knows by name. Any other action name is a custom action.
+pub mod action {
+    /// Deploy a new resource.
+    pub const INSTALL: &str = "install";
+    /// Change the properties of a deployed resource.
+    pub const UPGRADE: &str = "upgrade";
+    /// Delete a resource.
+    pub const UNINSTALL: &str = "uninstall";
+}
+
+/// The status of an operation, of one of its steps, or of a resource's deployment.
+///
+/// The serialized names are TRE's (`awaiting_deployment`, `deploying`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// An install is queued.
+    AwaitingDeployment,
+    /// An install is running.
+    Deploying,
+    /// An install succeeded.
+    Deployed,
+    /// An install failed.
+    DeploymentFailed,
+    /// An upgrade is queued.
+    AwaitingUpdate,
+    /// An upgrade is running.
+    Updating,
+    /// An upgrade succeeded.
+    Updated,
+    /// An upgrade failed.
+    UpdatingFailed,
+    /// An uninstall is queued.
+    AwaitingDeletion,
+    /// An uninstall is running.
+    Deleting,
+    /// An uninstall succeeded.
+    Deleted,
+    /// An uninstall failed.
+    DeletingFailed,
+    /// A custom action is queued.
+    AwaitingAction,
+    /// A custom action is running.
+    InvokingAction,
+    /// A custom action succeeded.
+    ActionSucceeded,
+    /// A custom action failed.
+    ActionFailed,
+    /// A multi-step operation is between its first and last step.
+    PipelineRunning,
+}
+
+impl Status {
+    /// Every status, in TRE's declaration order.
+    pub const ALL: [Status; 17] = [
+        Status::AwaitingDeployment,
+        Status::Deploying,
+        Status::Deployed,
+        Status::DeploymentFailed,
+        Status::AwaitingUpdate,
+        Status::Updating,
+        Status::Updated,
+        Status::UpdatingFailed,
+        Status::AwaitingDeletion,
+        Status::Deleting,
+        Status::Deleted,
+        Status::DeletingFailed,
+        Status::AwaitingAction,
+        Status::InvokingAction,
+        Status::ActionSucceeded,
+        Status::ActionFailed,
+        Status::PipelineRunning,
+    ];
+
+    /// TRE's name for this status.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Status::AwaitingDeployment => "awaiting_deployment",
+            Status::Deploying => "deploying",
+            Status::Deployed => "deployed",
+            Status::DeploymentFailed => "deployment_failed",
+            Status::AwaitingUpdate => "awaiting_update",
+            Status::Updating => "updating",
+            Status::Updated => "updated",
+            Status::UpdatingFailed => "updating_failed",
+            Status::AwaitingDeletion => "awaiting_deletion",
+            Status::Deleting => "deleting",
+            Status::Deleted => "deleted",
+            Status::DeletingFailed => "deleting_failed",
+            Status::AwaitingAction => "awaiting_action",
+            Status::InvokingAction => "invoking_action",
+            Status::ActionSucceeded => "action_succeeded",
+            Status::ActionFailed => "action_failed",
+            Status::PipelineRunning => "pipeline_running",
+        }
+    }
+
+    /// Whether this is a success status (TRE `OperationStep.is_success`).
+    #[must_use]
+    pub const fn is_success(self) -> bool {
+        matches!(
+            self,
+            Status::ActionSucceeded | Status::Deployed | Status::Deleted | Status::Updated
+        )
+    }
+
+    /// Whether this is a failure status (TRE `OperationStep.is_failure`).
+    #[must_use]
+    pub const fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Status::ActionFailed
+                | Status::DeletingFailed
+                | Status::DeploymentFailed
+                | Status::UpdatingFailed
+        )
+    }
+
+    /// Whether this status belongs to a custom action (TRE `OperationStep.is_action`).
+    #[must_use]
+    pub const fn is_action(self) -> bool {
+        matches!(self, Status::ActionSucceeded | Status::ActionFailed | Status::InvokingAction)
+    }
+
+    /// Whether this is one of the queued (`awaiting_*`) statuses.
+    #[must_use]
+    pub const fn is_awaiting(self) -> bool {
+        matches!(
+            self,
+            Status::AwaitingDeployment
+                | Status::AwaitingUpdate
+                | Status::AwaitingDeletion
+                | Status::AwaitingAction
+        )
+    }
+
+    /// Whether this is one of the running statuses the resource processor reports first.
+    #[must_use]
+    pub const fn is_in_progress(self) -> bool {
+        matches!(
+            self,
+            Status::Deploying | Status::Updating | Status::Deleting | Status::InvokingAction
+        )
+    }
+
+    /// Whether this status is final: a success or a failure.
+    #[must_use]
+    pub const fn is_terminal(self) -> bool {
+        self.is_success() || self.is_failure()
+    }
+
+    /// The queued status of a new operation or step for `action`
+    /// (TRE `OperationRepository.get_initial_status`).
+    #[must_use]
+    pub fn awaiting(action: &str) -> Status {
+        match action {
+            action::INSTALL => Status::AwaitingDeployment,
+            action::UNINSTALL => Status::AwaitingDeletion,
+            action::UPGRADE => Status::AwaitingUpdate,
+            _ => Status::AwaitingAction,
+        }
+    }
+
+    /// The message that goes with [`Status::awaiting`].
+    #[must_use]
+    pub fn awaiting_message(action: &str) -> &'static str {
+        match action {
+            action::INSTALL => "This resource is waiting to be deployed",
+            action::UNINSTALL => "This resource is waiting to be deleted",
+            action::UPGRADE => "This resource is waiting to be updated",
+            _ => "This resource is waiting for an action to be invoked",
+        }
+    }
+
+    /// The status the resource processor reports while it runs `action`.
+    #[must_use]
+    pub fn in_progress(action: &str) -> Status {
+        match action {
+            action::INSTALL => Status::Deploying,
+            action::UNINSTALL => Status::Deleting,
+            action::UPGRADE => Status::Updating,
+            _ => Status::InvokingAction,
+        }
+    }
+
+    /// The status of a successful `action`.
+    #[must_use]
+    pub fn succeeded(action: &str) -> Status {
+        match action {
+            action::INSTALL => Status::Deployed,
+            action::UNINSTALL => Status::Deleted,
+            action::UPGRADE => Status::Updated,
+            _ => Status::ActionSucceeded,
+        }
+    }
+
+    /// The status of a failed `action`.
+    #[must_use]
+    pub fn failed(action: &str) -> Status {
+        match action {
+            action::INSTALL => Status::DeploymentFailed,
+            action::UNINSTALL => Status::DeletingFailed,
+            action::UPGRADE => Status::UpdatingFailed,
+            _ => Status::ActionFailed,
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no known value of an enum.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} {value:?}")]
+pub struct UnknownValue {
+    /// What was being parsed (`status`, `resource type`, …).
+    pub kind: &'static str,
+    /// The string that was given.
+    pub value: String,
+}
+
+impl FromStr for Status {
+    type Err = UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownValue { kind: "status", value: s.to_owned() })
+    }
+}
+
+/// The four kinds of resource a TRE manages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ResourceType {
+    /// A workspace (`workspace`).
+    #[serde(rename = "workspace")]
+    Workspace,
+    /// A service inside a workspace (`workspace-service`).
+    #[serde(rename = "workspace-service")]
+    WorkspaceService,
+    /// A resource a user owns inside a workspace service (`user-resource`).
+    #[serde(rename = "user-resource")]
+    UserResource,
+    /// A service shared by all workspaces (`shared-service`).
+    #[serde(rename = "shared-service")]
+    SharedService,
+}
+
+impl ResourceType {
+    /// Every resource type.
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::Workspace,
+        ResourceType::WorkspaceService,
+        ResourceType::UserResource,
+        ResourceType::SharedService,
+    ];
+
+    /// TRE's name for this resource type.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ResourceType::Workspace => "workspace",
+            ResourceType::WorkspaceService => "workspace-service",
+            ResourceType::UserResource => "user-resource",
+            ResourceType::SharedService => "shared-service",
+        }
+    }
+}
+
+impl fmt::Display for ResourceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ResourceType {
+    type Err = UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ResourceType::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| UnknownValue { kind: "resource type", value: s.to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_round_trips_through_its_tre_name() {
+        for status in Status::ALL {
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{}\"", status.as_str()));
+            assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
+            assert_eq!(status.as_str().parse::<Status>().unwrap(), status);
+        }
+        assert!("pipeline_failed".parse::<Status>().is_err());
+        assert!(serde_json::from_str::<Status>("\"pipeline_succeeded\"").is_err());
+    }
+
+    #[test]
+    fn predicates_match_tre_step_predicates() {
+        let success: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_success()).collect();
+        assert_eq!(
+            success,
+            [Status::Deployed, Status::Updated, Status::Deleted, Status::ActionSucceeded]
+        );
+        let failure: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_failure()).collect();
+        assert_eq!(
+            failure,
+            [
+                Status::DeploymentFailed,
+                Status::UpdatingFailed,
+                Status::DeletingFailed,
+                Status::ActionFailed
+            ]
+        );
+        let action: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_action()).collect();
+        assert_eq!(action, [Status::InvokingAction, Status::ActionSucceeded, Status::ActionFailed]);
+        assert!(!Status::PipelineRunning.is_terminal());
+        assert!(Status::Deploying.is_in_progress() && !Status::Deploying.is_terminal());
+    }
+
+    #[test]
+    fn action_maps_match_tre() {
+        let table = [
+            (
+                "install",
+                Status::AwaitingDeployment,
+                Status::Deploying,
+                Status::Deployed,
+                Status::DeploymentFailed,
+            ),
+            (
+                "upgrade",
+                Status::AwaitingUpdate,
+                Status::Updating,
+                Status::Updated,
+                Status::UpdatingFailed,
+            ),
+            (
+                "uninstall",
+                Status::AwaitingDeletion,
+                Status::Deleting,
+                Status::Deleted,
+                Status::DeletingFailed,
+            ),
+            (
+                "start",
+                Status::AwaitingAction,
+                Status::InvokingAction,
+                Status::ActionSucceeded,
+                Status::ActionFailed,
+            ),
+        ];
+        for (action, awaiting, running, success, failure) in table {
+            assert_eq!(Status::awaiting(action), awaiting, "{action}");
+            assert_eq!(Status::in_progress(action), running, "{action}");
+            assert_eq!(Status::succeeded(action), success, "{action}");
+            assert_eq!(Status::failed(action), failure, "{action}");
+        }
+        assert_eq!(Status::awaiting_message("install"), "This resource is waiting to be deployed");
+        assert_eq!(Status::awaiting_message("uninstall"), "This resource is waiting to be deleted");
+        assert_eq!(Status::awaiting_message("upgrade"), "This resource is waiting to be updated");
+        assert_eq!(
+            Status::awaiting_message("restart"),
+            "This resource is waiting for an action to be invoked"
+        );
+    }
+
+    #[test]
+    fn resource_types_use_tre_names() {
+        for kind in ResourceType::ALL {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{kind}\""));
+            assert_eq!(kind.as_str().parse::<ResourceType>().unwrap(), kind);
+        }
+        assert!("workspace_service".parse::<ResourceType>().is_err());
+    }
+}

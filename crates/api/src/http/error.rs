@@ -1,0 +1,187 @@
+//! One JSON error shape for every failure: `{"error": "<code>", "detail": "<text>"}`.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::airlock::{AirlockError, ILLEGAL_STATUS_CHANGE};
+use crate::db::StoreError;
+use crate::operations::OperationError;
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A short machine-readable code, e.g. `not_found` or `invalid_body`.
+    pub error: String,
+    /// What went wrong, for people.
+    pub detail: String,
+}
+
+/// An HTTP error answer. Client mistakes show their message; internal failures a generic
+/// one (the cause is logged once, by the error-logging middleware).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+    /// The full cause of a server-side failure, for the log only.
+    cause: Option<String>,
+}
+
+/// The cause of a 5xx answer, left in the response extensions for the logging
+/// middleware (`into_response` itself has no side effects).
+#[derive(Debug, Clone)]
+pub(crate) struct LoggedCause(pub(crate) String);
+
+impl ApiError {
+    /// An error with this status, code and detail.
+    #[must_use]
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        ApiError { status, code, detail: detail.into(), cause: None }
+    }
+
+    /// 400 with code `bad_request`.
+    #[must_use]
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+
+    /// 404 with code `not_found`.
+    #[must_use]
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+
+    /// 401 with code `unauthorized`.
+    #[must_use]
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this request needs the header Authorization: Bearer <STEWARD_API_TOKEN>",
+        )
+    }
+
+    /// 503 with code `unavailable`, the cause logged.
+    #[must_use]
+    pub fn unavailable(what: &str, cause: &(dyn std::error::Error + 'static)) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unavailable",
+            detail: format!("{what} is unavailable; try again later"),
+            cause: Some(steward_core::error_chain(cause)),
+        }
+    }
+
+    /// 500 with code `internal`, the cause logged and not shown.
+    #[must_use]
+    pub fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            detail: "an internal error occurred".to_owned(),
+            cause: Some(steward_core::error_chain(cause)),
+        }
+    }
+
+    /// The status code.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: self.code.to_owned(), detail: self.detail };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(cause) = self.cause {
+            response.extensions_mut().insert(LoggedCause(cause));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        if error.is_not_found() {
+            ApiError::not_found(error.to_string())
+        } else if error.is_etag_mismatch() {
+            ApiError::new(StatusCode::CONFLICT, "conflict", error.to_string())
+        } else if error.is_unavailable() {
+            ApiError::unavailable("the database", &error)
+        } else {
+            ApiError::internal(&error)
+        }
+    }
+}
+
+impl From<crate::app::NotReady> for ApiError {
+    fn from(error: crate::app::NotReady) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{error}; try again later"),
+        )
+    }
+}
+
+impl From<OperationError> for ApiError {
+    fn from(error: OperationError) -> Self {
+        match error {
+            OperationError::Store(store) => store.into(),
+            other if other.is_client_error() => {
+                ApiError::bad_request(steward_core::error_chain(&other))
+            }
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<AirlockError> for ApiError {
+    fn from(error: AirlockError) -> Self {
+        match error {
+            AirlockError::Store(store) => store.into(),
+            AirlockError::IllegalStatusChange { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "illegal_status_change",
+                ILLEGAL_STATUS_CHANGE,
+            ),
+            other if other.is_client_error() => ApiError::bad_request(other.to_string()),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let (status, code) = match &rejection {
+            JsonRejection::JsonDataError(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+            JsonRejection::JsonSyntaxError(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            JsonRejection::MissingJsonContentType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            JsonRejection::BytesRejection(_)
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            _ => (rejection.status(), "bad_request"),
+        };
+        ApiError::new(status, code, rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::new(rejection.status(), "bad_path", rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_query", rejection.body_text())
+    }
+}

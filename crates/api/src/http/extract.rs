@@ -1,0 +1,95 @@
+//! Extractors that answer with the service's JSON error shape, and the caller's identity.
+
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::request::Parts;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::domain::User;
+
+/// `Json<T>` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// `Path<T>` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// `Query<T>` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// Who makes the request, from the optional headers `X-User-Id`, `X-User-Name` and
+/// `X-User-Email` (set by an authenticating proxy); `steward` when absent. Recorded on
+/// operations, history and airlock requests.
+#[derive(Debug, Clone)]
+pub struct Caller(pub User);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        let id = header("x-user-id").unwrap_or("steward").to_owned();
+        let name = header("x-user-name").unwrap_or("Steward API").to_owned();
+        let email = header("x-user-email").unwrap_or_default().to_owned();
+        Ok(Caller(User::new(id, name, email)))
+    }
+}
+
+/// `?limit=&cursor=` on list routes.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct Page {
+    /// At most this many items (default 50, at most 500).
+    pub limit: Option<u64>,
+    /// Where to continue: the `nextCursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl Page {
+    /// The default page size.
+    pub const DEFAULT_LIMIT: u64 = 50;
+    /// The largest page size.
+    pub const MAX_LIMIT: u64 = 500;
+
+    /// (offset, limit) of this page.
+    ///
+    /// # Errors
+    ///
+    /// A cursor this service did not hand out, or a zero limit.
+    pub fn bounds(&self) -> Result<(u64, u64), ApiError> {
+        let limit = self.limit.unwrap_or(Self::DEFAULT_LIMIT);
+        if limit == 0 {
+            return Err(ApiError::bad_request("limit must be at least 1"));
+        }
+        let offset = match &self.cursor {
+            None => 0,
+            Some(cursor) => cursor
+                .strip_prefix("o")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| ApiError::bad_request(format!("invalid cursor {cursor:?}")))?,
+        };
+        Ok((offset, limit.min(Self::MAX_LIMIT)))
+    }
+
+    /// Cuts `items` (fetched with `limit + 1`) down to the page, and returns the cursor
+    /// of the next page when there is one.
+    pub fn truncate<T>(items: &mut Vec<T>, offset: u64, limit: u64) -> Option<String> {
+        let page = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = items.len() > page;
+        items.truncate(page);
+        more.then(|| format!("o{}", offset + limit))
+    }
+}

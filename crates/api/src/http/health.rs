@@ -1,0 +1,220 @@
+//! Probes and worker health: `/health` (TRE's shape), `/livez`, `/readyz`,
+//! `/api/workers` and `/metrics`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use steward_core::{HealthSnapshot, WorkerHealth, WorkerState};
+
+use crate::app::AppState;
+use crate::workers::names;
+
+/// `OK` or `Not OK`, as TRE spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum ServiceStatusValue {
+    /// Healthy.
+    #[serde(rename = "OK")]
+    Ok,
+    /// Unhealthy.
+    #[serde(rename = "Not OK")]
+    NotOk,
+}
+
+/// One service in `/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ServiceStatus {
+    /// `Database`, `Message Transport`, `Deployment Status Updater`, `Airlock Status Updater`.
+    pub service: String,
+    /// `OK` or `Not OK`.
+    pub status: ServiceStatusValue,
+    /// Empty when OK; else the worker's state and last error.
+    pub message: String,
+}
+
+/// The body of `/health` (TRE's `HealthCheck`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HealthCheck {
+    /// One entry per service, in a fixed order.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// The `/health` services and the workers behind them, in TRE's fixed-order style.
+pub const SERVICES: [(&str, &str); 4] = [
+    ("Database", names::DATABASE),
+    ("Message Transport", names::TRANSPORT),
+    ("Deployment Status Updater", names::DEPLOYMENT_STATUS),
+    ("Airlock Status Updater", names::AIRLOCK_STATUS),
+];
+
+fn service(snapshot: &HealthSnapshot, service: &str, worker: &str) -> ServiceStatus {
+    let (status, message) = match snapshot.worker(worker) {
+        Some(health) if health.state == WorkerState::Running => {
+            (ServiceStatusValue::Ok, String::new())
+        }
+        Some(health) => (ServiceStatusValue::NotOk, describe(health)),
+        None => (ServiceStatusValue::NotOk, format!("{worker} is not running in this process")),
+    };
+    ServiceStatus { service: service.to_owned(), status, message }
+}
+
+fn describe(health: &WorkerHealth) -> String {
+    match &health.last_error {
+        Some(error) => format!("{} is {}: {error}", health.name, health.state),
+        None => format!("{} is {}", health.name, health.state),
+    }
+}
+
+/// The TRE-compatible health document; always 200.
+#[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = HealthCheck)))]
+pub async fn health(State(state): State<AppState>) -> Json<HealthCheck> {
+    let snapshot = state.health.snapshot();
+    let services = SERVICES.iter().map(|(name, worker)| service(&snapshot, name, worker)).collect();
+    Json(HealthCheck { services })
+}
+
+/// The same document under `/api`.
+#[utoipa::path(get, path = "/api/health", tag = "health", responses((status = 200, body = HealthCheck)))]
+pub async fn api_health(state: State<AppState>) -> Json<HealthCheck> {
+    health(state).await
+}
+
+/// The answer of `/livez` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Probe {
+    /// `ok`, or what is wrong.
+    pub status: String,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// 200 while no worker has `failed`; 503 otherwise, so the orchestrator restarts the
+/// process.
+#[utoipa::path(get, path = "/livez", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
+pub async fn livez(State(state): State<AppState>) -> Response {
+    let snapshot = state.health.snapshot();
+    let failed: Vec<String> =
+        snapshot.workers.iter().filter(|w| w.state == WorkerState::Failed).map(describe).collect();
+    if failed.is_empty() {
+        (StatusCode::OK, Json(Probe { status: "ok".to_owned(), reason: None })).into_response()
+    } else {
+        let body = Probe { status: "failed".to_owned(), reason: Some(failed.join("; ")) };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// How long `/readyz` waits for the database.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// 200 when the database answers and every worker is `running`; 503 with the reason
+/// otherwise.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let snapshot = state.health.snapshot();
+    let mut reasons: Vec<String> = snapshot.not_ready_reason().into_iter().collect();
+    match state.db.serving() {
+        Ok(store) => match tokio::time::timeout(PING_TIMEOUT, store.ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => reasons.push(format!(
+                "the database does not answer: {}",
+                steward_core::error_chain(&error)
+            )),
+            Err(_) => reasons.push(format!("the database did not answer within {PING_TIMEOUT:?}")),
+        },
+        Err(error) => reasons.push(error.to_string()),
+    }
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(Probe { status: "ok".to_owned(), reason: None })).into_response()
+    } else {
+        let body = Probe { status: "not ready".to_owned(), reason: Some(reasons.join("; ")) };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// One worker in `/api/workers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    /// The worker's name.
+    pub name: String,
+    /// `starting`, `running`, `backing_off`, `stalled`, `stopping`, `stopped` or `failed`.
+    pub state: String,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// The last error, with its chain.
+    pub last_error: Option<String>,
+    /// Seconds since the last progress.
+    pub seconds_since_progress: Option<f64>,
+    /// The last progress, RFC 3339.
+    pub last_progress: Option<String>,
+    /// The last message received, RFC 3339.
+    pub last_message_at: Option<String>,
+    /// Messages completed.
+    pub completed: u64,
+    /// Messages retried.
+    pub retried: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Handler panics.
+    pub panicked: u64,
+    /// Locks lost.
+    pub lease_lost: u64,
+    /// Messages held now.
+    pub in_flight: usize,
+}
+
+fn rfc3339(time: std::time::SystemTime) -> String {
+    let seconds = time.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    crate::domain::rfc3339_utc(seconds)
+}
+
+impl From<&WorkerHealth> for WorkerStatus {
+    fn from(w: &WorkerHealth) -> Self {
+        WorkerStatus {
+            name: w.name.clone(),
+            state: w.state.as_str().to_owned(),
+            restarts: w.restarts,
+            last_error: w.last_error.clone(),
+            seconds_since_progress: w.since_progress.map(|d| d.as_secs_f64()),
+            last_progress: w.last_progress.map(rfc3339),
+            last_message_at: w.last_message_at.map(rfc3339),
+            completed: w.outcomes.completed,
+            retried: w.outcomes.retried,
+            dead_lettered: w.outcomes.dead_lettered,
+            panicked: w.outcomes.panicked,
+            lease_lost: w.outcomes.lease_lost,
+            in_flight: w.in_flight,
+        }
+    }
+}
+
+/// The body of `/api/workers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Workers {
+    /// Live: no worker failed.
+    pub live: bool,
+    /// Ready: every worker running.
+    pub ready: bool,
+    /// Every supervised worker.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// The supervisor's health snapshot.
+#[utoipa::path(get, path = "/api/workers", tag = "health", responses((status = 200, body = Workers)))]
+pub async fn workers(State(state): State<AppState>) -> Json<Workers> {
+    let snapshot = state.health.snapshot();
+    Json(Workers {
+        live: snapshot.is_live(),
+        ready: snapshot.is_ready(),
+        workers: snapshot.workers.iter().map(WorkerStatus::from).collect(),
+    })
+}
+
+/// Prometheus text exposition of every metric.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.as_ref().map_or_else(String::new, |render| render());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

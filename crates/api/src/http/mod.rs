@@ -1,0 +1,161 @@
+//! The HTTP API: [`router`] builds it from an [`AppState`].
+//!
+//! Every failure, extractor rejections included, answers `{"error", "detail"}` (see
+//! [`error::ErrorBody`]). Requests are traced, bounded by a 30 s timeout and a 1 MiB
+//! body, and, when `STEWARD_API_TOKEN` is set, every mutating request needs
+//! `Authorization: Bearer <token>`.
+
+pub mod airlock;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod openapi;
+pub mod resources;
+pub mod templates;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+
+pub use error::{ApiError, ErrorBody};
+pub use openapi::openapi;
+
+use crate::app::AppState;
+use error::LoggedCause;
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// How long a request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every route: (method, path) pairs, as the router serves them and `/api/openapi.json`
+/// documents them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/api/health"),
+    ("GET", "/livez"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/api/workers"),
+    ("GET", "/api/templates"),
+    ("GET", "/api/openapi.json"),
+    ("POST", "/api/resources"),
+    ("GET", "/api/resources"),
+    ("GET", "/api/resources/{id}"),
+    ("PATCH", "/api/resources/{id}"),
+    ("DELETE", "/api/resources/{id}"),
+    ("GET", "/api/resources/{id}/operations"),
+    ("POST", "/api/resources/{id}/actions/{action}"),
+    ("GET", "/api/operations/{id}"),
+    ("POST", "/api/airlock-requests"),
+    ("GET", "/api/airlock-requests"),
+    ("GET", "/api/airlock-requests/{id}"),
+    ("POST", "/api/airlock-requests/{id}/submit"),
+    ("POST", "/api/airlock-requests/{id}/review"),
+    ("POST", "/api/airlock-requests/{id}/cancel"),
+];
+
+/// Builds the router: every route of [`ROUTES`], with tracing, the timeout, the body
+/// limit, the token check and JSON errors for unknown routes and methods.
+pub fn router(state: AppState) -> Router {
+    let routes: Vec<(&str, MethodRouter<AppState>)> = vec![
+        ("/health", get(health::health)),
+        ("/api/health", get(health::api_health)),
+        ("/livez", get(health::livez)),
+        ("/readyz", get(health::readyz)),
+        ("/metrics", get(health::metrics)),
+        ("/api/workers", get(health::workers)),
+        ("/api/templates", get(templates::list)),
+        ("/api/openapi.json", get(openapi::document)),
+        ("/api/resources", get(resources::list).post(resources::create)),
+        (
+            "/api/resources/{id}",
+            get(resources::get).patch(resources::update).delete(resources::delete),
+        ),
+        ("/api/resources/{id}/operations", get(resources::operations)),
+        ("/api/resources/{id}/actions/{action}", post(resources::action)),
+        ("/api/operations/{id}", get(resources::operation)),
+        ("/api/airlock-requests", get(airlock::list).post(airlock::create)),
+        ("/api/airlock-requests/{id}", get(airlock::get)),
+        ("/api/airlock-requests/{id}/submit", post(airlock::submit)),
+        ("/api/airlock-requests/{id}/review", post(airlock::review)),
+        ("/api/airlock-requests/{id}/cancel", post(airlock::cancel)),
+    ];
+    let mut router = Router::new();
+    for (path, method_router) in routes {
+        router = router.route(path, method_router.fallback(|| async { method_not_allowed() }));
+    }
+    router
+        .fallback(|| async { ApiError::not_found("no such route").into_response() })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(timeout_and_log))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+fn method_not_allowed() -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+    .into_response()
+}
+
+fn is_mutating(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Compares without leaking, through timing, how much of the token matched.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, byte) in expected.iter().enumerate() {
+        diff |= usize::from(byte ^ given.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+/// When `STEWARD_API_TOKEN` is set, mutating requests need `Authorization: Bearer <it>`.
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.settings.api_token {
+        if is_mutating(request.method()) {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if !same_token(given.trim().as_bytes(), token.as_bytes()) {
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// Bounds each request by [`REQUEST_TIMEOUT`] and logs the cause of every 5xx once,
+/// inside the request's span.
+async fn timeout_and_log(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!("the request took longer than {REQUEST_TIMEOUT:?}"),
+        )
+        .into_response(),
+    };
+    if let Some(LoggedCause(cause)) = response.extensions().get::<LoggedCause>() {
+        tracing::error!(%method, %path, status = response.status().as_u16(), error = %cause, "request failed");
+    }
+    response
+}

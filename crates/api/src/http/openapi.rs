@@ -1,0 +1,47 @@
+//! `GET /api/openapi.json`: the OpenAPI 3 document, generated from the handlers.
+
+use axum::Json;
+use utoipa::OpenApi;
+
+use super::{airlock, error, health, resources, templates};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "steward API", description = "A TRE-style control plane whose queue consumers run under a supervisor"),
+    paths(
+        health::health, health::api_health, health::livez, health::readyz, health::workers, health::metrics,
+        templates::list, document,
+        resources::create, resources::list, resources::get, resources::update, resources::delete,
+        resources::operations, resources::action, resources::operation,
+        airlock::create, airlock::list, airlock::get, airlock::submit, airlock::review, airlock::cancel,
+    ),
+    components(schemas(
+        error::ErrorBody,
+        health::HealthCheck, health::ServiceStatus, health::ServiceStatusValue, health::Probe,
+        health::Workers, health::WorkerStatus,
+        templates::TemplateList, templates::TemplateSummary,
+        resources::CreateResource, resources::UpdateResource, resources::OperationResponse,
+        resources::ResourceResponse, resources::ResourceList, resources::OperationList,
+        airlock::CreateAirlockRequest, airlock::ReviewBody, airlock::ReviewDecision,
+        airlock::AirlockRequestResponse, airlock::AirlockRequestList,
+    )),
+    tags(
+        (name = "health", description = "Probes and worker health"),
+        (name = "templates", description = "The template registry"),
+        (name = "resources", description = "Resources and operations"),
+        (name = "airlock", description = "Airlock requests"),
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of every route.
+#[must_use]
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "health", responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json")))]
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
+}

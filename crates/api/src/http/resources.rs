@@ -1,0 +1,256 @@
+//! Resources and their operations: install, read, list, upgrade, uninstall, custom
+//! actions.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Page};
+use crate::app::AppState;
+use crate::db::ResourceFilter;
+use crate::domain::{Operation, Properties, Resource, ResourceType, Status};
+use crate::operations::{self, NewResource, OperationContext};
+
+/// The body of `POST /api/resources`.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({
+    "templateName": "tre-workspace-base",
+    "resourceType": "workspace",
+    "properties": {"display_name": "Genomics", "description": "Sequencing data"}
+}))]
+pub struct CreateResource {
+    /// The template, e.g. `tre-workspace-base`.
+    pub template_name: String,
+    /// `workspace`, `workspace-service`, `user-resource` or `shared-service`; must match the template.
+    #[schema(value_type = String, example = "workspace")]
+    pub resource_type: ResourceType,
+    /// Properties, validated against the template (`required` ones must be given).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub properties: Properties,
+    /// The workspace (workspace services and user resources).
+    #[serde(default)]
+    pub workspace_id: Option<String>,
+    /// The workspace service (user resources).
+    #[serde(default)]
+    pub parent_workspace_service_id: Option<String>,
+}
+
+/// The body of `PATCH /api/resources/{id}`.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"properties": {"display_name": "Genomics (2026)"}}))]
+pub struct UpdateResource {
+    /// Properties to change; only those the template marks `updateable`.
+    #[schema(value_type = Object)]
+    pub properties: Properties,
+}
+
+/// An operation, as answered by every route that starts one (202).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OperationResponse {
+    /// The operation, with its steps (TRE's `Operation`).
+    #[schema(value_type = Object)]
+    pub operation: Operation,
+}
+
+/// A resource.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ResourceResponse {
+    /// The resource (TRE's `Resource`; sensitive properties are `"REDACTED"`).
+    #[schema(value_type = Object)]
+    pub resource: Resource,
+}
+
+/// A page of resources.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceList {
+    /// The resources, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub resources: Vec<Resource>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A resource's operations.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OperationList {
+    /// The operations, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub operations: Vec<Operation>,
+}
+
+/// Filters of `GET /api/resources`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ResourceQuery {
+    /// Only resources of this type.
+    #[param(value_type = Option<String>)]
+    pub resource_type: Option<ResourceType>,
+    /// Only resources in this deployment status.
+    #[param(value_type = Option<String>)]
+    pub status: Option<Status>,
+    /// Page size (default 50, at most 500).
+    pub limit: Option<u64>,
+    /// The `nextCursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+fn accepted(operation: Operation) -> Response {
+    let location = format!("/api/operations/{}", operation.id);
+    (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(OperationResponse { operation }))
+        .into_response()
+}
+
+fn context(state: &AppState) -> OperationContext<'_> {
+    OperationContext {
+        templates: &state.templates,
+        resource_request_queue: &state.settings.resource_request_queue,
+    }
+}
+
+/// Creates a resource and its install operation; the resource request goes to the
+/// resource processor through the outbox.
+#[utoipa::path(post, path = "/api/resources", tag = "resources", request_body = CreateResource,
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    ApiJson(body): ApiJson<CreateResource>,
+) -> Result<Response, ApiError> {
+    let store = state.db.serving()?;
+    let mut tx = store.begin().await?;
+    let new = NewResource {
+        template_name: body.template_name,
+        resource_type: body.resource_type,
+        properties: body.properties,
+        workspace_id: body.workspace_id,
+        parent_workspace_service_id: body.parent_workspace_service_id,
+    };
+    let created = operations::install_resource(&mut tx, context(&state), new, &user).await?;
+    tx.commit().await?;
+    tracing::info!(resource_id = %created.resource.id, operation_id = %created.operation.id, template = %created.resource.template_name, "resource install requested");
+    Ok(accepted(created.operation))
+}
+
+/// Lists resources, paged.
+#[utoipa::path(get, path = "/api/resources", tag = "resources", params(ResourceQuery),
+    responses((status = 200, body = ResourceList), (status = 400, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ResourceQuery>,
+) -> Result<Json<ResourceList>, ApiError> {
+    let (offset, limit) = Page { limit: query.limit, cursor: query.cursor }.bounds()?;
+    let store = state.db.serving()?;
+    let filter = ResourceFilter {
+        resource_type: query.resource_type,
+        status: query.status,
+        skip: offset,
+        limit: Some(limit + 1),
+        ..ResourceFilter::default()
+    };
+    let mut resources = store.resources(&filter).await?;
+    let next_cursor = Page::truncate(&mut resources, offset, limit);
+    Ok(Json(ResourceList { resources, next_cursor }))
+}
+
+/// One resource.
+#[utoipa::path(get, path = "/api/resources/{id}", tag = "resources",
+    params(("id" = String, Path, description = "The resource id")),
+    responses((status = 200, body = ResourceResponse), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ResourceResponse>, ApiError> {
+    let resource = state.db.serving()?.resource(&id).await?;
+    Ok(Json(ResourceResponse { resource }))
+}
+
+/// A resource's operations, oldest first.
+#[utoipa::path(get, path = "/api/resources/{id}/operations", tag = "resources",
+    params(("id" = String, Path, description = "The resource id")),
+    responses((status = 200, body = OperationList), (status = 404, body = ErrorBody)))]
+pub async fn operations(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<OperationList>, ApiError> {
+    let store = state.db.serving()?;
+    store.resource(&id).await?;
+    let operations = store.operations_for_resource(&id).await?;
+    Ok(Json(OperationList { operations }))
+}
+
+/// One operation.
+#[utoipa::path(get, path = "/api/operations/{id}", tag = "resources",
+    params(("id" = String, Path, description = "The operation id")),
+    responses((status = 200, body = OperationResponse), (status = 404, body = ErrorBody)))]
+pub async fn operation(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<OperationResponse>, ApiError> {
+    let operation = state.db.serving()?.operation(&id).await?;
+    Ok(Json(OperationResponse { operation }))
+}
+
+/// Upgrades a resource: changes `updateable` properties and starts an upgrade operation.
+#[utoipa::path(patch, path = "/api/resources/{id}", tag = "resources", request_body = UpdateResource,
+    params(("id" = String, Path, description = "The resource id")),
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn update(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<UpdateResource>,
+) -> Result<Response, ApiError> {
+    let store = state.db.serving()?;
+    let mut tx = store.begin().await?;
+    let created =
+        operations::upgrade_resource(&mut tx, context(&state), &id, body.properties, None, &user)
+            .await?;
+    tx.commit().await?;
+    tracing::info!(resource_id = %id, operation_id = %created.operation.id, "resource upgrade requested");
+    Ok(accepted(created.operation))
+}
+
+/// Uninstalls a resource.
+#[utoipa::path(delete, path = "/api/resources/{id}", tag = "resources",
+    params(("id" = String, Path, description = "The resource id")),
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let store = state.db.serving()?;
+    let mut tx = store.begin().await?;
+    let operation =
+        operations::uninstall_resource(&mut tx, context(&state), &id, &user, false).await?;
+    tx.commit().await?;
+    tracing::info!(resource_id = %id, operation_id = %operation.id, "resource uninstall requested");
+    Ok(accepted(operation))
+}
+
+/// Invokes one of the template's custom actions (e.g. `start`, `stop`).
+#[utoipa::path(post, path = "/api/resources/{id}/actions/{action}", tag = "resources",
+    params(("id" = String, Path, description = "The resource id"), ("action" = String, Path, description = "A custom action of the template")),
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn action(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    ApiPath((id, action)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let store = state.db.serving()?;
+    let mut tx = store.begin().await?;
+    let operation =
+        operations::invoke_action(&mut tx, context(&state), &id, &action, &user).await?;
+    tx.commit().await?;
+    tracing::info!(resource_id = %id, operation_id = %operation.id, action = %action, "custom action requested");
+    Ok(accepted(operation))
+}

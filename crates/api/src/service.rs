@@ -1,0 +1,450 @@
+//! The whole service: configuration checked, workers under one supervisor, HTTP, and
+//! the graceful shutdown.
+//!
+//! Start-up fails only on bad configuration ([`StartError`]); an unreachable database or
+//! broker leaves the service up and unready, its workers `backing_off`, until they
+//! connect. On the shutdown signal: stop accepting HTTP requests, drain the updaters,
+//! flush the outbox, save what the in-process broker still holds, close the database.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use steward_core::{
+    Backoff, Handler, RestartIntensity, Supervisor, SupervisorConfig, Updater, UpdaterConfig,
+    Worker, error_chain,
+};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::airlock::AirlockQueues;
+use crate::app::{ApiSettings, AppState, Database};
+use crate::config::Config;
+use crate::db::{Store, StoreOptions};
+use crate::outbox::OutboxWorker;
+use crate::simulators::{AirlockProcessor, ResourceProcessor};
+use crate::templates::TemplateRegistry;
+use crate::transport::{Transport, TransportConfigError};
+use crate::updaters::{AirlockStatusHandler, DeploymentStatusHandler, StaticRecipients};
+use crate::workers::{AfterDatabase, DatabaseWatcher, TransportWatcher, names};
+
+/// Why the service did not start: bad configuration (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The transport is not compiled in or badly configured.
+    #[error(transparent)]
+    Transport(#[from] TransportConfigError),
+    /// The broker refused the configuration (credentials, a queue with other settings).
+    #[error("the {transport} broker refused the configuration")]
+    Broker {
+        /// The transport.
+        transport: String,
+        /// Why.
+        #[source]
+        source: steward_core::TransportError,
+    },
+    /// A template file is invalid.
+    #[error(transparent)]
+    Templates(#[from] crate::templates::TemplateError),
+    /// The database URL is invalid.
+    #[error("invalid STEWARD_DATABASE_URL")]
+    Database(#[source] crate::db::StoreError),
+    /// `STEWARD_FAULTS` is invalid or not available in this build.
+    #[error("{0}")]
+    Faults(String),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the service ended after the shutdown signal.
+#[derive(Debug)]
+pub struct Stopped {
+    /// The supervisor's report.
+    pub report: steward_core::ShutdownReport,
+    /// Messages saved from the in-process broker to the outbox.
+    pub saved_messages: usize,
+}
+
+/// The faults of `STEWARD_FAULTS`, when this build has them.
+#[cfg(feature = "fault-injection")]
+type Faults = crate::faults::Faults;
+
+#[cfg(feature = "fault-injection")]
+fn parse_faults(config: &Config) -> Result<Faults, StartError> {
+    crate::faults::Faults::parse(config.faults.as_deref().unwrap_or_default())
+        .map_err(|e| StartError::Faults(e.to_string()))
+}
+
+/// No faults: what a build without `fault-injection` runs with.
+#[cfg(not(feature = "fault-injection"))]
+#[derive(Debug, Clone, Copy)]
+struct NoFaults;
+
+#[cfg(not(feature = "fault-injection"))]
+fn parse_faults(config: &Config) -> Result<NoFaults, StartError> {
+    match config.faults.as_deref().map(str::trim) {
+        Some(faults) if !faults.is_empty() => Err(StartError::Faults(
+            "STEWARD_FAULTS needs a build with `--features fault-injection`".to_owned(),
+        )),
+        _ => Ok(NoFaults),
+    }
+}
+
+/// Everything the service runs, before it serves.
+pub struct Service {
+    config: Config,
+    db: Database,
+    transport: Transport,
+    supervisor: Supervisor,
+    state: AppState,
+    listener: TcpListener,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("listen", &self.listener.local_addr().ok())
+            .field("transport", &self.transport.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds the service's workers to `supervisor`.
+fn spawn_workers<F>(
+    config: &Config,
+    supervisor: &Supervisor,
+    db: &Database,
+    transport: &Transport,
+    templates: &Arc<TemplateRegistry>,
+    faults: &F,
+) where
+    F: FaultPlan,
+{
+    let store = db.store().clone();
+    let updater_config = UpdaterConfig::default().with_max_deliveries(config.max_deliveries);
+    let airlock_queues = AirlockQueues {
+        status_changed: config.airlock_status_changed_queue.clone(),
+        notification: config.airlock_notification_queue.clone(),
+    };
+    let recipients =
+        Arc::new(StaticRecipients::new(config.airlock_recipients.clone().unwrap_or_default()));
+
+    supervisor.spawn(DatabaseWatcher::new(db.clone()));
+    supervisor.spawn(TransportWatcher::new(transport.clone()));
+
+    let deployment = DeploymentStatusHandler::new(store.clone(), templates.clone())
+        .with_queue(config.deployment_status_queue.clone())
+        .with_resource_request_queue(config.resource_request_queue.clone());
+    faults.spawn_updater(
+        supervisor,
+        db,
+        names::DEPLOYMENT_STATUS,
+        transport.connect(&config.deployment_status_queue),
+        deployment,
+        updater_config.clone(),
+    );
+    let airlock = AirlockStatusHandler::new(store.clone(), recipients)
+        .with_queue(config.step_result_queue.clone())
+        .with_airlock_queues(airlock_queues);
+    faults.spawn_updater(
+        supervisor,
+        db,
+        names::AIRLOCK_STATUS,
+        transport.connect(&config.step_result_queue),
+        airlock,
+        updater_config.clone(),
+    );
+    faults.spawn(
+        supervisor,
+        AfterDatabase::new(db.clone(), OutboxWorker::new(store, transport.sink())),
+    );
+
+    if config.simulate_processors() {
+        let sink = transport.sink();
+        let simulator_config = UpdaterConfig::default().with_wait(Duration::from_secs(1));
+        faults.spawn(
+            supervisor,
+            Updater::new(
+                names::RESOURCE_PROCESSOR,
+                transport.connect(&config.resource_request_queue),
+                ResourceProcessor::new(sink.clone(), config.deployment_status_queue.clone()),
+            )
+            .with_config(simulator_config.clone()),
+        );
+        faults.spawn(
+            supervisor,
+            Updater::new(
+                names::AIRLOCK_PROCESSOR,
+                transport.connect(&config.airlock_status_changed_queue),
+                AirlockProcessor::new(sink, config.step_result_queue.clone()),
+            )
+            .with_config(simulator_config.clone()),
+        );
+        faults.spawn(
+            supervisor,
+            Updater::new(
+                names::AIRLOCK_NOTIFIER,
+                transport.connect(&config.airlock_notification_queue),
+                crate::simulators::Notifier,
+            )
+            .with_config(simulator_config),
+        );
+    }
+}
+
+/// How faults (or their absence) shape the workers.
+trait FaultPlan {
+    /// Spawns `worker`, or a stand-in that fails in its place.
+    fn spawn(&self, supervisor: &Supervisor, worker: impl Worker);
+
+    /// `handler`, with whatever faults the plan injects into handlers.
+    fn wrap(&self, handler: impl Handler) -> impl Handler;
+
+    /// Spawns an updater over `connect` and the wrapped `handler`, held back until the
+    /// database is migrated.
+    fn spawn_updater(
+        &self,
+        supervisor: &Supervisor,
+        db: &Database,
+        name: &str,
+        connect: impl steward_core::Connect,
+        handler: impl Handler,
+        config: UpdaterConfig,
+    ) {
+        let updater = Updater::new(name, connect, self.wrap(handler)).with_config(config);
+        self.spawn(supervisor, AfterDatabase::new(db.clone(), updater));
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+impl FaultPlan for NoFaults {
+    fn spawn(&self, supervisor: &Supervisor, worker: impl Worker) {
+        supervisor.spawn(worker);
+    }
+
+    fn wrap(&self, handler: impl Handler) -> impl Handler {
+        handler
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl FaultPlan for crate::faults::Faults {
+    fn spawn(&self, supervisor: &Supervisor, worker: impl Worker) {
+        if self.fails(worker.name()) {
+            tracing::warn!(worker = worker.name(), "STEWARD_FAULTS: this worker will fail");
+            supervisor.spawn(crate::faults::FailingWorker::new(worker.name()));
+        } else {
+            supervisor.spawn(worker);
+        }
+    }
+
+    fn wrap(&self, handler: impl Handler) -> impl Handler {
+        crate::faults::FaultyHandler::new(handler, self)
+    }
+}
+
+impl Service {
+    /// Checks the configuration, builds the transport and the store, starts every
+    /// worker and binds the listen address. Nothing is served yet.
+    ///
+    /// # Errors
+    ///
+    /// Bad configuration, a broker that refuses the configuration outright, or an
+    /// address that cannot be bound.
+    pub async fn start(config: Config) -> Result<Service, StartError> {
+        let faults = parse_faults(&config)?;
+        let templates = Arc::new(TemplateRegistry::load(config.templates_dir.as_deref())?);
+        let transport = Transport::from_config(&config)?;
+        let store = Store::connect_lazy(StoreOptions::new(config.database_url.clone()))
+            .map_err(StartError::Database)?;
+        let db = Database::new(store);
+        check_broker(&transport).await?;
+
+        let supervisor = Supervisor::new(
+            SupervisorConfig::default()
+                .with_backoff(Backoff::new(config.restart_backoff, Duration::from_secs(300)))
+                .with_intensity(RestartIntensity {
+                    max_restarts: config.restart_limit,
+                    within: Duration::from_secs(600),
+                }),
+        );
+        spawn_workers(&config, &supervisor, &db, &transport, &templates, &faults);
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let settings = ApiSettings {
+            resource_request_queue: config.resource_request_queue.clone(),
+            airlock_queues: AirlockQueues {
+                status_changed: config.airlock_status_changed_queue.clone(),
+                notification: config.airlock_notification_queue.clone(),
+            },
+            api_token: config.api_token.clone().filter(|t| !t.is_empty()),
+            transport: transport.kind().to_string(),
+        };
+        let state = AppState {
+            db: db.clone(),
+            templates,
+            health: supervisor.health(),
+            settings: Arc::new(settings),
+            metrics: crate::metrics::install(),
+        };
+        Ok(Service { config, db, transport, supervisor, state, listener })
+    }
+
+    /// The address the service listens on (useful with port 0).
+    ///
+    /// # Errors
+    ///
+    /// The socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down within `STEWARD_DRAIN_TIMEOUT`.
+    ///
+    /// # Errors
+    ///
+    /// The HTTP server failed.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<Stopped> {
+        let Service { config, db, transport, supervisor, state, listener } = self;
+        let addr = listener.local_addr()?;
+        tracing::info!(
+            address = %format!("http://{addr}"),
+            transport = %transport.kind(),
+            database = %config.database_for_log(),
+            simulators = config.simulate_processors(),
+            "steward-api listening"
+        );
+        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, crate::http::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = http_stopped.await;
+            })
+            .into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => {
+                result?;
+                tracing::warn!("the HTTP server stopped on its own; shutting down");
+            }
+            () = shutdown => {}
+        }
+        let started = Instant::now();
+        let deadline = started + config.drain_timeout;
+        tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: no new requests, draining workers");
+        let _ = stop_http.send(());
+        // In-flight requests get a short grace; the workers' drain runs meanwhile.
+        let http_grace = (config.drain_timeout / 5).min(Duration::from_secs(5));
+        let (http, report) = tokio::join!(
+            tokio::time::timeout(http_grace, &mut server),
+            supervisor.shutdown(deadline)
+        );
+        if let Ok(Err(error)) = http {
+            tracing::warn!(error = %error, "the HTTP server stopped with an error");
+        }
+        if report.is_clean() {
+            tracing::info!(stopped = ?report.stopped, "workers stopped");
+        } else {
+            tracing::warn!(?report, "workers did not all stop cleanly");
+        }
+        let saved_messages = save_inmem_messages(&config, &transport, &db).await;
+        db.store().close().await;
+        tracing::info!(elapsed = ?started.elapsed(), "steward-api stopped");
+        Ok(Stopped { report, saved_messages })
+    }
+}
+
+/// Tries the broker once at start: a refusal that needs a human stops the start; an
+/// unreachable broker does not (the workers back off until it answers).
+async fn check_broker(transport: &Transport) -> Result<(), StartError> {
+    match tokio::time::timeout(Duration::from_secs(10), transport.check()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) if !error.is_retryable() => {
+            Err(StartError::Broker { transport: transport.kind().to_string(), source: error })
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(transport = %transport.kind(), error = %error_chain(&error), "the broker is not reachable yet; workers will retry");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(transport = %transport.kind(), "the broker did not answer within 10 s; workers will retry");
+            Ok(())
+        }
+    }
+}
+
+/// On the in-process transport, moves every message still queued into the outbox, so
+/// the next start sends them again: a graceful restart loses nothing.
+#[cfg(feature = "inmem")]
+async fn save_inmem_messages(config: &Config, transport: &Transport, db: &Database) -> usize {
+    let Some(broker) = transport.inmem_broker() else { return 0 };
+    let queues = [
+        &config.deployment_status_queue,
+        &config.step_result_queue,
+        &config.resource_request_queue,
+        &config.airlock_status_changed_queue,
+        &config.airlock_notification_queue,
+    ];
+    let messages: Vec<(String, steward_core::Message)> = queues
+        .iter()
+        .flat_map(|queue| broker.take_all(queue).into_iter().map(|m| ((*queue).clone(), m)))
+        .collect();
+    if messages.is_empty() {
+        return 0;
+    }
+    let saved = async {
+        let store = db.ready().await?;
+        let mut tx = store.begin().await?;
+        for (queue, message) in &messages {
+            let outbox = crate::db::OutboxMessage {
+                queue: queue.clone(),
+                body: String::from_utf8_lossy(&message.body).into_owned(),
+                session_id: message.session_id.clone(),
+                correlation_id: message.correlation_id.clone(),
+                content_type: message.content_type.clone(),
+                subject: None,
+                properties: message.properties.clone(),
+                aggregate_id: message.session_id.clone().unwrap_or_else(|| message.id.clone()),
+            };
+            tx.insert_outbox(outbox).await?;
+        }
+        tx.commit().await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), saved).await {
+        Ok(Ok(())) => {
+            tracing::info!(
+                messages = messages.len(),
+                "saved queued in-process messages to the outbox for the next start"
+            );
+            messages.len()
+        }
+        Ok(Err(error)) => {
+            tracing::error!(messages = messages.len(), error = %error_chain(&error), "could not save queued in-process messages; they are lost");
+            0
+        }
+        Err(_) => {
+            tracing::error!(
+                messages = messages.len(),
+                "saving queued in-process messages timed out; they are lost"
+            );
+            0
+        }
+    }
+}
+
+#[cfg(not(feature = "inmem"))]
+async fn save_inmem_messages(_: &Config, _: &Transport, _: &Database) -> usize {
+    0
+}

@@ -1,0 +1,163 @@
+//! The service's own workers besides the updaters: the database and transport
+//! watchers, and a wrapper that holds a worker back until the database is migrated.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use steward_core::{Worker, WorkerContext, WorkerError};
+
+use crate::app::Database;
+use crate::transport::Transport;
+
+/// The names of the service's workers, as `/api/workers`, logs, metrics and
+/// `STEWARD_FAULTS=fail_worker=…` use them.
+pub mod names {
+    /// Watches the database (health service `Database`).
+    pub const DATABASE: &str = "database";
+    /// Watches the broker (health service `Message Transport`).
+    pub const TRANSPORT: &str = "transport";
+    /// Consumes deployment status updates.
+    pub const DEPLOYMENT_STATUS: &str = "deployment-status";
+    /// Consumes airlock step results.
+    pub const AIRLOCK_STATUS: &str = "airlock-status";
+    /// Publishes the outbox.
+    pub const OUTBOX: &str = "outbox";
+    /// The simulated resource processor.
+    pub const RESOURCE_PROCESSOR: &str = "resource-processor-simulator";
+    /// The simulated airlock processor.
+    pub const AIRLOCK_PROCESSOR: &str = "airlock-processor-simulator";
+    /// The simulated airlock notifier.
+    pub const AIRLOCK_NOTIFIER: &str = "airlock-notifier-simulator";
+}
+
+/// How often the watchers look again.
+const WATCH_INTERVAL: Duration = Duration::from_secs(10);
+
+fn database_down(error: crate::db::StoreError) -> WorkerError {
+    if error.is_unavailable() {
+        WorkerError::dependency("the database is unavailable", error)
+    } else {
+        WorkerError::Fatal {
+            message: "the database cannot be used".to_owned(),
+            source: Some(error.into()),
+        }
+    }
+}
+
+/// Runs the migrations once the database answers, then pings it every 10 s: its state
+/// is the `Database` service of `/health`.
+#[derive(Debug, Clone)]
+pub struct DatabaseWatcher {
+    db: Database,
+}
+
+impl DatabaseWatcher {
+    /// A watcher of `db`.
+    #[must_use]
+    pub fn new(db: Database) -> Self {
+        DatabaseWatcher { db }
+    }
+}
+
+#[async_trait]
+impl Worker for DatabaseWatcher {
+    fn name(&self) -> &str {
+        names::DATABASE
+    }
+
+    fn stall_timeout(&self) -> Option<Duration> {
+        Some(WATCH_INTERVAL * 6)
+    }
+
+    async fn run(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+        if !self.db.is_migrated() {
+            ctx.set_backing_off("connecting to the database".to_owned());
+        }
+        let store = self.db.ready().await.map_err(database_down)?;
+        ctx.set_running();
+        loop {
+            store.ping().await.map_err(database_down)?;
+            ctx.progress();
+            tokio::select! {
+                () = tokio::time::sleep(WATCH_INTERVAL) => {}
+                () = ctx.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Checks the broker (declaring the topology where the transport can) when it starts
+/// and every 10 s: its state is the `Message Transport` service of `/health`.
+#[derive(Debug, Clone)]
+pub struct TransportWatcher {
+    transport: Transport,
+}
+
+impl TransportWatcher {
+    /// A watcher of `transport`.
+    #[must_use]
+    pub fn new(transport: Transport) -> Self {
+        TransportWatcher { transport }
+    }
+}
+
+#[async_trait]
+impl Worker for TransportWatcher {
+    fn name(&self) -> &str {
+        names::TRANSPORT
+    }
+
+    fn stall_timeout(&self) -> Option<Duration> {
+        Some(WATCH_INTERVAL * 6)
+    }
+
+    async fn run(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+        loop {
+            self.transport.check().await?;
+            ctx.set_running();
+            ctx.progress();
+            tokio::select! {
+                () = tokio::time::sleep(WATCH_INTERVAL) => {}
+                () = ctx.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Runs `inner` only once the database is migrated, so no handler ever meets a missing
+/// table; until then the worker is `backing_off` with the database's error.
+#[derive(Debug)]
+pub struct AfterDatabase<W> {
+    db: Database,
+    inner: W,
+}
+
+impl<W> AfterDatabase<W> {
+    /// `inner`, held back until `db` is ready.
+    #[must_use]
+    pub fn new(db: Database, inner: W) -> Self {
+        AfterDatabase { db, inner }
+    }
+}
+
+#[async_trait]
+impl<W: Worker> Worker for AfterDatabase<W> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn stall_timeout(&self) -> Option<Duration> {
+        self.inner.stall_timeout()
+    }
+
+    async fn run(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+        if !self.db.is_migrated() {
+            ctx.set_backing_off("waiting for the database".to_owned());
+            tokio::select! {
+                ready = self.db.ready() => { ready.map_err(database_down)?; }
+                () = ctx.cancelled() => return Ok(()),
+            }
+        }
+        self.inner.run(ctx).await
+    }
+}

@@ -1,0 +1,559 @@
+//! Black-box tests of the `steward-api` binary on RabbitMQ: the binary runs with
+//! `STEWARD_TRANSPORT=rabbitmq` on the local broker (`STEWARD_RABBITMQ_URL`, else
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`) and a temporary SQLite database; the test
+//! plays TRE's resource processor with a plain AMQP client (it takes the resource
+//! requests off the resource-request queue and publishes deployment statuses as the
+//! publisher contract in `docs/rabbitmq.md` says) and talks to the service over HTTP
+//! and with signals.
+//!
+//! Every test uses queues of its own, named uniquely, and deletes them (with their
+//! `.dlq` and `.delay.<ms>` queues) when it ends, also when it fails. Without a
+//! reachable broker each test prints one `skipped` line and passes, except with
+//! `CI=true`, where it fails.
+
+#![cfg(feature = "rabbitmq")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod process;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use process::Api;
+use serde_json::{Value, json};
+use steward_core::testkit::unique_name;
+use steward_rabbitmq::{RabbitMq, RabbitMqBuilder};
+
+/// The broker the tests use: `STEWARD_RABBITMQ_URL`, else the local default.
+fn broker_url() -> String {
+    std::env::var("STEWARD_RABBITMQ_URL")
+        .unwrap_or_else(|_| steward_rabbitmq::DEFAULT_URL.to_owned())
+}
+
+/// `host:port` of the broker of [`broker_url`].
+fn broker_address() -> String {
+    let url = broker_url();
+    let authority = url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("127.0.0.1:5672");
+    if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5672") }
+}
+
+/// Whether the broker accepts TCP connections. With `CI=true` an unreachable broker
+/// fails the test; otherwise the test prints one skip line and returns.
+async fn broker_available(test: &str) -> bool {
+    let address = broker_address();
+    let connect = tokio::net::TcpStream::connect(&address);
+    let reachable =
+        matches!(tokio::time::timeout(Duration::from_secs(3), connect).await, Ok(Ok(_)));
+    if !reachable {
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            panic!("{test}: RabbitMQ is not reachable at {address} and CI=true");
+        }
+        eprintln!("skipped {test}: RabbitMQ is not reachable at {address}");
+    }
+    reachable
+}
+
+/// The five queues of one test, uniquely named; dropping this deletes them from the
+/// broker with their `.dlq` and delay queues (also when the test panics: every quorum
+/// queue holds file handles on the shared broker).
+struct Queues {
+    deployment_status: String,
+    step_result: String,
+    resource_request: String,
+    airlock_status_changed: String,
+    airlock_notification: String,
+    /// The same topology the service declares, for reading dead letters and deleting.
+    rabbit: RabbitMq,
+}
+
+impl Queues {
+    fn new(test: &str) -> Queues {
+        let prefix = unique_name(&format!("steward-api-{test}"));
+        let name = |queue: &str| format!("{prefix}-{queue}");
+        let deployment_status = name("deploymentstatus");
+        let step_result = name("airlock-step-result");
+        let resource_request = name("workspacequeue");
+        let airlock_status_changed = name("airlock-status-changed");
+        let airlock_notification = name("airlock-notification");
+        // What the service declares with STEWARD_SIMULATE_PROCESSORS=false.
+        let rabbit = RabbitMqBuilder::new()
+            .with_url(broker_url())
+            .with_connection_name("steward-test")
+            .with_queue(&deployment_status)
+            .with_queue(&step_result)
+            .with_publish_queue(&resource_request)
+            .with_publish_queue(&airlock_status_changed)
+            .with_publish_queue(&airlock_notification)
+            .build()
+            .unwrap();
+        Queues {
+            deployment_status,
+            step_result,
+            resource_request,
+            airlock_status_changed,
+            airlock_notification,
+            rabbit,
+        }
+    }
+
+    /// The environment that puts the service on RabbitMQ and these queues.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("STEWARD_TRANSPORT", "rabbitmq".to_owned()),
+            ("STEWARD_RABBITMQ_URL", broker_url()),
+            ("STEWARD_SIMULATE_PROCESSORS", "false".to_owned()),
+            ("SERVICE_BUS_DEPLOYMENT_STATUS_UPDATE_QUEUE", self.deployment_status.clone()),
+            ("SERVICE_BUS_STEP_RESULT_QUEUE", self.step_result.clone()),
+            ("SERVICE_BUS_RESOURCE_REQUEST_QUEUE", self.resource_request.clone()),
+            ("STEWARD_AIRLOCK_STATUS_CHANGED_QUEUE", self.airlock_status_changed.clone()),
+            ("STEWARD_AIRLOCK_NOTIFICATION_QUEUE", self.airlock_notification.clone()),
+        ]
+    }
+}
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        let rabbit = self.rabbit.clone();
+        // Drop cannot await, and may run inside the test's runtime: a thread of its own.
+        let deleting = std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Err(error) = rabbit.delete_topology().await {
+                    eprintln!("queue cleanup failed: {}", steward_core::error_chain(&error));
+                }
+            });
+        });
+        let _ = deleting.join();
+    }
+}
+
+/// A resource request as the resource processor receives it.
+#[derive(Debug)]
+struct Request {
+    body: Value,
+    correlation_id: Option<String>,
+    session_id: Option<String>,
+}
+
+impl Request {
+    fn operation_id(&self) -> &str {
+        self.body["operationId"].as_str().unwrap()
+    }
+
+    fn step_id(&self) -> &str {
+        self.body["stepId"].as_str().unwrap()
+    }
+
+    fn resource_id(&self) -> &str {
+        self.body["id"].as_str().unwrap()
+    }
+}
+
+/// TRE's resource processor, played with a plain AMQP client: no steward code between
+/// the test and the broker.
+struct Processor {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Processor {
+    async fn connect() -> Processor {
+        let properties =
+            ConnectionProperties::default().with_connection_name("steward-test processor".into());
+        let connection = Connection::connect(&broker_url(), properties).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        Processor { connection, channel }
+    }
+
+    /// Takes the next resource request off `queue` (acking it), waiting up to 60 s.
+    async fn next_request(&self, queue: &str) -> Request {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got =
+                self.channel.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap();
+            if let Some(got) = got {
+                let delivery = got.delivery;
+                let properties = &delivery.properties;
+                let request = Request {
+                    body: serde_json::from_slice(&delivery.data).expect("a JSON resource request"),
+                    correlation_id: properties.correlation_id().as_ref().map(|c| c.to_string()),
+                    session_id: properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get("x-session-id").cloned())
+                        .and_then(|v| match v {
+                            AMQPValue::LongString(s) => Some(s.to_string()),
+                            _ => None,
+                        }),
+                };
+                delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+                return request;
+            }
+            assert!(Instant::now() < deadline, "no resource request on {queue} within 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Publishes `body` to `queue` as the publisher contract says: default exchange,
+    /// routing key = queue, persistent, JSON, a message id, `correlation_id`, the
+    /// ordering key in `x-session-id`, `mandatory`. Returns the message id and the
+    /// confirm still to wait for.
+    async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        session_id: &str,
+        correlation_id: &str,
+    ) -> (String, lapin::PublisherConfirm) {
+        let message_id = uuid::Uuid::new_v4().to_string();
+        let mut headers = FieldTable::default();
+        headers.insert("x-session-id".into(), AMQPValue::LongString(session_id.into()));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.as_str().into())
+            .with_correlation_id(correlation_id.into())
+            .with_headers(headers);
+        let options = BasicPublishOptions { mandatory: true, immediate: false };
+        let confirm = self
+            .channel
+            .basic_publish("".into(), queue.into(), options, body, properties)
+            .await
+            .unwrap();
+        (message_id, confirm)
+    }
+
+    /// Publishes and waits for the broker's confirm; the message must have been routed.
+    async fn publish_confirmed(
+        &self,
+        queue: &str,
+        body: &[u8],
+        session_id: &str,
+        correlation_id: &str,
+    ) -> String {
+        let (message_id, confirm) = self.publish(queue, body, session_id, correlation_id).await;
+        assert_eq!(confirm.await.unwrap(), Confirmation::Ack(None), "publish to {queue}");
+        message_id
+    }
+
+    /// The messages ready in `queue` (a passive declare, on a channel of its own: a
+    /// refused one closes its channel).
+    async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let declared =
+            channel.queue_declare(queue.into(), options, FieldTable::default()).await.unwrap();
+        let _ = channel.close(200, "depth read".into()).await;
+        declared.message_count()
+    }
+
+    /// Waits until `queue` has no ready message, and returns the last count.
+    async fn wait_until_empty(&self, queue: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let depth = self.depth(queue).await;
+            if depth == 0 || Instant::now() >= deadline {
+                return depth;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A TRE deployment-status body (reference §4.2).
+fn status_body(request: &Request, status: &str, message: &str, outputs: Value) -> Vec<u8> {
+    json!({
+        "operationId": request.operation_id(),
+        "stepId": request.step_id(),
+        "id": request.resource_id(),
+        "status": status,
+        "message": format!("{}: {message}", request.resource_id()),
+        "outputs": outputs,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The outputs a workspace install reports: an address space unique to `n`.
+fn workspace_outputs(request: &Request, n: usize) -> Value {
+    json!([
+        {"name": "address_spaces", "value": [format!("10.{}.{}.0/24", 100 + n / 250, n % 250)], "type": "string"},
+        {"name": "workspace_url", "value": format!("https://{}.tre.example", request.resource_id()), "type": "string"},
+    ])
+}
+
+/// Publishes the statuses a resource processor sends for one install: `deploying`
+/// (no outputs), then `deployed` with outputs; both keyed by operation id and
+/// correlated with the resource id.
+async fn report_install(
+    processor: &Processor,
+    queue: &str,
+    request: &Request,
+    n: usize,
+) -> Vec<(String, lapin::PublisherConfirm)> {
+    let (op, resource) = (request.operation_id(), request.resource_id());
+    let starting = status_body(request, "deploying", "Job starting", json!([]));
+    let done = status_body(
+        request,
+        "deployed",
+        "install action completed successfully.",
+        workspace_outputs(request, n),
+    );
+    let first = processor.publish(queue, &starting, op, resource).await;
+    let second = processor.publish(queue, &done, op, resource).await;
+    vec![first, second]
+}
+
+/// Ensures that on RabbitMQ the service sends the resource request to the
+/// resource-request queue (correlation id = operation id, ordering key = resource id),
+/// and that the deployment statuses an external processor publishes bring the
+/// operation and the resource to `deployed`, with the outputs merged into the
+/// resource's properties and nothing left in the queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_statuses_bring_resource_to_deployed_with_outputs() {
+    if !broker_available("processor_statuses_bring_resource_to_deployed_with_outputs").await {
+        return;
+    }
+    let queues = Queues::new("deployed");
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(dir.path(), &queues.env());
+    api.ready().await;
+    let processor = Processor::connect().await;
+
+    let (resource_id, operation_id) = api.install_workspace("Genomics").await;
+    let request = processor.next_request(&queues.resource_request).await;
+    assert_eq!(request.operation_id(), operation_id, "{request:?}");
+    assert_eq!(request.resource_id(), resource_id, "{request:?}");
+    assert_eq!(request.body["action"], "install");
+    assert_eq!(request.body["name"], "tre-workspace-base");
+    assert_eq!(request.body["parameters"]["display_name"], "Genomics");
+    assert_eq!(request.correlation_id.as_deref(), Some(operation_id.as_str()));
+    assert_eq!(request.session_id.as_deref(), Some(resource_id.as_str()));
+
+    let starting = status_body(&request, "deploying", "Job starting", json!([]));
+    processor
+        .publish_confirmed(&queues.deployment_status, &starting, &operation_id, &resource_id)
+        .await;
+    let deploying = api.operation_reaches(&operation_id, "deploying").await;
+    assert_eq!(deploying["message"], format!("{resource_id}: Job starting"));
+
+    let done = status_body(
+        &request,
+        "deployed",
+        "install action completed successfully.",
+        workspace_outputs(&request, 7),
+    );
+    processor
+        .publish_confirmed(&queues.deployment_status, &done, &operation_id, &resource_id)
+        .await;
+    let deployed = api.operation_reaches(&operation_id, "deployed").await;
+    assert_eq!(deployed["steps"][0]["status"], "deployed", "{deployed:#}");
+    let resource = api.get(&format!("/api/resources/{resource_id}")).await["resource"].clone();
+    assert_eq!(resource["deploymentStatus"], "deployed", "{resource:#}");
+    let properties = &resource["properties"];
+    assert_eq!(
+        properties["address_spaces"],
+        json!(["10.100.7.0/24"]),
+        "outputs merged: {resource:#}"
+    );
+    assert_eq!(properties["workspace_url"], format!("https://{resource_id}.tre.example"));
+    assert_eq!(properties["display_name"], "Genomics", "inputs kept: {resource:#}");
+
+    let worker = api.worker_counts("deployment-status", "completed", 2).await;
+    assert_eq!(worker["completed"], 2, "{worker}");
+    assert_eq!(worker["deadLettered"], 0, "{worker}");
+    assert_eq!(processor.wait_until_empty(&queues.deployment_status).await, 0);
+    assert_eq!(processor.depth(&queues.resource_request).await, 0);
+    assert!(queues.rabbit.dead_letters(&queues.deployment_status).await.unwrap().is_empty());
+    let health = api.get("/health").await;
+    assert!(health["services"].as_array().unwrap().iter().all(|s| s["status"] == "OK"), "{health}");
+
+    let (status, _, _) = api.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?}");
+}
+
+/// Ensures that malformed deployment statuses (a body that is not JSON, and JSON that
+/// does not fit the schema) end in `<deployment-status queue>.dlq` with reason
+/// `MessageFormatIncorrect`, body and properties intact, that nothing of them stays
+/// in the queue, and that the updater goes on handling good messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_status_ends_in_dlq_with_message_format_incorrect() {
+    if !broker_available("malformed_status_ends_in_dlq_with_message_format_incorrect").await {
+        return;
+    }
+    let queues = Queues::new("malformed");
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(dir.path(), &queues.env());
+    api.ready().await;
+    let processor = Processor::connect().await;
+    let queue = &queues.deployment_status;
+
+    let not_json: &[u8] = b"Job starting, but this is not JSON";
+    let wrong_schema = json!({"operationId": "not-a-uuid", "status": "deployed"}).to_string();
+    let first = processor.publish_confirmed(queue, not_json, "session-1", "resource-1").await;
+    let second = processor
+        .publish_confirmed(queue, wrong_schema.as_bytes(), "session-2", "resource-2")
+        .await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let dead = queues.rabbit.dead_letters(queue).await.unwrap();
+        if dead.len() >= 2 {
+            break dead;
+        }
+        assert!(Instant::now() < deadline, "dead letters of {queue}: {dead:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    let by_id: BTreeMap<_, _> = dead.iter().map(|d| (d.message.id.clone(), d)).collect();
+    for (id, body, session, correlation) in [
+        (&first, not_json, "session-1", "resource-1"),
+        (&second, wrong_schema.as_bytes(), "session-2", "resource-2"),
+    ] {
+        let letter = by_id.get(id).unwrap_or_else(|| panic!("{id} not in the DLQ: {dead:#?}"));
+        assert_eq!(letter.reason, "MessageFormatIncorrect", "{letter:#?}");
+        assert!(
+            letter.description.starts_with("Service bus message is not formatted correctly"),
+            "{letter:#?}"
+        );
+        assert_eq!(letter.message.body.as_ref(), body);
+        assert_eq!(letter.message.session_id.as_deref(), Some(session));
+        assert_eq!(letter.message.correlation_id.as_deref(), Some(correlation));
+        assert_eq!(letter.message.content_type.as_deref(), Some("application/json"));
+    }
+    assert_eq!(processor.wait_until_empty(queue).await, 0, "nothing requeued");
+    let worker = api.worker_counts("deployment-status", "deadLettered", 2).await;
+    assert_eq!(worker["deadLettered"], 2, "{worker}");
+    assert_eq!(worker["state"], "running", "{worker}");
+
+    // The updater still handles good messages.
+    let (resource_id, operation_id) = api.install_workspace("After the bad ones").await;
+    let request = processor.next_request(&queues.resource_request).await;
+    assert_eq!(request.operation_id(), operation_id);
+    let done = status_body(&request, "deployed", "done", workspace_outputs(&request, 1));
+    processor.publish_confirmed(queue, &done, &operation_id, &resource_id).await;
+    api.operation_reaches(&operation_id, "deployed").await;
+    let worker = api.worker_counts("deployment-status", "completed", 1).await;
+    assert_eq!(worker["deadLettered"], 2, "no new dead letter: {worker}");
+    assert_eq!(queues.rabbit.dead_letters(queue).await.unwrap().len(), 2, "no new dead letter");
+
+    let (status, _, _) = api.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?}");
+}
+
+/// Ensures that SIGTERM while a backlog of deployment statuses is being handled exits 0
+/// within the drain timeout + 5 s, and that after a restart on the same database and
+/// queues every status was handled and every operation reaches `deployed` with its own
+/// outputs: nothing lost, nothing left in the queue, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_statuses_in_flight_loses_nothing() {
+    if !broker_available("sigterm_with_statuses_in_flight_loses_nothing").await {
+        return;
+    }
+    const RESOURCES: usize = 60;
+    let queues = Queues::new("sigterm");
+    let dir = tempfile::tempdir().unwrap();
+    let drain = Duration::from_secs(5);
+    let mut env = queues.env();
+    env.push(("STEWARD_DRAIN_TIMEOUT", "5s".to_owned()));
+    let api = Api::start(dir.path(), &env);
+    api.ready().await;
+    let processor = Processor::connect().await;
+    let queue = &queues.deployment_status;
+
+    let mut created = BTreeMap::new();
+    for n in 0..RESOURCES {
+        let (resource_id, operation_id) = api.install_workspace(&format!("W{n}")).await;
+        created.insert(operation_id, resource_id);
+    }
+    let mut requests = Vec::new();
+    for _ in 0..RESOURCES {
+        let request = processor.next_request(&queues.resource_request).await;
+        assert_eq!(
+            created.get(request.operation_id()).map(String::as_str),
+            Some(request.resource_id()),
+            "{request:?}"
+        );
+        requests.push(request);
+    }
+    // A backlog the service cannot get through before the signal: the statuses wait
+    // in the queue while the service is down.
+    let (status, _, _) = api.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?} with nothing in flight");
+    let mut published = BTreeSet::new();
+    let mut confirms = Vec::new();
+    for (n, request) in requests.iter().enumerate() {
+        for (message_id, confirm) in report_install(&processor, queue, request, n).await {
+            published.insert(message_id);
+            confirms.push(confirm);
+        }
+    }
+    for confirm in confirms {
+        assert_eq!(confirm.await.unwrap(), Confirmation::Ack(None));
+    }
+    // SIGTERM as soon as the service is handling them.
+    let api = Api::start(dir.path(), &env);
+    api.worker_counts("deployment-status", "completed", 1).await;
+    let (status, elapsed, logs) = api.terminate(drain + Duration::from_secs(5));
+    assert!(status.success(), "exit {status:?}");
+    assert!(elapsed <= drain + Duration::from_secs(5), "took {elapsed:?}");
+    let before = handled_messages(&logs, queue);
+    assert!(!before.is_empty(), "nothing was handled before the shutdown");
+    assert!(
+        before.len() < published.len(),
+        "the shutdown came too late to interrupt anything: {} of {} handled",
+        before.len(),
+        published.len()
+    );
+
+    let api = Api::start(dir.path(), &env);
+    for (n, request) in requests.iter().enumerate() {
+        api.operation_reaches(request.operation_id(), "deployed").await;
+        let resource =
+            api.get(&format!("/api/resources/{}", request.resource_id())).await["resource"].clone();
+        assert_eq!(resource["deploymentStatus"], "deployed", "{resource:#}");
+        assert_eq!(
+            resource["properties"]["address_spaces"],
+            workspace_outputs(request, n)[0]["value"],
+            "outputs merged: {resource:#}"
+        );
+    }
+    assert_eq!(processor.wait_until_empty(queue).await, 0);
+    let dead = queues.rabbit.dead_letters(queue).await.unwrap();
+    assert!(dead.is_empty(), "nothing dead-lettered: {dead:#?}");
+    let (status, _, logs) = api.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?}");
+    let after = handled_messages(&logs, queue);
+    let handled: BTreeSet<_> = before.union(&after).cloned().collect();
+    let missing: Vec<_> = published.difference(&handled).collect();
+    assert!(missing.is_empty(), "statuses never handled: {missing:?}");
+    // Delivery is at least once: a message handled by both processes is legal (the
+    // handler is idempotent), so it is reported, not asserted.
+    let twice = before.intersection(&after).count();
+    eprintln!(
+        "{} statuses: {} handled before the shutdown, {} after, {twice} twice",
+        published.len(),
+        before.len(),
+        after.len()
+    );
+}
+
+/// The ids of the messages from `queue` the deployment-status handler parsed, from the
+/// service's JSON log lines (TRE's "Received and parsed JSON for" line).
+fn handled_messages(logs: &[String], queue: &str) -> BTreeSet<String> {
+    logs.iter()
+        .filter(|line| line.contains("Received and parsed JSON for"))
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["queue"] == queue)
+        .filter_map(|line| line["message_id"].as_str().map(str::to_owned))
+        .collect()
+}

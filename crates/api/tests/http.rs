@@ -1,0 +1,388 @@
+//! The HTTP router driven with `oneshot`: routes and OpenAPI, error shapes, the token,
+//! body limits, paging and the probes.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use steward_api::app::{ApiSettings, AppState, Database};
+use steward_api::http::{ROUTES, openapi, router};
+use steward_api::templates::TemplateRegistry;
+use steward_core::{Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError};
+use tower::ServiceExt;
+
+/// A worker that runs until cancelled, or fails at once.
+struct Stub {
+    name: &'static str,
+    fail: bool,
+}
+
+#[async_trait]
+impl Worker for Stub {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn stall_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn run(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+        if self.fail {
+            return Err(WorkerError::fatal("broken on purpose"));
+        }
+        ctx.set_running();
+        ctx.cancelled().await;
+        Ok(())
+    }
+}
+
+struct App {
+    router: Router,
+    _supervisor: Supervisor,
+    _db: support::TestDb,
+}
+
+async fn app(token: Option<&str>, failing: Option<&'static str>) -> App {
+    let db = support::TestDb::sqlite().await;
+    let supervisor = Supervisor::new(SupervisorConfig::default().with_intensity(
+        steward_core::RestartIntensity { max_restarts: 0, within: Duration::from_secs(600) },
+    ));
+    for name in ["database", "transport", "deployment-status", "airlock-status"] {
+        supervisor.spawn(Stub { name, fail: Some(name) == failing });
+    }
+    let state = AppState {
+        db: Database::migrated(db.store.clone()),
+        templates: Arc::new(TemplateRegistry::builtin().unwrap()),
+        health: supervisor.health(),
+        settings: Arc::new(ApiSettings {
+            resource_request_queue: "workspacequeue".to_owned(),
+            api_token: token.map(str::to_owned),
+            transport: "inmem".to_owned(),
+            ..ApiSettings::default()
+        }),
+        metrics: None,
+    };
+    // Let the stub workers start.
+    for _ in 0..100 {
+        let snapshot = state.health.snapshot();
+        let settled = snapshot.workers.iter().all(|w| {
+            matches!(
+                w.state,
+                steward_core::WorkerState::Running | steward_core::WorkerState::Failed
+            )
+        });
+        if settled && snapshot.workers.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    App { router: router(state), _supervisor: supervisor, _db: db }
+}
+
+async fn call(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, body)
+}
+
+fn request(method: &str, uri: &str, body: Option<Value>) -> Request<Body> {
+    let builder = Request::builder().method(method).uri(uri);
+    match body {
+        Some(body) => builder
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+        None => builder.body(Body::empty()).unwrap(),
+    }
+}
+
+fn concrete(path: &str) -> String {
+    path.replace("{id}", "00000000-0000-4000-8000-000000000000").replace("{action}", "start")
+}
+
+fn assert_error_shape(body: &Value) {
+    assert!(body["error"].is_string(), "no error code in {body}");
+    assert!(body["detail"].is_string(), "no detail in {body}");
+    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "extra fields in {body}");
+}
+
+/// Ensures that every route the router serves is documented in `/api/openapi.json`
+/// with its method, and that the router really serves each listed pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_is_served_and_in_openapi() {
+    let app = app(None, None).await;
+    let (status, doc) = call(&app.router, request("GET", "/api/openapi.json", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc, serde_json::to_value(openapi()).unwrap());
+    for (method, path) in ROUTES {
+        let documented = &doc["paths"][path][method.to_lowercase()];
+        assert!(documented.is_object(), "{method} {path} is not in the OpenAPI document");
+        let (status, body) = call(&app.router, request(method, &concrete(path), None)).await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {body}");
+        let unrouted = status == StatusCode::NOT_FOUND && body["detail"] == "no such route";
+        assert!(!unrouted, "{method} {path} is not routed");
+    }
+    let documented: usize =
+        doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
+    assert_eq!(documented, ROUTES.len(), "the document lists routes the router does not serve");
+}
+
+/// Ensures that the request examples of the OpenAPI document are valid against the
+/// shipped templates: the resource example installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_examples_are_valid_requests() {
+    let app = app(None, None).await;
+    let doc = serde_json::to_value(openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let create = schemas["CreateResource"]["example"].clone();
+    assert!(create.is_object(), "CreateResource has an example");
+    let (status, body) = call(&app.router, request("POST", "/api/resources", Some(create))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    for name in ["UpdateResource", "CreateAirlockRequest", "ReviewBody"] {
+        assert!(schemas[name]["example"].is_object(), "{name} has an example");
+    }
+    let update = schemas["UpdateResource"]["example"].clone();
+    let (status, body) =
+        call(&app.router, request("PATCH", &format!("/api/resources/{id}"), Some(update))).await;
+    // The workspace is still awaiting deployment, but the body itself is accepted.
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
+/// Ensures that with `STEWARD_API_TOKEN` set every mutating route answers 401 without
+/// the token (and with a wrong one), reads stay open, and the right token passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_guards_every_mutating_route() {
+    let app = app(Some("s3cret-token"), None).await;
+    for (method, path) in ROUTES {
+        let mutating = !matches!(*method, "GET" | "HEAD");
+        let (status, body) =
+            call(&app.router, request(method, &concrete(path), Some(json!({})))).await;
+        if mutating {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+            assert_error_shape(&body);
+        } else {
+            assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        }
+        let mut wrong = request(method, &concrete(path), Some(json!({})));
+        wrong.headers_mut().insert(header::AUTHORIZATION, "Bearer s3cret-tokeN".parse().unwrap());
+        let (status, _) = call(&app.router, wrong).await;
+        if mutating {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with a wrong token");
+        }
+    }
+    let mut right = request(
+        "POST",
+        "/api/resources",
+        Some(
+            json!({"templateName": "tre-shared-service-firewall", "resourceType": "shared-service"}),
+        ),
+    );
+    right.headers_mut().insert(header::AUTHORIZATION, "Bearer s3cret-token".parse().unwrap());
+    let (status, body) = call(&app.router, right).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
+/// Ensures that bad bodies get the JSON error shape: malformed JSON 400, unknown or
+/// wrong fields 422, a 2 MiB body 413, a missing content type 415.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_get_json_errors() {
+    let app = app(None, None).await;
+    let malformed = Request::builder()
+        .method("POST")
+        .uri("/api/resources")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{\"templateName\": "))
+        .unwrap();
+    let (status, body) = call(&app.router, malformed).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&body);
+    assert_eq!(body["error"], "malformed_json");
+
+    let unknown = json!({"templateName": "tre-shared-service-firewall", "resourceType": "shared-service", "colour": "red"});
+    let (status, body) = call(&app.router, request("POST", "/api/resources", Some(unknown))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error_shape(&body);
+    assert!(body["detail"].as_str().unwrap().contains("colour"), "{body}");
+
+    let wrong_type =
+        json!({"templateName": "tre-shared-service-firewall", "resourceType": "spaceship"});
+    let (status, body) =
+        call(&app.router, request("POST", "/api/resources", Some(wrong_type))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error_shape(&body);
+
+    let huge = "x".repeat(2 << 20);
+    let big = Request::builder()
+        .method("POST")
+        .uri("/api/resources")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(format!("{{\"templateName\": \"{huge}\"}}")))
+        .unwrap();
+    let (status, body) = call(&app.router, big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error_shape(&body);
+
+    let no_type =
+        Request::builder().method("POST").uri("/api/resources").body(Body::from("{}")).unwrap();
+    let (status, body) = call(&app.router, no_type).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_error_shape(&body);
+
+    let missing_template = json!({"templateName": "tre-nothing", "resourceType": "workspace"});
+    let (status, body) =
+        call(&app.router, request("POST", "/api/resources", Some(missing_template))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&body);
+}
+
+/// Ensures that unknown routes, unknown records and wrong methods get the JSON error
+/// shape too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_records_and_methods_get_json_errors() {
+    let app = app(None, None).await;
+    let (status, body) = call(&app.router, request("GET", "/api/nothing", None)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_error_shape(&body);
+    let (status, body) =
+        call(&app.router, request("GET", "/api/resources/does-not-exist", None)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_error_shape(&body);
+    let (status, body) = call(&app.router, request("PUT", "/api/resources", None)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_error_shape(&body);
+    let (status, body) = call(&app.router, request("GET", "/api/resources?limit=abc", None)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&body);
+    let (status, body) = call(&app.router, request("GET", "/api/resources?cursor=zzz", None)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&body);
+}
+
+/// Ensures that approving a draft airlock request is refused with TRE's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approving_a_draft_is_illegal() {
+    let app = app(None, None).await;
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "W", "description": "D"}});
+    let (_, body) = call(&app.router, request("POST", "/api/resources", Some(workspace))).await;
+    let workspace_id = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let (status, body) = call(
+        &app.router,
+        request(
+            "POST",
+            "/api/airlock-requests",
+            Some(json!({"workspaceId": workspace_id, "type": "import"})),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["airlockRequest"]["id"].as_str().unwrap().to_owned();
+    let review = json!({"reviewDecision": "approved", "decisionExplanation": "fine"});
+    let (status, body) = call(
+        &app.router,
+        request("POST", &format!("/api/airlock-requests/{id}/review"), Some(review)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&body);
+    assert_eq!(body["detail"], "Airlock request status change was illegal");
+}
+
+/// Ensures that list routes are paged with `limit` and an opaque `cursor`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_paged() {
+    let app = app(None, None).await;
+    for name in ["A", "B", "C"] {
+        let body = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+            "properties": {"display_name": name, "description": "D"}});
+        let (status, _) = call(&app.router, request("POST", "/api/resources", Some(body))).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let (_, first) = call(&app.router, request("GET", "/api/resources?limit=2", None)).await;
+    assert_eq!(first["resources"].as_array().unwrap().len(), 2);
+    let cursor = first["nextCursor"].as_str().unwrap();
+    let (_, second) =
+        call(&app.router, request("GET", &format!("/api/resources?limit=2&cursor={cursor}"), None))
+            .await;
+    assert_eq!(second["resources"].as_array().unwrap().len(), 1);
+    assert!(second.get("nextCursor").is_none(), "{second}");
+    let names: Vec<_> = first["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["resources"].as_array().unwrap())
+        .map(|r| r["properties"]["display_name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["A", "B", "C"]);
+    let (_, filtered) =
+        call(&app.router, request("GET", "/api/resources?resourceType=shared-service", None)).await;
+    assert!(filtered["resources"].as_array().unwrap().is_empty());
+}
+
+/// Ensures that the probes follow the workers: all running → 200 and `/health` all
+/// OK; a failed updater → `/livez` and `/readyz` 503 and `/health` naming it Not OK,
+/// with its error, still answering 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_follow_worker_health() {
+    let healthy = app(None, None).await;
+    for path in ["/livez", "/readyz", "/health", "/api/health", "/api/workers"] {
+        let (status, body) = call(&healthy.router, request("GET", path, None)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    let (_, health) = call(&healthy.router, request("GET", "/health", None)).await;
+    let services: Vec<_> = health["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (s["service"].as_str().unwrap().to_owned(), s["status"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        services,
+        [
+            ("Database".to_owned(), "OK".to_owned()),
+            ("Message Transport".to_owned(), "OK".to_owned()),
+            ("Deployment Status Updater".to_owned(), "OK".to_owned()),
+            ("Airlock Status Updater".to_owned(), "OK".to_owned()),
+        ]
+    );
+
+    let broken = app(None, Some("deployment-status")).await;
+    let (status, body) = call(&broken.router, request("GET", "/livez", None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("deployment-status"));
+    let (status, _) = call(&broken.router, request("GET", "/readyz", None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, health) = call(&broken.router, request("GET", "/health", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    let updater = &health["services"][2];
+    assert_eq!(updater["service"], "Deployment Status Updater");
+    assert_eq!(updater["status"], "Not OK");
+    assert!(updater["message"].as_str().unwrap().contains("broken on purpose"), "{updater}");
+    let (_, workers) = call(&broken.router, request("GET", "/api/workers", None)).await;
+    assert_eq!(workers["live"], false);
+    assert_eq!(workers["workers"][2]["state"], "failed");
+}
+
+/// Ensures the method names of [`ROUTES`] are real HTTP methods.
+#[test]
+fn route_table_uses_http_methods() {
+    for (method, _) in ROUTES {
+        assert!(method.parse::<Method>().is_ok(), "{method}");
+    }
+}

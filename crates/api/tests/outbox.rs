@@ -1,0 +1,296 @@
+//! The outbox worker on SQLite and PostgreSQL (`*_postgres`): retries, order per
+//! aggregate, leases across workers, crash safety.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use steward_api::db::{OutboxMessage, Store};
+use steward_api::outbox::{OutboxConfig, OutboxWorker};
+use steward_core::{
+    Backoff, ErrorKind, Jitter, MessageSink, OutgoingMessage, Supervisor, SupervisorConfig,
+    TransportError,
+};
+use steward_inmem::InMemoryBroker;
+use tokio::time::{Instant, sleep};
+
+fn fast() -> OutboxConfig {
+    OutboxConfig::default().with_poll_interval(Duration::from_millis(20)).with_retry_backoff(
+        Backoff::new(Duration::ZERO, Duration::ZERO).with_jitter(Jitter::none()),
+    )
+}
+
+async fn write(store: &Store, aggregate: &str, n: usize) {
+    for i in 0..n {
+        let mut tx = store.begin().await.unwrap();
+        let message = OutboxMessage::json(
+            "out",
+            &serde_json::json!({"aggregate": aggregate, "n": i}),
+            aggregate,
+        )
+        .unwrap()
+        .with_session_id(aggregate);
+        tx.insert_outbox(message).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+async fn wait_for_empty_outbox(store: &Store) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.outbox_backlog().await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "timed out waiting for the outbox to empty");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn bodies_by_aggregate(broker: &InMemoryBroker) -> BTreeMap<String, Vec<u64>> {
+    let mut by = BTreeMap::<String, Vec<u64>>::new();
+    for message in broker.peek("out") {
+        let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
+        by.entry(body["aggregate"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(body["n"].as_u64().unwrap());
+    }
+    by
+}
+
+/// Ensures that with a sink failing its first sends, every message is still delivered
+/// exactly once, in order per aggregate, and every row is removed.
+async fn failing_sink_then_working_delivers_each_once_in_order(store: &Store) {
+    write(store, "a", 5).await;
+    write(store, "b", 5).await;
+    let broker = InMemoryBroker::new();
+    broker.faults("out").fail_sends(7, ErrorKind::Connection);
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor
+        .spawn(OutboxWorker::new(store.clone(), Arc::new(broker.clone())).with_config(fast()));
+    wait_for("every message", || broker.message_count("out") == 10).await;
+    wait_for_empty_outbox(store).await;
+    let by = bodies_by_aggregate(&broker);
+    assert_eq!(by["a"], [0, 1, 2, 3, 4], "order within aggregate a");
+    assert_eq!(by["b"], [0, 1, 2, 3, 4], "order within aggregate b");
+    let ids: HashSet<_> = broker.peek("out").into_iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 10, "each message once, with its row id as message id");
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+    assert!(report.is_clean(), "{report:?}");
+}
+
+store_test!(
+    failing_sink_then_working_delivers_each_once_in_order_sqlite,
+    failing_sink_then_working_delivers_each_once_in_order_postgres,
+    failing_sink_then_working_delivers_each_once_in_order
+);
+
+/// Ensures that a failed publish is recorded on the row and retried after the backoff.
+async fn failed_publish_is_recorded_and_backed_off(store: &Store) {
+    write(store, "a", 1).await;
+    let broker = InMemoryBroker::new();
+    broker.faults("out").fail_sends(1, ErrorKind::NotFound);
+    let config = fast().with_retry_backoff(
+        Backoff::new(Duration::from_secs(3600), Duration::from_secs(3600))
+            .with_jitter(Jitter::none()),
+    );
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor
+        .spawn(OutboxWorker::new(store.clone(), Arc::new(broker.clone())).with_config(config));
+    let mut row = None;
+    for _ in 0..500 {
+        let rows = store.outbox_messages(10).await.unwrap();
+        if rows[0].attempts == 1 {
+            row = Some(rows[0].clone());
+            break;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    let row = row.expect("the failure was recorded");
+    assert!(row.last_error.as_deref().unwrap().contains("not found"), "{row:?}");
+    assert_eq!(row.lease_owner, None, "the lease was given up");
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(broker.message_count("out"), 0, "not retried before the backoff");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+store_test!(
+    failed_publish_is_recorded_and_backed_off_sqlite,
+    failed_publish_is_recorded_and_backed_off_postgres,
+    failed_publish_is_recorded_and_backed_off
+);
+
+/// A sink that records, per message id, how many sends are in flight, and fails the
+/// test's expectations if two overlap.
+#[derive(Default)]
+struct Watching {
+    in_flight: Mutex<HashSet<String>>,
+    overlaps: Mutex<Vec<String>>,
+    sent: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl MessageSink for Watching {
+    async fn send(&self, _queue: &str, message: OutgoingMessage) -> Result<(), TransportError> {
+        let id = message.message_id.clone().unwrap();
+        if !self.in_flight.lock().unwrap().insert(id.clone()) {
+            self.overlaps.lock().unwrap().push(id.clone());
+        }
+        sleep(Duration::from_millis(5)).await;
+        self.in_flight.lock().unwrap().remove(&id);
+        self.sent.lock().unwrap().push(id);
+        Ok(())
+    }
+}
+
+/// Ensures that two outbox workers on one database never send the same row at the same
+/// time, and between them send every row.
+async fn two_workers_never_send_the_same_row_concurrently(store: &Store) {
+    for aggregate in 0..20 {
+        write(store, &format!("agg-{aggregate}"), 5).await;
+    }
+    let sink = Arc::new(Watching::default());
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor.spawn(
+        OutboxWorker::new(store.clone(), sink.clone()).with_name("outbox-1").with_config(fast()),
+    );
+    supervisor.spawn(
+        OutboxWorker::new(store.clone(), sink.clone()).with_name("outbox-2").with_config(fast()),
+    );
+    wait_for("every row sent", || sink.sent.lock().unwrap().len() >= 100).await;
+    wait_for_empty_outbox(store).await;
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+    assert!(sink.overlaps.lock().unwrap().is_empty(), "overlapping sends: {:?}", sink.overlaps);
+    let sent = sink.sent.lock().unwrap().clone();
+    let unique: HashSet<_> = sent.iter().collect();
+    assert_eq!(unique.len(), 100, "every row sent");
+    assert_eq!(sent.len(), 100, "no row sent twice");
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+store_test!(
+    two_workers_never_send_the_same_row_concurrently_sqlite,
+    two_workers_never_send_the_same_row_concurrently_postgres,
+    two_workers_never_send_the_same_row_concurrently
+);
+
+/// A sink whose first send crashes the worker (a panic in the middle of publishing,
+/// holding the lease), and which works afterwards.
+#[derive(Default)]
+struct CrashOnce {
+    crashed: std::sync::atomic::AtomicBool,
+    inner: InMemoryBroker,
+}
+
+#[async_trait]
+impl MessageSink for CrashOnce {
+    async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), TransportError> {
+        if !self.crashed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            panic!("worker crashed while publishing");
+        }
+        self.inner.send(queue, message).await
+    }
+}
+
+/// Ensures that rows committed while no worker ran are sent once one starts, and that a
+/// row claimed by a worker that crashed before sending it is sent after its lease runs
+/// out, with nothing lost or reordered.
+async fn rows_survive_a_worker_that_crashed_before_sending(store: &Store) {
+    write(store, "early", 3).await;
+    let sink = Arc::new(CrashOnce::default());
+    let config = fast().with_lease(Duration::from_millis(500));
+    let supervisor = Supervisor::new(
+        SupervisorConfig::default().with_backoff(
+            Backoff::new(Duration::from_millis(100), Duration::from_millis(100))
+                .with_jitter(Jitter::none()),
+        ),
+    );
+    supervisor.spawn(OutboxWorker::new(store.clone(), sink.clone()).with_config(config));
+    let health = supervisor.health();
+    wait_for("the crash", || health.snapshot().worker("outbox").is_some_and(|w| w.restarts == 1))
+        .await;
+    wait_for("every row sent", || sink.inner.message_count("out") == 3).await;
+    wait_for_empty_outbox(store).await;
+    assert_eq!(bodies_by_aggregate(&sink.inner)["early"], [0, 1, 2], "in order, none twice");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+store_test!(
+    rows_survive_a_worker_that_crashed_before_sending_sqlite,
+    rows_survive_a_worker_that_crashed_before_sending_postgres,
+    rows_survive_a_worker_that_crashed_before_sending
+);
+
+/// Ensures that a state transaction that fails (rolls back) leaves no outbox row.
+async fn rolled_back_transaction_writes_no_outbox_row(store: &Store) {
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_outbox(OutboxMessage::json("out", &serde_json::json!({}), "x").unwrap())
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_outbox(OutboxMessage::json("out", &serde_json::json!({}), "y").unwrap())
+        .await
+        .unwrap();
+    drop(tx);
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+store_test!(
+    rolled_back_transaction_writes_no_outbox_row_sqlite,
+    rolled_back_transaction_writes_no_outbox_row_postgres,
+    rolled_back_transaction_writes_no_outbox_row
+);
+
+/// Ensures that a commit wakes the worker at once, well before its poll interval.
+async fn commit_wakes_the_worker(store: &Store) {
+    let broker = InMemoryBroker::new();
+    let config = fast().with_poll_interval(Duration::from_secs(3600));
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor
+        .spawn(OutboxWorker::new(store.clone(), Arc::new(broker.clone())).with_config(config));
+    let health = supervisor.health();
+    wait_for("worker running", || health.snapshot().is_ready()).await;
+    sleep(Duration::from_millis(100)).await;
+    write(store, "woken", 1).await;
+    wait_for("sent without polling", || broker.message_count("out") == 1).await;
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+store_test!(
+    commit_wakes_the_worker_sqlite,
+    commit_wakes_the_worker_postgres,
+    commit_wakes_the_worker
+);
+
+/// Ensures that the messages of one aggregate follow each other at once, one after the
+/// other, without waiting for the poll interval between them.
+async fn successive_messages_of_an_aggregate_go_out_without_polling(store: &Store) {
+    let broker = InMemoryBroker::new();
+    let config = fast().with_poll_interval(Duration::from_secs(3600));
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor
+        .spawn(OutboxWorker::new(store.clone(), Arc::new(broker.clone())).with_config(config));
+    let health = supervisor.health();
+    wait_for("worker running", || health.snapshot().is_ready()).await;
+    write(store, "chain", 5).await;
+    wait_for("the whole chain", || broker.message_count("out") == 5).await;
+    assert_eq!(bodies_by_aggregate(&broker)["chain"], [0, 1, 2, 3, 4]);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+store_test!(
+    successive_messages_of_an_aggregate_go_out_without_polling_sqlite,
+    successive_messages_of_an_aggregate_go_out_without_polling_postgres,
+    successive_messages_of_an_aggregate_go_out_without_polling
+);

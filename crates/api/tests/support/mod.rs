@@ -1,0 +1,184 @@
+//! Test databases: a SQLite file in a temporary directory, or a fresh schema on the
+//! local PostgreSQL (`STEWARD_TEST_POSTGRES_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`).
+//!
+//! When PostgreSQL is unreachable, a `*_postgres` test prints a skip line and returns;
+//! with `CI=true` it fails instead.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::{AnyConnection, Connection, Executor};
+use steward_api::Clock;
+use steward_api::db::{Store, StoreOptions};
+use steward_api::domain::{Properties, User};
+use steward_api::templates::TemplateRegistry;
+
+/// When every test store's clock starts.
+pub const NOW: f64 = 1_755_424_800.0;
+
+/// A clock starting at [`NOW`] that moves 1 ms forward at each reading, so records
+/// created one after the other sort in creation order.
+pub fn ticking_clock() -> Clock {
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Clock::from_fn(move || {
+        let tick = ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        NOW + tick as f64 / 1000.0
+    })
+}
+
+/// Runs one case on SQLite (`$sqlite`) and on PostgreSQL (`$postgres`).
+#[macro_export]
+macro_rules! store_test {
+    ($(#[$meta:meta])* $sqlite:ident, $postgres:ident, $case:path) => {
+        $(#[$meta])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            let db = support::TestDb::sqlite().await;
+            $case(&db.store).await;
+            db.finish().await;
+        }
+
+        $(#[$meta])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            let Some(db) = support::TestDb::postgres(stringify!($postgres)).await else { return };
+            $case(&db.store).await;
+            db.finish().await;
+        }
+    };
+}
+
+enum Kind {
+    Sqlite { url: String, _dir: tempfile::TempDir },
+    Postgres { admin_url: String, schema: String },
+}
+
+/// A migrated store of its own, removed by [`TestDb::finish`].
+pub struct TestDb {
+    pub store: Store,
+    kind: Kind,
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("STEWARD_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+fn options(url: String) -> StoreOptions {
+    StoreOptions::new(url).with_max_connections(4).with_clock(ticking_clock())
+}
+
+impl TestDb {
+    pub async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("steward.db").display());
+        let store = Store::connect_with(options(url.clone())).await.unwrap();
+        TestDb { store, kind: Kind::Sqlite { url, _dir: dir } }
+    }
+
+    /// A store in a new schema, or `None` (after a skip line) when PostgreSQL is
+    /// unreachable and `CI` is not `true`.
+    pub async fn postgres(test: &str) -> Option<TestDb> {
+        sqlx::any::install_default_drivers();
+        let admin_url = postgres_url();
+        let connected =
+            tokio::time::timeout(Duration::from_secs(10), AnyConnection::connect(&admin_url)).await;
+        let mut admin = match connected {
+            Ok(Ok(conn)) => conn,
+            failed => {
+                let reason = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+                    panic!(
+                        "{test}: PostgreSQL at {admin_url} is unreachable with CI=true: {reason}"
+                    );
+                }
+                eprintln!("skipped {test}: PostgreSQL at {admin_url} is unreachable ({reason})");
+                return None;
+            }
+        };
+        let schema = format!("steward_test_{}", uuid::Uuid::new_v4().simple());
+        admin.execute(format!("CREATE SCHEMA {schema}").as_str()).await.unwrap();
+        admin.close().await.unwrap();
+        let separator = if admin_url.contains('?') { '&' } else { '?' };
+        let url = format!("{admin_url}{separator}options[search_path]={schema}");
+        let store = Store::connect_with(options(url)).await.unwrap();
+        Some(TestDb { store, kind: Kind::Postgres { admin_url, schema } })
+    }
+
+    /// Runs `sql` on a connection of its own, outside the store's pools (in the test's
+    /// schema on PostgreSQL): a side door for breaking the database on purpose.
+    pub async fn execute(&self, sql: &str) {
+        match &self.kind {
+            Kind::Sqlite { url, .. } => {
+                let mut conn = AnyConnection::connect(url).await.unwrap();
+                conn.execute("PRAGMA busy_timeout = 5000").await.unwrap();
+                conn.execute(sql).await.unwrap();
+                conn.close().await.unwrap();
+            }
+            Kind::Postgres { admin_url, schema } => {
+                let mut admin = AnyConnection::connect(admin_url).await.unwrap();
+                admin.execute(format!("SET search_path TO {schema}").as_str()).await.unwrap();
+                admin.execute(sql).await.unwrap();
+                admin.close().await.unwrap();
+            }
+        }
+    }
+
+    /// Closes the store; dropping the `TestDb` then removes the schema.
+    pub async fn finish(self) {
+        self.store.close().await;
+    }
+}
+
+impl Drop for TestDb {
+    /// Drops the PostgreSQL schema, also when the test panicked, on a thread of its own
+    /// (a `Drop` cannot await).
+    fn drop(&mut self) {
+        let Kind::Postgres { admin_url, schema } = &self.kind else { return };
+        let (admin_url, schema) = (admin_url.clone(), schema.clone());
+        let name = schema.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mut admin = AnyConnection::connect(&admin_url).await?;
+                admin.execute("SET lock_timeout = '10s'").await?;
+                admin.execute(format!("DROP SCHEMA {schema} CASCADE").as_str()).await?;
+                admin.close().await
+            })
+        });
+        if let Ok(Err(error)) = cleanup.join() {
+            eprintln!("could not drop test schema {name}: {error}");
+        }
+    }
+}
+
+pub fn templates() -> TemplateRegistry {
+    TemplateRegistry::builtin().unwrap()
+}
+
+pub fn user() -> User {
+    User {
+        id: "u1".to_owned(),
+        name: "Jane".to_owned(),
+        email: "jane@example.com".to_owned(),
+        roles: vec!["WorkspaceOwner".to_owned()],
+        role_assignments: Vec::new(),
+    }
+}
+
+pub fn props(value: Value) -> Properties {
+    value.as_object().cloned().expect("an object")
+}
+
+pub fn workspace_props() -> Properties {
+    props(json!({"display_name": "Genomics", "description": "Sequencing data"}))
+}
