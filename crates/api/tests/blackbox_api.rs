@@ -29,17 +29,7 @@ fn workspace(name: &str) -> Value {
 async fn walkthrough_reaches_final_statuses() {
     let dir = tempfile::tempdir().unwrap();
     let api = Api::start(dir.path(), NO_ENV);
-    for probe in ["/livez", "/readyz"] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (status, body) = api.call(reqwest::Method::GET, probe, None).await;
-            if status == 200 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{probe}: {status} {body}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    api.ready().await;
 
     let (firewall_id, op) = api.install(firewall()).await;
     api.operation_reaches(&op, "deployed").await;
@@ -169,6 +159,7 @@ async fn walkthrough_reaches_final_statuses() {
 async fn metrics_count_the_handled_messages() {
     let dir = tempfile::tempdir().unwrap();
     let api = Api::start(dir.path(), NO_ENV);
+    api.serving().await;
     let (_, first) = api.install(firewall()).await;
     let (_, second) = api.install(workspace("Metrics")).await;
     api.operation_reaches(&first, "deployed").await;
@@ -235,6 +226,7 @@ async fn sigterm_with_operations_in_flight_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let drain = Duration::from_secs(5);
     let api = Api::start(dir.path(), &[("STEWARD_DRAIN_TIMEOUT", "5s")]);
+    api.serving().await;
     let mut operations = Vec::new();
     let (_, op) = api.install(firewall()).await;
     operations.push(op);
@@ -247,6 +239,7 @@ async fn sigterm_with_operations_in_flight_loses_nothing() {
     assert!(elapsed <= drain + Duration::from_secs(5), "took {elapsed:?}");
 
     let api = Api::start(dir.path(), NO_ENV);
+    api.serving().await;
     let mut pending = 0;
     for op in &operations {
         let operation = api.get(&format!("/api/operations/{op}")).await["operation"].clone();

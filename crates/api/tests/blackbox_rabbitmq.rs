@@ -516,6 +516,7 @@ async fn sigterm_with_statuses_in_flight_loses_nothing() {
     );
 
     let api = Api::start(dir.path(), &env);
+    api.serving().await;
     for (n, request) in requests.iter().enumerate() {
         api.operation_reaches(request.operation_id(), "deployed").await;
         let resource =

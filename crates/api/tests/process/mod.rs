@@ -155,6 +155,12 @@ impl Api {
         }
     }
 
+    /// Waits until the routes that read and write the database are served: until the
+    /// database has been reached and migrated, they answer 503 `unavailable`.
+    pub async fn serving(&self) {
+        self.answers_ok("/api/resources").await;
+    }
+
     /// Waits until `/livez` and `/readyz` answer 200: the workers reached the broker and
     /// the database.
     pub async fn ready(&self) {
