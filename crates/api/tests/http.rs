@@ -53,6 +53,11 @@ struct App {
 }
 
 async fn app(token: Option<&str>, failing: Option<&'static str>) -> App {
+    build(token, failing, true).await
+}
+
+/// The router over a fresh database, its migration marked done when `migrated`.
+async fn build(token: Option<&str>, failing: Option<&'static str>, migrated: bool) -> App {
     let db = support::TestDb::sqlite().await;
     let supervisor = Supervisor::new(SupervisorConfig::default().with_intensity(
         steward_core::RestartIntensity { max_restarts: 0, within: Duration::from_secs(600) },
@@ -61,7 +66,11 @@ async fn app(token: Option<&str>, failing: Option<&'static str>) -> App {
         supervisor.spawn(Stub { name, fail: Some(name) == failing });
     }
     let state = AppState {
-        db: Database::migrated(db.store.clone()),
+        db: if migrated {
+            Database::migrated(db.store.clone())
+        } else {
+            Database::new(db.store.clone())
+        },
         templates: Arc::new(TemplateRegistry::builtin().unwrap()),
         health: supervisor.health(),
         settings: Arc::new(ApiSettings {
@@ -377,6 +386,38 @@ async fn probes_follow_worker_health() {
     let (_, workers) = call(&broken.router, request("GET", "/api/workers", None)).await;
     assert_eq!(workers["live"], false);
     assert_eq!(workers["workers"][2]["state"], "failed");
+}
+
+/// Ensures that until the database is migrated, the routes that need it answer 503
+/// `unavailable` in the JSON error shape with a `Retry-After`, while `/livez` answers
+/// 200 and `/readyz` 503 naming the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmigrated_database_answers_503_with_retry_after() {
+    let app = build(None, None, false).await;
+    for (method, path) in [
+        ("GET", "/api/resources"),
+        ("GET", "/api/operations/00000000-0000-4000-8000-000000000000"),
+        ("POST", "/api/airlock-requests/00000000-0000-4000-8000-000000000000/submit"),
+    ] {
+        let response = app.router.clone().oneshot(request(method, path, None)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{method} {path}");
+        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+        assert_eq!(
+            retry_after.as_ref().and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "{method} {path}"
+        );
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_error_shape(&body);
+        assert_eq!(body["error"], "unavailable", "{body}");
+        assert!(body["detail"].as_str().unwrap().contains("not ready"), "{body}");
+    }
+    let (status, body) = call(&app.router, request("GET", "/livez", None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = call(&app.router, request("GET", "/readyz", None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("database"), "{body}");
 }
 
 /// Ensures the method names of [`ROUTES`] are real HTTP methods.
