@@ -124,6 +124,17 @@ struct Pass {
     sent: usize,
 }
 
+/// What became of one claimed row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Published {
+    /// Sent and deleted.
+    Sent,
+    /// The send failed; the row waits for its retry.
+    Failed,
+    /// Not tried: too little of the lease was left for a whole send.
+    Skipped,
+}
+
 fn unavailable(error: StoreError) -> WorkerError {
     if error.is_unavailable() {
         WorkerError::dependency("the database is unavailable", error)
@@ -191,34 +202,68 @@ impl OutboxWorker {
             return Ok(pass);
         }
         ctx.set_in_flight(claimed.len());
-        let results: Vec<Result<bool, WorkerError>> = futures::stream::iter(claimed)
-            .map(|record| self.publish(record, deadline))
+        let results: Vec<Result<Published, WorkerError>> = futures::stream::iter(claimed)
+            .map(|record| async {
+                let published = self.publish(ctx, record, lease_until, deadline).await;
+                ctx.progress();
+                published
+            })
             .buffer_unordered(self.config.concurrency.max(1))
             .collect()
             .await;
         ctx.set_in_flight(0);
+        let mut skipped = false;
         for result in results {
-            if result? {
-                pass.sent += 1;
+            match result? {
+                Published::Sent => pass.sent += 1,
+                Published::Failed => {}
+                Published::Skipped => skipped = true,
             }
+        }
+        if skipped {
+            // Hand the rows left over to whichever worker claims next, at once.
+            self.store.release_outbox(&self.owner).await.map_err(unavailable)?;
         }
         ctx.progress();
         Ok(pass)
     }
 
-    /// Sends one row; deletes it on success, records the failure otherwise. `Ok(true)`
-    /// when it was sent.
+    /// How long a send may take when it starts now: the send timeout, cut to the drain
+    /// deadline once the service is shutting down, and to what is left of the lease
+    /// minus a safety margin, so that no other worker can claim the row while this
+    /// send may still reach the broker. `None` when too little of the lease is left.
+    fn send_limit(
+        &self,
+        ctx: &WorkerContext,
+        lease_until: i64,
+        deadline: Option<Instant>,
+    ) -> Option<Duration> {
+        let deadline = deadline.or_else(|| ctx.is_shutting_down().then(|| ctx.drain_deadline()));
+        let mut limit = self.config.send_timeout;
+        if let Some(deadline) = deadline {
+            limit = limit.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        let margin = i64::try_from((self.config.lease / 6).as_millis()).unwrap_or(i64::MAX);
+        let lease_left = lease_until.saturating_sub(self.now_ms()).saturating_sub(margin);
+        let lease_left = Duration::from_millis(u64::try_from(lease_left).ok()?);
+        (!lease_left.is_zero()).then(|| limit.min(lease_left))
+    }
+
+    /// Sends one row; deletes it on success, records the failure otherwise.
     async fn publish(
         &self,
+        ctx: &WorkerContext,
         record: OutboxRecord,
+        lease_until: i64,
         deadline: Option<Instant>,
-    ) -> Result<bool, WorkerError> {
+    ) -> Result<Published, WorkerError> {
         let id = record.id;
         let queue = record.message.queue.clone();
+        let Some(limit) = self.send_limit(ctx, lease_until, deadline) else {
+            tracing::debug!(queue = %queue, message_id = id, "lease nearly over; leaving the row for the next claim");
+            return Ok(Published::Skipped);
+        };
         let message = outgoing(&record);
-        let limit = deadline.map_or(self.config.send_timeout, |deadline| {
-            self.config.send_timeout.min(deadline.saturating_duration_since(Instant::now()))
-        });
         let sent = match timeout(limit, self.sink.send(&queue, message)).await {
             Ok(result) => result.map_err(|error| error_chain(&error)),
             Err(_) => Err(format!("send timed out after {limit:?}")),
@@ -227,7 +272,7 @@ impl OutboxWorker {
             Ok(()) => {
                 tracing::debug!(queue = %queue, message_id = id, aggregate = %record.message.aggregate_id, "published");
                 self.store.delete_outbox(id).await.map_err(unavailable)?;
-                Ok(true)
+                Ok(Published::Sent)
             }
             Err(error) => {
                 let attempts = u32::try_from(record.attempts).unwrap_or(u32::MAX);
@@ -241,8 +286,11 @@ impl OutboxWorker {
                     "publishing an outbox message failed; retrying later"
                 );
                 let retry_at = self.now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                self.store.fail_outbox(id, &error, retry_at).await.map_err(unavailable)?;
-                Ok(false)
+                self.store
+                    .fail_outbox(id, &self.owner, &error, retry_at)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(Published::Failed)
             }
         }
     }
@@ -311,8 +359,8 @@ impl Worker for OutboxWorker {
             if ctx.is_cancelled() {
                 break;
             }
-            // A pass is not interrupted by cancellation: it ends within the send timeout,
-            // and a row sent is always deleted.
+            // A pass is not interrupted by cancellation: once shutting down, each send
+            // ends by the drain deadline, and a row sent is always deleted.
             let pass = self.pass(&ctx, None).await?;
             self.report_backlog().await;
             ctx.progress();

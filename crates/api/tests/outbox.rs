@@ -294,3 +294,109 @@ store_test!(
     successive_messages_of_an_aggregate_go_out_without_polling_postgres,
     successive_messages_of_an_aggregate_go_out_without_polling
 );
+
+/// Milliseconds since the Unix epoch, by the system clock.
+fn epoch_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+/// A sink that checks each row is sent under a live lease, then moves the clock on by
+/// `step`, as a send that took that long would.
+struct LeaseChecker {
+    store: Store,
+    now_ms: Arc<std::sync::atomic::AtomicU64>,
+    step_ms: u64,
+    broker: InMemoryBroker,
+    violations: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl MessageSink for LeaseChecker {
+    async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), TransportError> {
+        use std::sync::atomic::Ordering;
+        let now = i64::try_from(self.now_ms.load(Ordering::SeqCst)).unwrap();
+        let id: i64 = message.message_id.as_deref().unwrap().parse().unwrap();
+        let rows = self.store.outbox_messages(100).await.unwrap();
+        let row = rows.iter().find(|r| r.id == id).unwrap();
+        if row.lease_until.is_none_or(|until| until <= now) {
+            self.violations
+                .lock()
+                .unwrap()
+                .push(format!("row {id} sent at {now} ms with lease until {:?}", row.lease_until));
+        }
+        self.now_ms.fetch_add(self.step_ms, Ordering::SeqCst);
+        self.broker.send(queue, message).await
+    }
+}
+
+/// Ensures that a row whose lease is nearly over by the time its turn comes in a pass is
+/// not sent on it: it is left for the next claim, so no send happens under a lease
+/// another worker could already have taken, and every row still goes out once.
+async fn rows_are_never_sent_on_a_spent_lease(store: &Store) {
+    use std::sync::atomic::AtomicU64;
+    for aggregate in ["a", "b", "c", "d"] {
+        write(store, aggregate, 1).await;
+    }
+    // Rows are available from their commit on, by the system clock.
+    let now_ms = Arc::new(AtomicU64::new(u64::try_from(epoch_ms() + 1_000).unwrap()));
+    let clock = {
+        let now_ms = now_ms.clone();
+        steward_api::clock::Clock::from_fn(move || {
+            now_ms.load(std::sync::atomic::Ordering::SeqCst) as f64 / 1000.0
+        })
+    };
+    let sink = Arc::new(LeaseChecker {
+        store: store.clone(),
+        now_ms,
+        step_ms: 40_000,
+        broker: InMemoryBroker::new(),
+        violations: Mutex::default(),
+    });
+    let mut config = fast().with_lease(Duration::from_secs(60));
+    config.concurrency = 1;
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor.spawn(
+        OutboxWorker::new(store.clone(), sink.clone()).with_clock(clock).with_config(config),
+    );
+    wait_for("every row sent", || sink.broker.message_count("out") == 4).await;
+    wait_for_empty_outbox(store).await;
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+    assert_eq!(*sink.violations.lock().unwrap(), Vec::<String>::new());
+    let sent = bodies_by_aggregate(&sink.broker);
+    assert_eq!(sent.values().map(Vec::len).sum::<usize>(), 4, "each row once: {sent:?}");
+}
+
+store_test!(
+    rows_are_never_sent_on_a_spent_lease_sqlite,
+    rows_are_never_sent_on_a_spent_lease_postgres,
+    rows_are_never_sent_on_a_spent_lease
+);
+
+/// Ensures that a worker whose lease ran out cannot record a failure over the claim of
+/// the worker that took the row next; the owner's own failure is recorded.
+async fn a_late_failure_does_not_undo_another_workers_claim(store: &Store) {
+    write(store, "x", 1).await;
+    let now = epoch_ms() + 1_000;
+    let first = store.claim_outbox("first", 10, now, now + 1_000).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let second = store.claim_outbox("second", 10, now + 2_000, now + 60_000).await.unwrap();
+    assert_eq!(second.len(), 1, "the lease of `first` ran out");
+    let id = second[0].id;
+    store.fail_outbox(id, "first", "late failure", 0).await.unwrap();
+    let row = store.outbox_messages(10).await.unwrap().remove(0);
+    assert_eq!(row.lease_owner.as_deref(), Some("second"));
+    assert_eq!(row.attempts, 0);
+    assert_eq!(row.last_error, None);
+    store.fail_outbox(id, "second", "broker down", 0).await.unwrap();
+    let row = store.outbox_messages(10).await.unwrap().remove(0);
+    assert_eq!(row.lease_owner, None);
+    assert_eq!(row.attempts, 1);
+    assert_eq!(row.last_error.as_deref(), Some("broker down"));
+}
+
+store_test!(
+    a_late_failure_does_not_undo_another_workers_claim_sqlite,
+    a_late_failure_does_not_undo_another_workers_claim_postgres,
+    a_late_failure_does_not_undo_another_workers_claim
+);

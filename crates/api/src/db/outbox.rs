@@ -275,8 +275,9 @@ impl Store {
         tx.commit().await
     }
 
-    /// Records a failed publish of a row: one more attempt, the error, the lease given
-    /// up, and not due again before `retry_at_ms`.
+    /// Records a failed publish of a row `owner` holds: one more attempt, the error, the
+    /// lease given up, and not due again before `retry_at_ms`. Does nothing when the
+    /// lease has passed to another worker meanwhile, so that worker's claim stands.
     ///
     /// # Errors
     ///
@@ -288,17 +289,19 @@ impl Store {
     pub async fn fail_outbox(
         &self,
         id: i64,
+        owner: &str,
         error: &str,
         retry_at_ms: i64,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
             "UPDATE outbox SET attempts = attempts + 1, last_error = $2, available_at = $3, \
-             lease_owner = NULL, lease_until = NULL WHERE id = $1",
+             lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $4",
         )
         .bind(id)
         .bind(error)
         .bind(retry_at_ms)
+        .bind(owner)
         .execute(tx.conn())
         .await?;
         tx.commit().await
