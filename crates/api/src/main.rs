@@ -91,7 +91,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let service = match Service::start(config).await {
             Ok(service) => service,
             Err(error) => {
@@ -106,9 +106,16 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(error) => {
-                eprintln!("steward-api: the HTTP server failed: {error}");
+                eprintln!(
+                    "steward-api: the HTTP server failed: {}",
+                    steward_core::error_chain(&error)
+                );
                 ExitCode::from(1)
             }
         }
-    })
+    });
+    // The shutdown already waited for what it could: do not wait on threads a handler
+    // may still be blocking.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

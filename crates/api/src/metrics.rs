@@ -24,7 +24,7 @@ pub fn install() -> Option<Arc<dyn Fn() -> String + Send + Sync>> {
         match builder.install_recorder() {
             Ok(handle) => Some(handle),
             Err(error) => {
-                tracing::warn!(error = %error, "metrics recorder not installed; /metrics stays empty");
+                tracing::warn!(error = %steward_core::error_chain(&error), "metrics recorder not installed; /metrics stays empty");
                 None
             }
         }

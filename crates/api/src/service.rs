@@ -352,19 +352,36 @@ impl Service {
             supervisor.shutdown(deadline)
         );
         if let Ok(Err(error)) = http {
-            tracing::warn!(error = %error, "the HTTP server stopped with an error");
+            tracing::warn!(error = %steward_core::error_chain(&error), "the HTTP server stopped with an error");
         }
         if report.is_clean() {
             tracing::info!(stopped = ?report.stopped, "workers stopped");
         } else {
             tracing::warn!(?report, "workers did not all stop cleanly");
         }
-        let saved_messages = save_inmem_messages(&config, &transport, &db).await;
-        db.store().close().await;
+        // What follows must not keep the process past the drain deadline plus its slack:
+        // a request still holding a connection, or a database that stopped answering.
+        let last = deadline + SHUTDOWN_SLACK;
+        let saved = tokio::time::timeout_at(last, save_inmem_messages(&config, &transport, &db));
+        let saved_messages = saved.await.unwrap_or_else(|_| {
+            tracing::error!(
+                "saving the queued in-process messages did not finish by the shutdown deadline; they are lost"
+            );
+            0
+        });
+        if tokio::time::timeout_at(last, db.store().close()).await.is_err() {
+            tracing::warn!(
+                "database connections were still in use at the shutdown deadline; exiting without waiting for them"
+            );
+        }
         tracing::info!(elapsed = ?started.elapsed(), "steward-api stopped");
         Ok(Stopped { report, saved_messages })
     }
 }
+
+/// How long past the drain deadline the shutdown may take to save what is left and close
+/// the database.
+pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(4);
 
 /// Tries the broker once at start: a refusal that needs a human stops the start; an
 /// unreachable broker does not (the workers back off until it answers).
