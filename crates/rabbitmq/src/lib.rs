@@ -86,7 +86,11 @@
 //!
 //! Every publish is `mandatory` and waits for its publisher confirm; lapin reports a
 //! message returned as unroutable as `Ack(Some(returned))`, which is a
-//! [`TransportError::NotFound`], never a success. If the copy cannot be published, the
+//! [`TransportError::NotFound`], never a success. lapin does not tie a returned message
+//! to its publish (it hands it to whichever confirm it resolves next), so each channel has
+//! at most one publish waiting for its confirm: a connection publishes on up to 8 confirm
+//! channels at once, and a channel whose confirm timed out (or whose publish was
+//! cancelled) is closed, never reused. If the copy cannot be published, the
 //! original is requeued and the error returned. If the ack after a confirmed copy fails
 //! (the connection dropped in between), both the copy and the original exist: delivery
 //! is at least once.

@@ -1,37 +1,73 @@
 //! Confirmed, mandatory publishing to a queue through the default exchange.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::timeout;
+use tracing::debug;
 
 use crate::error::Error;
 use crate::message::short;
 
-/// Publishes on a confirm-mode channel of one connection, opening a new channel when
-/// the last one was closed (a refused publish closes it).
+/// How many publishes of one connection wait for their confirms at once, at most: one
+/// per confirm channel.
+///
+/// A channel has at most one publish in flight because lapin does not tie a
+/// `basic.return` to its publish: it hands the oldest returned message to whichever
+/// confirm it resolves next, and an ack with `multiple = true` resolves the pending
+/// confirms in no particular order. With two publishes waiting on one channel, an
+/// unroutable one could be confirmed as a success and a routable one reported
+/// unroutable.
+const PUBLISH_CHANNELS: usize = 8;
+
+/// Publishes on the confirm-mode channels of one connection, one publish per channel at
+/// a time, opening a channel when its slot is empty.
+///
+/// A channel goes back to its slot only after its publish got its confirm. After a
+/// timeout, an error or a cancelled publish, the channel is dropped, which closes it:
+/// its confirm is still pending in lapin, and a late ack or return on it would be
+/// given to the next publish.
 pub(crate) struct Publisher {
     connection: Arc<Connection>,
-    channel: Mutex<Option<Channel>>,
+    slots: [Mutex<Option<Channel>>; PUBLISH_CHANNELS],
+    /// Which slot a publish waits for when all are busy (round robin).
+    next: AtomicUsize,
     confirm_timeout: Duration,
 }
 
 impl Publisher {
     pub(crate) fn new(connection: Arc<Connection>, confirm_timeout: Duration) -> Self {
-        Self { connection, channel: Mutex::new(None), confirm_timeout }
+        Self {
+            connection,
+            slots: std::array::from_fn(|_| Mutex::new(None)),
+            next: AtomicUsize::new(0),
+            confirm_timeout,
+        }
     }
 
     pub(crate) fn connection(&self) -> &Connection {
         &self.connection
     }
 
-    async fn channel(&self) -> Result<Channel, Error> {
-        let mut slot = self.channel.lock().await;
-        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
-            return Ok(channel.clone());
+    /// A free slot, or when all are busy, the next one in turn once it is free.
+    async fn slot(&self) -> MutexGuard<'_, Option<Channel>> {
+        for slot in &self.slots {
+            if let Ok(guard) = slot.try_lock() {
+                return guard;
+            }
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % PUBLISH_CHANNELS;
+        self.slots[index].lock().await
+    }
+
+    /// The slot's channel, taken out of it, or a new confirm-mode channel.
+    async fn channel(&self, slot: &mut Option<Channel>) -> Result<Channel, Error> {
+        if let Some(channel) = slot.take().filter(|c| c.status().connected()) {
+            return Ok(channel);
         }
         let channel = self
             .connection
@@ -42,7 +78,6 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|source| Error::lapin("enable publisher confirms", source))?;
-        *slot = Some(channel.clone());
         Ok(channel)
     }
 
@@ -57,7 +92,8 @@ impl Publisher {
     ///
     /// # Cancellation safety
     ///
-    /// Not cancel safe: a cancelled publish may or may not have reached the queue.
+    /// Not cancel safe: a cancelled publish may or may not have reached the queue (its
+    /// channel is closed, so it does not confuse later publishes).
     pub(crate) async fn publish(
         &self,
         queue: &str,
@@ -65,7 +101,9 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), Error> {
         let routing_key = short("queue name", queue)?;
-        let channel = self.channel().await?;
+        let mut slot = self.slot().await;
+        // Out of the slot until its confirm came: dropped (and so closed) otherwise.
+        let channel = self.channel(&mut slot).await?;
         let options = BasicPublishOptions { mandatory: true, immediate: false };
         let published = async {
             channel
@@ -77,11 +115,18 @@ impl Publisher {
                     Error::lapin(format!("confirm of a publish to queue {queue}"), source)
                 })
         };
-        let confirmation =
-            timeout(self.confirm_timeout, published).await.map_err(|_| Error::Timeout {
-                what: format!("waiting for the confirm of a publish to queue {queue}"),
-                after: self.confirm_timeout,
-            })??;
+        let confirmation = match timeout(self.confirm_timeout, published).await {
+            Ok(confirmation) => confirmation?,
+            Err(_) => {
+                debug!(queue, channel = channel.id(), "closing a channel whose confirm timed out");
+                return Err(Error::Timeout {
+                    what: format!("waiting for the confirm of a publish to queue {queue}"),
+                    after: self.confirm_timeout,
+                });
+            }
+        };
+        // The confirm came: nothing of this publish is pending on the channel any more.
+        *slot = Some(channel);
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(Error::Unroutable {

@@ -251,3 +251,49 @@ async fn sink_reconnects_after_its_connection_is_closed() {
     assert_eq!(ids.first().map(String::as_str), Some("before"));
     assert_eq!(ids.last().map(String::as_str), Some("b"));
 }
+
+/// Ensures that concurrent sends through one sink, half of them to a queue that does
+/// not exist, each get their own result, even when the broker coalesces its publisher
+/// confirms (a proxy acks every batch with one `multiple = true` ack): every send to
+/// the missing queue is `NotFound`, every other one succeeds and arrives. lapin hands a
+/// returned message to whichever confirm it resolves next, so publishes waiting on one
+/// confirm channel together would swap results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sends_to_existing_and_missing_queues_each_get_their_own_result() {
+    require_broker!("concurrent_sends_to_existing_and_missing_queues_each_get_their_own_result");
+    const ROUNDS: usize = 10;
+    const SENDS: usize = 32;
+    let queue = support::TestQueue::declare("steward-mixed", |b| b).await;
+    let missing = steward_core::testkit::unique_name("steward-mixed-missing");
+    let proxy = support::CoalescingProxy::start().await;
+    let rabbit = support::builder().with_url(proxy.url()).build().unwrap();
+    let sink = rabbit.sink();
+    let mut delivered = 0;
+    for round in 0..ROUNDS {
+        let sends = (0..SENDS).map(|i| {
+            let target = if i % 2 == 0 { &queue.name } else { &missing };
+            let message = OutgoingMessage::new("x").with_message_id(format!("m-{round}-{i}"));
+            let sink = &sink;
+            async move { (target, sink.send(target, message).await) }
+        });
+        for (target, result) in futures::future::join_all(sends).await {
+            if *target == missing {
+                let error = result.expect_err("a send to the missing queue succeeded");
+                assert_eq!(
+                    error.kind(),
+                    ErrorKind::NotFound,
+                    "{}",
+                    steward_core::error_chain(&error)
+                );
+            } else {
+                result.unwrap_or_else(|e| {
+                    panic!("a send to an existing queue failed: {}", steward_core::error_chain(&e))
+                });
+                delivered += 1;
+            }
+        }
+    }
+    assert_eq!(delivered, ROUNDS * SENDS / 2);
+    let expected = u64::try_from(delivered).unwrap();
+    assert_eq!(support::wait_until_depth(&queue.name, expected, PROMPTLY).await, Some(expected));
+}

@@ -201,6 +201,68 @@ async fn silent_network_is_noticed_by_the_heartbeat() {
     again.complete().await.unwrap();
 }
 
+/// Ensures that concurrent settlements that publish copies each get their own result
+/// when the broker coalesces its publisher confirms (a proxy acks every batch with one
+/// `multiple = true` ack): with `<queue>.dlq` deleted, every dead-letter fails with
+/// `NotFound` and puts its message back, every delayed abandon succeeds, and every
+/// message comes back. Were the copies to share a confirm channel, a dead-letter copy
+/// could be confirmed as sent (and its message lost) while a delay copy failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_dead_letters_and_delays_each_get_their_own_result() {
+    require_broker!("concurrent_dead_letters_and_delays_each_get_their_own_result");
+    const TOTAL: usize = 32;
+    let test_queue = support::TestQueue::declare("steward-fault-mixed", |b| b).await;
+    let queue = test_queue.name.clone();
+    let sink = test_queue.rabbit.sink();
+    for i in 0..TOTAL {
+        sink.send(&queue, OutgoingMessage::new("x").with_message_id(format!("m-{i}")))
+            .await
+            .unwrap();
+    }
+    let proxy = support::CoalescingProxy::start().await;
+    let rabbit = support::builder().with_url(proxy.url()).with_queue(&queue).build().unwrap();
+    let source = rabbit.source(&queue).await.unwrap();
+    let deliveries = receive_n(&source, TOTAL, PROMPTLY).await;
+    assert_eq!(deliveries.len(), TOTAL);
+    support::delete_queue(&steward_rabbitmq::dead_letter_queue(&queue)).await;
+
+    let settled = deliveries.into_iter().enumerate().map(|(i, delivery)| async move {
+        let id = delivery.message().id.clone();
+        let dead_letter = i % 2 == 0;
+        let result = if dead_letter {
+            delivery.dead_letter("Bad", "the dead-letter queue is gone").await
+        } else {
+            delivery.abandon(Some(Duration::from_secs(1))).await
+        };
+        (id, dead_letter, result)
+    });
+    for (id, dead_letter, result) in futures::future::join_all(settled).await {
+        if dead_letter {
+            let error = result.expect_err("a dead-letter to a missing queue succeeded");
+            assert_eq!(
+                error.kind(),
+                ErrorKind::NotFound,
+                "{id}: {}",
+                steward_core::error_chain(&error)
+            );
+        } else {
+            result.unwrap_or_else(|e| {
+                panic!("{id}: delay failed: {}", steward_core::error_chain(&e))
+            });
+        }
+    }
+
+    // The dead-lettered messages were requeued, the delayed ones come back: all of them.
+    let again = receive_n(&source, TOTAL, PROMPTLY).await;
+    let ids: HashSet<_> = again.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(ids, (0..TOTAL).map(|i| format!("m-{i}")).collect::<HashSet<_>>());
+    for delivery in again {
+        delivery.complete().await.unwrap();
+    }
+    drop(source);
+    assert_eq!(support::wait_until_empty(&queue, PROMPTLY).await, Some(0));
+}
+
 /// Ensures that a queue deleted under a running consumer surfaces as `NotFound`, as do
 /// a new consumer and a send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

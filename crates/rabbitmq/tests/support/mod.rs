@@ -206,11 +206,7 @@ impl SilentProxy {
 
     /// The broker URL through this proxy.
     pub fn url(&self) -> String {
-        let url = broker_url();
-        let (scheme, rest) = url.split_once("://").unwrap();
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let userinfo = authority.rsplit_once('@').map_or(String::new(), |(u, _)| format!("{u}@"));
-        format!("{scheme}://{userinfo}{}/{path}", self.address)
+        url_via(&self.address)
     }
 
     /// Stops forwarding, keeping the sockets open.
@@ -249,6 +245,195 @@ async fn pipe(
     // Silent: hold both halves open, forwarding nothing, until the test ends.
     let _held = (from, to);
     std::future::pending::<()>().await;
+}
+
+/// [`broker_url`] with its `host:port` replaced by `address`.
+fn url_via(address: &str) -> String {
+    let url = broker_url();
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let userinfo = authority.rsplit_once('@').map_or(String::new(), |(u, _)| format!("{u}@"));
+    format!("{scheme}://{userinfo}{address}/{path}")
+}
+
+/// A TCP proxy to the broker that coalesces publisher confirms: it holds back the
+/// `basic.ack`s of a channel until every publish the client sent on that channel so far
+/// is acked, then sends one `basic.ack` with `multiple = true` for all of them.
+/// Everything else passes through as it comes, returned (unroutable) messages at once.
+///
+/// A broker may coalesce confirms like this at any time; this proxy makes it happen
+/// every time several publishes wait on one channel, deterministically (no timers).
+pub struct CoalescingProxy {
+    /// `host:port` to connect to instead of the broker.
+    pub address: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// AMQP 0-9-1 frame types and the methods the proxy looks at: (class, method).
+mod amqp {
+    pub const METHOD_FRAME: u8 = 1;
+    pub const CHANNEL_OPEN: (u16, u16) = (20, 10);
+    pub const BASIC_PUBLISH: (u16, u16) = (60, 40);
+    pub const BASIC_RETURN: (u16, u16) = (60, 50);
+    pub const BASIC_ACK: (u16, u16) = (60, 80);
+    pub const FRAME_END: u8 = 0xCE;
+}
+
+/// One AMQP frame: type, channel, payload (as read, header and frame end included).
+struct Frame(Vec<u8>);
+
+impl Frame {
+    async fn read(from: &mut tokio::net::tcp::OwnedReadHalf) -> Option<Self> {
+        use tokio::io::AsyncReadExt;
+        let mut bytes = vec![0u8; 7];
+        from.read_exact(&mut bytes).await.ok()?;
+        let size = u32::from_be_bytes([bytes[3], bytes[4], bytes[5], bytes[6]]) as usize;
+        bytes.resize(7 + size + 1, 0);
+        from.read_exact(&mut bytes[7..]).await.ok()?;
+        Some(Self(bytes))
+    }
+
+    fn channel(&self) -> u16 {
+        u16::from_be_bytes([self.0[1], self.0[2]])
+    }
+
+    /// (class, method) of a method frame.
+    fn method(&self) -> Option<(u16, u16)> {
+        (self.0[0] == amqp::METHOD_FRAME && self.0.len() >= 12).then(|| {
+            let class = u16::from_be_bytes([self.0[7], self.0[8]]);
+            let method = u16::from_be_bytes([self.0[9], self.0[10]]);
+            (class, method)
+        })
+    }
+
+    /// The delivery tag of a `basic.ack`.
+    fn ack_tag(&self) -> u64 {
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&self.0[11..19]);
+        u64::from_be_bytes(tag)
+    }
+
+    /// A `basic.ack` of every publish up to `tag` on `channel`.
+    fn ack_multiple(channel: u16, tag: u64) -> Self {
+        let mut bytes = vec![amqp::METHOD_FRAME];
+        bytes.extend_from_slice(&channel.to_be_bytes());
+        bytes.extend_from_slice(&13u32.to_be_bytes());
+        bytes.extend_from_slice(&amqp::BASIC_ACK.0.to_be_bytes());
+        bytes.extend_from_slice(&amqp::BASIC_ACK.1.to_be_bytes());
+        bytes.extend_from_slice(&tag.to_be_bytes());
+        bytes.push(1); // multiple
+        bytes.push(amqp::FRAME_END);
+        Self(bytes)
+    }
+}
+
+type Published = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u16, u64>>>;
+
+impl CoalescingProxy {
+    /// Starts a proxy in front of the broker of [`broker_url`].
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let upstream = broker_address();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                // Frames are forwarded one by one: do not let Nagle hold them back.
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let published = Published::default();
+                tokio::spawn(count_publishes(client_read, server_write, published.clone()));
+                tokio::spawn(coalesce_acks(server_read, client_write, published));
+            }
+        });
+        Self { address, task }
+    }
+
+    /// The broker URL through this proxy.
+    pub fn url(&self) -> String {
+        url_via(&self.address)
+    }
+}
+
+impl Drop for CoalescingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Client to broker: forwards everything, counting the publishes of each channel (a
+/// publish is counted before the broker can see it, so before it can be acked).
+async fn count_publishes(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    published: Published,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut protocol_header = [0u8; 8];
+    if from.read_exact(&mut protocol_header).await.is_err()
+        || to.write_all(&protocol_header).await.is_err()
+    {
+        return;
+    }
+    while let Some(frame) = Frame::read(&mut from).await {
+        match frame.method() {
+            Some(amqp::CHANNEL_OPEN) => {
+                published.lock().unwrap().insert(frame.channel(), 0);
+            }
+            Some(amqp::BASIC_PUBLISH) => {
+                *published.lock().unwrap().entry(frame.channel()).or_default() += 1;
+            }
+            _ => {}
+        }
+        if to.write_all(&frame.0).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Broker to client: holds a channel's acks until all its publishes so far are acked,
+/// then sends one ack with `multiple = true`; a returned message passes at once, any
+/// other frame of the channel first releases the acks held for it.
+async fn coalesce_acks(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    published: Published,
+) {
+    use tokio::io::AsyncWriteExt;
+    const CONTENT_HEADER: u8 = 2;
+    const CONTENT_BODY: u8 = 3;
+    let mut held: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
+    while let Some(frame) = Frame::read(&mut from).await {
+        let channel = frame.channel();
+        let mut out = Vec::new();
+        match frame.method() {
+            Some(amqp::BASIC_ACK) => {
+                let tag = held.get(&channel).copied().unwrap_or(0).max(frame.ack_tag());
+                let sent = published.lock().unwrap().get(&channel).copied().unwrap_or(0);
+                if tag >= sent {
+                    held.remove(&channel);
+                    out.push(Frame::ack_multiple(channel, tag));
+                } else {
+                    held.insert(channel, tag);
+                }
+            }
+            Some(amqp::BASIC_RETURN) => out.push(frame),
+            _ if matches!(frame.0[0], CONTENT_HEADER | CONTENT_BODY) => out.push(frame),
+            _ => {
+                if let Some(tag) = held.remove(&channel) {
+                    out.push(Frame::ack_multiple(channel, tag));
+                }
+                out.push(frame);
+            }
+        }
+        for frame in out {
+            if to.write_all(&frame.0).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// `host:port` of the broker of [`broker_url`].
