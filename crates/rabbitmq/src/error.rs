@@ -27,6 +27,14 @@ pub(crate) enum Error {
         #[source]
         source: Box<lapin::Error>,
     },
+    /// The consumer's own channel or connection ended with `source`: closed by the
+    /// broker (say, over `consumer_timeout`), by an operator or by the network.
+    #[error("{context}")]
+    ConsumerEnded {
+        context: String,
+        #[source]
+        source: Box<lapin::Error>,
+    },
     /// A declare met an existing queue with other arguments.
     #[error(
         "queue {queue} exists with a different {argument} (inequivalent arg); delete the \
@@ -65,10 +73,21 @@ impl Error {
         Self::Lapin { context: context.into(), source: Box::new(source) }
     }
 
+    /// The consumer's channel or connection ended with `source` while doing `context`.
+    pub(crate) fn consumer_ended(context: impl Into<String>, source: lapin::Error) -> Self {
+        Self::ConsumerEnded { context: context.into(), source: Box::new(source) }
+    }
+
     /// The kind of [`TransportError`] this error becomes.
     pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             Self::Lapin { source, .. } => lapin_kind(source),
+            // Whatever the reply code (a consumer_timeout is 406 PRECONDITION_FAILED), a
+            // closed channel is fixed by a new consumer, unless it was refused or is gone.
+            Self::ConsumerEnded { source, .. } => match lapin_kind(source) {
+                kind @ (ErrorKind::Auth | ErrorKind::NotFound) => kind,
+                _ => ErrorKind::Connection,
+            },
             Self::InequivalentArgument { .. } | Self::TooLong { .. } => ErrorKind::Protocol,
             Self::Unroutable { .. } => ErrorKind::NotFound,
             Self::Nacked { .. } | Self::ConsumerCancelled { .. } => ErrorKind::Connection,
@@ -90,13 +109,15 @@ impl From<Error> for TransportError {
             Error::ChannelGone { ref message_id } => {
                 TransportError::lock_lost(message_id.clone()).with_source(error)
             }
-            Error::Lapin { context, source } if kind == ErrorKind::NotFound => {
+            Error::Lapin { context, source } | Error::ConsumerEnded { context, source }
+                if kind == ErrorKind::NotFound =>
+            {
                 let text = reply_text(&source).unwrap_or_default();
                 let entity = quoted_after(&text, "queue '")
                     .map_or(context, |queue| format!("queue {queue}"));
                 TransportError::not_found(entity).with_source(source)
             }
-            Error::Lapin { context, source } => {
+            Error::Lapin { context, source } | Error::ConsumerEnded { context, source } => {
                 TransportError::new(kind, context).with_source(source)
             }
             Error::InequivalentArgument { source, .. } => {
@@ -212,6 +233,52 @@ mod tests {
         assert!(TransportError::from(Error::lapin("receive", heartbeat)).is_retryable());
         let timeout = Error::Timeout { what: "waiting".into(), after: Duration::from_secs(1) };
         assert_eq!(TransportError::from(timeout).kind(), ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn a_consumer_channel_closed_by_the_broker_is_retryable_unless_refused_or_gone() {
+        let timed_out = || {
+            protocol(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. \
+                 Timeout value used: 1800000 ms",
+            )
+        };
+        let err = TransportError::from(Error::consumer_ended("receive from queue q", timed_out()));
+        assert_eq!(err.kind(), ErrorKind::Connection);
+        assert!(err.is_retryable());
+        let chain = steward_core::error_chain(&err);
+        assert!(chain.contains("receive from queue q") && chain.contains("timed out"), "{chain}");
+        // The same reply to anything but the consumer's own channel is a refusal.
+        assert_eq!(
+            TransportError::from(Error::lapin("declare", timed_out())).kind(),
+            ErrorKind::Protocol
+        );
+
+        let unexpected = protocol(
+            AMQPErrorKind::Hard(AMQPHardError::UNEXPECTEDFRAME),
+            "UNEXPECTED_FRAME - expected content header",
+        );
+        let err = TransportError::from(Error::consumer_ended("receive from queue q", unexpected));
+        assert_eq!(err.kind(), ErrorKind::Connection);
+        let io: lapin::Error = std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
+        let err = TransportError::from(Error::consumer_ended("receive from queue q", io));
+        assert_eq!(err.kind(), ErrorKind::Connection);
+
+        let refused = protocol(
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+            "ACCESS_REFUSED - access to queue 'q' in vhost '/' refused for user 'u'",
+        );
+        let err = TransportError::from(Error::consumer_ended("receive from queue q", refused));
+        assert_eq!(err.kind(), ErrorKind::Auth);
+        assert!(!err.is_retryable());
+        let missing = protocol(
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+            "NOT_FOUND - no queue 'q' in vhost '/'",
+        );
+        let err = TransportError::from(Error::consumer_ended("receive from queue q", missing));
+        assert_eq!(err.to_string(), "not found: queue q");
+        assert!(!err.is_retryable());
     }
 
     #[test]

@@ -118,9 +118,11 @@
 //! - Publishes and cancels wait at most the confirm timeout (30 s), connects at most the
 //!   connect timeout (10 s): nothing hangs.
 //! - RabbitMQ's `consumer_timeout` (30 min by default) closes the channel of a delivery
-//!   held longer than that without an ack: a handler that runs longer loses its
-//!   delivery (`LockLost`) and the message is redelivered. Raise `consumer_timeout` on
-//!   the broker for longer handlers.
+//!   held longer than that without an ack (`406 PRECONDITION_FAILED`): like any closed
+//!   consumer channel, `receive` fails with a retryable [`TransportError::Connection`]
+//!   (only a refusal, `Auth`, or a missing queue, `NotFound`, is not), and a handler that
+//!   runs longer loses its delivery (`LockLost`); the message is redelivered. Raise
+//!   `consumer_timeout` on the broker for longer handlers.
 //!
 //! # Capabilities and conformance
 //!

@@ -158,7 +158,7 @@ impl RabbitMqSource {
         let queue = &self.shared.queue;
         match ended {
             Ended::Failed(error) => {
-                Error::lapin(format!("receive from queue {queue}"), error.clone()).into()
+                Error::consumer_ended(format!("receive from queue {queue}"), error.clone()).into()
             }
             Ended::Cancelled | Ended::Stopped => match self.check_queue().await {
                 Err(error) => error,
