@@ -82,7 +82,9 @@
 //!   bucket, at most 10 min), and once the broker confirmed it, the original is acked;
 //! - dead-letter: a copy with the original properties and headers plus
 //!   `x-steward-dead-letter-reason` and `x-steward-dead-letter-description` goes to
-//!   `<queue>.dlq`, confirmed, then the original is acked.
+//!   `<queue>.dlq`, confirmed, then the original is acked;
+//! - both copies drop the per-message TTL (`expiration`), so a dead letter does not
+//!   expire and a delay copy does not come back before its bucket's time.
 //!
 //! Every publish is `mandatory` and waits for its publisher confirm; lapin reports a
 //! message returned as unroutable as `Ack(Some(returned))`, which is a

@@ -159,10 +159,40 @@ pub(crate) fn to_message(properties: &BasicProperties, body: Bytes) -> Message {
     message
 }
 
+/// `properties` without the per-message TTL (`expiration`), every other field kept.
+fn without_expiration(properties: &BasicProperties) -> BasicProperties {
+    let mut copy = BasicProperties::default();
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {$(
+            if let Some(value) = properties.$get() {
+                copy = copy.$set(value.clone());
+            }
+        )*};
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        user_id => with_user_id,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    copy
+}
+
 /// The properties of a copy of a received message, republished by the transport (to a
 /// delay bucket or the dead-letter queue): the original properties and headers, the
 /// message id made explicit, the broker's counters dropped, the deliveries so far in
-/// [`DELIVERY_COUNT_HEADER`], and `extra` headers on top.
+/// [`DELIVERY_COUNT_HEADER`], and `extra` headers on top. The per-message TTL
+/// (`expiration`) is dropped: a dead letter must wait for an operator, not expire, and a
+/// delay copy must wait its bucket's time, not come back early.
 pub(crate) fn republish_properties(
     original: &BasicProperties,
     message_id: &str,
@@ -184,8 +214,7 @@ pub(crate) fn republish_properties(
     for (key, value) in extra {
         headers.insert(short("header", key)?, AMQPValue::LongString(LongString::from(*value)));
     }
-    Ok(original
-        .clone()
+    Ok(without_expiration(original)
         .with_delivery_mode(PERSISTENT)
         .with_message_id(short("message id", message_id)?)
         .with_headers(headers))
@@ -301,6 +330,35 @@ mod tests {
         assert_eq!(header_string(&copy, "x-delivery-count"), None);
         assert_eq!(copy.message_id().as_ref().map(ShortString::as_str), Some(message.id.as_str()));
         // Delivered again from the queue for the first time: 2 before, plus this one.
+        assert_eq!(delivery_count(&copy), 3);
+    }
+
+    #[test]
+    fn republished_copy_drops_the_expiration_and_keeps_every_other_field() {
+        let all_but_expiration = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("identity".into())
+            .with_headers(FieldTable::default())
+            .with_delivery_mode(1)
+            .with_priority(3)
+            .with_correlation_id("c-1".into())
+            .with_reply_to("replies".into())
+            .with_message_id("m-1".into())
+            .with_timestamp(1_700_000_000)
+            .with_type("event".into())
+            .with_user_id("guest".into())
+            .with_app_id("app".into())
+            .with_cluster_id("cluster".into());
+        let original = all_but_expiration.clone().with_expiration("60000".into());
+        assert_eq!(without_expiration(&original), all_but_expiration);
+
+        let copy = republish_properties(&original, "m-1", 2, &[]).unwrap();
+        assert_eq!(copy.expiration(), &None);
+        assert_eq!(copy.reply_to().as_ref().map(ShortString::as_str), Some("replies"));
+        assert_eq!(copy.priority(), &Some(3));
+        assert_eq!(copy.timestamp(), &Some(1_700_000_000));
+        assert_eq!(copy.app_id().as_ref().map(ShortString::as_str), Some("app"));
+        assert_eq!(copy.delivery_mode(), &Some(PERSISTENT));
         assert_eq!(delivery_count(&copy), 3);
     }
 

@@ -11,9 +11,11 @@ mod support;
 
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use steward_core::{Delivery, ErrorKind, MessageSink, MessageSource, OutgoingMessage};
 use steward_rabbitmq::{
     BROKER_DELIVERY_LIMIT_REASON, RabbitMqSource, dead_letter_queue, delay_queue,
@@ -296,4 +298,44 @@ async fn concurrent_sends_to_existing_and_missing_queues_each_get_their_own_resu
     assert_eq!(delivered, ROUNDS * SENDS / 2);
     let expected = u64::try_from(delivered).unwrap();
     assert_eq!(support::wait_until_depth(&queue.name, expected, PROMPTLY).await, Some(expected));
+}
+
+/// Ensures that the dead-letter copy of a message published with a per-message TTL
+/// (`expiration`) does not keep it, so it cannot expire out of `<queue>.dlq`, and keeps
+/// the other properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_copy_drops_the_message_ttl() {
+    require_broker!("dead_letter_copy_drops_the_message_ttl");
+    let queue = support::TestQueue::declare("steward-ttl", |b| b).await;
+    let connection =
+        Connection::connect(&support::broker_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let properties = BasicProperties::default()
+        .with_message_id("ttl".into())
+        .with_reply_to("replies".into())
+        .with_expiration("600000".into());
+    let options = BasicPublishOptions { mandatory: true, immediate: false };
+    let confirm = channel
+        .basic_publish("".into(), queue.name.as_str().into(), options, b"x", properties)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(confirm, lapin::Confirmation::Ack(None));
+
+    let source = queue.rabbit.source(&queue.name).await.unwrap();
+    let delivery = receive_n(&source, 1, PROMPTLY).await.pop().expect("the message arrives");
+    delivery.dead_letter("Expiring", "must stay").await.unwrap();
+    let dlq = dead_letter_queue(&queue.name);
+    let got = channel
+        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the confirmed copy is in the dead-letter queue");
+    let copy = &got.delivery.properties;
+    assert_eq!(copy.expiration(), &None);
+    assert_eq!(copy.message_id().as_ref().map(|id| id.as_str()), Some("ttl"));
+    assert_eq!(copy.reply_to().as_ref().map(|to| to.as_str()), Some("replies"));
+    connection.close(200, "done".into()).await.unwrap();
 }
