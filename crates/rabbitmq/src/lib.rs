@@ -220,7 +220,8 @@ pub struct DeadLetteredMessage {
     /// The message, with its original properties and headers.
     pub message: Message,
     /// `x-steward-dead-letter-reason`, or for a message the broker moved itself
-    /// [`BROKER_DELIVERY_LIMIT_REASON`] (delivery limit) or the broker's own reason.
+    /// [`BROKER_DELIVERY_LIMIT_REASON`] (delivery limit) or the broker's own reason for
+    /// its last death (`x-last-death-reason`, else the latest `x-death` entry).
     pub reason: String,
     /// `x-steward-dead-letter-description`, empty for messages the broker moved.
     pub description: String,

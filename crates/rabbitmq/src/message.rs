@@ -225,18 +225,24 @@ pub(crate) fn header_string(properties: &BasicProperties, key: &str) -> Option<S
     header(properties.headers().as_ref(), key).and_then(header_text)
 }
 
-/// Why the broker dead-lettered a message, from the `x-death` header of a message it
-/// moved itself (`delivery_limit`, `expired`, `rejected`, `maxlen`).
+/// Why the broker last dead-lettered a message it moved itself (`delivery_limit`,
+/// `expired`, `rejected`, `maxlen`): `x-last-death-reason`, else the reason of the most
+/// recent `x-death` entry (the first), else `x-first-death-reason`. A message can die
+/// more than once (expired in a delay bucket earlier, over the delivery limit now); the
+/// last death is why it is in the dead-letter queue.
 pub(crate) fn broker_death_reason(properties: &BasicProperties) -> Option<String> {
     let headers = properties.headers().as_ref();
-    if let Some(reason) = header(headers, "x-first-death-reason").and_then(header_text) {
-        return Some(reason);
-    }
-    let AMQPValue::FieldArray(deaths) = header(headers, "x-death")? else { return None };
-    deaths.as_slice().iter().find_map(|death| match death {
-        AMQPValue::FieldTable(table) => table.inner().get("reason").and_then(header_text),
-        _ => None,
-    })
+    let latest_death = || {
+        let AMQPValue::FieldArray(deaths) = header(headers, "x-death")? else { return None };
+        match deaths.as_slice().first()? {
+            AMQPValue::FieldTable(table) => table.inner().get("reason").and_then(header_text),
+            _ => None,
+        }
+    };
+    header(headers, "x-last-death-reason")
+        .and_then(header_text)
+        .or_else(latest_death)
+        .or_else(|| header(headers, "x-first-death-reason").and_then(header_text))
 }
 
 #[cfg(test)]
@@ -381,5 +387,27 @@ mod tests {
         )]);
         assert_eq!(broker_death_reason(&props).as_deref(), Some("delivery_limit"));
         assert_eq!(broker_death_reason(&BasicProperties::default()), None);
+    }
+
+    #[test]
+    fn broker_death_reason_prefers_the_last_death() {
+        let death = |reason: &str| {
+            let mut table = FieldTable::default();
+            table.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            AMQPValue::FieldTable(table)
+        };
+        // Most recent first: over the delivery limit now, expired in a delay bucket before.
+        let deaths = AMQPValue::FieldArray(vec![death("delivery_limit"), death("expired")].into());
+        let first = ("x-first-death-reason", AMQPValue::LongString("expired".into()));
+        let last = ("x-last-death-reason", AMQPValue::LongString("delivery_limit".into()));
+
+        let all = with_headers(&[first.clone(), last.clone(), ("x-death", deaths.clone())]);
+        assert_eq!(broker_death_reason(&all).as_deref(), Some("delivery_limit"));
+        let last_only = with_headers(&[first.clone(), last]);
+        assert_eq!(broker_death_reason(&last_only).as_deref(), Some("delivery_limit"));
+        let without_last = with_headers(&[first.clone(), ("x-death", deaths)]);
+        assert_eq!(broker_death_reason(&without_last).as_deref(), Some("delivery_limit"));
+        let first_only = with_headers(&[first]);
+        assert_eq!(broker_death_reason(&first_only).as_deref(), Some("expired"));
     }
 }
