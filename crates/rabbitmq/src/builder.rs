@@ -195,7 +195,9 @@ impl RabbitMqBuilder {
     }
 
     /// A queue this service only publishes to: it is declared (the quorum queue and
-    /// `<queue>.dlq`, no delay buckets), so a first publish does not find it missing.
+    /// `<queue>.dlq`, no delay buckets), so a first publish does not find it missing. A
+    /// source of it (a simulator consuming what the service publishes) declares its delay
+    /// buckets when it opens.
     pub fn with_publish_queue(mut self, queue: impl Into<String>) -> Self {
         self.publish_queues.push(queue.into());
         self

@@ -58,6 +58,14 @@ pub(crate) enum Error {
     /// A value does not fit the AMQP field it goes into.
     #[error("{what} is {len} bytes long; AMQP allows at most 255")]
     TooLong { what: String, len: usize },
+    /// A source was asked for a queue this transport was not configured with, so its
+    /// dead-letter queue and delay buckets were never declared.
+    #[error(
+        "queue {queue} is not configured on this transport: add it with \
+         RabbitMqBuilder::with_queue, which declares it with its dead-letter queue and \
+         delay buckets"
+    )]
+    NotConfigured { queue: String },
     /// The source's consumer was cancelled by the broker.
     #[error("the broker cancelled the consumer of queue {queue}")]
     ConsumerCancelled { queue: String },
@@ -89,7 +97,7 @@ impl Error {
                 _ => ErrorKind::Connection,
             },
             Self::InequivalentArgument { .. } | Self::TooLong { .. } => ErrorKind::Protocol,
-            Self::Unroutable { .. } => ErrorKind::NotFound,
+            Self::Unroutable { .. } | Self::NotConfigured { .. } => ErrorKind::NotFound,
             Self::Nacked { .. } | Self::ConsumerCancelled { .. } => ErrorKind::Connection,
             Self::Timeout { .. } => ErrorKind::Timeout,
             Self::ChannelGone { .. } => ErrorKind::LockLost,
@@ -105,6 +113,10 @@ impl From<Error> for TransportError {
             // NotFound and LockLost display the entity and message id themselves.
             Error::Unroutable { ref queue, .. } => {
                 TransportError::not_found(format!("queue {queue}")).with_source(error)
+            }
+            Error::NotConfigured { ref queue } => {
+                TransportError::not_found(format!("queue {queue} (not configured)"))
+                    .with_source(error)
             }
             Error::ChannelGone { ref message_id } => {
                 TransportError::lock_lost(message_id.clone()).with_source(error)

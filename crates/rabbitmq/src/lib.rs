@@ -66,7 +66,7 @@
 //! |---|---|
 //! | `<queue>` (each [`with_queue`](RabbitMqBuilder::with_queue) and [`with_publish_queue`](RabbitMqBuilder::with_publish_queue)) | quorum, `x-delivery-limit` (default 2 × `STEWARD_MAX_DELIVERIES`), dead-letters to `<queue>.dlq` at least once |
 //! | `<queue>.dlq` | quorum; dead letters wait here for an operator |
-//! | `<queue>.delay.<ms>`, for 1 s, 5 s, 30 s, 2 min, 10 min (consumed queues only) | quorum, `x-message-ttl` = the bucket, dead-letters back to `<queue>` at least once |
+//! | `<queue>.delay.<ms>`, for 1 s, 5 s, 30 s, 2 min, 10 min (consumed queues; a publish queue's once a source of it opens) | quorum, `x-message-ttl` = the bucket, dead-letters back to `<queue>` at least once |
 //!
 //! A queue that already exists with other arguments (a classic queue of the same name,
 //! another delivery limit) stops the start with a [`TransportError::Protocol`] naming
@@ -313,17 +313,26 @@ impl RabbitMq {
 
     /// A new consumer of `queue` on a connection of its own, named
     /// `<prefix> source <queue> <id>`. Declares the topology first if this transport
-    /// has not yet.
+    /// has not yet. `queue` must be configured: with
+    /// [`with_queue`](RabbitMqBuilder::with_queue), or with
+    /// [`with_publish_queue`](RabbitMqBuilder::with_publish_queue), in which case the
+    /// source declares its delay buckets once it consumes.
     ///
     /// # Errors
     ///
-    /// [`TransportError::NotFound`] when the queue does not exist;
+    /// [`TransportError::NotFound`] when the queue is not configured on this transport
+    /// (before connecting: its delayed abandons and dead letters would have nowhere to
+    /// go), or does not exist;
     /// [`TransportError::Auth`] for refused credentials; retryable connection errors.
     ///
     /// # Cancellation safety
     ///
     /// Cancel safe: a cancelled call closes the connection it opened.
     pub async fn source(&self, queue: &str) -> Result<RabbitMqSource, TransportError> {
+        let config = &self.config;
+        if !config.queues.iter().chain(&config.publish_queues).any(|known| known == queue) {
+            return Err(Error::NotConfigured { queue: queue.to_owned() }.into());
+        }
         self.ensure_topology().await?;
         RabbitMqSource::open(self, queue).await
     }
@@ -416,6 +425,35 @@ pub(crate) async fn connect(config: &Config, role: &str) -> Result<Connection, E
         Ok(Ok(connection)) => {
             tracing::debug!(connection = %name, "rabbitmq connection opened");
             Ok(connection)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_core::ErrorKind;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn source_of_an_unconfigured_queue_is_not_found_before_connecting() {
+        // Nothing listens on port 1: an attempt to connect would be a Connection error.
+        let rabbit = RabbitMqBuilder::new()
+            .with_url("amqp://guest:guest@127.0.0.1:1/%2f")
+            .with_queue("orders")
+            .with_publish_queue("invoices")
+            .build()
+            .unwrap();
+        let err = rabbit.source("payments").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert!(!err.is_retryable());
+        assert_eq!(err.to_string(), "not found: queue payments (not configured)");
+        let chain = steward_core::error_chain(&err);
+        assert!(chain.contains("RabbitMqBuilder::with_queue"), "{chain}");
+        // Configured queues, consumed or published to, get as far as connecting.
+        for queue in ["orders", "invoices"] {
+            let err = rabbit.source(queue).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Connection, "{}", steward_core::error_chain(&err));
         }
     }
 }

@@ -122,6 +122,11 @@ impl RabbitMqSource {
             )
             .await
             .map_err(|e| Error::lapin(format!("consume from queue {queue}"), e))?;
+        if !config.queues.iter().any(|consumed| consumed == queue) {
+            // Configured for publishing only: it has no delay buckets yet. Declared once
+            // the consumer started, so a deleted queue is reported, not half recreated.
+            crate::topology::declare_delay_buckets(&connection, config, queue).await?;
+        }
         debug!(queue, consumer_tag, prefetch = config.prefetch, "rabbitmq consumer started");
         let publisher = Publisher::new(connection.clone(), config.confirm_timeout);
         Ok(Self {

@@ -108,11 +108,40 @@ pub(crate) fn plan(config: &Config) -> Vec<(String, FieldTable)> {
         plan.push((queue.clone(), queue_arguments(config, queue)));
     }
     for queue in &config.queues {
-        for bucket in DELAY_BUCKETS {
-            plan.push((delay_queue(queue, bucket), delay_arguments(config, queue, bucket)));
-        }
+        plan.extend(delay_plan(config, queue));
     }
     plan
+}
+
+/// The delay buckets of `queue`, with their arguments.
+fn delay_plan(config: &Config, queue: &str) -> Vec<(String, FieldTable)> {
+    DELAY_BUCKETS
+        .into_iter()
+        .map(|bucket| (delay_queue(queue, bucket), delay_arguments(config, queue, bucket)))
+        .collect()
+}
+
+/// Declares the delay buckets of `queue`, idempotently: for a queue configured only for
+/// publishing, once a source consumes it.
+///
+/// # Errors
+///
+/// [`Error::InequivalentArgument`] naming the queue and argument when a bucket exists
+/// with other arguments; connection errors.
+pub(crate) async fn declare_delay_buckets(
+    connection: &Connection,
+    config: &Config,
+    queue: &str,
+) -> Result<(), Error> {
+    let channel = connection.create_channel().await.map_err(|source| {
+        Error::lapin(format!("open a channel to declare the delay buckets of {queue}"), source)
+    })?;
+    for (bucket, args) in delay_plan(config, queue) {
+        declare_one(&channel, &bucket, args).await?;
+    }
+    debug!(queue, "delay buckets declared for a queue consumed but configured for publishing");
+    let _ = channel.close(200, "delay buckets declared".into()).await;
+    Ok(())
 }
 
 /// Declares every queue of the configuration, idempotently, on a connection of its own.
@@ -138,15 +167,19 @@ pub(crate) async fn declare(connection: &Connection, config: &Config) -> Result<
     Ok(())
 }
 
-/// Deletes every queue of the configuration, with its messages; queues already gone are
-/// skipped.
+/// Deletes every queue of the configuration, with its messages, and the delay buckets a
+/// source declared for a publish queue; queues already gone are skipped.
 ///
 /// # Errors
 ///
 /// Connection errors; refusals other than a missing queue.
 pub(crate) async fn delete(connection: &Connection, config: &Config) -> Result<(), Error> {
     let mut channel = None;
-    for (queue, _) in plan(config).into_iter().rev() {
+    let mut queues = plan(config);
+    for queue in &config.publish_queues {
+        queues.extend(delay_plan(config, queue));
+    }
+    for (queue, _) in queues.into_iter().rev() {
         let open = match channel.take() {
             Some(open) => open,
             None => connection

@@ -339,3 +339,42 @@ async fn dead_letter_copy_drops_the_message_ttl() {
     assert_eq!(copy.reply_to().as_ref().map(|to| to.as_str()), Some("replies"));
     connection.close(200, "done".into()).await.unwrap();
 }
+
+/// Ensures that a source of a queue configured only for publishing (as a simulator
+/// consuming what the service publishes) declares that queue's delay buckets, so a
+/// delayed abandon works, and that deleting the topology removes them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_of_a_publish_queue_declares_its_delay_buckets() {
+    require_broker!("source_of_a_publish_queue_declares_its_delay_buckets");
+    let target = steward_core::testkit::unique_name("steward-publish-consumed");
+    let queue =
+        support::TestQueue::declare("steward-topology-pc", |b| b.with_publish_queue(&target)).await;
+    let declared: Vec<_> = queues_named(&target).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(declared, [target.clone(), dead_letter_queue(&target)]);
+
+    let source = queue.rabbit.source(&target).await.unwrap();
+    let mut expected: Vec<_> = [1, 5, 30, 120, 600]
+        .into_iter()
+        .map(|secs| delay_queue(&target, Duration::from_secs(secs)))
+        .chain([target.clone(), dead_letter_queue(&target)])
+        .map(|name| (name, "quorum".to_owned()))
+        .collect();
+    expected.sort();
+    assert_eq!(queues_named(&target), expected);
+
+    queue
+        .rabbit
+        .sink()
+        .send(&target, OutgoingMessage::new("x").with_message_id("d"))
+        .await
+        .unwrap();
+    let first = receive_n(&source, 1, PROMPTLY).await.pop().expect("the message arrives");
+    first.abandon(Some(Duration::from_secs(1))).await.unwrap();
+    let again = receive_n(&source, 1, PROMPTLY).await.pop().expect("the delayed message returns");
+    assert_eq!((again.message().id.as_str(), again.message().delivery_count), ("d", 2));
+    again.complete().await.unwrap();
+    drop(source);
+
+    queue.rabbit.delete_topology().await.unwrap();
+    assert_eq!(queues_named(&target), []);
+}
