@@ -15,7 +15,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
-use steward_core::{Capabilities, Delivery, MessageSource, Settle, TransportError};
+use steward_core::{Capabilities, Delivery, MessageSource, Settle, TransportError, error_chain};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout};
 use tracing::debug;
@@ -221,7 +221,8 @@ impl Shared {
         match self.ready_messages(&channel).await {
             Ok(ready) => Some((channel, ready)),
             Err(error) => {
-                debug!(queue = %self.queue, error = %error, "cannot count ready messages");
+                let error = error_chain(&error);
+                debug!(queue = %self.queue, error, "cannot count ready messages");
                 None
             }
         }
@@ -242,7 +243,8 @@ impl Shared {
                     break;
                 }
                 Err(error) => {
-                    debug!(queue = %self.queue, error = %error, "cannot count ready messages");
+                    let error = error_chain(&error);
+                    debug!(queue = %self.queue, error, "cannot count ready messages");
                     break;
                 }
             }
@@ -388,7 +390,8 @@ impl MessageSource for RabbitMqSource {
             let requeue = BasicNackOptions { multiple: false, requeue: true };
             if let Err(error) = delivery.acker.nack(requeue).await {
                 // The channel closed: the broker requeues everything it had sent anyway.
-                debug!(queue = %queue, error = %error, "requeue of a buffered message failed");
+                let error = error_chain(&error);
+                debug!(queue = %queue, error, "requeue of a buffered message failed");
             }
         }
         // A quorum queue's channel holds back settlements while more than 32 of its
@@ -474,7 +477,7 @@ impl RabbitMqSettle {
                     debug!(
                         queue = %self.shared.queue,
                         message_id = %self.message_id,
-                        error = %requeue,
+                        error = %error_chain(&requeue),
                         "requeue after a failed republish failed"
                     );
                 }
