@@ -162,6 +162,7 @@ async fn silent_network_is_noticed_by_the_heartbeat() {
     let proxy = support::SilentProxy::start().await;
     let through_proxy = support::builder()
         .with_url(proxy.url())
+        .with_queue(&queue)
         .with_heartbeat(Duration::from_secs(1))
         .build()
         .unwrap();
