@@ -12,7 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use steward_core::{
-    Backoff, Jitter, MessageSink, OutgoingMessage, Worker, WorkerContext, WorkerError, error_chain,
+    Backoff, HealthHandle, HealthSnapshot, Jitter, MessageSink, OutgoingMessage, Worker,
+    WorkerContext, WorkerError, WorkerState, error_chain,
 };
 use tokio::time::{Instant, sleep, timeout};
 
@@ -96,7 +97,10 @@ impl OutboxConfig {
 ///   backoff, with its error kept on the row.
 /// - Reports the backlog as the gauge `steward_outbox_backlog`.
 /// - On shutdown it keeps publishing until the drain deadline or an empty outbox, then
-///   gives up its leases.
+///   gives up its leases. Given the supervisor's health
+///   ([`with_producers`](Self::with_producers)), an empty outbox ends the flush only
+///   once every other worker has stopped, so rows that draining handlers commit go out
+///   before the process exits.
 /// - The database being down is a retryable error: the supervisor backs off.
 pub struct OutboxWorker {
     name: String,
@@ -105,6 +109,7 @@ pub struct OutboxWorker {
     config: OutboxConfig,
     owner: String,
     clock: Clock,
+    producers: Option<HealthHandle>,
 }
 
 impl std::fmt::Debug for OutboxWorker {
@@ -154,7 +159,17 @@ impl OutboxWorker {
             config: OutboxConfig::default(),
             owner: format!("outbox-{}", uuid::Uuid::new_v4().simple()),
             clock: Clock::system(),
+            producers: None,
         }
+    }
+
+    /// The health of the supervisor this worker runs under: on shutdown, the flush
+    /// waits for every other worker there to stop (they may still commit rows while
+    /// they drain) before its last pass, within the drain deadline.
+    #[must_use]
+    pub fn with_producers(mut self, health: HealthHandle) -> Self {
+        self.producers = Some(health);
+        self
     }
 
     /// The clock leases and retry times are read from: the system clock by default, so
@@ -304,23 +319,50 @@ impl OutboxWorker {
         }
     }
 
-    /// Publishes until the outbox is empty (of due rows) or the drain deadline passes.
+    /// Publishes until the drain deadline passes or the outbox is empty (of due rows)
+    /// with every producer stopped.
     async fn flush(&self, ctx: &WorkerContext) {
         let deadline = ctx.drain_deadline();
+        let mut producers = self.producers.as_ref().map(HealthHandle::subscribe);
+        let mut last_pass = producers.is_none();
         while Instant::now() < deadline {
             match self.pass(ctx, Some(deadline)).await {
                 Ok(pass) if pass.claimed > 0 => continue,
-                Ok(_) => break,
+                Ok(_) if last_pass => break,
+                Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), "outbox flush stopped early");
                     break;
                 }
+            }
+            let Some(watch) = producers.as_mut() else { break };
+            if self.others_stopped(&watch.borrow_and_update()) {
+                // One more pass for what they committed before they stopped.
+                last_pass = true;
+                continue;
+            }
+            tokio::select! {
+                () = self.store.outbox_written() => {}
+                changed = watch.changed() => last_pass = changed.is_err(),
+                () = sleep(self.config.poll_interval) => {}
+                () = tokio::time::sleep_until(deadline) => break,
             }
         }
         if let Err(error) = self.store.release_outbox(&self.owner).await {
             tracing::warn!(error = %error_chain(&error), "could not release outbox leases; they run out");
         }
         self.report_backlog().await;
+    }
+}
+
+impl OutboxWorker {
+    /// Whether every worker but this one has stopped, so none can commit rows any more.
+    fn others_stopped(&self, snapshot: &HealthSnapshot) -> bool {
+        snapshot
+            .workers
+            .iter()
+            .filter(|worker| worker.name != self.name)
+            .all(|worker| matches!(worker.state, WorkerState::Stopped | WorkerState::Failed))
     }
 }
 

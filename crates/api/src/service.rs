@@ -164,7 +164,10 @@ fn spawn_workers<F>(
     );
     faults.spawn(
         supervisor,
-        AfterDatabase::new(db.clone(), OutboxWorker::new(store, transport.sink())),
+        AfterDatabase::new(
+            db.clone(),
+            OutboxWorker::new(store, transport.sink()).with_producers(supervisor.health()),
+        ),
     );
 
     if config.simulate_processors() {

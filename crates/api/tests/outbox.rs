@@ -400,3 +400,54 @@ store_test!(
     a_late_failure_does_not_undo_another_workers_claim_postgres,
     a_late_failure_does_not_undo_another_workers_claim
 );
+
+/// A worker that, asked to stop, takes a moment to drain and commits one more outbox
+/// row before it returns, as a status handler finishing its message would.
+struct LateProducer {
+    store: Store,
+}
+
+#[async_trait]
+impl steward_core::Worker for LateProducer {
+    fn name(&self) -> &str {
+        "late-producer"
+    }
+
+    fn stall_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn run(&self, ctx: steward_core::WorkerContext) -> Result<(), steward_core::WorkerError> {
+        ctx.set_running();
+        ctx.cancelled().await;
+        sleep(Duration::from_millis(300)).await;
+        write(&self.store, "late", 1).await;
+        Ok(())
+    }
+}
+
+/// Ensures that on shutdown the outbox worker, given the supervisor's health, keeps
+/// flushing until the other workers have stopped, so a row they commit while draining
+/// is published before the shutdown returns.
+async fn rows_committed_while_draining_go_out_before_the_exit(store: &Store) {
+    let broker = InMemoryBroker::new();
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor.spawn(
+        OutboxWorker::new(store.clone(), Arc::new(broker.clone()))
+            .with_config(fast())
+            .with_producers(supervisor.health()),
+    );
+    supervisor.spawn(LateProducer { store: store.clone() });
+    let health = supervisor.health();
+    wait_for("workers running", || health.snapshot().is_ready()).await;
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(10)).await;
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(broker.message_count("out"), 1, "the late row was published");
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+store_test!(
+    rows_committed_while_draining_go_out_before_the_exit_sqlite,
+    rows_committed_while_draining_go_out_before_the_exit_postgres,
+    rows_committed_while_draining_go_out_before_the_exit
+);
