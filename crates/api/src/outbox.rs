@@ -198,13 +198,9 @@ impl OutboxWorker {
         millis(self.clock.now())
     }
 
-    /// Claims a batch and publishes it; sends end by `deadline` at the latest. A pass is
-    /// never cut between a successful send and the delete of its row.
-    async fn pass(
-        &self,
-        ctx: &WorkerContext,
-        deadline: Option<Instant>,
-    ) -> Result<Pass, WorkerError> {
+    /// Claims a batch and publishes it, each send bounded by [`send_limit`](Self::send_limit).
+    /// A pass is never cut between a successful send and the delete of its row.
+    async fn pass(&self, ctx: &WorkerContext) -> Result<Pass, WorkerError> {
         let now = self.now_ms();
         let lease_until = now + i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
         let claimed = self
@@ -219,7 +215,7 @@ impl OutboxWorker {
         ctx.set_in_flight(claimed.len());
         let results: Vec<Result<Published, WorkerError>> = futures::stream::iter(claimed)
             .map(|record| async {
-                let published = self.publish(ctx, record, lease_until, deadline).await;
+                let published = self.publish(ctx, record, lease_until).await;
                 ctx.progress();
                 published
             })
@@ -247,16 +243,10 @@ impl OutboxWorker {
     /// deadline once the service is shutting down, and to what is left of the lease
     /// minus a safety margin, so that no other worker can claim the row while this
     /// send may still reach the broker. `None` when too little of the lease is left.
-    fn send_limit(
-        &self,
-        ctx: &WorkerContext,
-        lease_until: i64,
-        deadline: Option<Instant>,
-    ) -> Option<Duration> {
-        let deadline = deadline.or_else(|| ctx.is_shutting_down().then(|| ctx.drain_deadline()));
+    fn send_limit(&self, ctx: &WorkerContext, lease_until: i64) -> Option<Duration> {
         let mut limit = self.config.send_timeout;
-        if let Some(deadline) = deadline {
-            limit = limit.min(deadline.saturating_duration_since(Instant::now()));
+        if ctx.is_shutting_down() {
+            limit = limit.min(ctx.drain_deadline().saturating_duration_since(Instant::now()));
         }
         let margin = i64::try_from((self.config.lease / 6).as_millis()).unwrap_or(i64::MAX);
         let lease_left = lease_until.saturating_sub(self.now_ms()).saturating_sub(margin);
@@ -270,11 +260,10 @@ impl OutboxWorker {
         ctx: &WorkerContext,
         record: OutboxRecord,
         lease_until: i64,
-        deadline: Option<Instant>,
     ) -> Result<Published, WorkerError> {
         let id = record.id;
         let queue = record.message.queue.clone();
-        let Some(limit) = self.send_limit(ctx, lease_until, deadline) else {
+        let Some(limit) = self.send_limit(ctx, lease_until) else {
             tracing::debug!(queue = %queue, message_id = id, "lease nearly over; leaving the row for the next claim");
             return Ok(Published::Skipped);
         };
@@ -319,6 +308,15 @@ impl OutboxWorker {
         }
     }
 
+    /// Whether every worker but this one has stopped, so none can commit rows any more.
+    fn others_stopped(&self, snapshot: &HealthSnapshot) -> bool {
+        snapshot
+            .workers
+            .iter()
+            .filter(|worker| worker.name != self.name)
+            .all(|worker| matches!(worker.state, WorkerState::Stopped | WorkerState::Failed))
+    }
+
     /// Publishes until the drain deadline passes or the outbox is empty (of due rows)
     /// with every producer stopped.
     async fn flush(&self, ctx: &WorkerContext) {
@@ -326,7 +324,7 @@ impl OutboxWorker {
         let mut producers = self.producers.as_ref().map(HealthHandle::subscribe);
         let mut last_pass = producers.is_none();
         while Instant::now() < deadline {
-            match self.pass(ctx, Some(deadline)).await {
+            match self.pass(ctx).await {
                 Ok(pass) if pass.claimed > 0 => continue,
                 Ok(_) if last_pass => break,
                 Ok(_) => {}
@@ -352,17 +350,6 @@ impl OutboxWorker {
             tracing::warn!(error = %error_chain(&error), "could not release outbox leases; they run out");
         }
         self.report_backlog().await;
-    }
-}
-
-impl OutboxWorker {
-    /// Whether every worker but this one has stopped, so none can commit rows any more.
-    fn others_stopped(&self, snapshot: &HealthSnapshot) -> bool {
-        snapshot
-            .workers
-            .iter()
-            .filter(|worker| worker.name != self.name)
-            .all(|worker| matches!(worker.state, WorkerState::Stopped | WorkerState::Failed))
     }
 }
 
@@ -403,7 +390,7 @@ impl Worker for OutboxWorker {
             }
             // A pass is not interrupted by cancellation: once shutting down, each send
             // ends by the drain deadline, and a row sent is always deleted.
-            let pass = self.pass(&ctx, None).await?;
+            let pass = self.pass(&ctx).await?;
             self.report_backlog().await;
             ctx.progress();
             if pass.sent > 0 {
