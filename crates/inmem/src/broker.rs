@@ -46,6 +46,7 @@ pub struct InMemoryBroker {
 
 struct Inner {
     strict: bool,
+    sessions: bool,
     default_options: QueueOptions,
     max_body_bytes: Option<usize>,
     state: Mutex<State>,
@@ -79,6 +80,7 @@ pub struct InMemoryBrokerBuilder {
     strict: bool,
     default_options: QueueOptions,
     max_body_bytes: Option<usize>,
+    without_sessions: bool,
 }
 
 impl InMemoryBrokerBuilder {
@@ -100,12 +102,23 @@ impl InMemoryBrokerBuilder {
         self
     }
 
+    /// Whether the broker keeps sessions. Default: true. Without sessions, session ids
+    /// are plain properties, as on RabbitMQ: messages of one session are handed out
+    /// concurrently and in any order, a delayed message holds nothing back, and sources
+    /// claim no [`sessions`](Capabilities::sessions) capability, so ordering is left to
+    /// the consumer.
+    pub fn with_sessions(mut self, sessions: bool) -> Self {
+        self.without_sessions = !sessions;
+        self
+    }
+
     /// Builds the broker.
     #[must_use]
     pub fn build(self) -> InMemoryBroker {
         InMemoryBroker {
             inner: Arc::new(Inner {
                 strict: self.strict,
+                sessions: !self.without_sessions,
                 default_options: self.default_options,
                 max_body_bytes: self.max_body_bytes,
                 state: Mutex::new(State::default()),
@@ -161,10 +174,15 @@ impl InMemoryBroker {
         format!("{queue}{DEAD_LETTER_SUFFIX}")
     }
 
-    /// What the broker's sources support: everything, up to the body limit.
+    /// What the broker's sources support: everything, up to the body limit, and
+    /// sessions only if the broker keeps them ([`InMemoryBrokerBuilder::with_sessions`]).
     #[must_use]
     pub fn capabilities(&self) -> Capabilities {
-        Capabilities { max_body_bytes: self.inner.max_body_bytes, ..Capabilities::all() }
+        Capabilities {
+            sessions: self.inner.sessions,
+            max_body_bytes: self.inner.max_body_bytes,
+            ..Capabilities::all()
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -178,16 +196,19 @@ impl InMemoryBroker {
     pub fn declare_queue(&self, queue: &str, options: QueueOptions) {
         let mut state = self.state();
         let dlq_options = QueueOptions { max_delivery_count: None, ..options.clone() };
+        let sessions = self.inner.sessions;
         match state.entities.get_mut(queue) {
             Some(entity) => entity.options = options,
             None => {
-                state.entities.insert(queue.to_owned(), Entity::new(options));
+                state
+                    .entities
+                    .insert(queue.to_owned(), Entity::new(options).with_sessions(sessions));
             }
         }
         state
             .entities
             .entry(Self::dead_letter_queue_name(queue))
-            .or_insert_with(|| Entity::new(dlq_options));
+            .or_insert_with(|| Entity::new(dlq_options).with_sessions(sessions));
     }
 
     /// Deletes `queue` and its dead-letter sub-queue with every message in them.
@@ -268,6 +289,12 @@ impl InMemoryBroker {
         }
     }
 
+    pub(crate) fn expire_locks(&self, queue: &str) {
+        if let Some(entity) = self.state().entities.get_mut(queue) {
+            entity.expire_locks();
+        }
+    }
+
     /// Applies latency, hangs and armed failures for one operation on `queue`.
     async fn before(&self, op: Operation, queue: &str) -> Result<(), TransportError> {
         // Every call would otherwise complete without yielding; take part in tokio's
@@ -290,7 +317,30 @@ impl InMemoryBroker {
         if hang {
             std::future::pending::<()>().await;
         }
+        self.wait_while_held(op, queue).await;
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Waits while a hang is armed for `op` on `queue`.
+    async fn wait_while_held(&self, op: Operation, queue: &str) {
+        loop {
+            let changed = {
+                let state = self.state();
+                match state.faults.get(queue) {
+                    Some(faults) if faults.is_held(op) => faults.changed.clone(),
+                    _ => return,
+                }
+            };
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            // Registered before looking again, so a change in between wakes us.
+            notified.as_mut().enable();
+            let still_held = self.state().faults.get(queue).is_some_and(|f| f.is_held(op));
+            if !still_held {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// A consumer of `queue`.
@@ -468,10 +518,11 @@ impl InMemoryBroker {
     async fn settle<T>(
         &self,
         queue: &str,
+        op: Operation,
         f: impl FnOnce(&mut Entity, Instant) -> Result<T, LockGone>,
         lock: LockRef,
     ) -> Result<T, TransportError> {
-        self.before(Operation::Settle, queue).await?;
+        self.before(op, queue).await?;
         let now = Instant::now();
         let mut state = self.state();
         let entity = state
@@ -494,8 +545,8 @@ impl InMemoryBroker {
     ///
     /// Not cancel safe once past any injected latency.
     pub async fn complete(&self, queue: &str, lock: LockRef) -> Result<(), TransportError> {
-        self.settle(queue, |e, now| e.complete(lock.sequence, lock.token, now).map(drop), lock)
-            .await
+        let complete = |e: &mut Entity, now| e.complete(lock.sequence, lock.token, now).map(drop);
+        self.settle(queue, Operation::Disposition, complete, lock).await
     }
 
     /// Releases a locked message, visible again at once or after `delay`. A message that
@@ -514,7 +565,7 @@ impl InMemoryBroker {
         lock: LockRef,
         delay: Option<Duration>,
     ) -> Result<(), TransportError> {
-        self.before(Operation::Settle, queue).await?;
+        self.before(Operation::Disposition, queue).await?;
         let now = Instant::now();
         let mut state = self.state();
         let entity = state
@@ -560,7 +611,7 @@ impl InMemoryBroker {
         reason: &str,
         description: &str,
     ) -> Result<(), TransportError> {
-        self.before(Operation::Settle, queue).await?;
+        self.before(Operation::Disposition, queue).await?;
         let now = Instant::now();
         let mut state = self.state();
         let entity = state
@@ -584,7 +635,8 @@ impl InMemoryBroker {
     ///
     /// Cancel safe.
     pub async fn renew_lock(&self, queue: &str, lock: LockRef) -> Result<Instant, TransportError> {
-        self.settle(queue, |e, now| e.renew(lock.sequence, lock.token, now), lock).await
+        let renew = |e: &mut Entity, now| e.renew(lock.sequence, lock.token, now);
+        self.settle(queue, Operation::Renew, renew, lock).await
     }
 
     /// Receives and removes up to `max` messages without locking them, waiting at most
@@ -637,6 +689,14 @@ impl InMemoryBroker {
         let mut state = self.state();
         let Some(entity) = state.entities.get_mut(queue) else { return Vec::new() };
         entity.take_all().into_iter().map(|stored| stored.message).collect()
+    }
+
+    /// The ids of the messages of `queue` that are locked right now, oldest first: for
+    /// checking that a consumer released what it held.
+    #[must_use]
+    pub fn locked_message_ids(&self, queue: &str) -> Vec<String> {
+        let now = Instant::now();
+        self.state().entities.get(queue).map(|e| e.locked_ids(now)).unwrap_or_default()
     }
 
     /// How many messages `queue` holds: available, locked and delayed.

@@ -104,6 +104,8 @@ pub(crate) struct Entity {
     next_sequence: u64,
     pub(crate) generation: u64,
     pub(crate) notify: Arc<Notify>,
+    /// Whether messages with a session id go out one at a time per session.
+    sessions: bool,
 }
 
 impl Entity {
@@ -114,7 +116,14 @@ impl Entity {
             next_sequence: 1,
             generation: 0,
             notify: Arc::new(Notify::new()),
+            sessions: true,
         }
+    }
+
+    /// Sets whether session ids order delivery (they do by default).
+    pub(crate) fn with_sessions(mut self, sessions: bool) -> Self {
+        self.sessions = sessions;
+        self
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -173,8 +182,8 @@ impl Entity {
                 .lock
                 .is_some_and(|lock| lock.until > now && lock.generation == current_generation);
             let is_head = match &stored.message.session_id {
-                Some(session) => seen_sessions.insert(session.clone()),
-                None => true,
+                Some(session) if self.sessions => seen_sessions.insert(session.clone()),
+                _ => true,
             };
             if !is_head || held || stored.visible_at > now {
                 continue;
@@ -317,6 +326,23 @@ impl Entity {
             stored.lock = None;
         }
         self.notify.notify_waiters();
+    }
+
+    /// Ends every lock now, as if each had expired.
+    pub(crate) fn expire_locks(&mut self) {
+        for stored in self.messages.values_mut() {
+            stored.lock = None;
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// The ids of the messages locked at `now`, in sequence order.
+    pub(crate) fn locked_ids(&self, now: Instant) -> Vec<String> {
+        self.messages
+            .values()
+            .filter(|s| s.lock.is_some_and(|lock| self.lock_is_held(&lock, now)))
+            .map(|s| s.message.id.clone())
+            .collect()
     }
 
     /// Removes a held message for dead-lettering.
