@@ -6,6 +6,9 @@
 //! - `cargo xtask bench`: the benchmarks, built in release. Each reports a value and a
 //!   baseline measured in the same process run, and their ratio, so results compare
 //!   across noisy machines. Writes `target/bench/report.json` and `report.md`.
+//! - `cargo xtask sim [--seeds N] [--from N]`: the deterministic simulation
+//!   (`crates/sim`), built in release with tokio's RNG seeded per seed;
+//!   `STEWARD_SIM_SEED=<n>` replays one seed with its whole trace.
 
 use std::env;
 use std::process::{Command, ExitCode};
@@ -18,9 +21,10 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(),
+        Some("sim") => sim(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, examples"
+                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, examples\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
             );
             Ok(())
         }
@@ -219,5 +223,44 @@ fn bench() -> Result<()> {
     }
     std::fs::write(dir.join("report.md"), &table)?;
     println!("\n{table}\nwritten to {}", dir.display());
+    Ok(())
+}
+
+/// Builds the simulation in release and runs it with `args`.
+///
+/// It is built with `--cfg tokio_unstable`, which lets each seed also seed tokio's own
+/// RNG (the order `select!` polls its branches in), into its own target directory so the
+/// flag does not invalidate the workspace's other builds.
+fn sim(args: &[String]) -> Result<()> {
+    let cargo_bin = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives inside the workspace")?;
+    let target = root.join("target").join("sim");
+    let rustflags = match env::var("RUSTFLAGS") {
+        Ok(flags) if !flags.trim().is_empty() => format!("{flags} --cfg tokio_unstable"),
+        _ => "--cfg tokio_unstable".to_owned(),
+    };
+    println!("==> cargo build --release -p steward-sim (RUSTFLAGS={rustflags:?})");
+    let started = Instant::now();
+    let status = Command::new(&cargo_bin)
+        .args(["build", "--quiet", "--release", "-p", "steward-sim"])
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", &rustflags)
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .with_context(|| format!("could not run {cargo_bin}"))?;
+    if !status.success() {
+        bail!("building the simulation failed: {status}");
+    }
+    println!("<== built in {:.0?}", started.elapsed());
+    let binary = target.join("release").join("steward-sim");
+    let status = Command::new(&binary)
+        .args(args)
+        .status()
+        .with_context(|| format!("could not run {}", binary.display()))?;
+    if !status.success() {
+        bail!("the simulation failed ({status}); each failing seed is printed above");
+    }
     Ok(())
 }
