@@ -469,8 +469,9 @@ fn deadlines(
     }
     let from = began.saturating_duration_since(seen.start);
     let to = returned.saturating_duration_since(seen.start);
-    let silent =
-        [FaultKind::HangDispositions, FaultKind::FailDispositions, FaultKind::HangRenewals];
+    // Abandons are dispositions: while those fail or hang, the transport does not answer
+    // what the drain needs. Hung renewals do not excuse it: the drain must not wait on them.
+    let silent = [FaultKind::HangDispositions, FaultKind::FailDispositions];
     // A broker call slower than a tenth of the whole shutdown does not answer within any
     // timeout such a shutdown can give it.
     let slow = scenario.faults.iter().any(|f| {

@@ -56,19 +56,7 @@ impl SeedReport {
     pub fn summary(&self, lines: usize) -> String {
         let mut out = String::new();
         let s = &self.scenario;
-        let _ = writeln!(
-            out,
-            "seed {} ({}; broker sessions: {}; lock {:?}; wait {:?}; batch {}; concurrency {}; {} messages; {} faults) broke:",
-            s.seed,
-            s.family.as_str(),
-            s.broker_sessions,
-            s.lock,
-            s.settings.wait,
-            s.settings.batch_size,
-            s.settings.concurrency,
-            s.messages.len(),
-            s.faults.len()
-        );
+        let _ = writeln!(out, "{} broke:", s.describe());
         let mut involved: Vec<&str> = Vec::new();
         for violation in &self.violations {
             let _ = writeln!(out, "  {}: {}", violation.invariant, violation.detail);

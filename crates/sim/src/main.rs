@@ -59,6 +59,7 @@ fn main() -> ExitCode {
     quiet_scripted_panics();
     if let Some(seed) = args.replay {
         let report = run_seed(seed);
+        println!("{}", report.scenario.describe());
         for line in &report.trace {
             println!("{line}");
         }

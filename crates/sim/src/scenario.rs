@@ -266,6 +266,24 @@ impl Scenario {
         }
     }
 
+    /// One line naming the scenario's family and settings.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let s = &self.settings;
+        format!(
+            "seed {} ({}; broker sessions: {}; lock {:?}; wait {:?}; batch {}; concurrency {}; {} messages; {} faults)",
+            self.seed,
+            self.family.as_str(),
+            self.broker_sessions,
+            self.lock,
+            s.wait,
+            s.batch_size,
+            s.concurrency,
+            self.messages.len(),
+            self.faults.len()
+        )
+    }
+
     /// Whether anything in the scenario may legitimately stop the worker's progress for
     /// longer than its stall timeout: a hang of the transport or of a handler.
     #[must_use]

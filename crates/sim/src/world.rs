@@ -195,6 +195,9 @@ pub enum Sabotage {
     /// The source expires every lock once, unrecorded, right after the first receive
     /// that returned messages: unexplained redeliveries and lost locks.
     ExpireLocksSilently,
+    /// The source expires every lock right after every receive that returned messages:
+    /// the Updater receives the same messages again and again without time passing.
+    ExpireLocksAlways,
 }
 
 #[async_trait]
@@ -269,9 +272,14 @@ impl MessageSource for SimSource {
         let keys = out.iter().map(|d| key(d.message())).collect();
         let until = out.iter().map(Delivery::locked_until).collect();
         self.log.push(Event::Received { keys, until });
-        if self.sabotage == Some(Sabotage::ExpireLocksSilently)
-            && self.sabotaged.fetch_add(1, Ordering::Relaxed) == 0
-        {
+        let expire = match self.sabotage {
+            Some(Sabotage::ExpireLocksSilently) => {
+                self.sabotaged.fetch_add(1, Ordering::Relaxed) == 0
+            }
+            Some(Sabotage::ExpireLocksAlways) => true,
+            _ => false,
+        };
+        if expire {
             self.broker.faults(QUEUE).expire_locks();
         }
         Ok(out

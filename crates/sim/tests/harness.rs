@@ -97,6 +97,18 @@ fn silent_lock_loss_is_caught() {
     assert!(broke(Invariant::DuplicatesExplained), "{}", report.summary(40));
 }
 
+/// Ensures that a schedule spinning without time passing ends the seed as a livelock
+/// instead of hanging the simulation.
+#[test]
+fn a_livelock_ends_the_seed() {
+    let mut scenario = benign(false);
+    scenario.messages.truncate(1);
+    scenario.messages[0].script = vec![Step::Slow(scenario.lock * 2)];
+    let report = run_scenario(scenario, Some(Sabotage::ExpireLocksAlways));
+    assert_eq!(report.violations.len(), 1, "{}", report.summary(10));
+    assert_eq!(report.violations[0].invariant, Invariant::Livelock);
+}
+
 /// Ensures that a failure report names the seed and how to replay it.
 #[test]
 fn a_failure_report_names_its_seed() {
