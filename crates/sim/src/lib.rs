@@ -245,6 +245,7 @@ async fn simulate(
         fatal: scenario.family == Family::FatalConnect,
         attempts: AtomicU32::new(0),
         sabotage,
+        local_delays: scenario.local_delays,
     };
     let handler = SimHandler {
         scripts: scenario.messages.iter().map(|m| (m.id.clone(), m.script.clone())).collect(),

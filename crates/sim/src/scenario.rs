@@ -190,6 +190,9 @@ pub struct Scenario {
     /// Hung-receive family: when receives start to hang for good. Connect families:
     /// how long connects fail.
     pub outage_at: Duration,
+    /// The source claims no delayed abandon, so the Updater holds delayed retries
+    /// itself (as on a transport without delays).
+    pub local_delays: bool,
 }
 
 fn millis(rng: &mut SmallRng, from: u64, to: u64) -> Duration {
@@ -251,6 +254,8 @@ impl Scenario {
             Family::RefusedConnect => millis(&mut rng, 600_000, 7_200_000),
             Family::Mixed | Family::FatalConnect => Duration::ZERO,
         };
+        // Drawn last, so adding it left every earlier draw of a seed as it was.
+        let local_delays = rng.random_bool(0.25);
         Self {
             seed,
             family,
@@ -263,6 +268,7 @@ impl Scenario {
             shutdown_at,
             shutdown_within,
             outage_at,
+            local_delays,
         }
     }
 
@@ -271,10 +277,11 @@ impl Scenario {
     pub fn describe(&self) -> String {
         let s = &self.settings;
         format!(
-            "seed {} ({}; broker sessions: {}; lock {:?}; wait {:?}; batch {}; concurrency {}; {} messages; {} faults)",
+            "seed {} ({}; broker sessions: {}; local delays: {}; lock {:?}; wait {:?}; batch {}; concurrency {}; {} messages; {} faults)",
             self.seed,
             self.family.as_str(),
             self.broker_sessions,
+            self.local_delays,
             self.lock,
             s.wait,
             s.batch_size,

@@ -184,6 +184,8 @@ pub(crate) struct SimConnect {
     pub(crate) attempts: AtomicU32,
     /// A deliberately broken transport, to show the checks catch it.
     pub(crate) sabotage: Option<Sabotage>,
+    /// The sources claim no delayed abandon.
+    pub(crate) local_delays: bool,
 }
 
 /// A deliberately broken piece, to prove the checks catch what it breaks.
@@ -224,6 +226,7 @@ impl Connect for SimConnect {
             log: self.log.clone(),
             sabotage: self.sabotage,
             sabotaged: AtomicU32::new(0),
+            local_delays: self.local_delays,
         }))
     }
 }
@@ -235,6 +238,7 @@ struct SimSource {
     log: Log,
     sabotage: Option<Sabotage>,
     sabotaged: AtomicU32,
+    local_delays: bool,
 }
 
 #[async_trait]
@@ -244,7 +248,8 @@ impl MessageSource for SimSource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        let caps = self.inner.capabilities();
+        Capabilities { delayed_abandon: caps.delayed_abandon && !self.local_delays, ..caps }
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
