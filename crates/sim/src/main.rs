@@ -13,6 +13,27 @@ use std::time::Instant;
 
 use steward_sim::{Invariant, quiet_scripted_panics, run_seed};
 
+/// Writes to stdout; a closed stdout (the reader went away) ends the process quietly
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if write!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 const USAGE: &str = "usage: steward-sim [--seeds N] [--from N] [--trace] [--twice]\n       STEWARD_SIM_SEED=<n> steward-sim\n\n  --twice  run each seed twice and fail if the traces differ in any byte";
 
 struct Args {
@@ -59,15 +80,15 @@ fn main() -> ExitCode {
     quiet_scripted_panics();
     if let Some(seed) = args.replay {
         let report = run_seed(seed);
-        println!("{}", report.scenario.describe());
+        outln!("{}", report.scenario.describe());
         for line in &report.trace {
-            println!("{line}");
+            outln!("{line}");
         }
         if report.passed() {
-            println!("seed {seed}: every invariant held");
+            outln!("seed {seed}: every invariant held");
             return ExitCode::SUCCESS;
         }
-        print!("{}", report.summary(60));
+        out!("{}", report.summary(60));
         return ExitCode::FAILURE;
     }
     let started = Instant::now();
@@ -80,14 +101,14 @@ fn main() -> ExitCode {
         if args.twice {
             let again = run_seed(seed);
             if let Some(at) = first_difference(&report.trace, &again.trace) {
-                println!("seed {seed}: the replay diverged at trace line {at}:");
-                println!("  first:  {}", report.trace.get(at).map_or("(end)", String::as_str));
-                println!("  replay: {}", again.trace.get(at).map_or("(end)", String::as_str));
+                outln!("seed {seed}: the replay diverged at trace line {at}:");
+                outln!("  first:  {}", report.trace.get(at).map_or("(end)", String::as_str));
+                outln!("  replay: {}", again.trace.get(at).map_or("(end)", String::as_str));
                 diverged.push(seed);
             }
         }
         if !report.passed() {
-            print!("{}", report.summary(if args.trace { usize::MAX } else { 40 }));
+            out!("{}", report.summary(if args.trace { usize::MAX } else { 40 }));
             let mut kinds: Vec<Invariant> = report.violations.iter().map(|v| v.invariant).collect();
             kinds.sort_unstable();
             kinds.dedup();
@@ -106,14 +127,14 @@ fn main() -> ExitCode {
     }
     let elapsed = started.elapsed();
     let per_seed = elapsed.as_secs_f64() * 1000.0 / args.seeds.max(1) as f64;
-    println!(
+    outln!(
         "sim: {} seeds from {} in {elapsed:.1?} ({per_seed:.2} ms per seed), {} failed",
         args.seeds,
         args.from,
         failed.len()
     );
     if args.twice {
-        println!("sim: {} of {} seeds diverged on replay", diverged.len(), args.seeds);
+        outln!("sim: {} of {} seeds diverged on replay", diverged.len(), args.seeds);
     }
     if failed.is_empty() && diverged.is_empty() {
         return ExitCode::SUCCESS;
@@ -126,7 +147,7 @@ fn main() -> ExitCode {
     }
     for (invariant, seeds) in by_invariant {
         let shown: Vec<String> = seeds.iter().take(10).map(u64::to_string).collect();
-        println!("  {invariant}: {} seeds, e.g. {}", seeds.len(), shown.join(" "));
+        outln!("  {invariant}: {} seeds, e.g. {}", seeds.len(), shown.join(" "));
     }
     ExitCode::FAILURE
 }
