@@ -223,11 +223,16 @@ pub(crate) fn check(
         return violations;
     }
     nothing_lost(scenario, &index, seen, &mut violations);
-    duplicates_explained(&index, &mut violations);
     order(&index, &mut violations);
     liveness(scenario, &index, seen, &mut violations);
     deadlines(scenario, &index, seen, &mut violations);
-    renewal(scenario, &index, seen.start, &mut violations);
+    // A transport that reports lock expiries in the past gives the Updater nothing to
+    // time renewals by: such seeds check that nothing spins, is lost or reordered, but
+    // not that locks hold.
+    if scenario.lock_clock_skew.is_none() {
+        duplicates_explained(&index, &mut violations);
+        renewal(scenario, &index, seen.start, &mut violations);
+    }
     violations
 }
 

@@ -246,6 +246,7 @@ async fn simulate(
         attempts: AtomicU32::new(0),
         sabotage,
         local_delays: scenario.local_delays,
+        lock_clock_skew: scenario.lock_clock_skew,
     };
     let handler = SimHandler {
         scripts: scenario.messages.iter().map(|m| (m.id.clone(), m.script.clone())).collect(),

@@ -193,6 +193,10 @@ pub struct Scenario {
     /// The source claims no delayed abandon, so the Updater holds delayed retries
     /// itself (as on a transport without delays).
     pub local_delays: bool,
+    /// The source reports every lock expiry this much too early (a broker clock ahead
+    /// of ours), so reported expiries lie in the past; the broker's real locks are
+    /// unchanged.
+    pub lock_clock_skew: Option<Duration>,
 }
 
 fn millis(rng: &mut SmallRng, from: u64, to: u64) -> Duration {
@@ -256,6 +260,7 @@ impl Scenario {
         };
         // Drawn last, so adding it left every earlier draw of a seed as it was.
         let local_delays = rng.random_bool(0.25);
+        let lock_clock_skew = rng.random_bool(0.05).then(|| lock + millis(&mut rng, 1_000, 10_000));
         Self {
             seed,
             family,
@@ -269,6 +274,7 @@ impl Scenario {
             shutdown_within,
             outage_at,
             local_delays,
+            lock_clock_skew,
         }
     }
 
@@ -277,12 +283,13 @@ impl Scenario {
     pub fn describe(&self) -> String {
         let s = &self.settings;
         format!(
-            "seed {} ({}; broker sessions: {}; local delays: {}; lock {:?}; wait {:?}; batch {}; concurrency {}; {} messages; {} faults)",
+            "seed {} ({}; broker sessions: {}; local delays: {}; lock {:?}{}; wait {:?}; batch {}; concurrency {}; {} messages; {} faults)",
             self.seed,
             self.family.as_str(),
             self.broker_sessions,
             self.local_delays,
             self.lock,
+            self.lock_clock_skew.map_or_else(String::new, |d| format!(" reported {d:?} early")),
             s.wait,
             s.batch_size,
             s.concurrency,

@@ -186,6 +186,8 @@ pub(crate) struct SimConnect {
     pub(crate) sabotage: Option<Sabotage>,
     /// The sources claim no delayed abandon.
     pub(crate) local_delays: bool,
+    /// The sources report lock expiries this much too early.
+    pub(crate) lock_clock_skew: Option<Duration>,
 }
 
 /// A deliberately broken piece, to prove the checks catch what it breaks.
@@ -227,6 +229,7 @@ impl Connect for SimConnect {
             sabotage: self.sabotage,
             sabotaged: AtomicU32::new(0),
             local_delays: self.local_delays,
+            lock_clock_skew: self.lock_clock_skew,
         }))
     }
 }
@@ -239,6 +242,7 @@ struct SimSource {
     sabotage: Option<Sabotage>,
     sabotaged: AtomicU32,
     local_delays: bool,
+    lock_clock_skew: Option<Duration>,
 }
 
 #[async_trait]
@@ -294,6 +298,7 @@ impl MessageSource for SimSource {
                 let settle = SimSettle {
                     key: key(&message),
                     until: Mutex::new(delivery.locked_until()),
+                    skew: self.lock_clock_skew,
                     inner: tokio::sync::Mutex::new(Some(delivery)),
                     log: self.log.clone(),
                 };
@@ -329,7 +334,10 @@ impl Drop for CallGuard {
 /// A delivery's settlement handle that records every call and its answer.
 struct SimSettle {
     key: Key,
+    /// The broker's real lock expiry; the event log records this one.
     until: Mutex<Option<Instant>>,
+    /// How much earlier than the real expiry the Updater is told.
+    skew: Option<Duration>,
     inner: tokio::sync::Mutex<Option<Delivery>>,
     log: Log,
 }
@@ -352,6 +360,11 @@ impl SimSettle {
         self.log.push(Event::Answer { call: guard.call, error, until });
     }
 
+    /// What the Updater is told of an expiry: the real one, less any clock skew.
+    fn reported(&self, until: Instant) -> Instant {
+        self.skew.and_then(|skew| until.checked_sub(skew)).unwrap_or(until)
+    }
+
     async fn take(&self) -> Result<Delivery, TransportError> {
         self.inner
             .lock()
@@ -364,7 +377,7 @@ impl SimSettle {
 #[async_trait]
 impl Settle for SimSettle {
     fn locked_until(&self) -> Option<Instant> {
-        *lock(&self.until)
+        lock(&self.until).map(|until| self.reported(until))
     }
 
     async fn renew_lock(&self) -> Result<Option<Instant>, TransportError> {
@@ -381,7 +394,7 @@ impl Settle for SimSettle {
             *lock(&self.until) = Some(until);
         }
         self.answer(guard, &result, until);
-        result
+        result.map(|until| until.map(|until| self.reported(until)))
     }
 
     async fn complete(&self) -> Result<(), TransportError> {
