@@ -221,6 +221,9 @@ struct Status {
     last_error: Option<String>,
     last_progress: Instant,
     has_progressed: bool,
+    /// When the current attempt started, and when it last recorded progress.
+    attempt_started: Instant,
+    attempt_progress: Option<Instant>,
     last_message_at: Option<Instant>,
     outcomes: OutcomeCounts,
     in_flight: usize,
@@ -234,6 +237,8 @@ impl Status {
             last_error: None,
             last_progress: Instant::now(),
             has_progressed: false,
+            attempt_started: Instant::now(),
+            attempt_progress: None,
             last_message_at: None,
             outcomes: OutcomeCounts::default(),
             in_flight: 0,
@@ -299,13 +304,26 @@ impl WorkerRecord {
 
     pub(crate) fn progress(&self) {
         let mut status = lock(&self.status);
-        status.last_progress = Instant::now();
+        let now = Instant::now();
+        status.last_progress = now;
         status.has_progressed = true;
+        status.attempt_progress = Some(now);
     }
 
-    /// Restarts the stall clock without counting as progress (a new attempt starts).
-    pub(crate) fn reset_progress_clock(&self) {
-        lock(&self.status).last_progress = Instant::now();
+    /// A new attempt starts: restarts the stall clock without counting as progress.
+    pub(crate) fn start_attempt(&self) {
+        let mut status = lock(&self.status);
+        let now = Instant::now();
+        status.last_progress = now;
+        status.attempt_started = now;
+        status.attempt_progress = None;
+    }
+
+    /// How long the current attempt kept making progress: from its start to its last
+    /// progress; `None` when it recorded none.
+    pub(crate) fn attempt_progressed_for(&self) -> Option<Duration> {
+        let status = lock(&self.status);
+        status.attempt_progress.map(|at| at.saturating_duration_since(status.attempt_started))
     }
 
     pub(crate) fn since_progress(&self) -> Duration {

@@ -57,6 +57,11 @@ pub struct SupervisorConfig {
     /// How long a stalled worker gets to stop after its cancellation before it is
     /// aborted. Default 5 s.
     pub stall_grace: Duration,
+    /// A worker whose starts stall this many times in a row, each without recording any
+    /// progress, is stuck: it is `failed` (not live), whatever the restart intensity
+    /// says. Attempts that end in a retryable error neither count nor break the run; an
+    /// attempt that records progress ends it. Default 3 (at least 1).
+    pub stalls_before_failed: u32,
 }
 
 impl Default for SupervisorConfig {
@@ -66,6 +71,7 @@ impl Default for SupervisorConfig {
             healthy_reset: Duration::from_secs(60),
             intensity: RestartIntensity::default(),
             stall_grace: Duration::from_secs(5),
+            stalls_before_failed: 3,
         }
     }
 }
@@ -83,6 +89,29 @@ impl SupervisorConfig {
     pub fn with_intensity(mut self, intensity: RestartIntensity) -> Self {
         self.intensity = intensity;
         self
+    }
+
+    /// Sets how many stalls in a row without progress make a worker `failed` (at least 1).
+    #[must_use]
+    pub fn with_stalls_before_failed(mut self, stalls: u32) -> Self {
+        self.stalls_before_failed = stalls.max(1);
+        self
+    }
+
+    /// The longest a worker that stalls on every start, without any progress, can take
+    /// to be declared `failed`, for a worker with this stall timeout: each stalled start
+    /// lasts at most `stall_timeout + stall_grace`, and between starts comes one backoff
+    /// delay (at most the backoff's longest).
+    ///
+    /// From a fresh start the backoffs are the first ones instead: with the defaults
+    /// (stall timeout 85 s) 3 × (85 s + 5 s) + 1 s + 2 s = 273 s.
+    #[must_use]
+    pub fn stuck_bound(&self, stall_timeout: Duration) -> Duration {
+        let stalls = self.stalls_before_failed.max(1);
+        stall_timeout
+            .saturating_add(self.stall_grace)
+            .saturating_mul(stalls)
+            .saturating_add(self.backoff.max().saturating_mul(stalls - 1))
     }
 
     /// Replaces the healthy-run reset.
@@ -350,6 +379,8 @@ impl Supervision {
         let name = self.record.name.clone();
         let config = self.shared.config.clone();
         let mut consecutive: u32 = 0;
+        // Stalled starts in a row that recorded no progress at all.
+        let mut fruitless_stalls: u32 = 0;
         // Running time of the worker, and when (in running time) counted failures happened.
         let mut running_time = Duration::ZERO;
         let mut failures: VecDeque<Duration> = VecDeque::new();
@@ -358,7 +389,7 @@ impl Supervision {
                 break;
             }
             self.record.set_state(WorkerState::Starting);
-            self.record.reset_progress_clock();
+            self.record.start_attempt();
             let attempt_token = self.token.child_token();
             let ctx = WorkerContext {
                 record: self.record.clone(),
@@ -392,8 +423,16 @@ impl Supervision {
                 break;
             }
 
-            if ran >= config.healthy_reset {
+            // Only time spent making progress counts as healthy: a start that hung for
+            // its stall timeout was not healthy, however long it ran.
+            let progressed_for = self.record.attempt_progressed_for();
+            if progressed_for.is_some_and(|healthy| healthy >= config.healthy_reset) {
                 consecutive = 0;
+            }
+            match (&exit, progressed_for) {
+                (_, Some(_)) => fruitless_stalls = 0,
+                (Exit::Stalled(_), None) => fruitless_stalls = fruitless_stalls.saturating_add(1),
+                (_, None) => {}
             }
             let (counts, description) = match &exit {
                 Exit::Returned => (true, "worker returned without being cancelled".to_owned()),
@@ -402,6 +441,19 @@ impl Supervision {
                 Exit::Stalled(idle) => (true, format!("worker stalled: no progress for {idle:?}")),
             };
             self.record.set_error(Some(description.clone()));
+            if fruitless_stalls >= config.stalls_before_failed.max(1) {
+                tracing::error!(
+                    worker = %name,
+                    error = %description,
+                    stalls = fruitless_stalls,
+                    "worker failed: it stalled on every start without progress; not restarting"
+                );
+                self.record.set_error(Some(format!(
+                    "{description} (stalled on {fruitless_stalls} starts in a row without progress)"
+                )));
+                self.record.set_state(WorkerState::Failed);
+                return;
+            }
             if counts {
                 failures.push_back(running_time);
                 while failures

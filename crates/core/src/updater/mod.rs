@@ -252,7 +252,8 @@ impl Worker for Updater {
             source = self.connect.connect() => source?,
             () = ctx.cancelled() => return Ok(()),
         };
-        ctx.progress();
+        // Connecting is not progress: a worker that connects and then never receives
+        // is stuck, and the supervisor must see that.
         ctx.set_running();
         tracing::info!(queue = source.queue(), "receiving");
         let mut run = run::Run::new(&ctx, source.as_ref(), &self.handler, &self.config);
