@@ -21,6 +21,7 @@ pub use backoff::{Backoff, Jitter};
 pub use health::{HealthHandle, HealthSnapshot, OutcomeCounts, WorkerHealth, WorkerState};
 pub use worker::{AbortedHandler, Settled, Worker, WorkerContext, WorkerError};
 
+use crate::Deadlines;
 use health::{Registry, WorkerRecord};
 
 /// How many restarts a worker may need before it is declared `failed`.
@@ -158,8 +159,8 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     pub(crate) root: CancellationToken,
     config: SupervisorConfig,
-    /// (drain deadline, hard deadline), set by `shutdown`.
-    deadlines: Mutex<Option<(Instant, Instant)>>,
+    /// The shutdown's deadlines, set by `shutdown`.
+    deadlines: Mutex<Option<Deadlines>>,
     aborted: Mutex<Vec<AbortedHandler>>,
 }
 
@@ -168,7 +169,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn deadlines(&self) -> Option<(Instant, Instant)> {
+    pub(crate) fn deadlines(&self) -> Option<Deadlines> {
         *lock(&self.deadlines)
     }
 
@@ -295,20 +296,21 @@ impl Supervisor {
     /// Stops every worker by `deadline`: cancels them, lets them drain until shortly
     /// before it, aborts whatever is still running at it, and reports.
     ///
-    /// Workers get the *drain deadline* (the deadline less a grace of a fifth of the time
-    /// left, at most 1 s) for their in-flight handlers, and the grace to abandon what
-    /// they had to abort. `shutdown` returns by `deadline` even if a worker ignores
-    /// cancellation; the report names it.
+    /// `deadline` is the hard deadline, or the whole [`Deadlines`] of the shutdown:
+    /// workers have until its drain deadline for their in-flight handlers, abandon what
+    /// they had to abort by its abandon-by instant, and workers still running at its
+    /// abort-at instant are aborted (what they held is abandoned). `shutdown` returns by
+    /// the hard deadline even if a worker ignores cancellation; the report names it.
     ///
     /// # Cancellation safety
     ///
     /// Not cancel safe: a cancelled shutdown leaves the workers cancelled but not waited
     /// for.
-    pub async fn shutdown(self, deadline: Instant) -> ShutdownReport {
+    pub async fn shutdown(self, deadline: impl Into<Deadlines>) -> ShutdownReport {
         let now = Instant::now();
-        let grace = (deadline.saturating_duration_since(now) / 5).min(Duration::from_secs(1));
-        let drain_deadline = deadline.checked_sub(grace).unwrap_or(deadline).max(now);
-        *lock(&self.shared.deadlines) = Some((drain_deadline, deadline));
+        let deadlines: Deadlines = deadline.into();
+        let deadline = deadlines.hard();
+        *lock(&self.shared.deadlines) = Some(deadlines);
         let entries = std::mem::take(&mut *lock(&self.entries));
         for entry in &entries {
             if entry.record.state() != WorkerState::Failed {
@@ -320,10 +322,7 @@ impl Supervisor {
         self.shared.root.cancel();
 
         let mut report = ShutdownReport::default();
-        // Workers abandon what they had to abort by a little over half the grace; those
-        // still running at three quarters are aborted themselves.
-        let soft = drain_deadline + grace * 3 / 4;
-        if timeout_at(soft, self.shared.tracker.wait()).await.is_err() {
+        if timeout_at(deadlines.abort_at(), self.shared.tracker.wait()).await.is_err() {
             for entry in &entries {
                 if !entry.supervision.is_finished() {
                     tracing::error!(worker = %entry.record.name, "worker did not stop by the shutdown deadline; aborting it");
