@@ -1,7 +1,10 @@
 //! The Updater: one named worker that receives from a queue and runs a handler per
 //! message, settling each by its outcome.
 
+mod breaker;
+mod renewal;
 mod run;
+mod sessions;
 
 use std::fmt;
 use std::future::Future;
@@ -10,7 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Backoff, Handler, MessageSource, TransportError, Worker, WorkerContext, WorkerError};
+use crate::{
+    Backoff, Deadlines, Handler, MessageSource, TransportError, Worker, WorkerContext, WorkerError,
+};
 
 /// How an [`Updater`] receives and handles messages.
 #[derive(Debug, Clone)]
@@ -38,6 +43,15 @@ pub struct UpdaterConfig {
     /// After a receive error, how long running handlers may finish before the worker
     /// aborts them and restarts. Default 10 s.
     pub error_drain: Duration,
+    /// The longest one broker call (a settlement, a dead-letter, a lock renewal) may
+    /// take; each runs beside the loop, so a slow one holds up nothing else. A call past
+    /// it counts as failed: the message returns when its lock expires. Default 30 s.
+    pub broker_timeout: Duration,
+    /// A handler running longer is aborted and its message abandoned for a retry.
+    /// `None` (the default): handlers may run as long as their locks can be renewed.
+    /// A handler that blocks a thread cannot be aborted: it keeps its session (order
+    /// before speed) and its slot until it returns.
+    pub handler_timeout: Option<Duration>,
 }
 
 impl Default for UpdaterConfig {
@@ -52,6 +66,8 @@ impl Default for UpdaterConfig {
             probe_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
             stall_timeout: None,
             error_drain: Duration::from_secs(10),
+            broker_timeout: Duration::from_secs(30),
+            handler_timeout: None,
         }
     }
 }
@@ -113,6 +129,20 @@ impl UpdaterConfig {
         self
     }
 
+    /// Sets the bound of each broker call.
+    #[must_use]
+    pub fn with_broker_timeout(mut self, broker_timeout: Duration) -> Self {
+        self.broker_timeout = broker_timeout;
+        self
+    }
+
+    /// Sets the handler timeout.
+    #[must_use]
+    pub fn with_handler_timeout(mut self, handler_timeout: Duration) -> Self {
+        self.handler_timeout = Some(handler_timeout);
+        self
+    }
+
     /// The stall timeout in effect.
     #[must_use]
     pub fn effective_stall_timeout(&self) -> Duration {
@@ -166,10 +196,12 @@ impl Connect for Fixed {
 /// - Handlers run as tasks, up to `concurrency` at once; messages with the same
 ///   `session_id` run strictly one after another, in arrival order, and a message waiting
 ///   for its turn keeps its lock renewed. On transports without sessions, a message
-///   retried with a delay also holds back its session's later messages until it returns
-///   (or for the delay plus twice the wait, if another consumer took it).
+///   retried with a delay, or one whose lock was lost or whose settlement failed, also
+///   holds back its session's later messages until it returns (or, if another consumer
+///   took it, until 6 × its delay + 2 × the wait after it was due back).
 /// - Locks are renewed before they expire while a handler runs. A lost lock is logged
-///   and counted (`lease_lost`), and that message is never settled.
+///   and counted (`lease_lost`), and that message is never settled. Every broker call
+///   runs beside the loop, bounded by `broker_timeout`.
 /// - A message delivered more than `max_deliveries` times is dead-lettered with reason
 ///   `MaxDeliveryCountExceeded` without calling the handler.
 /// - A handler panic is caught, logged with the message id and its payload, counted and
@@ -177,10 +209,12 @@ impl Connect for Fixed {
 /// - A retry with [`RetryCause::Dependency`](crate::RetryCause::Dependency) opens the
 ///   worker's circuit breaker: it stops receiving (state `backing_off`) until
 ///   [`Handler::probe`] succeeds.
-/// - Progress is recorded on every poll, handler completion and lock renewal.
-/// - On shutdown it calls `stop_receiving`, releases the messages that have not started,
-///   lets running handlers finish until the drain deadline, then aborts the rest and
-///   abandons their messages so another consumer gets them at once.
+/// - Progress is recorded on every poll, handler completion, settlement and successful
+///   lock renewal, and while every slot is busy with handlers whose locks are renewed.
+/// - On shutdown it follows the [`Deadlines`](crate::Deadlines): it calls
+///   `stop_receiving` and releases the messages that have not started, lets running
+///   handlers finish until the drain deadline, then aborts the rest and abandons their
+///   messages so another consumer gets them at once.
 ///
 /// Run it under a [`Supervisor`](crate::Supervisor); see there for an example.
 pub struct Updater {
@@ -259,13 +293,13 @@ impl Worker for Updater {
         let mut run = run::Run::new(&ctx, source.as_ref(), &self.handler, &self.config);
         let failure = run.receive_loop().await;
         match &failure {
-            None => {
-                let shutting_down = ctx.is_shutting_down();
-                run.drain(shutting_down, ctx.drain_deadline(), ctx.hard_deadline()).await;
-            }
+            None => run.drain(ctx.is_shutting_down(), ctx.deadlines()).await,
             Some(_) => {
-                let deadline = tokio::time::Instant::now() + self.config.error_drain;
-                run.drain(false, deadline, deadline + Duration::from_secs(1)).await;
+                let drain = crate::deadlines::saturating_add(
+                    tokio::time::Instant::now(),
+                    self.config.error_drain,
+                );
+                run.drain(false, Deadlines::after_drain(drain, Duration::from_secs(1))).await;
             }
         }
         failure.map_or(Ok(()), |error| Err(error.into()))

@@ -1,4 +1,10 @@
 //! One run of an updater: the receive loop and the drain, with every message it holds.
+//!
+//! `Run` coordinates the parts: the [`SessionGate`] (order within a session), the
+//! [`Breaker`] (pauses intake while a dependency fails), lock renewals (scheduled by
+//! [`renew_at`](super::renewal::renew_at)), local delayed retries, and the drain. Every
+//! broker call (a settlement, a dead-letter, a renewal) runs as its own task, bounded by
+//! `broker_timeout`, so one slow call never holds up the others or the loop.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -6,15 +12,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::{Id, JoinError, JoinSet};
+use tokio::task::{AbortHandle, Id, JoinError, JoinSet};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tracing::Instrument;
 
 use super::UpdaterConfig;
+use super::breaker::Breaker;
+use super::renewal::{RENEW_RETRY, renew_at};
+use super::sessions::SessionGate;
+use crate::deadlines::saturating_add;
 use crate::supervisor::panic_message;
 use crate::{
-    Capabilities, Delivery, Handler, MessageSource, Outcome, RetryCause, Settled, TransportError,
-    WorkerContext, error_chain,
+    Capabilities, Deadlines, Delivery, Handler, MessageSource, Outcome, RetryCause, Settled,
+    TransportError, WorkerContext, error_chain,
 };
 
 /// The reason given to messages delivered too often.
@@ -22,11 +32,6 @@ pub(crate) const MAX_DELIVERY_COUNT_EXCEEDED: &str = "MaxDeliveryCountExceeded";
 
 /// The longest retry delay passed to a transport; a handler asking for more gets this.
 pub(crate) const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
-
-/// `now + duration`, or a moment decades away when that does not fit.
-fn later(now: Instant, duration: Duration) -> Instant {
-    now.checked_add(duration).unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 60 * 60))
-}
 
 type Probing<'a> = Pin<
     Box<
@@ -41,9 +46,14 @@ type Receiving<'a> =
 
 /// A received message the updater holds, with its lock bookkeeping.
 struct Held {
-    delivery: Delivery,
-    /// When to renew the lock; `None` for transports without timed locks.
+    /// Unique within the run (a message id can be held twice after a lost lock).
+    key: u64,
+    delivery: Arc<Delivery>,
+    /// When to renew the lock; `None` for transports without timed locks, or while a
+    /// renewal is under way.
     renew_at: Option<Instant>,
+    /// The last renewal failed (the lock may lapse).
+    renew_failing: bool,
     /// The lock was lost: never settle this delivery.
     lost: bool,
 }
@@ -61,6 +71,11 @@ impl Held {
 struct Running {
     held: Held,
     started: Instant,
+    abort: AbortHandle,
+    /// When `handler_timeout` aborts it.
+    due: Option<Instant>,
+    /// Aborted for running past `handler_timeout`.
+    timed_out: bool,
 }
 
 /// A retried message kept here until its delay ends (transports without delayed abandon).
@@ -69,16 +84,25 @@ struct Delayed {
     held: Held,
 }
 
-/// A session held back locally until a retried message returns.
-struct Blocked {
-    message_id: String,
-    until: Instant,
+/// A settlement under way, and what to do when it ends.
+struct Settling {
+    id: String,
+    session: Option<String>,
+    operation: &'static str,
+    /// What to count once the broker took it.
+    record: Option<Settled>,
+    elapsed: Option<Duration>,
+    dead_letter_reason: Option<String>,
+    /// For an abandon: the retry delay after which the message is due back.
+    returns_after: Option<Duration>,
+    /// When the lock ran out (a failed settlement leaves the message locked till then).
+    locked_until: Option<Instant>,
 }
 
-struct Breaker {
-    open: bool,
-    failures: u32,
-    probe_at: Instant,
+enum Settlement {
+    Complete,
+    Abandon(Option<Duration>),
+    DeadLetter { reason: String, description: String },
 }
 
 pub(super) struct Run<'a> {
@@ -87,13 +111,15 @@ pub(super) struct Run<'a> {
     handler: &'a Arc<dyn Handler>,
     config: &'a UpdaterConfig,
     caps: Capabilities,
+    next_key: u64,
     pending: VecDeque<Held>,
     running: HashMap<Id, Running>,
     tasks: JoinSet<(Outcome, Duration)>,
     delayed: Vec<Delayed>,
-    active_sessions: HashSet<String>,
-    blocked: HashMap<String, Blocked>,
+    gate: SessionGate,
     breaker: Breaker,
+    settling: JoinSet<(Settling, Result<(), TransportError>)>,
+    renewing: JoinSet<(u64, Result<Option<Instant>, TransportError>)>,
     next_heartbeat: Instant,
     /// Set once the drain began: retries are abandoned at once, not held.
     draining: bool,
@@ -107,6 +133,11 @@ async fn maybe<F: Future + Unpin>(future: Option<&mut F>) -> F::Output {
     }
 }
 
+/// Awaits the next of `set`, or pends forever when it is empty.
+async fn next_of<T: 'static>(set: &mut JoinSet<T>) -> Option<Result<T, JoinError>> {
+    if set.is_empty() { std::future::pending().await } else { set.join_next().await }
+}
+
 impl<'a> Run<'a> {
     pub(super) fn new(
         ctx: &'a WorkerContext,
@@ -114,24 +145,29 @@ impl<'a> Run<'a> {
         handler: &'a Arc<dyn Handler>,
         config: &'a UpdaterConfig,
     ) -> Self {
+        let caps = source.capabilities();
         Self {
             ctx,
             source,
             handler,
             config,
-            caps: source.capabilities(),
+            caps,
+            next_key: 0,
             pending: VecDeque::new(),
             running: HashMap::new(),
             tasks: JoinSet::new(),
             delayed: Vec::new(),
-            active_sessions: HashSet::new(),
-            blocked: HashMap::new(),
-            breaker: Breaker { open: false, failures: 0, probe_at: Instant::now() },
-            next_heartbeat: Instant::now() + config.wait,
+            gate: SessionGate::new(caps.sessions, config.wait),
+            breaker: Breaker::new(config.probe_backoff.clone()),
+            settling: JoinSet::new(),
+            renewing: JoinSet::new(),
+            next_heartbeat: saturating_add(Instant::now(), config.wait),
             draining: false,
         }
     }
 
+    /// Messages counted against intake: running, waiting and being settled. Retries
+    /// held locally for their delay count too: they hold a lock each.
     fn in_flight(&self) -> usize {
         self.running.len() + self.pending.len() + self.delayed.len()
     }
@@ -141,7 +177,7 @@ impl<'a> Run<'a> {
     }
 
     fn can_receive(&self) -> bool {
-        !self.breaker.open
+        !self.breaker.is_open()
             && self.running.len() < self.config.concurrency
             && self.in_flight() < self.max_in_flight()
     }
@@ -155,7 +191,7 @@ impl<'a> Run<'a> {
         let mut probing: Option<Probing<'a>> = None;
         loop {
             let now = Instant::now();
-            self.blocked.retain(|_, blocked| blocked.until > now);
+            self.gate.expire(now);
             self.dispatch();
             self.ctx.set_in_flight(self.in_flight());
             // A receive under way when the breaker opened is left to finish: dropping it
@@ -164,22 +200,23 @@ impl<'a> Run<'a> {
                 let max = self.config.batch_size.min(self.max_in_flight() - self.in_flight());
                 receiving = Some(source.receive(max.max(1), self.config.wait));
             }
-            if self.breaker.open && probing.is_none() && now >= self.breaker.probe_at {
-                let limit = self.config.wait.max(Duration::from_secs(5));
-                probing = Some(Box::pin(timeout(limit, handler.probe())));
+            if probing.is_none() && self.breaker.probe_at().is_some_and(|at| now >= at) {
+                probing = Some(Box::pin(timeout(self.probe_limit(), handler.probe())));
             }
             let timer = self.next_timer(receiving.is_some(), probing.is_some());
             tokio::select! {
                 biased;
                 () = self.ctx.cancelled() => return None,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    self.finish(joined).await;
+                    self.finish(joined);
                 }
+                Some(settled) = next_of(&mut self.settling) => self.settled(settled),
+                Some(renewed) = next_of(&mut self.renewing) => self.renewed(renewed),
                 result = maybe(receiving.as_mut()), if receiving.is_some() => {
                     receiving = None;
                     self.ctx.progress();
                     match result {
-                        Ok(batch) => self.accept(batch).await,
+                        Ok(batch) => self.accept(batch),
                         Err(error) => return Some(error),
                     }
                 }
@@ -187,34 +224,47 @@ impl<'a> Run<'a> {
                     probing = None;
                     self.probed(result);
                 }
-                () = sleep_until(timer) => self.on_timer(receiving.is_some()).await,
+                () = sleep_until(timer) => self.on_timer(receiving.is_some()),
             }
         }
     }
 
+    fn probe_limit(&self) -> Duration {
+        self.config.wait.max(Duration::from_secs(5))
+    }
+
     /// The next moment something timed is due: a renewal, a delayed retry, a session
-    /// block ending, a probe, or a heartbeat while not receiving.
+    /// block ending, a handler timeout, a probe, or a heartbeat while not receiving.
     fn next_timer(&self, receiving: bool, probing: bool) -> Instant {
         let renewals = self.held().filter_map(|held| held.renew_at);
         let delays = self.delayed.iter().map(|d| d.due);
-        let blocks = self.blocked.values().map(|b| b.until);
-        let probe = (self.breaker.open && !probing).then_some(self.breaker.probe_at);
-        let heartbeat = (!receiving && self.heartbeats()).then_some(self.next_heartbeat);
+        let handler_timeouts = self.running.values().filter(|r| !r.timed_out).filter_map(|r| r.due);
+        let probe = self.breaker.probe_at().filter(|_| !probing);
+        let heartbeat = (!receiving).then_some(self.next_heartbeat);
         renewals
             .chain(delays)
-            .chain(blocks)
+            .chain(handler_timeouts)
+            .chain(self.gate.next_expiry())
             .chain(probe)
             .chain(heartbeat)
             .min()
-            .unwrap_or_else(|| later(Instant::now(), self.config.wait.max(Duration::from_secs(1))))
+            .unwrap_or_else(|| {
+                saturating_add(Instant::now(), self.config.wait.max(Duration::from_secs(1)))
+            })
     }
 
-    /// Whether not receiving still counts as progress: while the breaker holds the
-    /// worker back, or while every slot is busy with handlers whose locks are renewed
-    /// (DESIGN §3). On a transport without timed locks, handlers that never finish leave
-    /// the worker without progress, so the stall watchdog finds them.
-    fn heartbeats(&self) -> bool {
-        self.breaker.open || self.caps.lock_renewal
+    /// Whether not receiving is still progress: while the breaker holds the worker back
+    /// (its probes are answered), or while every slot is busy with handlers whose locks
+    /// are renewed and none failing (DESIGN §3). Failed renewal rounds, and slots that
+    /// are merely full, are not progress: a hung handler on a transport without timed
+    /// locks, or an unreachable namespace, must end in a stall.
+    fn is_busy_and_healthy(&self) -> bool {
+        if self.breaker.is_open() {
+            return true;
+        }
+        self.caps.lock_renewal
+            && self.running.len() >= self.config.concurrency
+            && self.running.values().all(|r| !r.held.lost && !r.held.renew_failing)
     }
 
     fn held(&self) -> impl Iterator<Item = &Held> {
@@ -225,14 +275,16 @@ impl<'a> Run<'a> {
             .chain(self.delayed.iter().map(|d| &d.held))
     }
 
-    async fn on_timer(&mut self, receiving: bool) {
+    fn on_timer(&mut self, receiving: bool) {
         let now = Instant::now();
-        if !receiving && self.heartbeats() && now >= self.next_heartbeat {
-            self.ctx.progress();
-            self.next_heartbeat = later(now, self.config.wait);
+        if !receiving && now >= self.next_heartbeat {
+            if self.is_busy_and_healthy() {
+                self.ctx.progress();
+            }
+            self.next_heartbeat = saturating_add(now, self.config.wait);
         }
-        if receiving || !self.heartbeats() {
-            self.next_heartbeat = later(now, self.config.wait);
+        if receiving {
+            self.next_heartbeat = saturating_add(now, self.config.wait);
         }
         let due: Vec<Delayed> = {
             let (due, later) =
@@ -241,20 +293,31 @@ impl<'a> Run<'a> {
             due
         };
         for delayed in due {
-            let held = delayed.held;
-            if let Some(session) = held.session() {
-                let session = session.to_owned();
-                self.active_sessions.remove(&session);
-                self.block_session(&session, held.id().to_owned(), Duration::ZERO);
-            }
-            self.abandon(held, None, None).await;
+            self.spawn_settlement(delayed.held, Settlement::Abandon(None), None, None);
         }
-        self.renew_due(now).await;
+        self.time_out_handlers(now);
+        self.renew_due(now);
     }
 
-    /// Renews every lock that is due, concurrently.
-    async fn renew_due(&mut self, now: Instant) {
-        let margin = self.config.renew_margin;
+    /// Aborts the handlers running past `handler_timeout`; their messages are abandoned
+    /// for a retry once their tasks end.
+    fn time_out_handlers(&mut self, now: Instant) {
+        for running in self.running.values_mut() {
+            if !running.timed_out && running.due.is_some_and(|due| due <= now) {
+                running.timed_out = true;
+                tracing::warn!(
+                    message_id = %running.held.id(),
+                    handler_timeout = ?self.config.handler_timeout,
+                    "handler ran past its timeout; aborting it and retrying the message"
+                );
+                running.abort.abort();
+            }
+        }
+    }
+
+    /// Starts a renewal of every lock that is due, each as its own bounded task.
+    fn renew_due(&mut self, now: Instant) {
+        let limit = self.config.broker_timeout;
         let due: Vec<&mut Held> = self
             .running
             .values_mut()
@@ -263,71 +326,103 @@ impl<'a> Run<'a> {
             .chain(self.delayed.iter_mut().map(|d| &mut d.held))
             .filter(|held| !held.lost && held.renew_at.is_some_and(|at| at <= now))
             .collect();
-        if due.is_empty() {
-            return;
+        for held in due {
+            held.renew_at = None;
+            let (key, delivery) = (held.key, held.delivery.clone());
+            self.renewing.spawn(async move {
+                let result = match timeout(limit, delivery.settle_handle().renew_lock()).await {
+                    Ok(result) => result,
+                    Err(_) => Err(TransportError::timeout(format!(
+                        "lock renewal did not answer within {limit:?}"
+                    ))),
+                };
+                (key, result)
+            });
         }
+    }
+
+    fn held_mut(&mut self, key: u64) -> Option<&mut Held> {
+        self.running
+            .values_mut()
+            .map(|r| &mut r.held)
+            .chain(self.pending.iter_mut())
+            .chain(self.delayed.iter_mut().map(|d| &mut d.held))
+            .find(|held| held.key == key)
+    }
+
+    /// Takes the answer of one renewal.
+    fn renewed(
+        &mut self,
+        joined: Result<(u64, Result<Option<Instant>, TransportError>), JoinError>,
+    ) {
+        let Ok((key, result)) = joined else { return };
+        let margin = self.config.renew_margin;
         let ctx = self.ctx;
-        let results = futures::future::join_all(due.into_iter().map(|held| async move {
-            let result = held.delivery.renew_lock().await;
-            let now = Instant::now();
-            match result {
-                Ok(until) => held.renew_at = renew_at(until, now, margin),
-                Err(error) if error.is_lock_lost() => {
-                    held.lost = true;
-                    held.renew_at = None;
-                    tracing::warn!(
-                        message_id = %held.id(),
-                        error = %error_chain(&error),
-                        "lock lost; the message will not be settled here"
-                    );
-                    ctx.record_settled(Settled::LeaseLost, None);
-                }
-                Err(error) => {
-                    // Try again soon, well before the lock runs out.
-                    held.renew_at = Some(now + Duration::from_secs(1));
-                    tracing::warn!(
-                        message_id = %held.id(),
-                        error = %error_chain(&error),
-                        "lock renewal failed; retrying"
-                    );
-                }
+        let Some(held) = self.held_mut(key) else { return };
+        let now = Instant::now();
+        match result {
+            Ok(until) => {
+                held.renew_at = renew_at(until, now, margin);
+                held.renew_failing = false;
+                ctx.progress();
             }
-        }))
-        .await;
-        drop(results);
-        self.ctx.progress();
-        // Messages not yet started whose lock is gone belong to the broker again. Their
-        // session stays held back until they return, so later messages cannot overtake
-        // them; a held-back retry frees the session it occupied.
-        let lost: Vec<(Option<String>, String, bool)> =
-            self.pending
-                .iter()
-                .filter(|held| held.lost)
-                .map(|held| (held.session().map(str::to_owned), held.id().to_owned(), false))
-                .chain(
-                    self.delayed.iter().filter(|d| d.held.lost).map(|d| {
-                        (d.held.session().map(str::to_owned), d.held.id().to_owned(), true)
-                    }),
-                )
-                .collect();
-        self.pending.retain(|held| !held.lost);
-        self.delayed.retain(|d| !d.held.lost);
-        for (session, message_id, was_delayed) in lost {
-            let Some(session) = session else { continue };
-            if was_delayed {
-                self.active_sessions.remove(&session);
+            Err(error) if error.is_lock_lost() => {
+                held.lost = true;
+                tracing::warn!(
+                    message_id = %held.id(),
+                    error = %error_chain(&error),
+                    "lock lost; the message will not be settled here"
+                );
+                ctx.record_settled(Settled::LeaseLost, None);
+                self.drop_lost_waiting();
             }
-            self.block_session(&session, message_id, Duration::ZERO);
+            Err(error) => {
+                // Try again soon, well before the lock runs out.
+                held.renew_at = Some(saturating_add(now, RENEW_RETRY));
+                held.renew_failing = true;
+                tracing::warn!(
+                    message_id = %held.id(),
+                    error = %error_chain(&error),
+                    "lock renewal failed; retrying"
+                );
+            }
+        }
+    }
+
+    /// Messages not yet started whose lock is gone belong to the broker again. Their
+    /// session waits for them, so later messages cannot overtake them.
+    fn drop_lost_waiting(&mut self) {
+        let lost: Vec<Held> = {
+            let (lost, kept): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.pending).into_iter().partition(|held| held.lost);
+            self.pending = kept.into();
+            let (lost_delayed, kept_delayed): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.delayed).into_iter().partition(|d| d.held.lost);
+            self.delayed = kept_delayed;
+            lost.into_iter().chain(lost_delayed.into_iter().map(|d| d.held)).collect()
+        };
+        for held in lost {
+            if let Some(session) = held.session() {
+                self.gate.release_awaiting(session, held.id(), Instant::now(), Duration::ZERO);
+            }
         }
     }
 
     /// Takes in a received batch: dead-letters messages over the delivery limit, queues
     /// the rest in arrival order.
-    async fn accept(&mut self, batch: Vec<Delivery>) {
+    fn accept(&mut self, batch: Vec<Delivery>) {
         self.ctx.record_received(batch.len());
         let now = Instant::now();
         for delivery in batch {
             let message = delivery.message().clone();
+            self.next_key += 1;
+            let held = Held {
+                key: self.next_key,
+                renew_at: renew_at(delivery.locked_until(), now, self.config.renew_margin),
+                delivery: Arc::new(delivery),
+                renew_failing: false,
+                lost: false,
+            };
             if message.delivery_count > self.config.max_deliveries {
                 let description = format!(
                     "delivered {} times, more than the limit of {}",
@@ -340,22 +435,16 @@ impl<'a> Run<'a> {
                     reason = MAX_DELIVERY_COUNT_EXCEEDED,
                     "dead-lettering a message delivered too often"
                 );
-                let held = Held { delivery, renew_at: None, lost: false };
-                self.dead_letter(held, MAX_DELIVERY_COUNT_EXCEEDED, &description, None).await;
+                let settlement = Settlement::DeadLetter {
+                    reason: MAX_DELIVERY_COUNT_EXCEEDED.to_owned(),
+                    description,
+                };
+                self.spawn_settlement(held, settlement, Some(Settled::DeadLettered), None);
                 continue;
             }
-            let held = Held {
-                renew_at: renew_at(delivery.locked_until(), now, self.config.renew_margin),
-                delivery,
-                lost: false,
-            };
-            // A retried message returning to its locally blocked session goes first.
-            let returning = held
-                .session()
-                .and_then(|s| self.blocked.get(s))
-                .is_some_and(|b| b.message_id == message.id);
-            if let (true, Some(session)) = (returning, message.session_id.as_deref()) {
-                self.blocked.remove(session);
+            // A message its session waits for goes first.
+            let session = message.session_id.as_deref();
+            if let Some(session) = session.filter(|s| self.gate.is_awaited(s, &message.id)) {
                 let first = self.pending.iter().position(|p| p.session() == Some(session));
                 self.pending.insert(first.unwrap_or(self.pending.len()), held);
             } else {
@@ -366,19 +455,14 @@ impl<'a> Run<'a> {
 
     /// Starts pending messages whose session is free, in arrival order, while slots last.
     fn dispatch(&mut self) {
-        if self.breaker.open {
+        if self.breaker.is_open() {
             return;
         }
         let mut i = 0;
         while i < self.pending.len() && self.running.len() < self.config.concurrency {
-            // A session held back for a retried message stays so until that message
-            // itself comes back; it then goes first.
             let held = &self.pending[i];
-            let busy = held.session().is_some_and(|session| {
-                self.active_sessions.contains(session)
-                    || self.blocked.get(session).is_some_and(|b| b.message_id != held.id())
-            });
-            if busy {
+            let free = held.session().is_none_or(|session| self.gate.may_start(session, held.id()));
+            if !free {
                 i += 1;
                 continue;
             }
@@ -390,8 +474,7 @@ impl<'a> Run<'a> {
 
     fn start(&mut self, held: Held) {
         if let Some(session) = held.session() {
-            self.blocked.remove(session);
-            self.active_sessions.insert(session.to_owned());
+            self.gate.occupy(session);
         }
         let message = held.delivery.message().clone();
         let span = tracing::info_span!(
@@ -410,23 +493,24 @@ impl<'a> Run<'a> {
             .instrument(span),
         );
         let abort = self.tasks.spawn(task);
-        self.running.insert(abort.id(), Running { held, started: Instant::now() });
+        let now = Instant::now();
+        let due = self.config.handler_timeout.map(|limit| saturating_add(now, limit));
+        let id = abort.id();
+        self.running.insert(id, Running { held, started: now, abort, due, timed_out: false });
     }
 
-    /// Settles the message of a handler task that ended.
-    async fn finish(&mut self, joined: Result<(Id, (Outcome, Duration)), JoinError>) {
+    /// Settles the message of a handler task that ended. Its session stays occupied
+    /// until the settlement ends.
+    fn finish(&mut self, joined: Result<(Id, (Outcome, Duration)), JoinError>) {
         let (id, result) = match joined {
             Ok((id, result)) => (id, Ok(result)),
             Err(error) => (error.id(), Err(error)),
         };
         let Some(running) = self.running.remove(&id) else { return };
-        if let Some(session) = running.held.session() {
-            self.active_sessions.remove(session);
-        }
         self.ctx.progress();
         let held = running.held;
         match result {
-            Ok((outcome, elapsed)) => self.settle(held, outcome, Some(elapsed), false).await,
+            Ok((outcome, elapsed)) => self.settle(held, outcome, Some(elapsed), false),
             Err(error) if error.is_panic() => {
                 let payload = panic_message(error.into_panic());
                 tracing::error!(
@@ -436,40 +520,40 @@ impl<'a> Run<'a> {
                     "handler panicked; retrying the message"
                 );
                 let outcome = Outcome::retry(format!("handler panicked: {payload}"));
-                self.settle(held, outcome, Some(running.started.elapsed()), true).await;
+                self.settle(held, outcome, Some(running.started.elapsed()), true);
+            }
+            Err(_) if running.timed_out => {
+                let outcome = Outcome::retry("handler ran past its timeout");
+                self.settle(held, outcome, Some(running.started.elapsed()), false);
             }
             Err(_) => {
-                // Aborted: only the drain aborts, and it abandons the message itself.
+                // Aborted by the drain, which abandons the message itself.
                 tracing::debug!(message_id = %held.id(), "handler task aborted");
             }
         }
     }
 
-    async fn settle(
-        &mut self,
-        held: Held,
-        outcome: Outcome,
-        elapsed: Option<Duration>,
-        panicked: bool,
-    ) {
+    fn settle(&mut self, held: Held, outcome: Outcome, elapsed: Option<Duration>, panicked: bool) {
         if held.lost {
             tracing::info!(
                 message_id = %held.id(),
                 outcome = outcome.as_str(),
                 "handler finished after the lock was lost; leaving the message to the broker"
             );
+            // The broker redelivers it: its session waits for it.
+            if let Some(session) = held.session() {
+                self.gate.release_awaiting(session, held.id(), Instant::now(), Duration::ZERO);
+            }
             return;
         }
         match outcome {
             Outcome::Complete => {
-                let id = held.id().to_owned();
-                match held.delivery.complete().await {
-                    Ok(()) => {
-                        tracing::debug!(message_id = %id, outcome = "complete", "message completed");
-                        self.ctx.record_settled(Settled::Completed, elapsed);
-                    }
-                    Err(error) => self.settle_failed(&id, "complete", &error),
-                }
+                self.spawn_settlement(
+                    held,
+                    Settlement::Complete,
+                    Some(Settled::Completed),
+                    elapsed,
+                );
             }
             Outcome::Retry { after, reason, cause } => {
                 let count = held.delivery.message().delivery_count;
@@ -488,7 +572,7 @@ impl<'a> Run<'a> {
                     self.open_breaker(&reason);
                 }
                 let settled = if panicked { Settled::Panicked } else { Settled::Retried };
-                self.retry(held, delay, settled, elapsed).await;
+                self.retry(held, delay, settled, elapsed);
             }
             Outcome::DeadLetter { reason, description } => {
                 tracing::warn!(
@@ -498,85 +582,117 @@ impl<'a> Run<'a> {
                     description = %description,
                     "message dead-lettered"
                 );
-                self.dead_letter(held, &reason, &description, elapsed).await;
+                let settlement = Settlement::DeadLetter { reason, description };
+                self.spawn_settlement(held, settlement, Some(Settled::DeadLettered), elapsed);
             }
         }
     }
 
-    async fn retry(
-        &mut self,
-        held: Held,
-        delay: Duration,
-        settled: Settled,
-        elapsed: Option<Duration>,
-    ) {
-        if let Some(handler_time) = elapsed {
-            crate::metrics::handler_duration(self.ctx.name(), handler_time);
-        }
+    fn retry(&mut self, held: Held, delay: Duration, settled: Settled, elapsed: Option<Duration>) {
         let delay = delay.min(MAX_RETRY_DELAY);
         if self.draining {
             // Shutting down: release it now rather than hold it past the drain.
             let delay = Some(delay).filter(|d| !d.is_zero() && self.caps.delayed_abandon);
-            self.abandon(held, delay, Some(settled)).await;
+            self.spawn_settlement(held, Settlement::Abandon(delay), Some(settled), elapsed);
             return;
         }
         if delay.is_zero() || self.caps.delayed_abandon {
-            if let Some(session) = held.session() {
-                let session = session.to_owned();
-                self.block_session(&session, held.id().to_owned(), delay);
-            }
-            self.abandon(held, Some(delay).filter(|d| !d.is_zero()), Some(settled)).await;
+            let delay = Some(delay).filter(|d| !d.is_zero());
+            self.spawn_settlement(held, Settlement::Abandon(delay), Some(settled), elapsed);
         } else {
             // No delayed abandon: hold the message (its lock renewed) and its session
             // until the delay ends, then abandon it.
-            if let Some(session) = held.session() {
-                self.active_sessions.insert(session.to_owned());
+            if let Some(handler_time) = elapsed {
+                crate::metrics::handler_duration(self.ctx.name(), handler_time);
             }
             self.ctx.record_settled(settled, None);
-            self.delayed.push(Delayed { due: later(Instant::now(), delay), held });
+            self.delayed.push(Delayed { due: saturating_add(Instant::now(), delay), held });
         }
     }
 
-    /// On transports without sessions, holds back a session's later messages until the
-    /// retried one comes back, or, if another consumer evidently took it, for six times
-    /// its delay plus twice the wait (transports may round a delay up: RabbitMQ's delay
-    /// buckets turn 5.1 s into 30 s).
-    fn block_session(&mut self, session: &str, message_id: String, delay: Duration) {
-        if self.caps.sessions {
-            return;
-        }
-        let bound = delay.saturating_mul(6).saturating_add(self.config.wait.saturating_mul(2));
-        let until = later(Instant::now(), bound);
-        self.blocked.insert(session.to_owned(), Blocked { message_id, until });
-    }
-
-    /// Abandons a held message; counts it as `record` once the broker took it back.
-    async fn abandon(&mut self, held: Held, delay: Option<Duration>, record: Option<Settled>) {
-        let id = held.id().to_owned();
-        match held.delivery.abandon(delay).await {
-            Ok(()) => {
-                if let Some(settled) = record {
-                    self.ctx.record_settled(settled, None);
-                }
-            }
-            Err(error) => self.settle_failed(&id, "abandon", &error),
-        }
-    }
-
-    async fn dead_letter(
+    /// Settles `held` in its own task, bounded by `broker_timeout`; counts it as `record`
+    /// once the broker took it.
+    fn spawn_settlement(
         &mut self,
         held: Held,
-        reason: &str,
-        description: &str,
+        settlement: Settlement,
+        record: Option<Settled>,
         elapsed: Option<Duration>,
     ) {
-        let id = held.id().to_owned();
-        match held.delivery.dead_letter(reason, description).await {
+        let limit = self.config.broker_timeout;
+        let (operation, returns_after, dead_letter_reason) = match &settlement {
+            Settlement::Complete => ("complete", None, None),
+            Settlement::Abandon(delay) => ("abandon", Some(delay.unwrap_or_default()), None),
+            Settlement::DeadLetter { reason, .. } => ("dead-letter", None, Some(reason.clone())),
+        };
+        let settling = Settling {
+            id: held.id().to_owned(),
+            session: held.session().map(str::to_owned),
+            operation,
+            record,
+            elapsed,
+            dead_letter_reason,
+            returns_after,
+            locked_until: held.delivery.locked_until(),
+        };
+        let delivery = held.delivery;
+        self.settling.spawn(async move {
+            let settle = delivery.settle_handle();
+            let call = async {
+                match &settlement {
+                    Settlement::Complete => settle.complete().await,
+                    Settlement::Abandon(delay) => settle.abandon(*delay).await,
+                    Settlement::DeadLetter { reason, description } => {
+                        settle.dead_letter(reason, description).await
+                    }
+                }
+            };
+            let result = match timeout(limit, call).await {
+                Ok(result) => result,
+                Err(_) => Err(TransportError::timeout(format!(
+                    "{operation} did not answer within {limit:?}"
+                ))),
+            };
+            (settling, result)
+        });
+    }
+
+    /// Takes the result of one settlement: counts it, and frees its session, or, when
+    /// the message is back at the broker, makes the session wait for it.
+    fn settled(&mut self, joined: Result<(Settling, Result<(), TransportError>), JoinError>) {
+        let Ok((settling, result)) = joined else { return };
+        let now = Instant::now();
+        match result {
             Ok(()) => {
-                self.ctx.record_settled(Settled::DeadLettered, elapsed);
-                self.ctx.record_dead_letter_reason(reason);
+                tracing::debug!(message_id = %settling.id, operation = settling.operation, "message settled");
+                if let Some(settled) = settling.record {
+                    self.ctx.record_settled(settled, settling.elapsed);
+                }
+                if let Some(reason) = &settling.dead_letter_reason {
+                    self.ctx.record_dead_letter_reason(reason);
+                }
+                self.ctx.progress();
+                if let Some(session) = &settling.session {
+                    match settling.returns_after {
+                        Some(delay) => {
+                            self.gate.release_awaiting(session, &settling.id, now, delay);
+                        }
+                        None => self.gate.release(session),
+                    }
+                }
             }
-            Err(error) => self.settle_failed(&id, "dead-letter", &error),
+            Err(error) => {
+                self.settle_failed(&settling.id, settling.operation, &error);
+                if let Some(session) = &settling.session {
+                    // The message comes back when its lock runs out (at once if lost).
+                    let due = if error.is_lock_lost() {
+                        now
+                    } else {
+                        settling.locked_until.unwrap_or(now)
+                    };
+                    self.gate.release_awaiting(session, &settling.id, due, Duration::ZERO);
+                }
+            }
         }
     }
 
@@ -600,58 +716,47 @@ impl<'a> Run<'a> {
     }
 
     fn open_breaker(&mut self, reason: &str) {
-        if self.breaker.open {
-            return;
+        if let Some(pause) = self.breaker.open(Instant::now()) {
+            tracing::warn!(reason = %reason, probe_in = ?pause, "dependency failing; pausing receives");
+            self.ctx.set_backing_off(format!("dependency failing: {reason}"));
         }
-        self.breaker.open = true;
-        self.breaker.failures = 0;
-        let pause = self.config.probe_backoff.delay(0);
-        self.breaker.probe_at = later(Instant::now(), pause);
-        tracing::warn!(reason = %reason, probe_in = ?pause, "dependency failing; pausing receives");
-        self.ctx.set_backing_off(format!("dependency failing: {reason}"));
     }
 
     /// Takes the answer of a dependency probe: closes the breaker, or pauses again.
     fn probed(&mut self, answer: Result<Result<(), crate::BoxError>, tokio::time::error::Elapsed>) {
-        let limit = self.config.wait.max(Duration::from_secs(5));
+        let limit = self.probe_limit();
         let result =
             answer.unwrap_or_else(|_| Err(format!("probe did not answer within {limit:?}").into()));
         match result {
             Ok(()) => {
-                self.breaker.open = false;
+                self.breaker.succeeded();
                 tracing::info!("dependency answers again; resuming");
                 self.ctx.set_running();
             }
             Err(error) => {
-                self.breaker.failures = self.breaker.failures.saturating_add(1);
-                let pause = self.config.probe_backoff.delay(self.breaker.failures);
-                self.breaker.probe_at = later(Instant::now(), pause);
+                let pause = self.breaker.failed(Instant::now());
                 tracing::warn!(error = %error_chain(error.as_ref()), probe_in = ?pause, "dependency still failing");
             }
         }
         self.ctx.progress();
     }
 
-    /// Stops: releases what has not started, lets running handlers finish until
-    /// `deadline`, then aborts them and abandons their messages by `hard_deadline`. A
-    /// shutdown that begins meanwhile (during the drain after a receive error) brings
-    /// both deadlines forward to its own.
-    pub(super) async fn drain(
-        &mut self,
-        shutting_down: bool,
-        mut deadline: Instant,
-        mut hard_deadline: Instant,
-    ) {
+    /// Stops, by `deadlines` (see [`Deadlines`]): stops intake and releases what has not
+    /// started by the drain deadline, lets running handlers finish and settles them
+    /// (locks still renewed) until it, then aborts the rest, waits for their tasks until
+    /// `aborted_by` and abandons their messages by `abandon_by`. A shutdown that begins
+    /// meanwhile (during the drain after a receive error) brings the deadlines forward.
+    pub(super) async fn drain(&mut self, shutting_down: bool, mut deadlines: Deadlines) {
         self.draining = true;
         let mut tightened = shutting_down;
         if shutting_down {
-            match timeout_at(hard_deadline, self.source.stop_receiving()).await {
+            match timeout_at(deadlines.drain(), self.source.stop_receiving()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::warn!(
                     error = %error_chain(&error),
                     "stop_receiving failed; buffered messages return when their locks expire"
                 ),
-                Err(_) => tracing::warn!("stop_receiving did not finish by the deadline"),
+                Err(_) => tracing::warn!("stop_receiving did not finish by the drain deadline"),
             }
         }
         let unstarted: Vec<Held> = self
@@ -660,53 +765,66 @@ impl<'a> Run<'a> {
             .chain(std::mem::take(&mut self.delayed).into_iter().map(|d| d.held))
             .filter(|held| !held.lost)
             .collect();
-        self.release(unstarted, hard_deadline, None).await;
+        for held in unstarted {
+            self.spawn_settlement(held, Settlement::Abandon(None), None, None);
+        }
         self.ctx.set_in_flight(self.running.len());
-        while !self.tasks.is_empty() {
+        while !self.tasks.is_empty() || !self.settling.is_empty() {
             let renewal = self.running.values().filter_map(|r| r.held.renew_at).min();
-            let timer = renewal.map_or(deadline, |at| at.min(deadline));
+            let timer = renewal.map_or(deadlines.drain(), |at| at.min(deadlines.drain()));
             tokio::select! {
-                Some(joined) = self.tasks.join_next_with_id() => self.finish(joined).await,
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.finish(joined);
+                }
+                Some(settled) = next_of(&mut self.settling) => self.settled(settled),
+                Some(renewed) = next_of(&mut self.renewing) => self.renewed(renewed),
                 () = self.ctx.cancelled(), if !tightened => {
                     tightened = true;
                     if self.ctx.is_shutting_down() {
-                        deadline = deadline.min(self.ctx.drain_deadline());
-                        hard_deadline = hard_deadline.min(self.ctx.hard_deadline());
+                        deadlines = deadlines.min(self.ctx.deadlines());
                     }
                 }
                 () = sleep_until(timer) => {
                     let now = Instant::now();
-                    if now >= deadline {
+                    if now >= deadlines.drain() {
                         break;
                     }
-                    self.renew_due(now).await;
+                    self.renew_due(now);
                 }
             }
             self.ctx.set_in_flight(self.running.len());
         }
+        self.abort_running(deadlines).await;
+        self.wait_settlements(deadlines.abandon_by()).await;
+        self.renewing.abort_all();
+        self.ctx.set_in_flight(0);
+    }
+
+    /// Aborts the handlers still running at the drain deadline and abandons their
+    /// messages. Their tasks get until `aborted_by` to end first, so no handler is still
+    /// at work on a message another consumer already has; a task that does not end
+    /// blocks a thread, and its message goes back anyway.
+    async fn abort_running(&mut self, deadlines: Deadlines) {
         if self.running.is_empty() {
             return;
         }
         self.tasks.abort_all();
-        // Let the aborted tasks end before their messages go back, so no handler is
-        // still at work on a message another consumer already has; a task that does not
-        // end blocks a thread, and its message goes back anyway.
-        let now = Instant::now();
-        let span = hard_deadline.saturating_duration_since(now);
-        let settle_by = now + span / 4;
         let mut stopped = HashSet::new();
-        let _ = timeout_at(settle_by, async {
+        let mut ended = Vec::new();
+        let _ = timeout_at(deadlines.aborted_by(), async {
             while let Some(joined) = self.tasks.join_next_with_id().await {
                 match joined {
                     Err(error) if error.is_cancelled() => {
                         stopped.insert(error.id());
                     }
-                    other => self.finish(other).await,
+                    other => ended.push(other),
                 }
             }
         })
         .await;
-        let mut aborted = Vec::new();
+        for joined in ended {
+            self.finish(joined);
+        }
         for (id, running) in std::mem::take(&mut self.running) {
             let blocked = !stopped.contains(&id);
             tracing::warn!(
@@ -718,43 +836,64 @@ impl<'a> Run<'a> {
                 self.ctx.record_aborted(running.held.id(), blocked);
             }
             if !running.held.lost {
-                aborted.push(running.held);
+                self.spawn_settlement(
+                    running.held,
+                    Settlement::Abandon(None),
+                    Some(Settled::Retried),
+                    None,
+                );
             }
         }
-        self.release(aborted, now + span * 5 / 8, Some(Settled::Retried)).await;
-        self.ctx.set_in_flight(0);
     }
 
-    /// Abandons `held` at once, concurrently, giving up at `by`.
-    async fn release(&self, held: Vec<Held>, by: Instant, record: Option<Settled>) {
-        let abandons = held.into_iter().map(|held| async move {
-            let id = held.id().to_owned();
-            (id, held.delivery.abandon(None).await)
-        });
-        match timeout_at(by, futures::future::join_all(abandons)).await {
-            Ok(results) => {
-                for (id, result) in results {
-                    match result {
-                        Ok(()) => {
-                            if let Some(settled) = record {
-                                self.ctx.record_settled(settled, None);
-                            }
-                        }
-                        Err(error) => self.settle_failed(&id, "abandon", &error),
-                    }
-                }
+    /// Takes the results of the settlements under way until `by`; what is left then
+    /// returns to the broker when its lock expires.
+    async fn wait_settlements(&mut self, by: Instant) {
+        let finished = timeout_at(by, async {
+            while let Some(settled) = self.settling.join_next().await {
+                self.settled(settled);
             }
-            Err(_) => tracing::error!(
-                "abandoning messages did not finish by the deadline; they return when their locks expire"
-            ),
+        })
+        .await;
+        if finished.is_err() {
+            tracing::error!(
+                unsettled = self.settling.len(),
+                "settlements did not finish by the deadline; those messages return when their locks expire"
+            );
+            self.settling.abort_all();
         }
     }
 }
 
-/// When to renew a lock expiring at `until`: `margin` before, but at most half-way.
-fn renew_at(until: Option<Instant>, now: Instant, margin: Duration) -> Option<Instant> {
-    until.map(|until| {
-        let span = until.saturating_duration_since(now);
-        until.checked_sub(margin.min(span / 2)).unwrap_or(now)
-    })
+impl Drop for Run<'_> {
+    /// A run dropped before its drain ended (the supervisor aborted the worker at its
+    /// abort-at deadline) abandons every message it still holds, in a tracked task
+    /// bounded by the hard deadline, rather than leave them to lock expiry. Its handler
+    /// tasks are aborted with their `JoinSet`.
+    fn drop(&mut self) {
+        let held: Vec<Arc<Delivery>> = std::mem::take(&mut self.running)
+            .into_values()
+            .map(|r| r.held)
+            .chain(self.pending.drain(..))
+            .chain(std::mem::take(&mut self.delayed).into_iter().map(|d| d.held))
+            .filter(|held| !held.lost)
+            .map(|held| held.delivery)
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        self.tasks.abort_all();
+        let hard = self.ctx.deadlines().hard();
+        tracing::warn!(
+            messages = held.len(),
+            "worker stopped before its drain ended; abandoning what it held"
+        );
+        let abandons = futures::future::join_all(held.into_iter().map(|delivery| async move {
+            let _ = delivery.settle_handle().abandon(None).await;
+        }));
+        runtime.spawn(self.ctx.track(async move {
+            let _ = timeout_at(hard, abandons).await;
+        }));
+    }
 }

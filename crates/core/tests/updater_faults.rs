@@ -1,0 +1,148 @@
+//! The Updater against a transport whose settlements and renewals hang, fail or lose
+//! their locks.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use steward_core::{MessageSource, Outcome, Updater, handler_fn};
+use support::{
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
+    send_local_session, supervisor, worker,
+};
+use tokio::time::{Instant, sleep};
+
+type Calls = Arc<Mutex<Vec<(String, u32)>>>;
+
+/// A handler recording `(id, delivery count)`; messages named `slow*` take 60 s.
+fn recording(calls: &Calls) -> impl steward_core::Handler {
+    let calls = calls.clone();
+    handler_fn(move |message| {
+        let calls = calls.clone();
+        async move {
+            calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
+            if message.id.starts_with("slow") {
+                sleep(Duration::from_secs(60)).await;
+            }
+            Outcome::Complete
+        }
+    })
+}
+
+/// Ensures that one settlement that never returns does not stop the renewals of the
+/// other running handlers: the slow handler keeps its lock for its whole minute and its
+/// message is handled once, with no restart.
+#[tokio::test(start_paused = true)]
+async fn hung_settlement_does_not_stop_other_renewals() {
+    let broker = broker(Duration::from_secs(10));
+    send(&broker, "slow", None).await;
+    send(&broker, "quick", None).await;
+    let faults = Arc::new(SettleFaults::default());
+    SettleFaults::arm(&faults.hang_complete, "quick", 1);
+    let calls: Calls = Arc::default();
+    let supervisor = supervisor();
+    let source = Faulty { inner: broker.source(QUEUE).unwrap(), faults };
+    supervisor.spawn(
+        Updater::with_source("renewing", source, recording(&calls))
+            .with_config(config().with_concurrency(2)),
+    );
+    let health = supervisor.health();
+    sleep(Duration::from_secs(70)).await;
+    let slow: Vec<_> =
+        calls.lock().unwrap().iter().filter(|(id, _)| id == "slow").cloned().collect();
+    assert_eq!(slow, [("slow".to_owned(), 1)], "slow handled once, on its first delivery");
+    let snapshot = worker(&health, "renewing");
+    assert_eq!(snapshot.restarts, 0, "{snapshot:?}");
+    assert_eq!(snapshot.outcomes.lease_lost, 0, "{snapshot:?}");
+    assert!(snapshot.outcomes.completed >= 1, "slow completed: {snapshot:?}");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Without broker sessions: a running message whose lock is lost, or whose completion
+/// fails, keeps its session until the broker redelivers it, so the next message of the
+/// session cannot overtake the redelivery.
+async fn unsettled_message_holds_its_session(fault: fn(&SettleFaults)) {
+    let broker = broker(Duration::from_secs(10));
+    send_local_session(&broker, "slow-a", "s").await;
+    send_local_session(&broker, "b", "s").await;
+    let faults = Arc::new(SettleFaults::default());
+    fault(&faults);
+    let calls: Calls = Arc::default();
+    let supervisor = supervisor();
+    let source = LocalSessions(Faulty { inner: broker.source(QUEUE).unwrap(), faults });
+    supervisor
+        .spawn(Updater::with_source("ordered", source, recording(&calls)).with_config(config()));
+    let health = supervisor.health();
+    eventually("both completed", Duration::from_secs(600), || {
+        worker(&health, "ordered").outcomes.completed >= 2
+    })
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    let order: Vec<&str> = calls.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(order, ["slow-a", "slow-a", "b"], "the redelivery ran before b: {calls:?}");
+    assert_eq!(calls[1].1, 2, "the second run of slow-a is its redelivery");
+    assert_eq!(broker.message_count(QUEUE), 0);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a running message that lost its lock holds its session until it is back.
+#[tokio::test(start_paused = true)]
+async fn lost_lock_holds_the_session_until_the_redelivery() {
+    unsettled_message_holds_its_session(|faults| {
+        SettleFaults::arm(&faults.lose_renewal, "slow-a", 1);
+    })
+    .await;
+}
+
+/// Ensures that a message whose completion failed holds its session until it is back.
+#[tokio::test(start_paused = true)]
+async fn failed_completion_holds_the_session_until_the_redelivery() {
+    unsettled_message_holds_its_session(|faults| {
+        SettleFaults::arm(&faults.fail_complete, "slow-a", 1);
+    })
+    .await;
+}
+
+/// Ensures that the drain honours its deadlines when a settlement hangs: the handler
+/// still running at the drain deadline is aborted and its message abandoned (another
+/// consumer gets it at once), and the worker stops in time (it is not aborted itself).
+#[tokio::test(start_paused = true)]
+async fn drain_meets_its_deadlines_when_a_settlement_hangs() {
+    let broker = broker(Duration::from_secs(60));
+    send(&broker, "quick", None).await;
+    send(&broker, "stubborn", None).await;
+    let faults = Arc::new(SettleFaults::default());
+    SettleFaults::arm(&faults.hang_complete, "quick", 1);
+    let handler = handler_fn(|message| async move {
+        if message.id == "stubborn" {
+            sleep(Duration::from_secs(3600)).await;
+        } else {
+            sleep(Duration::from_secs(2)).await;
+        }
+        Outcome::Complete
+    });
+    let supervisor = supervisor();
+    let source = Faulty { inner: broker.source(QUEUE).unwrap(), faults };
+    supervisor.spawn(
+        Updater::with_source("draining", source, handler).with_config(config().with_concurrency(2)),
+    );
+    let health = supervisor.health();
+    eventually("two running", Duration::from_secs(5), || {
+        worker(&health, "draining").in_flight == 2
+    })
+    .await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = supervisor.shutdown(deadline).await;
+    assert!(Instant::now() <= deadline, "shutdown overran its deadline");
+    assert!(report.overran.is_empty(), "the worker had to be aborted: {report:?}");
+    let aborted: Vec<_> = report.aborted_handlers.iter().map(|a| a.message_id.as_str()).collect();
+    assert_eq!(aborted, ["stubborn"], "{report:?}");
+    let fresh = broker.source(QUEUE).unwrap();
+    let got = fresh.receive(10, Duration::ZERO).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(ids, ["stubborn"], "the aborted handler's message was abandoned");
+}
