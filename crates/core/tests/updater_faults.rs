@@ -146,3 +146,125 @@ async fn drain_meets_its_deadlines_when_a_settlement_hangs() {
     let ids: Vec<_> = got.iter().map(|d| d.message().id.clone()).collect();
     assert_eq!(ids, ["stubborn"], "the aborted handler's message was abandoned");
 }
+
+/// Ensures that failed renewal rounds are not progress: a handler that hangs while
+/// every renewal of its lock fails leaves the worker without progress, so the watchdog
+/// restarts it after the stall timeout.
+#[tokio::test(start_paused = true)]
+async fn failing_renewals_are_not_progress() {
+    let broker = broker(Duration::from_secs(10));
+    send(&broker, "hung", None).await;
+    let faults = Arc::new(SettleFaults::default());
+    SettleFaults::arm(&faults.fail_renewal, "hung", u32::MAX);
+    let handler = handler_fn(|_| async {
+        sleep(Duration::from_secs(3600)).await;
+        Outcome::Complete
+    });
+    let supervisor = supervisor();
+    let source = Faulty { inner: broker.source(QUEUE).unwrap(), faults: faults.clone() };
+    supervisor.spawn(
+        Updater::with_source("unreachable", source, handler)
+            .with_config(config().with_concurrency(1).with_stall_timeout(Duration::from_secs(30))),
+    );
+    let health = supervisor.health();
+    sleep(Duration::from_secs(45)).await;
+    let snapshot = worker(&health, "unreachable");
+    assert!(snapshot.restarts >= 1, "never stalled: {snapshot:?}");
+    assert!(snapshot.last_error.unwrap_or_default().contains("stalled"));
+    assert!(faults.renewals.load(std::sync::atomic::Ordering::SeqCst) >= 5, "renewals were tried");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a lock whose renewal answers with an expiry that is not in the future
+/// is renewed at most once a second, not back-to-back.
+#[tokio::test(start_paused = true)]
+async fn stale_lock_expiry_is_not_renewed_back_to_back() {
+    let broker = broker(Duration::from_secs(10));
+    send(&broker, "slow", None).await;
+    let faults = Arc::new(SettleFaults::default());
+    // Enough to spin for ever at one instant; the count below catches it first.
+    SettleFaults::arm(&faults.stale_renewal, "slow", 10_000);
+    let calls: Calls = Arc::default();
+    let supervisor = supervisor();
+    let source = Faulty { inner: broker.source(QUEUE).unwrap(), faults: faults.clone() };
+    supervisor
+        .spawn(Updater::with_source("skewed", source, recording(&calls)).with_config(config()));
+    sleep(Duration::from_secs(20)).await;
+    let renewals = faults.renewals.load(std::sync::atomic::Ordering::SeqCst);
+    // At most one a second (back-to-back renewals would use up all 10,000 at once).
+    assert!((10..=21).contains(&renewals), "{renewals} renewals in 20 s");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a handler running past `handler_timeout` is aborted and its message
+/// retried, and that its session's next message waits for the retry.
+#[tokio::test(start_paused = true)]
+async fn handler_past_its_timeout_is_aborted_and_retried() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "hangs", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let calls: Calls = Arc::default();
+    let handler = {
+        let calls = calls.clone();
+        handler_fn(move |message| {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
+                if message.id == "hangs" && message.delivery_count == 1 {
+                    std::future::pending::<()>().await;
+                }
+                Outcome::Complete
+            }
+        })
+    };
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("bounded", source, handler)
+            .with_config(config().with_handler_timeout(Duration::from_secs(5))),
+    );
+    let health = supervisor.health();
+    eventually("both completed", Duration::from_secs(120), || {
+        worker(&health, "bounded").outcomes.completed == 2
+    })
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [("hangs".to_owned(), 1), ("hangs".to_owned(), 2), ("next".to_owned(), 1)],
+        "aborted, retried, and only then the next message"
+    );
+    let snapshot = worker(&health, "bounded");
+    assert_eq!((snapshot.outcomes.retried, snapshot.restarts), (1, 0), "{snapshot:?}");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that an endless error drain saturates instead of panicking the worker: after
+/// a receive error the worker backs off and recovers.
+#[tokio::test(start_paused = true)]
+async fn endless_error_drain_is_not_a_panic() {
+    let broker = broker(Duration::from_secs(30));
+    broker.faults(QUEUE).fail_receives(1, steward_core::ErrorKind::Connection);
+    let mut config = config();
+    config.error_drain = Duration::MAX;
+    let supervisor = supervisor();
+    supervisor.spawn(
+        Updater::with_source(
+            "endless",
+            broker.source(QUEUE).unwrap(),
+            handler_fn(|_| async { Outcome::Complete }),
+        )
+        .with_config(config),
+    );
+    let health = supervisor.health();
+    eventually("a restart", Duration::from_secs(30), || worker(&health, "endless").restarts >= 1)
+        .await;
+    let error = worker(&health, "endless").last_error.unwrap_or_default();
+    assert!(!error.contains("panicked"), "{error}");
+    send(&broker, "after", None).await;
+    eventually("handled after the restart", Duration::from_secs(30), || {
+        worker(&health, "endless").outcomes.completed == 1
+    })
+    .await;
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}

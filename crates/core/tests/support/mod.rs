@@ -200,6 +200,13 @@ pub struct SettleFaults {
     pub lose_renewal: Mutex<Vec<(String, u32)>>,
     /// `(message id, calls)`: `renew_lock` never returns.
     pub hang_renewal: Mutex<Vec<(String, u32)>>,
+    /// `(message id, calls)`: `renew_lock` fails with a connection error.
+    pub fail_renewal: Mutex<Vec<(String, u32)>>,
+    /// `(message id, calls)`: `renew_lock` answers with an expiry that is not in the
+    /// future (a skewed clock).
+    pub stale_renewal: Mutex<Vec<(String, u32)>>,
+    /// How many times `renew_lock` was called, faults included.
+    pub renewals: std::sync::atomic::AtomicUsize,
 }
 
 impl SettleFaults {
@@ -241,6 +248,13 @@ impl steward_core::Settle for FaultySettle {
     }
 
     async fn renew_lock(&self) -> Result<Option<Instant>, TransportError> {
+        self.faults.renewals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if SettleFaults::fires(&self.faults.stale_renewal, &self.id) {
+            return Ok(Some(Instant::now()));
+        }
+        if SettleFaults::fires(&self.faults.fail_renewal, &self.id) {
+            return Err(TransportError::connection("renewal failed (injected)"));
+        }
         if SettleFaults::fires(&self.faults.hang_renewal, &self.id) {
             std::future::pending::<()>().await;
         }
