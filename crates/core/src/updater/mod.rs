@@ -8,7 +8,7 @@ mod sessions;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -151,6 +151,11 @@ impl UpdaterConfig {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Only bookkeeping of sessions: usable after a panic elsewhere.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Opens a [`MessageSource`], once per (re)start of an [`Updater`].
 ///
 /// Implemented for async closures returning `Result<impl MessageSource, TransportError>`.
@@ -222,6 +227,8 @@ pub struct Updater {
     connect: Arc<dyn Connect>,
     handler: Arc<dyn Handler>,
     config: UpdaterConfig,
+    /// Sessions waiting for a message back at the broker when the last run ended.
+    waiting: Mutex<sessions::Waiting>,
 }
 
 impl fmt::Debug for Updater {
@@ -242,6 +249,7 @@ impl Updater {
             connect: Arc::new(connect),
             handler: Arc::new(handler),
             config: UpdaterConfig::default(),
+            waiting: Mutex::default(),
         }
     }
 
@@ -290,7 +298,8 @@ impl Worker for Updater {
         // is stuck, and the supervisor must see that.
         ctx.set_running();
         tracing::info!(queue = source.queue(), "receiving");
-        let mut run = run::Run::new(&ctx, source.as_ref(), &self.handler, &self.config);
+        let waiting = std::mem::take(&mut *lock(&self.waiting));
+        let mut run = run::Run::new(&ctx, source.as_ref(), &self.handler, &self.config, waiting);
         let failure = run.receive_loop().await;
         match &failure {
             None => run.drain(ctx.is_shutting_down(), ctx.deadlines()).await,
@@ -302,6 +311,7 @@ impl Worker for Updater {
                 run.drain(false, Deadlines::after_drain(drain, Duration::from_secs(1))).await;
             }
         }
+        *lock(&self.waiting) = run.take_waiting();
         failure.map_or(Ok(()), |error| Err(error.into()))
     }
 }

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::UpdaterConfig;
 use super::breaker::Breaker;
 use super::renewal::{RENEW_RETRY, renew_at};
-use super::sessions::SessionGate;
+use super::sessions::{SessionGate, Waiting};
 use crate::deadlines::saturating_add;
 use crate::supervisor::panic_message;
 use crate::{
@@ -29,6 +29,10 @@ use crate::{
 
 /// The reason given to messages delivered too often.
 pub(crate) const MAX_DELIVERY_COUNT_EXCEEDED: &str = "MaxDeliveryCountExceeded";
+
+/// How many parked messages (waiting for their session) an updater holds beyond its
+/// intake, per message of `concurrency + batch_size`.
+const PARKED_PER_SLOT: usize = 4;
 
 /// The longest retry delay passed to a transport; a handler asking for more gets this.
 pub(crate) const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -144,6 +148,7 @@ impl<'a> Run<'a> {
         source: &'a dyn MessageSource,
         handler: &'a Arc<dyn Handler>,
         config: &'a UpdaterConfig,
+        waiting: Waiting,
     ) -> Self {
         let caps = source.capabilities();
         Self {
@@ -157,7 +162,7 @@ impl<'a> Run<'a> {
             running: HashMap::new(),
             tasks: JoinSet::new(),
             delayed: Vec::new(),
-            gate: SessionGate::new(caps.sessions, config.wait),
+            gate: SessionGate::new(caps.sessions, config.wait, waiting),
             breaker: Breaker::new(config.probe_backoff.clone()),
             settling: JoinSet::new(),
             renewing: JoinSet::new(),
@@ -166,8 +171,7 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Messages counted against intake: running, waiting and being settled. Retries
-    /// held locally for their delay count too: they hold a lock each.
+    /// Every message held: for health.
     fn in_flight(&self) -> usize {
         self.running.len() + self.pending.len() + self.delayed.len()
     }
@@ -176,10 +180,31 @@ impl<'a> Run<'a> {
         self.config.concurrency + self.config.batch_size
     }
 
+    /// Whether a waiting message cannot start now because its session is busy or waits
+    /// for another message of it: it is *parked*.
+    fn is_parked(&self, held: &Held) -> bool {
+        held.session().is_some_and(|session| !self.gate.may_start(session, held.id()))
+    }
+
+    /// Messages that count toward intake: running, and waiting ones that could start.
+    /// Parked messages and retries held locally for their delay do not: counting them
+    /// let a session's followers fill the intake while its head was away, so the head
+    /// was never received again.
+    fn intake(&self) -> usize {
+        self.running.len() + self.pending.iter().filter(|held| !self.is_parked(held)).count()
+    }
+
+    /// Parked messages and retries held locally: each holds a lock the loop renews, so
+    /// they have their own bound, [`PARKED_PER_SLOT`] × `(concurrency + batch_size)`.
+    fn parked(&self) -> usize {
+        self.pending.iter().filter(|held| self.is_parked(held)).count() + self.delayed.len()
+    }
+
     fn can_receive(&self) -> bool {
         !self.breaker.is_open()
             && self.running.len() < self.config.concurrency
-            && self.in_flight() < self.max_in_flight()
+            && self.intake() < self.max_in_flight()
+            && self.parked() < self.max_in_flight().saturating_mul(PARKED_PER_SLOT)
     }
 
     /// Receives and handles messages until the worker is cancelled (`None`) or a receive
@@ -197,7 +222,7 @@ impl<'a> Run<'a> {
             // A receive under way when the breaker opened is left to finish: dropping it
             // could cost its messages a delivery for nothing.
             if receiving.is_none() && self.can_receive() {
-                let max = self.config.batch_size.min(self.max_in_flight() - self.in_flight());
+                let max = self.config.batch_size.min(self.max_in_flight() - self.intake());
                 receiving = Some(source.receive(max.max(1), self.config.wait));
             }
             if probing.is_none() && self.breaker.probe_at().is_some_and(|at| now >= at) {
@@ -798,6 +823,12 @@ impl<'a> Run<'a> {
         self.wait_settlements(deadlines.abandon_by()).await;
         self.renewing.abort_all();
         self.ctx.set_in_flight(0);
+    }
+
+    /// The sessions still waiting for a message, for the next run of the updater.
+    pub(super) fn take_waiting(&mut self) -> Waiting {
+        let fresh = SessionGate::new(self.caps.sessions, self.config.wait, Waiting::default());
+        std::mem::replace(&mut self.gate, fresh).into_waiting()
     }
 
     /// Aborts the handlers still running at the drain deadline and abandons their

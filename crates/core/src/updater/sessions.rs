@@ -32,9 +32,19 @@ pub(super) struct SessionGate {
     blocked: HashMap<String, Blocked>,
 }
 
+/// The sessions still waiting for a message when a run ended, handed to the next run
+/// of the same updater so a restart does not let followers overtake a delayed head.
+#[derive(Debug, Default)]
+pub(super) struct Waiting(HashMap<String, Blocked>);
+
 impl SessionGate {
-    pub(super) fn new(broker_sessions: bool, wait: Duration) -> Self {
-        Self { broker_sessions, wait, active: HashSet::new(), blocked: HashMap::new() }
+    pub(super) fn new(broker_sessions: bool, wait: Duration, waiting: Waiting) -> Self {
+        Self { broker_sessions, wait, active: HashSet::new(), blocked: waiting.0 }
+    }
+
+    /// The sessions that wait for a message back at the broker, for the next run.
+    pub(super) fn into_waiting(self) -> Waiting {
+        Waiting(self.blocked)
     }
 
     /// Whether `message_id` of `session` may start now.
@@ -72,6 +82,11 @@ impl SessionGate {
         if self.broker_sessions {
             return;
         }
+        // A session already waiting for an earlier message keeps waiting for that one:
+        // it is ahead of this one.
+        if self.blocked.get(session).is_some_and(|b| b.message_id != message_id) {
+            return;
+        }
         let bound = delay.saturating_mul(6).saturating_add(self.wait.saturating_mul(2));
         let until = saturating_add(due.max(Instant::now()), bound);
         self.blocked
@@ -95,7 +110,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_active_session_admits_nothing_until_released() {
-        let mut gate = SessionGate::new(false, Duration::from_secs(1));
+        let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
         assert!(gate.may_start("s", "a"));
         gate.occupy("s");
         assert!(!gate.may_start("s", "b"));
@@ -106,7 +121,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_message_back_at_the_broker_is_awaited_until_it_returns_or_the_bound() {
-        let mut gate = SessionGate::new(false, Duration::from_secs(1));
+        let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
         let now = Instant::now();
         gate.occupy("s");
         gate.release_awaiting("s", "a", now + Duration::from_secs(10), Duration::from_secs(5));
@@ -123,7 +138,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_returning_message_clears_the_block_when_it_starts() {
-        let mut gate = SessionGate::new(false, Duration::from_secs(1));
+        let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
         gate.release_awaiting("s", "a", Instant::now(), Duration::ZERO);
         gate.occupy("s");
         assert!(!gate.is_awaited("s", "a"));
@@ -132,8 +147,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_new_gate_keeps_the_waiting_sessions_of_the_last() {
+        let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
+        gate.occupy("s");
+        gate.release_awaiting("s", "a", Instant::now(), Duration::from_secs(5));
+        let next = SessionGate::new(false, Duration::from_secs(1), gate.into_waiting());
+        assert!(!next.may_start("s", "b"));
+        assert!(next.may_start("s", "a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_keeps_waiting_for_its_earliest_message() {
+        let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
+        gate.release_awaiting("s", "head", Instant::now(), Duration::from_secs(20));
+        gate.release_awaiting("s", "follower", Instant::now(), Duration::ZERO);
+        assert!(gate.may_start("s", "head"));
+        assert!(!gate.may_start("s", "follower"), "the follower went back too, behind the head");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn broker_sessions_are_never_blocked_here() {
-        let mut gate = SessionGate::new(true, Duration::from_secs(1));
+        let mut gate = SessionGate::new(true, Duration::from_secs(1), Waiting::default());
         gate.occupy("s");
         gate.release_awaiting("s", "a", Instant::now(), Duration::from_secs(5));
         assert!(gate.may_start("s", "b"));
@@ -142,7 +176,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_absurd_delay_saturates() {
-        let mut gate = SessionGate::new(false, Duration::MAX);
+        let mut gate = SessionGate::new(false, Duration::MAX, Waiting::default());
         gate.release_awaiting("s", "a", Instant::now(), Duration::MAX);
         assert!(gate.next_expiry().is_some());
     }
