@@ -15,38 +15,56 @@ use support::{
 };
 use tokio::time::{Instant, sleep};
 
-/// Ensures that 1,000 messages over 10 sessions at concurrency 8 are each handled once,
-/// in order within each session, never with more than 8 handlers at once.
-#[tokio::test(start_paused = true)]
-async fn sessions_keep_order_and_concurrency_stays_within_limit() {
+/// 1,000 messages over 10 sessions at concurrency 8, on a broker that keeps session
+/// order itself or (`local`) through a source without sessions, where only the Updater
+/// keeps it.
+async fn sessions_keep_order(local: bool) {
     let broker = broker(Duration::from_secs(30));
     for i in 0..1000 {
-        send(&broker, &format!("{}-{:04}", i % 10, i / 10), Some(&format!("s{}", i % 10))).await;
+        let (id, session) = (format!("{}-{:04}", i % 10, i / 10), format!("s{}", i % 10));
+        if local {
+            send_local_session(&broker, &id, &session).await;
+        } else {
+            send(&broker, &id, Some(&session)).await;
+        }
     }
     let seen: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let busy: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let overlaps = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let handler = {
-        let (seen, running, peak) = (seen.clone(), running.clone(), peak.clone());
+        let (seen, busy, overlaps) = (seen.clone(), busy.clone(), overlaps.clone());
+        let (running, peak) = (running.clone(), peak.clone());
         handler_fn(move |message| {
-            let (seen, running, peak) = (seen.clone(), running.clone(), peak.clone());
+            let (seen, busy, overlaps) = (seen.clone(), busy.clone(), overlaps.clone());
+            let (running, peak) = (running.clone(), peak.clone());
             async move {
+                let session = message.session_id.clone().unwrap();
+                if !busy.lock().unwrap().insert(session.clone()) {
+                    overlaps.fetch_add(1, Ordering::SeqCst);
+                }
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
                 // Uneven handler times interleave the sessions.
                 let n: u64 = message.id[2..].parse().unwrap();
                 sleep(Duration::from_millis(5 + (n * 37) % 50)).await;
-                let session = message.session_id.clone().unwrap();
-                seen.lock().unwrap().entry(session).or_default().push(message.id.clone());
+                seen.lock().unwrap().entry(session.clone()).or_default().push(message.id.clone());
                 running.fetch_sub(1, Ordering::SeqCst);
+                busy.lock().unwrap().remove(&session);
                 Outcome::Complete
             }
         })
     };
     let supervisor = supervisor();
-    let updater = Updater::with_source("ordered", broker.source(QUEUE).unwrap(), handler)
-        .with_config(config().with_concurrency(8).with_batch_size(16));
-    supervisor.spawn(updater);
+    let config = config().with_concurrency(8).with_batch_size(16);
+    if local {
+        let source = LocalSessions(broker.source(QUEUE).unwrap());
+        supervisor.spawn(Updater::with_source("ordered", source, handler).with_config(config));
+    } else {
+        let source = broker.source(QUEUE).unwrap();
+        supervisor.spawn(Updater::with_source("ordered", source, handler).with_config(config));
+    }
     let health = supervisor.health();
     eventually("all messages completed", Duration::from_secs(3600), || {
         worker(&health, "ordered").outcomes.completed == 1000
@@ -58,15 +76,26 @@ async fn sessions_keep_order_and_concurrency_stays_within_limit() {
     for (session, ids) in seen.iter() {
         let mut sorted = ids.clone();
         sorted.sort();
-        assert_eq!(ids, &sorted, "order within {session}");
+        assert_eq!(ids, &sorted, "order within {session} (local: {local})");
         assert_eq!(ids.len(), 100, "each message of {session} handled once");
     }
+    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two handlers of one session overlapped");
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak <= 8, "{peak} handlers ran at once, more than 8");
     assert!(peak >= 4, "only {peak} handlers at once: the sessions did not run in parallel");
     assert_eq!(broker.message_count(QUEUE), 0);
     let report = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
     assert!(report.is_clean(), "{report:?}");
+}
+
+/// Ensures that 1,000 messages over 10 sessions at concurrency 8 are each handled once,
+/// in order within each session and never two of a session at once, with at most 8
+/// handlers at once: on a broker with sessions, and on a source without them, where
+/// the Updater alone keeps the order.
+#[tokio::test(start_paused = true)]
+async fn sessions_keep_order_and_concurrency_stays_within_limit() {
+    sessions_keep_order(false).await;
+    sessions_keep_order(true).await;
 }
 
 /// Ensures that a handler running three times the lock duration keeps its message, and
