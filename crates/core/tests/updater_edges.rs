@@ -16,7 +16,8 @@ use steward_core::{
     TransportError, Updater, WorkerState, handler_fn,
 };
 use support::{
-    LocalSessions, QUEUE, broker, config, eventually, send, send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
+    send_local_session, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -155,21 +156,24 @@ async fn held_retry_that_loses_its_lock_frees_its_session() {
 }
 
 /// Ensures that a handler asking for an absurd retry delay does not bring the worker
-/// down: the delay is capped, and other messages flow.
+/// down: the transport is asked for the cap, 24 h, other messages flow, and the message
+/// comes back after the cap.
 #[tokio::test(start_paused = true)]
 async fn absurd_retry_delay_is_capped_not_a_panic() {
     let broker = broker(Duration::from_secs(30));
     send_local_session(&broker, "forever", "s").await;
     send_local_session(&broker, "other", "t").await;
     let handler = handler_fn(|message| async move {
-        if message.id == "forever" {
+        if message.id == "forever" && message.delivery_count == 1 {
             Outcome::retry_after(Duration::MAX, "never")
         } else {
             Outcome::Complete
         }
     });
+    let faults = Arc::new(SettleFaults::default());
     let supervisor = supervisor();
-    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    let source =
+        LocalSessions(Faulty { inner: broker.source(QUEUE).unwrap(), faults: faults.clone() });
     supervisor.spawn(Updater::with_source("absurd", source, handler).with_config(config()));
     let health = supervisor.health();
     eventually("the other message", Duration::from_secs(60), || {
@@ -180,9 +184,17 @@ async fn absurd_retry_delay_is_capped_not_a_panic() {
         worker(&health, "absurd").outcomes.retried == 1
     })
     .await;
+    let cap = Duration::from_secs(24 * 60 * 60);
+    assert_eq!(*faults.abandons.lock().unwrap(), [("forever".to_owned(), Some(cap))]);
     let snapshot = worker(&health, "absurd");
     assert_eq!(snapshot.restarts, 0, "{snapshot:?}");
     assert_eq!(snapshot.state, WorkerState::Running);
+    sleep(cap - Duration::from_secs(60)).await;
+    assert_eq!(worker(&health, "absurd").outcomes.completed, 1, "back before the cap");
+    eventually("back after the cap", Duration::from_secs(120), || {
+        worker(&health, "absurd").outcomes.completed == 2
+    })
+    .await;
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
@@ -214,11 +226,13 @@ async fn endless_stall_timeout_disables_the_watchdog() {
 struct SlowDependency {
     down: AtomicBool,
     probes: AtomicUsize,
+    handled: Mutex<Vec<(String, u32)>>,
 }
 
 #[async_trait]
 impl Handler for SlowDependency {
-    async fn handle(&self, _message: Arc<Message>) -> Outcome {
+    async fn handle(&self, message: Arc<Message>) -> Outcome {
+        self.handled.lock().unwrap().push((message.id.clone(), message.delivery_count));
         if self.down.load(Ordering::SeqCst) {
             Outcome::dependency_failed("database unavailable")
         } else {
@@ -244,8 +258,11 @@ async fn hanging_probe_does_not_stop_lock_renewals() {
     let broker = broker(Duration::from_secs(20));
     send(&broker, "m1", None).await;
     send(&broker, "m2", None).await;
-    let dependency =
-        Arc::new(SlowDependency { down: AtomicBool::new(true), probes: AtomicUsize::new(0) });
+    let dependency = Arc::new(SlowDependency {
+        down: AtomicBool::new(true),
+        probes: AtomicUsize::new(0),
+        handled: Mutex::default(),
+    });
     let supervisor = supervisor();
     let updater = Updater::with_source("slow", broker.source(QUEUE).unwrap(), dependency.clone())
         .with_config(
@@ -259,7 +276,16 @@ async fn hanging_probe_does_not_stop_lock_renewals() {
     .await;
     let snapshot = worker(&health, "slow");
     assert_eq!(snapshot.outcomes.lease_lost, 0, "{snapshot:?}");
+    assert_eq!(snapshot.outcomes.retried, 1, "only m1's dependency failure: {snapshot:?}");
     assert!(dependency.probes.load(Ordering::SeqCst) >= 2);
+    // m1 failed once (its retry is its second delivery); m2 waited out the outage on
+    // its first delivery, its lock renewed.
+    let handled = dependency.handled.lock().unwrap().clone();
+    assert_eq!(
+        handled,
+        [("m1".to_owned(), 1), ("m2".to_owned(), 1), ("m1".to_owned(), 2)],
+        "deliveries burned while the breaker was open"
+    );
     assert_eq!(broker.message_count(QUEUE), 0);
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }

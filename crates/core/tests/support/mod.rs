@@ -207,6 +207,8 @@ pub struct SettleFaults {
     pub stale_renewal: Mutex<Vec<(String, u32)>>,
     /// How many times `renew_lock` was called, faults included.
     pub renewals: std::sync::atomic::AtomicUsize,
+    /// Every `abandon`: the message id and the delay asked for.
+    pub abandons: Mutex<Vec<(String, Option<Duration>)>>,
 }
 
 impl SettleFaults {
@@ -284,6 +286,7 @@ impl steward_core::Settle for FaultySettle {
     }
 
     async fn abandon(&self, delay: Option<Duration>) -> Result<(), TransportError> {
+        self.faults.abandons.lock().unwrap().push((self.id.clone(), delay));
         match self.inner.lock().await.take() {
             Some(delivery) => delivery.abandon(delay).await,
             None => Err(TransportError::lock_lost(self.id.clone())),
