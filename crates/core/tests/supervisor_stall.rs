@@ -11,9 +11,9 @@ use steward_core::{Outcome, Updater, WorkerState, handler_fn};
 use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
 use tokio::time::Instant;
 
-/// Ensures that a worker whose `receive` never returns is detected as `stalled` after its
-/// stall timeout, cancelled and restarted (counted as a restart), and works again once
-/// the source answers.
+/// Ensures that a worker whose `receive` never returns is detected as `stalled` exactly
+/// its stall timeout after each start, cancelled and restarted after the backoff
+/// (counted as a restart), and works again once the source answers.
 #[tokio::test(start_paused = true)]
 async fn hung_receive_is_detected_as_stalled_and_restarted() {
     let broker = broker(Duration::from_secs(30));
@@ -43,16 +43,18 @@ async fn hung_receive_is_detected_as_stalled_and_restarted() {
         })
     };
 
-    eventually("a restart", Duration::from_secs(120), || worker(&health, "stuck").restarts >= 1)
+    eventually("two restarts", Duration::from_secs(120), || worker(&health, "stuck").restarts >= 2)
         .await;
-    let stalled_at = states
+    // Each start stalls its stall timeout after it began: at 30 s, then (after a 1 s
+    // backoff) at 61 s.
+    let stalled_at: Vec<Duration> = states
         .lock()
         .unwrap()
         .iter()
-        .find(|(state, _)| *state == WorkerState::Stalled)
-        .map(|(_, at)| *at)
-        .expect("the worker was reported stalled");
-    assert_eq!(stalled_at - started, stall, "stalled exactly after the stall timeout");
+        .filter(|(state, _)| *state == WorkerState::Stalled)
+        .map(|(_, at)| *at - started)
+        .collect();
+    assert_eq!(stalled_at, [stall, stall * 2 + Duration::from_secs(1)], "stall instants");
     let snapshot = worker(&health, "stuck");
     assert!(snapshot.last_error.unwrap().contains("stalled"));
 
@@ -62,7 +64,9 @@ async fn hung_receive_is_detected_as_stalled_and_restarted() {
         worker(&health, "stuck").outcomes.completed == 1
     })
     .await;
-    assert_eq!(worker(&health, "stuck").state, WorkerState::Running);
+    let snapshot = worker(&health, "stuck");
+    assert_eq!(snapshot.state, WorkerState::Running);
+    assert_eq!(snapshot.restarts, 2, "{snapshot:?}");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
     recorder.abort();
 }
