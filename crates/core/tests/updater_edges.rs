@@ -378,3 +378,53 @@ async fn thread_blocking_handler_message_is_released_by_the_deadline() {
     delivery.complete().await.expect("the new holder's lock was left alone");
     assert_eq!(broker.message_count(QUEUE), 0);
 }
+
+/// Ensures that a handler that blocks its thread past `handler_timeout` keeps its
+/// session (order before speed) and is reported in the worker's health as overdue; once
+/// it returns, its outcome stands (the abort never took effect) and only then does the
+/// session's next message run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_blocking_handler_past_its_timeout_keeps_its_session_and_is_reported() {
+    let broker = broker(Duration::from_secs(60));
+    send_local_session(&broker, "blocks", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let handled: Log = Arc::default();
+    let (release, blocked_on) = std::sync::mpsc::channel::<()>();
+    let blocked_on = Arc::new(Mutex::new(blocked_on));
+    let handler = {
+        let handled = handled.clone();
+        handler_fn(move |message| {
+            handled.lock().unwrap().push(format!("{}#{}", message.id, message.delivery_count));
+            let blocked_on = blocked_on.clone();
+            async move {
+                if message.id == "blocks" && message.delivery_count == 1 {
+                    // Blocks its thread until released; the timeout only keeps a
+                    // broken build from hanging the test run.
+                    let _ = blocked_on.lock().unwrap().recv_timeout(Duration::from_secs(60));
+                }
+                Outcome::Complete
+            }
+        })
+    };
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("overdue", source, handler)
+            .with_config(config().with_handler_timeout(Duration::from_millis(100))),
+    );
+    let health = supervisor.health();
+    eventually("reported overdue", Duration::from_secs(30), || {
+        worker(&health, "overdue").overdue_handlers == 1
+    })
+    .await;
+    assert_eq!(*handled.lock().unwrap(), ["blocks#1"], "next ran while blocks held its session");
+    release.send(()).unwrap();
+    eventually("both completed", Duration::from_secs(30), || {
+        worker(&health, "overdue").outcomes.completed == 2
+    })
+    .await;
+    assert_eq!(*handled.lock().unwrap(), ["blocks#1", "next#1"]);
+    let snapshot = worker(&health, "overdue");
+    assert_eq!((snapshot.overdue_handlers, snapshot.outcomes.retried), (0, 0), "{snapshot:?}");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}

@@ -96,6 +96,9 @@ pub struct WorkerHealth {
     pub outcomes: OutcomeCounts,
     /// Messages held right now: running handlers and messages waiting their turn.
     pub in_flight: usize,
+    /// Handlers aborted for running past their timeout that have not ended: they block
+    /// a thread, and keep their slot and their session until they return.
+    pub overdue_handlers: usize,
 }
 
 /// Every worker's health at a moment.
@@ -227,6 +230,7 @@ struct Status {
     last_message_at: Option<Instant>,
     outcomes: OutcomeCounts,
     in_flight: usize,
+    overdue_handlers: usize,
 }
 
 impl Status {
@@ -242,6 +246,7 @@ impl Status {
             last_message_at: None,
             outcomes: OutcomeCounts::default(),
             in_flight: 0,
+            overdue_handlers: 0,
         }
     }
 }
@@ -267,6 +272,7 @@ impl WorkerRecord {
             last_message_at: status.last_message_at.map(wall_clock),
             outcomes: status.outcomes,
             in_flight: status.in_flight,
+            overdue_handlers: status.overdue_handlers,
         }
     }
 
@@ -339,6 +345,16 @@ impl WorkerRecord {
     pub(crate) fn set_in_flight(&self, in_flight: usize) {
         lock(&self.status).in_flight = in_flight;
         crate::metrics::in_flight(&self.name, in_flight);
+    }
+
+    pub(crate) fn set_overdue_handlers(&self, overdue: usize) {
+        let changed = {
+            let mut status = lock(&self.status);
+            std::mem::replace(&mut status.overdue_handlers, overdue) != overdue
+        };
+        if changed {
+            self.announce();
+        }
     }
 
     pub(crate) fn count(&self, f: impl FnOnce(&mut OutcomeCounts)) {

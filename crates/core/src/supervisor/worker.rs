@@ -224,6 +224,12 @@ impl WorkerContext {
         self.record.set_in_flight(n);
     }
 
+    /// Records how many handlers were aborted for their timeout and have not ended yet
+    /// (they block a thread).
+    pub fn set_overdue_handlers(&self, n: usize) {
+        self.record.set_overdue_handlers(n);
+    }
+
     /// Records one settled message.
     pub fn record_settled(&self, settled: Settled, handler_time: Option<Duration>) {
         let name = &self.record.name;

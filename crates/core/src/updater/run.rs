@@ -219,6 +219,7 @@ impl<'a> Run<'a> {
             self.gate.expire(now);
             self.dispatch();
             self.ctx.set_in_flight(self.in_flight());
+            self.ctx.set_overdue_handlers(self.running.values().filter(|r| r.timed_out).count());
             // A receive under way when the breaker opened is left to finish: dropping it
             // could cost its messages a delivery for nothing.
             if receiving.is_none() && self.can_receive() {
@@ -823,6 +824,7 @@ impl<'a> Run<'a> {
         self.wait_settlements(deadlines.abandon_by()).await;
         self.renewing.abort_all();
         self.ctx.set_in_flight(0);
+        self.ctx.set_overdue_handlers(0);
     }
 
     /// The sessions still waiting for a message, for the next run of the updater.
