@@ -2,9 +2,15 @@
 //! message, settling each by its outcome.
 
 mod breaker;
+mod delayed;
+mod handlers;
+mod held;
 mod renewal;
 mod run;
 mod sessions;
+mod settlement;
+#[cfg(test)]
+mod testing;
 
 use std::fmt;
 use std::future::Future;
