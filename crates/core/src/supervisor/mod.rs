@@ -546,3 +546,20 @@ pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stuck_bound_adds_every_stalled_start_and_the_longest_backoffs_between() {
+        let config = SupervisorConfig::default();
+        let stall = Duration::from_secs(85);
+        // 3 × (85 s + 5 s) + 2 × 300 s.
+        assert_eq!(config.stuck_bound(stall), Duration::from_secs(870));
+        let once = SupervisorConfig::default().with_stalls_before_failed(0);
+        assert_eq!(once.stalls_before_failed, 1, "at least one stall");
+        assert_eq!(once.stuck_bound(stall), Duration::from_secs(90));
+        assert_eq!(config.stuck_bound(Duration::MAX), Duration::MAX, "saturates");
+    }
+}
