@@ -169,6 +169,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Shared state of a supervisor that never runs, for unit tests of workers.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Arc<Self> {
+        Arc::new(Self {
+            tracker: TaskTracker::new(),
+            root: CancellationToken::new(),
+            config: SupervisorConfig::default(),
+            deadlines: Mutex::new(None),
+            aborted: Mutex::new(Vec::new()),
+        })
+    }
+
     pub(crate) fn deadlines(&self) -> Option<Deadlines> {
         *lock(&self.deadlines)
     }

@@ -131,6 +131,17 @@ pub struct AbortedHandler {
 }
 
 impl WorkerContext {
+    /// A context outside any supervisor, for unit tests of workers.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str) -> Self {
+        let (registry, _changes) = super::health::Registry::new();
+        Self {
+            record: registry.add(name),
+            cancel: CancellationToken::new(),
+            shared: Shared::for_tests(),
+        }
+    }
+
     /// The worker's name.
     #[must_use]
     pub fn name(&self) -> &str {

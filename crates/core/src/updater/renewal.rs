@@ -130,7 +130,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_hung_renewal_times_out_without_holding_up_another() {
         let mut renewals = Renewals::new(Duration::from_secs(30));
-        let mut hung = held_with(1, "hung", None, TestSettle { hang: true, lost: false });
+        let mut hung =
+            held_with(1, "hung", None, TestSettle { hang: true, ..TestSettle::default() });
         let mut quick = held_with(2, "quick", None, TestSettle::default());
         let started = Instant::now();
         renewals.start(&mut hung);
@@ -157,7 +158,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lost_lock_is_marked_and_never_renewed_again() {
         let mut renewals = Renewals::new(Duration::from_secs(30));
-        let mut lost = held_with(1, "lost", None, TestSettle { hang: false, lost: true });
+        let mut lost =
+            held_with(1, "lost", None, TestSettle { lost: true, ..TestSettle::default() });
         renewals.start(&mut lost);
         let (_, answer) = renewals.next().await;
         assert!(matches!(

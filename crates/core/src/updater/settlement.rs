@@ -168,7 +168,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_hung_settlement_times_out_and_the_others_finish_first() {
         let mut settlements = Settlements::new(Duration::from_secs(30));
-        let hung = held_with(1, "hung", Some("s"), TestSettle { hang: true, lost: false });
+        let hung =
+            held_with(1, "hung", Some("s"), TestSettle { hang: true, ..TestSettle::default() });
         settlements.start(hung, Settlement::Complete, Some(Settled::Completed), None);
         let quick = held_with(2, "quick", Some("t"), TestSettle::default());
         settlements.start(quick, Settlement::Complete, Some(Settled::Completed), None);

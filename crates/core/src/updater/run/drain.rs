@@ -152,3 +152,36 @@ impl Drop for Run<'_> {
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::updater::UpdaterConfig;
+    use crate::updater::sessions::Waiting;
+    use crate::updater::testing::{SilentSource, TestSettle, held_with};
+    use crate::{Handler, Outcome, WorkerContext, handler_fn};
+
+    /// Ensures that a run dropped before its drain ended (the supervisor aborted the
+    /// worker at its abort-at deadline) abandons the messages it held, running and
+    /// waiting alike, rather than leave them to lock expiry.
+    #[tokio::test(start_paused = true)]
+    async fn a_run_dropped_before_its_drain_ends_abandons_what_it_held() {
+        let ctx = WorkerContext::for_tests("dropped");
+        let handler: Arc<dyn Handler> = Arc::new(handler_fn(|_| async {
+            std::future::pending::<()>().await;
+            Outcome::Complete
+        }));
+        let config = UpdaterConfig::default();
+        let settle = TestSettle::default();
+        let mut run = Run::new(&ctx, &SilentSource, &handler, &config, Waiting::default());
+        run.start(held_with(1, "running", None, settle.clone()));
+        run.pending.push_back(held_with(2, "waiting", None, settle.clone()));
+        drop(run);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(settle.abandons.load(Ordering::SeqCst), 2);
+    }
+}
