@@ -268,3 +268,29 @@ async fn endless_error_drain_is_not_a_panic() {
     .await;
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
+
+/// Ensures that an endless receive wait saturates instead of panicking the worker: it
+/// handles messages and stops cleanly.
+#[tokio::test(start_paused = true)]
+async fn endless_wait_is_not_a_panic() {
+    let broker = broker(Duration::from_secs(30));
+    send(&broker, "first", None).await;
+    let supervisor = supervisor();
+    supervisor.spawn(
+        Updater::with_source(
+            "endless",
+            broker.source(QUEUE).unwrap(),
+            handler_fn(|_| async { Outcome::Complete }),
+        )
+        .with_config(config().with_wait(Duration::MAX)),
+    );
+    let health = supervisor.health();
+    eventually("handled", Duration::from_secs(30), || {
+        worker(&health, "endless").outcomes.completed == 1
+    })
+    .await;
+    let snapshot = worker(&health, "endless");
+    assert_eq!(snapshot.restarts, 0, "{snapshot:?}");
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+    assert!(report.is_clean(), "{report:?}");
+}
