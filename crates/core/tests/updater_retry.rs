@@ -207,3 +207,48 @@ async fn dependency_retry_pauses_receiving_until_probe_succeeds() {
     assert!(health.snapshot().is_ready());
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
+
+/// Ensures that retries held locally for their delay (a transport without delayed
+/// abandon) do not take up intake: with room for two messages, two held retries do not
+/// stop a third message from being received and handled at once.
+#[tokio::test(start_paused = true)]
+async fn retries_held_locally_do_not_block_intake() {
+    let broker = broker(Duration::from_secs(30));
+    send(&broker, "r1", None).await;
+    send(&broker, "r2", None).await;
+    send(&broker, "c", None).await;
+    let handled: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let handler = {
+        let handled = handled.clone();
+        handler_fn(move |message| {
+            handled.lock().unwrap().push((message.id.clone(), Instant::now()));
+            async move {
+                if message.id.starts_with('r') && message.delivery_count == 1 {
+                    Outcome::retry_after(Duration::from_secs(60), "later")
+                } else {
+                    Outcome::Complete
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let supervisor = supervisor();
+    let source = support::WithoutDelayedAbandon(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("held", source, handler)
+            .with_config(config().with_concurrency(1).with_batch_size(1)),
+    );
+    let health = supervisor.health();
+    eventually("c completed", Duration::from_secs(120), || {
+        worker(&health, "held").outcomes.completed >= 1
+    })
+    .await;
+    let handled = handled.lock().unwrap().clone();
+    let c = handled.iter().find(|(id, _)| id == "c").unwrap().1 - started;
+    assert!(c < Duration::from_secs(5), "c waited {c:?} behind the held retries");
+    eventually("all completed", Duration::from_secs(300), || {
+        worker(&health, "held").outcomes.completed == 3
+    })
+    .await;
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}

@@ -332,3 +332,26 @@ impl<S: MessageSource> MessageSource for Faulty<S> {
         self.inner.stop_receiving().await
     }
 }
+
+/// Wraps a source to claim no delayed abandon, so the updater holds delayed retries
+/// itself.
+pub struct WithoutDelayedAbandon<S>(pub S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for WithoutDelayedAbandon<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { delayed_abandon: false, ..self.0.capabilities() }
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        self.0.receive(max, wait).await
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}
