@@ -209,7 +209,11 @@ impl Connect for Fixed {
 ///   for its turn keeps its lock renewed. On transports without sessions, a message
 ///   retried with a delay, or one whose lock was lost or whose settlement failed, also
 ///   holds back its session's later messages until it returns (or, if another consumer
-///   took it, until 6 × its delay + 2 × the wait after it was due back).
+///   took it, until 6 × its delay + 2 × the wait after it was due back). Sessions still
+///   waiting when a run ends are remembered by the next run of the same updater.
+/// - An optional `handler_timeout` aborts a handler running longer and retries its
+///   message; one that blocks a thread keeps its session and is counted in the health's
+///   `overdue_handlers` until it returns.
 /// - Locks are renewed before they expire while a handler runs. A lost lock is logged
 ///   and counted (`lease_lost`), and that message is never settled. Every broker call
 ///   runs beside the loop, bounded by `broker_timeout`.
