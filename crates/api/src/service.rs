@@ -345,14 +345,14 @@ impl Service {
             () = shutdown => {}
         }
         let started = Instant::now();
-        let deadline = started + config.drain_timeout;
+        let deadlines = steward_core::Deadlines::until(started + config.drain_timeout);
         tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: no new requests, draining workers");
         let _ = stop_http.send(());
         // In-flight requests get a short grace; the workers' drain runs meanwhile.
         let http_grace = (config.drain_timeout / 5).min(Duration::from_secs(5));
         let (http, report) = tokio::join!(
             tokio::time::timeout(http_grace, &mut server),
-            supervisor.shutdown(deadline)
+            supervisor.shutdown(deadlines)
         );
         if let Ok(Err(error)) = http {
             tracing::warn!(error = %steward_core::error_chain(&error), "the HTTP server stopped with an error");
@@ -362,9 +362,9 @@ impl Service {
         } else {
             tracing::warn!(?report, "workers did not all stop cleanly");
         }
-        // What follows must not keep the process past the drain deadline plus its slack:
-        // a request still holding a connection, or a database that stopped answering.
-        let last = deadline + SHUTDOWN_SLACK;
+        // What follows must not keep the process past its close-by deadline: a request
+        // still holding a connection, or a database that stopped answering.
+        let last = deadlines.close_by();
         let saved = tokio::time::timeout_at(last, save_inmem_messages(&config, &transport, &db));
         let saved_messages = saved.await.unwrap_or_else(|_| {
             tracing::error!(
@@ -381,10 +381,6 @@ impl Service {
         Ok(Stopped { report, saved_messages })
     }
 }
-
-/// How long past the drain deadline the shutdown may take to save what is left and close
-/// the database.
-pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(4);
 
 /// Tries the broker once at start: a refusal that needs a human stops the start; an
 /// unreachable broker does not (the workers back off until it answers).

@@ -140,6 +140,14 @@ impl Delivery {
     }
 }
 
+impl Delivery {
+    /// The settlement handle, for settling through a shared delivery (the Updater
+    /// renews and settles off its event loop).
+    pub(crate) fn settle_handle(&self) -> &dyn Settle {
+        self.settle.as_ref()
+    }
+}
+
 impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Delivery")

@@ -53,6 +53,7 @@
 //! ```
 
 mod capabilities;
+mod deadlines;
 mod delivery;
 mod error;
 mod handler;
@@ -67,6 +68,7 @@ mod updater;
 pub mod testkit;
 
 pub use capabilities::{Capabilities, Capability};
+pub use deadlines::Deadlines;
 pub use delivery::{Delivery, Settle};
 pub use error::{BoxError, ErrorKind, TransportError, error_chain};
 pub use handler::{Handler, HandlerFn, Outcome, RetryCause, handler_fn};

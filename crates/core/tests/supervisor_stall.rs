@@ -11,9 +11,9 @@ use steward_core::{Outcome, Updater, WorkerState, handler_fn};
 use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
 use tokio::time::Instant;
 
-/// Ensures that a worker whose `receive` never returns is detected as `stalled` after its
-/// stall timeout, cancelled and restarted (counted as a restart), and works again once
-/// the source answers.
+/// Ensures that a worker whose `receive` never returns is detected as `stalled` exactly
+/// its stall timeout after each start, cancelled and restarted after the backoff
+/// (counted as a restart), and works again once the source answers.
 #[tokio::test(start_paused = true)]
 async fn hung_receive_is_detected_as_stalled_and_restarted() {
     let broker = broker(Duration::from_secs(30));
@@ -43,16 +43,18 @@ async fn hung_receive_is_detected_as_stalled_and_restarted() {
         })
     };
 
-    eventually("a restart", Duration::from_secs(120), || worker(&health, "stuck").restarts >= 1)
+    eventually("two restarts", Duration::from_secs(120), || worker(&health, "stuck").restarts >= 2)
         .await;
-    let stalled_at = states
+    // Each start stalls its stall timeout after it began: at 30 s, then (after a 1 s
+    // backoff) at 61 s.
+    let stalled_at: Vec<Duration> = states
         .lock()
         .unwrap()
         .iter()
-        .find(|(state, _)| *state == WorkerState::Stalled)
-        .map(|(_, at)| *at)
-        .expect("the worker was reported stalled");
-    assert_eq!(stalled_at - started, stall, "stalled exactly after the stall timeout");
+        .filter(|(state, _)| *state == WorkerState::Stalled)
+        .map(|(_, at)| *at - started)
+        .collect();
+    assert_eq!(stalled_at, [stall, stall * 2 + Duration::from_secs(1)], "stall instants");
     let snapshot = worker(&health, "stuck");
     assert!(snapshot.last_error.unwrap().contains("stalled"));
 
@@ -62,7 +64,110 @@ async fn hung_receive_is_detected_as_stalled_and_restarted() {
         worker(&health, "stuck").outcomes.completed == 1
     })
     .await;
-    assert_eq!(worker(&health, "stuck").state, WorkerState::Running);
+    let snapshot = worker(&health, "stuck");
+    assert_eq!(snapshot.state, WorkerState::Running);
+    assert_eq!(snapshot.restarts, 2, "{snapshot:?}");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
     recorder.abort();
+}
+
+/// Ensures that, with the default configurations, a worker whose `receive` hangs on every
+/// start ends `failed` (and the snapshot not live) within the documented bound:
+/// `stalls_before_failed × (stall timeout + stall grace)` plus the backoffs between them,
+/// 3 × (85 s + 5 s) + 1 s + 2 s = 273 s, and not before its third stall.
+#[tokio::test(start_paused = true)]
+async fn permanently_hung_receive_ends_failed_within_the_documented_bound() {
+    let broker = broker(Duration::from_secs(30));
+    broker.faults(QUEUE).hang_receives(true);
+    let supervisor = steward_core::Supervisor::new(steward_core::SupervisorConfig::default());
+    let updater = Updater::with_source(
+        "stuck",
+        broker.source(QUEUE).unwrap(),
+        handler_fn(|_| async { Outcome::Complete }),
+    );
+    let stall = updater.config().effective_stall_timeout();
+    assert_eq!(stall, Duration::from_secs(85), "the default stall timeout");
+    let started = Instant::now();
+    supervisor.spawn(updater);
+    let health = supervisor.health();
+    let bound = Duration::from_secs(3 * (85 + 5) + 1 + 2);
+    while worker(&health, "stuck").state != WorkerState::Failed {
+        assert!(
+            started.elapsed() <= bound,
+            "still {:?} after {:?}: {:?}",
+            worker(&health, "stuck").state,
+            started.elapsed(),
+            worker(&health, "stuck")
+        );
+        assert!(health.snapshot().is_live(), "not live before it failed");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        started.elapsed() >= stall * 3,
+        "failed before its third stall: {:?}",
+        started.elapsed()
+    );
+    assert!(!health.snapshot().is_live());
+    let failed = worker(&health, "stuck");
+    assert!(failed.last_error.as_deref().unwrap_or("").contains("stalled"), "{failed:?}");
+    // It stays failed: no further restart.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(worker(&health, "stuck").state, WorkerState::Failed);
+    assert_eq!(worker(&health, "stuck").restarts, failed.restarts);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a broker refusing connections keeps the worker backing off for hours,
+/// live (`/livez` 200) but not ready, with the cause named in the readiness reason.
+#[tokio::test(start_paused = true)]
+async fn refused_connections_back_off_forever_and_stay_live() {
+    let supervisor = steward_core::Supervisor::new(steward_core::SupervisorConfig::default());
+    let connect = || async {
+        Err::<steward_inmem::InMemorySource, _>(steward_core::TransportError::connection(
+            "connection refused by the broker",
+        ))
+    };
+    supervisor.spawn(Updater::new("refused", connect, handler_fn(|_| async { Outcome::Complete })));
+    let health = supervisor.health();
+    for _ in 0..360 {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let snapshot = health.snapshot();
+        assert!(snapshot.is_live(), "{snapshot:?}");
+        assert!(!snapshot.is_ready());
+        let reason = snapshot.not_ready_reason().unwrap();
+        assert!(reason.contains("connection refused by the broker"), "{reason}");
+    }
+    assert!(worker(&health, "refused").restarts >= 60, "kept restarting");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a worker whose receive hangs now and then, but which handles messages
+/// between the outages, is restarted after each stall and never declared `failed`.
+#[tokio::test(start_paused = true)]
+async fn stalls_separated_by_progress_never_fail_the_worker() {
+    let broker = broker(Duration::from_secs(30));
+    let supervisor = steward_core::Supervisor::new(steward_core::SupervisorConfig::default());
+    supervisor.spawn(Updater::with_source(
+        "flaky",
+        broker.source(QUEUE).unwrap(),
+        handler_fn(|_| async { Outcome::Complete }),
+    ));
+    let health = supervisor.health();
+    for round in 0..6u64 {
+        broker.faults(QUEUE).hang_receives(true);
+        let restarts = worker(&health, "flaky").restarts;
+        eventually("a stall restart", Duration::from_secs(600), || {
+            worker(&health, "flaky").restarts > restarts
+        })
+        .await;
+        broker.faults(QUEUE).hang_receives(false);
+        send(&broker, &format!("m{round}"), None).await;
+        eventually("the message handled", Duration::from_secs(900), || {
+            worker(&health, "flaky").outcomes.completed == round + 1
+        })
+        .await;
+        assert_ne!(worker(&health, "flaky").state, WorkerState::Failed);
+        assert!(health.snapshot().is_live());
+    }
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }

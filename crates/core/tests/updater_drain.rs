@@ -8,16 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use steward_core::{MessageSource, Outcome, Updater, WorkerState, handler_fn};
+use steward_core::{Deadlines, MessageSource, Outcome, Updater, WorkerState, handler_fn};
 use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
 use tokio::time::{Instant, sleep};
 
 /// Ensures that handlers in flight at shutdown finish and are settled within the drain
-/// deadline, and nothing is left running.
+/// deadline, their locks renewed meanwhile (they run longer than the lock), that the
+/// message that had not started is released at once, and that the shutdown returns as
+/// soon as they are settled, with nothing left running.
 #[tokio::test(start_paused = true)]
 async fn in_flight_handlers_finish_within_drain_deadline() {
-    let broker = broker(Duration::from_secs(30));
-    for i in 0..4 {
+    let broker = broker(Duration::from_secs(5));
+    for i in 0..5 {
         send(&broker, &format!("m{i}"), None).await;
     }
     let started = Arc::new(AtomicUsize::new(0));
@@ -26,7 +28,7 @@ async fn in_flight_handlers_finish_within_drain_deadline() {
         handler_fn(move |_| {
             started.fetch_add(1, Ordering::SeqCst);
             async {
-                sleep(Duration::from_secs(3)).await;
+                sleep(Duration::from_secs(8)).await;
                 Outcome::Complete
             }
         })
@@ -38,16 +40,25 @@ async fn in_flight_handlers_finish_within_drain_deadline() {
     );
     let health = supervisor.health();
     eventually("all started", Duration::from_secs(5), || started.load(Ordering::SeqCst) == 4).await;
+    let begun = Instant::now();
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let report = supervisor.shutdown(deadline).await;
-    assert!(Instant::now() <= deadline);
+    let deadlines = Deadlines::until(begun + Duration::from_secs(10));
+    let report = supervisor.shutdown(deadlines).await;
+    assert!(Instant::now() < deadlines.drain(), "waited past the handlers");
+    assert!(Instant::now() - begun <= Duration::from_secs(8), "returned when they were done");
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.stopped, ["drainer"]);
     let snapshot = worker(&health, "drainer");
-    assert_eq!(snapshot.outcomes.completed, 4);
+    assert_eq!(snapshot.outcomes.completed, 4, "{snapshot:?}");
+    assert_eq!(snapshot.outcomes.lease_lost, 0, "{snapshot:?}");
     assert_eq!(snapshot.state, WorkerState::Stopped);
-    assert_eq!(broker.message_count(QUEUE), 0);
+    assert_eq!(started.load(Ordering::SeqCst), 4, "the fifth never started");
+    // Only the fifth is left, available at once to another consumer.
+    assert_eq!(broker.message_count(QUEUE), 1);
+    let fresh = broker.source(QUEUE).unwrap();
+    let got = fresh.receive(10, Duration::ZERO).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(ids, ["m4"]);
 }
 
 /// Ensures that past the drain deadline, handlers that ignore cancellation are aborted

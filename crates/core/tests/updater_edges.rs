@@ -16,7 +16,8 @@ use steward_core::{
     TransportError, Updater, WorkerState, handler_fn,
 };
 use support::{
-    LocalSessions, QUEUE, broker, config, eventually, send, send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
+    send_local_session, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -155,21 +156,24 @@ async fn held_retry_that_loses_its_lock_frees_its_session() {
 }
 
 /// Ensures that a handler asking for an absurd retry delay does not bring the worker
-/// down: the delay is capped, and other messages flow.
+/// down: the transport is asked for the cap, 24 h, other messages flow, and the message
+/// comes back after the cap.
 #[tokio::test(start_paused = true)]
 async fn absurd_retry_delay_is_capped_not_a_panic() {
     let broker = broker(Duration::from_secs(30));
     send_local_session(&broker, "forever", "s").await;
     send_local_session(&broker, "other", "t").await;
     let handler = handler_fn(|message| async move {
-        if message.id == "forever" {
+        if message.id == "forever" && message.delivery_count == 1 {
             Outcome::retry_after(Duration::MAX, "never")
         } else {
             Outcome::Complete
         }
     });
+    let faults = Arc::new(SettleFaults::default());
     let supervisor = supervisor();
-    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    let source =
+        LocalSessions(Faulty { inner: broker.source(QUEUE).unwrap(), faults: faults.clone() });
     supervisor.spawn(Updater::with_source("absurd", source, handler).with_config(config()));
     let health = supervisor.health();
     eventually("the other message", Duration::from_secs(60), || {
@@ -180,9 +184,17 @@ async fn absurd_retry_delay_is_capped_not_a_panic() {
         worker(&health, "absurd").outcomes.retried == 1
     })
     .await;
+    let cap = Duration::from_secs(24 * 60 * 60);
+    assert_eq!(*faults.abandons.lock().unwrap(), [("forever".to_owned(), Some(cap))]);
     let snapshot = worker(&health, "absurd");
     assert_eq!(snapshot.restarts, 0, "{snapshot:?}");
     assert_eq!(snapshot.state, WorkerState::Running);
+    sleep(cap - Duration::from_secs(60)).await;
+    assert_eq!(worker(&health, "absurd").outcomes.completed, 1, "back before the cap");
+    eventually("back after the cap", Duration::from_secs(120), || {
+        worker(&health, "absurd").outcomes.completed == 2
+    })
+    .await;
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
@@ -214,11 +226,13 @@ async fn endless_stall_timeout_disables_the_watchdog() {
 struct SlowDependency {
     down: AtomicBool,
     probes: AtomicUsize,
+    handled: Mutex<Vec<(String, u32)>>,
 }
 
 #[async_trait]
 impl Handler for SlowDependency {
-    async fn handle(&self, _message: Arc<Message>) -> Outcome {
+    async fn handle(&self, message: Arc<Message>) -> Outcome {
+        self.handled.lock().unwrap().push((message.id.clone(), message.delivery_count));
         if self.down.load(Ordering::SeqCst) {
             Outcome::dependency_failed("database unavailable")
         } else {
@@ -244,8 +258,11 @@ async fn hanging_probe_does_not_stop_lock_renewals() {
     let broker = broker(Duration::from_secs(20));
     send(&broker, "m1", None).await;
     send(&broker, "m2", None).await;
-    let dependency =
-        Arc::new(SlowDependency { down: AtomicBool::new(true), probes: AtomicUsize::new(0) });
+    let dependency = Arc::new(SlowDependency {
+        down: AtomicBool::new(true),
+        probes: AtomicUsize::new(0),
+        handled: Mutex::default(),
+    });
     let supervisor = supervisor();
     let updater = Updater::with_source("slow", broker.source(QUEUE).unwrap(), dependency.clone())
         .with_config(
@@ -259,7 +276,16 @@ async fn hanging_probe_does_not_stop_lock_renewals() {
     .await;
     let snapshot = worker(&health, "slow");
     assert_eq!(snapshot.outcomes.lease_lost, 0, "{snapshot:?}");
+    assert_eq!(snapshot.outcomes.retried, 1, "only m1's dependency failure: {snapshot:?}");
     assert!(dependency.probes.load(Ordering::SeqCst) >= 2);
+    // m1 failed once (its retry is its second delivery); m2 waited out the outage on
+    // its first delivery, its lock renewed.
+    let handled = dependency.handled.lock().unwrap().clone();
+    assert_eq!(
+        handled,
+        [("m1".to_owned(), 1), ("m2".to_owned(), 1), ("m1".to_owned(), 2)],
+        "deliveries burned while the breaker was open"
+    );
     assert_eq!(broker.message_count(QUEUE), 0);
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
@@ -298,20 +324,29 @@ async fn shutdown_during_error_drain_meets_its_deadline() {
 }
 
 /// Ensures that a handler blocking its thread past the drain deadline does not keep
-/// its message: it is abandoned by the deadline for another consumer, and the report
-/// names the handler as blocked.
+/// its message: the shutdown returns while the handler is still blocked (it blocks until
+/// the test releases it, so nothing here depends on how fast the machine is), the
+/// message is abandoned for another consumer, the report names the handler as blocked
+/// and counts its task as left running, and the handler's late result does not disturb
+/// the message's new holder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thread_blocking_handler_message_is_released_by_the_deadline() {
     let broker = broker(Duration::from_secs(60));
     send(&broker, "stuck", None).await;
     let started = Arc::new(AtomicBool::new(false));
+    let returned = Arc::new(AtomicBool::new(false));
+    let (release, blocked_on) = std::sync::mpsc::channel::<()>();
+    let blocked_on = Arc::new(Mutex::new(blocked_on));
     let handler = {
-        let started = started.clone();
+        let (started, returned) = (started.clone(), returned.clone());
         handler_fn(move |_| {
             started.store(true, Ordering::SeqCst);
-            async {
-                // Blocks its runtime thread: cannot be aborted.
-                std::thread::sleep(Duration::from_secs(4));
+            let (returned, blocked_on) = (returned.clone(), blocked_on.clone());
+            async move {
+                // Blocks its runtime thread until released: cannot be aborted. The long
+                // timeout only keeps a broken build from hanging the test run.
+                let _ = blocked_on.lock().unwrap().recv_timeout(Duration::from_secs(60));
+                returned.store(true, Ordering::SeqCst);
                 Outcome::Complete
             }
         })
@@ -324,14 +359,72 @@ async fn thread_blocking_handler_message_is_released_by_the_deadline() {
     while !started.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let report = supervisor.shutdown(deadline).await;
-    // A generous upper bound: the report comes by the deadline, give or take scheduling.
-    assert!(Instant::now() < deadline + Duration::from_millis(500), "shutdown overran");
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(2)).await;
+    assert!(!returned.load(Ordering::SeqCst), "shutdown waited for the blocked handler");
     assert_eq!(report.aborted_handlers.len(), 1, "{report:?}");
     assert!(report.aborted_handlers[0].blocked, "{report:?}");
+    assert_eq!(report.aborted_handlers[0].message_id, "stuck");
+    assert_eq!(report.tasks_left, 1, "the blocked task is reported as still running");
     let fresh = broker.source(QUEUE).unwrap();
     let got = fresh.receive(1, Duration::ZERO).await.unwrap();
     assert_eq!(got.len(), 1, "the message was released for another consumer");
     assert_eq!(got[0].message().id, "stuck");
+
+    release.send(()).unwrap();
+    while !returned.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let delivery = got.into_iter().next().unwrap();
+    delivery.complete().await.expect("the new holder's lock was left alone");
+    assert_eq!(broker.message_count(QUEUE), 0);
+}
+
+/// Ensures that a handler that blocks its thread past `handler_timeout` keeps its
+/// session (order before speed) and is reported in the worker's health as overdue; once
+/// it returns, its outcome stands (the abort never took effect) and only then does the
+/// session's next message run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_blocking_handler_past_its_timeout_keeps_its_session_and_is_reported() {
+    let broker = broker(Duration::from_secs(60));
+    send_local_session(&broker, "blocks", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let handled: Log = Arc::default();
+    let (release, blocked_on) = std::sync::mpsc::channel::<()>();
+    let blocked_on = Arc::new(Mutex::new(blocked_on));
+    let handler = {
+        let handled = handled.clone();
+        handler_fn(move |message| {
+            handled.lock().unwrap().push(format!("{}#{}", message.id, message.delivery_count));
+            let blocked_on = blocked_on.clone();
+            async move {
+                if message.id == "blocks" && message.delivery_count == 1 {
+                    // Blocks its thread until released; the timeout only keeps a
+                    // broken build from hanging the test run.
+                    let _ = blocked_on.lock().unwrap().recv_timeout(Duration::from_secs(60));
+                }
+                Outcome::Complete
+            }
+        })
+    };
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("overdue", source, handler)
+            .with_config(config().with_handler_timeout(Duration::from_millis(100))),
+    );
+    let health = supervisor.health();
+    eventually("reported overdue", Duration::from_secs(30), || {
+        worker(&health, "overdue").overdue_handlers == 1
+    })
+    .await;
+    assert_eq!(*handled.lock().unwrap(), ["blocks#1"], "next ran while blocks held its session");
+    release.send(()).unwrap();
+    eventually("both completed", Duration::from_secs(30), || {
+        worker(&health, "overdue").outcomes.completed == 2
+    })
+    .await;
+    assert_eq!(*handled.lock().unwrap(), ["blocks#1", "next#1"]);
+    let snapshot = worker(&health, "overdue");
+    assert_eq!((snapshot.overdue_handlers, snapshot.outcomes.retried), (0, 0), "{snapshot:?}");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }

@@ -123,12 +123,16 @@ struct Database {
     up: AtomicBool,
     handled: Mutex<Vec<(String, u32)>>,
     probes: AtomicUsize,
+    /// When each probe ran, and when the handler last saw the database down.
+    probed_at: Mutex<Vec<Instant>>,
+    failed_at: Mutex<Option<Instant>>,
 }
 
 #[async_trait]
 impl Handler for Database {
     async fn handle(&self, message: Arc<Message>) -> Outcome {
         if !self.up.load(Ordering::SeqCst) {
+            *self.failed_at.lock().unwrap() = Some(Instant::now());
             return Outcome::dependency_failed("database unavailable");
         }
         self.handled.lock().unwrap().push((message.id.clone(), message.delivery_count));
@@ -137,13 +141,15 @@ impl Handler for Database {
 
     async fn probe(&self) -> Result<(), BoxError> {
         self.probes.fetch_add(1, Ordering::SeqCst);
+        self.probed_at.lock().unwrap().push(Instant::now());
         if self.up.load(Ordering::SeqCst) { Ok(()) } else { Err("connection refused".into()) }
     }
 }
 
 /// Ensures that a `Dependency` retry opens the worker's circuit breaker: it stops
-/// receiving and reports `backing_off` (so `/readyz` is 503) until a probe succeeds,
-/// and the outage does not burn delivery counts.
+/// receiving (no receive starts during the outage) and reports `backing_off` (so
+/// `/readyz` is 503) until a probe succeeds; the probes follow the probe backoff
+/// exactly (1 s doubling to 8 s); and the outage does not burn delivery counts.
 #[tokio::test(start_paused = true)]
 async fn dependency_retry_pauses_receiving_until_probe_succeeds() {
     let broker = broker(Duration::from_secs(30));
@@ -154,9 +160,13 @@ async fn dependency_retry_pauses_receiving_until_probe_succeeds() {
         up: AtomicBool::new(false),
         handled: Mutex::default(),
         probes: AtomicUsize::new(0),
+        probed_at: Mutex::default(),
+        failed_at: Mutex::default(),
     });
+    let receives: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let source = support::Timed { inner: broker.source(QUEUE).unwrap(), calls: receives.clone() };
     let supervisor = supervisor();
-    let updater = Updater::with_source("db", broker.source(QUEUE).unwrap(), database.clone())
+    let updater = Updater::with_source("db", source, database.clone())
         .with_config(config().with_concurrency(1).with_batch_size(1));
     supervisor.spawn(updater);
     let health = supervisor.health();
@@ -166,20 +176,28 @@ async fn dependency_retry_pauses_receiving_until_probe_succeeds() {
     .await;
     assert!(!health.snapshot().is_ready());
     assert!(worker(&health, "db").last_error.unwrap().contains("database unavailable"));
+    let opened = database.failed_at.lock().unwrap().unwrap();
 
     // A long outage: the probes back off, and no message is received meanwhile.
     sleep(Duration::from_secs(120)).await;
     assert_eq!(worker(&health, "db").state, WorkerState::BackingOff);
-    let probes = database.probes.load(Ordering::SeqCst);
-    assert!((3..=20).contains(&probes), "{probes} probes in two minutes");
+    let probes: Vec<u64> =
+        database.probed_at.lock().unwrap().iter().map(|at| (*at - opened).as_secs()).collect();
+    let mut expected = vec![1, 3, 7];
+    expected.extend((15..=119).step_by(8));
+    assert_eq!(probes, expected, "probes 1 s, 2 s, 4 s, then 8 s apart");
     let retried = worker(&health, "db").outcomes.retried;
-    assert!(retried <= 2, "{retried} messages burned during the outage");
+    assert_eq!(retried, 1, "{retried} messages burned during the outage");
 
     database.up.store(true, Ordering::SeqCst);
+    let up = Instant::now();
     eventually("resumed", Duration::from_secs(30), || {
         worker(&health, "db").state == WorkerState::Running
     })
     .await;
+    let paused: Vec<_> =
+        receives.lock().unwrap().iter().filter(|at| **at > opened && **at < up).copied().collect();
+    assert!(paused.is_empty(), "received while the breaker was open: {paused:?}");
     eventually("all handled", Duration::from_secs(60), || {
         worker(&health, "db").outcomes.completed == 5
     })
@@ -187,5 +205,50 @@ async fn dependency_retry_pauses_receiving_until_probe_succeeds() {
     let handled = database.handled.lock().unwrap().clone();
     assert!(handled.iter().all(|(_, count)| *count <= 2), "delivery counts burned: {handled:?}");
     assert!(health.snapshot().is_ready());
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that retries held locally for their delay (a transport without delayed
+/// abandon) do not take up intake: with room for two messages, two held retries do not
+/// stop a third message from being received and handled at once.
+#[tokio::test(start_paused = true)]
+async fn retries_held_locally_do_not_block_intake() {
+    let broker = broker(Duration::from_secs(30));
+    send(&broker, "r1", None).await;
+    send(&broker, "r2", None).await;
+    send(&broker, "c", None).await;
+    let handled: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let handler = {
+        let handled = handled.clone();
+        handler_fn(move |message| {
+            handled.lock().unwrap().push((message.id.clone(), Instant::now()));
+            async move {
+                if message.id.starts_with('r') && message.delivery_count == 1 {
+                    Outcome::retry_after(Duration::from_secs(60), "later")
+                } else {
+                    Outcome::Complete
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let supervisor = supervisor();
+    let source = support::WithoutDelayedAbandon(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("held", source, handler)
+            .with_config(config().with_concurrency(1).with_batch_size(1)),
+    );
+    let health = supervisor.health();
+    eventually("c completed", Duration::from_secs(120), || {
+        worker(&health, "held").outcomes.completed >= 1
+    })
+    .await;
+    let handled = handled.lock().unwrap().clone();
+    let c = handled.iter().find(|(id, _)| id == "c").unwrap().1 - started;
+    assert!(c < Duration::from_secs(5), "c waited {c:?} behind the held retries");
+    eventually("all completed", Duration::from_secs(300), || {
+        worker(&health, "held").outcomes.completed == 3
+    })
+    .await;
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }

@@ -15,38 +15,56 @@ use support::{
 };
 use tokio::time::{Instant, sleep};
 
-/// Ensures that 1,000 messages over 10 sessions at concurrency 8 are each handled once,
-/// in order within each session, never with more than 8 handlers at once.
-#[tokio::test(start_paused = true)]
-async fn sessions_keep_order_and_concurrency_stays_within_limit() {
+/// 1,000 messages over 10 sessions at concurrency 8, on a broker that keeps session
+/// order itself or (`local`) through a source without sessions, where only the Updater
+/// keeps it.
+async fn sessions_keep_order(local: bool) {
     let broker = broker(Duration::from_secs(30));
     for i in 0..1000 {
-        send(&broker, &format!("{}-{:04}", i % 10, i / 10), Some(&format!("s{}", i % 10))).await;
+        let (id, session) = (format!("{}-{:04}", i % 10, i / 10), format!("s{}", i % 10));
+        if local {
+            send_local_session(&broker, &id, &session).await;
+        } else {
+            send(&broker, &id, Some(&session)).await;
+        }
     }
     let seen: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let busy: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let overlaps = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let handler = {
-        let (seen, running, peak) = (seen.clone(), running.clone(), peak.clone());
+        let (seen, busy, overlaps) = (seen.clone(), busy.clone(), overlaps.clone());
+        let (running, peak) = (running.clone(), peak.clone());
         handler_fn(move |message| {
-            let (seen, running, peak) = (seen.clone(), running.clone(), peak.clone());
+            let (seen, busy, overlaps) = (seen.clone(), busy.clone(), overlaps.clone());
+            let (running, peak) = (running.clone(), peak.clone());
             async move {
+                let session = message.session_id.clone().unwrap();
+                if !busy.lock().unwrap().insert(session.clone()) {
+                    overlaps.fetch_add(1, Ordering::SeqCst);
+                }
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
                 // Uneven handler times interleave the sessions.
                 let n: u64 = message.id[2..].parse().unwrap();
                 sleep(Duration::from_millis(5 + (n * 37) % 50)).await;
-                let session = message.session_id.clone().unwrap();
-                seen.lock().unwrap().entry(session).or_default().push(message.id.clone());
+                seen.lock().unwrap().entry(session.clone()).or_default().push(message.id.clone());
                 running.fetch_sub(1, Ordering::SeqCst);
+                busy.lock().unwrap().remove(&session);
                 Outcome::Complete
             }
         })
     };
     let supervisor = supervisor();
-    let updater = Updater::with_source("ordered", broker.source(QUEUE).unwrap(), handler)
-        .with_config(config().with_concurrency(8).with_batch_size(16));
-    supervisor.spawn(updater);
+    let config = config().with_concurrency(8).with_batch_size(16);
+    if local {
+        let source = LocalSessions(broker.source(QUEUE).unwrap());
+        supervisor.spawn(Updater::with_source("ordered", source, handler).with_config(config));
+    } else {
+        let source = broker.source(QUEUE).unwrap();
+        supervisor.spawn(Updater::with_source("ordered", source, handler).with_config(config));
+    }
     let health = supervisor.health();
     eventually("all messages completed", Duration::from_secs(3600), || {
         worker(&health, "ordered").outcomes.completed == 1000
@@ -58,15 +76,26 @@ async fn sessions_keep_order_and_concurrency_stays_within_limit() {
     for (session, ids) in seen.iter() {
         let mut sorted = ids.clone();
         sorted.sort();
-        assert_eq!(ids, &sorted, "order within {session}");
+        assert_eq!(ids, &sorted, "order within {session} (local: {local})");
         assert_eq!(ids.len(), 100, "each message of {session} handled once");
     }
+    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two handlers of one session overlapped");
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak <= 8, "{peak} handlers ran at once, more than 8");
     assert!(peak >= 4, "only {peak} handlers at once: the sessions did not run in parallel");
     assert_eq!(broker.message_count(QUEUE), 0);
     let report = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
     assert!(report.is_clean(), "{report:?}");
+}
+
+/// Ensures that 1,000 messages over 10 sessions at concurrency 8 are each handled once,
+/// in order within each session and never two of a session at once, with at most 8
+/// handlers at once: on a broker with sessions, and on a source without them, where
+/// the Updater alone keeps the order.
+#[tokio::test(start_paused = true)]
+async fn sessions_keep_order_and_concurrency_stays_within_limit() {
+    sessions_keep_order(false).await;
+    sessions_keep_order(true).await;
 }
 
 /// Ensures that a handler running three times the lock duration keeps its message, and
@@ -235,5 +264,109 @@ async fn progress_advances_when_idle_and_when_all_slots_are_busy() {
     assert_eq!(worker(&health, "busy").restarts, 0);
     assert_eq!(worker(&health, "busy").in_flight, 2);
     assert_eq!(calls.load(Ordering::SeqCst), 2, "no redelivery while the handlers ran");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that, without broker sessions, a session whose delayed head is away keeps its
+/// order even when its waiting followers alone would fill `concurrency + batch_size`
+/// several times over (within the parked bound of 4 × that): the head is still received
+/// when it returns, and runs before all 20 followers, while another session flows
+/// meanwhile.
+#[tokio::test(start_paused = true)]
+async fn delayed_head_keeps_order_when_its_followers_fill_capacity() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "s-00", "s").await;
+    for i in 1..=20 {
+        send_local_session(&broker, &format!("s-{i:02}"), "s").await;
+    }
+    send_local_session(&broker, "other", "t").await;
+    let calls: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
+    let handler = {
+        let calls = calls.clone();
+        handler_fn(move |message| {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().push((
+                    message.id.clone(),
+                    message.delivery_count,
+                    Instant::now(),
+                ));
+                if message.id == "s-00" && message.delivery_count == 1 {
+                    Outcome::retry_after(Duration::from_secs(20), "not yet")
+                } else {
+                    Outcome::Complete
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    // Capacity 2 + 4 = 6 held messages: the followers alone fill it three times over.
+    supervisor.spawn(
+        Updater::with_source("full", source, handler)
+            .with_config(config().with_concurrency(2).with_batch_size(4)),
+    );
+    let health = supervisor.health();
+    eventually("all completed", Duration::from_secs(600), || {
+        worker(&health, "full").outcomes.completed == 22
+    })
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    let session: Vec<(String, u32)> = calls
+        .iter()
+        .filter(|(id, ..)| id.starts_with("s-"))
+        .map(|(id, n, _)| (id.clone(), *n))
+        .collect();
+    let mut expected = vec![("s-00".to_owned(), 1), ("s-00".to_owned(), 2)];
+    expected.extend((1..=20).map(|i| (format!("s-{i:02}"), 1)));
+    assert_eq!(session, expected, "session s out of order");
+    let other = calls.iter().find(|(id, ..)| id == "other").unwrap().2 - started;
+    assert!(other < Duration::from_secs(20), "the other session waited for s: {other:?}");
+    assert_eq!(worker(&health, "full").restarts, 0);
+    assert_eq!(broker.message_count(QUEUE), 0);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that, without broker sessions, a restart does not forget that a session waits
+/// for its delayed head: the follower released by the restart still runs after the head.
+#[tokio::test(start_paused = true)]
+async fn restart_keeps_a_session_waiting_for_its_delayed_head() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "s-1", "s").await;
+    send_local_session(&broker, "s-2", "s").await;
+    let calls: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let handler = {
+        let calls = calls.clone();
+        handler_fn(move |message| {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
+                if message.id == "s-1" && message.delivery_count == 1 {
+                    Outcome::retry_after(Duration::from_secs(20), "not yet")
+                } else {
+                    Outcome::Complete
+                }
+            }
+        })
+    };
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(Updater::with_source("restarted", source, handler).with_config(config()));
+    let health = supervisor.health();
+    eventually("s-1 retried", Duration::from_secs(5), || {
+        worker(&health, "restarted").outcomes.retried == 1
+    })
+    .await;
+    broker.faults(QUEUE).fail_receives(1, steward_core::ErrorKind::Connection);
+    eventually("a restart", Duration::from_secs(10), || worker(&health, "restarted").restarts == 1)
+        .await;
+    eventually("both completed", Duration::from_secs(600), || {
+        worker(&health, "restarted").outcomes.completed == 2
+    })
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    let order: Vec<_> = calls.iter().map(|(id, n)| format!("{id}#{n}")).collect();
+    assert_eq!(order, ["s-1#1", "s-1#2", "s-2#2"], "s-2 overtook s-1 after the restart");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }

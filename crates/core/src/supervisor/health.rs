@@ -96,6 +96,9 @@ pub struct WorkerHealth {
     pub outcomes: OutcomeCounts,
     /// Messages held right now: running handlers and messages waiting their turn.
     pub in_flight: usize,
+    /// Handlers aborted for running past their timeout that have not ended: they block
+    /// a thread, and keep their slot and their session until they return.
+    pub overdue_handlers: usize,
 }
 
 /// Every worker's health at a moment.
@@ -221,9 +224,13 @@ struct Status {
     last_error: Option<String>,
     last_progress: Instant,
     has_progressed: bool,
+    /// When the current attempt started, and when it last recorded progress.
+    attempt_started: Instant,
+    attempt_progress: Option<Instant>,
     last_message_at: Option<Instant>,
     outcomes: OutcomeCounts,
     in_flight: usize,
+    overdue_handlers: usize,
 }
 
 impl Status {
@@ -234,9 +241,12 @@ impl Status {
             last_error: None,
             last_progress: Instant::now(),
             has_progressed: false,
+            attempt_started: Instant::now(),
+            attempt_progress: None,
             last_message_at: None,
             outcomes: OutcomeCounts::default(),
             in_flight: 0,
+            overdue_handlers: 0,
         }
     }
 }
@@ -262,6 +272,7 @@ impl WorkerRecord {
             last_message_at: status.last_message_at.map(wall_clock),
             outcomes: status.outcomes,
             in_flight: status.in_flight,
+            overdue_handlers: status.overdue_handlers,
         }
     }
 
@@ -299,13 +310,26 @@ impl WorkerRecord {
 
     pub(crate) fn progress(&self) {
         let mut status = lock(&self.status);
-        status.last_progress = Instant::now();
+        let now = Instant::now();
+        status.last_progress = now;
         status.has_progressed = true;
+        status.attempt_progress = Some(now);
     }
 
-    /// Restarts the stall clock without counting as progress (a new attempt starts).
-    pub(crate) fn reset_progress_clock(&self) {
-        lock(&self.status).last_progress = Instant::now();
+    /// A new attempt starts: restarts the stall clock without counting as progress.
+    pub(crate) fn start_attempt(&self) {
+        let mut status = lock(&self.status);
+        let now = Instant::now();
+        status.last_progress = now;
+        status.attempt_started = now;
+        status.attempt_progress = None;
+    }
+
+    /// How long the current attempt kept making progress: from its start to its last
+    /// progress; `None` when it recorded none.
+    pub(crate) fn attempt_progressed_for(&self) -> Option<Duration> {
+        let status = lock(&self.status);
+        status.attempt_progress.map(|at| at.saturating_duration_since(status.attempt_started))
     }
 
     pub(crate) fn since_progress(&self) -> Duration {
@@ -321,6 +345,16 @@ impl WorkerRecord {
     pub(crate) fn set_in_flight(&self, in_flight: usize) {
         lock(&self.status).in_flight = in_flight;
         crate::metrics::in_flight(&self.name, in_flight);
+    }
+
+    pub(crate) fn set_overdue_handlers(&self, overdue: usize) {
+        let changed = {
+            let mut status = lock(&self.status);
+            std::mem::replace(&mut status.overdue_handlers, overdue) != overdue
+        };
+        if changed {
+            self.announce();
+        }
     }
 
     pub(crate) fn count(&self, f: impl FnOnce(&mut OutcomeCounts)) {

@@ -21,6 +21,7 @@ pub use backoff::{Backoff, Jitter};
 pub use health::{HealthHandle, HealthSnapshot, OutcomeCounts, WorkerHealth, WorkerState};
 pub use worker::{AbortedHandler, Settled, Worker, WorkerContext, WorkerError};
 
+use crate::Deadlines;
 use health::{Registry, WorkerRecord};
 
 /// How many restarts a worker may need before it is declared `failed`.
@@ -57,6 +58,11 @@ pub struct SupervisorConfig {
     /// How long a stalled worker gets to stop after its cancellation before it is
     /// aborted. Default 5 s.
     pub stall_grace: Duration,
+    /// A worker whose starts stall this many times in a row, each without recording any
+    /// progress, is stuck: it is `failed` (not live), whatever the restart intensity
+    /// says. Attempts that end in a retryable error neither count nor break the run; an
+    /// attempt that records progress ends it. Default 3 (at least 1).
+    pub stalls_before_failed: u32,
 }
 
 impl Default for SupervisorConfig {
@@ -66,6 +72,7 @@ impl Default for SupervisorConfig {
             healthy_reset: Duration::from_secs(60),
             intensity: RestartIntensity::default(),
             stall_grace: Duration::from_secs(5),
+            stalls_before_failed: 3,
         }
     }
 }
@@ -83,6 +90,29 @@ impl SupervisorConfig {
     pub fn with_intensity(mut self, intensity: RestartIntensity) -> Self {
         self.intensity = intensity;
         self
+    }
+
+    /// Sets how many stalls in a row without progress make a worker `failed` (at least 1).
+    #[must_use]
+    pub fn with_stalls_before_failed(mut self, stalls: u32) -> Self {
+        self.stalls_before_failed = stalls.max(1);
+        self
+    }
+
+    /// The longest a worker that stalls on every start, without any progress, can take
+    /// to be declared `failed`, for a worker with this stall timeout: each stalled start
+    /// lasts at most `stall_timeout + stall_grace`, and between starts comes one backoff
+    /// delay (at most the backoff's longest).
+    ///
+    /// From a fresh start the backoffs are the first ones instead: with the defaults
+    /// (stall timeout 85 s) 3 × (85 s + 5 s) + 1 s + 2 s = 273 s.
+    #[must_use]
+    pub fn stuck_bound(&self, stall_timeout: Duration) -> Duration {
+        let stalls = self.stalls_before_failed.max(1);
+        stall_timeout
+            .saturating_add(self.stall_grace)
+            .saturating_mul(stalls)
+            .saturating_add(self.backoff.max().saturating_mul(stalls - 1))
     }
 
     /// Replaces the healthy-run reset.
@@ -129,8 +159,8 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     pub(crate) root: CancellationToken,
     config: SupervisorConfig,
-    /// (drain deadline, hard deadline), set by `shutdown`.
-    deadlines: Mutex<Option<(Instant, Instant)>>,
+    /// The shutdown's deadlines, set by `shutdown`.
+    deadlines: Mutex<Option<Deadlines>>,
     aborted: Mutex<Vec<AbortedHandler>>,
 }
 
@@ -139,7 +169,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn deadlines(&self) -> Option<(Instant, Instant)> {
+    /// Shared state of a supervisor that never runs, for unit tests of workers.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Arc<Self> {
+        Arc::new(Self {
+            tracker: TaskTracker::new(),
+            root: CancellationToken::new(),
+            config: SupervisorConfig::default(),
+            deadlines: Mutex::new(None),
+            aborted: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn deadlines(&self) -> Option<Deadlines> {
         *lock(&self.deadlines)
     }
 
@@ -266,20 +308,21 @@ impl Supervisor {
     /// Stops every worker by `deadline`: cancels them, lets them drain until shortly
     /// before it, aborts whatever is still running at it, and reports.
     ///
-    /// Workers get the *drain deadline* (the deadline less a grace of a fifth of the time
-    /// left, at most 1 s) for their in-flight handlers, and the grace to abandon what
-    /// they had to abort. `shutdown` returns by `deadline` even if a worker ignores
-    /// cancellation; the report names it.
+    /// `deadline` is the hard deadline, or the whole [`Deadlines`] of the shutdown:
+    /// workers have until its drain deadline for their in-flight handlers, abandon what
+    /// they had to abort by its abandon-by instant, and workers still running at its
+    /// abort-at instant are aborted (what they held is abandoned). `shutdown` returns by
+    /// the hard deadline even if a worker ignores cancellation; the report names it.
     ///
     /// # Cancellation safety
     ///
     /// Not cancel safe: a cancelled shutdown leaves the workers cancelled but not waited
     /// for.
-    pub async fn shutdown(self, deadline: Instant) -> ShutdownReport {
+    pub async fn shutdown(self, deadline: impl Into<Deadlines>) -> ShutdownReport {
         let now = Instant::now();
-        let grace = (deadline.saturating_duration_since(now) / 5).min(Duration::from_secs(1));
-        let drain_deadline = deadline.checked_sub(grace).unwrap_or(deadline).max(now);
-        *lock(&self.shared.deadlines) = Some((drain_deadline, deadline));
+        let deadlines: Deadlines = deadline.into();
+        let deadline = deadlines.hard();
+        *lock(&self.shared.deadlines) = Some(deadlines);
         let entries = std::mem::take(&mut *lock(&self.entries));
         for entry in &entries {
             if entry.record.state() != WorkerState::Failed {
@@ -291,10 +334,7 @@ impl Supervisor {
         self.shared.root.cancel();
 
         let mut report = ShutdownReport::default();
-        // Workers abandon what they had to abort by a little over half the grace; those
-        // still running at three quarters are aborted themselves.
-        let soft = drain_deadline + grace * 3 / 4;
-        if timeout_at(soft, self.shared.tracker.wait()).await.is_err() {
+        if timeout_at(deadlines.abort_at(), self.shared.tracker.wait()).await.is_err() {
             for entry in &entries {
                 if !entry.supervision.is_finished() {
                     tracing::error!(worker = %entry.record.name, "worker did not stop by the shutdown deadline; aborting it");
@@ -350,6 +390,8 @@ impl Supervision {
         let name = self.record.name.clone();
         let config = self.shared.config.clone();
         let mut consecutive: u32 = 0;
+        // Stalled starts in a row that recorded no progress at all.
+        let mut fruitless_stalls: u32 = 0;
         // Running time of the worker, and when (in running time) counted failures happened.
         let mut running_time = Duration::ZERO;
         let mut failures: VecDeque<Duration> = VecDeque::new();
@@ -358,7 +400,7 @@ impl Supervision {
                 break;
             }
             self.record.set_state(WorkerState::Starting);
-            self.record.reset_progress_clock();
+            self.record.start_attempt();
             let attempt_token = self.token.child_token();
             let ctx = WorkerContext {
                 record: self.record.clone(),
@@ -392,8 +434,16 @@ impl Supervision {
                 break;
             }
 
-            if ran >= config.healthy_reset {
+            // Only time spent making progress counts as healthy: a start that hung for
+            // its stall timeout was not healthy, however long it ran.
+            let progressed_for = self.record.attempt_progressed_for();
+            if progressed_for.is_some_and(|healthy| healthy >= config.healthy_reset) {
                 consecutive = 0;
+            }
+            match (&exit, progressed_for) {
+                (_, Some(_)) => fruitless_stalls = 0,
+                (Exit::Stalled(_), None) => fruitless_stalls = fruitless_stalls.saturating_add(1),
+                (_, None) => {}
             }
             let (counts, description) = match &exit {
                 Exit::Returned => (true, "worker returned without being cancelled".to_owned()),
@@ -402,6 +452,19 @@ impl Supervision {
                 Exit::Stalled(idle) => (true, format!("worker stalled: no progress for {idle:?}")),
             };
             self.record.set_error(Some(description.clone()));
+            if fruitless_stalls >= config.stalls_before_failed.max(1) {
+                tracing::error!(
+                    worker = %name,
+                    error = %description,
+                    stalls = fruitless_stalls,
+                    "worker failed: it stalled on every start without progress; not restarting"
+                );
+                self.record.set_error(Some(format!(
+                    "{description} (stalled on {fruitless_stalls} starts in a row without progress)"
+                )));
+                self.record.set_state(WorkerState::Failed);
+                return;
+            }
             if counts {
                 failures.push_back(running_time);
                 while failures
@@ -493,5 +556,22 @@ pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
             Ok(text) => (*text).to_owned(),
             Err(_) => "non-text panic payload".to_owned(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stuck_bound_adds_every_stalled_start_and_the_longest_backoffs_between() {
+        let config = SupervisorConfig::default();
+        let stall = Duration::from_secs(85);
+        // 3 × (85 s + 5 s) + 2 × 300 s.
+        assert_eq!(config.stuck_bound(stall), Duration::from_secs(870));
+        let once = SupervisorConfig::default().with_stalls_before_failed(0);
+        assert_eq!(once.stalls_before_failed, 1, "at least one stall");
+        assert_eq!(once.stuck_bound(stall), Duration::from_secs(90));
+        assert_eq!(config.stuck_bound(Duration::MAX), Duration::MAX, "saturates");
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::health::WorkerRecord;
-use crate::{BoxError, TransportError, WorkerState};
+use crate::{BoxError, Deadlines, TransportError, WorkerState};
 
 /// A long-running job owned by a [`Supervisor`](crate::Supervisor).
 ///
@@ -131,6 +131,17 @@ pub struct AbortedHandler {
 }
 
 impl WorkerContext {
+    /// A context outside any supervisor, for unit tests of workers.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str) -> Self {
+        let (registry, _changes) = super::health::Registry::new();
+        Self {
+            record: registry.add(name),
+            cancel: CancellationToken::new(),
+            shared: Shared::for_tests(),
+        }
+    }
+
     /// The worker's name.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -187,20 +198,25 @@ impl WorkerContext {
         }
     }
 
-    /// When in-flight work must be finished: the drain deadline of a shutdown, or now
-    /// when the worker is being restarted.
+    /// The deadlines of the worker's stop: the shutdown's, or, when the worker is being
+    /// restarted, [`Deadlines::restart`] (handlers aborted now, 1 s of grace).
     #[must_use]
-    pub fn drain_deadline(&self) -> Instant {
-        self.shared.deadlines().map_or_else(Instant::now, |(drain, _)| drain)
+    pub fn deadlines(&self) -> Deadlines {
+        self.shared.deadlines().unwrap_or_else(Deadlines::restart)
     }
 
-    /// When everything must have stopped, aborted work abandoned included: the shutdown
-    /// deadline, or shortly after now when the worker is being restarted.
+    /// When in-flight work must be finished: [`Deadlines::drain`] of
+    /// [`deadlines`](Self::deadlines).
+    #[must_use]
+    pub fn drain_deadline(&self) -> Instant {
+        self.deadlines().drain()
+    }
+
+    /// When everything must have stopped, aborted work abandoned included:
+    /// [`Deadlines::hard`] of [`deadlines`](Self::deadlines).
     #[must_use]
     pub fn hard_deadline(&self) -> Instant {
-        self.shared
-            .deadlines()
-            .map_or_else(|| Instant::now() + Duration::from_secs(1), |(_, hard)| hard)
+        self.deadlines().hard()
     }
 
     /// Wraps a future so the supervisor's task tracker counts it; spawn the result.
@@ -217,6 +233,12 @@ impl WorkerContext {
     /// Records how many messages the worker holds right now.
     pub fn set_in_flight(&self, n: usize) {
         self.record.set_in_flight(n);
+    }
+
+    /// Records how many handlers were aborted for their timeout and have not ended yet
+    /// (they block a thread).
+    pub fn set_overdue_handlers(&self, n: usize) {
+        self.record.set_overdue_handlers(n);
     }
 
     /// Records one settled message.

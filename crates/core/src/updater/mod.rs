@@ -1,16 +1,27 @@
 //! The Updater: one named worker that receives from a queue and runs a handler per
 //! message, settling each by its outcome.
 
+mod breaker;
+mod delayed;
+mod handlers;
+mod held;
+mod renewal;
 mod run;
+mod sessions;
+mod settlement;
+#[cfg(test)]
+mod testing;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Backoff, Handler, MessageSource, TransportError, Worker, WorkerContext, WorkerError};
+use crate::{
+    Backoff, Deadlines, Handler, MessageSource, TransportError, Worker, WorkerContext, WorkerError,
+};
 
 /// How an [`Updater`] receives and handles messages.
 #[derive(Debug, Clone)]
@@ -38,6 +49,15 @@ pub struct UpdaterConfig {
     /// After a receive error, how long running handlers may finish before the worker
     /// aborts them and restarts. Default 10 s.
     pub error_drain: Duration,
+    /// The longest one broker call (a settlement, a dead-letter, a lock renewal) may
+    /// take; each runs beside the loop, so a slow one holds up nothing else. A call past
+    /// it counts as failed: the message returns when its lock expires. Default 30 s.
+    pub broker_timeout: Duration,
+    /// A handler running longer is aborted and its message abandoned for a retry.
+    /// `None` (the default): handlers may run as long as their locks can be renewed.
+    /// A handler that blocks a thread cannot be aborted: it keeps its session (order
+    /// before speed) and its slot until it returns.
+    pub handler_timeout: Option<Duration>,
 }
 
 impl Default for UpdaterConfig {
@@ -52,6 +72,8 @@ impl Default for UpdaterConfig {
             probe_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
             stall_timeout: None,
             error_drain: Duration::from_secs(10),
+            broker_timeout: Duration::from_secs(30),
+            handler_timeout: None,
         }
     }
 }
@@ -113,12 +135,31 @@ impl UpdaterConfig {
         self
     }
 
+    /// Sets the bound of each broker call.
+    #[must_use]
+    pub fn with_broker_timeout(mut self, broker_timeout: Duration) -> Self {
+        self.broker_timeout = broker_timeout;
+        self
+    }
+
+    /// Sets the handler timeout.
+    #[must_use]
+    pub fn with_handler_timeout(mut self, handler_timeout: Duration) -> Self {
+        self.handler_timeout = Some(handler_timeout);
+        self
+    }
+
     /// The stall timeout in effect.
     #[must_use]
     pub fn effective_stall_timeout(&self) -> Duration {
         self.stall_timeout
             .unwrap_or_else(|| self.wait.saturating_mul(5).saturating_add(Duration::from_secs(60)))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Only bookkeeping of sessions: usable after a panic elsewhere.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Opens a [`MessageSource`], once per (re)start of an [`Updater`].
@@ -166,10 +207,16 @@ impl Connect for Fixed {
 /// - Handlers run as tasks, up to `concurrency` at once; messages with the same
 ///   `session_id` run strictly one after another, in arrival order, and a message waiting
 ///   for its turn keeps its lock renewed. On transports without sessions, a message
-///   retried with a delay also holds back its session's later messages until it returns
-///   (or for the delay plus twice the wait, if another consumer took it).
+///   retried with a delay, or one whose lock was lost or whose settlement failed, also
+///   holds back its session's later messages until it returns (or, if another consumer
+///   took it, until 6 × its delay + 2 × the wait after it was due back). Sessions still
+///   waiting when a run ends are remembered by the next run of the same updater.
+/// - An optional `handler_timeout` aborts a handler running longer and retries its
+///   message; one that blocks a thread keeps its session and is counted in the health's
+///   `overdue_handlers` until it returns.
 /// - Locks are renewed before they expire while a handler runs. A lost lock is logged
-///   and counted (`lease_lost`), and that message is never settled.
+///   and counted (`lease_lost`), and that message is never settled. Every broker call
+///   runs beside the loop, bounded by `broker_timeout`.
 /// - A message delivered more than `max_deliveries` times is dead-lettered with reason
 ///   `MaxDeliveryCountExceeded` without calling the handler.
 /// - A handler panic is caught, logged with the message id and its payload, counted and
@@ -177,10 +224,12 @@ impl Connect for Fixed {
 /// - A retry with [`RetryCause::Dependency`](crate::RetryCause::Dependency) opens the
 ///   worker's circuit breaker: it stops receiving (state `backing_off`) until
 ///   [`Handler::probe`] succeeds.
-/// - Progress is recorded on every poll, handler completion and lock renewal.
-/// - On shutdown it calls `stop_receiving`, releases the messages that have not started,
-///   lets running handlers finish until the drain deadline, then aborts the rest and
-///   abandons their messages so another consumer gets them at once.
+/// - Progress is recorded on every poll, handler completion, settlement and successful
+///   lock renewal, and while every slot is busy with handlers whose locks are renewed.
+/// - On shutdown it follows the [`Deadlines`](crate::Deadlines): it calls
+///   `stop_receiving` and releases the messages that have not started, lets running
+///   handlers finish until the drain deadline, then aborts the rest and abandons their
+///   messages so another consumer gets them at once.
 ///
 /// Run it under a [`Supervisor`](crate::Supervisor); see there for an example.
 pub struct Updater {
@@ -188,6 +237,8 @@ pub struct Updater {
     connect: Arc<dyn Connect>,
     handler: Arc<dyn Handler>,
     config: UpdaterConfig,
+    /// Sessions waiting for a message back at the broker when the last run ended.
+    waiting: Mutex<sessions::Waiting>,
 }
 
 impl fmt::Debug for Updater {
@@ -208,6 +259,7 @@ impl Updater {
             connect: Arc::new(connect),
             handler: Arc::new(handler),
             config: UpdaterConfig::default(),
+            waiting: Mutex::default(),
         }
     }
 
@@ -252,21 +304,24 @@ impl Worker for Updater {
             source = self.connect.connect() => source?,
             () = ctx.cancelled() => return Ok(()),
         };
-        ctx.progress();
+        // Connecting is not progress: a worker that connects and then never receives
+        // is stuck, and the supervisor must see that.
         ctx.set_running();
         tracing::info!(queue = source.queue(), "receiving");
-        let mut run = run::Run::new(&ctx, source.as_ref(), &self.handler, &self.config);
+        let waiting = std::mem::take(&mut *lock(&self.waiting));
+        let mut run = run::Run::new(&ctx, source.as_ref(), &self.handler, &self.config, waiting);
         let failure = run.receive_loop().await;
         match &failure {
-            None => {
-                let shutting_down = ctx.is_shutting_down();
-                run.drain(shutting_down, ctx.drain_deadline(), ctx.hard_deadline()).await;
-            }
+            None => run.drain(ctx.is_shutting_down(), ctx.deadlines()).await,
             Some(_) => {
-                let deadline = tokio::time::Instant::now() + self.config.error_drain;
-                run.drain(false, deadline, deadline + Duration::from_secs(1)).await;
+                let drain = crate::deadlines::saturating_add(
+                    tokio::time::Instant::now(),
+                    self.config.error_drain,
+                );
+                run.drain(false, Deadlines::after_drain(drain, Duration::from_secs(1))).await;
             }
         }
+        *lock(&self.waiting) = run.take_waiting();
         failure.map_or(Ok(()), |error| Err(error.into()))
     }
 }

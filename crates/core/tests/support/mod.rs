@@ -186,3 +186,172 @@ impl Write for LogCapture {
         Ok(())
     }
 }
+
+/// Settlement and renewal faults for [`Faulty`], each armed for a number of calls on
+/// one message id (every delivery of it).
+#[derive(Default)]
+pub struct SettleFaults {
+    /// `(message id, calls)`: `complete` never returns.
+    pub hang_complete: Mutex<Vec<(String, u32)>>,
+    /// `(message id, calls)`: `complete` fails with a connection error, leaving the
+    /// message locked.
+    pub fail_complete: Mutex<Vec<(String, u32)>>,
+    /// `(message id, calls)`: `renew_lock` reports the lock lost.
+    pub lose_renewal: Mutex<Vec<(String, u32)>>,
+    /// `(message id, calls)`: `renew_lock` never returns.
+    pub hang_renewal: Mutex<Vec<(String, u32)>>,
+    /// `(message id, calls)`: `renew_lock` fails with a connection error.
+    pub fail_renewal: Mutex<Vec<(String, u32)>>,
+    /// `(message id, calls)`: `renew_lock` answers with an expiry that is not in the
+    /// future (a skewed clock).
+    pub stale_renewal: Mutex<Vec<(String, u32)>>,
+    /// How many times `renew_lock` was called, faults included.
+    pub renewals: std::sync::atomic::AtomicUsize,
+    /// Every `abandon`: the message id and the delay asked for.
+    pub abandons: Mutex<Vec<(String, Option<Duration>)>>,
+}
+
+impl SettleFaults {
+    pub fn arm(list: &Mutex<Vec<(String, u32)>>, id: &str, calls: u32) {
+        list.lock().unwrap().push((id.to_owned(), calls));
+    }
+
+    /// Whether a fault of `list` fires for `id` now (using up one call).
+    fn fires(list: &Mutex<Vec<(String, u32)>>, id: &str) -> bool {
+        let mut list = list.lock().unwrap();
+        match list.iter_mut().find(|(i, n)| i == id && *n > 0) {
+            Some((_, n)) => {
+                *n -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Wraps a source so that settlements and renewals of its deliveries obey `faults`;
+/// everything else goes to the real delivery.
+pub struct Faulty<S> {
+    pub inner: S,
+    pub faults: Arc<SettleFaults>,
+}
+
+struct FaultySettle {
+    id: String,
+    inner: tokio::sync::Mutex<Option<Delivery>>,
+    until: Mutex<Option<Instant>>,
+    faults: Arc<SettleFaults>,
+}
+
+#[async_trait]
+impl steward_core::Settle for FaultySettle {
+    fn locked_until(&self) -> Option<Instant> {
+        *self.until.lock().unwrap()
+    }
+
+    async fn renew_lock(&self) -> Result<Option<Instant>, TransportError> {
+        self.faults.renewals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if SettleFaults::fires(&self.faults.stale_renewal, &self.id) {
+            return Ok(Some(Instant::now()));
+        }
+        if SettleFaults::fires(&self.faults.fail_renewal, &self.id) {
+            return Err(TransportError::connection("renewal failed (injected)"));
+        }
+        if SettleFaults::fires(&self.faults.hang_renewal, &self.id) {
+            std::future::pending::<()>().await;
+        }
+        if SettleFaults::fires(&self.faults.lose_renewal, &self.id) {
+            return Err(TransportError::lock_lost(self.id.clone()));
+        }
+        let inner = self.inner.lock().await;
+        let Some(delivery) = inner.as_ref() else {
+            return Err(TransportError::lock_lost(self.id.clone()));
+        };
+        let until = delivery.renew_lock().await?;
+        *self.until.lock().unwrap() = until;
+        Ok(until)
+    }
+
+    async fn complete(&self) -> Result<(), TransportError> {
+        if SettleFaults::fires(&self.faults.hang_complete, &self.id) {
+            std::future::pending::<()>().await;
+        }
+        if SettleFaults::fires(&self.faults.fail_complete, &self.id) {
+            return Err(TransportError::connection("complete failed (injected)"));
+        }
+        match self.inner.lock().await.take() {
+            Some(delivery) => delivery.complete().await,
+            None => Err(TransportError::lock_lost(self.id.clone())),
+        }
+    }
+
+    async fn abandon(&self, delay: Option<Duration>) -> Result<(), TransportError> {
+        self.faults.abandons.lock().unwrap().push((self.id.clone(), delay));
+        match self.inner.lock().await.take() {
+            Some(delivery) => delivery.abandon(delay).await,
+            None => Err(TransportError::lock_lost(self.id.clone())),
+        }
+    }
+
+    async fn dead_letter(&self, reason: &str, description: &str) -> Result<(), TransportError> {
+        match self.inner.lock().await.take() {
+            Some(delivery) => delivery.dead_letter(reason, description).await,
+            None => Err(TransportError::lock_lost(self.id.clone())),
+        }
+    }
+}
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for Faulty<S> {
+    fn queue(&self) -> &str {
+        self.inner.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let batch = self.inner.receive(max, wait).await?;
+        Ok(batch
+            .into_iter()
+            .map(|delivery| {
+                let message = (**delivery.message()).clone();
+                let settle = FaultySettle {
+                    id: message.id.clone(),
+                    until: Mutex::new(delivery.locked_until()),
+                    inner: tokio::sync::Mutex::new(Some(delivery)),
+                    faults: self.faults.clone(),
+                };
+                Delivery::new(message, settle)
+            })
+            .collect())
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.inner.stop_receiving().await
+    }
+}
+
+/// Wraps a source to claim no delayed abandon, so the updater holds delayed retries
+/// itself.
+pub struct WithoutDelayedAbandon<S>(pub S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for WithoutDelayedAbandon<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { delayed_abandon: false, ..self.0.capabilities() }
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        self.0.receive(max, wait).await
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}

@@ -1,0 +1,226 @@
+//! Settlements under way: each its own task bounded by `broker_timeout`, and what its
+//! result means for the message's session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+
+use super::held::Held;
+use crate::{Delivery, Settled, TransportError};
+
+/// How a message is settled.
+pub(super) enum Settlement {
+    Complete,
+    Abandon(Option<Duration>),
+    DeadLetter { reason: String, description: String },
+}
+
+/// A settlement under way, and what to do when it ends.
+pub(super) struct Settling {
+    pub(super) id: String,
+    pub(super) session: Option<String>,
+    pub(super) operation: &'static str,
+    /// What to count once the broker took it.
+    pub(super) record: Option<Settled>,
+    pub(super) elapsed: Option<Duration>,
+    pub(super) dead_letter_reason: Option<String>,
+    /// For an abandon: the retry delay after which the message is due back.
+    returns_after: Option<Duration>,
+    /// When the lock runs out (a failed settlement leaves the message locked till then).
+    locked_until: Option<Instant>,
+}
+
+/// What a finished settlement means for its session.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum SessionStep {
+    /// Settled for good: the session's next message may start.
+    Release,
+    /// The message is back at the broker, due at `due` after a retry delay of `delay`:
+    /// the session waits for it.
+    AwaitReturn { due: Instant, delay: Duration },
+}
+
+impl Settling {
+    /// What `result` means for the session: a completed or dead-lettered message frees
+    /// it; an abandoned one, or one whose settlement failed (it returns when its lock
+    /// runs out, at once if lost), makes it wait for the message.
+    pub(super) fn session_step(
+        &self,
+        result: &Result<(), TransportError>,
+        now: Instant,
+    ) -> SessionStep {
+        match result {
+            Ok(()) => match self.returns_after {
+                Some(delay) => SessionStep::AwaitReturn { due: now, delay },
+                None => SessionStep::Release,
+            },
+            Err(error) if error.is_lock_lost() => {
+                SessionStep::AwaitReturn { due: now, delay: Duration::ZERO }
+            }
+            Err(_) => SessionStep::AwaitReturn {
+                due: self.locked_until.unwrap_or(now).max(now),
+                delay: Duration::ZERO,
+            },
+        }
+    }
+}
+
+type Finished = (Settling, Result<(), TransportError>);
+
+/// The settlements under way.
+pub(super) struct Settlements {
+    tasks: JoinSet<Finished>,
+    limit: Duration,
+}
+
+impl Settlements {
+    pub(super) fn new(limit: Duration) -> Self {
+        Self { tasks: JoinSet::new(), limit }
+    }
+
+    /// Settles `held` in its own task; counts it as `record` once the broker took it.
+    pub(super) fn start(
+        &mut self,
+        held: Held,
+        settlement: Settlement,
+        record: Option<Settled>,
+        elapsed: Option<Duration>,
+    ) {
+        let (operation, returns_after, dead_letter_reason) = match &settlement {
+            Settlement::Complete => ("complete", None, None),
+            Settlement::Abandon(delay) => ("abandon", Some(delay.unwrap_or_default()), None),
+            Settlement::DeadLetter { reason, .. } => ("dead-letter", None, Some(reason.clone())),
+        };
+        let settling = Settling {
+            id: held.id().to_owned(),
+            session: held.session().map(str::to_owned),
+            operation,
+            record,
+            elapsed,
+            dead_letter_reason,
+            returns_after,
+            locked_until: held.delivery.locked_until(),
+        };
+        let limit = self.limit;
+        self.tasks.spawn(async move {
+            let result = match timeout(limit, call(&held.delivery, &settlement)).await {
+                Ok(result) => result,
+                Err(_) => Err(TransportError::timeout(format!(
+                    "{operation} did not answer within {limit:?}"
+                ))),
+            };
+            (settling, result)
+        });
+    }
+
+    /// The next finished settlement; pends while none is under way.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub(super) async fn next(&mut self) -> Finished {
+        loop {
+            if self.tasks.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            match self.tasks.join_next().await {
+                Some(Ok(finished)) => return finished,
+                Some(Err(error)) if error.is_panic() => {
+                    let payload = crate::supervisor::panic_message(error.into_panic());
+                    tracing::error!(panic = %payload, "settlement panicked; the message returns when its lock expires");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub(super) fn abort_all(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+async fn call(delivery: &Arc<Delivery>, settlement: &Settlement) -> Result<(), TransportError> {
+    let settle = delivery.settle_handle();
+    match settlement {
+        Settlement::Complete => settle.complete().await,
+        Settlement::Abandon(delay) => settle.abandon(*delay).await,
+        Settlement::DeadLetter { reason, description } => {
+            settle.dead_letter(reason, description).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::updater::testing::{TestSettle, held_with};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_settlement_times_out_and_the_others_finish_first() {
+        let mut settlements = Settlements::new(Duration::from_secs(30));
+        let hung =
+            held_with(1, "hung", Some("s"), TestSettle { hang: true, ..TestSettle::default() });
+        settlements.start(hung, Settlement::Complete, Some(Settled::Completed), None);
+        let quick = held_with(2, "quick", Some("t"), TestSettle::default());
+        settlements.start(quick, Settlement::Complete, Some(Settled::Completed), None);
+        let started = Instant::now();
+        let (settling, result) = settlements.next().await;
+        assert_eq!((settling.id.as_str(), started.elapsed()), ("quick", Duration::ZERO));
+        assert_eq!(settling.session_step(&result, Instant::now()), SessionStep::Release);
+        let (settling, result) = settlements.next().await;
+        assert_eq!((settling.id.as_str(), started.elapsed()), ("hung", Duration::from_secs(30)));
+        assert!(result.as_ref().is_err_and(|e| !e.is_lock_lost()), "{result:?}");
+        // Failed: the message returns when its lock (10 s from receipt) runs out; that
+        // is past, so the session waits from now.
+        let now = Instant::now();
+        assert_eq!(
+            settling.session_step(&result, now),
+            SessionStep::AwaitReturn { due: now, delay: Duration::ZERO }
+        );
+        assert!(settlements.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandon_makes_the_session_wait_for_its_delay() {
+        let mut settlements = Settlements::new(Duration::from_secs(30));
+        let retried = held_with(1, "retried", Some("s"), TestSettle::default());
+        let delay = Duration::from_secs(20);
+        settlements.start(retried, Settlement::Abandon(Some(delay)), Some(Settled::Retried), None);
+        let (settling, result) = settlements.next().await;
+        let now = Instant::now();
+        assert_eq!(
+            settling.session_step(&result, now),
+            SessionStep::AwaitReturn { due: now, delay }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_settlement_waits_for_the_lock_to_run_out() {
+        let mut settlements = Settlements::new(Duration::from_secs(30));
+        let failed = held_with(1, "failed", Some("s"), TestSettle::default());
+        let locked_until = failed.delivery.locked_until().unwrap();
+        settlements.start(failed, Settlement::Complete, None, None);
+        let (settling, _) = settlements.next().await;
+        let error = Err(TransportError::connection("refused"));
+        assert_eq!(
+            settling.session_step(&error, Instant::now()),
+            SessionStep::AwaitReturn { due: locked_until, delay: Duration::ZERO }
+        );
+        let lost = Err(TransportError::lock_lost("failed"));
+        let now = Instant::now();
+        assert_eq!(
+            settling.session_step(&lost, now),
+            SessionStep::AwaitReturn { due: now, delay: Duration::ZERO }
+        );
+    }
+}
