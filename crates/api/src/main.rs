@@ -16,8 +16,8 @@ compile_error!(
 use std::process::ExitCode;
 
 use clap::Parser;
-use steward_api::config::{Config, LogFormat};
 use steward_api::service::Service;
+use steward_api::service::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {

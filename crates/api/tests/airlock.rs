@@ -7,12 +7,14 @@ mod support;
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
-use steward_api::airlock::{self, AirlockError, AirlockQueues, AirlockUpdate, NewAirlockRequest};
-use steward_api::db::Store;
 use steward_api::domain::{
     AirlockFile, AirlockRequest, AirlockRequestStatus as S, AirlockRequestType,
     AirlockReviewDecision, Resource, ResourceKind, ReviewUserResource, Status, User,
 };
+use steward_api::rules::airlock::{
+    self, AirlockError, AirlockQueues, AirlockUpdate, NewAirlockRequest,
+};
+use steward_api::storage::Store;
 use support::{NOW, user, workspace_props};
 
 /// The transition table of reference §5.6, written out again so the test does not
@@ -171,7 +173,7 @@ mod cases {
     }
 
     fn events(
-        store_rows: &[steward_api::db::OutboxRecord],
+        store_rows: &[steward_api::storage::OutboxRecord],
         request_id: &str,
     ) -> Vec<(String, Value)> {
         store_rows

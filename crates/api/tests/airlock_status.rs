@@ -15,9 +15,9 @@ use fixtures::{
     step_result_body, step_result_message, templates, user, workspace,
 };
 use serde_json::{Value, json};
-use steward_api::airlock::{self, AirlockQueues};
 use steward_api::domain::{AirlockFile, AirlockRequest, AirlockRequestStatus as S, Resource};
-use steward_api::updaters::{
+use steward_api::rules::airlock::{self, AirlockQueues};
+use steward_api::workers::{
     AirlockStatusHandler, RecipientError, RecipientProvider, RecipientsByRole, StaticRecipients,
 };
 use steward_core::{BoxError, Handler, Message, Outcome, RetryCause};

@@ -16,7 +16,7 @@ use fixtures::{
 };
 use serde_json::{Value, json};
 use steward_api::domain::{Operation, ResourceRequest, Status};
-use steward_api::updaters::DeploymentStatusHandler;
+use steward_api::workers::DeploymentStatusHandler;
 use steward_core::{Handler, Message, Outcome, RetryCause};
 
 mod cases {
@@ -135,9 +135,9 @@ mod cases {
         let registry = templates();
         let ws = workspace(&db.store, &registry).await;
         let mut tx = db.store.begin().await.unwrap();
-        let op = steward_api::operations::uninstall_resource(
+        let op = steward_api::rules::operations::uninstall_resource(
             &mut tx,
-            steward_api::operations::OperationContext::new(&registry),
+            steward_api::rules::operations::OperationContext::new(&registry),
             &ws.id,
             &fixtures::user(),
             false,

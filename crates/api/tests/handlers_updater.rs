@@ -19,10 +19,10 @@ use fixtures::{
     user, workspace, workspace_installing,
 };
 use serde_json::json;
-use steward_api::airlock::{self, AirlockQueues};
-use steward_api::db::{Store, StoreOptions};
 use steward_api::domain::{AirlockRequestStatus as S, Status};
-use steward_api::updaters::{AirlockStatusHandler, DeploymentStatusHandler, StaticRecipients};
+use steward_api::rules::airlock::{self, AirlockQueues};
+use steward_api::storage::{Store, StoreOptions};
+use steward_api::workers::{AirlockStatusHandler, DeploymentStatusHandler, StaticRecipients};
 use steward_core::{
     Backoff, BoxError, Handler, HealthHandle, Jitter, Message, MessageSink, Outcome,
     OutgoingMessage, Supervisor, SupervisorConfig, Updater, UpdaterConfig, WorkerHealth,

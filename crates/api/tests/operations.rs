@@ -6,13 +6,13 @@
 mod support;
 
 use serde_json::{Value, json};
-use steward_api::db::{OutboxRecord, Store};
 use steward_api::domain::{
     MAIN_STEP_ID, Operation, Properties, Resource, ResourceRequest, ResourceType, Status, User,
 };
-use steward_api::operations::{
+use steward_api::rules::operations::{
     self, Created, NewResource, OperationContext, OperationError, StepUpdate,
 };
+use steward_api::storage::{OutboxRecord, Store};
 use steward_api::templates::{PropertyError, REDACTED, TemplateRegistry};
 use support::{props, templates, user, workspace_props};
 
@@ -323,7 +323,7 @@ mod cases {
                 "{text}"
             );
         }
-        let filter = steward_api::db::ResourceFilter {
+        let filter = steward_api::storage::ResourceFilter {
             resource_type: Some(ResourceType::UserResource),
             ..Default::default()
         };

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_api::db::{OutboxMessage, Store};
-use steward_api::outbox::{OutboxConfig, OutboxWorker};
+use steward_api::storage::{OutboxMessage, Store};
+use steward_api::workers::{OutboxConfig, OutboxWorker};
 use steward_core::{
     Backoff, ErrorKind, Jitter, MessageSink, OutgoingMessage, Supervisor, SupervisorConfig,
     TransportError,
@@ -342,7 +342,7 @@ async fn rows_are_never_sent_on_a_spent_lease(store: &Store) {
     let now_ms = Arc::new(AtomicU64::new(u64::try_from(epoch_ms() + 1_000).unwrap()));
     let clock = {
         let now_ms = now_ms.clone();
-        steward_api::clock::Clock::from_fn(move || {
+        steward_api::Clock::from_fn(move || {
             now_ms.load(std::sync::atomic::Ordering::SeqCst) as f64 / 1000.0
         })
     };

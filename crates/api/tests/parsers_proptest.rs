@@ -14,7 +14,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Map, Value, json};
 use steward_api::domain::{AirlockRequestStatus, Status, outputs_to_properties};
-use steward_api::updaters::{
+use steward_api::workers::{
     AirlockStatusHandler, DeploymentStatusHandler, MessageFormatError, StaticRecipients,
     parse_deployment_status, parse_step_result, tre,
 };

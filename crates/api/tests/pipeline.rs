@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use steward_api::db::Store;
 use steward_api::domain::{Properties, ResourceType, Status, User};
-use steward_api::operations::{self, NewResource, OperationContext};
-use steward_api::outbox::{OutboxConfig, OutboxWorker};
-use steward_api::simulators::{FailurePolicy, ResourceProcessor};
+use steward_api::rules::operations::{self, NewResource, OperationContext};
+use steward_api::storage::Store;
 use steward_api::templates::TemplateRegistry;
-use steward_api::updaters::DeploymentStatusHandler;
+use steward_api::workers::DeploymentStatusHandler;
+use steward_api::workers::{FailurePolicy, ResourceProcessor};
+use steward_api::workers::{OutboxConfig, OutboxWorker};
 use steward_core::{Supervisor, SupervisorConfig, Updater, UpdaterConfig};
 use steward_inmem::InMemoryBroker;
 use tokio::time::{Instant, sleep};

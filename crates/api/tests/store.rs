@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use steward_api::db::{
-    AirlockRequestFilter, Backend, OutboxMessage, ResourceFilter, Store, StoreError, StoreOptions,
-};
 use steward_api::domain::{
     AirlockRequest, AirlockRequestStatus, AirlockRequestType, Operation, Resource, ResourceKind,
     ResourcePatch, Status, User,
+};
+use steward_api::storage::{
+    AirlockRequestFilter, Backend, OutboxMessage, ResourceFilter, Store, StoreError, StoreOptions,
 };
 use support::{NOW, props, user};
 

@@ -6,9 +6,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::airlock::{AirlockError, ILLEGAL_STATUS_CHANGE};
-use crate::db::StoreError;
-use crate::operations::OperationError;
+use crate::rules::airlock::{AirlockError, ILLEGAL_STATUS_CHANGE};
+use crate::rules::operations::OperationError;
+use crate::storage::StoreError;
 
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -95,7 +95,7 @@ impl ApiError {
 
 /// The `Retry-After` of every 503 answer, in seconds: what is missing (the database, a
 /// migration) usually comes back within moments, and clients should not hammer it.
-pub const RETRY_AFTER_SECONDS: u32 = 1;
+pub(super) const RETRY_AFTER_SECONDS: u32 = 1;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -127,8 +127,8 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<crate::app::NotReady> for ApiError {
-    fn from(error: crate::app::NotReady) -> Self {
+impl From<crate::storage::NotReady> for ApiError {
+    fn from(error: crate::storage::NotReady) -> Self {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

@@ -5,13 +5,14 @@
 //! body, and, when `STEWARD_API_TOKEN` is set, every mutating request needs
 //! `Authorization: Bearer <token>`.
 
-pub mod airlock;
-pub mod error;
-pub mod extract;
-pub mod health;
-pub mod openapi;
-pub mod resources;
-pub mod templates;
+mod airlock;
+mod error;
+mod extract;
+mod health;
+mod openapi;
+mod resources;
+mod state;
+mod templates;
 
 use std::time::Duration;
 
@@ -24,8 +25,8 @@ use axum::routing::{MethodRouter, get, post};
 
 pub use error::{ApiError, ErrorBody};
 pub use openapi::openapi;
+pub use state::{ApiSettings, AppState};
 
-use crate::app::AppState;
 use error::LoggedCause;
 
 /// The largest request body accepted.

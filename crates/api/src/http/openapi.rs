@@ -42,6 +42,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// This document.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "health", responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json")))]
-pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+pub(super) async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(openapi())
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection, Executor};
 use steward_api::Clock;
-use steward_api::db::{Store, StoreOptions};
 use steward_api::domain::{Properties, User};
+use steward_api::storage::{Store, StoreOptions};
 use steward_api::templates::TemplateRegistry;
 
 /// When every test store's clock starts.

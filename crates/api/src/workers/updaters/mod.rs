@@ -22,9 +22,9 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use steward_api::db::Store;
+//! use steward_api::storage::Store;
 //! use steward_api::templates::TemplateRegistry;
-//! use steward_api::updaters::{AirlockStatusHandler, DeploymentStatusHandler, StaticRecipients};
+//! use steward_api::workers::{AirlockStatusHandler, DeploymentStatusHandler, StaticRecipients};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -43,9 +43,9 @@
 //! # }
 //! ```
 
-pub mod airlock_status;
-pub mod deployment_status;
-pub mod recipients;
+pub(super) mod airlock_status;
+pub(super) mod deployment_status;
+pub(super) mod recipients;
 
 use steward_core::{Outcome, error_chain};
 

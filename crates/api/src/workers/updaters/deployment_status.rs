@@ -8,20 +8,20 @@ use async_trait::async_trait;
 use steward_core::{BoxError, Handler, Message, Outcome, error_chain};
 
 use super::{CONFLICT_ATTEMPTS, MessageFormatError, correlation_id, parse_json, reason, tre};
-use crate::db::{Store, StoreError, Tx};
 use crate::domain::{
     DeploymentStatusUpdate, Operation, OperationStep, OutputError, Properties, Status,
     outputs_to_properties,
 };
-use crate::operations::{
+use crate::rules::operations::{
     DEFAULT_RESOURCE_REQUEST_QUEUE, OperationError, STEP_UPDATE_RETRIES, StepUpdate,
     resource_request_message, update_resource_for_step,
 };
+use crate::storage::{Store, StoreError, Tx};
 use crate::templates::TemplateRegistry;
 
 /// The queue the resource processor reports to unless configured otherwise
 /// (`SERVICE_BUS_DEPLOYMENT_STATUS_UPDATE_QUEUE`).
-pub const DEFAULT_QUEUE: &str = "deploymentstatus";
+pub(crate) const DEFAULT_QUEUE: &str = "deploymentstatus";
 
 /// The savepoint around preparing a pipeline's next step, so a failure there undoes only
 /// that part.
@@ -115,7 +115,7 @@ impl From<StoreError> for Stop {
 
 impl DeploymentStatusHandler {
     /// A handler on `store`, reading templates from `templates`, logging queue
-    /// [`DEFAULT_QUEUE`] and writing next-step requests for queue
+    /// `DEFAULT_QUEUE` and writing next-step requests for queue
     /// [`DEFAULT_RESOURCE_REQUEST_QUEUE`].
     #[must_use]
     pub fn new(store: Store, templates: Arc<TemplateRegistry>) -> Self {

@@ -20,6 +20,7 @@
 //! read, even inside the same transaction.
 
 mod airlock;
+mod database;
 mod error;
 mod history;
 mod migrations;
@@ -36,9 +37,10 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Executor, Transaction};
 use tokio::sync::Notify;
 
-use crate::clock::Clock;
+use crate::domain::Clock;
 
 pub use airlock::AirlockRequestFilter;
+pub use database::{Database, NotReady};
 pub use error::{Entity, StoreError};
 pub use outbox::{OutboxMessage, OutboxRecord};
 pub use resources::ResourceFilter;
@@ -152,7 +154,7 @@ struct Inner {
 /// # Examples
 ///
 /// ```
-/// use steward_api::db::{Store, StoreError};
+/// use steward_api::storage::{Store, StoreError};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), StoreError> {
@@ -487,4 +489,13 @@ impl Tx {
     pub(crate) fn conn(&mut self) -> &mut sqlx::AnyConnection {
         &mut self.tx
     }
+}
+
+/// POSIX seconds as whole milliseconds, the unit of the time columns.
+#[must_use]
+pub(crate) fn millis(seconds: f64) -> i64 {
+    // Saturating float-to-int conversion; times are far inside the i64 range.
+    #[allow(clippy::cast_possible_truncation)]
+    let millis = (seconds * 1000.0).round() as i64;
+    millis
 }

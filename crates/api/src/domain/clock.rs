@@ -56,18 +56,3 @@ impl fmt::Debug for Clock {
         f.debug_tuple("Clock").field(&self.now()).finish()
     }
 }
-
-/// POSIX seconds as whole milliseconds, the unit of the time columns.
-#[must_use]
-pub(crate) fn millis(seconds: f64) -> i64 {
-    // Saturating float-to-int conversion; times are far inside the i64 range.
-    #[allow(clippy::cast_possible_truncation)]
-    let millis = (seconds * 1000.0).round() as i64;
-    millis
-}
-
-/// A new UUIDv4 string.
-#[must_use]
-pub fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}

@@ -75,7 +75,7 @@ pub trait RecipientProvider: Send + Sync + 'static {
 /// # Examples
 ///
 /// ```
-/// use steward_api::updaters::StaticRecipients;
+/// use steward_api::workers::StaticRecipients;
 ///
 /// let recipients: StaticRecipients =
 ///     "WorkspaceOwner=owner@example.com;lead@example.com, AirlockManager=am@example.com"
@@ -180,7 +180,7 @@ impl RecipientProvider for StaticRecipients {
 
 /// TRE's role key: `WorkspaceOwner` → `workspace_owner`; spaces and hyphens become `_`.
 #[must_use]
-pub fn snake_case(role: &str) -> String {
+pub(crate) fn snake_case(role: &str) -> String {
     let mut out = String::with_capacity(role.len() + 4);
     let mut previous: Option<char> = None;
     for c in role.chars() {

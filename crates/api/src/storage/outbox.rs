@@ -9,7 +9,7 @@ use sqlx::any::AnyRow;
 
 use super::error::{Entity, StoreError};
 use super::{Store, Tx};
-use crate::clock::millis;
+use crate::storage::millis;
 
 /// A message to publish once the transaction that wrote it commits.
 #[derive(Debug, Clone, PartialEq, Eq)]

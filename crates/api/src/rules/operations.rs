@@ -5,13 +5,13 @@
 //! operation, the history items and the first resource request (written to the outbox)
 //! commit together or not at all.
 
-use crate::clock::new_id;
-use crate::db::{OutboxMessage, StoreError, Tx};
+use crate::domain::new_id;
 use crate::domain::{
     MAIN_STEP_ID, Operation, OperationStep, Properties, Resource, ResourceKind, ResourcePatch,
     ResourceType, Status, User, action,
 };
-use crate::substitution::{SubstitutionError, substitute_properties};
+use crate::rules::{SubstitutionError, substitute_properties};
+use crate::storage::{OutboxMessage, StoreError, Tx};
 use crate::templates::{PipelineStep, PropertyError, REDACTED, Template, TemplateRegistry};
 
 /// The queue resource requests go to unless configured otherwise.
@@ -373,7 +373,7 @@ pub async fn upgrade_resource(
         && expected != current.etag
     {
         return Err(StoreError::EtagMismatch {
-            entity: crate::db::Entity::Resource,
+            entity: crate::storage::Entity::Resource,
             id: id.to_owned(),
         }
         .into());

@@ -1,15 +1,12 @@
-//! What the HTTP layer and the workers share: the database behind a readiness gate, the
-//! templates, the queue names, and the supervisor's health.
+//! The store behind a readiness gate: the service starts with the database possibly
+//! down, and every worker and request waits for the one-time migration.
 
 use std::fmt;
 use std::sync::Arc;
 
-use steward_core::HealthHandle;
 use tokio::sync::OnceCell;
 
-use crate::airlock::AirlockQueues;
-use crate::db::{Store, StoreError};
-use crate::templates::TemplateRegistry;
+use super::{Store, StoreError};
 
 /// The store, and the one-time migration every user of it waits for.
 ///
@@ -85,52 +82,3 @@ impl Database {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the database is not ready yet")]
 pub struct NotReady;
-
-/// Settings the HTTP layer needs.
-#[derive(Clone, Default)]
-pub struct ApiSettings {
-    /// Where resource requests go.
-    pub resource_request_queue: String,
-    /// Where airlock events go.
-    pub airlock_queues: AirlockQueues,
-    /// The bearer token mutating requests need, when set.
-    pub api_token: Option<String>,
-    /// The transport's name, for health messages.
-    pub transport: String,
-}
-
-impl fmt::Debug for ApiSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiSettings")
-            .field("resource_request_queue", &self.resource_request_queue)
-            .field("airlock_queues", &self.airlock_queues)
-            .field("api_token", &self.api_token.as_ref().map(|_| "REDACTED"))
-            .field("transport", &self.transport)
-            .finish()
-    }
-}
-
-/// The state every HTTP handler gets: cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    /// The database.
-    pub db: Database,
-    /// The templates.
-    pub templates: Arc<TemplateRegistry>,
-    /// The workers' health.
-    pub health: HealthHandle,
-    /// Queue names, the API token, the transport name.
-    pub settings: Arc<ApiSettings>,
-    /// Renders `/metrics`, when a Prometheus recorder is installed.
-    pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
-}
-
-impl fmt::Debug for AppState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AppState")
-            .field("db", &self.db)
-            .field("templates", &self.templates.len())
-            .field("settings", &self.settings)
-            .finish_non_exhaustive()
-    }
-}

@@ -14,7 +14,7 @@ use steward_core::{BoxError, Handler, Message, Outcome, Worker, WorkerContext, W
 
 /// Parsed `STEWARD_FAULTS`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Faults {
+pub(super) struct Faults {
     /// Probability that a status handler panics.
     pub panic: f64,
     /// Probability that a status handler reports a database error.
@@ -26,7 +26,7 @@ pub struct Faults {
 /// A `STEWARD_FAULTS` value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid STEWARD_FAULTS: {0}")]
-pub struct FaultsError(String);
+pub(super) struct FaultsError(String);
 
 impl Faults {
     /// Parses `panic=0.01,db_error=0.05,fail_worker=deployment-status`.
@@ -34,7 +34,7 @@ impl Faults {
     /// # Errors
     ///
     /// An unknown key, a probability outside 0–1, or an entry without `=`.
-    pub fn parse(text: &str) -> Result<Faults, FaultsError> {
+    pub(super) fn parse(text: &str) -> Result<Faults, FaultsError> {
         let mut faults = Faults::default();
         for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             let (key, value) = entry
@@ -63,15 +63,9 @@ impl Faults {
         Ok(faults)
     }
 
-    /// Whether any fault is armed.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.panic == 0.0 && self.db_error == 0.0 && self.fail_workers.is_empty()
-    }
-
     /// Whether worker `name` must fail.
     #[must_use]
-    pub fn fails(&self, name: &str) -> bool {
+    pub(super) fn fails(&self, name: &str) -> bool {
         self.fail_workers.iter().any(|w| w == name)
     }
 }
@@ -84,7 +78,7 @@ fn draw() -> f64 {
 
 /// A handler with injected panics and database errors.
 #[derive(Debug)]
-pub struct FaultyHandler<H> {
+pub(super) struct FaultyHandler<H> {
     inner: H,
     panic: f64,
     db_error: f64,
@@ -93,7 +87,7 @@ pub struct FaultyHandler<H> {
 impl<H> FaultyHandler<H> {
     /// `inner` with the handler faults of `faults`.
     #[must_use]
-    pub fn new(inner: H, faults: &Faults) -> Self {
+    pub(super) fn new(inner: H, faults: &Faults) -> Self {
         FaultyHandler { inner, panic: faults.panic, db_error: faults.db_error }
     }
 }
@@ -118,14 +112,14 @@ impl<H: Handler> Handler for FaultyHandler<H> {
 
 /// A worker that fails at every start, with the name of the one it replaces.
 #[derive(Debug)]
-pub struct FailingWorker {
+pub(super) struct FailingWorker {
     name: String,
 }
 
 impl FailingWorker {
     /// Fails in place of worker `name`.
     #[must_use]
-    pub fn new(name: impl Into<String>) -> Self {
+    pub(super) fn new(name: impl Into<String>) -> Self {
         FailingWorker { name: name.into() }
     }
 }
@@ -162,7 +156,7 @@ mod tests {
         );
         assert!(Faults::parse("panic=2").is_err());
         assert!(Faults::parse("panic").is_err());
-        assert!(Faults::parse("").is_ok_and(|f| f.is_empty()));
+        assert_eq!(Faults::parse(""), Ok(Faults::default()));
     }
 
     #[test]

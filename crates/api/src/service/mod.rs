@@ -17,16 +17,24 @@ use steward_core::{
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::airlock::AirlockQueues;
-use crate::app::{ApiSettings, AppState, Database};
-use crate::config::Config;
-use crate::db::{Store, StoreOptions};
-use crate::outbox::OutboxWorker;
-use crate::simulators::{AirlockProcessor, ResourceProcessor};
+mod config;
+#[cfg(feature = "fault-injection")]
+mod faults;
+mod metrics;
+mod transport;
+
+pub use config::{Config, LogFormat, TransportKind, redact_url};
+pub use transport::{Transport, TransportConfigError};
+
+use crate::http::{ApiSettings, AppState};
+use crate::rules::airlock::AirlockQueues;
+use crate::storage::{Database, Store, StoreOptions};
 use crate::templates::TemplateRegistry;
-use crate::transport::{Transport, TransportConfigError};
-use crate::updaters::{AirlockStatusHandler, DeploymentStatusHandler, StaticRecipients};
-use crate::workers::{AfterDatabase, DatabaseWatcher, TransportWatcher, names};
+use crate::workers::{
+    AfterDatabase, AirlockProcessor, AirlockStatusHandler, DatabaseWatcher,
+    DeploymentStatusHandler, OutboxWorker, ResourceProcessor, StaticRecipients, TransportWatcher,
+    names,
+};
 
 /// Why the service did not start: bad configuration (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +57,7 @@ pub enum StartError {
     Templates(#[from] crate::templates::TemplateError),
     /// The database URL is invalid.
     #[error("invalid STEWARD_DATABASE_URL")]
-    Database(#[source] crate::db::StoreError),
+    Database(#[source] crate::storage::StoreError),
     /// `STEWARD_FAULTS` is invalid or not available in this build.
     #[error("{0}")]
     Faults(String),
@@ -75,11 +83,11 @@ pub struct Stopped {
 
 /// The faults of `STEWARD_FAULTS`, when this build has them.
 #[cfg(feature = "fault-injection")]
-type Faults = crate::faults::Faults;
+type Faults = faults::Faults;
 
 #[cfg(feature = "fault-injection")]
 fn parse_faults(config: &Config) -> Result<Faults, StartError> {
-    crate::faults::Faults::parse(config.faults.as_deref().unwrap_or_default())
+    faults::Faults::parse(config.faults.as_deref().unwrap_or_default())
         .map_err(|e| StartError::Faults(e.to_string()))
 }
 
@@ -196,7 +204,7 @@ fn spawn_workers<F>(
             Updater::new(
                 names::AIRLOCK_NOTIFIER,
                 transport.connect(&config.airlock_notification_queue),
-                crate::simulators::Notifier,
+                crate::workers::Notifier,
             )
             .with_config(simulator_config),
         );
@@ -239,18 +247,18 @@ impl FaultPlan for NoFaults {
 }
 
 #[cfg(feature = "fault-injection")]
-impl FaultPlan for crate::faults::Faults {
+impl FaultPlan for faults::Faults {
     fn spawn(&self, supervisor: &Supervisor, worker: impl Worker) {
         if self.fails(worker.name()) {
             tracing::warn!(worker = worker.name(), "STEWARD_FAULTS: this worker will fail");
-            supervisor.spawn(crate::faults::FailingWorker::new(worker.name()));
+            supervisor.spawn(faults::FailingWorker::new(worker.name()));
         } else {
             supervisor.spawn(worker);
         }
     }
 
     fn wrap(&self, handler: impl Handler) -> impl Handler {
-        crate::faults::FaultyHandler::new(handler, self)
+        faults::FaultyHandler::new(handler, self)
     }
 }
 
@@ -298,7 +306,7 @@ impl Service {
             templates,
             health: supervisor.health(),
             settings: Arc::new(settings),
-            metrics: crate::metrics::install(),
+            metrics: metrics::install(),
         };
         Ok(Service { config, db, transport, supervisor, state, listener })
     }
@@ -428,7 +436,7 @@ async fn save_inmem_messages(config: &Config, transport: &Transport, db: &Databa
         let store = db.ready().await?;
         let mut tx = store.begin().await?;
         for (queue, message) in &messages {
-            let outbox = crate::db::OutboxMessage {
+            let outbox = crate::storage::OutboxMessage {
                 queue: queue.clone(),
                 body: String::from_utf8_lossy(&message.body).into_owned(),
                 session_id: message.session_id.clone(),

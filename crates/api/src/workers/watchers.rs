@@ -1,39 +1,20 @@
-//! The service's own workers besides the updaters: the database and transport
-//! watchers, and a wrapper that holds a worker back until the database is migrated.
+//! The database and transport watchers, and a wrapper that holds a worker back until
+//! the database is migrated.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use steward_core::{Worker, WorkerContext, WorkerError};
 
-use crate::app::Database;
-use crate::transport::Transport;
+use crate::service::Transport;
+use crate::storage::Database;
 
-/// The names of the service's workers, as `/api/workers`, logs, metrics and
-/// `STEWARD_FAULTS=fail_worker=…` use them.
-pub mod names {
-    /// Watches the database (health service `Database`).
-    pub const DATABASE: &str = "database";
-    /// Watches the broker (health service `Message Transport`).
-    pub const TRANSPORT: &str = "transport";
-    /// Consumes deployment status updates.
-    pub const DEPLOYMENT_STATUS: &str = "deployment-status";
-    /// Consumes airlock step results.
-    pub const AIRLOCK_STATUS: &str = "airlock-status";
-    /// Publishes the outbox.
-    pub const OUTBOX: &str = "outbox";
-    /// The simulated resource processor.
-    pub const RESOURCE_PROCESSOR: &str = "resource-processor-simulator";
-    /// The simulated airlock processor.
-    pub const AIRLOCK_PROCESSOR: &str = "airlock-processor-simulator";
-    /// The simulated airlock notifier.
-    pub const AIRLOCK_NOTIFIER: &str = "airlock-notifier-simulator";
-}
+use super::names;
 
 /// How often the watchers look again.
 const WATCH_INTERVAL: Duration = Duration::from_secs(10);
 
-fn database_down(error: crate::db::StoreError) -> WorkerError {
+fn database_down(error: crate::storage::StoreError) -> WorkerError {
     if error.is_unavailable() {
         WorkerError::dependency("the database is unavailable", error)
     } else {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use steward_core::{Connect, MessageSink, MessageSource, TransportError};
 
-use crate::config::{Config, TransportKind};
+use crate::service::{Config, TransportKind};
 
 type Opened = Pin<Box<dyn Future<Output = Result<Arc<dyn MessageSource>, TransportError>> + Send>>;
 type Opener = Arc<dyn Fn(String) -> Opened + Send + Sync>;

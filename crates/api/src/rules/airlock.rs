@@ -5,13 +5,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::clock::new_id;
-use crate::db::{OutboxMessage, StoreError, Tx};
+use crate::domain::new_id;
 use crate::domain::{
     AirlockFile, AirlockRequest, AirlockRequestHistoryItem, AirlockRequestStatus,
     AirlockRequestType, AirlockReview, AirlockReviewDecision, Properties, ResourceType,
     ReviewUserResource, User, airlock_notification_event, status_changed_event,
 };
+use crate::storage::{OutboxMessage, StoreError, Tx};
 
 /// TRE's answer to an illegal status change (HTTP 400). TRE log string: verbatim.
 pub const ILLEGAL_STATUS_CHANGE: &str = "Airlock request status change was illegal";
@@ -439,7 +439,7 @@ async fn change_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::Entity;
+    use crate::storage::Entity;
 
     /// A request store whose every write loses the etag race.
     struct AlwaysChanged {

@@ -6,8 +6,9 @@ use sqlx::{Any, Executor, Row};
 
 use super::error::{Entity, StoreError, inserted};
 use super::{Store, Tx};
-use crate::clock::{millis, new_id};
+use crate::domain::new_id;
 use crate::domain::{AirlockRequest, AirlockRequestStatus};
+use crate::storage::millis;
 
 /// Which airlock requests to list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

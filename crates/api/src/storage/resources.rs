@@ -7,8 +7,9 @@ use sqlx::{Any, Executor, Row};
 
 use super::error::{Entity, StoreError, inserted};
 use super::{Store, Tx};
-use crate::clock::{millis, new_id};
+use crate::domain::new_id;
 use crate::domain::{Resource, ResourcePatch, ResourceType, Status, User};
+use crate::storage::millis;
 
 const COLUMNS: &str = "id, etag, doc";
 

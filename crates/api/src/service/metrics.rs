@@ -13,7 +13,7 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// Installs the Prometheus recorder as the process's `metrics` recorder (once per
 /// process) and returns what renders `/metrics`; `None` when another recorder was
 /// installed first.
-pub fn install() -> Option<Arc<dyn Fn() -> String + Send + Sync>> {
+pub(super) fn install() -> Option<Arc<dyn Fn() -> String + Send + Sync>> {
     let handle = HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(

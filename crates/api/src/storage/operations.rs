@@ -5,8 +5,9 @@ use sqlx::{Any, Executor, Row};
 
 use super::error::{Entity, StoreError, inserted};
 use super::{Store, Tx};
-use crate::clock::{millis, new_id};
 use crate::domain::Operation;
+use crate::domain::new_id;
+use crate::storage::millis;
 
 fn from_row(row: &AnyRow) -> Result<Operation, StoreError> {
     let id: String = row.try_get("id")?;

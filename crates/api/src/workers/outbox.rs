@@ -17,8 +17,9 @@ use steward_core::{
 };
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::clock::{Clock, millis};
-use crate::db::{OutboxRecord, Store, StoreError};
+use crate::domain::Clock;
+use crate::storage::millis;
+use crate::storage::{OutboxRecord, Store, StoreError};
 
 /// The metric with the number of outbox rows not yet published.
 pub const BACKLOG_METRIC: &str = "steward_outbox_backlog";
@@ -414,7 +415,7 @@ impl Worker for OutboxWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::OutboxMessage;
+    use crate::storage::OutboxMessage;
 
     #[test]
     fn outgoing_message_carries_row_id_and_headers() {

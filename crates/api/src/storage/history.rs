@@ -5,8 +5,8 @@ use sqlx::{Any, Executor, Row};
 
 use super::error::{Entity, StoreError, inserted};
 use super::{Store, Tx};
-use crate::clock::millis;
 use crate::domain::ResourceHistoryItem;
+use crate::storage::millis;
 
 fn from_row(row: &AnyRow) -> Result<ResourceHistoryItem, StoreError> {
     let id: String = row.try_get("id")?;

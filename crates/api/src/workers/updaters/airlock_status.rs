@@ -10,13 +10,13 @@ use steward_core::{BoxError, Handler, Message, Outcome, error_chain};
 
 use super::recipients::{RecipientError, RecipientProvider, RecipientsByRole};
 use super::{CONFLICT_ATTEMPTS, MessageFormatError, correlation_id, parse_json, reason, tre};
-use crate::airlock::{self, AirlockError, AirlockQueues, AirlockUpdate};
-use crate::db::{Store, StoreError};
 use crate::domain::{AirlockRequest, AirlockRequestStatus, StepResultEvent};
+use crate::rules::airlock::{self, AirlockError, AirlockQueues, AirlockUpdate};
+use crate::storage::{Store, StoreError};
 
 /// The queue the airlock processor's results arrive on unless configured otherwise
 /// (`SERVICE_BUS_STEP_RESULT_QUEUE`).
-pub const DEFAULT_QUEUE: &str = "airlock-step-result";
+pub(crate) const DEFAULT_QUEUE: &str = "airlock-step-result";
 
 /// A parsed airlock step result: the event and its statuses.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,7 +165,7 @@ impl Failure {
 
 impl AirlockStatusHandler {
     /// A handler on `store`, taking notification recipients from `recipients`, logging
-    /// queue [`DEFAULT_QUEUE`] and writing events for the default [`AirlockQueues`].
+    /// queue `DEFAULT_QUEUE` and writing events for the default [`AirlockQueues`].
     #[must_use]
     pub fn new(store: Store, recipients: Arc<dyn RecipientProvider>) -> Self {
         AirlockStatusHandler {
