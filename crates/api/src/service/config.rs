@@ -1,69 +1,13 @@
 //! The service's configuration: every setting a flag and an environment variable.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-/// A message transport the service can run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
-pub enum TransportKind {
-    /// The in-process broker: nothing to install, nothing kept across restarts.
-    Inmem,
-    /// RabbitMQ (cargo feature `rabbitmq`).
-    Rabbitmq,
-    /// Azure Service Bus over REST (cargo feature `servicebus`).
-    Servicebus,
-}
-
-impl TransportKind {
-    /// The cargo feature that compiles the transport in.
-    #[must_use]
-    pub const fn feature(self) -> &'static str {
-        match self {
-            Self::Inmem => "inmem",
-            Self::Rabbitmq => "rabbitmq",
-            Self::Servicebus => "servicebus",
-        }
-    }
-
-    /// Whether this build has the transport.
-    #[must_use]
-    pub const fn is_compiled_in(self) -> bool {
-        match self {
-            Self::Inmem => cfg!(feature = "inmem"),
-            Self::Rabbitmq => cfg!(feature = "rabbitmq"),
-            Self::Servicebus => cfg!(feature = "servicebus"),
-        }
-    }
-
-    /// The transports this build has.
-    #[must_use]
-    pub fn compiled_in() -> Vec<Self> {
-        [Self::Inmem, Self::Rabbitmq, Self::Servicebus]
-            .into_iter()
-            .filter(|t| t.is_compiled_in())
-            .collect()
-    }
-
-    /// The default: the only compiled-in transport, else `inmem`.
-    #[must_use]
-    pub fn default_for_build() -> Self {
-        match Self::compiled_in().as_slice() {
-            [only] => *only,
-            _ => Self::Inmem,
-        }
-    }
-}
-
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.feature())
-    }
-}
+use super::transport::{KNOWN, Topology, TransportConfigError, TransportOptions};
 
 /// The log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,9 +26,9 @@ pub enum LogFormat {
     about = "A TRE-style control-plane API whose queue consumers run under a supervisor"
 )]
 pub struct Config {
-    /// The message transport. Defaults to the only one compiled in, else `inmem`.
-    #[arg(long, env = "STEWARD_TRANSPORT", value_enum)]
-    pub transport: Option<TransportKind>,
+    /// The message transport. Defaults to the only one compiled in, else the in-process one.
+    #[arg(long, env = "STEWARD_TRANSPORT", value_parser = clap::builder::PossibleValuesParser::new(KNOWN))]
+    pub transport: Option<String>,
 
     /// The HTTP listen address.
     #[arg(long, env = "STEWARD_LISTEN", default_value = "127.0.0.1:8000")]
@@ -94,34 +38,9 @@ pub struct Config {
     #[arg(long, env = "STEWARD_DATABASE_URL", default_value = "sqlite://steward.db?mode=rwc")]
     pub database_url: String,
 
-    /// The RabbitMQ URL (transport `rabbitmq`).
-    #[arg(
-        long,
-        env = "STEWARD_RABBITMQ_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub rabbitmq_url: String,
-
-    /// The Service Bus namespace, e.g. `sb-mytre.servicebus.windows.net` (transport `servicebus`).
-    #[arg(long, env = "SERVICE_BUS_FULLY_QUALIFIED_NAMESPACE")]
-    pub service_bus_namespace: Option<String>,
-
-    /// The shared access key name (Service Bus SAS auth).
-    #[arg(long, env = "SERVICE_BUS_SAS_KEY_NAME")]
-    pub service_bus_sas_key_name: Option<String>,
-
-    /// The shared access key (Service Bus SAS auth). Never logged.
-    #[arg(long, env = "SERVICE_BUS_SAS_KEY", hide_env_values = true)]
-    pub service_bus_sas_key: Option<String>,
-
-    /// The client id of the managed identity for Service Bus (Entra ID auth).
-    #[arg(long, env = "MANAGED_IDENTITY_CLIENT_ID")]
-    pub managed_identity_client_id: Option<String>,
-
-    /// A Service Bus REST endpoint to use instead of `https://<namespace>` (another cloud, or the emulator).
-    #[arg(long, env = "STEWARD_SERVICEBUS_ENDPOINT")]
-    pub servicebus_endpoint: Option<String>,
+    /// The settings of each compiled-in transport.
+    #[command(flatten)]
+    pub transports: TransportOptions,
 
     /// The queue of deployment status updates from the resource processor.
     #[arg(
@@ -213,15 +132,41 @@ fn parse_recipients(text: &str) -> Result<BTreeMap<String, Vec<String>>, String>
 
 impl Config {
     /// The transport in effect: the one asked for, or the build's default.
-    #[must_use]
-    pub fn transport_kind(&self) -> TransportKind {
-        self.transport.unwrap_or_else(TransportKind::default_for_build)
+    ///
+    /// # Errors
+    ///
+    /// The transport asked for is not compiled in, or there is no default.
+    pub fn transport_name(&self) -> Result<&'static str, TransportConfigError> {
+        self.transports.resolve(self.transport.as_deref())
     }
 
-    /// Whether to run the simulated processors: as asked, else only on `inmem`.
+    /// Whether to run the simulated processors: as asked, else only when the broker
+    /// runs in process (nothing else would answer).
     #[must_use]
     pub fn simulate_processors(&self) -> bool {
-        self.simulate_processors.unwrap_or(self.transport_kind() == TransportKind::Inmem)
+        self.simulate_processors.unwrap_or_else(|| {
+            self.transport_name().is_ok_and(|name| self.transports.in_process(name))
+        })
+    }
+
+    /// The queues the workers consume and the service publishes to.
+    pub(crate) fn topology(&self) -> Topology {
+        let mut consumed =
+            vec![self.deployment_status_queue.clone(), self.step_result_queue.clone()];
+        // The simulators consume what the service publishes.
+        if self.simulate_processors() {
+            consumed.push(self.resource_request_queue.clone());
+            consumed.push(self.airlock_status_changed_queue.clone());
+        }
+        Topology {
+            consumed,
+            published: vec![
+                self.resource_request_queue.clone(),
+                self.airlock_status_changed_queue.clone(),
+                self.airlock_notification_queue.clone(),
+            ],
+            max_deliveries: self.max_deliveries,
+        }
     }
 
     /// The database URL with any password hidden, for logs.
@@ -265,6 +210,12 @@ mod tests {
         );
         assert_eq!(redact_url("sqlite://steward.db?mode=rwc"), "sqlite://steward.db?mode=rwc");
         assert_eq!(redact_url("postgres://app@db/tre"), "postgres://app@db/tre");
+    }
+
+    #[test]
+    fn the_command_line_of_every_transport_fits_together() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
     }
 
     #[test]

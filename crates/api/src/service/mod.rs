@@ -11,20 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steward_core::{
-    Backoff, Handler, RestartIntensity, Supervisor, SupervisorConfig, Updater, UpdaterConfig,
-    Worker, error_chain,
+    Backoff, RestartIntensity, Supervisor, SupervisorConfig, Updater, UpdaterConfig, error_chain,
 };
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 mod config;
-#[cfg(feature = "fault-injection")]
 mod faults;
 mod metrics;
 mod transport;
 
-pub use config::{Config, LogFormat, TransportKind, redact_url};
-pub use transport::{Transport, TransportConfigError};
+pub use config::{Config, LogFormat, redact_url};
+pub(crate) use transport::TransportHandle;
+pub use transport::{TransportConfigError, TransportOptions};
+
+use faults::FaultPlan;
 
 use crate::http::{ApiSettings, AppState};
 use crate::rules::airlock::AirlockQueues;
@@ -81,36 +82,11 @@ pub struct Stopped {
     pub saved_messages: usize,
 }
 
-/// The faults of `STEWARD_FAULTS`, when this build has them.
-#[cfg(feature = "fault-injection")]
-type Faults = faults::Faults;
-
-#[cfg(feature = "fault-injection")]
-fn parse_faults(config: &Config) -> Result<Faults, StartError> {
-    faults::Faults::parse(config.faults.as_deref().unwrap_or_default())
-        .map_err(|e| StartError::Faults(e.to_string()))
-}
-
-/// No faults: what a build without `fault-injection` runs with.
-#[cfg(not(feature = "fault-injection"))]
-#[derive(Debug, Clone, Copy)]
-struct NoFaults;
-
-#[cfg(not(feature = "fault-injection"))]
-fn parse_faults(config: &Config) -> Result<NoFaults, StartError> {
-    match config.faults.as_deref().map(str::trim) {
-        Some(faults) if !faults.is_empty() => Err(StartError::Faults(
-            "STEWARD_FAULTS needs a build with `--features fault-injection`".to_owned(),
-        )),
-        _ => Ok(NoFaults),
-    }
-}
-
 /// Everything the service runs, before it serves.
 pub struct Service {
     config: Config,
     db: Database,
-    transport: Transport,
+    transport: TransportHandle,
     supervisor: Supervisor,
     state: AppState,
     listener: TcpListener,
@@ -120,7 +96,7 @@ impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Service")
             .field("listen", &self.listener.local_addr().ok())
-            .field("transport", &self.transport.kind())
+            .field("transport", &self.transport.name())
             .finish_non_exhaustive()
     }
 }
@@ -130,7 +106,7 @@ fn spawn_workers<F>(
     config: &Config,
     supervisor: &Supervisor,
     db: &Database,
-    transport: &Transport,
+    transport: &TransportHandle,
     templates: &Arc<TemplateRegistry>,
     faults: &F,
 ) where
@@ -211,57 +187,6 @@ fn spawn_workers<F>(
     }
 }
 
-/// How faults (or their absence) shape the workers.
-trait FaultPlan {
-    /// Spawns `worker`, or a stand-in that fails in its place.
-    fn spawn(&self, supervisor: &Supervisor, worker: impl Worker);
-
-    /// `handler`, with whatever faults the plan injects into handlers.
-    fn wrap(&self, handler: impl Handler) -> impl Handler;
-
-    /// Spawns an updater over `connect` and the wrapped `handler`, held back until the
-    /// database is migrated.
-    fn spawn_updater(
-        &self,
-        supervisor: &Supervisor,
-        db: &Database,
-        name: &str,
-        connect: impl steward_core::Connect,
-        handler: impl Handler,
-        config: UpdaterConfig,
-    ) {
-        let updater = Updater::new(name, connect, self.wrap(handler)).with_config(config);
-        self.spawn(supervisor, AfterDatabase::new(db.clone(), updater));
-    }
-}
-
-#[cfg(not(feature = "fault-injection"))]
-impl FaultPlan for NoFaults {
-    fn spawn(&self, supervisor: &Supervisor, worker: impl Worker) {
-        supervisor.spawn(worker);
-    }
-
-    fn wrap(&self, handler: impl Handler) -> impl Handler {
-        handler
-    }
-}
-
-#[cfg(feature = "fault-injection")]
-impl FaultPlan for faults::Faults {
-    fn spawn(&self, supervisor: &Supervisor, worker: impl Worker) {
-        if self.fails(worker.name()) {
-            tracing::warn!(worker = worker.name(), "STEWARD_FAULTS: this worker will fail");
-            supervisor.spawn(faults::FailingWorker::new(worker.name()));
-        } else {
-            supervisor.spawn(worker);
-        }
-    }
-
-    fn wrap(&self, handler: impl Handler) -> impl Handler {
-        faults::FaultyHandler::new(handler, self)
-    }
-}
-
 impl Service {
     /// Checks the configuration, builds the transport and the store, starts every
     /// worker and binds the listen address. Nothing is served yet.
@@ -271,9 +196,9 @@ impl Service {
     /// Bad configuration, a broker that refuses the configuration outright, or an
     /// address that cannot be bound.
     pub async fn start(config: Config) -> Result<Service, StartError> {
-        let faults = parse_faults(&config)?;
+        let faults = faults::plan(config.faults.as_deref()).map_err(StartError::Faults)?;
         let templates = Arc::new(TemplateRegistry::load(config.templates_dir.as_deref())?);
-        let transport = Transport::from_config(&config)?;
+        let transport = config.transports.open(config.transport_name()?, &config.topology())?;
         let store = Store::connect_lazy(StoreOptions::new(config.database_url.clone()))
             .map_err(StartError::Database)?;
         let db = Database::new(store);
@@ -299,7 +224,7 @@ impl Service {
                 notification: config.airlock_notification_queue.clone(),
             },
             api_token: config.api_token.clone().filter(|t| !t.is_empty()),
-            transport: transport.kind().to_string(),
+            transport: transport.name().to_owned(),
         };
         let state = AppState {
             db: db.clone(),
@@ -333,7 +258,7 @@ impl Service {
         let addr = listener.local_addr()?;
         tracing::info!(
             address = %format!("http://{addr}"),
-            transport = %transport.kind(),
+            transport = transport.name(),
             database = %config.database_for_log(),
             simulators = config.simulate_processors(),
             "steward-api listening"
@@ -373,7 +298,7 @@ impl Service {
         // What follows must not keep the process past the drain deadline plus its slack:
         // a request still holding a connection, or a database that stopped answering.
         let last = deadline + SHUTDOWN_SLACK;
-        let saved = tokio::time::timeout_at(last, save_inmem_messages(&config, &transport, &db));
+        let saved = tokio::time::timeout_at(last, save_queued(&transport, &db));
         let saved_messages = saved.await.unwrap_or_else(|_| {
             tracing::error!(
                 "saving the queued in-process messages did not finish by the shutdown deadline; they are lost"
@@ -396,39 +321,30 @@ pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(4);
 
 /// Tries the broker once at start: a refusal that needs a human stops the start; an
 /// unreachable broker does not (the workers back off until it answers).
-async fn check_broker(transport: &Transport) -> Result<(), StartError> {
+async fn check_broker(transport: &TransportHandle) -> Result<(), StartError> {
     match tokio::time::timeout(Duration::from_secs(10), transport.check()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) if !error.is_retryable() => {
-            Err(StartError::Broker { transport: transport.kind().to_string(), source: error })
+            Err(StartError::Broker { transport: transport.name().to_owned(), source: error })
         }
         Ok(Err(error)) => {
-            tracing::warn!(transport = %transport.kind(), error = %error_chain(&error), "the broker is not reachable yet; workers will retry");
+            tracing::warn!(transport = transport.name(), error = %error_chain(&error), "the broker is not reachable yet; workers will retry");
             Ok(())
         }
         Err(_) => {
-            tracing::warn!(transport = %transport.kind(), "the broker did not answer within 10 s; workers will retry");
+            tracing::warn!(
+                transport = transport.name(),
+                "the broker did not answer within 10 s; workers will retry"
+            );
             Ok(())
         }
     }
 }
 
-/// On the in-process transport, moves every message still queued into the outbox, so
-/// the next start sends them again: a graceful restart loses nothing.
-#[cfg(feature = "inmem")]
-async fn save_inmem_messages(config: &Config, transport: &Transport, db: &Database) -> usize {
-    let Some(broker) = transport.inmem_broker() else { return 0 };
-    let queues = [
-        &config.deployment_status_queue,
-        &config.step_result_queue,
-        &config.resource_request_queue,
-        &config.airlock_status_changed_queue,
-        &config.airlock_notification_queue,
-    ];
-    let messages: Vec<(String, steward_core::Message)> = queues
-        .iter()
-        .flat_map(|queue| broker.take_all(queue).into_iter().map(|m| ((*queue).clone(), m)))
-        .collect();
+/// Moves every message the transport still holds (only an in-process broker has any)
+/// into the outbox, so the next start sends them again: a graceful restart loses nothing.
+async fn save_queued(transport: &TransportHandle, db: &Database) -> usize {
+    let messages = transport.take_queued();
     if messages.is_empty() {
         return 0;
     }
@@ -470,9 +386,4 @@ async fn save_inmem_messages(config: &Config, transport: &Transport, db: &Databa
             0
         }
     }
-}
-
-#[cfg(not(feature = "inmem"))]
-async fn save_inmem_messages(_: &Config, _: &Transport, _: &Database) -> usize {
-    0
 }

@@ -14,7 +14,7 @@ pub use updaters::{
     RecipientProvider, RecipientSpecError, RecipientsByRole, StaticRecipients, StepResult,
     parse_deployment_status, parse_step_result, reason, tre,
 };
-pub use watchers::{AfterDatabase, DatabaseWatcher, TransportWatcher};
+pub(crate) use watchers::{AfterDatabase, DatabaseWatcher, TransportWatcher};
 
 /// The names of the service's workers, as `/api/workers`, logs, metrics and
 /// `STEWARD_FAULTS=fail_worker=…` use them.

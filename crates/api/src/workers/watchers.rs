@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use steward_core::{Worker, WorkerContext, WorkerError};
 
-use crate::service::Transport;
+use crate::service::TransportHandle;
 use crate::storage::Database;
 
 use super::names;
@@ -28,14 +28,14 @@ fn database_down(error: crate::storage::StoreError) -> WorkerError {
 /// Runs the migrations once the database answers, then pings it every 10 s: its state
 /// is the `Database` service of `/health`.
 #[derive(Debug, Clone)]
-pub struct DatabaseWatcher {
+pub(crate) struct DatabaseWatcher {
     db: Database,
 }
 
 impl DatabaseWatcher {
     /// A watcher of `db`.
     #[must_use]
-    pub fn new(db: Database) -> Self {
+    pub(crate) fn new(db: Database) -> Self {
         DatabaseWatcher { db }
     }
 }
@@ -70,14 +70,14 @@ impl Worker for DatabaseWatcher {
 /// Checks the broker (declaring the topology where the transport can) when it starts
 /// and every 10 s: its state is the `Message Transport` service of `/health`.
 #[derive(Debug, Clone)]
-pub struct TransportWatcher {
-    transport: Transport,
+pub(crate) struct TransportWatcher {
+    transport: TransportHandle,
 }
 
 impl TransportWatcher {
     /// A watcher of `transport`.
     #[must_use]
-    pub fn new(transport: Transport) -> Self {
+    pub(crate) fn new(transport: TransportHandle) -> Self {
         TransportWatcher { transport }
     }
 }
@@ -108,7 +108,7 @@ impl Worker for TransportWatcher {
 /// Runs `inner` only once the database is migrated, so no handler ever meets a missing
 /// table; until then the worker is `backing_off` with the database's error.
 #[derive(Debug)]
-pub struct AfterDatabase<W> {
+pub(crate) struct AfterDatabase<W> {
     db: Database,
     inner: W,
 }
@@ -116,7 +116,7 @@ pub struct AfterDatabase<W> {
 impl<W> AfterDatabase<W> {
     /// `inner`, held back until `db` is ready.
     #[must_use]
-    pub fn new(db: Database, inner: W) -> Self {
+    pub(crate) fn new(db: Database, inner: W) -> Self {
         AfterDatabase { db, inner }
     }
 }

@@ -1,19 +1,106 @@
-//! The message transport the service runs on, chosen by `STEWARD_TRANSPORT` among the
-//! ones compiled in (cargo features `inmem`, `rabbitmq`, `servicebus`).
+//! The message transports the service can run on, one file each in this folder, chosen
+//! by `STEWARD_TRANSPORT` among those compiled in.
+//!
+//! A transport is a file `<name>.rs` here, compiled in by the cargo feature `<name>`:
+//! the build script finds the files, so adding a transport changes nothing else under
+//! `src/`. The file defines a `Settings` struct, its own flags and environment
+//! variables (a [`clap::Args`] flattened into the service's
+//! [`Config`](super::Config)), implementing [`OpenTransport`]; what it opens
+//! implements [`Transport`]: a source per consuming worker, one sink, a check at start
+//! and by the watcher, and what to hand back at shutdown.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use steward_core::{Connect, MessageSink, MessageSource, TransportError};
+use async_trait::async_trait;
+use steward_core::{Connect, Message, MessageSink, MessageSource, TransportError};
 
-use crate::service::{Config, TransportKind};
+include!(concat!(env!("OUT_DIR"), "/transports.rs"));
 
-type Opened = Pin<Box<dyn Future<Output = Result<Arc<dyn MessageSource>, TransportError>> + Send>>;
-type Opener = Arc<dyn Fn(String) -> Opened + Send + Sync>;
-type Checker =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), TransportError>> + Send>> + Send + Sync>;
+/// The queues the service uses, for transports that declare or probe them.
+#[derive(Debug, Clone, Default)]
+#[allow(
+    dead_code,
+    reason = "each transport reads what it needs: a build without some leaves parts unread"
+)]
+pub(crate) struct Topology {
+    /// The queues workers of this process consume.
+    pub(crate) consumed: Vec<String>,
+    /// The queues the service publishes to.
+    pub(crate) published: Vec<String>,
+    /// Deliveries after which a message is dead-lettered.
+    pub(crate) max_deliveries: u32,
+}
+
+impl Topology {
+    /// Every queue, consumed or published, each once, in that order.
+    #[allow(
+        dead_code,
+        reason = "each transport reads what it needs: a build without some leaves parts unread"
+    )]
+    pub(crate) fn queues(&self) -> Vec<String> {
+        let mut queues: Vec<String> = Vec::new();
+        for queue in self.consumed.iter().chain(&self.published) {
+            if !queues.contains(queue) {
+                queues.push(queue.clone());
+            }
+        }
+        queues
+    }
+}
+
+/// A transport's own settings, and how they build it: what each transport file
+/// provides, as its `Settings`, a `#[derive(clap::Args)]` with `#[group(skip)]` (every
+/// transport's flags sit side by side in the service's command line).
+pub(crate) trait OpenTransport:
+    clap::Args + clap::FromArgMatches + Clone + fmt::Debug + Send + Sync + 'static
+{
+    /// Whether the broker runs inside this process. Then the simulated processors run
+    /// by default: nothing else would answer.
+    const IN_PROCESS: bool = false;
+
+    /// Builds the transport over `topology`. An unreachable broker is no error here:
+    /// [`Transport::check`] and the workers find out, and back off.
+    ///
+    /// # Errors
+    ///
+    /// The settings are invalid.
+    fn open(&self, topology: &Topology) -> Result<Arc<dyn Transport>, steward_core::BoxError>;
+}
+
+/// A message transport, as the service uses it.
+#[async_trait]
+pub(crate) trait Transport: fmt::Debug + Send + Sync + 'static {
+    /// Opens a source of `queue`: on every (re)start of the worker that consumes it.
+    ///
+    /// # Errors
+    ///
+    /// The broker cannot be reached (retryable) or refuses the queue.
+    async fn source(&self, queue: &str) -> Result<Arc<dyn MessageSource>, TransportError>;
+
+    /// The sink every outbound message goes through.
+    fn sink(&self) -> Arc<dyn MessageSink>;
+
+    /// Checks that the broker answers and the topology is right (declaring it where the
+    /// transport can): once at start, then by the transport watcher.
+    ///
+    /// # Errors
+    ///
+    /// Retryable errors while the broker is unreachable; others (credentials, a queue
+    /// with other settings) need a human.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    async fn check(&self) -> Result<(), TransportError>;
+
+    /// At shutdown, once the workers stopped: the messages still queued that would be
+    /// lost with the process, by queue. The service saves them to the outbox, so the
+    /// next start sends them again. Only an in-process broker has any.
+    fn take_queued(&self) -> Vec<(String, Message)> {
+        Vec::new()
+    }
+}
 
 /// Why the transport cannot be set up: bad configuration.
 #[derive(Debug, thiserror::Error)]
@@ -21,275 +108,134 @@ type Checker =
 pub enum TransportConfigError {
     /// The transport was not compiled into this build.
     #[error(
-        "transport {kind} is not compiled in: rebuild with `--features {feature}` (this build has: {available})"
+        "transport {transport} is not compiled in: rebuild with `--features {transport}` (this build has: {available})"
     )]
     NotCompiledIn {
-        /// The transport asked for.
-        kind: TransportKind,
-        /// The cargo feature it needs.
-        feature: &'static str,
+        /// The transport asked for; its cargo feature has the same name.
+        transport: String,
+        /// The transports this build has.
+        available: String,
+    },
+    /// Several transports are compiled in, none runs in process, and none was chosen.
+    #[error("this build has several transports ({available}): choose one with STEWARD_TRANSPORT")]
+    NotChosen {
         /// The transports this build has.
         available: String,
     },
     /// The transport's own settings are wrong.
-    #[error("invalid {kind} settings")]
+    #[error("invalid {transport} settings")]
     Invalid {
         /// The transport.
-        kind: TransportKind,
+        transport: String,
         /// What is wrong.
         #[source]
         source: steward_core::BoxError,
     },
 }
 
-/// The transport: a sink shared by the service, and sources opened per worker start.
-#[derive(Clone)]
-pub struct Transport {
-    kind: TransportKind,
-    sink: Arc<dyn MessageSink>,
-    open: Opener,
-    check: Checker,
-    #[cfg(feature = "inmem")]
-    broker: Option<steward_inmem::InMemoryBroker>,
-}
-
-impl fmt::Debug for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Transport").field("kind", &self.kind).finish_non_exhaustive()
-    }
-}
-
-impl Transport {
-    /// Builds the transport `config` asks for.
+impl TransportOptions {
+    /// The transport in effect: `requested`, else the only one compiled in, else the
+    /// one whose broker runs in process.
     ///
     /// # Errors
     ///
-    /// The transport is not compiled in, or its settings are invalid. An unreachable
-    /// broker is not an error here: the workers find out, and back off.
-    pub fn from_config(config: &Config) -> Result<Transport, TransportConfigError> {
-        let kind = config.transport.unwrap_or_else(TransportKind::default_for_build);
-        if !kind.is_compiled_in() {
-            let available =
-                TransportKind::compiled_in().iter().map(ToString::to_string).collect::<Vec<_>>();
-            return Err(TransportConfigError::NotCompiledIn {
-                kind,
-                feature: kind.feature(),
-                available: available.join(", "),
-            });
-        }
-        match kind {
-            #[cfg(feature = "inmem")]
-            TransportKind::Inmem => Ok(Transport::inmem(steward_inmem::InMemoryBroker::new())),
-            #[cfg(feature = "rabbitmq")]
-            TransportKind::Rabbitmq => rabbitmq(config),
-            #[cfg(feature = "servicebus")]
-            TransportKind::Servicebus => servicebus(config),
-            #[allow(unreachable_patterns)]
-            _ => Err(TransportConfigError::NotCompiledIn {
-                kind,
-                feature: kind.feature(),
-                available: String::new(),
-            }),
-        }
-    }
-
-    /// A transport over an in-process broker.
-    #[cfg(feature = "inmem")]
-    #[must_use]
-    pub fn inmem(broker: steward_inmem::InMemoryBroker) -> Transport {
-        let opener = broker.clone();
-        Transport {
-            kind: TransportKind::Inmem,
-            sink: Arc::new(broker.clone()),
-            open: Arc::new(move |queue: String| {
-                let broker = opener.clone();
-                Box::pin(async move {
-                    let source: Arc<dyn MessageSource> = Arc::new(broker.source(&queue)?);
-                    Ok(source)
+    /// `requested` is not compiled in, or nothing is requested and there is no default.
+    pub(crate) fn resolve(
+        &self,
+        requested: Option<&str>,
+    ) -> Result<&'static str, TransportConfigError> {
+        let available = || COMPILED_IN.join(", ");
+        match requested {
+            Some(name) => {
+                COMPILED_IN.iter().copied().find(|known| *known == name).ok_or_else(|| {
+                    TransportConfigError::NotCompiledIn {
+                        transport: name.to_owned(),
+                        available: available(),
+                    }
                 })
-            }),
-            check: Arc::new(|| Box::pin(async { Ok(()) })),
-            broker: Some(broker),
+            }
+            None => match COMPILED_IN {
+                [only] => Ok(only),
+                _ => COMPILED_IN
+                    .iter()
+                    .copied()
+                    .find(|name| self.in_process_named(name) == Some(true))
+                    .ok_or_else(|| TransportConfigError::NotChosen { available: available() }),
+            },
         }
     }
 
-    /// Which transport this is.
-    #[must_use]
-    pub fn kind(&self) -> TransportKind {
-        self.kind
+    /// Whether the broker of `name` runs inside this process.
+    pub(crate) fn in_process(&self, name: &str) -> bool {
+        self.in_process_named(name).unwrap_or(false)
+    }
+
+    /// Builds transport `name` (see [`resolve`](Self::resolve)) over `topology`.
+    ///
+    /// # Errors
+    ///
+    /// The transport is not compiled in, or its settings are invalid.
+    pub(crate) fn open(
+        &self,
+        name: &'static str,
+        topology: &Topology,
+    ) -> Result<TransportHandle, TransportConfigError> {
+        match self.open_named(name, topology) {
+            Some(Ok(transport)) => Ok(TransportHandle { name, transport }),
+            Some(Err(source)) => {
+                Err(TransportConfigError::Invalid { transport: name.to_owned(), source })
+            }
+            None => Err(TransportConfigError::NotCompiledIn {
+                transport: name.to_owned(),
+                available: COMPILED_IN.join(", "),
+            }),
+        }
+    }
+}
+
+/// The transport the service runs on, with its name: cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct TransportHandle {
+    name: &'static str,
+    transport: Arc<dyn Transport>,
+}
+
+impl TransportHandle {
+    /// The transport's name (`STEWARD_TRANSPORT`).
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
     }
 
     /// The sink every outbound message goes through.
-    #[must_use]
-    pub fn sink(&self) -> Arc<dyn MessageSink> {
-        self.sink.clone()
+    pub(crate) fn sink(&self) -> Arc<dyn MessageSink> {
+        self.transport.sink()
     }
 
     /// A [`Connect`] opening a new source of `queue` on every worker (re)start.
-    #[must_use]
-    pub fn connect(&self, queue: &str) -> impl Connect + use<> {
-        let open = self.open.clone();
-        let queue = queue.to_owned();
-        move || {
-            let open = open.clone();
-            let queue = queue.clone();
-            async move { Ok::<_, TransportError>(SharedSource(open(queue).await?)) }
-        }
+    pub(crate) fn connect(&self, queue: &str) -> impl Connect + use<> {
+        QueueSource { transport: self.transport.clone(), queue: queue.to_owned() }
     }
 
-    /// Checks that the broker answers and the topology is right (declares it where the
-    /// transport can). On Service Bus the queues are probed until one check passes, and
-    /// later checks do nothing: a probe counts as a delivery of each queue's first
-    /// message.
-    ///
-    /// # Errors
-    ///
-    /// Retryable errors while the broker is unreachable; others (credentials, a queue
-    /// with other settings, a session-enabled Service Bus queue) need a human.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn check(&self) -> Result<(), TransportError> {
-        (self.check)().await
+    /// See [`Transport::check`].
+    pub(crate) async fn check(&self) -> Result<(), TransportError> {
+        self.transport.check().await
     }
 
-    /// The in-process broker, when the transport is `inmem`.
-    #[cfg(feature = "inmem")]
-    #[must_use]
-    pub fn inmem_broker(&self) -> Option<&steward_inmem::InMemoryBroker> {
-        self.broker.as_ref()
+    /// See [`Transport::take_queued`].
+    pub(crate) fn take_queued(&self) -> Vec<(String, Message)> {
+        self.transport.take_queued()
     }
 }
 
-/// A source opened through the transport, shared (the `Updater` takes `impl MessageSource`).
-struct SharedSource(Arc<dyn MessageSource>);
-
-#[async_trait::async_trait]
-impl MessageSource for SharedSource {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> steward_core::Capabilities {
-        self.0.capabilities()
-    }
-
-    async fn receive(
-        &self,
-        max: usize,
-        wait: std::time::Duration,
-    ) -> Result<Vec<steward_core::Delivery>, TransportError> {
-        self.0.receive(max, wait).await
-    }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
+/// Opens `queue` on the transport, for one updater.
+struct QueueSource {
+    transport: Arc<dyn Transport>,
+    queue: String,
 }
 
-#[cfg(feature = "rabbitmq")]
-fn rabbitmq(config: &Config) -> Result<Transport, TransportConfigError> {
-    let invalid = |error: steward_rabbitmq::ConfigError| TransportConfigError::Invalid {
-        kind: TransportKind::Rabbitmq,
-        source: Box::new(error),
-    };
-    let rabbit = steward_rabbitmq::RabbitMqBuilder::new()
-        .with_url(config.rabbitmq_url.clone())
-        .with_connection_name("steward-api")
-        .with_max_deliveries(config.max_deliveries)
-        .with_queue(config.deployment_status_queue.clone())
-        .with_queue(config.step_result_queue.clone())
-        .with_publish_queue(config.resource_request_queue.clone())
-        .with_publish_queue(config.airlock_status_changed_queue.clone())
-        .with_publish_queue(config.airlock_notification_queue.clone());
-    // The simulators consume what the service publishes.
-    let rabbit = if config.simulate_processors() {
-        rabbit
-            .with_queue(config.resource_request_queue.clone())
-            .with_queue(config.airlock_status_changed_queue.clone())
-    } else {
-        rabbit
-    };
-    let rabbit = rabbit.build().map_err(invalid)?;
-    let opener = rabbit.clone();
-    let checker = rabbit.clone();
-    Ok(Transport {
-        kind: TransportKind::Rabbitmq,
-        sink: Arc::new(rabbit.sink()),
-        open: Arc::new(move |queue: String| {
-            let rabbit = opener.clone();
-            Box::pin(async move {
-                let source: Arc<dyn MessageSource> = Arc::new(rabbit.source(&queue).await?);
-                Ok(source)
-            })
-        }),
-        check: Arc::new(move || {
-            let rabbit = checker.clone();
-            Box::pin(async move { rabbit.declare_topology().await })
-        }),
-        #[cfg(feature = "inmem")]
-        broker: None,
-    })
-}
-
-#[cfg(feature = "servicebus")]
-fn servicebus(config: &Config) -> Result<Transport, TransportConfigError> {
-    // From the environment first, for what the service has no flag of (a managed
-    // identity's IDENTITY_ENDPOINT on App Service); flags and variables on top.
-    let mut builder = steward_servicebus::ServiceBusBuilder::from_env();
-    if let Some(namespace) = &config.service_bus_namespace {
-        builder = builder.with_namespace(namespace.clone());
+#[async_trait]
+impl Connect for QueueSource {
+    async fn connect(&self) -> Result<Arc<dyn MessageSource>, TransportError> {
+        self.transport.source(&self.queue).await
     }
-    if let Some(endpoint) = &config.servicebus_endpoint {
-        builder = builder.with_endpoint(endpoint.clone());
-    }
-    if let (Some(name), Some(key)) = (&config.service_bus_sas_key_name, &config.service_bus_sas_key)
-    {
-        builder = builder.with_sas_key(name.clone(), key.clone());
-    } else if config.managed_identity_client_id.is_some() {
-        builder = builder.with_managed_identity(config.managed_identity_client_id.clone());
-    }
-    let bus = builder.build().map_err(|error| TransportConfigError::Invalid {
-        kind: TransportKind::Servicebus,
-        source: Box::new(error),
-    })?;
-    let opener = bus.clone();
-    let checker = bus.clone();
-    // A probe peek-locks each queue's first message, which counts as a delivery of it.
-    // Probing every time the watcher looks would push the delivery counts of messages
-    // that wait (in `<queue>.dlq`, or in a queue while the updaters wait for the
-    // database) towards MaxDeliveryCount: so the queues are probed until one probe passes,
-    // and not again. A broker outage after that shows in the updaters' health.
-    let probed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut queues = vec![config.deployment_status_queue.clone(), config.step_result_queue.clone()];
-    if config.simulate_processors() {
-        queues.push(config.resource_request_queue.clone());
-        queues.push(config.airlock_status_changed_queue.clone());
-    }
-    Ok(Transport {
-        kind: TransportKind::Servicebus,
-        sink: Arc::new(bus.sink()),
-        open: Arc::new(move |queue: String| {
-            let bus = opener.clone();
-            Box::pin(async move {
-                let source: Arc<dyn MessageSource> = Arc::new(bus.source(queue));
-                Ok(source)
-            })
-        }),
-        check: Arc::new(move || {
-            let bus = checker.clone();
-            let queues = queues.clone();
-            let probed = probed.clone();
-            Box::pin(async move {
-                if !probed.load(std::sync::atomic::Ordering::Acquire) {
-                    bus.probe_queues(queues).await?;
-                    probed.store(true, std::sync::atomic::Ordering::Release);
-                }
-                Ok(())
-            })
-        }),
-        #[cfg(feature = "inmem")]
-        broker: None,
-    })
 }

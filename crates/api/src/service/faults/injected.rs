@@ -1,5 +1,5 @@
-//! `STEWARD_FAULTS`: faults injected on purpose, in builds with cargo feature
-//! `fault-injection`, to watch the supervisor and the probes at work.
+//! The faults of `STEWARD_FAULTS`, in builds with cargo feature `fault-injection`, to
+//! watch the supervisor and the probes at work.
 //!
 //! `panic=P` makes the status handlers panic with probability P, `db_error=P` makes them
 //! answer as if the database failed, `fail_worker=NAME` makes that worker fail at every
@@ -10,7 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::{BoxError, Handler, Message, Outcome, Worker, WorkerContext, WorkerError};
+use steward_core::{
+    BoxError, Handler, Message, Outcome, Supervisor, Worker, WorkerContext, WorkerError,
+};
+
+use super::FaultPlan;
 
 /// Parsed `STEWARD_FAULTS`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -67,6 +71,30 @@ impl Faults {
     #[must_use]
     pub(super) fn fails(&self, name: &str) -> bool {
         self.fail_workers.iter().any(|w| w == name)
+    }
+}
+
+/// The plan of `STEWARD_FAULTS` (`spec`).
+///
+/// # Errors
+///
+/// `spec` cannot be parsed.
+pub(in crate::service) fn plan(spec: Option<&str>) -> Result<impl FaultPlan + use<>, String> {
+    Faults::parse(spec.unwrap_or_default()).map_err(|error| error.to_string())
+}
+
+impl FaultPlan for Faults {
+    fn spawn(&self, supervisor: &Supervisor, worker: impl Worker) {
+        if self.fails(worker.name()) {
+            tracing::warn!(worker = worker.name(), "STEWARD_FAULTS: this worker will fail");
+            supervisor.spawn(FailingWorker::new(worker.name()));
+        } else {
+            supervisor.spawn(worker);
+        }
+    }
+
+    fn wrap(&self, handler: impl Handler) -> impl Handler {
+        FaultyHandler::new(handler, self)
     }
 }
 
