@@ -61,7 +61,7 @@
 //! tx.commit().await?;
 //!
 //! assert_eq!(created.operation.status, Status::AwaitingDeployment);
-//! assert_eq!(store.resource(&created.resource.id).await?.properties["display_name"], "Genomics");
+//! assert_eq!(store.read().resource(&created.resource.id).await?.properties["display_name"], "Genomics");
 //! // The resource request for the processor waits in the outbox.
 //! let outbox = store.outbox_messages(10).await?;
 //! assert_eq!(outbox[0].message.correlation_id.as_deref(), Some(created.operation.id.as_str()));

@@ -102,7 +102,7 @@ mod cases {
                 let update = AirlockUpdate { new_status: Some(to), ..AirlockUpdate::default() };
                 let result = airlock::update_request(&mut tx, &original, &reviewer, update).await;
                 tx.commit().await.unwrap();
-                let stored = store.airlock_request(&original.id).await.unwrap();
+                let stored = store.read().airlock_request(&original.id).await.unwrap();
                 if ALLOWED.contains(&(from, to)) {
                     let updated =
                         result.unwrap_or_else(|error| panic!("{from} -> {to}: {error:?}"));
@@ -157,7 +157,7 @@ mod cases {
         assert_eq!(updated.resource_version, 2);
         assert_eq!(updated.history.len(), 2);
         assert!(updated.review_user_resources.is_empty(), "dropped on the retry");
-        assert_eq!(store.airlock_request(&stale.id).await.unwrap(), updated);
+        assert_eq!(store.read().airlock_request(&stale.id).await.unwrap(), updated);
 
         // The retry validates against the current status: submitted -> cancelled is illegal.
         let mut tx = store.begin().await.unwrap();
@@ -228,7 +228,7 @@ mod cases {
         let files = vec![AirlockFile { name: "out.csv".to_owned(), size: 2048.0 }];
         let files_only =
             AirlockUpdate { request_files: Some(files.clone()), ..AirlockUpdate::default() };
-        let current = tx.airlock_request(&created.id).await.unwrap();
+        let current = tx.read().airlock_request(&created.id).await.unwrap();
         let with_files = airlock::update_and_publish(
             &mut tx,
             &queues,
@@ -275,7 +275,7 @@ mod cases {
         assert!(matches!(error, AirlockError::IllegalStatusChange { .. }), "{error:?}");
         tx.commit().await.unwrap();
 
-        let stored = store.airlock_request(&created.id).await.unwrap();
+        let stored = store.read().airlock_request(&created.id).await.unwrap();
         let previous: Vec<&Value> =
             stored.history.iter().map(|item| &item.properties["previousStatus"]).collect();
         assert_eq!(
@@ -369,7 +369,7 @@ mod cases {
         let error = airlock::submit(&mut tx, &queues, "missing", &user()).await.unwrap_err();
         assert!(error.is_not_found(), "{error:?}");
         tx.commit().await.unwrap();
-        assert_eq!(store.airlock_request(&draft.id).await.unwrap().status, S::Cancelled);
+        assert_eq!(store.read().airlock_request(&draft.id).await.unwrap().status, S::Cancelled);
     }
 }
 

@@ -46,7 +46,7 @@ mod cases {
     }
 
     async fn stored(db: &Db, id: &str) -> AirlockRequest {
-        db.store.airlock_request(id).await.unwrap()
+        db.store.read().airlock_request(id).await.unwrap()
     }
 
     fn files_message(request_id: &str, completed: &str, files: Value) -> Message {

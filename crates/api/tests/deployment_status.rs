@@ -31,7 +31,7 @@ mod cases {
     }
 
     async fn operation(db: &Db, id: &str) -> Operation {
-        db.store.operation(id).await.unwrap()
+        db.store.read().operation(id).await.unwrap()
     }
 
     fn dead_letter_reason(outcome: &Outcome) -> &str {
@@ -73,7 +73,7 @@ mod cases {
         let _guard = logs.install();
         let outcome = handle(&handler(db), status_message(&op, 0, Status::Deployed, "done")).await;
         assert_eq!(outcome, Outcome::Complete);
-        let stored = db.store.resource(&ws.id).await.unwrap();
+        let stored = db.store.read().resource(&ws.id).await.unwrap();
         assert_eq!(stored.deployment_status, Some(Status::Deployed));
         assert_eq!(stored.properties, ws.properties, "no outputs, properties unchanged");
         let op = operation(db, &op.id).await;
@@ -159,7 +159,7 @@ mod cases {
         assert_eq!(step.updated_when, Some(stored.updated_when));
         assert_ne!(stored.etag, op.etag);
         assert_eq!(
-            db.store.resource(&ws.id).await.unwrap().deployment_status,
+            db.store.read().resource(&ws.id).await.unwrap().deployment_status,
             Some(Status::Deleted)
         );
     }
@@ -183,7 +183,7 @@ mod cases {
         ]);
         let message = status_message_with_outputs(&op, 0, Status::Deployed, "done", outputs);
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
-        let stored = db.store.resource(&ws.id).await.unwrap();
+        let stored = db.store.read().resource(&ws.id).await.unwrap();
         assert_eq!(
             Value::Object(stored.properties),
             json!({
@@ -206,7 +206,7 @@ mod cases {
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let message = status_message_with_outputs(&op, 0, Status::Deployed, "done", json!([]));
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
-        let stored = db.store.resource(&ws.id).await.unwrap();
+        let stored = db.store.read().resource(&ws.id).await.unwrap();
         assert_eq!(stored.properties, ws.properties);
         assert_eq!(stored.deployment_status, Some(Status::Deployed));
     }
@@ -221,7 +221,7 @@ mod cases {
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 1, "the first step's request");
-        let vm_before = db.store.resource(&pipeline.vm.id).await.unwrap();
+        let vm_before = db.store.read().resource(&pipeline.vm.id).await.unwrap();
 
         let message = status_message(op, 0, Status::Updated, "upgrade succeeded");
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
@@ -231,10 +231,10 @@ mod cases {
         assert_eq!(stored.message, "Multi step pipeline running. See steps for details.");
         assert_eq!(stored.steps()[0].status, Some(Status::Updated));
         assert_eq!(stored.steps()[0].message.as_deref(), Some("upgrade succeeded"));
-        let vm = db.store.resource(&pipeline.vm.id).await.unwrap();
+        let vm = db.store.read().resource(&pipeline.vm.id).await.unwrap();
         assert_eq!(vm.resource_version, vm_before.resource_version + 1, "patched for the step");
         assert_eq!(
-            db.store.resource(&pipeline.firewall.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
             Some(Status::Updated)
         );
 
@@ -288,12 +288,12 @@ mod cases {
         assert_eq!(stored.steps()[2].status, Some(Status::Updated));
         assert_eq!(stored.steps()[2].message.as_deref(), Some("upgrade succeeded"));
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 3, "no request after the last step");
-        let vm = db.store.resource(&pipeline.vm.id).await.unwrap();
+        let vm = db.store.read().resource(&pipeline.vm.id).await.unwrap();
         assert_eq!(vm.deployment_status, Some(Status::Deployed));
         assert_eq!(vm.properties["ip_address"], "10.2.1.4");
         // The post-step substituted the main step's output into the firewall rules, and
         // its request carries the patched resource (DESIGN §6: TRE's retry returns None).
-        let firewall = db.store.resource(&pipeline.firewall.id).await.unwrap();
+        let firewall = db.store.read().resource(&pipeline.firewall.id).await.unwrap();
         let rules = firewall.properties["network_rule_collections"].to_string();
         assert!(rules.contains("10.2.1.4"), "{rules}");
         let sent = requests_of(&db.store, &op.id).await;
@@ -389,11 +389,11 @@ mod cases {
         assert_eq!(stored.message, "Multi step pipeline failed on step post-step-1");
         assert_eq!(stored.steps()[2].status, Some(Status::UpdatingFailed));
         assert_eq!(
-            db.store.resource(&pipeline.vm.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
             Some(Status::DeploymentFailed)
         );
         assert_eq!(
-            db.store.resource(&pipeline.firewall.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
             Some(Status::UpdatingFailed)
         );
     }
@@ -418,7 +418,7 @@ mod cases {
         );
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2, "post-step never queued");
         assert_eq!(
-            db.store.resource(&pipeline.vm.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
             Some(Status::DeploymentFailed)
         );
     }
@@ -445,7 +445,7 @@ mod cases {
         ] {
             assert_eq!(handle(&handler, message).await, Outcome::Complete);
         }
-        let firewall_before = db.store.resource(&pipeline.firewall.id).await.unwrap();
+        let firewall_before = db.store.read().resource(&pipeline.firewall.id).await.unwrap();
         let logs = Logs::default();
         let _guard = logs.install();
         let outcome =
@@ -460,11 +460,11 @@ mod cases {
         assert_eq!(stored.status, Status::DeploymentFailed);
         assert_eq!(stored.message, "Multi step pipeline failed on step post-step-1");
         assert_eq!(
-            db.store.resource(&pipeline.vm.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
             Some(Status::DeploymentFailed)
         );
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2);
-        assert_eq!(db.store.resource(&pipeline.firewall.id).await.unwrap(), firewall_before);
+        assert_eq!(db.store.read().resource(&pipeline.firewall.id).await.unwrap(), firewall_before);
         let error = only_error(&logs, "Unable to send update for resource in pipeline step");
         assert_eq!(error.fields["next_step"], "post-step-1");
 
@@ -505,7 +505,7 @@ mod cases {
         let message =
             status_message_with_outputs(&op, 0, Status::DeploymentFailed, "failed", outputs);
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
-        let stored = db.store.resource(&ws.id).await.unwrap();
+        let stored = db.store.read().resource(&ws.id).await.unwrap();
         assert!(!stored.properties.contains_key("leak"));
         assert_eq!(stored.deployment_status, Some(Status::DeploymentFailed));
     }
@@ -526,12 +526,12 @@ mod cases {
             );
             assert_eq!(handle(&handler, message.clone()).await, Outcome::Complete);
             let (after_op, after_ws) =
-                (operation(db, &op.id).await, db.store.resource(&ws.id).await.unwrap());
+                (operation(db, &op.id).await, db.store.read().resource(&ws.id).await.unwrap());
             let logs = Logs::default();
             let _guard = logs.install();
             assert_eq!(handle(&handler, message).await, Outcome::Complete, "{status}");
             assert_eq!(operation(db, &op.id).await, after_op, "{status}: no second write");
-            assert_eq!(db.store.resource(&ws.id).await.unwrap(), after_ws, "{status}");
+            assert_eq!(db.store.read().resource(&ws.id).await.unwrap(), after_ws, "{status}");
             assert!(logs.events().iter().any(|e| e.message.contains("(replay)")), "{status}");
         }
     }
@@ -546,7 +546,7 @@ mod cases {
         let message = status_message(op, 0, Status::Updated, "upgrade succeeded");
         assert_eq!(handle(&handler, message.clone()).await, Outcome::Complete);
         let (stored, vm) =
-            (operation(db, &op.id).await, db.store.resource(&pipeline.vm.id).await.unwrap());
+            (operation(db, &op.id).await, db.store.read().resource(&pipeline.vm.id).await.unwrap());
         assert_eq!(handle(&handler, message.clone()).await, Outcome::Complete);
         // Even after the next step moved on, the replay stays a no-op.
         assert_eq!(
@@ -559,7 +559,7 @@ mod cases {
         assert_eq!(operation(db, &op.id).await, moved_on);
         assert_eq!(moved_on.steps()[0], stored.steps()[0]);
         assert_eq!(
-            db.store.resource(&pipeline.vm.id).await.unwrap().resource_version,
+            db.store.read().resource(&pipeline.vm.id).await.unwrap().resource_version,
             vm.resource_version
         );
     }
@@ -575,7 +575,7 @@ mod cases {
         let (first, second) = tokio::join!(handle(&a, message.clone()), handle(&b, message));
         assert_eq!((first, second), (Outcome::Complete, Outcome::Complete));
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2, "one request for step 2");
-        let history = db.store.resource_history(&pipeline.vm.id).await.unwrap();
+        let history = db.store.read().resource_history(&pipeline.vm.id).await.unwrap();
         assert_eq!(history.len(), 1, "the next step's resource was patched once");
     }
 
@@ -591,14 +591,14 @@ mod cases {
             Outcome::Complete
         );
         let (after, resource) =
-            (operation(db, &op.id).await, db.store.resource(&ws.id).await.unwrap());
+            (operation(db, &op.id).await, db.store.read().resource(&ws.id).await.unwrap());
         for late in [Status::Deploying, Status::AwaitingDeployment] {
             let logs = Logs::default();
             let _guard = logs.install();
             let outcome = handle(&handler, status_message(&op, 0, late, "Job starting")).await;
             assert_eq!(outcome, Outcome::Complete);
             assert_eq!(operation(db, &op.id).await, after, "{late}");
-            assert_eq!(db.store.resource(&ws.id).await.unwrap(), resource, "{late}");
+            assert_eq!(db.store.read().resource(&ws.id).await.unwrap(), resource, "{late}");
             let warning = logs
                 .events()
                 .into_iter()
@@ -629,7 +629,7 @@ mod cases {
         );
         assert_eq!(operation(db, &op.id).await, after);
         assert_eq!(
-            db.store.resource(&pipeline.firewall.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
             Some(Status::Updated)
         );
         assert_eq!(
@@ -650,7 +650,7 @@ mod cases {
         let stored = operation(db, &op.id).await;
         assert_eq!((stored.status, stored.message.as_str()), (Status::Deploying, "Job starting"));
         assert_eq!(
-            db.store.resource(&ws.id).await.unwrap().deployment_status,
+            db.store.read().resource(&ws.id).await.unwrap().deployment_status,
             Some(Status::Deploying)
         );
     }

@@ -160,7 +160,7 @@ mod cases {
                 .starts_with("Service bus message is not formatted correctly")
         );
         assert_eq!(malformed.message.body.as_ref(), b"bad", "the message is kept as sent");
-        let stored = db.store.operation(&op.id).await.unwrap();
+        let stored = db.store.read().operation(&op.id).await.unwrap();
         assert_eq!(stored.status, Status::Deployed);
         assert_eq!(seen.lock().unwrap().len(), 4, "every message handled once");
         assert_eq!(worker(&health, "deployment-status").state, WorkerState::Running);
@@ -197,7 +197,7 @@ mod cases {
         let deliveries_of_early =
             || seen.lock().unwrap().iter().filter(|(id, ..)| id == "early").count();
         eventually("the early result came back", || deliveries_of_early() >= 2).await;
-        assert_eq!(db.store.airlock_request(&request.id).await.unwrap(), request);
+        assert_eq!(db.store.read().airlock_request(&request.id).await.unwrap(), request);
 
         let mut tx = db.store.begin().await.unwrap();
         airlock::submit(&mut tx, &AirlockQueues::default(), &request.id, &user()).await.unwrap();
@@ -231,7 +231,7 @@ mod cases {
                 ("malformed".to_owned(), "MessageFormatIncorrect".to_owned()),
             ])
         );
-        let stored = db.store.airlock_request(&request.id).await.unwrap();
+        let stored = db.store.read().airlock_request(&request.id).await.unwrap();
         assert_eq!(stored.status, S::InReview);
         assert_eq!(
             outbox_for(&db.store, &request.id).await.len(),
@@ -274,7 +274,7 @@ mod cases {
             BTreeSet::from([("stuck".to_owned(), "MaxDeliveryCountExceeded".to_owned())])
         );
         assert_eq!(seen.lock().unwrap().len(), 3, "the handler saw deliveries 1 to 3");
-        assert_eq!(db.store.airlock_request(&request.id).await.unwrap(), request);
+        assert_eq!(db.store.read().airlock_request(&request.id).await.unwrap(), request);
         shut_down(supervisor).await;
     }
 }

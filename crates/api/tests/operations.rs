@@ -44,7 +44,7 @@ mod cases {
 
     pub(super) async fn set_status(store: &Store, id: &str, status: Status) -> Resource {
         let mut tx = store.begin().await.unwrap();
-        let mut resource = tx.resource(id).await.unwrap();
+        let mut resource = tx.read().resource(id).await.unwrap();
         resource.deployment_status = Some(status);
         let resource = tx.replace_resource(&resource).await.unwrap();
         tx.commit().await.unwrap();
@@ -131,7 +131,7 @@ mod cases {
     pub(super) async fn tre_10_3_01_install_and_uninstall_send_one_request(store: &Store) {
         let registry = templates();
         let ws = workspace(store, &registry, json!({})).await;
-        let install_op = store.operations_for_resource(&ws.id).await.unwrap().remove(0);
+        let install_op = store.read().operations_for_resource(&ws.id).await.unwrap().remove(0);
         let mut tx = store.begin().await.unwrap();
         let uninstall_op = operations::uninstall_resource(
             &mut tx,
@@ -179,7 +179,7 @@ mod cases {
         assert_eq!(resource.deployment_status, Some(Status::AwaitingDeployment));
         assert_eq!(resource.properties["address_space_size"], "small", "default added");
         assert_eq!(resource.user, user());
-        assert_eq!(store.resource(&resource.id).await.unwrap(), *resource);
+        assert_eq!(store.read().resource(&resource.id).await.unwrap(), *resource);
 
         assert_eq!(operation.status, Status::AwaitingDeployment);
         assert_eq!(operation.message, "This resource is waiting to be deployed");
@@ -202,7 +202,7 @@ mod cases {
         assert_eq!(step.status, Some(Status::AwaitingDeployment));
         assert_eq!(step.message.as_deref(), Some("This resource is waiting to be deployed"));
         assert_eq!(step.source_template_resource_id.as_deref(), Some(resource.id.as_str()));
-        assert_eq!(store.operation(&operation.id).await.unwrap(), *operation);
+        assert_eq!(store.read().operation(&operation.id).await.unwrap(), *operation);
     }
 
     /// Ensures that a linuxvm install is the 3-step pipeline of its template: upgrade the
@@ -287,10 +287,10 @@ mod cases {
         assert_eq!(rule["description"], "Package sources for My VM in workspace Genomics");
         assert_eq!(rule["rules"][0]["description"], format!("Deployed by {}", vm.id));
 
-        let patched = store.resource(&fw.id).await.unwrap();
+        let patched = store.read().resource(&fw.id).await.unwrap();
         assert_eq!(patched.resource_version, fw.resource_version + 1);
         assert_eq!(patched.properties["rule_collections"], body.parameters["rule_collections"]);
-        assert_eq!(store.resource_history(&fw.id).await.unwrap().len(), 1);
+        assert_eq!(store.read().resource_history(&fw.id).await.unwrap().len(), 1);
     }
 
     /// Ensures that a linuxvm without a deployed firewall is a typed client error naming
@@ -327,7 +327,7 @@ mod cases {
             resource_type: Some(ResourceType::UserResource),
             ..Default::default()
         };
-        assert!(store.resources(&filter).await.unwrap().is_empty());
+        assert!(store.read().resources(&filter).await.unwrap().is_empty());
         assert_eq!(
             store.outbox_backlog().await.unwrap(),
             before + 2,
@@ -352,7 +352,7 @@ mod cases {
         .unwrap();
         let id = created.resource.id.clone();
         assert_eq!(created.resource.properties["client_secret"], REDACTED);
-        assert_eq!(store.resource(&id).await.unwrap().properties["client_secret"], REDACTED);
+        assert_eq!(store.read().resource(&id).await.unwrap().properties["client_secret"], REDACTED);
         let sent = requests(store, &created.operation).await;
         assert_eq!(sent[0].1.parameters["client_secret"], "first-secret");
 
@@ -369,7 +369,7 @@ mod cases {
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        let stored = store.resource(&id).await.unwrap();
+        let stored = store.read().resource(&id).await.unwrap();
         assert_eq!(stored.properties["client_secret"], REDACTED);
         assert_eq!(stored.properties["display_name"], "Renamed");
         assert_eq!(upgraded.resource, stored);
@@ -387,7 +387,7 @@ mod cases {
             .collect();
         assert_eq!(bodies.iter().filter(|body| body.contains("first-secret")).count(), 1);
         assert_eq!(bodies.iter().filter(|body| body.contains("second-secret")).count(), 1);
-        let history = store.resource_history(&id).await.unwrap();
+        let history = store.read().resource_history(&id).await.unwrap();
         assert!(history.iter().all(|item| item.properties["client_secret"] == REDACTED));
     }
 
@@ -431,11 +431,11 @@ mod cases {
         .unwrap();
         tx.commit().await.unwrap();
 
-        let patched = store.resource(&fw.id).await.unwrap();
+        let patched = store.read().resource(&fw.id).await.unwrap();
         assert_eq!(patched.properties["display_name"], "new name");
         assert_eq!(patched.resource_version, fw.resource_version + 1, "patched exactly once");
         assert_eq!(patched.user, operator);
-        let history = store.resource_history(&fw.id).await.unwrap();
+        let history = store.read().resource_history(&fw.id).await.unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!(history[0].properties["display_name"], "Firewall");
         let sent = requests(store, &created.operation).await;
@@ -453,7 +453,7 @@ mod cases {
         let created = install(store, &registry, linuxvm(&ws, &svc)).await.unwrap();
         // The resource processor deployed the VM and reported its address.
         let mut tx = store.begin().await.unwrap();
-        let mut vm = tx.resource(&created.resource.id).await.unwrap();
+        let mut vm = tx.read().resource(&created.resource.id).await.unwrap();
         vm.properties.insert("ip_address".to_owned(), json!("10.1.2.3"));
         vm.deployment_status = Some(Status::Deployed);
         tx.replace_resource(&vm).await.unwrap();
@@ -474,7 +474,11 @@ mod cases {
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        assert_eq!(to_send, store.resource(&fw_id).await.unwrap(), "returns the updated firewall");
+        assert_eq!(
+            to_send,
+            store.read().resource(&fw_id).await.unwrap(),
+            "returns the updated firewall"
+        );
         let collection = &to_send.properties["network_rule_collections"][0];
         assert_eq!(collection["name"], format!("nrc_linuxvm_{}", vm.id));
         assert_eq!(collection["rules"][0]["source_addresses"], json!(["10.1.2.3"]));
@@ -576,7 +580,7 @@ mod cases {
         assert_eq!(upgraded.operation.message, "This resource is waiting to be updated");
         assert_eq!(upgraded.operation.resource_version, upgraded.resource.resource_version);
         assert_eq!(
-            store.resource_history(&ws.id).await.unwrap().last().unwrap().properties["display_name"],
+            store.read().resource_history(&ws.id).await.unwrap().last().unwrap().properties["display_name"],
             "Genomics"
         );
         let error = {

@@ -84,7 +84,7 @@ async fn install(store: &Store, new: NewResource) -> (String, String) {
 async fn finished(store: &Store, operation_id: &str) -> steward_api::domain::Operation {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let operation = store.operation(operation_id).await.unwrap();
+        let operation = store.read().operation(operation_id).await.unwrap();
         if operation.status != Status::PipelineRunning
             && !operation.status.is_awaiting()
             && !operation.status.is_in_progress()
@@ -161,9 +161,9 @@ async fn linuxvm_pipeline_reaches_deployed(store: &Store) {
     let steps = operation.steps();
     let statuses: Vec<_> = steps.iter().map(|s| s.status).collect();
     assert_eq!(statuses, [Some(Status::Updated), Some(Status::Deployed), Some(Status::Updated)]);
-    let vm = store.resource(&vm).await.unwrap();
+    let vm = store.read().resource(&vm).await.unwrap();
     assert_eq!(vm.properties["ip_address"], "10.1.0.4", "outputs merged");
-    let firewall = store.resource(&firewall).await.unwrap();
+    let firewall = store.read().resource(&firewall).await.unwrap();
     assert_eq!(firewall.resource_version, 2, "patched by both firewall steps");
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
     assert_eq!(broker.dead_letter_count("deploymentstatus"), 0);
@@ -202,7 +202,7 @@ async fn failing_last_step_fails_the_operation(store: &Store) {
         statuses,
         [Some(Status::Updated), Some(Status::Deployed), Some(Status::UpdatingFailed)]
     );
-    let vm = store.resource(&vm).await.unwrap();
+    let vm = store.read().resource(&vm).await.unwrap();
     assert_eq!(vm.deployment_status, Some(Status::DeploymentFailed));
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }

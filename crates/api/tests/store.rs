@@ -81,12 +81,12 @@ mod cases {
             let stored = insert(store, original).await;
             assert!(!stored.etag.is_empty());
             assert_eq!(Resource { etag: String::new(), ..stored.clone() }, *original);
-            assert_eq!(store.resource(&original.id).await.unwrap(), stored);
+            assert_eq!(store.read().resource(&original.id).await.unwrap(), stored);
             let mut tx = store.begin().await.unwrap();
-            assert_eq!(tx.resource(&original.id).await.unwrap(), stored);
+            assert_eq!(tx.read().resource(&original.id).await.unwrap(), stored);
             tx.commit().await.unwrap();
         }
-        let error = store.resource("missing").await.unwrap_err();
+        let error = store.read().resource("missing").await.unwrap_err();
         assert!(error.is_not_found(), "{error:?}");
     }
 
@@ -114,7 +114,7 @@ mod cases {
         let error = tx.replace_resource(&workspace("nope")).await.unwrap_err();
         assert!(error.is_not_found(), "{error:?}");
         tx.commit().await.unwrap();
-        assert_eq!(store.resource("w1").await.unwrap().properties["display_name"], "B");
+        assert_eq!(store.read().resource("w1").await.unwrap().properties["display_name"], "B");
     }
 
     /// Ensures that a patch bumps `resourceVersion`, stamps user and time, merges the
@@ -134,8 +134,8 @@ mod cases {
         assert!(!after.is_enabled);
         assert_eq!(after.properties["display_name"], "New");
         assert_eq!(after.properties["count"], 3, "other properties are kept");
-        assert_eq!(store.resource("w1").await.unwrap(), after);
-        let history = store.resource_history("w1").await.unwrap();
+        assert_eq!(store.read().resource("w1").await.unwrap(), after);
+        let history = store.read().resource_history("w1").await.unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!(history[0].resource_version, 0);
         assert_eq!(history[0].properties, before.properties);
@@ -162,7 +162,7 @@ mod cases {
         let error = result.unwrap_err();
         assert!(error.is_etag_mismatch(), "{error:?}");
         assert_eq!(attempts.load(Ordering::SeqCst), 6);
-        let stored = store.resource("w1").await.unwrap();
+        let stored = store.read().resource("w1").await.unwrap();
         assert_eq!(stored.resource_version, 6, "only the six interfering writes landed");
         assert!(!stored.properties.contains_key("mine"));
     }
@@ -186,7 +186,7 @@ mod cases {
         assert_eq!(attempts.load(Ordering::SeqCst), 2);
         assert_eq!(updated.properties["mine"], true);
         assert_eq!(updated.resource_version, 2);
-        assert_eq!(store.resource("w1").await.unwrap(), updated);
+        assert_eq!(store.read().resource("w1").await.unwrap(), updated);
     }
 
     /// Ensures that two tasks patching one resource at once both land: both read version 0,
@@ -221,11 +221,11 @@ mod cases {
             task.await.unwrap().unwrap();
         }
         assert_eq!(attempts.load(Ordering::SeqCst), 3, "exactly one retry");
-        let stored = store.resource("w1").await.unwrap();
+        let stored = store.read().resource("w1").await.unwrap();
         assert_eq!(stored.properties["a"], "a");
         assert_eq!(stored.properties["b"], "b");
         assert_eq!(stored.resource_version, 2);
-        assert_eq!(store.resource_history("w1").await.unwrap().len(), 2);
+        assert_eq!(store.read().resource_history("w1").await.unwrap().len(), 2);
     }
 
     /// Ensures that many transactions patching one resource at once all commit (on SQLite
@@ -252,7 +252,7 @@ mod cases {
         for task in tasks {
             task.await.unwrap().unwrap();
         }
-        let stored = store.resource("w1").await.unwrap();
+        let stored = store.read().resource("w1").await.unwrap();
         assert_eq!(stored.resource_version, 8);
         for n in 0..8 {
             assert_eq!(stored.properties[&format!("k{n}")], n);
@@ -271,8 +271,8 @@ mod cases {
         let mut tx = store.begin().await.unwrap();
         tx.insert_resource(&workspace("w2")).await.unwrap();
         tx.rollback().await.unwrap();
-        assert!(store.resource("w1").await.unwrap_err().is_not_found());
-        assert!(store.resource("w2").await.unwrap_err().is_not_found());
+        assert!(store.read().resource("w1").await.unwrap_err().is_not_found());
+        assert!(store.read().resource("w2").await.unwrap_err().is_not_found());
         assert_eq!(store.outbox_backlog().await.unwrap(), 0);
     }
 
@@ -343,9 +343,10 @@ mod cases {
         let error = tx.insert_operation(&operation("op1", "w1")).await.unwrap_err();
         assert!(matches!(error, StoreError::AlreadyExists { .. }));
         tx.commit().await.unwrap();
-        assert_eq!(store.operation("op1").await.unwrap(), replaced);
+        assert_eq!(store.read().operation("op1").await.unwrap(), replaced);
         assert_eq!(replaced.steps()[0].status, Some(Status::Deploying));
         let ids: Vec<String> = store
+            .read()
             .operations_for_resource("w1")
             .await
             .unwrap()
@@ -353,7 +354,7 @@ mod cases {
             .map(|op| op.id)
             .collect();
         assert_eq!(ids, ["op1", "op2"]);
-        assert!(store.operation("nope").await.unwrap_err().is_not_found());
+        assert!(store.read().operation("nope").await.unwrap_err().is_not_found());
     }
 
     pub(super) fn airlock_request(
@@ -389,7 +390,7 @@ mod cases {
         assert!(tx.replace_airlock_request(&stored).await.unwrap_err().is_etag_mismatch());
         tx.commit().await.unwrap();
 
-        let read = store.airlock_request("a1").await.unwrap();
+        let read = store.read().airlock_request("a1").await.unwrap();
         assert_eq!(read, replaced);
         assert_eq!(read.title, "Airlock Request");
         assert_eq!(read.business_justification, "Business Justification");
@@ -398,14 +399,14 @@ mod cases {
             |requests: Vec<AirlockRequest>| requests.into_iter().map(|r| r.id).collect::<Vec<_>>();
         let filter =
             AirlockRequestFilter { workspace_id: Some("w1".to_owned()), ..Default::default() };
-        assert_eq!(ids(store.airlock_requests(&filter).await.unwrap()), ["a1", "a2"]);
+        assert_eq!(ids(store.read().airlock_requests(&filter).await.unwrap()), ["a1", "a2"]);
         let filter = AirlockRequestFilter {
             status: Some(AirlockRequestStatus::Draft),
             ..Default::default()
         };
-        assert_eq!(ids(store.airlock_requests(&filter).await.unwrap()), ["a3"]);
+        assert_eq!(ids(store.read().airlock_requests(&filter).await.unwrap()), ["a3"]);
         let filter = AirlockRequestFilter { skip: 1, limit: Some(1), ..Default::default() };
-        assert_eq!(ids(store.airlock_requests(&filter).await.unwrap()), ["a2"]);
+        assert_eq!(ids(store.read().airlock_requests(&filter).await.unwrap()), ["a2"]);
     }
 
     /// Ensures that resource lists filter by type, status, workspace, parent and template,
@@ -437,36 +438,36 @@ mod cases {
 
         let ids =
             |resources: Vec<Resource>| resources.into_iter().map(|r| r.id).collect::<Vec<_>>();
-        let all = store.resources(&ResourceFilter::default()).await.unwrap();
+        let all = store.read().resources(&ResourceFilter::default()).await.unwrap();
         assert_eq!(ids(all), ["w1", "s1", "v1"]);
         let filter = ResourceFilter { include_deleted: true, ..Default::default() };
-        assert_eq!(store.resources(&filter).await.unwrap().len(), 4);
+        assert_eq!(store.read().resources(&filter).await.unwrap().len(), 4);
         let filter = ResourceFilter {
             resource_type: Some(steward_api::domain::ResourceType::Workspace),
             ..Default::default()
         };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["w1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["w1"]);
         let filter =
             ResourceFilter { status: Some(Status::AwaitingDeployment), ..Default::default() };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["s1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
         let filter = ResourceFilter { workspace_id: Some("w1".to_owned()), ..Default::default() };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["s1", "v1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1", "v1"]);
         let filter = ResourceFilter {
             parent_workspace_service_id: Some("s1".to_owned()),
             ..Default::default()
         };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["v1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["v1"]);
         let filter = ResourceFilter {
             template_name: Some("tre-service-guacamole".to_owned()),
             ..Default::default()
         };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["s1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
         let filter = ResourceFilter { skip: 1, limit: Some(1), ..Default::default() };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["s1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
 
         let mut tx = store.begin().await.unwrap();
-        let ws = tx.resource("w1").await.unwrap();
-        let dependents = tx.resource_dependency_list(&ws).await.unwrap();
+        let ws = tx.read().resource("w1").await.unwrap();
+        let dependents = tx.read().resource_dependency_list(&ws).await.unwrap();
         assert_eq!(ids(dependents), ["v1", "s1", "w1"], "deepest first");
     }
 
@@ -477,12 +478,16 @@ mod cases {
         gone.deployment_status = Some(Status::Deleted);
         insert(store, &gone).await;
         let mut tx = store.begin().await.unwrap();
-        assert_eq!(tx.active_shared_service("tre-shared-service-firewall").await.unwrap(), None);
+        assert_eq!(
+            tx.read().active_shared_service("tre-shared-service-firewall").await.unwrap(),
+            None
+        );
         let mut live = gone.clone();
         live.id = "f1".to_owned();
         live.deployment_status = Some(Status::Deployed);
         tx.insert_resource(&live).await.unwrap();
-        let found = tx.active_shared_service("tre-shared-service-firewall").await.unwrap().unwrap();
+        let found =
+            tx.read().active_shared_service("tre-shared-service-firewall").await.unwrap().unwrap();
         assert_eq!(found.id, "f1");
     }
 
@@ -495,7 +500,7 @@ mod cases {
         assert!(error.is_unavailable(), "{error:?}");
         let error = store.begin().await.unwrap_err();
         assert!(error.is_unavailable(), "{error:?}");
-        let error = store.resource("w1").await.unwrap_err();
+        let error = store.read().resource("w1").await.unwrap_err();
         assert!(error.is_unavailable() && !error.is_not_found(), "{error:?}");
     }
 
@@ -503,7 +508,7 @@ mod cases {
     pub(super) async fn migrations_are_idempotent(store: &Store) {
         insert(store, &workspace("w1")).await;
         store.migrate().await.unwrap();
-        assert_eq!(store.resource("w1").await.unwrap().id, "w1");
+        assert_eq!(store.read().resource("w1").await.unwrap().id, "w1");
     }
 }
 
@@ -606,7 +611,7 @@ async fn failed_statement_aborts_the_transaction_postgres() {
     assert!(matches!(error, StoreError::Database { .. }), "{error:?}");
     let error = tx.commit().await.unwrap_err();
     assert!(matches!(error, StoreError::Aborted { .. }), "{error:?}");
-    assert!(db.store.resource("w1").await.unwrap_err().is_not_found());
+    assert!(db.store.read().resource("w1").await.unwrap_err().is_not_found());
     db.finish().await;
 }
 

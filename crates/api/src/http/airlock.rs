@@ -121,7 +121,7 @@ pub(super) async fn list(
     let store = state.db.serving()?;
     let filter =
         AirlockRequestFilter { skip: offset, limit: Some(limit + 1), ..Default::default() };
-    let mut requests = store.airlock_requests(&filter).await?;
+    let mut requests = store.read().airlock_requests(&filter).await?;
     let next_cursor = Page::truncate(&mut requests, offset, limit);
     Ok(Json(AirlockRequestList { airlock_requests: requests, next_cursor }))
 }
@@ -134,7 +134,7 @@ pub(super) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let request = state.db.serving()?.airlock_request(&id).await?;
+    let request = state.db.serving()?.read().airlock_request(&id).await?;
     Ok(answer(StatusCode::OK, request))
 }
 

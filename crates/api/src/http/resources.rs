@@ -156,7 +156,7 @@ pub(super) async fn list(
         limit: Some(limit + 1),
         ..ResourceFilter::default()
     };
-    let mut resources = store.resources(&filter).await?;
+    let mut resources = store.read().resources(&filter).await?;
     let next_cursor = Page::truncate(&mut resources, offset, limit);
     Ok(Json(ResourceList { resources, next_cursor }))
 }
@@ -169,7 +169,7 @@ pub(super) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ResourceResponse>, ApiError> {
-    let resource = state.db.serving()?.resource(&id).await?;
+    let resource = state.db.serving()?.read().resource(&id).await?;
     Ok(Json(ResourceResponse { resource }))
 }
 
@@ -182,8 +182,8 @@ pub(super) async fn operations(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperationList>, ApiError> {
     let store = state.db.serving()?;
-    store.resource(&id).await?;
-    let operations = store.operations_for_resource(&id).await?;
+    store.read().resource(&id).await?;
+    let operations = store.read().operations_for_resource(&id).await?;
     Ok(Json(OperationList { operations }))
 }
 
@@ -195,7 +195,7 @@ pub(super) async fn operation(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperationResponse>, ApiError> {
-    let operation = state.db.serving()?.operation(&id).await?;
+    let operation = state.db.serving()?.read().operation(&id).await?;
     Ok(Json(OperationResponse { operation }))
 }
 

@@ -154,7 +154,7 @@ pub async fn create_request(
     new: NewAirlockRequest,
     user: &User,
 ) -> Result<AirlockRequest, AirlockError> {
-    match tx.find_resource(&new.workspace_id).await? {
+    match tx.read().find_resource(&new.workspace_id).await? {
         Some(workspace)
             if workspace.resource_type() == ResourceType::Workspace && !workspace.is_deleted() => {}
         _ => return Err(AirlockError::WorkspaceNotFound { id: new.workspace_id }),
@@ -239,7 +239,7 @@ pub(crate) trait RequestStore {
 
 impl RequestStore for Tx {
     async fn read(&mut self, id: &str) -> Result<AirlockRequest, StoreError> {
-        self.airlock_request(id).await
+        self.read().airlock_request(id).await
     }
 
     async fn replace(&mut self, request: &AirlockRequest) -> Result<AirlockRequest, StoreError> {
@@ -328,6 +328,7 @@ pub async fn update_and_publish(
         .and_then(|status| status.parse().ok())
         .unwrap_or(original.status);
     let workspace = tx
+        .read()
         .find_resource(&updated.workspace_id)
         .await?
         .ok_or_else(|| AirlockError::WorkspaceNotFound { id: updated.workspace_id.clone() })?;
@@ -406,7 +407,7 @@ pub async fn review(
     decision: AirlockReviewDecision,
     explanation: &str,
 ) -> Result<AirlockRequest, AirlockError> {
-    let original = tx.airlock_request(id).await?;
+    let original = tx.read().airlock_request(id).await?;
     let to = decision.next_status();
     let review = AirlockReview {
         id: new_id(),
@@ -431,7 +432,7 @@ async fn change_status(
     to: AirlockRequestStatus,
     status_message: Option<String>,
 ) -> Result<AirlockRequest, AirlockError> {
-    let original = tx.airlock_request(id).await?;
+    let original = tx.read().airlock_request(id).await?;
     let update = AirlockUpdate { new_status: Some(to), status_message, ..AirlockUpdate::default() };
     update_and_publish(tx, queues, &original, user, update, BTreeMap::new()).await
 }

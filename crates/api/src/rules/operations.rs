@@ -336,7 +336,7 @@ async fn parent(
     let id = id
         .filter(|id| !id.is_empty())
         .ok_or(OperationError::MissingField { field, resource_type })?;
-    match tx.find_resource(id).await? {
+    match tx.read().find_resource(id).await? {
         Some(found) if found.resource_type() == expected && !found.is_deleted() => Ok(found),
         _ => Err(OperationError::InvalidParent {
             message: format!("{field} {id} is not an existing {expected}"),
@@ -365,7 +365,7 @@ pub async fn upgrade_resource(
     expected_etag: Option<&str>,
     user: &User,
 ) -> Result<Created, OperationError> {
-    let current = tx.resource(id).await?;
+    let current = tx.read().resource(id).await?;
     if current.is_deleted() {
         return Err(OperationError::ResourceDeleted { id: id.to_owned() });
     }
@@ -406,7 +406,7 @@ pub async fn uninstall_resource(
     user: &User,
     cascade: bool,
 ) -> Result<Operation, OperationError> {
-    let current = tx.resource(id).await?;
+    let current = tx.read().resource(id).await?;
     if current.is_deleted() {
         return Err(OperationError::ResourceDeleted { id: id.to_owned() });
     }
@@ -430,7 +430,7 @@ pub async fn invoke_action(
     custom_action: &str,
     user: &User,
 ) -> Result<Operation, OperationError> {
-    let current = tx.resource(id).await?;
+    let current = tx.read().resource(id).await?;
     if current.is_deleted() {
         return Err(OperationError::ResourceDeleted { id: id.to_owned() });
     }
@@ -468,7 +468,7 @@ pub async fn create_operation(
     cascade: bool,
 ) -> Result<Operation, OperationError> {
     let resources = if cascade {
-        let mut list = tx.resource_dependency_list(root).await?;
+        let mut list = tx.read().resource_dependency_list(root).await?;
         for resource in &mut list {
             if resource.id == root.id {
                 *resource = root.clone();
@@ -646,13 +646,13 @@ async fn step_target(
         ),
     };
     let target = match step.resource_type {
-        Some(ResourceType::SharedService) => tx.active_shared_service(wanted).await?,
+        Some(ResourceType::SharedService) => tx.read().active_shared_service(wanted).await?,
         Some(ResourceType::Workspace) => match resource.workspace_id() {
-            Some(id) => tx.find_resource(id).await?,
+            Some(id) => tx.read().find_resource(id).await?,
             None => None,
         },
         Some(ResourceType::WorkspaceService) => match resource.parent_workspace_service_id() {
-            Some(id) => tx.find_resource(id).await?,
+            Some(id) => tx.read().find_resource(id).await?,
             None => None,
         },
         Some(ResourceType::UserResource) | None => None,
@@ -723,17 +723,17 @@ pub async fn update_resource_for_step(
             })?;
             match root {
                 Some(root) if root.id == source_id => root.clone(),
-                _ => tx.resource(source_id).await?,
+                _ => tx.read().resource(source_id).await?,
             }
         }
     };
     let (parent_workspace, parent_service) = match &step_resource.kind {
         ResourceKind::UserResource { workspace_id, parent_workspace_service_id, .. } => (
-            Some(tx.resource(workspace_id).await?),
-            Some(tx.resource(parent_workspace_service_id).await?),
+            Some(tx.read().resource(workspace_id).await?),
+            Some(tx.read().resource(parent_workspace_service_id).await?),
         ),
         ResourceKind::WorkspaceService { workspace_id } => {
-            (Some(tx.resource(workspace_id).await?), None)
+            (Some(tx.read().resource(workspace_id).await?), None)
         }
         ResourceKind::Workspace { .. } | ResourceKind::SharedService => (None, None),
     };

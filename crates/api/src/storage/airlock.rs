@@ -5,7 +5,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Executor, Row};
 
 use super::error::{Entity, StoreError, inserted};
-use super::{Store, Tx};
+use super::{Reader, Store, Tx};
 use crate::domain::new_id;
 use crate::domain::{AirlockRequest, AirlockRequestStatus};
 use crate::storage::millis;
@@ -75,38 +75,7 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
     rows.iter().map(from_row).collect()
 }
 
-impl Store {
-    /// The airlock request with this id.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`], or the database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn airlock_request(&self, id: &str) -> Result<AirlockRequest, StoreError> {
-        fetch(self.reader(), id)
-            .await?
-            .ok_or_else(|| StoreError::not_found(Entity::AirlockRequest, id))
-    }
-
-    /// Airlock requests matching `filter`, in creation order.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn airlock_requests(
-        &self,
-        filter: &AirlockRequestFilter,
-    ) -> Result<Vec<AirlockRequest>, StoreError> {
-        list(self.reader(), filter).await
-    }
-}
+impl Store {}
 
 impl Tx {
     /// Inserts a new airlock request with a fresh etag and returns it as stored.
@@ -143,37 +112,6 @@ impl Tx {
         Ok(stored)
     }
 
-    /// The airlock request with this id.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`], or the database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn airlock_request(&mut self, id: &str) -> Result<AirlockRequest, StoreError> {
-        fetch(self.conn(), id)
-            .await?
-            .ok_or_else(|| StoreError::not_found(Entity::AirlockRequest, id))
-    }
-
-    /// Airlock requests matching `filter`, in creation order.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn airlock_requests(
-        &mut self,
-        filter: &AirlockRequestFilter,
-    ) -> Result<Vec<AirlockRequest>, StoreError> {
-        list(self.conn(), filter).await
-    }
-
     /// Replaces an airlock request if its stored etag still equals `request.etag`;
     /// returns it with its new etag.
     ///
@@ -206,5 +144,38 @@ impl Tx {
             return Ok(stored);
         }
         Err(self.missing_or_changed(Entity::AirlockRequest, "airlock_requests", &request.id).await)
+    }
+}
+
+impl Reader<'_> {
+    /// The airlock request with this id.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`], or the database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn airlock_request(self, id: &str) -> Result<AirlockRequest, StoreError> {
+        fetch(&mut *self.connection().await?, id)
+            .await?
+            .ok_or_else(|| StoreError::not_found(Entity::AirlockRequest, id))
+    }
+
+    /// Airlock requests matching `filter`, in creation order.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn airlock_requests(
+        self,
+        filter: &AirlockRequestFilter,
+    ) -> Result<Vec<AirlockRequest>, StoreError> {
+        list(&mut *self.connection().await?, filter).await
     }
 }

@@ -4,7 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Executor, Row};
 
 use super::error::{Entity, StoreError, inserted};
-use super::{Store, Tx};
+use super::{Reader, Tx};
 use crate::domain::ResourceHistoryItem;
 use crate::storage::millis;
 
@@ -26,24 +26,6 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
     .fetch_all(executor)
     .await?;
     rows.iter().map(from_row).collect()
-}
-
-impl Store {
-    /// The history of a resource, oldest first.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn resource_history(
-        &self,
-        resource_id: &str,
-    ) -> Result<Vec<ResourceHistoryItem>, StoreError> {
-        list(self.reader(), resource_id).await
-    }
 }
 
 impl Tx {
@@ -72,7 +54,9 @@ impl Tx {
         inserted(&result, Entity::ResourceHistory, &item.id)?;
         Ok(())
     }
+}
 
+impl Reader<'_> {
     /// The history of a resource, oldest first.
     ///
     /// # Errors
@@ -83,9 +67,9 @@ impl Tx {
     ///
     /// Cancel safe.
     pub async fn resource_history(
-        &mut self,
+        self,
         resource_id: &str,
     ) -> Result<Vec<ResourceHistoryItem>, StoreError> {
-        list(self.conn(), resource_id).await
+        list(&mut *self.connection().await?, resource_id).await
     }
 }

@@ -29,12 +29,14 @@ mod outbox;
 mod resources;
 
 use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{Any, AnyPool, Executor, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Transaction};
 use tokio::sync::Notify;
 
 use crate::domain::Clock;
@@ -343,6 +345,61 @@ impl Store {
     pub(crate) fn reader(&self) -> &AnyPool {
         &self.inner.reader
     }
+
+    /// Reads outside any transaction, each on a connection of the read pool.
+    #[must_use]
+    pub fn read(&self) -> Reader<'_> {
+        Reader(ReadFrom::Pool(self.reader()))
+    }
+}
+
+/// Reads records: on the store's read pool ([`Store::read`]) or inside a transaction
+/// ([`Tx::read`]). Each read is written once, over either connection, and takes the
+/// reader by value: `store.read().resource(id)`, `tx.read().resource(id)`.
+#[derive(Debug)]
+pub struct Reader<'a>(ReadFrom<'a>);
+
+#[derive(Debug)]
+enum ReadFrom<'a> {
+    Pool(&'a AnyPool),
+    Tx(&'a mut AnyConnection),
+}
+
+/// The connection one read runs on: [`Acquire`](sqlx::Acquire) for the pool and the
+/// transaction, as one type.
+enum ReadConnection<'a> {
+    Pooled(PoolConnection<Any>),
+    Tx(&'a mut AnyConnection),
+}
+
+impl Deref for ReadConnection<'_> {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        match self {
+            ReadConnection::Pooled(conn) => conn,
+            ReadConnection::Tx(conn) => conn,
+        }
+    }
+}
+
+impl DerefMut for ReadConnection<'_> {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        match self {
+            ReadConnection::Pooled(conn) => conn,
+            ReadConnection::Tx(conn) => conn,
+        }
+    }
+}
+
+impl<'a> Reader<'a> {
+    /// A connection for this read.
+    async fn connection(self) -> Result<ReadConnection<'a>, StoreError> {
+        Ok(match self.0 {
+            ReadFrom::Pool(pool) => ReadConnection::Pooled(pool.acquire().await?),
+            ReadFrom::Tx(conn) => ReadConnection::Tx(conn),
+        })
+    }
 }
 
 /// WAL, a busy timeout for readers during checkpoints, and foreign keys.
@@ -484,6 +541,12 @@ impl Tx {
     #[must_use]
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Reads inside this transaction: they see its own writes.
+    #[must_use]
+    pub fn read(&mut self) -> Reader<'_> {
+        Reader(ReadFrom::Tx(&mut self.tx))
     }
 
     pub(crate) fn conn(&mut self) -> &mut sqlx::AnyConnection {

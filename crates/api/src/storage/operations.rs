@@ -4,7 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Executor, Row};
 
 use super::error::{Entity, StoreError, inserted};
-use super::{Store, Tx};
+use super::{Reader, Store, Tx};
 use crate::domain::Operation;
 use crate::domain::new_id;
 use crate::storage::millis;
@@ -48,36 +48,7 @@ async fn for_resource<'c, E: Executor<'c, Database = Any>>(
     rows.iter().map(from_row).collect()
 }
 
-impl Store {
-    /// The operation with this id.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`], or the database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn operation(&self, id: &str) -> Result<Operation, StoreError> {
-        fetch(self.reader(), id).await?.ok_or_else(|| StoreError::not_found(Entity::Operation, id))
-    }
-
-    /// The operations whose primary resource is `resource_id`, oldest first.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn operations_for_resource(
-        &self,
-        resource_id: &str,
-    ) -> Result<Vec<Operation>, StoreError> {
-        for_resource(self.reader(), resource_id).await
-    }
-}
+impl Store {}
 
 impl Tx {
     /// Inserts a new operation with a fresh etag and returns it as stored.
@@ -114,35 +85,6 @@ impl Tx {
         Ok(stored)
     }
 
-    /// The operation with this id.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`], or the database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn operation(&mut self, id: &str) -> Result<Operation, StoreError> {
-        fetch(self.conn(), id).await?.ok_or_else(|| StoreError::not_found(Entity::Operation, id))
-    }
-
-    /// The operations whose primary resource is `resource_id`, oldest first.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn operations_for_resource(
-        &mut self,
-        resource_id: &str,
-    ) -> Result<Vec<Operation>, StoreError> {
-        for_resource(self.conn(), resource_id).await
-    }
-
     /// Replaces an operation if its stored etag still equals `operation.etag`; returns
     /// it with its new etag.
     ///
@@ -175,5 +117,38 @@ impl Tx {
             return Ok(stored);
         }
         Err(self.missing_or_changed(Entity::Operation, "operations", &operation.id).await)
+    }
+}
+
+impl Reader<'_> {
+    /// The operation with this id.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`], or the database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn operation(self, id: &str) -> Result<Operation, StoreError> {
+        fetch(&mut *self.connection().await?, id)
+            .await?
+            .ok_or_else(|| StoreError::not_found(Entity::Operation, id))
+    }
+
+    /// The operations whose primary resource is `resource_id`, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn operations_for_resource(
+        self,
+        resource_id: &str,
+    ) -> Result<Vec<Operation>, StoreError> {
+        for_resource(&mut *self.connection().await?, resource_id).await
     }
 }

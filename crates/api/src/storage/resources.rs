@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Executor, Row};
 
 use super::error::{Entity, StoreError, inserted};
-use super::{Store, Tx};
+use super::{Reader, Store, Tx};
 use crate::domain::new_id;
 use crate::domain::{Resource, ResourcePatch, ResourceType, Status, User};
 use crate::storage::millis;
@@ -112,32 +112,6 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
 }
 
 impl Store {
-    /// The resource with this id, read outside any transaction.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`], or the database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn resource(&self, id: &str) -> Result<Resource, StoreError> {
-        fetch(self.reader(), id).await?.ok_or_else(|| StoreError::not_found(Entity::Resource, id))
-    }
-
-    /// Resources matching `filter`, in creation order.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn resources(&self, filter: &ResourceFilter) -> Result<Vec<Resource>, StoreError> {
-        list(self.reader(), filter).await
-    }
-
     /// Patches a resource outside any caller transaction, retrying on etag mismatches
     /// like TRE's `try_update_with_retries`: each attempt reads the resource, asks
     /// `make_patch` for the change, and writes it (with its history item) in a
@@ -169,7 +143,7 @@ impl Store {
     {
         let mut attempt = 0;
         loop {
-            let current = self.resource(id).await?;
+            let current = self.read().resource(id).await?;
             let patch = make_patch(current.clone()).await?;
             let result = async {
                 let mut tx = self.begin().await?;
@@ -225,104 +199,6 @@ impl Tx {
         .await?;
         inserted(&result, Entity::Resource, &stored.id)?;
         Ok(stored)
-    }
-
-    /// The resource with this id.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`], or the database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn resource(&mut self, id: &str) -> Result<Resource, StoreError> {
-        self.find_resource(id).await?.ok_or_else(|| StoreError::not_found(Entity::Resource, id))
-    }
-
-    /// The resource with this id, if there is one.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn find_resource(&mut self, id: &str) -> Result<Option<Resource>, StoreError> {
-        fetch(self.conn(), id).await
-    }
-
-    /// Resources matching `filter`, in creation order.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn resources(
-        &mut self,
-        filter: &ResourceFilter,
-    ) -> Result<Vec<Resource>, StoreError> {
-        list(self.conn(), filter).await
-    }
-
-    /// The first shared service of this template that is not gone: not deleted, being
-    /// deleted, or failed to deploy. Pipelines use it as a step target.
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn active_shared_service(
-        &mut self,
-        template_name: &str,
-    ) -> Result<Option<Resource>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM resources WHERE resource_type = 'shared-service' AND template_name = $1 \
-             AND (deployment_status IS NULL OR deployment_status NOT IN \
-             ('deleted', 'deleting', 'awaiting_deletion', 'deployment_failed')) \
-             ORDER BY created_at, id LIMIT 1"
-        ))
-        .bind(template_name.to_owned())
-        .fetch_optional(self.conn())
-        .await?;
-        row.as_ref().map(from_row).transpose()
-    }
-
-    /// The resource and everything under it that is not deleted, deepest first (TRE
-    /// `get_resource_dependency_list`, for cascading uninstalls).
-    ///
-    /// # Errors
-    ///
-    /// The database failed.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel safe.
-    pub async fn resource_dependency_list(
-        &mut self,
-        resource: &Resource,
-    ) -> Result<Vec<Resource>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM resources WHERE (id = $1 OR resource_path LIKE $2) \
-             AND (deployment_status IS NULL OR deployment_status <> 'deleted')"
-        ))
-        .bind(resource.id.clone())
-        .bind(format!("{}/%", resource.resource_path))
-        .fetch_all(self.conn())
-        .await?;
-        let mut resources = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-        resources.sort_by(|a, b| {
-            let depth = |r: &Resource| r.resource_path.matches('/').count();
-            depth(b).cmp(&depth(a)).then_with(|| a.resource_path.cmp(&b.resource_path))
-        });
-        Ok(resources)
     }
 
     /// Replaces a resource if its stored etag still equals `resource.etag`; returns it
@@ -425,7 +301,7 @@ impl Tx {
     {
         let mut attempt = 0;
         loop {
-            let current = self.resource(id).await?;
+            let current = self.read().resource(id).await?;
             let patch = make_patch(&current)?;
             match self.patch_resource(&current, &patch, user).await {
                 Err(error) if error.is_etag_mismatch() && attempt < num_retries => {
@@ -453,5 +329,102 @@ impl Tx {
             Ok(None) => StoreError::not_found(entity, id),
             Err(error) => error.into(),
         }
+    }
+}
+
+impl Reader<'_> {
+    /// The resource with this id.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`], or the database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn resource(self, id: &str) -> Result<Resource, StoreError> {
+        self.find_resource(id).await?.ok_or_else(|| StoreError::not_found(Entity::Resource, id))
+    }
+
+    /// The resource with this id, if there is one.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn find_resource(self, id: &str) -> Result<Option<Resource>, StoreError> {
+        fetch(&mut *self.connection().await?, id).await
+    }
+
+    /// Resources matching `filter`, in creation order.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn resources(self, filter: &ResourceFilter) -> Result<Vec<Resource>, StoreError> {
+        list(&mut *self.connection().await?, filter).await
+    }
+
+    /// The first shared service of this template that is not gone: not deleted, being
+    /// deleted, or failed to deploy. Pipelines use it as a step target.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn active_shared_service(
+        self,
+        template_name: &str,
+    ) -> Result<Option<Resource>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM resources WHERE resource_type = 'shared-service' AND template_name = $1 \
+             AND (deployment_status IS NULL OR deployment_status NOT IN \
+             ('deleted', 'deleting', 'awaiting_deletion', 'deployment_failed')) \
+             ORDER BY created_at, id LIMIT 1"
+        ))
+        .bind(template_name.to_owned())
+        .fetch_optional(&mut *self.connection().await?)
+        .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// The resource and everything under it that is not deleted, deepest first (TRE
+    /// `get_resource_dependency_list`, for cascading uninstalls).
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn resource_dependency_list(
+        self,
+        resource: &Resource,
+    ) -> Result<Vec<Resource>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM resources WHERE (id = $1 OR resource_path LIKE $2) \
+             AND (deployment_status IS NULL OR deployment_status <> 'deleted')"
+        ))
+        .bind(resource.id.clone())
+        .bind(format!("{}/%", resource.resource_path))
+        .fetch_all(&mut *self.connection().await?)
+        .await?;
+        let mut resources = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+        resources.sort_by(|a, b| {
+            let depth = |r: &Resource| r.resource_path.matches('/').count();
+            depth(b).cmp(&depth(a)).then_with(|| a.resource_path.cmp(&b.resource_path))
+        });
+        Ok(resources)
     }
 }

@@ -194,7 +194,7 @@ impl AirlockStatusHandler {
         let request_id = result.request_id();
         // Decide on a read outside the transaction first, so the recipient lookup (a
         // remote call in a directory-backed provider) never holds the write transaction.
-        let request = match self.store.airlock_request(request_id).await {
+        let request = match self.store.read().airlock_request(request_id).await {
             Err(error) if error.is_not_found() => return Ok(Handled::NotFound),
             other => other?,
         };
@@ -208,7 +208,7 @@ impl AirlockStatusHandler {
         };
 
         let mut tx = self.store.begin().await?;
-        let request = match tx.airlock_request(request_id).await {
+        let request = match tx.read().airlock_request(request_id).await {
             Err(error) if error.is_not_found() => return Ok(Handled::NotFound),
             other => other?,
         };
@@ -239,7 +239,7 @@ impl AirlockStatusHandler {
     }
 
     async fn recipients_of(&self, workspace_id: &str) -> Result<RecipientsByRole, Failure> {
-        let workspace = match self.store.resource(workspace_id).await {
+        let workspace = match self.store.read().resource(workspace_id).await {
             Err(error) if error.is_not_found() => {
                 return Err(Failure::WorkspaceNotFound { id: workspace_id.to_owned() });
             }

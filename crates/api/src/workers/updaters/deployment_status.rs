@@ -154,7 +154,7 @@ impl DeploymentStatusHandler {
         let operation_id = update.operation_id.to_string();
         let resource_id = update.id.to_string();
         let mut tx = self.store.begin().await?;
-        let mut operation = match tx.operation(&operation_id).await {
+        let mut operation = match tx.read().operation(&operation_id).await {
             Err(error) if error.is_not_found() => return Ok(Handled::OperationNotFound),
             other => other?,
         };
@@ -267,7 +267,7 @@ impl DeploymentStatusHandler {
             .as_deref()
             .ok_or(incomplete("sourceTemplateResourceId"))?;
         let target_id = step.resource_id.as_deref().ok_or(incomplete("resourceId"))?;
-        let parent = tx.resource(source_id).await?;
+        let parent = tx.read().resource(source_id).await?;
         let to_send = update_resource_for_step(
             tx,
             &self.templates,
@@ -535,7 +535,7 @@ async fn set_resource_status(
 ) -> Result<(), Stop> {
     let mut attempt = 0;
     loop {
-        let Some(mut resource) = tx.find_resource(id).await? else {
+        let Some(mut resource) = tx.read().find_resource(id).await? else {
             return Err(Stop::Handled(Handled::ResourceNotFound));
         };
         resource.deployment_status = Some(status);
