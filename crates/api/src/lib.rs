@@ -64,7 +64,7 @@
 //! assert_eq!(store.read().resource(&created.resource.id).await?.properties["display_name"], "Genomics");
 //! // The resource request for the processor waits in the outbox.
 //! let outbox = store.outbox_messages(10).await?;
-//! assert_eq!(outbox[0].message.correlation_id.as_deref(), Some(created.operation.id.as_str()));
+//! assert_eq!(outbox[0].message.outgoing.correlation_id.as_deref(), Some(created.operation.id.as_str()));
 //! # Ok(())
 //! # }
 //! ```

@@ -180,7 +180,10 @@ mod cases {
             .iter()
             .filter(|row| row.message.aggregate_id == request_id)
             .map(|row| {
-                (row.message.queue.clone(), serde_json::from_str(&row.message.body).unwrap())
+                (
+                    row.message.queue.clone(),
+                    serde_json::from_slice(&row.message.outgoing.body).unwrap(),
+                )
             })
             .collect()
     }
@@ -328,9 +331,11 @@ mod cases {
             json!([{"name": "out.csv", "size": 2048}])
         );
         assert!(
-            rows.iter()
-                .filter(|row| row.message.aggregate_id == created.id)
-                .all(|row| row.message.session_id.is_none())
+            rows.iter().filter(|row| row.message.aggregate_id == created.id).all(|row| row
+                .message
+                .outgoing
+                .session_id
+                .is_none())
         );
     }
 

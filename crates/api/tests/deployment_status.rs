@@ -243,8 +243,8 @@ mod cases {
         let (row, body) = &sent[1];
         let request: ResourceRequest = serde_json::from_value(body.clone()).unwrap();
         assert_eq!(row.message.queue, "workspacequeue");
-        assert_eq!(row.message.correlation_id.as_deref(), Some(op.id.as_str()));
-        assert_eq!(row.message.session_id.as_deref(), Some(op.resource_id.as_str()));
+        assert_eq!(row.message.outgoing.correlation_id.as_deref(), Some(op.id.as_str()));
+        assert_eq!(row.message.outgoing.session_id.as_deref(), Some(op.resource_id.as_str()));
         assert_eq!(row.message.aggregate_id, op.resource_id);
         assert_eq!(request.id, op.resource_id);
         assert_eq!(request.step_id, op.steps()[1].id);
@@ -298,7 +298,7 @@ mod cases {
         assert!(rules.contains("10.2.1.4"), "{rules}");
         let sent = requests_of(&db.store, &op.id).await;
         let (row, body) = &sent[2];
-        assert_eq!(row.message.session_id.as_deref(), Some(pipeline.firewall.id.as_str()));
+        assert_eq!(row.message.outgoing.session_id.as_deref(), Some(pipeline.firewall.id.as_str()));
         assert_eq!(body["stepId"], op.steps()[2].id);
         assert_eq!(body["action"], "upgrade");
         assert_eq!(

@@ -117,9 +117,11 @@ mod cases {
             .await
             .unwrap()
             .into_iter()
-            .filter(|row| row.message.correlation_id.as_deref() == Some(operation.id.as_str()))
+            .filter(|row| {
+                row.message.outgoing.correlation_id.as_deref() == Some(operation.id.as_str())
+            })
             .map(|row| {
-                let body = serde_json::from_str(&row.message.body).unwrap();
+                let body = serde_json::from_slice(&row.message.outgoing.body).unwrap();
                 (row, body)
             })
             .collect()
@@ -148,8 +150,8 @@ mod cases {
             assert_eq!(sent.len(), 1, "{action}");
             let (row, body) = &sent[0];
             assert_eq!(row.message.queue, "workspacequeue");
-            assert_eq!(row.message.correlation_id.as_deref(), Some(operation.id.as_str()));
-            assert_eq!(row.message.session_id.as_deref(), Some(ws.id.as_str()));
+            assert_eq!(row.message.outgoing.correlation_id.as_deref(), Some(operation.id.as_str()));
+            assert_eq!(row.message.outgoing.session_id.as_deref(), Some(ws.id.as_str()));
             assert_eq!(row.message.aggregate_id, ws.id);
             assert_eq!(body.id, ws.id);
             assert_eq!(body.action, action);
@@ -277,7 +279,7 @@ mod cases {
         let sent = requests(store, operation).await;
         assert_eq!(sent.len(), 1);
         let (row, body) = &sent[0];
-        assert_eq!(row.message.session_id.as_deref(), Some(fw.id.as_str()));
+        assert_eq!(row.message.outgoing.session_id.as_deref(), Some(fw.id.as_str()));
         assert_eq!(
             (body.id.as_str(), body.action.as_str(), body.step_id.as_str()),
             (fw.id.as_str(), "upgrade", operation.steps()[0].id.as_str())
@@ -383,7 +385,7 @@ mod cases {
             .await
             .unwrap()
             .into_iter()
-            .map(|row| row.message.body)
+            .map(|row| String::from_utf8_lossy(&row.message.outgoing.body).into_owned())
             .collect();
         assert_eq!(bodies.iter().filter(|body| body.contains("first-secret")).count(), 1);
         assert_eq!(bodies.iter().filter(|body| body.contains("second-secret")).count(), 1);
@@ -650,7 +652,7 @@ mod cases {
         assert!(operation.steps().iter().all(|s| s.status == Some(Status::AwaitingDeletion)));
         let sent = requests(store, &operation).await;
         assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].0.message.session_id.as_deref(), Some(svc.id.as_str()));
+        assert_eq!(sent[0].0.message.outgoing.session_id.as_deref(), Some(svc.id.as_str()));
     }
 
     /// Ensures that installs check the template, the resource type and the parents.

@@ -285,7 +285,7 @@ mod cases {
             .with_session_id("r1")
             .with_correlation_id("op1")
             .with_subject("install");
-        first.properties.insert("kind".to_owned(), "resource-request".to_owned());
+        first.outgoing.properties.insert("kind".to_owned(), "resource-request".to_owned());
         let id1 = tx.insert_outbox(first.clone()).await.unwrap();
         let id2 = tx
             .insert_outbox(OutboxMessage::json("other", &json!({"n": 2}), "r2").unwrap())
@@ -308,10 +308,10 @@ mod cases {
         assert_eq!(rows[0].attempts, 0);
         assert_eq!(rows[0].lease_owner, None);
         assert_eq!(rows[0].lease_until, None);
-        assert_eq!(rows[1].message.session_id, None);
-        assert_eq!(rows[1].message.content_type.as_deref(), Some("application/json"));
+        assert_eq!(rows[1].message.outgoing.session_id, None);
+        assert_eq!(rows[1].message.outgoing.content_type.as_deref(), Some("application/json"));
         assert_eq!(
-            serde_json::from_str::<serde_json::Value>(&rows[2].message.body).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(&rows[2].message.outgoing.body).unwrap(),
             json!({"n": 3})
         );
         assert_eq!(store.outbox_backlog().await.unwrap(), 3);

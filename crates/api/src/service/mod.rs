@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steward_core::{
-    Backoff, RestartIntensity, Supervisor, SupervisorConfig, Updater, UpdaterConfig, error_chain,
+    Backoff, OutgoingMessage, RestartIntensity, Supervisor, SupervisorConfig, Updater,
+    UpdaterConfig, error_chain,
 };
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -29,7 +30,7 @@ use faults::FaultPlan;
 
 use crate::http::{ApiSettings, AppState};
 use crate::rules::airlock::AirlockQueues;
-use crate::storage::{Database, Store, StoreOptions};
+use crate::storage::{Database, OutboxMessage, Store, StoreOptions};
 use crate::templates::TemplateRegistry;
 use crate::workers::{
     AfterDatabase, AirlockProcessor, AirlockStatusHandler, DatabaseWatcher,
@@ -352,16 +353,13 @@ async fn save_queued(transport: &TransportHandle, db: &Database) -> usize {
         let store = db.ready().await?;
         let mut tx = store.begin().await?;
         for (queue, message) in &messages {
-            let outbox = crate::storage::OutboxMessage {
-                queue: queue.clone(),
-                body: String::from_utf8_lossy(&message.body).into_owned(),
-                session_id: message.session_id.clone(),
-                correlation_id: message.correlation_id.clone(),
-                content_type: message.content_type.clone(),
-                subject: None,
-                properties: message.properties.clone(),
-                aggregate_id: message.session_id.clone().unwrap_or_else(|| message.id.clone()),
-            };
+            let mut outgoing = OutgoingMessage::new(message.body.clone());
+            outgoing.session_id.clone_from(&message.session_id);
+            outgoing.correlation_id.clone_from(&message.correlation_id);
+            outgoing.content_type.clone_from(&message.content_type);
+            outgoing.properties.clone_from(&message.properties);
+            let aggregate_id = message.session_id.clone().unwrap_or_else(|| message.id.clone());
+            let outbox = OutboxMessage::new(queue.clone(), outgoing, aggregate_id);
             tx.insert_outbox(outbox).await?;
         }
         tx.commit().await

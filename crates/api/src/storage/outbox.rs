@@ -1,39 +1,47 @@
 //! The transactional outbox: messages written with the state change that caused them,
 //! published later by the outbox worker.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use steward_core::OutgoingMessage;
 
 use super::error::{Entity, StoreError};
 use super::{Store, Tx};
 use crate::storage::millis;
 
-/// A message to publish once the transaction that wrote it commits.
+/// A message to publish once the transaction that wrote it commits: the broker message
+/// and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxMessage {
     /// The queue (or topic) to send to.
     pub queue: String,
-    /// The body (JSON text).
-    pub body: String,
-    /// The broker session id (ordering key), if any.
-    pub session_id: Option<String>,
-    /// The correlation id, if any.
-    pub correlation_id: Option<String>,
-    /// The content type, if any.
-    pub content_type: Option<String>,
-    /// The subject (label), if any.
-    pub subject: Option<String>,
-    /// Application properties.
-    pub properties: BTreeMap<String, String>,
     /// The record the message is about. Messages of one aggregate are published one at
     /// a time, in the order they were written.
     pub aggregate_id: String,
+    /// The subject (label), if any: sent as the `subject` property.
+    pub subject: Option<String>,
+    /// The message: its body (text), session id, correlation id, content type and
+    /// properties. Its message id is not kept: the row id becomes the message id.
+    pub outgoing: OutgoingMessage,
 }
 
 impl OutboxMessage {
+    /// `outgoing`, for `queue`, about `aggregate_id`.
+    #[must_use]
+    pub fn new(
+        queue: impl Into<String>,
+        outgoing: OutgoingMessage,
+        aggregate_id: impl Into<String>,
+    ) -> Self {
+        OutboxMessage {
+            queue: queue.into(),
+            aggregate_id: aggregate_id.into(),
+            subject: None,
+            outgoing,
+        }
+    }
+
     /// A JSON message for `queue` about `aggregate_id`, with content type
     /// `application/json`.
     ///
@@ -45,29 +53,21 @@ impl OutboxMessage {
         body: &T,
         aggregate_id: impl Into<String>,
     ) -> Result<Self, serde_json::Error> {
-        Ok(OutboxMessage {
-            queue: queue.into(),
-            body: serde_json::to_string(body)?,
-            session_id: None,
-            correlation_id: None,
-            content_type: Some("application/json".to_owned()),
-            subject: None,
-            properties: BTreeMap::new(),
-            aggregate_id: aggregate_id.into(),
-        })
+        let body = serde_json::to_string(body)?;
+        Ok(OutboxMessage::new(queue, OutgoingMessage::json(body), aggregate_id))
     }
 
     /// Sets the session id.
     #[must_use]
     pub fn with_session_id(mut self, session_id: impl Into<String>) -> Self {
-        self.session_id = Some(session_id.into());
+        self.outgoing = self.outgoing.with_session_id(session_id);
         self
     }
 
     /// Sets the correlation id.
     #[must_use]
     pub fn with_correlation_id(mut self, correlation_id: impl Into<String>) -> Self {
-        self.correlation_id = Some(correlation_id.into());
+        self.outgoing.correlation_id = Some(correlation_id.into());
         self
     }
 
@@ -115,13 +115,15 @@ fn from_row(row: &AnyRow) -> Result<OutboxRecord, StoreError> {
         id,
         message: OutboxMessage {
             queue: row.try_get("queue")?,
-            body: row.try_get("body")?,
-            session_id: row.try_get("session_id")?,
-            correlation_id: row.try_get("correlation_id")?,
-            content_type: row.try_get("content_type")?,
-            subject: row.try_get("subject")?,
-            properties,
             aggregate_id: row.try_get("aggregate_id")?,
+            subject: row.try_get("subject")?,
+            outgoing: OutgoingMessage {
+                session_id: row.try_get("session_id")?,
+                correlation_id: row.try_get("correlation_id")?,
+                content_type: row.try_get("content_type")?,
+                properties,
+                ..OutgoingMessage::new(row.try_get::<String, _>("body")?)
+            },
         },
         created_at: row.try_get("created_at")?,
         attempts: row.try_get("attempts")?,
@@ -143,22 +145,22 @@ impl Tx {
     ///
     /// Cancel safe: the transaction is rolled back when dropped.
     pub async fn insert_outbox(&mut self, message: OutboxMessage) -> Result<i64, StoreError> {
-        let properties = serde_json::to_string(&message.properties).map_err(|error| {
-            StoreError::corrupt(Entity::OutboxMessage, &message.aggregate_id, error)
-        })?;
+        let OutboxMessage { queue, aggregate_id, subject, outgoing: message } = message;
+        let properties = serde_json::to_string(&message.properties)
+            .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &aggregate_id, error))?;
         let now = millis(self.now());
         let row = sqlx::query(
             "INSERT INTO outbox (queue, aggregate_id, body, session_id, correlation_id, content_type, subject, \
              properties, created_at, available_at, attempts) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0) RETURNING id",
         )
-        .bind(message.queue)
-        .bind(message.aggregate_id)
-        .bind(message.body)
+        .bind(queue)
+        .bind(aggregate_id)
+        .bind(String::from_utf8_lossy(&message.body).into_owned())
         .bind(message.session_id)
         .bind(message.correlation_id)
         .bind(message.content_type)
-        .bind(message.subject)
+        .bind(subject)
         .bind(properties)
         .bind(now)
         .bind(now)

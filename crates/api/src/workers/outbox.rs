@@ -356,14 +356,8 @@ impl OutboxWorker {
 
 /// The broker message for an outbox row: the row id as message id.
 fn outgoing(record: &OutboxRecord) -> OutgoingMessage {
-    let message = &record.message;
-    let mut outgoing =
-        OutgoingMessage::new(message.body.clone()).with_message_id(record.message_id());
-    outgoing.session_id.clone_from(&message.session_id);
-    outgoing.correlation_id.clone_from(&message.correlation_id);
-    outgoing.content_type.clone_from(&message.content_type);
-    outgoing.properties.clone_from(&message.properties);
-    if let Some(subject) = &message.subject {
+    let mut outgoing = record.message.outgoing.clone().with_message_id(record.message_id());
+    if let Some(subject) = &record.message.subject {
         outgoing.properties.insert("subject".to_owned(), subject.clone());
     }
     outgoing
