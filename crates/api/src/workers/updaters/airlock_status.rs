@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use steward_core::{BoxError, Handler, Message, Outcome, error_chain};
 
 use super::recipients::{RecipientError, RecipientProvider, RecipientsByRole};
-use super::{CONFLICT_ATTEMPTS, MessageFormatError, correlation_id, parse_json, reason, tre};
+use super::{CONFLICT_ATTEMPTS, MessageFormatError, parse_json, parse_message, reason, tre};
 use crate::domain::{AirlockRequest, AirlockRequestStatus, StepResultEvent};
 use crate::rules::airlock::{self, AirlockError, AirlockQueues, AirlockUpdate};
 use crate::storage::{Store, StoreError};
@@ -337,20 +337,14 @@ impl AirlockStatusHandler {
 #[async_trait]
 impl Handler for AirlockStatusHandler {
     async fn handle(&self, message: Arc<Message>) -> Outcome {
-        let result = match parse_step_result(&message.body) {
+        let result = match parse_message(
+            &self.queue,
+            &message,
+            tre::STEP_RESULT_MESSAGE_FORMAT_INCORRECT,
+            parse_step_result,
+        ) {
             Ok(result) => result,
-            Err(error) => {
-                // TRE log string: verbatim
-                tracing::error!(
-                    queue = %self.queue,
-                    message_id = %message.id,
-                    error = %error_chain(&error),
-                    "{}: {}",
-                    tre::STEP_RESULT_MESSAGE_FORMAT_INCORRECT,
-                    correlation_id(&message)
-                );
-                return error.outcome(tre::STEP_RESULT_MESSAGE_FORMAT_INCORRECT);
-            }
+            Err(dead_letter) => return dead_letter,
         };
         let span = tracing::info_span!(
             "airlock_status",

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use steward_core::{BoxError, Handler, Message, Outcome, error_chain};
 
-use super::{CONFLICT_ATTEMPTS, MessageFormatError, correlation_id, parse_json, reason, tre};
+use super::{
+    CONFLICT_ATTEMPTS, MessageFormatError, correlation_id, parse_json, parse_message, reason, tre,
+};
 use crate::domain::{
     DeploymentStatusUpdate, Operation, OperationStep, OutputError, Properties, Status,
     outputs_to_properties,
@@ -423,20 +425,14 @@ impl DeploymentStatusHandler {
 #[async_trait]
 impl Handler for DeploymentStatusHandler {
     async fn handle(&self, message: Arc<Message>) -> Outcome {
-        let update = match parse_deployment_status(&message.body) {
+        let update = match parse_message(
+            &self.queue,
+            &message,
+            tre::DEPLOYMENT_STATUS_MESSAGE_FORMAT_INCORRECT,
+            parse_deployment_status,
+        ) {
             Ok(update) => update,
-            Err(error) => {
-                // TRE log string: verbatim
-                tracing::error!(
-                    queue = %self.queue,
-                    message_id = %message.id,
-                    error = %error_chain(&error),
-                    "{}: {}",
-                    tre::DEPLOYMENT_STATUS_MESSAGE_FORMAT_INCORRECT,
-                    correlation_id(&message)
-                );
-                return error.outcome(tre::DEPLOYMENT_STATUS_MESSAGE_FORMAT_INCORRECT);
-            }
+            Err(dead_letter) => return dead_letter,
         };
         // TRE log string: verbatim
         tracing::info!(

@@ -234,6 +234,30 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     Ok(value)
 }
 
+/// The prologue of both updaters: parses the body of `message` with `parse`. A
+/// malformed body is logged once, with TRE's line `"<tre_message>: <correlation id>"`,
+/// the queue, the message id and the error chain, and answered with its dead-letter
+/// outcome.
+pub(crate) fn parse_message<T>(
+    queue: &str,
+    message: &steward_core::Message,
+    tre_message: &str,
+    parse: impl FnOnce(&[u8]) -> Result<T, MessageFormatError>,
+) -> Result<T, Outcome> {
+    parse(&message.body).map_err(|error| {
+        // TRE log string: verbatim
+        tracing::error!(
+            queue = %queue,
+            message_id = %message.id,
+            error = %error_chain(&error),
+            "{}: {}",
+            tre_message,
+            correlation_id(message)
+        );
+        error.outcome(tre_message)
+    })
+}
+
 /// The correlation id as TRE prints it (`None` when absent).
 pub(crate) fn correlation_id(message: &steward_core::Message) -> &str {
     message.correlation_id.as_deref().unwrap_or("None")
