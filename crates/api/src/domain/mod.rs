@@ -6,6 +6,7 @@ mod clock;
 mod events;
 mod messages;
 mod operation;
+pub mod queues;
 mod resource;
 mod status;
 

@@ -5,22 +5,16 @@
 
 use std::collections::BTreeMap;
 
-use crate::domain::new_id;
 use crate::domain::{
     AirlockFile, AirlockRequest, AirlockRequestHistoryItem, AirlockRequestStatus,
     AirlockRequestType, AirlockReview, AirlockReviewDecision, Properties, ResourceType,
     ReviewUserResource, User, airlock_notification_event, status_changed_event,
 };
+use crate::domain::{new_id, queues};
 use crate::storage::{OutboxMessage, StoreError, Tx};
 
 /// TRE's answer to an illegal status change (HTTP 400). TRE log string: verbatim.
 pub const ILLEGAL_STATUS_CHANGE: &str = "Airlock request status change was illegal";
-
-/// The queue `statusChanged` events go to unless configured otherwise.
-pub const DEFAULT_STATUS_CHANGED_QUEUE: &str = "airlock-status-changed";
-
-/// The queue `airlockNotification` events go to unless configured otherwise.
-pub const DEFAULT_NOTIFICATION_QUEUE: &str = "airlock-notification";
 
 /// Where airlock events go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +28,8 @@ pub struct AirlockQueues {
 impl Default for AirlockQueues {
     fn default() -> Self {
         AirlockQueues {
-            status_changed: DEFAULT_STATUS_CHANGED_QUEUE.to_owned(),
-            notification: DEFAULT_NOTIFICATION_QUEUE.to_owned(),
+            status_changed: queues::AIRLOCK_STATUS_CHANGED.to_owned(),
+            notification: queues::AIRLOCK_NOTIFICATION.to_owned(),
         }
     }
 }

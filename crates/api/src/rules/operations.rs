@@ -5,17 +5,14 @@
 //! operation, the history items and the first resource request (written to the outbox)
 //! commit together or not at all.
 
-use crate::domain::new_id;
 use crate::domain::{
     MAIN_STEP_ID, Operation, OperationStep, Properties, Resource, ResourceKind, ResourcePatch,
     ResourceType, Status, User, action,
 };
+use crate::domain::{new_id, queues};
 use crate::rules::{SubstitutionError, substitute_properties};
 use crate::storage::{OutboxMessage, StoreError, Tx};
 use crate::templates::{PipelineStep, PropertyError, REDACTED, Template, TemplateRegistry};
-
-/// The queue resource requests go to unless configured otherwise.
-pub const DEFAULT_RESOURCE_REQUEST_QUEUE: &str = "workspacequeue";
 
 /// How many times [`update_resource_for_step`] retries a patch that lost an etag race
 /// (TRE's `num_retries=3`: four attempts in all).
@@ -31,10 +28,10 @@ pub struct OperationContext<'a> {
 }
 
 impl<'a> OperationContext<'a> {
-    /// A context sending resource requests to [`DEFAULT_RESOURCE_REQUEST_QUEUE`].
+    /// A context sending resource requests to [`queues::RESOURCE_REQUEST`].
     #[must_use]
     pub fn new(templates: &'a TemplateRegistry) -> Self {
-        OperationContext { templates, resource_request_queue: DEFAULT_RESOURCE_REQUEST_QUEUE }
+        OperationContext { templates, resource_request_queue: queues::RESOURCE_REQUEST }
     }
 }
 

@@ -6,8 +6,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use steward_core::UpdaterConfig;
+
+use crate::domain::queues;
 
 use super::transport::{KNOWN, Topology, TransportConfigError, TransportOptions};
+
+/// The longest pause between restarts of a worker that keeps failing
+/// (`STEWARD_RESTART_BACKOFF` doubles up to it).
+pub(crate) const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The window in which `STEWARD_RESTART_LIMIT` counts a worker's restarts.
+pub(crate) const RESTART_WINDOW: Duration = Duration::from_secs(600);
 
 /// The log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,23 +56,23 @@ pub struct Config {
     #[arg(
         long,
         env = "SERVICE_BUS_DEPLOYMENT_STATUS_UPDATE_QUEUE",
-        default_value = "deploymentstatus"
+        default_value = queues::DEPLOYMENT_STATUS
     )]
     pub deployment_status_queue: String,
 
     /// The queue of airlock step results.
-    #[arg(long, env = "SERVICE_BUS_STEP_RESULT_QUEUE", default_value = "airlock-step-result")]
+    #[arg(long, env = "SERVICE_BUS_STEP_RESULT_QUEUE", default_value = queues::STEP_RESULT)]
     pub step_result_queue: String,
 
     /// The queue of resource requests to the resource processor.
-    #[arg(long, env = "SERVICE_BUS_RESOURCE_REQUEST_QUEUE", default_value = "workspacequeue")]
+    #[arg(long, env = "SERVICE_BUS_RESOURCE_REQUEST_QUEUE", default_value = queues::RESOURCE_REQUEST)]
     pub resource_request_queue: String,
 
     /// The queue of airlock `statusChanged` events.
     #[arg(
         long,
         env = "STEWARD_AIRLOCK_STATUS_CHANGED_QUEUE",
-        default_value = "airlock-status-changed"
+        default_value = queues::AIRLOCK_STATUS_CHANGED
     )]
     pub airlock_status_changed_queue: String,
 
@@ -70,7 +80,7 @@ pub struct Config {
     #[arg(
         long,
         env = "STEWARD_AIRLOCK_NOTIFICATION_QUEUE",
-        default_value = "airlock-notification"
+        default_value = queues::AIRLOCK_NOTIFICATION
     )]
     pub airlock_notification_queue: String,
 
@@ -83,7 +93,7 @@ pub struct Config {
     pub templates_dir: Option<PathBuf>,
 
     /// Deliveries after which a message is dead-lettered.
-    #[arg(long, env = "STEWARD_MAX_DELIVERIES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "STEWARD_MAX_DELIVERIES", default_value_t = UpdaterConfig::default().max_deliveries, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliveries: u32,
 
     /// How long a shutdown waits for in-flight work, e.g. `25s` or `2m`.

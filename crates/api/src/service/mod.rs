@@ -207,10 +207,10 @@ impl Service {
 
         let supervisor = Supervisor::new(
             SupervisorConfig::default()
-                .with_backoff(Backoff::new(config.restart_backoff, Duration::from_secs(300)))
+                .with_backoff(Backoff::new(config.restart_backoff, config::RESTART_BACKOFF_MAX))
                 .with_intensity(RestartIntensity {
                     max_restarts: config.restart_limit,
-                    within: Duration::from_secs(600),
+                    within: config::RESTART_WINDOW,
                 }),
         );
         spawn_workers(&config, &supervisor, &db, &transport, &templates, &faults);

@@ -10,13 +10,9 @@ use steward_core::{BoxError, Handler, Message, Outcome, error_chain};
 
 use super::recipients::{RecipientError, RecipientProvider, RecipientsByRole};
 use super::{CONFLICT_ATTEMPTS, MessageFormatError, parse_json, parse_message, reason, tre};
-use crate::domain::{AirlockRequest, AirlockRequestStatus, StepResultEvent};
+use crate::domain::{AirlockRequest, AirlockRequestStatus, StepResultEvent, queues};
 use crate::rules::airlock::{self, AirlockError, AirlockQueues, AirlockUpdate};
 use crate::storage::{Store, StoreError};
-
-/// The queue the airlock processor's results arrive on unless configured otherwise
-/// (`SERVICE_BUS_STEP_RESULT_QUEUE`).
-pub(crate) const DEFAULT_QUEUE: &str = "airlock-step-result";
 
 /// A parsed airlock step result: the event and its statuses.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,14 +161,14 @@ impl Failure {
 
 impl AirlockStatusHandler {
     /// A handler on `store`, taking notification recipients from `recipients`, logging
-    /// queue `DEFAULT_QUEUE` and writing events for the default [`AirlockQueues`].
+    /// queue [`queues::STEP_RESULT`] and writing events for the default [`AirlockQueues`].
     #[must_use]
     pub fn new(store: Store, recipients: Arc<dyn RecipientProvider>) -> Self {
         AirlockStatusHandler {
             store,
             queues: AirlockQueues::default(),
             recipients,
-            queue: DEFAULT_QUEUE.to_owned(),
+            queue: queues::STEP_RESULT.to_owned(),
         }
     }
 

@@ -10,20 +10,17 @@ use steward_core::{BoxError, Handler, Message, Outcome, error_chain};
 use super::{
     CONFLICT_ATTEMPTS, MessageFormatError, correlation_id, parse_json, parse_message, reason, tre,
 };
+use crate::domain::queues;
 use crate::domain::{
     DeploymentStatusUpdate, Operation, OperationStep, OutputError, Properties, Status,
     outputs_to_properties,
 };
 use crate::rules::operations::{
-    DEFAULT_RESOURCE_REQUEST_QUEUE, OperationError, STEP_UPDATE_RETRIES, StepUpdate,
-    resource_request_message, update_resource_for_step,
+    OperationError, STEP_UPDATE_RETRIES, StepUpdate, resource_request_message,
+    update_resource_for_step,
 };
 use crate::storage::{Store, StoreError, Tx};
 use crate::templates::TemplateRegistry;
-
-/// The queue the resource processor reports to unless configured otherwise
-/// (`SERVICE_BUS_DEPLOYMENT_STATUS_UPDATE_QUEUE`).
-pub(crate) const DEFAULT_QUEUE: &str = "deploymentstatus";
 
 /// The savepoint around preparing a pipeline's next step, so a failure there undoes only
 /// that part.
@@ -117,15 +114,15 @@ impl From<StoreError> for Stop {
 
 impl DeploymentStatusHandler {
     /// A handler on `store`, reading templates from `templates`, logging queue
-    /// `DEFAULT_QUEUE` and writing next-step requests for queue
-    /// [`DEFAULT_RESOURCE_REQUEST_QUEUE`].
+    /// [`queues::DEPLOYMENT_STATUS`] and writing next-step requests for queue
+    /// [`queues::RESOURCE_REQUEST`].
     #[must_use]
     pub fn new(store: Store, templates: Arc<TemplateRegistry>) -> Self {
         DeploymentStatusHandler {
             store,
             templates,
-            queue: DEFAULT_QUEUE.to_owned(),
-            resource_request_queue: DEFAULT_RESOURCE_REQUEST_QUEUE.to_owned(),
+            queue: queues::DEPLOYMENT_STATUS.to_owned(),
+            resource_request_queue: queues::RESOURCE_REQUEST.to_owned(),
         }
     }
 
