@@ -378,22 +378,22 @@ mod cases {
     }
 }
 
-store_test!(
+db_test!(
     tre_10_6_01_every_status_pair_follows_the_transition_table,
     tre_10_6_01_every_status_pair_follows_the_transition_table_postgres,
     cases::tre_10_6_01_every_status_pair_follows_the_transition_table
 );
-store_test!(
+db_test!(
     tre_10_6_02_etag_mismatch_retries_once,
     tre_10_6_02_etag_mismatch_retries_once_postgres,
     cases::tre_10_6_02_etag_mismatch_retries_once
 );
-store_test!(
+db_test!(
     lifecycle_writes_status_events_sqlite,
     lifecycle_writes_status_events_postgres,
     cases::lifecycle_writes_status_events
 );
-store_test!(
+db_test!(
     reject_cancel_and_missing_workspace_sqlite,
     reject_cancel_and_missing_workspace_postgres,
     cases::reject_cancel_and_missing_workspace

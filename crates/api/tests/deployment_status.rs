@@ -4,25 +4,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fixtures;
 mod support;
 
 use std::sync::Arc;
 
-use fixtures::{
-    CORRELATION_ID, Db, Logs, linuxvm_pipeline, only_error, outbox, props, raw_message,
-    requests_of, set_properties, status_body, status_message, status_message_with_outputs,
-    templates, workspace, workspace_installing,
-};
 use serde_json::{Value, json};
 use steward_api::domain::{Operation, ResourceRequest, Status};
 use steward_api::workers::DeploymentStatusHandler;
 use steward_core::{Handler, Message, Outcome, RetryCause};
+use support::{
+    CORRELATION_ID, Logs, TestDb, linuxvm_pipeline, only_error, outbox, props, raw_message,
+    requests_of, set_properties, status_body, status_message, status_message_with_outputs,
+    templates, workspace, workspace_installing,
+};
 
 mod cases {
     use super::*;
 
-    pub(super) fn handler(db: &Db) -> DeploymentStatusHandler {
+    pub(super) fn handler(db: &TestDb) -> DeploymentStatusHandler {
         DeploymentStatusHandler::new(db.store.clone(), templates())
     }
 
@@ -30,7 +29,7 @@ mod cases {
         handler.handle(Arc::new(message)).await
     }
 
-    async fn operation(db: &Db, id: &str) -> Operation {
+    async fn operation(db: &TestDb, id: &str) -> Operation {
         db.store.read().operation(id).await.unwrap()
     }
 
@@ -44,7 +43,7 @@ mod cases {
     /// Ensures that (reference §10.1.1) bad JSON and a JSON body of the wrong shape are
     /// refused with TRE's log line, now dead-lettered at once with reason
     /// `MessageFormatIncorrect` (DESIGN §6: "invalid JSON/schema", TRE abandons ×10).
-    pub(super) async fn tre_10_1_01_bad_json_and_bad_schema_are_dead_lettered(db: &Db) {
+    pub(super) async fn tre_10_1_01_bad_json_and_bad_schema_are_dead_lettered(db: &TestDb) {
         let handler = handler(db);
         for body in ["bad", r#"{"good": "json", "bad": "message"}"#] {
             let logs = Logs::default();
@@ -66,7 +65,7 @@ mod cases {
     /// Ensures that (reference §10.1.2) a good single-step `deployed` message completes,
     /// sets the step, the operation and the resource to `deployed`, leaves the
     /// properties as they were (no outputs) and logs no error.
-    pub(super) async fn tre_10_1_02_good_single_step_message_completes(db: &Db) {
+    pub(super) async fn tre_10_1_02_good_single_step_message_completes(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let logs = Logs::default();
@@ -92,7 +91,7 @@ mod cases {
     /// Ensures that (reference §10.1.3) a message whose resource does not exist completes
     /// and logs TRE's not-found line exactly once (and, being one transaction, writes
     /// nothing).
-    pub(super) async fn tre_10_1_03_resource_missing_completes(db: &Db) {
+    pub(super) async fn tre_10_1_03_resource_missing_completes(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         db.execute(&format!("DELETE FROM resources WHERE id = '{}'", ws.id)).await;
@@ -111,7 +110,7 @@ mod cases {
     /// "Failed to update status" exactly once and does not complete: the message is
     /// retried with backoff (DESIGN §6: "DB failure", TRE abandons at once), and nothing
     /// is committed.
-    pub(super) async fn tre_10_1_04_state_store_error_retries(db: &Db) {
+    pub(super) async fn tre_10_1_04_state_store_error_retries(db: &TestDb) {
         let registry = templates();
         let (_, op) = workspace_installing(&db.store, &registry).await;
         db.execute("ALTER TABLE resources RENAME TO resources_elsewhere").await;
@@ -131,7 +130,7 @@ mod cases {
     /// the operation and its step status `deleted`, the message "Has been deleted", and
     /// the same `updatedWhen` (the handler's clock reading) for the operation and the
     /// step, in one write of the operation.
-    pub(super) async fn tre_10_1_05_deployed_to_deleted_single_step(db: &Db) {
+    pub(super) async fn tre_10_1_05_deployed_to_deleted_single_step(db: &TestDb) {
         let registry = templates();
         let ws = workspace(&db.store, &registry).await;
         let mut tx = db.store.begin().await.unwrap();
@@ -139,7 +138,7 @@ mod cases {
             &mut tx,
             steward_api::rules::operations::OperationContext::new(&registry),
             &ws.id,
-            &fixtures::user(),
+            &support::user(),
             false,
         )
         .await
@@ -168,7 +167,7 @@ mod cases {
     /// into the existing properties by TRE's rules: quotes stripped from strings,
     /// booleans from `"True"`, `"true"` and `"\"true\""`, a string that looks like a
     /// list kept as a string, a list kept as a list.
-    pub(super) async fn tre_10_1_06_outputs_are_merged_into_properties(db: &Db) {
+    pub(super) async fn tre_10_1_06_outputs_are_merged_into_properties(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         set_properties(&db.store, &ws.id, props(json!({"exitingName": "exitingValue"}))).await;
@@ -201,7 +200,7 @@ mod cases {
 
     /// Ensures that (reference §10.1.7) a success without outputs leaves the properties
     /// unchanged.
-    pub(super) async fn tre_10_1_07_no_outputs_leaves_properties_unchanged(db: &Db) {
+    pub(super) async fn tre_10_1_07_no_outputs_leaves_properties_unchanged(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let message = status_message_with_outputs(&op, 0, Status::Deployed, "done", json!([]));
@@ -216,7 +215,7 @@ mod cases {
     /// the next step's resource (the operation's own) is patched for the step, and
     /// exactly one resource request for step 2 is written: correlation id = operation id,
     /// session id = the step's resource id.
-    pub(super) async fn tre_10_1_08_first_of_three_steps_completes(db: &Db) {
+    pub(super) async fn tre_10_1_08_first_of_three_steps_completes(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -254,7 +253,7 @@ mod cases {
     }
 
     /// Drives the linuxvm pipeline to its last step through the handler.
-    async fn to_last_step(db: &Db, handler: &DeploymentStatusHandler, op: &Operation) {
+    async fn to_last_step(db: &TestDb, handler: &DeploymentStatusHandler, op: &Operation) {
         let outputs = json!([{"name": "ip_address", "value": "10.2.1.4", "type": "string"}]);
         for message in [
             status_message(op, 0, Status::Updating, "Job starting"),
@@ -271,7 +270,7 @@ mod cases {
     /// Ensures that (reference §10.1.9) when the last of three steps completes, the
     /// operation gets the action's success status (`deployed`, although the last step is
     /// an upgrade) with TRE's message, and no further request is written.
-    pub(super) async fn tre_10_1_09_last_of_three_steps_completes(db: &Db) {
+    pub(super) async fn tre_10_1_09_last_of_three_steps_completes(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -310,7 +309,7 @@ mod cases {
     /// Ensures that (DESIGN §6: "step id not in operation", TRE abandons ×10) a step the
     /// operation lacks — or the right step id with another resource id — is
     /// dead-lettered with reason `UnknownStep`, writing nothing.
-    pub(super) async fn design_6_unknown_step_is_dead_lettered(db: &Db) {
+    pub(super) async fn design_6_unknown_step_is_dead_lettered(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let other = uuid::Uuid::new_v4().to_string();
@@ -330,7 +329,7 @@ mod cases {
 
     /// Ensures that a missing operation completes with TRE's not-found line, which names
     /// the resource id as TRE's does.
-    pub(super) async fn operation_missing_completes(db: &Db) {
+    pub(super) async fn operation_missing_completes(db: &TestDb) {
         let logs = Logs::default();
         let _guard = logs.install();
         let resource_id = uuid::Uuid::new_v4().to_string();
@@ -355,7 +354,7 @@ mod cases {
     /// Ensures that (DESIGN §6: "DB failure", TRE abandons at once in a hot loop) an
     /// unreachable database retries with cause `Dependency`, so the worker's circuit
     /// breaker pauses it, and the handler's probe fails until the database answers.
-    pub(super) async fn design_6_database_down_is_a_dependency_retry(db: &Db) {
+    pub(super) async fn design_6_database_down_is_a_dependency_retry(db: &TestDb) {
         let registry = templates();
         let (_, op) = workspace_installing(&db.store, &registry).await;
         let handler = handler(db);
@@ -376,7 +375,7 @@ mod cases {
     /// Ensures that (DESIGN §6: "last pipeline step fails → op reported success") a
     /// failing last step gives the operation the action's failure status, TRE's failure
     /// message, and the main resource the failure status too.
-    pub(super) async fn design_6_failing_last_step_fails_the_operation(db: &Db) {
+    pub(super) async fn design_6_failing_last_step_fails_the_operation(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -400,7 +399,7 @@ mod cases {
 
     /// Ensures that a failing middle step fails the operation at once and queues
     /// nothing more (reference §6.4).
-    pub(super) async fn failing_main_step_stops_the_pipeline(db: &Db) {
+    pub(super) async fn failing_main_step_stops_the_pipeline(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -427,7 +426,7 @@ mod cases {
     /// when the next step cannot be prepared, the message completes, the next step is
     /// `updating_failed` with the error as its message, the operation gets the failure
     /// status, the main resource too, and no request or half-done patch is written.
-    pub(super) async fn next_step_dispatch_failure_marks_step_and_operation_failed(db: &Db) {
+    pub(super) async fn next_step_dispatch_failure_marks_step_and_operation_failed(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -477,7 +476,7 @@ mod cases {
 
     /// Ensures that a `boolean` output with a list value, which TRE fails on after
     /// ten abandons, is dead-lettered as `MessageFormatIncorrect` and writes nothing.
-    pub(super) async fn boolean_output_with_a_list_is_dead_lettered(db: &Db) {
+    pub(super) async fn boolean_output_with_a_list_is_dead_lettered(db: &TestDb) {
         let registry = templates();
         let (_, op) = workspace_installing(&db.store, &registry).await;
         let outputs = json!([{"name": "flag", "value": ["x"], "type": "boolean"}]);
@@ -498,7 +497,7 @@ mod cases {
 
     /// Ensures that outputs are merged only on success: a failure's outputs never reach
     /// the properties.
-    pub(super) async fn outputs_of_a_failure_are_not_merged(db: &Db) {
+    pub(super) async fn outputs_of_a_failure_are_not_merged(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let outputs = json!([{"name": "leak", "value": "x", "type": "string"}]);
@@ -512,7 +511,7 @@ mod cases {
 
     /// Ensures that (DESIGN §5) the same in-progress, success and failure messages
     /// handled twice leave one state change: the second completes without a write.
-    pub(super) async fn replayed_single_step_messages_change_nothing(db: &Db) {
+    pub(super) async fn replayed_single_step_messages_change_nothing(db: &TestDb) {
         let registry = templates();
         let handler = handler(db);
         for status in [Status::Deploying, Status::Deployed, Status::DeploymentFailed] {
@@ -538,7 +537,7 @@ mod cases {
 
     /// Ensures that (DESIGN §5) a replayed success of a pipeline step whose next step
     /// was already requested writes neither a state change nor a second request.
-    pub(super) async fn replayed_pipeline_success_writes_one_request(db: &Db) {
+    pub(super) async fn replayed_pipeline_success_writes_one_request(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -566,7 +565,7 @@ mod cases {
 
     /// Ensures that (DESIGN §5) two deliveries of the same success handled at the same
     /// time (two replicas) leave one state change and one request in the outbox.
-    pub(super) async fn concurrent_duplicates_write_one_request(db: &Db) {
+    pub(super) async fn concurrent_duplicates_write_one_request(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -582,7 +581,7 @@ mod cases {
     /// Ensures that (DESIGN §5, §6: "late in-progress status overwrites a final one") an
     /// in-progress status arriving after the step's final status is logged and
     /// completed, not applied: step, operation and resource keep the final status.
-    pub(super) async fn late_in_progress_status_is_not_applied(db: &Db) {
+    pub(super) async fn late_in_progress_status_is_not_applied(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let handler = handler(db);
@@ -613,7 +612,7 @@ mod cases {
     /// Ensures that monotonic statuses hold inside a pipeline too: a late `updating` for
     /// the finished pre-step changes neither the step nor the firewall, and a final
     /// status that differs from the stored final one is still applied (TRE's rule).
-    pub(super) async fn late_in_progress_in_a_pipeline_is_not_applied(db: &Db) {
+    pub(super) async fn late_in_progress_in_a_pipeline_is_not_applied(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -641,7 +640,7 @@ mod cases {
 
     /// Ensures that the in-progress status of a single-step operation is mirrored to the
     /// operation and the resource (reference §6.4) before the final one.
-    pub(super) async fn in_progress_status_is_mirrored(db: &Db) {
+    pub(super) async fn in_progress_status_is_mirrored(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let outcome =

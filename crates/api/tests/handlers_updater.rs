@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fixtures;
 mod support;
 
 use std::collections::BTreeSet;
@@ -14,10 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fixtures::{
-    Db, airlock_request, outbox_for, status_body, status_message, step_result_body, templates,
-    user, workspace, workspace_installing,
-};
 use serde_json::json;
 use steward_api::domain::{AirlockRequestStatus as S, Status};
 use steward_api::rules::airlock::{self, AirlockQueues};
@@ -29,6 +24,10 @@ use steward_core::{
     WorkerState,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
+use support::{
+    TestDb, airlock_request, outbox_for, status_body, status_message, step_result_body, templates,
+    user, workspace, workspace_installing,
+};
 use tokio::time::Instant;
 
 /// Every handled message: id, delivery count and outcome.
@@ -113,7 +112,7 @@ mod cases {
     /// land in the dead-letter queue with reasons `MessageFormatIncorrect` and
     /// `UnknownStep`, while a good status and its duplicate are completed (gone from
     /// the queue) with one state change.
-    pub(super) async fn deployment_status_settles_on_the_broker(db: &Db) {
+    pub(super) async fn deployment_status_settles_on_the_broker(db: &TestDb) {
         const QUEUE: &str = "deploymentstatus";
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
@@ -171,7 +170,7 @@ mod cases {
     /// reached `completed_step` is retried and comes back (delivery counts 1, 2, …) until
     /// the request catches up, then is applied once, while illegal and malformed
     /// results are dead-lettered with their reasons.
-    pub(super) async fn airlock_result_is_retried_until_the_request_catches_up(db: &Db) {
+    pub(super) async fn airlock_result_is_retried_until_the_request_catches_up(db: &TestDb) {
         const QUEUE: &str = "airlock-step-result";
         let ws = workspace(&db.store, &templates()).await;
         let request = airlock_request(&db.store, &ws, S::Draft).await;
@@ -249,7 +248,7 @@ mod cases {
     /// queue with `MaxDeliveryCountExceeded` once the worker's delivery limit is used up,
     /// and changes nothing.
     pub(super) async fn mismatch_that_never_resolves_is_dead_lettered_after_max_deliveries(
-        db: &Db,
+        db: &TestDb,
     ) {
         const QUEUE: &str = "airlock-step-result";
         let ws = workspace(&db.store, &templates()).await;

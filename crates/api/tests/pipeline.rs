@@ -171,7 +171,7 @@ async fn linuxvm_pipeline_reaches_deployed(store: &Store) {
     assert!(report.is_clean(), "{report:?}");
 }
 
-store_test!(
+db_test!(
     linuxvm_pipeline_reaches_deployed_sqlite,
     linuxvm_pipeline_reaches_deployed_postgres,
     linuxvm_pipeline_reaches_deployed
@@ -207,7 +207,7 @@ async fn failing_last_step_fails_the_operation(store: &Store) {
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
-store_test!(
+db_test!(
     failing_last_step_fails_the_operation_sqlite,
     failing_last_step_fails_the_operation_postgres,
     failing_last_step_fails_the_operation
