@@ -13,8 +13,8 @@
 //! - [`storage`]: the [`Store`](storage::Store) on SQLite or PostgreSQL (sqlx `Any`),
 //!   with transactions, etag compare-and-swap, resource history and the transactional
 //!   outbox, and the [`Database`](storage::Database) readiness gate;
-//! - [`rules`]: creating operations and advancing their pipelines
-//!   ([`rules::operations`]), the airlock transitions and their events
+//! - [`rules`]: creating operations ([`rules::operations`]) and advancing their
+//!   pipelines ([`rules::pipelines`]), the airlock transitions and their events
 //!   ([`rules::airlock`]), and the `{{ resource.… }}` substitution;
 //! - [`http`]: the HTTP API over [`AppState`](http::AppState);
 //! - [`workers`]: what runs under the supervisor: the deployment-status and
@@ -85,7 +85,8 @@ pub use domain::Clock;
 mod send_checks {
     use crate::domain::{AirlockRequest, OperationStep, Resource, ResourcePatch, User};
     use crate::rules::airlock::{self, AirlockQueues, AirlockUpdate};
-    use crate::rules::operations::{self, NewResource, OperationContext, StepUpdate};
+    use crate::rules::operations::{self, NewResource, OperationContext};
+    use crate::rules::pipelines::{self, StepUpdate};
     use crate::storage::{Store, StoreError, Tx};
 
     fn is_send<T: Send>(_: T) {}
@@ -110,7 +111,7 @@ mod send_checks {
         is_send(operations::install_resource(tx, context, new, user));
         is_send(operations::create_operation(tx, context, resource, "install", user, false));
         is_send(operations::upgrade_resource(tx, context, "id", Default::default(), None, user));
-        is_send(operations::update_resource_for_step(
+        is_send(pipelines::update_resource_for_step(
             tx,
             context.templates,
             StepUpdate {

@@ -10,8 +10,9 @@ use steward_api::domain::{
     MAIN_STEP_ID, Operation, Properties, Resource, ResourceRequest, ResourceType, Status, User,
 };
 use steward_api::rules::operations::{
-    self, Created, NewResource, OperationContext, OperationError, StepUpdate,
+    self, Created, NewResource, OperationContext, OperationError,
 };
+use steward_api::rules::pipelines::{self, StepUpdate};
 use steward_api::storage::{OutboxRecord, Store};
 use steward_api::templates::{PropertyError, REDACTED, TemplateRegistry};
 use support::{props, templates, user, workspace_props};
@@ -461,7 +462,7 @@ mod cases {
         tx.replace_resource(&vm).await.unwrap();
         let post = &created.operation.steps()[2];
         let fw_id = post.resource_id.clone().unwrap();
-        let to_send = operations::update_resource_for_step(
+        let to_send = pipelines::update_resource_for_step(
             &mut tx,
             &registry,
             StepUpdate {
@@ -506,7 +507,7 @@ mod cases {
         assert_eq!(steps, ["main", "post-step-1"]);
         assert_eq!(uninstall.status, Status::AwaitingDeletion);
         let remove = &uninstall.steps()[1];
-        let after = operations::update_resource_for_step(
+        let after = pipelines::update_resource_for_step(
             &mut tx,
             &registry,
             StepUpdate {

@@ -5,6 +5,7 @@
 
 pub mod airlock;
 pub mod operations;
+pub mod pipelines;
 mod substitution;
 
 pub use airlock::AirlockQueues;

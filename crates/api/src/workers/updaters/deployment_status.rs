@@ -15,9 +15,9 @@ use crate::domain::{
     DeploymentStatusUpdate, Operation, OperationStep, OutputError, Properties, Status,
     outputs_to_properties,
 };
-use crate::rules::operations::{
-    OperationError, STEP_UPDATE_RETRIES, StepUpdate, resource_request_message,
-    update_resource_for_step,
+use crate::rules::operations::OperationError;
+use crate::rules::pipelines::{
+    STEP_UPDATE_RETRIES, StepUpdate, resource_request_message, update_resource_for_step,
 };
 use crate::storage::{Store, StoreError, Tx};
 use crate::templates::TemplateRegistry;
