@@ -26,7 +26,7 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use error::{ApiError, ErrorBody};
+use error::ApiError;
 pub use state::{ApiSettings, AppState};
 
 use error::LoggedCause;

@@ -188,7 +188,7 @@ impl Config {
 
 /// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
 #[must_use]
-pub fn redact_url(url: &str) -> String {
+pub(super) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
     let authority = match authority.rsplit_once('@') {

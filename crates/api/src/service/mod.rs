@@ -22,7 +22,7 @@ mod faults;
 mod metrics;
 mod transport;
 
-pub use config::{Config, LogFormat, redact_url};
+pub use config::{Config, LogFormat};
 pub(crate) use transport::TransportHandle;
 pub use transport::{TransportConfigError, TransportOptions};
 

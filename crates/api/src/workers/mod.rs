@@ -7,8 +7,9 @@ mod simulators;
 mod updaters;
 mod watchers;
 
-pub use outbox::{BACKLOG_METRIC, OutboxConfig, OutboxWorker};
-pub use simulators::{AirlockProcessor, FailurePolicy, Notifier, ResourceProcessor};
+pub use outbox::{OutboxConfig, OutboxWorker};
+pub(crate) use simulators::{AirlockProcessor, Notifier};
+pub use simulators::{FailurePolicy, ResourceProcessor};
 pub use updaters::{
     AirlockStatusHandler, DeploymentStatusHandler, MessageFormatError, RecipientError,
     RecipientProvider, RecipientSpecError, RecipientsByRole, StaticRecipients, StepResult,

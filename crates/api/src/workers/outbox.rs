@@ -22,7 +22,7 @@ use crate::storage::millis;
 use crate::storage::{OutboxRecord, Store, StoreError};
 
 /// The metric with the number of outbox rows not yet published.
-pub const BACKLOG_METRIC: &str = "steward_outbox_backlog";
+pub(super) const BACKLOG_METRIC: &str = "steward_outbox_backlog";
 
 /// How an [`OutboxWorker`] publishes.
 #[derive(Debug, Clone)]

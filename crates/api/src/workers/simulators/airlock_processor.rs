@@ -20,7 +20,7 @@ use crate::domain::{AirlockRequestStatus, StatusChangedEvent, rfc3339_utc};
 /// | `rejection_in_progress` | `rejection_in_progress` → `rejected` |
 /// | `blocking_in_progress` | `blocking_in_progress` → `blocked_by_scan` |
 /// | anything else | nothing |
-pub struct AirlockProcessor {
+pub(crate) struct AirlockProcessor {
     sink: Arc<dyn MessageSink>,
     step_result_queue: String,
     pause: (Duration, Duration),
@@ -38,19 +38,12 @@ impl fmt::Debug for AirlockProcessor {
 impl AirlockProcessor {
     /// A simulator answering on `step_result_queue` through `sink`, pausing 20–200 ms.
     #[must_use]
-    pub fn new(sink: Arc<dyn MessageSink>, step_result_queue: impl Into<String>) -> Self {
+    pub(crate) fn new(sink: Arc<dyn MessageSink>, step_result_queue: impl Into<String>) -> Self {
         AirlockProcessor {
             sink,
             step_result_queue: step_result_queue.into(),
             pause: (Duration::from_millis(20), Duration::from_millis(200)),
         }
-    }
-
-    /// Sets how long the simulated work takes, at least `min` and at most `max`.
-    #[must_use]
-    pub fn with_pause(mut self, min: Duration, max: Duration) -> Self {
-        self.pause = (min, max.max(min));
-        self
     }
 
     async fn step_result(

@@ -11,7 +11,7 @@ mod resource_processor;
 
 use std::time::Duration;
 
-pub use airlock_processor::AirlockProcessor;
+pub(crate) use airlock_processor::AirlockProcessor;
 pub use resource_processor::{FailurePolicy, ResourceProcessor};
 
 /// A pause of between `min` and `max`, different each call: the simulated work.
@@ -24,7 +24,7 @@ fn jitter(min: Duration, max: Duration) -> Duration {
 /// The simulated airlock notifier: logs each `airlockNotification` and completes it, as
 /// TRE's Logic App would send its e-mails.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Notifier;
+pub(crate) struct Notifier;
 
 #[async_trait::async_trait]
 impl steward_core::Handler for Notifier {
