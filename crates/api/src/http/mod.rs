@@ -1,7 +1,7 @@
 //! The HTTP API: [`router`] builds it from an [`AppState`].
 //!
-//! Every failure, extractor rejections included, answers `{"error", "detail"}` (see
-//! [`error::ErrorBody`]). Requests are traced, bounded by a 30 s timeout and a 1 MiB
+//! Every failure, extractor rejections included, answers `{"error", "detail"}` (the
+//! `ErrorBody` schema of [`openapi`]). Requests are traced, bounded by a 30 s timeout and a 1 MiB
 //! body, and, when `STEWARD_API_TOKEN` is set, every mutating request needs
 //! `Authorization: Bearer <token>`.
 
