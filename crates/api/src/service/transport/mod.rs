@@ -239,3 +239,57 @@ impl Connect for QueueSource {
         self.transport.source(&self.queue).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, Command, FromArgMatches};
+
+    use super::*;
+
+    fn options() -> TransportOptions {
+        let matches =
+            TransportOptions::augment_args(Command::new("test")).get_matches_from(["test"]);
+        TransportOptions::from_arg_matches(&matches).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    #[test]
+    fn every_compiled_in_transport_resolves_and_the_others_name_their_feature() {
+        let options = options();
+        assert!(!COMPILED_IN.is_empty());
+        for name in COMPILED_IN {
+            assert!(KNOWN.contains(name), "{name}");
+            assert_eq!(options.resolve(Some(name)).ok(), Some(*name));
+        }
+        let missing = KNOWN.iter().filter(|name| !COMPILED_IN.contains(name)).chain(&["nats"]);
+        for name in missing {
+            let error = options.resolve(Some(name)).unwrap_err();
+            assert!(matches!(error, TransportConfigError::NotCompiledIn { .. }), "{error}");
+            assert!(error.to_string().contains(&format!("--features {name}")), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_default_is_the_only_transport_else_the_in_process_one() {
+        let options = options();
+        let in_process: Vec<&str> =
+            COMPILED_IN.iter().copied().filter(|name| options.in_process(name)).collect();
+        match (COMPILED_IN, in_process.as_slice()) {
+            ([only], _) => assert_eq!(options.resolve(None).ok(), Some(*only)),
+            (_, [local, ..]) => assert_eq!(options.resolve(None).ok(), Some(*local)),
+            _ => assert!(matches!(
+                options.resolve(None),
+                Err(TransportConfigError::NotChosen { .. })
+            )),
+        }
+    }
+
+    #[test]
+    fn the_queues_are_the_consumed_then_the_published_each_once() {
+        let topology = Topology {
+            consumed: vec!["a".to_owned(), "b".to_owned(), "c".to_owned()],
+            published: vec!["c".to_owned(), "d".to_owned(), "a".to_owned()],
+            max_deliveries: 10,
+        };
+        assert_eq!(topology.queues(), ["a", "b", "c", "d"]);
+    }
+}
