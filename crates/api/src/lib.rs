@@ -3,23 +3,25 @@
 //!
 //! steward re-implements the part of the Azure TRE API that keeps resources,
 //! operations and airlock requests, and that talks to the resource and airlock
-//! processors through queues. This crate holds:
+//! processors through queues. Each module is one layer; a layer uses only those above
+//! it in this list:
 //!
 //! - [`domain`]: resources, operations, airlock requests, and the wire messages and
 //!   events, with TRE's camelCase names and values;
 //! - [`templates`]: resource templates (properties with `required`, `updateable`,
 //!   `sensitive`; pipelines per action) and the registry, with four shipped samples;
-//! - [`db`]: the [`Store`](db::Store) on SQLite or PostgreSQL (sqlx `Any`), with
-//!   transactions, etag compare-and-swap, resource history and the transactional outbox;
-//! - [`operations`]: creating operations (steps from the template pipeline, property
-//!   validation, `"REDACTED"` sensitive values, the first resource request in the
-//!   outbox) and advancing pipelines ([`operations::update_resource_for_step`]);
-//! - [`substitution`]: the `{{ resource.… }}` property substitution of pipeline steps;
-//! - [`airlock`]: the airlock transition rules and their events;
-//! - [`outbox`]: the worker that publishes the outbox;
-//! - [`simulators`]: stand-ins for TRE's resource and airlock processors;
-//! - [`updaters`]: the deployment-status and airlock-status handlers (core
-//!   [`Handler`](steward_core::Handler)s), replay safe, with TRE's log strings.
+//! - [`storage`]: the [`Store`](storage::Store) on SQLite or PostgreSQL (sqlx `Any`),
+//!   with transactions, etag compare-and-swap, resource history and the transactional
+//!   outbox, and the [`Database`](storage::Database) readiness gate;
+//! - [`rules`]: creating operations ([`rules::operations`]) and advancing their
+//!   pipelines ([`rules::pipelines`]), the airlock transitions and their events
+//!   ([`rules::airlock`]), and the `{{ resource.… }}` substitution;
+//! - [`http`]: the HTTP API over [`AppState`](http::AppState);
+//! - [`workers`]: what runs under the supervisor: the deployment-status and
+//!   airlock-status updaters (replay safe, with TRE's log strings), the outbox
+//!   publisher, the simulated processors and the watchers;
+//! - [`service`]: the wiring: configuration, the transports, and the
+//!   [`Service`](service::Service) that starts the workers and serves HTTP.
 //!
 //! # Examples
 //!
@@ -27,9 +29,9 @@
 //!
 //! ```
 //! use serde_json::json;
-//! use steward_api::db::Store;
+//! use steward_api::storage::Store;
 //! use steward_api::domain::{ResourceType, Status, User};
-//! use steward_api::operations::{self, NewResource, OperationContext};
+//! use steward_api::rules::operations::{self, NewResource, OperationContext};
 //! use steward_api::templates::TemplateRegistry;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -59,44 +61,33 @@
 //! tx.commit().await?;
 //!
 //! assert_eq!(created.operation.status, Status::AwaitingDeployment);
-//! assert_eq!(store.resource(&created.resource.id).await?.properties["display_name"], "Genomics");
+//! assert_eq!(store.read().resource(&created.resource.id).await?.properties["display_name"], "Genomics");
 //! // The resource request for the processor waits in the outbox.
 //! let outbox = store.outbox_messages(10).await?;
-//! assert_eq!(outbox[0].message.correlation_id.as_deref(), Some(created.operation.id.as_str()));
+//! assert_eq!(outbox[0].message.outgoing.correlation_id.as_deref(), Some(created.operation.id.as_str()));
 //! # Ok(())
 //! # }
 //! ```
 
-pub mod airlock;
-pub mod app;
-pub mod clock;
-pub mod config;
-pub mod db;
 pub mod domain;
-#[cfg(feature = "fault-injection")]
-pub mod faults;
 pub mod http;
-pub mod metrics;
-pub mod operations;
-pub mod outbox;
+pub mod rules;
 pub mod service;
-pub mod simulators;
-pub mod substitution;
+pub mod storage;
 pub mod templates;
-pub mod transport;
-pub mod updaters;
 pub mod workers;
 
-pub use clock::Clock;
+pub use domain::Clock;
 
 /// Compile-time checks that the futures handlers will spawn are `Send`.
 #[cfg(test)]
 #[allow(dead_code, clippy::too_many_arguments)]
 mod send_checks {
-    use crate::airlock::{self, AirlockQueues, AirlockUpdate};
-    use crate::db::{Store, StoreError, Tx};
     use crate::domain::{AirlockRequest, OperationStep, Resource, ResourcePatch, User};
-    use crate::operations::{self, NewResource, OperationContext, StepUpdate};
+    use crate::rules::airlock::{self, AirlockQueues, AirlockUpdate};
+    use crate::rules::operations::{self, NewResource, OperationContext};
+    use crate::rules::pipelines::{self, StepUpdate};
+    use crate::storage::{Store, StoreError, Tx};
 
     fn is_send<T: Send>(_: T) {}
 
@@ -120,7 +111,7 @@ mod send_checks {
         is_send(operations::install_resource(tx, context, new, user));
         is_send(operations::create_operation(tx, context, resource, "install", user, false));
         is_send(operations::upgrade_resource(tx, context, "id", Default::default(), None, user));
-        is_send(operations::update_resource_for_step(
+        is_send(pipelines::update_resource_for_step(
             tx,
             context.templates,
             StepUpdate {

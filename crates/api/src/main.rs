@@ -8,16 +8,11 @@
 //! Exit codes: 0 after a graceful shutdown (SIGTERM or Ctrl-C), 2 for bad configuration
 //! (one line on stderr), 1 when the HTTP server fails.
 
-#[cfg(not(any(feature = "inmem", feature = "rabbitmq", feature = "servicebus")))]
-compile_error!(
-    "steward-api needs a message transport: build with `--features inmem` (the default), `--features rabbitmq` or `--features servicebus`"
-);
-
 use std::process::ExitCode;
 
 use clap::Parser;
-use steward_api::config::{Config, LogFormat};
 use steward_api::service::Service;
+use steward_api::service::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {

@@ -7,12 +7,14 @@ mod support;
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
-use steward_api::airlock::{self, AirlockError, AirlockQueues, AirlockUpdate, NewAirlockRequest};
-use steward_api::db::Store;
 use steward_api::domain::{
     AirlockFile, AirlockRequest, AirlockRequestStatus as S, AirlockRequestType,
     AirlockReviewDecision, Resource, ResourceKind, ReviewUserResource, Status, User,
 };
+use steward_api::rules::airlock::{
+    self, AirlockError, AirlockQueues, AirlockUpdate, NewAirlockRequest,
+};
+use steward_api::storage::Store;
 use support::{NOW, user, workspace_props};
 
 /// The transition table of reference §5.6, written out again so the test does not
@@ -100,7 +102,7 @@ mod cases {
                 let update = AirlockUpdate { new_status: Some(to), ..AirlockUpdate::default() };
                 let result = airlock::update_request(&mut tx, &original, &reviewer, update).await;
                 tx.commit().await.unwrap();
-                let stored = store.airlock_request(&original.id).await.unwrap();
+                let stored = store.read().airlock_request(&original.id).await.unwrap();
                 if ALLOWED.contains(&(from, to)) {
                     let updated =
                         result.unwrap_or_else(|error| panic!("{from} -> {to}: {error:?}"));
@@ -155,7 +157,7 @@ mod cases {
         assert_eq!(updated.resource_version, 2);
         assert_eq!(updated.history.len(), 2);
         assert!(updated.review_user_resources.is_empty(), "dropped on the retry");
-        assert_eq!(store.airlock_request(&stale.id).await.unwrap(), updated);
+        assert_eq!(store.read().airlock_request(&stale.id).await.unwrap(), updated);
 
         // The retry validates against the current status: submitted -> cancelled is illegal.
         let mut tx = store.begin().await.unwrap();
@@ -171,14 +173,17 @@ mod cases {
     }
 
     fn events(
-        store_rows: &[steward_api::db::OutboxRecord],
+        store_rows: &[steward_api::storage::OutboxRecord],
         request_id: &str,
     ) -> Vec<(String, Value)> {
         store_rows
             .iter()
             .filter(|row| row.message.aggregate_id == request_id)
             .map(|row| {
-                (row.message.queue.clone(), serde_json::from_str(&row.message.body).unwrap())
+                (
+                    row.message.queue.clone(),
+                    serde_json::from_slice(&row.message.outgoing.body).unwrap(),
+                )
             })
             .collect()
     }
@@ -226,7 +231,7 @@ mod cases {
         let files = vec![AirlockFile { name: "out.csv".to_owned(), size: 2048.0 }];
         let files_only =
             AirlockUpdate { request_files: Some(files.clone()), ..AirlockUpdate::default() };
-        let current = tx.airlock_request(&created.id).await.unwrap();
+        let current = tx.read().airlock_request(&created.id).await.unwrap();
         let with_files = airlock::update_and_publish(
             &mut tx,
             &queues,
@@ -273,7 +278,7 @@ mod cases {
         assert!(matches!(error, AirlockError::IllegalStatusChange { .. }), "{error:?}");
         tx.commit().await.unwrap();
 
-        let stored = store.airlock_request(&created.id).await.unwrap();
+        let stored = store.read().airlock_request(&created.id).await.unwrap();
         let previous: Vec<&Value> =
             stored.history.iter().map(|item| &item.properties["previousStatus"]).collect();
         assert_eq!(
@@ -326,9 +331,11 @@ mod cases {
             json!([{"name": "out.csv", "size": 2048}])
         );
         assert!(
-            rows.iter()
-                .filter(|row| row.message.aggregate_id == created.id)
-                .all(|row| row.message.session_id.is_none())
+            rows.iter().filter(|row| row.message.aggregate_id == created.id).all(|row| row
+                .message
+                .outgoing
+                .session_id
+                .is_none())
         );
     }
 
@@ -367,26 +374,26 @@ mod cases {
         let error = airlock::submit(&mut tx, &queues, "missing", &user()).await.unwrap_err();
         assert!(error.is_not_found(), "{error:?}");
         tx.commit().await.unwrap();
-        assert_eq!(store.airlock_request(&draft.id).await.unwrap().status, S::Cancelled);
+        assert_eq!(store.read().airlock_request(&draft.id).await.unwrap().status, S::Cancelled);
     }
 }
 
-store_test!(
+db_test!(
     tre_10_6_01_every_status_pair_follows_the_transition_table,
     tre_10_6_01_every_status_pair_follows_the_transition_table_postgres,
     cases::tre_10_6_01_every_status_pair_follows_the_transition_table
 );
-store_test!(
+db_test!(
     tre_10_6_02_etag_mismatch_retries_once,
     tre_10_6_02_etag_mismatch_retries_once_postgres,
     cases::tre_10_6_02_etag_mismatch_retries_once
 );
-store_test!(
+db_test!(
     lifecycle_writes_status_events_sqlite,
     lifecycle_writes_status_events_postgres,
     cases::lifecycle_writes_status_events
 );
-store_test!(
+db_test!(
     reject_cancel_and_missing_workspace_sqlite,
     reject_cancel_and_missing_workspace_postgres,
     cases::reject_cancel_and_missing_workspace

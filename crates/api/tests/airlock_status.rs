@@ -4,23 +4,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fixtures;
 mod support;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fixtures::{
-    CORRELATION_ID, Db, Logs, airlock_request, only_error, outbox, outbox_for, raw_message,
-    step_result_body, step_result_message, templates, user, workspace,
-};
 use serde_json::{Value, json};
-use steward_api::airlock::{self, AirlockQueues};
 use steward_api::domain::{AirlockFile, AirlockRequest, AirlockRequestStatus as S, Resource};
-use steward_api::updaters::{
+use steward_api::rules::airlock::{self, AirlockQueues};
+use steward_api::workers::{
     AirlockStatusHandler, RecipientError, RecipientProvider, RecipientsByRole, StaticRecipients,
 };
 use steward_core::{BoxError, Handler, Message, Outcome, RetryCause};
+use support::{
+    CORRELATION_ID, Logs, TestDb, airlock_request, only_error, outbox, outbox_for, raw_message,
+    step_result_body, step_result_message, templates, user, workspace,
+};
 
 mod cases {
     use super::*;
@@ -31,7 +30,7 @@ mod cases {
             .unwrap()
     }
 
-    pub(super) fn handler(db: &Db) -> AirlockStatusHandler {
+    pub(super) fn handler(db: &TestDb) -> AirlockStatusHandler {
         AirlockStatusHandler::new(db.store.clone(), Arc::new(recipients()))
     }
 
@@ -39,14 +38,14 @@ mod cases {
         handler.handle(Arc::new(message)).await
     }
 
-    async fn setup(db: &Db, status: S) -> (Resource, AirlockRequest) {
+    async fn setup(db: &TestDb, status: S) -> (Resource, AirlockRequest) {
         let ws = workspace(&db.store, &templates()).await;
         let request = airlock_request(&db.store, &ws, status).await;
         (ws, request)
     }
 
-    async fn stored(db: &Db, id: &str) -> AirlockRequest {
-        db.store.airlock_request(id).await.unwrap()
+    async fn stored(db: &TestDb, id: &str) -> AirlockRequest {
+        db.store.read().airlock_request(id).await.unwrap()
     }
 
     fn files_message(request_id: &str, completed: &str, files: Value) -> Message {
@@ -59,7 +58,7 @@ mod cases {
     /// `updatedBy`, leaves files and status message alone, records the previous status
     /// in the history, writes two events (`statusChanged` v2.0 and
     /// `airlockNotification` v4.0) to the outbox, and logs no error.
-    pub(super) async fn tre_10_2_01_good_message_moves_the_request(db: &Db) {
+    pub(super) async fn tre_10_2_01_good_message_moves_the_request(db: &TestDb) {
         let (ws, request) = setup(db, S::Submitted).await;
         let logs = Logs::default();
         let _guard = logs.install();
@@ -126,7 +125,7 @@ mod cases {
     /// logged with TRE's exact line, now dead-lettered with reason
     /// `MessageFormatIncorrect` (DESIGN §6: "invalid JSON/schema", TRE completes and
     /// drops them).
-    pub(super) async fn tre_10_2_02_bad_json_and_bad_schema_are_dead_lettered(db: &Db) {
+    pub(super) async fn tre_10_2_02_bad_json_and_bad_schema_are_dead_lettered(db: &TestDb) {
         let handler = handler(db);
         for body in [
             "bad".to_owned(),
@@ -157,7 +156,7 @@ mod cases {
 
     /// Ensures that (reference §10.2.3) a result for a request that does not exist
     /// completes with TRE's not-found line, once.
-    pub(super) async fn tre_10_2_03_request_not_found_completes(db: &Db) {
+    pub(super) async fn tre_10_2_03_request_not_found_completes(db: &TestDb) {
         let id = "5dbc15ae-40e1-49a5-834b-595f59d626b7";
         let logs = Logs::default();
         let _guard = logs.install();
@@ -176,7 +175,7 @@ mod cases {
     /// Ensures that (reference §10.2.4) a database error logs "Failed updating request
     /// status" once and does not complete: the message is retried with backoff (DESIGN
     /// §6: "DB failure"), nothing is written.
-    pub(super) async fn tre_10_2_04_database_error_retries(db: &Db) {
+    pub(super) async fn tre_10_2_04_database_error_retries(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         db.execute("ALTER TABLE airlock_requests RENAME TO airlock_requests_elsewhere").await;
         let logs = Logs::default();
@@ -197,7 +196,7 @@ mod cases {
     /// request's status logs TRE's mismatch line once and is not completed: it is
     /// retried with the worker's backoff as an ordering race (DESIGN §6: "current status
     /// ≠ completed_step", TRE abandons at once).
-    pub(super) async fn tre_10_2_05_status_mismatch_is_retried(db: &Db) {
+    pub(super) async fn tre_10_2_05_status_mismatch_is_retried(db: &TestDb) {
         let (_, request) = setup(db, S::Draft).await;
         let logs = Logs::default();
         let _guard = logs.install();
@@ -221,7 +220,7 @@ mod cases {
     /// Ensures that (reference §10.2.6) an illegal transition logs TRE's line once and
     /// writes nothing; it is dead-lettered with reason `IllegalStatusTransition` (DESIGN
     /// §6: "illegal airlock transition", TRE completes and drops it).
-    pub(super) async fn tre_10_2_06_illegal_transition_is_dead_lettered(db: &Db) {
+    pub(super) async fn tre_10_2_06_illegal_transition_is_dead_lettered(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let logs = Logs::default();
         let _guard = logs.install();
@@ -240,7 +239,7 @@ mod cases {
 
     /// Ensures that an illegal pair is dead-lettered even when the request is elsewhere:
     /// it could never apply, so it is not retried.
-    pub(super) async fn illegal_pair_is_dead_lettered_whatever_the_status(db: &Db) {
+    pub(super) async fn illegal_pair_is_dead_lettered_whatever_the_status(db: &TestDb) {
         let (_, request) = setup(db, S::Draft).await;
         let outcome =
             handle(&handler(db), step_result_message(&request.id, "rejected", Some("approved")))
@@ -254,7 +253,7 @@ mod cases {
     /// Ensures that (DESIGN §5, §6: "current status ≠ completed_step … replay →
     /// complete") a status result handled twice leaves one change and one pair of
     /// events; the replay completes with no new event, also after the request moved on.
-    pub(super) async fn replayed_status_result_writes_one_event_pair(db: &Db) {
+    pub(super) async fn replayed_status_result_writes_one_event_pair(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let handler = handler(db);
         let message = step_result_message(&request.id, "submitted", Some("in_review"));
@@ -289,7 +288,7 @@ mod cases {
 
     /// Ensures that (DESIGN §5) two deliveries of one result handled at the same time
     /// leave one state change and one pair of events.
-    pub(super) async fn concurrent_duplicates_write_one_event_pair(db: &Db) {
+    pub(super) async fn concurrent_duplicates_write_one_event_pair(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let (a, b) = (handler(db), handler(db));
         let message = step_result_message(&request.id, "submitted", Some("in_review"));
@@ -303,7 +302,7 @@ mod cases {
     /// Ensures that (reference §4.3) a files-only result for a request in
     /// `completed_step` replaces the files and status message, writes a history item,
     /// and publishes no event; handled again it changes nothing (DESIGN §5).
-    pub(super) async fn files_only_result_updates_files_without_events(db: &Db) {
+    pub(super) async fn files_only_result_updates_files_without_events(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let handler = handler(db);
         let body = step_result_body(
@@ -331,7 +330,7 @@ mod cases {
     /// Ensures that (DESIGN §6: "files-only result racing `in_review` ends in the DLQ")
     /// the files-only result that arrives after `submitted → in_review` is still
     /// applied, and the scan's move stays in place.
-    pub(super) async fn design_6_files_only_result_after_in_review_is_applied(db: &Db) {
+    pub(super) async fn design_6_files_only_result_after_in_review_is_applied(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let handler = handler(db);
         let moved = step_result_message(&request.id, "submitted", Some("in_review"));
@@ -350,7 +349,7 @@ mod cases {
 
     /// Ensures that a files-only result for a status the request never had is an
     /// ordering race: retried, nothing written.
-    pub(super) async fn files_only_result_for_a_later_status_is_retried(db: &Db) {
+    pub(super) async fn files_only_result_for_a_later_status_is_retried(db: &TestDb) {
         let (_, request) = setup(db, S::Draft).await;
         let outcome = handle(
             &handler(db),
@@ -366,7 +365,7 @@ mod cases {
 
     /// Ensures that a status message and the files of the result are applied with the
     /// status change (a failed scan reports both).
-    pub(super) async fn failure_result_sets_status_message_and_files(db: &Db) {
+    pub(super) async fn failure_result_sets_status_message_and_files(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let body = step_result_body(
             &request.id,
@@ -408,7 +407,7 @@ mod cases {
 
     /// Ensures that a recipient directory outage is a dependency failure: the message is
     /// retried with cause `Dependency`, nothing is written, and the probe fails.
-    pub(super) async fn recipient_outage_is_a_dependency_retry(db: &Db) {
+    pub(super) async fn recipient_outage_is_a_dependency_retry(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let handler = AirlockStatusHandler::new(db.store.clone(), Arc::new(DirectoryDown));
         let logs = Logs::default();
@@ -428,7 +427,7 @@ mod cases {
 
     /// Ensures that (DESIGN §6: "DB failure") an unreachable database is a dependency
     /// failure logged with TRE's 503 line, and the probe fails while it lasts.
-    pub(super) async fn design_6_database_down_is_a_dependency_retry(db: &Db) {
+    pub(super) async fn design_6_database_down_is_a_dependency_retry(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let handler = handler(db);
         handler.probe().await.expect("database and recipients answer");
@@ -448,7 +447,7 @@ mod cases {
 
     /// Ensures that events go to the configured queues and that an empty recipient
     /// configuration sends an empty map.
-    pub(super) async fn events_use_configured_queues(db: &Db) {
+    pub(super) async fn events_use_configured_queues(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let handler =
             AirlockStatusHandler::new(db.store.clone(), Arc::new(StaticRecipients::none()))

@@ -4,25 +4,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fixtures;
 mod support;
 
 use std::sync::Arc;
 
-use fixtures::{
-    CORRELATION_ID, Db, Logs, linuxvm_pipeline, only_error, outbox, props, raw_message,
+use serde_json::{Value, json};
+use steward_api::domain::{Operation, ResourceRequest, Status};
+use steward_api::workers::DeploymentStatusHandler;
+use steward_core::{Handler, Message, Outcome, RetryCause};
+use support::{
+    CORRELATION_ID, Logs, TestDb, linuxvm_pipeline, only_error, outbox, props, raw_message,
     requests_of, set_properties, status_body, status_message, status_message_with_outputs,
     templates, workspace, workspace_installing,
 };
-use serde_json::{Value, json};
-use steward_api::domain::{Operation, ResourceRequest, Status};
-use steward_api::updaters::DeploymentStatusHandler;
-use steward_core::{Handler, Message, Outcome, RetryCause};
 
 mod cases {
     use super::*;
 
-    pub(super) fn handler(db: &Db) -> DeploymentStatusHandler {
+    pub(super) fn handler(db: &TestDb) -> DeploymentStatusHandler {
         DeploymentStatusHandler::new(db.store.clone(), templates())
     }
 
@@ -30,8 +29,8 @@ mod cases {
         handler.handle(Arc::new(message)).await
     }
 
-    async fn operation(db: &Db, id: &str) -> Operation {
-        db.store.operation(id).await.unwrap()
+    async fn operation(db: &TestDb, id: &str) -> Operation {
+        db.store.read().operation(id).await.unwrap()
     }
 
     fn dead_letter_reason(outcome: &Outcome) -> &str {
@@ -44,7 +43,7 @@ mod cases {
     /// Ensures that (reference §10.1.1) bad JSON and a JSON body of the wrong shape are
     /// refused with TRE's log line, now dead-lettered at once with reason
     /// `MessageFormatIncorrect` (DESIGN §6: "invalid JSON/schema", TRE abandons ×10).
-    pub(super) async fn tre_10_1_01_bad_json_and_bad_schema_are_dead_lettered(db: &Db) {
+    pub(super) async fn tre_10_1_01_bad_json_and_bad_schema_are_dead_lettered(db: &TestDb) {
         let handler = handler(db);
         for body in ["bad", r#"{"good": "json", "bad": "message"}"#] {
             let logs = Logs::default();
@@ -66,14 +65,14 @@ mod cases {
     /// Ensures that (reference §10.1.2) a good single-step `deployed` message completes,
     /// sets the step, the operation and the resource to `deployed`, leaves the
     /// properties as they were (no outputs) and logs no error.
-    pub(super) async fn tre_10_1_02_good_single_step_message_completes(db: &Db) {
+    pub(super) async fn tre_10_1_02_good_single_step_message_completes(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let logs = Logs::default();
         let _guard = logs.install();
         let outcome = handle(&handler(db), status_message(&op, 0, Status::Deployed, "done")).await;
         assert_eq!(outcome, Outcome::Complete);
-        let stored = db.store.resource(&ws.id).await.unwrap();
+        let stored = db.store.read().resource(&ws.id).await.unwrap();
         assert_eq!(stored.deployment_status, Some(Status::Deployed));
         assert_eq!(stored.properties, ws.properties, "no outputs, properties unchanged");
         let op = operation(db, &op.id).await;
@@ -92,7 +91,7 @@ mod cases {
     /// Ensures that (reference §10.1.3) a message whose resource does not exist completes
     /// and logs TRE's not-found line exactly once (and, being one transaction, writes
     /// nothing).
-    pub(super) async fn tre_10_1_03_resource_missing_completes(db: &Db) {
+    pub(super) async fn tre_10_1_03_resource_missing_completes(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         db.execute(&format!("DELETE FROM resources WHERE id = '{}'", ws.id)).await;
@@ -111,7 +110,7 @@ mod cases {
     /// "Failed to update status" exactly once and does not complete: the message is
     /// retried with backoff (DESIGN §6: "DB failure", TRE abandons at once), and nothing
     /// is committed.
-    pub(super) async fn tre_10_1_04_state_store_error_retries(db: &Db) {
+    pub(super) async fn tre_10_1_04_state_store_error_retries(db: &TestDb) {
         let registry = templates();
         let (_, op) = workspace_installing(&db.store, &registry).await;
         db.execute("ALTER TABLE resources RENAME TO resources_elsewhere").await;
@@ -131,15 +130,15 @@ mod cases {
     /// the operation and its step status `deleted`, the message "Has been deleted", and
     /// the same `updatedWhen` (the handler's clock reading) for the operation and the
     /// step, in one write of the operation.
-    pub(super) async fn tre_10_1_05_deployed_to_deleted_single_step(db: &Db) {
+    pub(super) async fn tre_10_1_05_deployed_to_deleted_single_step(db: &TestDb) {
         let registry = templates();
         let ws = workspace(&db.store, &registry).await;
         let mut tx = db.store.begin().await.unwrap();
-        let op = steward_api::operations::uninstall_resource(
+        let op = steward_api::rules::operations::uninstall_resource(
             &mut tx,
-            steward_api::operations::OperationContext::new(&registry),
+            steward_api::rules::operations::OperationContext::new(&registry),
             &ws.id,
-            &fixtures::user(),
+            &support::user(),
             false,
         )
         .await
@@ -159,7 +158,7 @@ mod cases {
         assert_eq!(step.updated_when, Some(stored.updated_when));
         assert_ne!(stored.etag, op.etag);
         assert_eq!(
-            db.store.resource(&ws.id).await.unwrap().deployment_status,
+            db.store.read().resource(&ws.id).await.unwrap().deployment_status,
             Some(Status::Deleted)
         );
     }
@@ -168,7 +167,7 @@ mod cases {
     /// into the existing properties by TRE's rules: quotes stripped from strings,
     /// booleans from `"True"`, `"true"` and `"\"true\""`, a string that looks like a
     /// list kept as a string, a list kept as a list.
-    pub(super) async fn tre_10_1_06_outputs_are_merged_into_properties(db: &Db) {
+    pub(super) async fn tre_10_1_06_outputs_are_merged_into_properties(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         set_properties(&db.store, &ws.id, props(json!({"exitingName": "exitingValue"}))).await;
@@ -183,7 +182,7 @@ mod cases {
         ]);
         let message = status_message_with_outputs(&op, 0, Status::Deployed, "done", outputs);
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
-        let stored = db.store.resource(&ws.id).await.unwrap();
+        let stored = db.store.read().resource(&ws.id).await.unwrap();
         assert_eq!(
             Value::Object(stored.properties),
             json!({
@@ -201,12 +200,12 @@ mod cases {
 
     /// Ensures that (reference §10.1.7) a success without outputs leaves the properties
     /// unchanged.
-    pub(super) async fn tre_10_1_07_no_outputs_leaves_properties_unchanged(db: &Db) {
+    pub(super) async fn tre_10_1_07_no_outputs_leaves_properties_unchanged(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let message = status_message_with_outputs(&op, 0, Status::Deployed, "done", json!([]));
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
-        let stored = db.store.resource(&ws.id).await.unwrap();
+        let stored = db.store.read().resource(&ws.id).await.unwrap();
         assert_eq!(stored.properties, ws.properties);
         assert_eq!(stored.deployment_status, Some(Status::Deployed));
     }
@@ -216,12 +215,12 @@ mod cases {
     /// the next step's resource (the operation's own) is patched for the step, and
     /// exactly one resource request for step 2 is written: correlation id = operation id,
     /// session id = the step's resource id.
-    pub(super) async fn tre_10_1_08_first_of_three_steps_completes(db: &Db) {
+    pub(super) async fn tre_10_1_08_first_of_three_steps_completes(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 1, "the first step's request");
-        let vm_before = db.store.resource(&pipeline.vm.id).await.unwrap();
+        let vm_before = db.store.read().resource(&pipeline.vm.id).await.unwrap();
 
         let message = status_message(op, 0, Status::Updated, "upgrade succeeded");
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
@@ -231,10 +230,10 @@ mod cases {
         assert_eq!(stored.message, "Multi step pipeline running. See steps for details.");
         assert_eq!(stored.steps()[0].status, Some(Status::Updated));
         assert_eq!(stored.steps()[0].message.as_deref(), Some("upgrade succeeded"));
-        let vm = db.store.resource(&pipeline.vm.id).await.unwrap();
+        let vm = db.store.read().resource(&pipeline.vm.id).await.unwrap();
         assert_eq!(vm.resource_version, vm_before.resource_version + 1, "patched for the step");
         assert_eq!(
-            db.store.resource(&pipeline.firewall.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
             Some(Status::Updated)
         );
 
@@ -243,8 +242,8 @@ mod cases {
         let (row, body) = &sent[1];
         let request: ResourceRequest = serde_json::from_value(body.clone()).unwrap();
         assert_eq!(row.message.queue, "workspacequeue");
-        assert_eq!(row.message.correlation_id.as_deref(), Some(op.id.as_str()));
-        assert_eq!(row.message.session_id.as_deref(), Some(op.resource_id.as_str()));
+        assert_eq!(row.message.outgoing.correlation_id.as_deref(), Some(op.id.as_str()));
+        assert_eq!(row.message.outgoing.session_id.as_deref(), Some(op.resource_id.as_str()));
         assert_eq!(row.message.aggregate_id, op.resource_id);
         assert_eq!(request.id, op.resource_id);
         assert_eq!(request.step_id, op.steps()[1].id);
@@ -254,7 +253,7 @@ mod cases {
     }
 
     /// Drives the linuxvm pipeline to its last step through the handler.
-    async fn to_last_step(db: &Db, handler: &DeploymentStatusHandler, op: &Operation) {
+    async fn to_last_step(db: &TestDb, handler: &DeploymentStatusHandler, op: &Operation) {
         let outputs = json!([{"name": "ip_address", "value": "10.2.1.4", "type": "string"}]);
         for message in [
             status_message(op, 0, Status::Updating, "Job starting"),
@@ -271,7 +270,7 @@ mod cases {
     /// Ensures that (reference §10.1.9) when the last of three steps completes, the
     /// operation gets the action's success status (`deployed`, although the last step is
     /// an upgrade) with TRE's message, and no further request is written.
-    pub(super) async fn tre_10_1_09_last_of_three_steps_completes(db: &Db) {
+    pub(super) async fn tre_10_1_09_last_of_three_steps_completes(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -288,17 +287,17 @@ mod cases {
         assert_eq!(stored.steps()[2].status, Some(Status::Updated));
         assert_eq!(stored.steps()[2].message.as_deref(), Some("upgrade succeeded"));
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 3, "no request after the last step");
-        let vm = db.store.resource(&pipeline.vm.id).await.unwrap();
+        let vm = db.store.read().resource(&pipeline.vm.id).await.unwrap();
         assert_eq!(vm.deployment_status, Some(Status::Deployed));
         assert_eq!(vm.properties["ip_address"], "10.2.1.4");
         // The post-step substituted the main step's output into the firewall rules, and
         // its request carries the patched resource (DESIGN §6: TRE's retry returns None).
-        let firewall = db.store.resource(&pipeline.firewall.id).await.unwrap();
+        let firewall = db.store.read().resource(&pipeline.firewall.id).await.unwrap();
         let rules = firewall.properties["network_rule_collections"].to_string();
         assert!(rules.contains("10.2.1.4"), "{rules}");
         let sent = requests_of(&db.store, &op.id).await;
         let (row, body) = &sent[2];
-        assert_eq!(row.message.session_id.as_deref(), Some(pipeline.firewall.id.as_str()));
+        assert_eq!(row.message.outgoing.session_id.as_deref(), Some(pipeline.firewall.id.as_str()));
         assert_eq!(body["stepId"], op.steps()[2].id);
         assert_eq!(body["action"], "upgrade");
         assert_eq!(
@@ -310,7 +309,7 @@ mod cases {
     /// Ensures that (DESIGN §6: "step id not in operation", TRE abandons ×10) a step the
     /// operation lacks — or the right step id with another resource id — is
     /// dead-lettered with reason `UnknownStep`, writing nothing.
-    pub(super) async fn design_6_unknown_step_is_dead_lettered(db: &Db) {
+    pub(super) async fn design_6_unknown_step_is_dead_lettered(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let other = uuid::Uuid::new_v4().to_string();
@@ -330,7 +329,7 @@ mod cases {
 
     /// Ensures that a missing operation completes with TRE's not-found line, which names
     /// the resource id as TRE's does.
-    pub(super) async fn operation_missing_completes(db: &Db) {
+    pub(super) async fn operation_missing_completes(db: &TestDb) {
         let logs = Logs::default();
         let _guard = logs.install();
         let resource_id = uuid::Uuid::new_v4().to_string();
@@ -355,7 +354,7 @@ mod cases {
     /// Ensures that (DESIGN §6: "DB failure", TRE abandons at once in a hot loop) an
     /// unreachable database retries with cause `Dependency`, so the worker's circuit
     /// breaker pauses it, and the handler's probe fails until the database answers.
-    pub(super) async fn design_6_database_down_is_a_dependency_retry(db: &Db) {
+    pub(super) async fn design_6_database_down_is_a_dependency_retry(db: &TestDb) {
         let registry = templates();
         let (_, op) = workspace_installing(&db.store, &registry).await;
         let handler = handler(db);
@@ -376,7 +375,7 @@ mod cases {
     /// Ensures that (DESIGN §6: "last pipeline step fails → op reported success") a
     /// failing last step gives the operation the action's failure status, TRE's failure
     /// message, and the main resource the failure status too.
-    pub(super) async fn design_6_failing_last_step_fails_the_operation(db: &Db) {
+    pub(super) async fn design_6_failing_last_step_fails_the_operation(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -389,18 +388,18 @@ mod cases {
         assert_eq!(stored.message, "Multi step pipeline failed on step post-step-1");
         assert_eq!(stored.steps()[2].status, Some(Status::UpdatingFailed));
         assert_eq!(
-            db.store.resource(&pipeline.vm.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
             Some(Status::DeploymentFailed)
         );
         assert_eq!(
-            db.store.resource(&pipeline.firewall.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
             Some(Status::UpdatingFailed)
         );
     }
 
     /// Ensures that a failing middle step fails the operation at once and queues
     /// nothing more (reference §6.4).
-    pub(super) async fn failing_main_step_stops_the_pipeline(db: &Db) {
+    pub(super) async fn failing_main_step_stops_the_pipeline(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -418,7 +417,7 @@ mod cases {
         );
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2, "post-step never queued");
         assert_eq!(
-            db.store.resource(&pipeline.vm.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
             Some(Status::DeploymentFailed)
         );
     }
@@ -427,7 +426,7 @@ mod cases {
     /// when the next step cannot be prepared, the message completes, the next step is
     /// `updating_failed` with the error as its message, the operation gets the failure
     /// status, the main resource too, and no request or half-done patch is written.
-    pub(super) async fn next_step_dispatch_failure_marks_step_and_operation_failed(db: &Db) {
+    pub(super) async fn next_step_dispatch_failure_marks_step_and_operation_failed(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -445,7 +444,7 @@ mod cases {
         ] {
             assert_eq!(handle(&handler, message).await, Outcome::Complete);
         }
-        let firewall_before = db.store.resource(&pipeline.firewall.id).await.unwrap();
+        let firewall_before = db.store.read().resource(&pipeline.firewall.id).await.unwrap();
         let logs = Logs::default();
         let _guard = logs.install();
         let outcome =
@@ -460,11 +459,11 @@ mod cases {
         assert_eq!(stored.status, Status::DeploymentFailed);
         assert_eq!(stored.message, "Multi step pipeline failed on step post-step-1");
         assert_eq!(
-            db.store.resource(&pipeline.vm.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
             Some(Status::DeploymentFailed)
         );
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2);
-        assert_eq!(db.store.resource(&pipeline.firewall.id).await.unwrap(), firewall_before);
+        assert_eq!(db.store.read().resource(&pipeline.firewall.id).await.unwrap(), firewall_before);
         let error = only_error(&logs, "Unable to send update for resource in pipeline step");
         assert_eq!(error.fields["next_step"], "post-step-1");
 
@@ -477,7 +476,7 @@ mod cases {
 
     /// Ensures that a `boolean` output with a list value, which TRE fails on after
     /// ten abandons, is dead-lettered as `MessageFormatIncorrect` and writes nothing.
-    pub(super) async fn boolean_output_with_a_list_is_dead_lettered(db: &Db) {
+    pub(super) async fn boolean_output_with_a_list_is_dead_lettered(db: &TestDb) {
         let registry = templates();
         let (_, op) = workspace_installing(&db.store, &registry).await;
         let outputs = json!([{"name": "flag", "value": ["x"], "type": "boolean"}]);
@@ -498,21 +497,21 @@ mod cases {
 
     /// Ensures that outputs are merged only on success: a failure's outputs never reach
     /// the properties.
-    pub(super) async fn outputs_of_a_failure_are_not_merged(db: &Db) {
+    pub(super) async fn outputs_of_a_failure_are_not_merged(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let outputs = json!([{"name": "leak", "value": "x", "type": "string"}]);
         let message =
             status_message_with_outputs(&op, 0, Status::DeploymentFailed, "failed", outputs);
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
-        let stored = db.store.resource(&ws.id).await.unwrap();
+        let stored = db.store.read().resource(&ws.id).await.unwrap();
         assert!(!stored.properties.contains_key("leak"));
         assert_eq!(stored.deployment_status, Some(Status::DeploymentFailed));
     }
 
     /// Ensures that (DESIGN §5) the same in-progress, success and failure messages
     /// handled twice leave one state change: the second completes without a write.
-    pub(super) async fn replayed_single_step_messages_change_nothing(db: &Db) {
+    pub(super) async fn replayed_single_step_messages_change_nothing(db: &TestDb) {
         let registry = templates();
         let handler = handler(db);
         for status in [Status::Deploying, Status::Deployed, Status::DeploymentFailed] {
@@ -526,19 +525,19 @@ mod cases {
             );
             assert_eq!(handle(&handler, message.clone()).await, Outcome::Complete);
             let (after_op, after_ws) =
-                (operation(db, &op.id).await, db.store.resource(&ws.id).await.unwrap());
+                (operation(db, &op.id).await, db.store.read().resource(&ws.id).await.unwrap());
             let logs = Logs::default();
             let _guard = logs.install();
             assert_eq!(handle(&handler, message).await, Outcome::Complete, "{status}");
             assert_eq!(operation(db, &op.id).await, after_op, "{status}: no second write");
-            assert_eq!(db.store.resource(&ws.id).await.unwrap(), after_ws, "{status}");
+            assert_eq!(db.store.read().resource(&ws.id).await.unwrap(), after_ws, "{status}");
             assert!(logs.events().iter().any(|e| e.message.contains("(replay)")), "{status}");
         }
     }
 
     /// Ensures that (DESIGN §5) a replayed success of a pipeline step whose next step
     /// was already requested writes neither a state change nor a second request.
-    pub(super) async fn replayed_pipeline_success_writes_one_request(db: &Db) {
+    pub(super) async fn replayed_pipeline_success_writes_one_request(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -546,7 +545,7 @@ mod cases {
         let message = status_message(op, 0, Status::Updated, "upgrade succeeded");
         assert_eq!(handle(&handler, message.clone()).await, Outcome::Complete);
         let (stored, vm) =
-            (operation(db, &op.id).await, db.store.resource(&pipeline.vm.id).await.unwrap());
+            (operation(db, &op.id).await, db.store.read().resource(&pipeline.vm.id).await.unwrap());
         assert_eq!(handle(&handler, message.clone()).await, Outcome::Complete);
         // Even after the next step moved on, the replay stays a no-op.
         assert_eq!(
@@ -559,14 +558,14 @@ mod cases {
         assert_eq!(operation(db, &op.id).await, moved_on);
         assert_eq!(moved_on.steps()[0], stored.steps()[0]);
         assert_eq!(
-            db.store.resource(&pipeline.vm.id).await.unwrap().resource_version,
+            db.store.read().resource(&pipeline.vm.id).await.unwrap().resource_version,
             vm.resource_version
         );
     }
 
     /// Ensures that (DESIGN §5) two deliveries of the same success handled at the same
     /// time (two replicas) leave one state change and one request in the outbox.
-    pub(super) async fn concurrent_duplicates_write_one_request(db: &Db) {
+    pub(super) async fn concurrent_duplicates_write_one_request(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -575,14 +574,14 @@ mod cases {
         let (first, second) = tokio::join!(handle(&a, message.clone()), handle(&b, message));
         assert_eq!((first, second), (Outcome::Complete, Outcome::Complete));
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2, "one request for step 2");
-        let history = db.store.resource_history(&pipeline.vm.id).await.unwrap();
+        let history = db.store.read().resource_history(&pipeline.vm.id).await.unwrap();
         assert_eq!(history.len(), 1, "the next step's resource was patched once");
     }
 
     /// Ensures that (DESIGN §5, §6: "late in-progress status overwrites a final one") an
     /// in-progress status arriving after the step's final status is logged and
     /// completed, not applied: step, operation and resource keep the final status.
-    pub(super) async fn late_in_progress_status_is_not_applied(db: &Db) {
+    pub(super) async fn late_in_progress_status_is_not_applied(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let handler = handler(db);
@@ -591,14 +590,14 @@ mod cases {
             Outcome::Complete
         );
         let (after, resource) =
-            (operation(db, &op.id).await, db.store.resource(&ws.id).await.unwrap());
+            (operation(db, &op.id).await, db.store.read().resource(&ws.id).await.unwrap());
         for late in [Status::Deploying, Status::AwaitingDeployment] {
             let logs = Logs::default();
             let _guard = logs.install();
             let outcome = handle(&handler, status_message(&op, 0, late, "Job starting")).await;
             assert_eq!(outcome, Outcome::Complete);
             assert_eq!(operation(db, &op.id).await, after, "{late}");
-            assert_eq!(db.store.resource(&ws.id).await.unwrap(), resource, "{late}");
+            assert_eq!(db.store.read().resource(&ws.id).await.unwrap(), resource, "{late}");
             let warning = logs
                 .events()
                 .into_iter()
@@ -613,7 +612,7 @@ mod cases {
     /// Ensures that monotonic statuses hold inside a pipeline too: a late `updating` for
     /// the finished pre-step changes neither the step nor the firewall, and a final
     /// status that differs from the stored final one is still applied (TRE's rule).
-    pub(super) async fn late_in_progress_in_a_pipeline_is_not_applied(db: &Db) {
+    pub(super) async fn late_in_progress_in_a_pipeline_is_not_applied(db: &TestDb) {
         let registry = templates();
         let pipeline = linuxvm_pipeline(&db.store, &registry).await;
         let op = &pipeline.operation;
@@ -629,7 +628,7 @@ mod cases {
         );
         assert_eq!(operation(db, &op.id).await, after);
         assert_eq!(
-            db.store.resource(&pipeline.firewall.id).await.unwrap().deployment_status,
+            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
             Some(Status::Updated)
         );
         assert_eq!(
@@ -641,7 +640,7 @@ mod cases {
 
     /// Ensures that the in-progress status of a single-step operation is mirrored to the
     /// operation and the resource (reference §6.4) before the final one.
-    pub(super) async fn in_progress_status_is_mirrored(db: &Db) {
+    pub(super) async fn in_progress_status_is_mirrored(db: &TestDb) {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         let outcome =
@@ -650,7 +649,7 @@ mod cases {
         let stored = operation(db, &op.id).await;
         assert_eq!((stored.status, stored.message.as_str()), (Status::Deploying, "Job starting"));
         assert_eq!(
-            db.store.resource(&ws.id).await.unwrap().deployment_status,
+            db.store.read().resource(&ws.id).await.unwrap().deployment_status,
             Some(Status::Deploying)
         );
     }

@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fixtures;
 mod support;
 
 use std::collections::BTreeSet;
@@ -14,21 +13,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fixtures::{
-    Db, airlock_request, outbox_for, status_body, status_message, step_result_body, templates,
-    user, workspace, workspace_installing,
-};
 use serde_json::json;
-use steward_api::airlock::{self, AirlockQueues};
-use steward_api::db::{Store, StoreOptions};
 use steward_api::domain::{AirlockRequestStatus as S, Status};
-use steward_api::updaters::{AirlockStatusHandler, DeploymentStatusHandler, StaticRecipients};
+use steward_api::rules::airlock::{self, AirlockQueues};
+use steward_api::storage::{Store, StoreOptions};
+use steward_api::workers::{AirlockStatusHandler, DeploymentStatusHandler, StaticRecipients};
 use steward_core::{
     Backoff, BoxError, Handler, HealthHandle, Jitter, Message, MessageSink, Outcome,
     OutgoingMessage, Supervisor, SupervisorConfig, Updater, UpdaterConfig, WorkerHealth,
     WorkerState,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
+use support::{
+    TestDb, airlock_request, outbox_for, status_body, status_message, step_result_body, templates,
+    user, workspace, workspace_installing,
+};
 use tokio::time::Instant;
 
 /// Every handled message: id, delivery count and outcome.
@@ -113,7 +112,7 @@ mod cases {
     /// land in the dead-letter queue with reasons `MessageFormatIncorrect` and
     /// `UnknownStep`, while a good status and its duplicate are completed (gone from
     /// the queue) with one state change.
-    pub(super) async fn deployment_status_settles_on_the_broker(db: &Db) {
+    pub(super) async fn deployment_status_settles_on_the_broker(db: &TestDb) {
         const QUEUE: &str = "deploymentstatus";
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
@@ -160,7 +159,7 @@ mod cases {
                 .starts_with("Service bus message is not formatted correctly")
         );
         assert_eq!(malformed.message.body.as_ref(), b"bad", "the message is kept as sent");
-        let stored = db.store.operation(&op.id).await.unwrap();
+        let stored = db.store.read().operation(&op.id).await.unwrap();
         assert_eq!(stored.status, Status::Deployed);
         assert_eq!(seen.lock().unwrap().len(), 4, "every message handled once");
         assert_eq!(worker(&health, "deployment-status").state, WorkerState::Running);
@@ -171,7 +170,7 @@ mod cases {
     /// reached `completed_step` is retried and comes back (delivery counts 1, 2, …) until
     /// the request catches up, then is applied once, while illegal and malformed
     /// results are dead-lettered with their reasons.
-    pub(super) async fn airlock_result_is_retried_until_the_request_catches_up(db: &Db) {
+    pub(super) async fn airlock_result_is_retried_until_the_request_catches_up(db: &TestDb) {
         const QUEUE: &str = "airlock-step-result";
         let ws = workspace(&db.store, &templates()).await;
         let request = airlock_request(&db.store, &ws, S::Draft).await;
@@ -197,7 +196,7 @@ mod cases {
         let deliveries_of_early =
             || seen.lock().unwrap().iter().filter(|(id, ..)| id == "early").count();
         eventually("the early result came back", || deliveries_of_early() >= 2).await;
-        assert_eq!(db.store.airlock_request(&request.id).await.unwrap(), request);
+        assert_eq!(db.store.read().airlock_request(&request.id).await.unwrap(), request);
 
         let mut tx = db.store.begin().await.unwrap();
         airlock::submit(&mut tx, &AirlockQueues::default(), &request.id, &user()).await.unwrap();
@@ -231,7 +230,7 @@ mod cases {
                 ("malformed".to_owned(), "MessageFormatIncorrect".to_owned()),
             ])
         );
-        let stored = db.store.airlock_request(&request.id).await.unwrap();
+        let stored = db.store.read().airlock_request(&request.id).await.unwrap();
         assert_eq!(stored.status, S::InReview);
         assert_eq!(
             outbox_for(&db.store, &request.id).await.len(),
@@ -249,7 +248,7 @@ mod cases {
     /// queue with `MaxDeliveryCountExceeded` once the worker's delivery limit is used up,
     /// and changes nothing.
     pub(super) async fn mismatch_that_never_resolves_is_dead_lettered_after_max_deliveries(
-        db: &Db,
+        db: &TestDb,
     ) {
         const QUEUE: &str = "airlock-step-result";
         let ws = workspace(&db.store, &templates()).await;
@@ -274,7 +273,7 @@ mod cases {
             BTreeSet::from([("stuck".to_owned(), "MaxDeliveryCountExceeded".to_owned())])
         );
         assert_eq!(seen.lock().unwrap().len(), 3, "the handler saw deliveries 1 to 3");
-        assert_eq!(db.store.airlock_request(&request.id).await.unwrap(), request);
+        assert_eq!(db.store.read().airlock_request(&request.id).await.unwrap(), request);
         shut_down(supervisor).await;
     }
 }

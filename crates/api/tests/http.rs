@@ -14,8 +14,9 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use steward_api::app::{ApiSettings, AppState, Database};
-use steward_api::http::{ROUTES, openapi, router};
+use steward_api::http::{ApiSettings, AppState};
+use steward_api::http::{openapi, router};
+use steward_api::storage::Database;
 use steward_api::templates::TemplateRegistry;
 use steward_core::{Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError};
 use tower::ServiceExt;
@@ -118,6 +119,35 @@ fn request(method: &str, uri: &str, body: Option<Value>) -> Request<Body> {
     }
 }
 
+/// Every route the service serves: (method, path), as a client sees them.
+const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/api/health"),
+    ("GET", "/livez"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/api/workers"),
+    ("GET", "/api/templates"),
+    ("GET", "/api/openapi.json"),
+    ("POST", "/api/resources"),
+    ("GET", "/api/resources"),
+    ("GET", "/api/resources/{id}"),
+    ("PATCH", "/api/resources/{id}"),
+    ("DELETE", "/api/resources/{id}"),
+    ("GET", "/api/resources/{id}/operations"),
+    ("POST", "/api/resources/{id}/actions/{action}"),
+    ("GET", "/api/operations/{id}"),
+    ("POST", "/api/airlock-requests"),
+    ("GET", "/api/airlock-requests"),
+    ("GET", "/api/airlock-requests/{id}"),
+    ("POST", "/api/airlock-requests/{id}/submit"),
+    ("POST", "/api/airlock-requests/{id}/review"),
+    ("POST", "/api/airlock-requests/{id}/cancel"),
+];
+
+/// The methods a route may take.
+const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
+
 fn concrete(path: &str) -> String {
     path.replace("{id}", "00000000-0000-4000-8000-000000000000").replace("{action}", "start")
 }
@@ -147,6 +177,46 @@ async fn every_route_is_served_and_in_openapi() {
     let documented: usize =
         doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
     assert_eq!(documented, ROUTES.len(), "the document lists routes the router does not serve");
+}
+
+/// Ensures that `GET /api/openapi.json` lists exactly the served routes: each
+/// documented (method, path) is served, and every other method of a documented path
+/// answers 405, so the router serves nothing on those paths the document leaves out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_lists_exactly_the_served_routes() {
+    let app = app(None, None).await;
+    let (status, doc) = call(&app.router, request("GET", "/api/openapi.json", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    let paths = doc["paths"].as_object().unwrap();
+    let mut listed = Vec::new();
+    for (path, operations) in paths {
+        for method in METHODS {
+            let documented = operations.get(method.to_lowercase()).is_some();
+            let (status, body) = call(&app.router, request(method, &concrete(path), None)).await;
+            let unrouted = status == StatusCode::NOT_FOUND && body["detail"] == "no such route";
+            assert!(!unrouted, "{method} {path} is documented but its path is not routed");
+            if documented {
+                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {body}");
+                listed.push((method.to_string(), path.clone()));
+            } else {
+                assert_eq!(
+                    status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is served but not documented: {body}"
+                );
+                assert_error_shape(&body);
+            }
+        }
+    }
+    let mut served: Vec<(String, String)> =
+        ROUTES.iter().map(|(method, path)| ((*method).to_owned(), (*path).to_owned())).collect();
+    listed.sort();
+    served.sort();
+    assert_eq!(listed, served, "the document and the served routes differ");
+    // A path outside the document is not served.
+    let (status, body) = call(&app.router, request("GET", "/api/unlisted", None)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["detail"], "no such route");
 }
 
 /// Ensures that the request examples of the OpenAPI document are valid against the

@@ -6,13 +6,14 @@
 mod support;
 
 use serde_json::{Value, json};
-use steward_api::db::{OutboxRecord, Store};
 use steward_api::domain::{
     MAIN_STEP_ID, Operation, Properties, Resource, ResourceRequest, ResourceType, Status, User,
 };
-use steward_api::operations::{
-    self, Created, NewResource, OperationContext, OperationError, StepUpdate,
+use steward_api::rules::operations::{
+    self, Created, NewResource, OperationContext, OperationError,
 };
+use steward_api::rules::pipelines::{self, StepUpdate};
+use steward_api::storage::{OutboxRecord, Store};
 use steward_api::templates::{PropertyError, REDACTED, TemplateRegistry};
 use support::{props, templates, user, workspace_props};
 
@@ -44,7 +45,7 @@ mod cases {
 
     pub(super) async fn set_status(store: &Store, id: &str, status: Status) -> Resource {
         let mut tx = store.begin().await.unwrap();
-        let mut resource = tx.resource(id).await.unwrap();
+        let mut resource = tx.read().resource(id).await.unwrap();
         resource.deployment_status = Some(status);
         let resource = tx.replace_resource(&resource).await.unwrap();
         tx.commit().await.unwrap();
@@ -117,9 +118,11 @@ mod cases {
             .await
             .unwrap()
             .into_iter()
-            .filter(|row| row.message.correlation_id.as_deref() == Some(operation.id.as_str()))
+            .filter(|row| {
+                row.message.outgoing.correlation_id.as_deref() == Some(operation.id.as_str())
+            })
             .map(|row| {
-                let body = serde_json::from_str(&row.message.body).unwrap();
+                let body = serde_json::from_slice(&row.message.outgoing.body).unwrap();
                 (row, body)
             })
             .collect()
@@ -131,7 +134,7 @@ mod cases {
     pub(super) async fn tre_10_3_01_install_and_uninstall_send_one_request(store: &Store) {
         let registry = templates();
         let ws = workspace(store, &registry, json!({})).await;
-        let install_op = store.operations_for_resource(&ws.id).await.unwrap().remove(0);
+        let install_op = store.read().operations_for_resource(&ws.id).await.unwrap().remove(0);
         let mut tx = store.begin().await.unwrap();
         let uninstall_op = operations::uninstall_resource(
             &mut tx,
@@ -148,8 +151,8 @@ mod cases {
             assert_eq!(sent.len(), 1, "{action}");
             let (row, body) = &sent[0];
             assert_eq!(row.message.queue, "workspacequeue");
-            assert_eq!(row.message.correlation_id.as_deref(), Some(operation.id.as_str()));
-            assert_eq!(row.message.session_id.as_deref(), Some(ws.id.as_str()));
+            assert_eq!(row.message.outgoing.correlation_id.as_deref(), Some(operation.id.as_str()));
+            assert_eq!(row.message.outgoing.session_id.as_deref(), Some(ws.id.as_str()));
             assert_eq!(row.message.aggregate_id, ws.id);
             assert_eq!(body.id, ws.id);
             assert_eq!(body.action, action);
@@ -179,7 +182,7 @@ mod cases {
         assert_eq!(resource.deployment_status, Some(Status::AwaitingDeployment));
         assert_eq!(resource.properties["address_space_size"], "small", "default added");
         assert_eq!(resource.user, user());
-        assert_eq!(store.resource(&resource.id).await.unwrap(), *resource);
+        assert_eq!(store.read().resource(&resource.id).await.unwrap(), *resource);
 
         assert_eq!(operation.status, Status::AwaitingDeployment);
         assert_eq!(operation.message, "This resource is waiting to be deployed");
@@ -202,7 +205,7 @@ mod cases {
         assert_eq!(step.status, Some(Status::AwaitingDeployment));
         assert_eq!(step.message.as_deref(), Some("This resource is waiting to be deployed"));
         assert_eq!(step.source_template_resource_id.as_deref(), Some(resource.id.as_str()));
-        assert_eq!(store.operation(&operation.id).await.unwrap(), *operation);
+        assert_eq!(store.read().operation(&operation.id).await.unwrap(), *operation);
     }
 
     /// Ensures that a linuxvm install is the 3-step pipeline of its template: upgrade the
@@ -277,7 +280,7 @@ mod cases {
         let sent = requests(store, operation).await;
         assert_eq!(sent.len(), 1);
         let (row, body) = &sent[0];
-        assert_eq!(row.message.session_id.as_deref(), Some(fw.id.as_str()));
+        assert_eq!(row.message.outgoing.session_id.as_deref(), Some(fw.id.as_str()));
         assert_eq!(
             (body.id.as_str(), body.action.as_str(), body.step_id.as_str()),
             (fw.id.as_str(), "upgrade", operation.steps()[0].id.as_str())
@@ -287,10 +290,10 @@ mod cases {
         assert_eq!(rule["description"], "Package sources for My VM in workspace Genomics");
         assert_eq!(rule["rules"][0]["description"], format!("Deployed by {}", vm.id));
 
-        let patched = store.resource(&fw.id).await.unwrap();
+        let patched = store.read().resource(&fw.id).await.unwrap();
         assert_eq!(patched.resource_version, fw.resource_version + 1);
         assert_eq!(patched.properties["rule_collections"], body.parameters["rule_collections"]);
-        assert_eq!(store.resource_history(&fw.id).await.unwrap().len(), 1);
+        assert_eq!(store.read().resource_history(&fw.id).await.unwrap().len(), 1);
     }
 
     /// Ensures that a linuxvm without a deployed firewall is a typed client error naming
@@ -323,11 +326,11 @@ mod cases {
                 "{text}"
             );
         }
-        let filter = steward_api::db::ResourceFilter {
+        let filter = steward_api::storage::ResourceFilter {
             resource_type: Some(ResourceType::UserResource),
             ..Default::default()
         };
-        assert!(store.resources(&filter).await.unwrap().is_empty());
+        assert!(store.read().resources(&filter).await.unwrap().is_empty());
         assert_eq!(
             store.outbox_backlog().await.unwrap(),
             before + 2,
@@ -352,7 +355,7 @@ mod cases {
         .unwrap();
         let id = created.resource.id.clone();
         assert_eq!(created.resource.properties["client_secret"], REDACTED);
-        assert_eq!(store.resource(&id).await.unwrap().properties["client_secret"], REDACTED);
+        assert_eq!(store.read().resource(&id).await.unwrap().properties["client_secret"], REDACTED);
         let sent = requests(store, &created.operation).await;
         assert_eq!(sent[0].1.parameters["client_secret"], "first-secret");
 
@@ -369,7 +372,7 @@ mod cases {
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        let stored = store.resource(&id).await.unwrap();
+        let stored = store.read().resource(&id).await.unwrap();
         assert_eq!(stored.properties["client_secret"], REDACTED);
         assert_eq!(stored.properties["display_name"], "Renamed");
         assert_eq!(upgraded.resource, stored);
@@ -383,11 +386,11 @@ mod cases {
             .await
             .unwrap()
             .into_iter()
-            .map(|row| row.message.body)
+            .map(|row| String::from_utf8_lossy(&row.message.outgoing.body).into_owned())
             .collect();
         assert_eq!(bodies.iter().filter(|body| body.contains("first-secret")).count(), 1);
         assert_eq!(bodies.iter().filter(|body| body.contains("second-secret")).count(), 1);
-        let history = store.resource_history(&id).await.unwrap();
+        let history = store.read().resource_history(&id).await.unwrap();
         assert!(history.iter().all(|item| item.properties["client_secret"] == REDACTED));
     }
 
@@ -431,11 +434,11 @@ mod cases {
         .unwrap();
         tx.commit().await.unwrap();
 
-        let patched = store.resource(&fw.id).await.unwrap();
+        let patched = store.read().resource(&fw.id).await.unwrap();
         assert_eq!(patched.properties["display_name"], "new name");
         assert_eq!(patched.resource_version, fw.resource_version + 1, "patched exactly once");
         assert_eq!(patched.user, operator);
-        let history = store.resource_history(&fw.id).await.unwrap();
+        let history = store.read().resource_history(&fw.id).await.unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!(history[0].properties["display_name"], "Firewall");
         let sent = requests(store, &created.operation).await;
@@ -453,13 +456,13 @@ mod cases {
         let created = install(store, &registry, linuxvm(&ws, &svc)).await.unwrap();
         // The resource processor deployed the VM and reported its address.
         let mut tx = store.begin().await.unwrap();
-        let mut vm = tx.resource(&created.resource.id).await.unwrap();
+        let mut vm = tx.read().resource(&created.resource.id).await.unwrap();
         vm.properties.insert("ip_address".to_owned(), json!("10.1.2.3"));
         vm.deployment_status = Some(Status::Deployed);
         tx.replace_resource(&vm).await.unwrap();
         let post = &created.operation.steps()[2];
         let fw_id = post.resource_id.clone().unwrap();
-        let to_send = operations::update_resource_for_step(
+        let to_send = pipelines::update_resource_for_step(
             &mut tx,
             &registry,
             StepUpdate {
@@ -474,7 +477,11 @@ mod cases {
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        assert_eq!(to_send, store.resource(&fw_id).await.unwrap(), "returns the updated firewall");
+        assert_eq!(
+            to_send,
+            store.read().resource(&fw_id).await.unwrap(),
+            "returns the updated firewall"
+        );
         let collection = &to_send.properties["network_rule_collections"][0];
         assert_eq!(collection["name"], format!("nrc_linuxvm_{}", vm.id));
         assert_eq!(collection["rules"][0]["source_addresses"], json!(["10.1.2.3"]));
@@ -500,7 +507,7 @@ mod cases {
         assert_eq!(steps, ["main", "post-step-1"]);
         assert_eq!(uninstall.status, Status::AwaitingDeletion);
         let remove = &uninstall.steps()[1];
-        let after = operations::update_resource_for_step(
+        let after = pipelines::update_resource_for_step(
             &mut tx,
             &registry,
             StepUpdate {
@@ -576,7 +583,7 @@ mod cases {
         assert_eq!(upgraded.operation.message, "This resource is waiting to be updated");
         assert_eq!(upgraded.operation.resource_version, upgraded.resource.resource_version);
         assert_eq!(
-            store.resource_history(&ws.id).await.unwrap().last().unwrap().properties["display_name"],
+            store.read().resource_history(&ws.id).await.unwrap().last().unwrap().properties["display_name"],
             "Genomics"
         );
         let error = {
@@ -646,7 +653,7 @@ mod cases {
         assert!(operation.steps().iter().all(|s| s.status == Some(Status::AwaitingDeletion)));
         let sent = requests(store, &operation).await;
         assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].0.message.session_id.as_deref(), Some(svc.id.as_str()));
+        assert_eq!(sent[0].0.message.outgoing.session_id.as_deref(), Some(svc.id.as_str()));
     }
 
     /// Ensures that installs check the template, the resource type and the parents.
@@ -750,62 +757,62 @@ mod cases {
     }
 }
 
-store_test!(
+db_test!(
     tre_10_3_01_install_and_uninstall_send_one_request,
     tre_10_3_01_install_and_uninstall_send_one_request_postgres,
     cases::tre_10_3_01_install_and_uninstall_send_one_request
 );
-store_test!(
+db_test!(
     tre_10_3_02_update_resource_for_step_patches_shared_service,
     tre_10_3_02_update_resource_for_step_patches_shared_service_postgres,
     cases::tre_10_3_02_update_resource_for_step_patches_shared_service
 );
-store_test!(
+db_test!(
     single_step_install_creates_one_main_step_sqlite,
     single_step_install_creates_one_main_step_postgres,
     cases::single_step_install_creates_one_main_step
 );
-store_test!(
+db_test!(
     linuxvm_install_builds_the_three_step_pipeline_sqlite,
     linuxvm_install_builds_the_three_step_pipeline_postgres,
     cases::linuxvm_install_builds_the_three_step_pipeline
 );
-store_test!(
+db_test!(
     linuxvm_without_firewall_is_missing_prerequisite_sqlite,
     linuxvm_without_firewall_is_missing_prerequisite_postgres,
     cases::linuxvm_without_firewall_is_missing_prerequisite
 );
-store_test!(
+db_test!(
     sensitive_values_only_in_the_first_request_sqlite,
     sensitive_values_only_in_the_first_request_postgres,
     cases::sensitive_values_only_in_the_first_request
 );
-store_test!(
+db_test!(
     update_resource_for_step_runs_post_steps_sqlite,
     update_resource_for_step_runs_post_steps_postgres,
     cases::update_resource_for_step_runs_post_steps
 );
-store_test!(
+db_test!(
     upgrade_checks_properties_and_etag_sqlite,
     upgrade_checks_properties_and_etag_postgres,
     cases::upgrade_checks_properties_and_etag
 );
-store_test!(
+db_test!(
     custom_actions_must_be_declared_sqlite,
     custom_actions_must_be_declared_postgres,
     cases::custom_actions_must_be_declared
 );
-store_test!(
+db_test!(
     cascade_uninstall_goes_deepest_first_sqlite,
     cascade_uninstall_goes_deepest_first_postgres,
     cases::cascade_uninstall_goes_deepest_first
 );
-store_test!(
+db_test!(
     install_checks_templates_and_parents_sqlite,
     install_checks_templates_and_parents_postgres,
     cases::install_checks_templates_and_parents
 );
-store_test!(
+db_test!(
     resource_requests_go_to_the_configured_queue_sqlite,
     resource_requests_go_to_the_configured_queue_postgres,
     cases::resource_requests_go_to_the_configured_queue

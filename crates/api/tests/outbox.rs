@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_api::db::{OutboxMessage, Store};
-use steward_api::outbox::{OutboxConfig, OutboxWorker};
+use steward_api::storage::{OutboxMessage, Store};
+use steward_api::workers::{OutboxConfig, OutboxWorker};
 use steward_core::{
     Backoff, ErrorKind, Jitter, MessageSink, OutgoingMessage, Supervisor, SupervisorConfig,
     TransportError,
@@ -88,7 +88,7 @@ async fn failing_sink_then_working_delivers_each_once_in_order(store: &Store) {
     assert!(report.is_clean(), "{report:?}");
 }
 
-store_test!(
+db_test!(
     failing_sink_then_working_delivers_each_once_in_order_sqlite,
     failing_sink_then_working_delivers_each_once_in_order_postgres,
     failing_sink_then_working_delivers_each_once_in_order
@@ -123,7 +123,7 @@ async fn failed_publish_is_recorded_and_backed_off(store: &Store) {
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
-store_test!(
+db_test!(
     failed_publish_is_recorded_and_backed_off_sqlite,
     failed_publish_is_recorded_and_backed_off_postgres,
     failed_publish_is_recorded_and_backed_off
@@ -177,7 +177,7 @@ async fn two_workers_never_send_the_same_row_concurrently(store: &Store) {
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 
-store_test!(
+db_test!(
     two_workers_never_send_the_same_row_concurrently_sqlite,
     two_workers_never_send_the_same_row_concurrently_postgres,
     two_workers_never_send_the_same_row_concurrently
@@ -225,7 +225,7 @@ async fn rows_survive_a_worker_that_crashed_before_sending(store: &Store) {
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 
-store_test!(
+db_test!(
     rows_survive_a_worker_that_crashed_before_sending_sqlite,
     rows_survive_a_worker_that_crashed_before_sending_postgres,
     rows_survive_a_worker_that_crashed_before_sending
@@ -246,7 +246,7 @@ async fn rolled_back_transaction_writes_no_outbox_row(store: &Store) {
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 
-store_test!(
+db_test!(
     rolled_back_transaction_writes_no_outbox_row_sqlite,
     rolled_back_transaction_writes_no_outbox_row_postgres,
     rolled_back_transaction_writes_no_outbox_row
@@ -267,11 +267,7 @@ async fn commit_wakes_the_worker(store: &Store) {
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
-store_test!(
-    commit_wakes_the_worker_sqlite,
-    commit_wakes_the_worker_postgres,
-    commit_wakes_the_worker
-);
+db_test!(commit_wakes_the_worker_sqlite, commit_wakes_the_worker_postgres, commit_wakes_the_worker);
 
 /// Ensures that the messages of one aggregate follow each other at once, one after the
 /// other, without waiting for the poll interval between them.
@@ -289,7 +285,7 @@ async fn successive_messages_of_an_aggregate_go_out_without_polling(store: &Stor
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
-store_test!(
+db_test!(
     successive_messages_of_an_aggregate_go_out_without_polling_sqlite,
     successive_messages_of_an_aggregate_go_out_without_polling_postgres,
     successive_messages_of_an_aggregate_go_out_without_polling
@@ -342,7 +338,7 @@ async fn rows_are_never_sent_on_a_spent_lease(store: &Store) {
     let now_ms = Arc::new(AtomicU64::new(u64::try_from(epoch_ms() + 1_000).unwrap()));
     let clock = {
         let now_ms = now_ms.clone();
-        steward_api::clock::Clock::from_fn(move || {
+        steward_api::Clock::from_fn(move || {
             now_ms.load(std::sync::atomic::Ordering::SeqCst) as f64 / 1000.0
         })
     };
@@ -367,7 +363,7 @@ async fn rows_are_never_sent_on_a_spent_lease(store: &Store) {
     assert_eq!(sent.values().map(Vec::len).sum::<usize>(), 4, "each row once: {sent:?}");
 }
 
-store_test!(
+db_test!(
     rows_are_never_sent_on_a_spent_lease_sqlite,
     rows_are_never_sent_on_a_spent_lease_postgres,
     rows_are_never_sent_on_a_spent_lease
@@ -395,7 +391,7 @@ async fn a_late_failure_does_not_undo_another_workers_claim(store: &Store) {
     assert_eq!(row.last_error.as_deref(), Some("broker down"));
 }
 
-store_test!(
+db_test!(
     a_late_failure_does_not_undo_another_workers_claim_sqlite,
     a_late_failure_does_not_undo_another_workers_claim_postgres,
     a_late_failure_does_not_undo_another_workers_claim
@@ -446,7 +442,7 @@ async fn rows_committed_while_draining_go_out_before_the_exit(store: &Store) {
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 
-store_test!(
+db_test!(
     rows_committed_while_draining_go_out_before_the_exit_sqlite,
     rows_committed_while_draining_go_out_before_the_exit_postgres,
     rows_committed_while_draining_go_out_before_the_exit

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fixtures;
 mod support;
 
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Map, Value, json};
 use steward_api::domain::{AirlockRequestStatus, Status, outputs_to_properties};
-use steward_api::updaters::{
+use steward_api::workers::{
     AirlockStatusHandler, DeploymentStatusHandler, MessageFormatError, StaticRecipients,
     parse_deployment_status, parse_step_result, tre,
 };
@@ -380,11 +379,11 @@ fn handler_bodies(base: Value) -> impl Strategy<Value = Vec<u8>> {
 fn deployment_handler_maps_mutated_messages_to_settlements() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let db = runtime.block_on(fixtures::Db::sqlite());
-    let registry = fixtures::templates();
-    let (ws, op) = runtime.block_on(fixtures::workspace_installing(&db.store, &registry));
+    let db = runtime.block_on(support::TestDb::sqlite());
+    let registry = support::templates();
+    let (ws, op) = runtime.block_on(support::workspace_installing(&db.store, &registry));
     let handler = DeploymentStatusHandler::new(db.store.clone(), registry);
-    let base = fixtures::status_body(
+    let base = support::status_body(
         &op.id,
         &op.steps()[0].id,
         &ws.id,
@@ -425,13 +424,10 @@ fn deployment_handler_maps_mutated_messages_to_settlements() {
 fn airlock_handler_maps_mutated_messages_to_settlements() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let db = runtime.block_on(fixtures::Db::sqlite());
-    let ws = runtime.block_on(fixtures::workspace(&db.store, &fixtures::templates()));
-    let request = runtime.block_on(fixtures::airlock_request(
-        &db.store,
-        &ws,
-        AirlockRequestStatus::Submitted,
-    ));
+    let db = runtime.block_on(support::TestDb::sqlite());
+    let ws = runtime.block_on(support::workspace(&db.store, &support::templates()));
+    let request =
+        runtime.block_on(support::airlock_request(&db.store, &ws, AirlockRequestStatus::Submitted));
     let handler = AirlockStatusHandler::new(db.store.clone(), Arc::new(StaticRecipients::none()));
     let mut base = valid_step_result();
     base["data"]["request_id"] = json!(request.id);

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use steward_api::db::Store;
 use steward_api::domain::{Properties, ResourceType, Status, User};
-use steward_api::operations::{self, NewResource, OperationContext};
-use steward_api::outbox::{OutboxConfig, OutboxWorker};
-use steward_api::simulators::{FailurePolicy, ResourceProcessor};
+use steward_api::rules::operations::{self, NewResource, OperationContext};
+use steward_api::storage::Store;
 use steward_api::templates::TemplateRegistry;
-use steward_api::updaters::DeploymentStatusHandler;
+use steward_api::workers::DeploymentStatusHandler;
+use steward_api::workers::{FailurePolicy, ResourceProcessor};
+use steward_api::workers::{OutboxConfig, OutboxWorker};
 use steward_core::{Supervisor, SupervisorConfig, Updater, UpdaterConfig};
 use steward_inmem::InMemoryBroker;
 use tokio::time::{Instant, sleep};
@@ -84,7 +84,7 @@ async fn install(store: &Store, new: NewResource) -> (String, String) {
 async fn finished(store: &Store, operation_id: &str) -> steward_api::domain::Operation {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let operation = store.operation(operation_id).await.unwrap();
+        let operation = store.read().operation(operation_id).await.unwrap();
         if operation.status != Status::PipelineRunning
             && !operation.status.is_awaiting()
             && !operation.status.is_in_progress()
@@ -161,9 +161,9 @@ async fn linuxvm_pipeline_reaches_deployed(store: &Store) {
     let steps = operation.steps();
     let statuses: Vec<_> = steps.iter().map(|s| s.status).collect();
     assert_eq!(statuses, [Some(Status::Updated), Some(Status::Deployed), Some(Status::Updated)]);
-    let vm = store.resource(&vm).await.unwrap();
+    let vm = store.read().resource(&vm).await.unwrap();
     assert_eq!(vm.properties["ip_address"], "10.1.0.4", "outputs merged");
-    let firewall = store.resource(&firewall).await.unwrap();
+    let firewall = store.read().resource(&firewall).await.unwrap();
     assert_eq!(firewall.resource_version, 2, "patched by both firewall steps");
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
     assert_eq!(broker.dead_letter_count("deploymentstatus"), 0);
@@ -171,7 +171,7 @@ async fn linuxvm_pipeline_reaches_deployed(store: &Store) {
     assert!(report.is_clean(), "{report:?}");
 }
 
-store_test!(
+db_test!(
     linuxvm_pipeline_reaches_deployed_sqlite,
     linuxvm_pipeline_reaches_deployed_postgres,
     linuxvm_pipeline_reaches_deployed
@@ -202,12 +202,12 @@ async fn failing_last_step_fails_the_operation(store: &Store) {
         statuses,
         [Some(Status::Updated), Some(Status::Deployed), Some(Status::UpdatingFailed)]
     );
-    let vm = store.resource(&vm).await.unwrap();
+    let vm = store.read().resource(&vm).await.unwrap();
     assert_eq!(vm.deployment_status, Some(Status::DeploymentFailed));
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
-store_test!(
+db_test!(
     failing_last_step_fails_the_operation_sqlite,
     failing_last_step_fails_the_operation_postgres,
     failing_last_step_fails_the_operation

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use steward_api::db::{
-    AirlockRequestFilter, Backend, OutboxMessage, ResourceFilter, Store, StoreError, StoreOptions,
-};
 use steward_api::domain::{
     AirlockRequest, AirlockRequestStatus, AirlockRequestType, Operation, Resource, ResourceKind,
     ResourcePatch, Status, User,
+};
+use steward_api::storage::{
+    AirlockRequestFilter, Backend, OutboxMessage, ResourceFilter, Store, StoreError, StoreOptions,
 };
 use support::{NOW, props, user};
 
@@ -81,12 +81,12 @@ mod cases {
             let stored = insert(store, original).await;
             assert!(!stored.etag.is_empty());
             assert_eq!(Resource { etag: String::new(), ..stored.clone() }, *original);
-            assert_eq!(store.resource(&original.id).await.unwrap(), stored);
+            assert_eq!(store.read().resource(&original.id).await.unwrap(), stored);
             let mut tx = store.begin().await.unwrap();
-            assert_eq!(tx.resource(&original.id).await.unwrap(), stored);
+            assert_eq!(tx.read().resource(&original.id).await.unwrap(), stored);
             tx.commit().await.unwrap();
         }
-        let error = store.resource("missing").await.unwrap_err();
+        let error = store.read().resource("missing").await.unwrap_err();
         assert!(error.is_not_found(), "{error:?}");
     }
 
@@ -114,7 +114,7 @@ mod cases {
         let error = tx.replace_resource(&workspace("nope")).await.unwrap_err();
         assert!(error.is_not_found(), "{error:?}");
         tx.commit().await.unwrap();
-        assert_eq!(store.resource("w1").await.unwrap().properties["display_name"], "B");
+        assert_eq!(store.read().resource("w1").await.unwrap().properties["display_name"], "B");
     }
 
     /// Ensures that a patch bumps `resourceVersion`, stamps user and time, merges the
@@ -134,8 +134,8 @@ mod cases {
         assert!(!after.is_enabled);
         assert_eq!(after.properties["display_name"], "New");
         assert_eq!(after.properties["count"], 3, "other properties are kept");
-        assert_eq!(store.resource("w1").await.unwrap(), after);
-        let history = store.resource_history("w1").await.unwrap();
+        assert_eq!(store.read().resource("w1").await.unwrap(), after);
+        let history = store.read().resource_history("w1").await.unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!(history[0].resource_version, 0);
         assert_eq!(history[0].properties, before.properties);
@@ -162,7 +162,7 @@ mod cases {
         let error = result.unwrap_err();
         assert!(error.is_etag_mismatch(), "{error:?}");
         assert_eq!(attempts.load(Ordering::SeqCst), 6);
-        let stored = store.resource("w1").await.unwrap();
+        let stored = store.read().resource("w1").await.unwrap();
         assert_eq!(stored.resource_version, 6, "only the six interfering writes landed");
         assert!(!stored.properties.contains_key("mine"));
     }
@@ -186,7 +186,7 @@ mod cases {
         assert_eq!(attempts.load(Ordering::SeqCst), 2);
         assert_eq!(updated.properties["mine"], true);
         assert_eq!(updated.resource_version, 2);
-        assert_eq!(store.resource("w1").await.unwrap(), updated);
+        assert_eq!(store.read().resource("w1").await.unwrap(), updated);
     }
 
     /// Ensures that two tasks patching one resource at once both land: both read version 0,
@@ -221,11 +221,11 @@ mod cases {
             task.await.unwrap().unwrap();
         }
         assert_eq!(attempts.load(Ordering::SeqCst), 3, "exactly one retry");
-        let stored = store.resource("w1").await.unwrap();
+        let stored = store.read().resource("w1").await.unwrap();
         assert_eq!(stored.properties["a"], "a");
         assert_eq!(stored.properties["b"], "b");
         assert_eq!(stored.resource_version, 2);
-        assert_eq!(store.resource_history("w1").await.unwrap().len(), 2);
+        assert_eq!(store.read().resource_history("w1").await.unwrap().len(), 2);
     }
 
     /// Ensures that many transactions patching one resource at once all commit (on SQLite
@@ -252,7 +252,7 @@ mod cases {
         for task in tasks {
             task.await.unwrap().unwrap();
         }
-        let stored = store.resource("w1").await.unwrap();
+        let stored = store.read().resource("w1").await.unwrap();
         assert_eq!(stored.resource_version, 8);
         for n in 0..8 {
             assert_eq!(stored.properties[&format!("k{n}")], n);
@@ -271,8 +271,8 @@ mod cases {
         let mut tx = store.begin().await.unwrap();
         tx.insert_resource(&workspace("w2")).await.unwrap();
         tx.rollback().await.unwrap();
-        assert!(store.resource("w1").await.unwrap_err().is_not_found());
-        assert!(store.resource("w2").await.unwrap_err().is_not_found());
+        assert!(store.read().resource("w1").await.unwrap_err().is_not_found());
+        assert!(store.read().resource("w2").await.unwrap_err().is_not_found());
         assert_eq!(store.outbox_backlog().await.unwrap(), 0);
     }
 
@@ -285,7 +285,7 @@ mod cases {
             .with_session_id("r1")
             .with_correlation_id("op1")
             .with_subject("install");
-        first.properties.insert("kind".to_owned(), "resource-request".to_owned());
+        first.outgoing.properties.insert("kind".to_owned(), "resource-request".to_owned());
         let id1 = tx.insert_outbox(first.clone()).await.unwrap();
         let id2 = tx
             .insert_outbox(OutboxMessage::json("other", &json!({"n": 2}), "r2").unwrap())
@@ -308,10 +308,10 @@ mod cases {
         assert_eq!(rows[0].attempts, 0);
         assert_eq!(rows[0].lease_owner, None);
         assert_eq!(rows[0].lease_until, None);
-        assert_eq!(rows[1].message.session_id, None);
-        assert_eq!(rows[1].message.content_type.as_deref(), Some("application/json"));
+        assert_eq!(rows[1].message.outgoing.session_id, None);
+        assert_eq!(rows[1].message.outgoing.content_type.as_deref(), Some("application/json"));
         assert_eq!(
-            serde_json::from_str::<serde_json::Value>(&rows[2].message.body).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(&rows[2].message.outgoing.body).unwrap(),
             json!({"n": 3})
         );
         assert_eq!(store.outbox_backlog().await.unwrap(), 3);
@@ -343,9 +343,10 @@ mod cases {
         let error = tx.insert_operation(&operation("op1", "w1")).await.unwrap_err();
         assert!(matches!(error, StoreError::AlreadyExists { .. }));
         tx.commit().await.unwrap();
-        assert_eq!(store.operation("op1").await.unwrap(), replaced);
+        assert_eq!(store.read().operation("op1").await.unwrap(), replaced);
         assert_eq!(replaced.steps()[0].status, Some(Status::Deploying));
         let ids: Vec<String> = store
+            .read()
             .operations_for_resource("w1")
             .await
             .unwrap()
@@ -353,7 +354,7 @@ mod cases {
             .map(|op| op.id)
             .collect();
         assert_eq!(ids, ["op1", "op2"]);
-        assert!(store.operation("nope").await.unwrap_err().is_not_found());
+        assert!(store.read().operation("nope").await.unwrap_err().is_not_found());
     }
 
     pub(super) fn airlock_request(
@@ -389,7 +390,7 @@ mod cases {
         assert!(tx.replace_airlock_request(&stored).await.unwrap_err().is_etag_mismatch());
         tx.commit().await.unwrap();
 
-        let read = store.airlock_request("a1").await.unwrap();
+        let read = store.read().airlock_request("a1").await.unwrap();
         assert_eq!(read, replaced);
         assert_eq!(read.title, "Airlock Request");
         assert_eq!(read.business_justification, "Business Justification");
@@ -398,14 +399,14 @@ mod cases {
             |requests: Vec<AirlockRequest>| requests.into_iter().map(|r| r.id).collect::<Vec<_>>();
         let filter =
             AirlockRequestFilter { workspace_id: Some("w1".to_owned()), ..Default::default() };
-        assert_eq!(ids(store.airlock_requests(&filter).await.unwrap()), ["a1", "a2"]);
+        assert_eq!(ids(store.read().airlock_requests(&filter).await.unwrap()), ["a1", "a2"]);
         let filter = AirlockRequestFilter {
             status: Some(AirlockRequestStatus::Draft),
             ..Default::default()
         };
-        assert_eq!(ids(store.airlock_requests(&filter).await.unwrap()), ["a3"]);
+        assert_eq!(ids(store.read().airlock_requests(&filter).await.unwrap()), ["a3"]);
         let filter = AirlockRequestFilter { skip: 1, limit: Some(1), ..Default::default() };
-        assert_eq!(ids(store.airlock_requests(&filter).await.unwrap()), ["a2"]);
+        assert_eq!(ids(store.read().airlock_requests(&filter).await.unwrap()), ["a2"]);
     }
 
     /// Ensures that resource lists filter by type, status, workspace, parent and template,
@@ -437,36 +438,36 @@ mod cases {
 
         let ids =
             |resources: Vec<Resource>| resources.into_iter().map(|r| r.id).collect::<Vec<_>>();
-        let all = store.resources(&ResourceFilter::default()).await.unwrap();
+        let all = store.read().resources(&ResourceFilter::default()).await.unwrap();
         assert_eq!(ids(all), ["w1", "s1", "v1"]);
         let filter = ResourceFilter { include_deleted: true, ..Default::default() };
-        assert_eq!(store.resources(&filter).await.unwrap().len(), 4);
+        assert_eq!(store.read().resources(&filter).await.unwrap().len(), 4);
         let filter = ResourceFilter {
             resource_type: Some(steward_api::domain::ResourceType::Workspace),
             ..Default::default()
         };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["w1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["w1"]);
         let filter =
             ResourceFilter { status: Some(Status::AwaitingDeployment), ..Default::default() };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["s1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
         let filter = ResourceFilter { workspace_id: Some("w1".to_owned()), ..Default::default() };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["s1", "v1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1", "v1"]);
         let filter = ResourceFilter {
             parent_workspace_service_id: Some("s1".to_owned()),
             ..Default::default()
         };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["v1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["v1"]);
         let filter = ResourceFilter {
             template_name: Some("tre-service-guacamole".to_owned()),
             ..Default::default()
         };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["s1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
         let filter = ResourceFilter { skip: 1, limit: Some(1), ..Default::default() };
-        assert_eq!(ids(store.resources(&filter).await.unwrap()), ["s1"]);
+        assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
 
         let mut tx = store.begin().await.unwrap();
-        let ws = tx.resource("w1").await.unwrap();
-        let dependents = tx.resource_dependency_list(&ws).await.unwrap();
+        let ws = tx.read().resource("w1").await.unwrap();
+        let dependents = tx.read().resource_dependency_list(&ws).await.unwrap();
         assert_eq!(ids(dependents), ["v1", "s1", "w1"], "deepest first");
     }
 
@@ -477,12 +478,16 @@ mod cases {
         gone.deployment_status = Some(Status::Deleted);
         insert(store, &gone).await;
         let mut tx = store.begin().await.unwrap();
-        assert_eq!(tx.active_shared_service("tre-shared-service-firewall").await.unwrap(), None);
+        assert_eq!(
+            tx.read().active_shared_service("tre-shared-service-firewall").await.unwrap(),
+            None
+        );
         let mut live = gone.clone();
         live.id = "f1".to_owned();
         live.deployment_status = Some(Status::Deployed);
         tx.insert_resource(&live).await.unwrap();
-        let found = tx.active_shared_service("tre-shared-service-firewall").await.unwrap().unwrap();
+        let found =
+            tx.read().active_shared_service("tre-shared-service-firewall").await.unwrap().unwrap();
         assert_eq!(found.id, "f1");
     }
 
@@ -495,7 +500,7 @@ mod cases {
         assert!(error.is_unavailable(), "{error:?}");
         let error = store.begin().await.unwrap_err();
         assert!(error.is_unavailable(), "{error:?}");
-        let error = store.resource("w1").await.unwrap_err();
+        let error = store.read().resource("w1").await.unwrap_err();
         assert!(error.is_unavailable() && !error.is_not_found(), "{error:?}");
     }
 
@@ -503,86 +508,82 @@ mod cases {
     pub(super) async fn migrations_are_idempotent(store: &Store) {
         insert(store, &workspace("w1")).await;
         store.migrate().await.unwrap();
-        assert_eq!(store.resource("w1").await.unwrap().id, "w1");
+        assert_eq!(store.read().resource("w1").await.unwrap().id, "w1");
     }
 }
 
-store_test!(
-    resources_round_trip_sqlite,
-    resources_round_trip_postgres,
-    cases::resources_round_trip
-);
-store_test!(
+db_test!(resources_round_trip_sqlite, resources_round_trip_postgres, cases::resources_round_trip);
+db_test!(
     duplicate_insert_is_already_exists_sqlite,
     duplicate_insert_is_already_exists_postgres,
     cases::duplicate_insert_is_already_exists
 );
-store_test!(
+db_test!(
     stale_etag_replace_is_a_mismatch_sqlite,
     stale_etag_replace_is_a_mismatch_postgres,
     cases::stale_etag_replace_is_a_mismatch
 );
-store_test!(
+db_test!(
     patch_bumps_version_and_records_history_sqlite,
     patch_bumps_version_and_records_history_postgres,
     cases::patch_bumps_version_and_records_history
 );
-store_test!(
+db_test!(
     tre_10_3_03_etag_retries_make_num_retries_plus_one_attempts,
     tre_10_3_03_etag_retries_make_num_retries_plus_one_attempts_postgres,
     cases::tre_10_3_03_etag_retries_make_num_retries_plus_one_attempts
 );
-store_test!(
+db_test!(
     etag_retry_returns_the_updated_resource_sqlite,
     etag_retry_returns_the_updated_resource_postgres,
     cases::etag_retry_returns_the_updated_resource
 );
-store_test!(
+db_test!(
     concurrent_patches_retry_on_etag_and_both_apply_sqlite,
     concurrent_patches_retry_on_etag_and_both_apply_postgres,
     cases::concurrent_patches_retry_on_etag_and_both_apply
 );
-store_test!(
+db_test!(
     concurrent_transactions_on_one_resource_all_commit_sqlite,
     concurrent_transactions_on_one_resource_all_commit_postgres,
     cases::concurrent_transactions_on_one_resource_all_commit
 );
-store_test!(
+db_test!(
     dropped_transaction_rolls_back_sqlite,
     dropped_transaction_rolls_back_postgres,
     cases::dropped_transaction_rolls_back
 );
-store_test!(
+db_test!(
     outbox_keeps_messages_in_order_sqlite,
     outbox_keeps_messages_in_order_postgres,
     cases::outbox_keeps_messages_in_order
 );
-store_test!(
+db_test!(
     operations_round_trip_sqlite,
     operations_round_trip_postgres,
     cases::operations_round_trip
 );
-store_test!(
+db_test!(
     airlock_requests_round_trip_sqlite,
     airlock_requests_round_trip_postgres,
     cases::airlock_requests_round_trip
 );
-store_test!(
+db_test!(
     resource_lists_filter_and_page_sqlite,
     resource_lists_filter_and_page_postgres,
     cases::resource_lists_filter_and_page
 );
-store_test!(
+db_test!(
     active_shared_service_skips_gone_ones_sqlite,
     active_shared_service_skips_gone_ones_postgres,
     cases::active_shared_service_skips_gone_ones
 );
-store_test!(
+db_test!(
     closed_store_is_unavailable_sqlite,
     closed_store_is_unavailable_postgres,
     cases::closed_store_is_unavailable
 );
-store_test!(
+db_test!(
     migrations_are_idempotent_sqlite,
     migrations_are_idempotent_postgres,
     cases::migrations_are_idempotent
@@ -606,7 +607,7 @@ async fn failed_statement_aborts_the_transaction_postgres() {
     assert!(matches!(error, StoreError::Database { .. }), "{error:?}");
     let error = tx.commit().await.unwrap_err();
     assert!(matches!(error, StoreError::Aborted { .. }), "{error:?}");
-    assert!(db.store.resource("w1").await.unwrap_err().is_not_found());
+    assert!(db.store.read().resource("w1").await.unwrap_err().is_not_found());
     db.finish().await;
 }
 

@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 use steward_api::domain::{Properties, Resource};
-use steward_api::substitution::{SubstitutionError, substitute_properties, substitute_value};
+use steward_api::rules::{SubstitutionError, substitute_properties, substitute_value};
 use steward_api::templates::{ArraySubstitutionAction, PipelineStep, PipelineStepProperty};
 
 fn resource(resource_type: &str, extra: Value) -> Resource {

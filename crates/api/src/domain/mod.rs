@@ -1,17 +1,20 @@
 //! The TRE domain model: resources, operations, airlock requests, and the messages and
 //! events on the wire, with TRE's camelCase names and values.
 
-pub mod airlock;
-pub mod events;
-pub mod messages;
-pub mod operation;
-pub mod resource;
-pub mod status;
+mod airlock;
+mod clock;
+mod events;
+mod messages;
+mod operation;
+pub mod queues;
+mod resource;
+mod status;
 
 pub use airlock::{
     AirlockFile, AirlockRequest, AirlockRequestHistoryItem, AirlockRequestStatus,
     AirlockRequestType, AirlockReview, AirlockReviewDecision, ReviewUserResource,
 };
+pub use clock::Clock;
 pub use events::{
     AirlockNotificationData, AirlockNotificationEvent, EventGridEvent, NotificationRequest,
     NotificationUser, NotificationWorkspace, StatusChangedData, StatusChangedEvent,
@@ -22,5 +25,13 @@ pub use messages::{
     StepResultEvent, Uuid4, outputs_to_properties,
 };
 pub use operation::{MAIN_STEP_ID, Operation, OperationStep};
-pub use resource::{Properties, Resource, ResourceHistoryItem, ResourceKind, ResourcePatch, User};
-pub use status::{ResourceType, Status, UnknownValue, action};
+pub use resource::{
+    Properties, Resource, ResourceHistoryItem, ResourceKind, ResourcePatch, ResourceType, User,
+};
+pub use status::{Status, UnknownValue, action};
+
+/// A new UUIDv4 string: the id of a new record, event or etag.
+#[must_use]
+pub(crate) fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::resource::ResourceType;
 use super::resource::User;
-use super::status::{ResourceType, Status};
+use super::status::Status;
 
 /// The `templateStepId` of the step that acts on the operation's own resource.
 pub const MAIN_STEP_ID: &str = "main";

@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Page};
-use crate::airlock::{self, NewAirlockRequest};
-use crate::app::AppState;
-use crate::db::AirlockRequestFilter;
 use crate::domain::{AirlockRequest, AirlockRequestType, AirlockReviewDecision};
+use crate::http::AppState;
+use crate::rules::airlock::{self, NewAirlockRequest};
+use crate::storage::AirlockRequestFilter;
 
 /// The body of `POST /api/airlock-requests`.
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
@@ -22,7 +22,7 @@ use crate::domain::{AirlockRequest, AirlockRequestType, AirlockReviewDecision};
     "title": "Sequencing run 42",
     "businessJustification": "Raw reads for the variant calling study"
 }))]
-pub struct CreateAirlockRequest {
+pub(super) struct CreateAirlockRequest {
     /// The workspace; it must exist.
     pub workspace_id: String,
     /// `import` or `export`.
@@ -40,7 +40,7 @@ pub struct CreateAirlockRequest {
 /// A reviewer's decision on a request in review.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum ReviewDecision {
+pub(super) enum ReviewDecision {
     /// Approve: the request moves to `approval_in_progress`.
     Approved,
     /// Reject: the request moves to `rejection_in_progress`.
@@ -51,7 +51,7 @@ pub enum ReviewDecision {
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schema(example = json!({"reviewDecision": "approved", "decisionExplanation": "No identifiable data"}))]
-pub struct ReviewBody {
+pub(super) struct ReviewBody {
     /// `approved` or `rejected`.
     pub review_decision: ReviewDecision,
     /// Why.
@@ -61,7 +61,7 @@ pub struct ReviewBody {
 /// An airlock request.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AirlockRequestResponse {
+pub(super) struct AirlockRequestResponse {
     /// The request (TRE's `AirlockRequest`).
     #[schema(value_type = Object)]
     pub airlock_request: AirlockRequest,
@@ -70,7 +70,7 @@ pub struct AirlockRequestResponse {
 /// A page of airlock requests.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AirlockRequestList {
+pub(super) struct AirlockRequestList {
     /// The requests, oldest first.
     #[schema(value_type = Vec<Object>)]
     pub airlock_requests: Vec<AirlockRequest>,
@@ -86,7 +86,7 @@ fn answer(status: StatusCode, airlock_request: AirlockRequest) -> Response {
 /// Creates a draft airlock request in a workspace.
 #[utoipa::path(post, path = "/api/airlock-requests", tag = "airlock", request_body = CreateAirlockRequest,
     responses((status = 201, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn create(
+pub(super) async fn create(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiJson(body): ApiJson<CreateAirlockRequest>,
@@ -113,7 +113,7 @@ pub async fn create(
 /// Lists airlock requests, paged.
 #[utoipa::path(get, path = "/api/airlock-requests", tag = "airlock", params(Page),
     responses((status = 200, body = AirlockRequestList), (status = 400, body = ErrorBody)))]
-pub async fn list(
+pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<AirlockRequestList>, ApiError> {
@@ -121,7 +121,7 @@ pub async fn list(
     let store = state.db.serving()?;
     let filter =
         AirlockRequestFilter { skip: offset, limit: Some(limit + 1), ..Default::default() };
-    let mut requests = store.airlock_requests(&filter).await?;
+    let mut requests = store.read().airlock_requests(&filter).await?;
     let next_cursor = Page::truncate(&mut requests, offset, limit);
     Ok(Json(AirlockRequestList { airlock_requests: requests, next_cursor }))
 }
@@ -130,11 +130,11 @@ pub async fn list(
 #[utoipa::path(get, path = "/api/airlock-requests/{id}", tag = "airlock",
     params(("id" = String, Path, description = "The airlock request id")),
     responses((status = 200, body = AirlockRequestResponse), (status = 404, body = ErrorBody)))]
-pub async fn get(
+pub(super) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let request = state.db.serving()?.airlock_request(&id).await?;
+    let request = state.db.serving()?.read().airlock_request(&id).await?;
     Ok(answer(StatusCode::OK, request))
 }
 
@@ -142,7 +142,7 @@ pub async fn get(
 #[utoipa::path(post, path = "/api/airlock-requests/{id}/submit", tag = "airlock",
     params(("id" = String, Path, description = "The airlock request id")),
     responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn submit(
+pub(super) async fn submit(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
@@ -159,7 +159,7 @@ pub async fn submit(
 #[utoipa::path(post, path = "/api/airlock-requests/{id}/review", tag = "airlock", request_body = ReviewBody,
     params(("id" = String, Path, description = "The airlock request id")),
     responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn review(
+pub(super) async fn review(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
@@ -189,7 +189,7 @@ pub async fn review(
 #[utoipa::path(post, path = "/api/airlock-requests/{id}/cancel", tag = "airlock",
     params(("id" = String, Path, description = "The airlock request id")),
     responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn cancel(
+pub(super) async fn cancel(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,

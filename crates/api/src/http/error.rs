@@ -6,13 +6,13 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::airlock::{AirlockError, ILLEGAL_STATUS_CHANGE};
-use crate::db::StoreError;
-use crate::operations::OperationError;
+use crate::rules::airlock::{AirlockError, ILLEGAL_STATUS_CHANGE};
+use crate::rules::operations::OperationError;
+use crate::storage::StoreError;
 
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct ErrorBody {
+pub(super) struct ErrorBody {
     /// A short machine-readable code, e.g. `not_found` or `invalid_body`.
     pub error: String,
     /// What went wrong, for people.
@@ -22,7 +22,7 @@ pub struct ErrorBody {
 /// An HTTP error answer. Client mistakes show their message; internal failures a generic
 /// one (the cause is logged once, by the error-logging middleware).
 #[derive(Debug)]
-pub struct ApiError {
+pub(super) struct ApiError {
     status: StatusCode,
     code: &'static str,
     detail: String,
@@ -38,25 +38,25 @@ pub(crate) struct LoggedCause(pub(crate) String);
 impl ApiError {
     /// An error with this status, code and detail.
     #[must_use]
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         ApiError { status, code, detail: detail.into(), cause: None }
     }
 
     /// 400 with code `bad_request`.
     #[must_use]
-    pub fn bad_request(detail: impl Into<String>) -> Self {
+    pub(super) fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
     }
 
     /// 404 with code `not_found`.
     #[must_use]
-    pub fn not_found(detail: impl Into<String>) -> Self {
+    pub(super) fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
 
     /// 401 with code `unauthorized`.
     #[must_use]
-    pub fn unauthorized() -> Self {
+    pub(super) fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -66,7 +66,7 @@ impl ApiError {
 
     /// 503 with code `unavailable`, the cause logged.
     #[must_use]
-    pub fn unavailable(what: &str, cause: &(dyn std::error::Error + 'static)) -> Self {
+    pub(super) fn unavailable(what: &str, cause: &(dyn std::error::Error + 'static)) -> Self {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "unavailable",
@@ -77,7 +77,7 @@ impl ApiError {
 
     /// 500 with code `internal`, the cause logged and not shown.
     #[must_use]
-    pub fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
+    pub(super) fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal",
@@ -85,17 +85,11 @@ impl ApiError {
             cause: Some(steward_core::error_chain(cause)),
         }
     }
-
-    /// The status code.
-    #[must_use]
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
 }
 
 /// The `Retry-After` of every 503 answer, in seconds: what is missing (the database, a
 /// migration) usually comes back within moments, and clients should not hammer it.
-pub const RETRY_AFTER_SECONDS: u32 = 1;
+pub(super) const RETRY_AFTER_SECONDS: u32 = 1;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -127,8 +121,8 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<crate::app::NotReady> for ApiError {
-    fn from(error: crate::app::NotReady) -> Self {
+impl From<crate::storage::NotReady> for ApiError {
+    fn from(error: crate::storage::NotReady) -> Self {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

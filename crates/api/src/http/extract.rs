@@ -10,23 +10,23 @@ use crate::domain::User;
 /// `Json<T>` whose rejections are [`ApiError`]s.
 #[derive(Debug, Clone, FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
-pub struct ApiJson<T>(pub T);
+pub(super) struct ApiJson<T>(pub T);
 
 /// `Path<T>` whose rejections are [`ApiError`]s.
 #[derive(Debug, Clone, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
-pub struct ApiPath<T>(pub T);
+pub(super) struct ApiPath<T>(pub T);
 
 /// `Query<T>` whose rejections are [`ApiError`]s.
 #[derive(Debug, Clone, FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
-pub struct ApiQuery<T>(pub T);
+pub(super) struct ApiQuery<T>(pub T);
 
 /// Who makes the request, from the optional headers `X-User-Id`, `X-User-Name` and
 /// `X-User-Email` (set by an authenticating proxy); `steward` when absent. Recorded on
 /// operations, history and airlock requests.
 #[derive(Debug, Clone)]
-pub struct Caller(pub User);
+pub(super) struct Caller(pub User);
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
@@ -51,7 +51,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct Page {
+pub(super) struct Page {
     /// At most this many items (default 50, at most 500).
     pub limit: Option<u64>,
     /// Where to continue: the `nextCursor` of the previous page.
@@ -60,16 +60,16 @@ pub struct Page {
 
 impl Page {
     /// The default page size.
-    pub const DEFAULT_LIMIT: u64 = 50;
+    pub(super) const DEFAULT_LIMIT: u64 = 50;
     /// The largest page size.
-    pub const MAX_LIMIT: u64 = 500;
+    pub(super) const MAX_LIMIT: u64 = 500;
 
     /// (offset, limit) of this page.
     ///
     /// # Errors
     ///
     /// A cursor this service did not hand out, or a zero limit.
-    pub fn bounds(&self) -> Result<(u64, u64), ApiError> {
+    pub(super) fn bounds(&self) -> Result<(u64, u64), ApiError> {
         let limit = self.limit.unwrap_or(Self::DEFAULT_LIMIT);
         if limit == 0 {
             return Err(ApiError::bad_request("limit must be at least 1"));
@@ -86,7 +86,7 @@ impl Page {
 
     /// Cuts `items` (fetched with `limit + 1`) down to the page, and returns the cursor
     /// of the next page when there is one.
-    pub fn truncate<T>(items: &mut Vec<T>, offset: u64, limit: u64) -> Option<String> {
+    pub(super) fn truncate<T>(items: &mut Vec<T>, offset: u64, limit: u64) -> Option<String> {
         let page = usize::try_from(limit).unwrap_or(usize::MAX);
         let more = items.len() > page;
         items.truncate(page);

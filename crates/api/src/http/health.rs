@@ -8,12 +8,12 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use steward_core::{HealthSnapshot, WorkerHealth, WorkerState};
 
-use crate::app::AppState;
+use crate::http::AppState;
 use crate::workers::names;
 
 /// `OK` or `Not OK`, as TRE spells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub enum ServiceStatusValue {
+pub(super) enum ServiceStatusValue {
     /// Healthy.
     #[serde(rename = "OK")]
     Ok,
@@ -24,7 +24,7 @@ pub enum ServiceStatusValue {
 
 /// One service in `/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ServiceStatus {
+pub(super) struct ServiceStatus {
     /// `Database`, `Message Transport`, `Deployment Status Updater`, `Airlock Status Updater`.
     pub service: String,
     /// `OK` or `Not OK`.
@@ -35,13 +35,13 @@ pub struct ServiceStatus {
 
 /// The body of `/health` (TRE's `HealthCheck`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct HealthCheck {
+pub(super) struct HealthCheck {
     /// One entry per service, in a fixed order.
     pub services: Vec<ServiceStatus>,
 }
 
 /// The `/health` services and the workers behind them, in TRE's fixed-order style.
-pub const SERVICES: [(&str, &str); 4] = [
+pub(super) const SERVICES: [(&str, &str); 4] = [
     ("Database", names::DATABASE),
     ("Message Transport", names::TRANSPORT),
     ("Deployment Status Updater", names::DEPLOYMENT_STATUS),
@@ -68,7 +68,7 @@ fn describe(health: &WorkerHealth) -> String {
 
 /// The TRE-compatible health document; always 200.
 #[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = HealthCheck)))]
-pub async fn health(State(state): State<AppState>) -> Json<HealthCheck> {
+pub(super) async fn health(State(state): State<AppState>) -> Json<HealthCheck> {
     let snapshot = state.health.snapshot();
     let services = SERVICES.iter().map(|(name, worker)| service(&snapshot, name, worker)).collect();
     Json(HealthCheck { services })
@@ -76,13 +76,13 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthCheck> {
 
 /// The same document under `/api`.
 #[utoipa::path(get, path = "/api/health", tag = "health", responses((status = 200, body = HealthCheck)))]
-pub async fn api_health(state: State<AppState>) -> Json<HealthCheck> {
+pub(super) async fn api_health(state: State<AppState>) -> Json<HealthCheck> {
     health(state).await
 }
 
 /// The answer of `/livez` and `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Probe {
+pub(super) struct Probe {
     /// `ok`, or what is wrong.
     pub status: String,
     /// Why not, when not.
@@ -93,7 +93,7 @@ pub struct Probe {
 /// 200 while no worker has `failed`; 503 otherwise, so the orchestrator restarts the
 /// process.
 #[utoipa::path(get, path = "/livez", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
-pub async fn livez(State(state): State<AppState>) -> Response {
+pub(super) async fn livez(State(state): State<AppState>) -> Response {
     let snapshot = state.health.snapshot();
     let failed: Vec<String> =
         snapshot.workers.iter().filter(|w| w.state == WorkerState::Failed).map(describe).collect();
@@ -111,7 +111,7 @@ const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// 200 when the database answers and every worker is `running`; 503 with the reason
 /// otherwise.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
-pub async fn readyz(State(state): State<AppState>) -> Response {
+pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     let snapshot = state.health.snapshot();
     let mut reasons: Vec<String> = snapshot.not_ready_reason().into_iter().collect();
     match state.db.serving() {
@@ -136,7 +136,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 /// One worker in `/api/workers`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct WorkerStatus {
+pub(super) struct WorkerStatus {
     /// The worker's name.
     pub name: String,
     /// `starting`, `running`, `backing_off`, `stalled`, `stopping`, `stopped` or `failed`.
@@ -192,7 +192,7 @@ impl From<&WorkerHealth> for WorkerStatus {
 
 /// The body of `/api/workers`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Workers {
+pub(super) struct Workers {
     /// Live: no worker failed.
     pub live: bool,
     /// Ready: every worker running.
@@ -203,7 +203,7 @@ pub struct Workers {
 
 /// The supervisor's health snapshot.
 #[utoipa::path(get, path = "/api/workers", tag = "health", responses((status = 200, body = Workers)))]
-pub async fn workers(State(state): State<AppState>) -> Json<Workers> {
+pub(super) async fn workers(State(state): State<AppState>) -> Json<Workers> {
     let snapshot = state.health.snapshot();
     Json(Workers {
         live: snapshot.is_live(),
@@ -214,7 +214,7 @@ pub async fn workers(State(state): State<AppState>) -> Json<Workers> {
 
 /// Prometheus text exposition of every metric.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.as_ref().map_or_else(String::new, |render| render());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -1,18 +1,20 @@
 //! The HTTP API: [`router`] builds it from an [`AppState`].
 //!
-//! Every failure, extractor rejections included, answers `{"error", "detail"}` (see
-//! [`error::ErrorBody`]). Requests are traced, bounded by a 30 s timeout and a 1 MiB
+//! Every failure, extractor rejections included, answers `{"error", "detail"}` (the
+//! `ErrorBody` schema of [`openapi`]). Requests are traced, bounded by a 30 s timeout and a 1 MiB
 //! body, and, when `STEWARD_API_TOKEN` is set, every mutating request needs
 //! `Authorization: Bearer <token>`.
 
-pub mod airlock;
-pub mod error;
-pub mod extract;
-pub mod health;
-pub mod openapi;
-pub mod resources;
-pub mod templates;
+mod airlock;
+mod error;
+mod extract;
+mod health;
+mod openapi;
+mod resources;
+mod state;
+mod templates;
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::Router;
@@ -20,12 +22,13 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, post};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub use error::{ApiError, ErrorBody};
-pub use openapi::openapi;
+use error::ApiError;
+pub use state::{ApiSettings, AppState};
 
-use crate::app::AppState;
 use error::LoggedCause;
 
 /// The largest request body accepted.
@@ -34,64 +37,43 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// How long a request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Every route: (method, path) pairs, as the router serves them and `/api/openapi.json`
-/// documents them.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/health"),
-    ("GET", "/api/health"),
-    ("GET", "/livez"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("GET", "/api/workers"),
-    ("GET", "/api/templates"),
-    ("GET", "/api/openapi.json"),
-    ("POST", "/api/resources"),
-    ("GET", "/api/resources"),
-    ("GET", "/api/resources/{id}"),
-    ("PATCH", "/api/resources/{id}"),
-    ("DELETE", "/api/resources/{id}"),
-    ("GET", "/api/resources/{id}/operations"),
-    ("POST", "/api/resources/{id}/actions/{action}"),
-    ("GET", "/api/operations/{id}"),
-    ("POST", "/api/airlock-requests"),
-    ("GET", "/api/airlock-requests"),
-    ("GET", "/api/airlock-requests/{id}"),
-    ("POST", "/api/airlock-requests/{id}/submit"),
-    ("POST", "/api/airlock-requests/{id}/review"),
-    ("POST", "/api/airlock-requests/{id}/cancel"),
-];
+/// Every route, each declared once: its method and path are its handler's
+/// `#[utoipa::path]`, which also documents it.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::health))
+        .routes(routes!(health::api_health))
+        .routes(routes!(health::livez))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+        .routes(routes!(health::workers))
+        .routes(routes!(templates::list))
+        .routes(routes!(openapi::document))
+        .routes(routes!(resources::list, resources::create))
+        .routes(routes!(resources::get, resources::update, resources::delete))
+        .routes(routes!(resources::operations))
+        .routes(routes!(resources::action))
+        .routes(routes!(resources::operation))
+        .routes(routes!(airlock::list, airlock::create))
+        .routes(routes!(airlock::get))
+        .routes(routes!(airlock::submit))
+        .routes(routes!(airlock::review))
+        .routes(routes!(airlock::cancel))
+}
 
-/// Builds the router: every route of [`ROUTES`], with tracing, the timeout, the body
-/// limit, the token check and JSON errors for unknown routes and methods.
+/// The OpenAPI document of every route, as `GET /api/openapi.json` serves it.
+#[must_use]
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(|| routes().into_openapi());
+    DOCUMENT.clone()
+}
+
+/// Builds the router: every route, with tracing, the timeout, the body limit, the token
+/// check and JSON errors for unknown routes and methods.
 pub fn router(state: AppState) -> Router {
-    let routes: Vec<(&str, MethodRouter<AppState>)> = vec![
-        ("/health", get(health::health)),
-        ("/api/health", get(health::api_health)),
-        ("/livez", get(health::livez)),
-        ("/readyz", get(health::readyz)),
-        ("/metrics", get(health::metrics)),
-        ("/api/workers", get(health::workers)),
-        ("/api/templates", get(templates::list)),
-        ("/api/openapi.json", get(openapi::document)),
-        ("/api/resources", get(resources::list).post(resources::create)),
-        (
-            "/api/resources/{id}",
-            get(resources::get).patch(resources::update).delete(resources::delete),
-        ),
-        ("/api/resources/{id}/operations", get(resources::operations)),
-        ("/api/resources/{id}/actions/{action}", post(resources::action)),
-        ("/api/operations/{id}", get(resources::operation)),
-        ("/api/airlock-requests", get(airlock::list).post(airlock::create)),
-        ("/api/airlock-requests/{id}", get(airlock::get)),
-        ("/api/airlock-requests/{id}/submit", post(airlock::submit)),
-        ("/api/airlock-requests/{id}/review", post(airlock::review)),
-        ("/api/airlock-requests/{id}/cancel", post(airlock::cancel)),
-    ];
-    let mut router = Router::new();
-    for (path, method_router) in routes {
-        router = router.route(path, method_router.fallback(|| async { method_not_allowed() }));
-    }
+    let (router, _) = routes().split_for_parts();
     router
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .fallback(|| async { ApiError::not_found("no such route").into_response() })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -1,4 +1,6 @@
-//! `GET /api/openapi.json`: the OpenAPI 3 document, generated from the handlers.
+//! `GET /api/openapi.json`: the OpenAPI 3 document. Its paths come from the routes
+//! (each handler's `#[utoipa::path]`); this module adds the title, the schemas and the
+//! tags.
 
 use axum::Json;
 use utoipa::OpenApi;
@@ -8,13 +10,6 @@ use super::{airlock, error, health, resources, templates};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "steward API", description = "A TRE-style control plane whose queue consumers run under a supervisor"),
-    paths(
-        health::health, health::api_health, health::livez, health::readyz, health::workers, health::metrics,
-        templates::list, document,
-        resources::create, resources::list, resources::get, resources::update, resources::delete,
-        resources::operations, resources::action, resources::operation,
-        airlock::create, airlock::list, airlock::get, airlock::submit, airlock::review, airlock::cancel,
-    ),
     components(schemas(
         error::ErrorBody,
         health::HealthCheck, health::ServiceStatus, health::ServiceStatusValue, health::Probe,
@@ -32,16 +27,10 @@ use super::{airlock, error, health, resources, templates};
         (name = "airlock", description = "Airlock requests"),
     )
 )]
-struct ApiDoc;
-
-/// The OpenAPI document of every route.
-#[must_use]
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
-}
+pub(super) struct ApiDoc;
 
 /// This document.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "health", responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json")))]
-pub async fn document() -> Json<utoipa::openapi::OpenApi> {
-    Json(openapi())
+pub(super) async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(super::openapi())
 }

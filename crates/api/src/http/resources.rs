@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Page};
-use crate::app::AppState;
-use crate::db::ResourceFilter;
 use crate::domain::{Operation, Properties, Resource, ResourceType, Status};
-use crate::operations::{self, NewResource, OperationContext};
+use crate::http::AppState;
+use crate::rules::operations::{self, NewResource, OperationContext};
+use crate::storage::ResourceFilter;
 
 /// The body of `POST /api/resources`.
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
@@ -22,7 +22,7 @@ use crate::operations::{self, NewResource, OperationContext};
     "resourceType": "workspace",
     "properties": {"display_name": "Genomics", "description": "Sequencing data"}
 }))]
-pub struct CreateResource {
+pub(super) struct CreateResource {
     /// The template, e.g. `tre-workspace-base`.
     pub template_name: String,
     /// `workspace`, `workspace-service`, `user-resource` or `shared-service`; must match the template.
@@ -44,7 +44,7 @@ pub struct CreateResource {
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schema(example = json!({"properties": {"display_name": "Genomics (2026)"}}))]
-pub struct UpdateResource {
+pub(super) struct UpdateResource {
     /// Properties to change; only those the template marks `updateable`.
     #[schema(value_type = Object)]
     pub properties: Properties,
@@ -52,7 +52,7 @@ pub struct UpdateResource {
 
 /// An operation, as answered by every route that starts one (202).
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct OperationResponse {
+pub(super) struct OperationResponse {
     /// The operation, with its steps (TRE's `Operation`).
     #[schema(value_type = Object)]
     pub operation: Operation,
@@ -60,7 +60,7 @@ pub struct OperationResponse {
 
 /// A resource.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ResourceResponse {
+pub(super) struct ResourceResponse {
     /// The resource (TRE's `Resource`; sensitive properties are `"REDACTED"`).
     #[schema(value_type = Object)]
     pub resource: Resource,
@@ -69,7 +69,7 @@ pub struct ResourceResponse {
 /// A page of resources.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct ResourceList {
+pub(super) struct ResourceList {
     /// The resources, oldest first.
     #[schema(value_type = Vec<Object>)]
     pub resources: Vec<Resource>,
@@ -80,7 +80,7 @@ pub struct ResourceList {
 
 /// A resource's operations.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct OperationList {
+pub(super) struct OperationList {
     /// The operations, oldest first.
     #[schema(value_type = Vec<Object>)]
     pub operations: Vec<Operation>,
@@ -90,7 +90,7 @@ pub struct OperationList {
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct ResourceQuery {
+pub(super) struct ResourceQuery {
     /// Only resources of this type.
     #[param(value_type = Option<String>)]
     pub resource_type: Option<ResourceType>,
@@ -120,7 +120,7 @@ fn context(state: &AppState) -> OperationContext<'_> {
 /// resource processor through the outbox.
 #[utoipa::path(post, path = "/api/resources", tag = "resources", request_body = CreateResource,
     responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn create(
+pub(super) async fn create(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiJson(body): ApiJson<CreateResource>,
@@ -143,7 +143,7 @@ pub async fn create(
 /// Lists resources, paged.
 #[utoipa::path(get, path = "/api/resources", tag = "resources", params(ResourceQuery),
     responses((status = 200, body = ResourceList), (status = 400, body = ErrorBody)))]
-pub async fn list(
+pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ResourceQuery>,
 ) -> Result<Json<ResourceList>, ApiError> {
@@ -156,7 +156,7 @@ pub async fn list(
         limit: Some(limit + 1),
         ..ResourceFilter::default()
     };
-    let mut resources = store.resources(&filter).await?;
+    let mut resources = store.read().resources(&filter).await?;
     let next_cursor = Page::truncate(&mut resources, offset, limit);
     Ok(Json(ResourceList { resources, next_cursor }))
 }
@@ -165,11 +165,11 @@ pub async fn list(
 #[utoipa::path(get, path = "/api/resources/{id}", tag = "resources",
     params(("id" = String, Path, description = "The resource id")),
     responses((status = 200, body = ResourceResponse), (status = 404, body = ErrorBody)))]
-pub async fn get(
+pub(super) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ResourceResponse>, ApiError> {
-    let resource = state.db.serving()?.resource(&id).await?;
+    let resource = state.db.serving()?.read().resource(&id).await?;
     Ok(Json(ResourceResponse { resource }))
 }
 
@@ -177,13 +177,13 @@ pub async fn get(
 #[utoipa::path(get, path = "/api/resources/{id}/operations", tag = "resources",
     params(("id" = String, Path, description = "The resource id")),
     responses((status = 200, body = OperationList), (status = 404, body = ErrorBody)))]
-pub async fn operations(
+pub(super) async fn operations(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperationList>, ApiError> {
     let store = state.db.serving()?;
-    store.resource(&id).await?;
-    let operations = store.operations_for_resource(&id).await?;
+    store.read().resource(&id).await?;
+    let operations = store.read().operations_for_resource(&id).await?;
     Ok(Json(OperationList { operations }))
 }
 
@@ -191,11 +191,11 @@ pub async fn operations(
 #[utoipa::path(get, path = "/api/operations/{id}", tag = "resources",
     params(("id" = String, Path, description = "The operation id")),
     responses((status = 200, body = OperationResponse), (status = 404, body = ErrorBody)))]
-pub async fn operation(
+pub(super) async fn operation(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperationResponse>, ApiError> {
-    let operation = state.db.serving()?.operation(&id).await?;
+    let operation = state.db.serving()?.read().operation(&id).await?;
     Ok(Json(OperationResponse { operation }))
 }
 
@@ -203,7 +203,7 @@ pub async fn operation(
 #[utoipa::path(patch, path = "/api/resources/{id}", tag = "resources", request_body = UpdateResource,
     params(("id" = String, Path, description = "The resource id")),
     responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn update(
+pub(super) async fn update(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
@@ -223,7 +223,7 @@ pub async fn update(
 #[utoipa::path(delete, path = "/api/resources/{id}", tag = "resources",
     params(("id" = String, Path, description = "The resource id")),
     responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn delete(
+pub(super) async fn delete(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
@@ -241,7 +241,7 @@ pub async fn delete(
 #[utoipa::path(post, path = "/api/resources/{id}/actions/{action}", tag = "resources",
     params(("id" = String, Path, description = "The resource id"), ("action" = String, Path, description = "A custom action of the template")),
     responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn action(
+pub(super) async fn action(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiPath((id, action)): ApiPath<(String, String)>,

@@ -4,12 +4,12 @@ use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 
-use crate::app::AppState;
+use crate::http::AppState;
 
 /// One template, summarised.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct TemplateSummary {
+pub(super) struct TemplateSummary {
     /// The template name.
     pub name: String,
     /// Its version.
@@ -34,14 +34,14 @@ pub struct TemplateSummary {
 
 /// The body of `GET /api/templates`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct TemplateList {
+pub(super) struct TemplateList {
     /// Every template, by name.
     pub templates: Vec<TemplateSummary>,
 }
 
 /// Lists the templates: the shipped samples and those of `STEWARD_TEMPLATES_DIR`.
 #[utoipa::path(get, path = "/api/templates", tag = "templates", responses((status = 200, body = TemplateList)))]
-pub async fn list(State(state): State<AppState>) -> Json<TemplateList> {
+pub(super) async fn list(State(state): State<AppState>) -> Json<TemplateList> {
     let mut templates: Vec<TemplateSummary> = state
         .templates
         .iter()

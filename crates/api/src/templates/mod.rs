@@ -10,4 +10,4 @@ pub use model::{
     PropertyType, Template, TemplateProperty,
 };
 pub use properties::{PropertyError, REDACTED};
-pub use registry::{TEMPLATES_DIR_ENV, TemplateError, TemplateRegistry};
+pub use registry::{TemplateError, TemplateRegistry};

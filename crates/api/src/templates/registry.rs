@@ -8,9 +8,6 @@ use serde_json::Value;
 use super::model::{ArraySubstitutionAction, PipelineStep, Template};
 use crate::domain::{ResourceType, action};
 
-/// The environment variable naming a directory of extra `*.json` templates.
-pub const TEMPLATES_DIR_ENV: &str = "STEWARD_TEMPLATES_DIR";
-
 /// The templates shipped with steward, embedded in the binary.
 const BUILTIN: &[(&str, &str)] = &[
     ("tre-workspace-base.json", include_str!("../../templates/tre-workspace-base.json")),
@@ -142,18 +139,6 @@ impl TemplateRegistry {
         }
         registry.validate_references()?;
         Ok(registry)
-    }
-
-    /// [`load`](Self::load) with the directory from `STEWARD_TEMPLATES_DIR`, if set.
-    ///
-    /// # Errors
-    ///
-    /// As [`load`](Self::load).
-    pub fn from_env() -> Result<Self, TemplateError> {
-        match std::env::var_os(TEMPLATES_DIR_ENV) {
-            Some(dir) if !dir.is_empty() => Self::load(Some(Path::new(&dir))),
-            _ => Self::load(None),
-        }
     }
 
     /// Parses one template file and checks the rules that need no other template.

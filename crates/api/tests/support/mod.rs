@@ -1,19 +1,32 @@
-//! Test databases: a SQLite file in a temporary directory, or a fresh schema on the
-//! local PostgreSQL (`STEWARD_TEST_POSTGRES_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/test`).
+//! What the api tests share: test databases, [`db_test!`], users, properties and
+//! templates, and the handler fixtures of [`fixtures`].
 //!
-//! When PostgreSQL is unreachable, a `*_postgres` test prints a skip line and returns;
-//! with `CI=true` it fails instead.
+//! A test database is a SQLite file in a temporary directory, or a fresh schema on the
+//! local PostgreSQL (`STEWARD_TEST_POSTGRES_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`), dropped afterwards, and can be broken on
+//! purpose through [`TestDb::execute`]. When PostgreSQL is unreachable, a `*_postgres`
+//! test prints a skip line and returns; with `CI=true` it fails instead.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    missing_debug_implementations
+)]
+
+mod fixtures;
+
+pub use fixtures::*;
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection, Executor};
 use steward_api::Clock;
-use steward_api::db::{Store, StoreOptions};
 use steward_api::domain::{Properties, User};
+use steward_api::storage::{Store, StoreOptions};
 use steward_api::templates::TemplateRegistry;
 
 /// When every test store's clock starts.
@@ -29,15 +42,16 @@ pub fn ticking_clock() -> Clock {
     })
 }
 
-/// Runs one case on SQLite (`$sqlite`) and on PostgreSQL (`$postgres`).
+/// Runs one case on SQLite (`$sqlite`) and on PostgreSQL (`$postgres`). The case
+/// takes a `&TestDb`, or a `&Store` (a `TestDb` derefs to its store).
 #[macro_export]
-macro_rules! store_test {
+macro_rules! db_test {
     ($(#[$meta:meta])* $sqlite:ident, $postgres:ident, $case:path) => {
         $(#[$meta])*
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $sqlite() {
             let db = support::TestDb::sqlite().await;
-            $case(&db.store).await;
+            $case(&db).await;
             db.finish().await;
         }
 
@@ -45,7 +59,7 @@ macro_rules! store_test {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $postgres() {
             let Some(db) = support::TestDb::postgres(stringify!($postgres)).await else { return };
-            $case(&db.store).await;
+            $case(&db).await;
             db.finish().await;
         }
     };
@@ -138,6 +152,14 @@ impl TestDb {
     }
 }
 
+impl std::ops::Deref for TestDb {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
 impl Drop for TestDb {
     /// Drops the PostgreSQL schema, also when the test panicked, on a thread of its own
     /// (a `Drop` cannot await).
@@ -161,8 +183,8 @@ impl Drop for TestDb {
     }
 }
 
-pub fn templates() -> TemplateRegistry {
-    TemplateRegistry::builtin().unwrap()
+pub fn templates() -> std::sync::Arc<TemplateRegistry> {
+    std::sync::Arc::new(TemplateRegistry::builtin().unwrap())
 }
 
 pub fn user() -> User {

@@ -1,0 +1,60 @@
+//! The state every HTTP handler gets: the database, the templates, the queue names,
+//! and the supervisor's health.
+
+use std::fmt;
+use std::sync::Arc;
+
+use steward_core::HealthHandle;
+
+use crate::rules::AirlockQueues;
+use crate::storage::Database;
+use crate::templates::TemplateRegistry;
+
+/// Settings the HTTP layer needs.
+#[derive(Clone, Default)]
+pub struct ApiSettings {
+    /// Where resource requests go.
+    pub resource_request_queue: String,
+    /// Where airlock events go.
+    pub airlock_queues: AirlockQueues,
+    /// The bearer token mutating requests need, when set.
+    pub api_token: Option<String>,
+    /// The transport's name, for health messages.
+    pub transport: String,
+}
+
+impl fmt::Debug for ApiSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSettings")
+            .field("resource_request_queue", &self.resource_request_queue)
+            .field("airlock_queues", &self.airlock_queues)
+            .field("api_token", &self.api_token.as_ref().map(|_| "REDACTED"))
+            .field("transport", &self.transport)
+            .finish()
+    }
+}
+
+/// The state every HTTP handler gets: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database.
+    pub db: Database,
+    /// The templates.
+    pub templates: Arc<TemplateRegistry>,
+    /// The workers' health.
+    pub health: HealthHandle,
+    /// Queue names, the API token, the transport name.
+    pub settings: Arc<ApiSettings>,
+    /// Renders `/metrics`, when a Prometheus recorder is installed.
+    pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+}
+
+impl fmt::Debug for AppState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppState")
+            .field("db", &self.db)
+            .field("templates", &self.templates.len())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}

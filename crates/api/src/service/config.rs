@@ -1,0 +1,237 @@
+//! The service's configuration: every setting a flag and an environment variable.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use steward_core::UpdaterConfig;
+
+use crate::domain::queues;
+
+use super::transport::{KNOWN, Topology, TransportConfigError, TransportOptions};
+
+/// The longest pause between restarts of a worker that keeps failing
+/// (`STEWARD_RESTART_BACKOFF` doubles up to it).
+pub(crate) const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The window in which `STEWARD_RESTART_LIMIT` counts a worker's restarts.
+pub(crate) const RESTART_WINDOW: Duration = Duration::from_secs(600);
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The service's settings. Every flag can also be set by its environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "steward-api",
+    version,
+    about = "A TRE-style control-plane API whose queue consumers run under a supervisor"
+)]
+pub struct Config {
+    /// The message transport. Defaults to the only one compiled in, else the in-process one.
+    #[arg(long, env = "STEWARD_TRANSPORT", value_parser = clap::builder::PossibleValuesParser::new(KNOWN))]
+    pub transport: Option<String>,
+
+    /// The HTTP listen address.
+    #[arg(long, env = "STEWARD_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+
+    /// The database: `sqlite://steward.db?mode=rwc` or `postgres://user@host/db`.
+    #[arg(long, env = "STEWARD_DATABASE_URL", default_value = "sqlite://steward.db?mode=rwc")]
+    pub database_url: String,
+
+    /// The settings of each compiled-in transport.
+    #[command(flatten)]
+    pub transports: TransportOptions,
+
+    /// The queue of deployment status updates from the resource processor.
+    #[arg(
+        long,
+        env = "SERVICE_BUS_DEPLOYMENT_STATUS_UPDATE_QUEUE",
+        default_value = queues::DEPLOYMENT_STATUS
+    )]
+    pub deployment_status_queue: String,
+
+    /// The queue of airlock step results.
+    #[arg(long, env = "SERVICE_BUS_STEP_RESULT_QUEUE", default_value = queues::STEP_RESULT)]
+    pub step_result_queue: String,
+
+    /// The queue of resource requests to the resource processor.
+    #[arg(long, env = "SERVICE_BUS_RESOURCE_REQUEST_QUEUE", default_value = queues::RESOURCE_REQUEST)]
+    pub resource_request_queue: String,
+
+    /// The queue of airlock `statusChanged` events.
+    #[arg(
+        long,
+        env = "STEWARD_AIRLOCK_STATUS_CHANGED_QUEUE",
+        default_value = queues::AIRLOCK_STATUS_CHANGED
+    )]
+    pub airlock_status_changed_queue: String,
+
+    /// The queue of `airlockNotification` events.
+    #[arg(
+        long,
+        env = "STEWARD_AIRLOCK_NOTIFICATION_QUEUE",
+        default_value = queues::AIRLOCK_NOTIFICATION
+    )]
+    pub airlock_notification_queue: String,
+
+    /// Run built-in simulators of the resource processor and airlock processor. Default: on for `inmem`, off otherwise.
+    #[arg(long, env = "STEWARD_SIMULATE_PROCESSORS")]
+    pub simulate_processors: Option<bool>,
+
+    /// A directory of extra `*.json` templates, added to the shipped samples.
+    #[arg(long, env = "STEWARD_TEMPLATES_DIR")]
+    pub templates_dir: Option<PathBuf>,
+
+    /// Deliveries after which a message is dead-lettered.
+    #[arg(long, env = "STEWARD_MAX_DELIVERIES", default_value_t = UpdaterConfig::default().max_deliveries, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_deliveries: u32,
+
+    /// How long a shutdown waits for in-flight work, e.g. `25s` or `2m`.
+    #[arg(long, env = "STEWARD_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// The first pause before restarting a worker that stopped with an error; it doubles
+    /// up to 5 min.
+    #[arg(long, env = "STEWARD_RESTART_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub restart_backoff: Duration,
+
+    /// Restarts a worker may need within 10 minutes of running (after panics, fatal
+    /// errors or stalls; never for an unreachable broker or database) before it is
+    /// declared failed and `/livez` answers 503.
+    #[arg(long, env = "STEWARD_RESTART_LIMIT", default_value_t = 10)]
+    pub restart_limit: u32,
+
+    /// When set, every mutating request needs `Authorization: Bearer <token>`. Never logged.
+    #[arg(long, env = "STEWARD_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Email recipients of airlock notifications by role, as JSON:
+    /// `{"workspace_owner": ["a@example.com"], "airlock_manager": [...]}`.
+    #[arg(long, env = "STEWARD_AIRLOCK_RECIPIENTS", value_parser = parse_recipients)]
+    pub airlock_recipients: Option<BTreeMap<String, Vec<String>>>,
+
+    /// Injected faults (builds with feature `fault-injection` only), e.g.
+    /// `panic=0.01,db_error=0.05,fail_worker=deployment-status`.
+    #[arg(long, env = "STEWARD_FAULTS")]
+    pub faults: Option<String>,
+
+    /// The log format; the level comes from `RUST_LOG`.
+    #[arg(long, env = "STEWARD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Parses `25s`, `2m`, `1h 30m`, `500ms`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (try 25s, 2m or 500ms)"))
+}
+
+fn parse_recipients(text: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
+    serde_json::from_str(text)
+        .map_err(|e| format!("expected a JSON object of role to email list: {e}"))
+}
+
+impl Config {
+    /// The transport in effect: the one asked for, or the build's default.
+    ///
+    /// # Errors
+    ///
+    /// The transport asked for is not compiled in, or there is no default.
+    pub fn transport_name(&self) -> Result<&'static str, TransportConfigError> {
+        self.transports.resolve(self.transport.as_deref())
+    }
+
+    /// Whether to run the simulated processors: as asked, else only when the broker
+    /// runs in process (nothing else would answer).
+    #[must_use]
+    pub fn simulate_processors(&self) -> bool {
+        self.simulate_processors.unwrap_or_else(|| {
+            self.transport_name().is_ok_and(|name| self.transports.in_process(name))
+        })
+    }
+
+    /// The queues the workers consume and the service publishes to.
+    pub(crate) fn topology(&self) -> Topology {
+        let mut consumed =
+            vec![self.deployment_status_queue.clone(), self.step_result_queue.clone()];
+        // The simulators consume what the service publishes.
+        if self.simulate_processors() {
+            consumed.push(self.resource_request_queue.clone());
+            consumed.push(self.airlock_status_changed_queue.clone());
+        }
+        Topology {
+            consumed,
+            published: vec![
+                self.resource_request_queue.clone(),
+                self.airlock_status_changed_queue.clone(),
+                self.airlock_notification_queue.clone(),
+            ],
+            max_deliveries: self.max_deliveries,
+        }
+    }
+
+    /// The database URL with any password hidden, for logs.
+    #[must_use]
+    pub fn database_for_log(&self) -> String {
+        redact_url(&self.database_url)
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+#[must_use]
+pub(super) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    match path {
+        Some(path) => format!("{scheme}://{authority}/{path}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden_in_logged_urls() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/tre"),
+            "postgres://app:***@db:5432/tre"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("sqlite://steward.db?mode=rwc"), "sqlite://steward.db?mode=rwc");
+        assert_eq!(redact_url("postgres://app@db/tre"), "postgres://app@db/tre");
+    }
+
+    #[test]
+    fn the_command_line_of_every_transport_fits_together() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,564 @@
+//! Storage on SQLite or PostgreSQL through sqlx's `Any` driver.
+//!
+//! A [`Store`] holds the connection pools; [`Store::begin`] opens a [`Tx`], whose
+//! methods read and write resources, operations, resource history, airlock requests and
+//! the outbox. Everything a request or a message changes goes through one `Tx`, so it
+//! commits or rolls back as a whole; dropping a `Tx` without
+//! [`commit`](Tx::commit) rolls it back.
+//!
+//! Each record is a JSON document with TRE's field names plus the columns queries
+//! filter on. Updates are compare-and-swap on an `etag` column: a write whose etag no
+//! longer matches fails with [`StoreError::EtagMismatch`], and the `*_with_retries`
+//! helpers re-read and try again, returning the updated value.
+//!
+//! On SQLite the database runs in WAL mode and writes are serialised: one writer
+//! connection, each transaction opened with `BEGIN IMMEDIATE`, so a transaction never
+//! fails with `SQLITE_BUSY` halfway; reads outside a transaction use a separate pool.
+//! In-memory SQLite is refused, since every pooled connection would see a different
+//! database. On PostgreSQL one pool serves both, at the default `READ COMMITTED`
+//! isolation: a compare-and-swap that loses a race sees the winner's etag on its next
+//! read, even inside the same transaction.
+
+mod airlock;
+mod database;
+mod error;
+mod history;
+mod migrations;
+mod operations;
+mod outbox;
+mod resources;
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Transaction};
+use tokio::sync::Notify;
+
+use crate::domain::Clock;
+
+pub use airlock::AirlockRequestFilter;
+pub use database::{Database, NotReady};
+pub use error::{Entity, StoreError};
+pub use outbox::{OutboxMessage, OutboxRecord};
+pub use resources::ResourceFilter;
+
+/// The database behind a [`Store`], chosen by the URL scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// `sqlite:` URLs.
+    Sqlite,
+    /// `postgres:` and `postgresql:` URLs.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a database URL names.
+    ///
+    /// # Errors
+    ///
+    /// The scheme is neither `sqlite:` nor `postgres:`/`postgresql:`.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let scheme = url.split_once(':').map(|(scheme, _)| scheme.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("sqlite") => Ok(Backend::Sqlite),
+            Some("postgres" | "postgresql") => Ok(Backend::Postgres),
+            _ => Err(StoreError::InvalidUrl {
+                message: "the scheme must be sqlite: or postgres: (postgresql:)".to_owned(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        })
+    }
+}
+
+/// How to open a [`Store`].
+#[derive(Clone)]
+pub struct StoreOptions {
+    url: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    clock: Clock,
+}
+
+impl fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: show only the scheme.
+        let scheme = self.url.split_once(':').map_or("?", |(scheme, _)| scheme);
+        f.debug_struct("StoreOptions")
+            .field("url", &format_args!("{scheme}:…"))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+impl StoreOptions {
+    /// Options for `url` (`sqlite://steward.db?mode=rwc`, `postgres://user@host/db`;
+    /// a PostgreSQL schema can be chosen with `?options[search_path]=name`).
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        StoreOptions {
+            url: url.into(),
+            max_connections: 5,
+            acquire_timeout: Duration::from_secs(10),
+            clock: Clock::system(),
+        }
+    }
+
+    /// The most connections per pool (default 5). SQLite always has one writer.
+    #[must_use]
+    pub fn with_max_connections(mut self, max_connections: u32) -> Self {
+        self.max_connections = max_connections.max(1);
+        self
+    }
+
+    /// How long to wait for a free connection before [`StoreError::Unavailable`]
+    /// (default 10 s).
+    #[must_use]
+    pub fn with_acquire_timeout(mut self, acquire_timeout: Duration) -> Self {
+        self.acquire_timeout = acquire_timeout;
+        self
+    }
+
+    /// The clock that stamps `updatedWhen` and friends (default: the system clock).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+struct Inner {
+    backend: Backend,
+    /// Reads outside a transaction.
+    reader: AnyPool,
+    /// Transactions. On SQLite a pool of exactly one connection.
+    writer: AnyPool,
+    clock: Clock,
+    outbox_written: Notify,
+}
+
+/// The database: clone-able, cheap to clone (the pools are shared).
+///
+/// # Examples
+///
+/// ```
+/// use steward_api::storage::{Store, StoreError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), StoreError> {
+/// let dir = tempfile::tempdir().expect("temp dir");
+/// let url = format!("sqlite://{}?mode=rwc", dir.path().join("steward.db").display());
+/// let store = Store::connect(&url).await?;
+/// store.ping().await?;
+/// let tx = store.begin().await?;
+/// tx.commit().await?;
+/// store.close().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("backend", &self.inner.backend).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the database at `url` and brings its schema up to date.
+    ///
+    /// # Errors
+    ///
+    /// The URL is invalid ([`StoreError::InvalidUrl`]), the database cannot be reached
+    /// ([`StoreError::Unavailable`]), or a migration fails.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Not cancel safe while migrating: a cancelled migration is rolled back by the
+    /// database, but the next call repeats it.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(StoreOptions::new(url)).await
+    }
+
+    /// [`connect`](Self::connect) with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
+    ///
+    /// # Cancellation safety
+    ///
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with(options: StoreOptions) -> Result<Self, StoreError> {
+        let store = Self::connect_lazy(options)?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Creates the pools without connecting: the first use connects. A service starts
+    /// with this, then calls [`migrate`](Self::migrate) until the database answers.
+    ///
+    /// # Errors
+    ///
+    /// The URL is invalid or names an in-memory SQLite database.
+    pub fn connect_lazy(options: StoreOptions) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(&options.url)?;
+        let connect_options = AnyConnectOptions::from_str(&options.url)
+            .map_err(|error| StoreError::InvalidUrl { message: error.to_string() })?;
+        let pool_options = || {
+            AnyPoolOptions::new()
+                .acquire_timeout(options.acquire_timeout)
+                .max_connections(options.max_connections)
+        };
+        let (reader, writer) = match backend {
+            Backend::Sqlite => {
+                let url = options.url.to_ascii_lowercase();
+                if url.contains(":memory:") || url.contains("mode=memory") {
+                    return Err(StoreError::InvalidUrl {
+                        message: "in-memory SQLite is not supported (each pooled connection would see its own database); use a file".to_owned(),
+                    });
+                }
+                let writer = pool_options()
+                    .max_connections(1)
+                    .after_connect(|conn, _| Box::pin(async move { sqlite_pragmas(conn).await }))
+                    .connect_lazy_with(connect_options.clone());
+                let reader = pool_options()
+                    .after_connect(|conn, _| Box::pin(async move { sqlite_pragmas(conn).await }))
+                    .connect_lazy_with(connect_options);
+                (reader, writer)
+            }
+            Backend::Postgres => {
+                let pool = pool_options().connect_lazy_with(connect_options);
+                (pool.clone(), pool)
+            }
+        };
+        Ok(Store {
+            inner: Arc::new(Inner {
+                backend,
+                reader,
+                writer,
+                clock: options.clock,
+                outbox_written: Notify::new(),
+            }),
+        })
+    }
+
+    /// Brings the schema up to date (embedded migrations for the backend).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Migrate`]; [`StoreError::is_unavailable`] tells whether the database
+    /// was unreachable.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Not cancel safe: see [`connect`](Self::connect).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = migrations::migrator(self.inner.backend)
+            .await
+            .map_err(|source| StoreError::Migrate { source })?;
+        migrator.run(&self.inner.writer).await.map_err(|source| StoreError::Migrate { source })
+    }
+
+    /// The backend.
+    #[must_use]
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The store's clock.
+    #[must_use]
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// Checks that the database answers (`SELECT 1`), for readiness probes.
+    ///
+    /// # Errors
+    ///
+    /// The database does not answer.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.reader.execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Opens a transaction. On SQLite this waits for the single writer connection.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when no connection can be had in time.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: a cancelled `begin` opens nothing.
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
+        let tx = match self.inner.backend {
+            Backend::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.inner.writer.begin().await?,
+        };
+        Ok(Tx { tx, store: self.clone(), wrote_outbox: false })
+    }
+
+    /// Waits until a transaction that wrote to the outbox commits (or returns at once if
+    /// one committed since the last call). The outbox worker waits on this, with a poll
+    /// interval as fallback.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn outbox_written(&self) {
+        self.inner.outbox_written.notified().await;
+    }
+
+    /// Closes every connection; later calls fail with [`StoreError::Unavailable`].
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe; the pools are closed either way.
+    pub async fn close(&self) {
+        self.inner.writer.close().await;
+        self.inner.reader.close().await;
+    }
+
+    pub(crate) fn reader(&self) -> &AnyPool {
+        &self.inner.reader
+    }
+
+    /// Reads outside any transaction, each on a connection of the read pool.
+    #[must_use]
+    pub fn read(&self) -> Reader<'_> {
+        Reader(ReadFrom::Pool(self.reader()))
+    }
+}
+
+/// Reads records: on the store's read pool ([`Store::read`]) or inside a transaction
+/// ([`Tx::read`]). Each read is written once, over either connection, and takes the
+/// reader by value: `store.read().resource(id)`, `tx.read().resource(id)`.
+#[derive(Debug)]
+pub struct Reader<'a>(ReadFrom<'a>);
+
+#[derive(Debug)]
+enum ReadFrom<'a> {
+    Pool(&'a AnyPool),
+    Tx(&'a mut AnyConnection),
+}
+
+/// The connection one read runs on: [`Acquire`](sqlx::Acquire) for the pool and the
+/// transaction, as one type.
+enum ReadConnection<'a> {
+    Pooled(PoolConnection<Any>),
+    Tx(&'a mut AnyConnection),
+}
+
+impl Deref for ReadConnection<'_> {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        match self {
+            ReadConnection::Pooled(conn) => conn,
+            ReadConnection::Tx(conn) => conn,
+        }
+    }
+}
+
+impl DerefMut for ReadConnection<'_> {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        match self {
+            ReadConnection::Pooled(conn) => conn,
+            ReadConnection::Tx(conn) => conn,
+        }
+    }
+}
+
+impl<'a> Reader<'a> {
+    /// A connection for this read.
+    async fn connection(self) -> Result<ReadConnection<'a>, StoreError> {
+        Ok(match self.0 {
+            ReadFrom::Pool(pool) => ReadConnection::Pooled(pool.acquire().await?),
+            ReadFrom::Tx(conn) => ReadConnection::Tx(conn),
+        })
+    }
+}
+
+/// WAL, a busy timeout for readers during checkpoints, and foreign keys.
+async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    for pragma in [
+        "PRAGMA busy_timeout = 5000",
+        "PRAGMA journal_mode = WAL",
+        "PRAGMA synchronous = NORMAL",
+        "PRAGMA foreign_keys = ON",
+    ] {
+        conn.execute(pragma).await?;
+    }
+    Ok(())
+}
+
+/// An open transaction. Commit with [`commit`](Self::commit); dropping it rolls back.
+///
+/// `NotFound`, `AlreadyExists` and `EtagMismatch` errors leave the transaction usable.
+/// After any other error, roll back: PostgreSQL aborts a transaction at its first
+/// failed statement, and [`commit`](Self::commit) then reports
+/// [`StoreError::Aborted`] instead of pretending to commit.
+pub struct Tx {
+    tx: Transaction<'static, Any>,
+    store: Store,
+    wrote_outbox: bool,
+}
+
+impl fmt::Debug for Tx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tx")
+            .field("backend", &self.store.inner.backend)
+            .field("wrote_outbox", &self.wrote_outbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tx {
+    /// Commits, and wakes the outbox worker if this transaction wrote to the outbox.
+    ///
+    /// # Errors
+    ///
+    /// The commit failed; nothing was written.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Not cancel safe: a cancelled commit may or may not have been applied.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        let Tx { mut tx, store, wrote_outbox } = self;
+        if store.inner.backend == Backend::Postgres {
+            // PostgreSQL turns the COMMIT of a transaction that saw an error into a
+            // silent ROLLBACK; ask first, so the caller learns nothing was written.
+            if let Err(error) = (&mut *tx).execute("SELECT 1").await {
+                let aborted = matches!(&error, sqlx::Error::Database(db) if db.code().as_deref() == Some("25P02"));
+                let _ = tx.rollback().await;
+                return Err(if aborted {
+                    StoreError::Aborted { source: error }
+                } else {
+                    error.into()
+                });
+            }
+        }
+        tx.commit().await?;
+        if wrote_outbox {
+            store.inner.outbox_written.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Rolls back.
+    ///
+    /// # Errors
+    ///
+    /// The rollback failed (the database drops the transaction anyway when the
+    /// connection closes).
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: a dropped transaction is rolled back.
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+
+    /// Marks a savepoint named `name` (an SQL identifier), so a part of the transaction
+    /// can be undone with [`rollback_to_savepoint`](Self::rollback_to_savepoint) while the
+    /// rest stays. On PostgreSQL, rolling back to a savepoint also clears the aborted
+    /// state an error inside it left.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn().execute(format!("SAVEPOINT {name}").as_str()).await?;
+        Ok(())
+    }
+
+    /// Undoes everything since [`savepoint`](Self::savepoint) `name` and drops the
+    /// savepoint.
+    ///
+    /// # Errors
+    ///
+    /// The database failed, or there is no such savepoint.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn rollback_to_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn().execute(format!("ROLLBACK TO SAVEPOINT {name}").as_str()).await?;
+        self.conn().execute(format!("RELEASE SAVEPOINT {name}").as_str()).await?;
+        Ok(())
+    }
+
+    /// Keeps everything since [`savepoint`](Self::savepoint) `name` and drops the
+    /// savepoint.
+    ///
+    /// # Errors
+    ///
+    /// The database failed, or there is no such savepoint.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn release_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn().execute(format!("RELEASE SAVEPOINT {name}").as_str()).await?;
+        Ok(())
+    }
+
+    /// The store's clock reading, for `updatedWhen` stamps.
+    #[must_use]
+    pub fn now(&self) -> f64 {
+        self.store.inner.clock.now()
+    }
+
+    /// The store this transaction belongs to.
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Reads inside this transaction: they see its own writes.
+    #[must_use]
+    pub fn read(&mut self) -> Reader<'_> {
+        Reader(ReadFrom::Tx(&mut self.tx))
+    }
+
+    pub(crate) fn conn(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.tx
+    }
+}
+
+/// POSIX seconds as whole milliseconds, the unit of the time columns.
+#[must_use]
+pub(crate) fn millis(seconds: f64) -> i64 {
+    // Saturating float-to-int conversion; times are far inside the i64 range.
+    #[allow(clippy::cast_possible_truncation)]
+    let millis = (seconds * 1000.0).round() as i64;
+    millis
+}

@@ -1,0 +1,333 @@
+//! The transactional outbox: messages written with the state change that caused them,
+//! published later by the outbox worker.
+
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use steward_core::OutgoingMessage;
+
+use super::error::{Entity, StoreError};
+use super::{Store, Tx};
+use crate::storage::millis;
+
+/// A message to publish once the transaction that wrote it commits: the broker message
+/// and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// The queue (or topic) to send to.
+    pub queue: String,
+    /// The record the message is about. Messages of one aggregate are published one at
+    /// a time, in the order they were written.
+    pub aggregate_id: String,
+    /// The subject (label), if any: sent as the `subject` property.
+    pub subject: Option<String>,
+    /// The message: its body (text), session id, correlation id, content type and
+    /// properties. Its message id is not kept: the row id becomes the message id.
+    pub outgoing: OutgoingMessage,
+}
+
+impl OutboxMessage {
+    /// `outgoing`, for `queue`, about `aggregate_id`.
+    #[must_use]
+    pub fn new(
+        queue: impl Into<String>,
+        outgoing: OutgoingMessage,
+        aggregate_id: impl Into<String>,
+    ) -> Self {
+        OutboxMessage {
+            queue: queue.into(),
+            aggregate_id: aggregate_id.into(),
+            subject: None,
+            outgoing,
+        }
+    }
+
+    /// A JSON message for `queue` about `aggregate_id`, with content type
+    /// `application/json`.
+    ///
+    /// # Errors
+    ///
+    /// `body` cannot be serialized.
+    pub fn json<T: Serialize + ?Sized>(
+        queue: impl Into<String>,
+        body: &T,
+        aggregate_id: impl Into<String>,
+    ) -> Result<Self, serde_json::Error> {
+        let body = serde_json::to_string(body)?;
+        Ok(OutboxMessage::new(queue, OutgoingMessage::json(body), aggregate_id))
+    }
+
+    /// Sets the session id.
+    #[must_use]
+    pub fn with_session_id(mut self, session_id: impl Into<String>) -> Self {
+        self.outgoing = self.outgoing.with_session_id(session_id);
+        self
+    }
+
+    /// Sets the correlation id.
+    #[must_use]
+    pub fn with_correlation_id(mut self, correlation_id: impl Into<String>) -> Self {
+        self.outgoing.correlation_id = Some(correlation_id.into());
+        self
+    }
+
+    /// Sets the subject.
+    #[must_use]
+    pub fn with_subject(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+}
+
+/// An outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// The row id; also the broker message id, so consumers can drop duplicates.
+    pub id: i64,
+    /// The message.
+    pub message: OutboxMessage,
+    /// When it was written, in milliseconds since the epoch.
+    pub created_at: i64,
+    /// How many times publishing was tried.
+    pub attempts: i64,
+    /// The worker holding the lease, if any.
+    pub lease_owner: Option<String>,
+    /// When the lease ends, in milliseconds since the epoch.
+    pub lease_until: Option<i64>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl OutboxRecord {
+    /// The broker message id: the row id as text.
+    #[must_use]
+    pub fn message_id(&self) -> String {
+        self.id.to_string()
+    }
+}
+
+fn from_row(row: &AnyRow) -> Result<OutboxRecord, StoreError> {
+    let id: i64 = row.try_get("id")?;
+    let properties: String = row.try_get("properties")?;
+    let properties = serde_json::from_str(&properties)
+        .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &id.to_string(), error))?;
+    Ok(OutboxRecord {
+        id,
+        message: OutboxMessage {
+            queue: row.try_get("queue")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            subject: row.try_get("subject")?,
+            outgoing: OutgoingMessage {
+                session_id: row.try_get("session_id")?,
+                correlation_id: row.try_get("correlation_id")?,
+                content_type: row.try_get("content_type")?,
+                properties,
+                ..OutgoingMessage::new(row.try_get::<String, _>("body")?)
+            },
+        },
+        created_at: row.try_get("created_at")?,
+        attempts: row.try_get("attempts")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_until: row.try_get("lease_until")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+impl Tx {
+    /// Writes a message to the outbox; it is published after this transaction commits
+    /// (and never if it rolls back). Returns the row id, which becomes the message id.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn insert_outbox(&mut self, message: OutboxMessage) -> Result<i64, StoreError> {
+        let OutboxMessage { queue, aggregate_id, subject, outgoing: message } = message;
+        let properties = serde_json::to_string(&message.properties)
+            .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &aggregate_id, error))?;
+        let now = millis(self.now());
+        let row = sqlx::query(
+            "INSERT INTO outbox (queue, aggregate_id, body, session_id, correlation_id, content_type, subject, \
+             properties, created_at, available_at, attempts) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0) RETURNING id",
+        )
+        .bind(queue)
+        .bind(aggregate_id)
+        .bind(String::from_utf8_lossy(&message.body).into_owned())
+        .bind(message.session_id)
+        .bind(message.correlation_id)
+        .bind(message.content_type)
+        .bind(subject)
+        .bind(properties)
+        .bind(now)
+        .bind(now)
+        .fetch_one(self.conn())
+        .await?;
+        self.wrote_outbox = true;
+        Ok(row.try_get("id")?)
+    }
+}
+
+impl Store {
+    /// Up to `limit` outbox rows, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn outbox_messages(&self, limit: u64) -> Result<Vec<OutboxRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, queue, aggregate_id, body, session_id, correlation_id, content_type, subject, properties, \
+             created_at, attempts, lease_owner, lease_until, last_error FROM outbox ORDER BY id LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// The number of outbox rows not yet published.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn outbox_backlog(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM outbox").fetch_one(self.reader()).await?;
+        Ok(row.try_get("n")?)
+    }
+}
+
+/// The columns of an outbox row, in the order [`from_row`] reads them.
+const COLUMNS: &str = "id, queue, aggregate_id, body, session_id, correlation_id, content_type, subject, \
+                       properties, created_at, attempts, lease_owner, lease_until, last_error";
+
+impl Store {
+    /// Claims up to `limit` outbox rows for `owner` until `lease_until_ms`: rows due by
+    /// `now_ms`, not leased (or whose lease ran out), and each the oldest row of its
+    /// aggregate, so an aggregate's messages go out one at a time, in order. Returns
+    /// them oldest first.
+    ///
+    /// On PostgreSQL the rows are picked with `FOR UPDATE SKIP LOCKED`, so concurrent
+    /// workers (several replicas) never claim the same row; on SQLite the single writer
+    /// connection serialises claims.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the claim is one transaction, rolled back if dropped.
+    pub async fn claim_outbox(
+        &self,
+        owner: &str,
+        limit: usize,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<Vec<OutboxRecord>, StoreError> {
+        let lock = match self.backend() {
+            super::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            super::Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE outbox SET lease_owner = $1, lease_until = $2 WHERE id IN (\
+             SELECT o.id FROM outbox o \
+             WHERE o.available_at <= $3 AND (o.lease_until IS NULL OR o.lease_until <= $3) \
+             AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.id < o.id) \
+             ORDER BY o.id LIMIT $4{lock}) \
+             RETURNING {COLUMNS}"
+        );
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(&sql)
+            .bind(owner)
+            .bind(lease_until_ms)
+            .bind(now_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(tx.conn())
+            .await?;
+        let mut claimed = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await?;
+        claimed.sort_by_key(|record| record.id);
+        Ok(claimed)
+    }
+
+    /// Deletes a published outbox row.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: a cancelled delete leaves the row, which is then published again
+    /// (consumers drop the duplicate by its message id).
+    pub async fn delete_outbox(&self, id: i64) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM outbox WHERE id = $1").bind(id).execute(tx.conn()).await?;
+        tx.commit().await
+    }
+
+    /// Records a failed publish of a row `owner` holds: one more attempt, the error, the
+    /// lease given up, and not due again before `retry_at_ms`. Does nothing when the
+    /// lease has passed to another worker meanwhile, so that worker's claim stands.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: a cancelled call leaves the lease, which runs out.
+    pub async fn fail_outbox(
+        &self,
+        id: i64,
+        owner: &str,
+        error: &str,
+        retry_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = $2, available_at = $3, \
+             lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $4",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(retry_at_ms)
+        .bind(owner)
+        .execute(tx.conn())
+        .await?;
+        tx.commit().await
+    }
+
+    /// Gives up every lease `owner` holds, so other workers can publish those rows at
+    /// once (a worker shutting down).
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: leases not released run out.
+    pub async fn release_outbox(&self, owner: &str) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+        )
+        .bind(owner)
+        .execute(tx.conn())
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}

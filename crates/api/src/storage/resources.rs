@@ -1,0 +1,430 @@
+//! Resources: insert, read, list, compare-and-swap replace, patch with history.
+
+use std::future::Future;
+
+use sqlx::any::AnyRow;
+use sqlx::{Any, Executor, Row};
+
+use super::error::{Entity, StoreError, inserted};
+use super::{Reader, Store, Tx};
+use crate::domain::new_id;
+use crate::domain::{Resource, ResourcePatch, ResourceType, Status, User};
+use crate::storage::millis;
+
+const COLUMNS: &str = "id, etag, doc";
+
+/// Which resources to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceFilter {
+    /// Only this type.
+    pub resource_type: Option<ResourceType>,
+    /// Only this deployment status.
+    pub status: Option<Status>,
+    /// Only resources of this workspace (workspace services and user resources).
+    pub workspace_id: Option<String>,
+    /// Only user resources of this workspace service.
+    pub parent_workspace_service_id: Option<String>,
+    /// Only this template.
+    pub template_name: Option<String>,
+    /// Include resources whose status is `deleted` (left out by default).
+    pub include_deleted: bool,
+    /// Skip this many (in creation order).
+    pub skip: u64,
+    /// Return at most this many; `None` for all.
+    pub limit: Option<u64>,
+}
+
+fn from_row(row: &AnyRow) -> Result<Resource, StoreError> {
+    let id: String = row.try_get("id")?;
+    let etag: String = row.try_get("etag")?;
+    let doc: String = row.try_get("doc")?;
+    let mut resource: Resource = serde_json::from_str(&doc)
+        .map_err(|error| StoreError::corrupt(Entity::Resource, &id, error))?;
+    resource.etag = etag;
+    Ok(resource)
+}
+
+fn to_doc(resource: &Resource) -> Result<String, StoreError> {
+    serde_json::to_string(resource)
+        .map_err(|error| StoreError::corrupt(Entity::Resource, &id_of(resource), error))
+}
+
+fn id_of(resource: &Resource) -> String {
+    resource.id.clone()
+}
+
+/// `i64` for SQL from a `u64` count, saturating.
+fn count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+async fn fetch<'c, E: Executor<'c, Database = Any>>(
+    executor: E,
+    id: &str,
+) -> Result<Option<Resource>, StoreError> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM resources WHERE id = $1"))
+        .bind(id.to_owned())
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+async fn list<'c, E: Executor<'c, Database = Any>>(
+    executor: E,
+    filter: &ResourceFilter,
+) -> Result<Vec<Resource>, StoreError> {
+    let mut sql = format!("SELECT {COLUMNS} FROM resources WHERE 1 = 1");
+    let mut binds: Vec<String> = Vec::new();
+    let mut condition = |sql: &mut String, column: &str, value: &str| {
+        binds.push(value.to_owned());
+        sql.push_str(&format!(" AND {column} = ${}", binds.len()));
+    };
+    if let Some(kind) = filter.resource_type {
+        condition(&mut sql, "resource_type", kind.as_str());
+    }
+    if let Some(status) = filter.status {
+        condition(&mut sql, "deployment_status", status.as_str());
+    }
+    if let Some(workspace_id) = &filter.workspace_id {
+        condition(&mut sql, "workspace_id", workspace_id);
+    }
+    if let Some(parent) = &filter.parent_workspace_service_id {
+        condition(&mut sql, "parent_workspace_service_id", parent);
+    }
+    if let Some(template_name) = &filter.template_name {
+        condition(&mut sql, "template_name", template_name);
+    }
+    if !filter.include_deleted {
+        sql.push_str(" AND (deployment_status IS NULL OR deployment_status <> 'deleted')");
+    }
+    let n = binds.len();
+    sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${} OFFSET ${}", n + 1, n + 2));
+    let mut query = sqlx::query(&sql);
+    for bind in binds {
+        query = query.bind(bind);
+    }
+    let rows = query
+        .bind(filter.limit.map_or(i64::MAX, count))
+        .bind(count(filter.skip))
+        .fetch_all(executor)
+        .await?;
+    rows.iter().map(from_row).collect()
+}
+
+impl Store {
+    /// Patches a resource outside any caller transaction, retrying on etag mismatches
+    /// like TRE's `try_update_with_retries`: each attempt reads the resource, asks
+    /// `make_patch` for the change, and writes it (with its history item) in a
+    /// transaction of its own if the etag still matches. There are at most
+    /// `num_retries + 1` attempts.
+    ///
+    /// Returns the updated resource (TRE's version returns `None` after a retry; DESIGN
+    /// §6).
+    ///
+    /// # Errors
+    ///
+    /// The last [`StoreError::EtagMismatch`] after `num_retries + 1` attempts, any
+    /// other store error at once, or the error of `make_patch`.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Not cancel safe: an attempt that was committing may or may not be applied.
+    pub async fn patch_resource_with_retries<E, F, Fut>(
+        &self,
+        id: &str,
+        num_retries: u32,
+        user: &User,
+        mut make_patch: F,
+    ) -> Result<Resource, E>
+    where
+        E: From<StoreError>,
+        F: FnMut(Resource) -> Fut,
+        Fut: Future<Output = Result<ResourcePatch, E>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let current = self.read().resource(id).await?;
+            let patch = make_patch(current.clone()).await?;
+            let result = async {
+                let mut tx = self.begin().await?;
+                let patched = tx.patch_resource(&current, &patch, user).await?;
+                tx.commit().await?;
+                Ok::<_, StoreError>(patched)
+            }
+            .await;
+            match result {
+                Err(error) if error.is_etag_mismatch() && attempt < num_retries => {
+                    attempt += 1;
+                    tracing::debug!(resource_id = id, attempt, "etag mismatch, retrying the patch");
+                }
+                other => return other.map_err(E::from),
+            }
+        }
+    }
+}
+
+impl Tx {
+    /// Inserts a new resource with a fresh etag and returns it as stored.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::AlreadyExists`] if the id is taken, or the database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn insert_resource(&mut self, resource: &Resource) -> Result<Resource, StoreError> {
+        let mut stored = resource.clone();
+        stored.etag = new_id();
+        let doc = to_doc(&stored)?;
+        let now = millis(self.now());
+        let result = sqlx::query(
+            "INSERT INTO resources (id, resource_type, template_name, template_version, deployment_status, \
+             resource_path, workspace_id, parent_workspace_service_id, etag, created_at, updated_at, doc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(stored.id.clone())
+        .bind(stored.resource_type().as_str())
+        .bind(stored.template_name.clone())
+        .bind(stored.template_version.clone())
+        .bind(stored.deployment_status.map(|status| status.as_str().to_owned()))
+        .bind(stored.resource_path.clone())
+        .bind(stored.workspace_id().map(str::to_owned))
+        .bind(stored.parent_workspace_service_id().map(str::to_owned))
+        .bind(stored.etag.clone())
+        .bind(now)
+        .bind(now)
+        .bind(doc)
+        .execute(self.conn())
+        .await?;
+        inserted(&result, Entity::Resource, &stored.id)?;
+        Ok(stored)
+    }
+
+    /// Replaces a resource if its stored etag still equals `resource.etag`; returns it
+    /// with its new etag.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::EtagMismatch`] if it changed since it was read,
+    /// [`StoreError::NotFound`] if it is gone, or the database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn replace_resource(&mut self, resource: &Resource) -> Result<Resource, StoreError> {
+        let mut stored = resource.clone();
+        stored.etag = new_id();
+        let doc = to_doc(&stored)?;
+        let now = millis(self.now());
+        let result = sqlx::query(
+            "UPDATE resources SET template_version = $1, deployment_status = $2, resource_path = $3, \
+             workspace_id = $4, parent_workspace_service_id = $5, etag = $6, updated_at = $7, doc = $8 \
+             WHERE id = $9 AND etag = $10",
+        )
+        .bind(stored.template_version.clone())
+        .bind(stored.deployment_status.map(|status| status.as_str().to_owned()))
+        .bind(stored.resource_path.clone())
+        .bind(stored.workspace_id().map(str::to_owned))
+        .bind(stored.parent_workspace_service_id().map(str::to_owned))
+        .bind(stored.etag.clone())
+        .bind(now)
+        .bind(doc)
+        .bind(stored.id.clone())
+        .bind(resource.etag.clone())
+        .execute(self.conn())
+        .await?;
+        if result.rows_affected() == 1 {
+            return Ok(stored);
+        }
+        Err(self.missing_or_changed(Entity::Resource, "resources", &resource.id).await)
+    }
+
+    /// TRE's `patch_resource`: bumps `resourceVersion`, stamps `user` and
+    /// `updatedWhen`, merges the patch, writes it if `current.etag` still matches, and
+    /// records `current` as a [`ResourceHistoryItem`](crate::domain::ResourceHistoryItem).
+    /// The patch is not validated here; see
+    /// [`Template::validate_patch`](crate::templates::Template::validate_patch).
+    ///
+    /// # Errors
+    ///
+    /// As [`replace_resource`](Self::replace_resource).
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn patch_resource(
+        &mut self,
+        current: &Resource,
+        patch: &ResourcePatch,
+        user: &User,
+    ) -> Result<Resource, StoreError> {
+        let mut updated = current.clone();
+        updated.resource_version += 1;
+        updated.user = user.clone();
+        updated.updated_when = self.now();
+        if let Some(is_enabled) = patch.is_enabled {
+            updated.is_enabled = is_enabled;
+        }
+        if let Some(properties) = &patch.properties {
+            for (name, value) in properties {
+                updated.properties.insert(name.clone(), value.clone());
+            }
+        }
+        // Write first: a lost race must not leave a history item behind.
+        let stored = self.replace_resource(&updated).await?;
+        self.insert_history(&current.history_item(new_id())).await?;
+        Ok(stored)
+    }
+
+    /// [`patch_resource`](Self::patch_resource) with TRE's etag retries, inside this
+    /// transaction: each attempt reads the resource, asks `make_patch` for the change
+    /// and writes it; at most `num_retries + 1` attempts. Returns the updated resource.
+    ///
+    /// # Errors
+    ///
+    /// The last [`StoreError::EtagMismatch`], any other store error at once, or the
+    /// error of `make_patch`.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn patch_resource_with_retries<E>(
+        &mut self,
+        id: &str,
+        num_retries: u32,
+        user: &User,
+        mut make_patch: impl FnMut(&Resource) -> Result<ResourcePatch, E>,
+    ) -> Result<Resource, E>
+    where
+        E: From<StoreError>,
+    {
+        let mut attempt = 0;
+        loop {
+            let current = self.read().resource(id).await?;
+            let patch = make_patch(&current)?;
+            match self.patch_resource(&current, &patch, user).await {
+                Err(error) if error.is_etag_mismatch() && attempt < num_retries => {
+                    attempt += 1;
+                    tracing::debug!(resource_id = id, attempt, "etag mismatch, retrying the patch");
+                }
+                other => return other.map_err(E::from),
+            }
+        }
+    }
+
+    /// After an update matched no row: the record is gone, or its etag changed.
+    pub(crate) async fn missing_or_changed(
+        &mut self,
+        entity: Entity,
+        table: &str,
+        id: &str,
+    ) -> StoreError {
+        let exists = sqlx::query(&format!("SELECT 1 FROM {table} WHERE id = $1"))
+            .bind(id.to_owned())
+            .fetch_optional(self.conn())
+            .await;
+        match exists {
+            Ok(Some(_)) => StoreError::EtagMismatch { entity, id: id.to_owned() },
+            Ok(None) => StoreError::not_found(entity, id),
+            Err(error) => error.into(),
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// The resource with this id.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`], or the database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn resource(self, id: &str) -> Result<Resource, StoreError> {
+        self.find_resource(id).await?.ok_or_else(|| StoreError::not_found(Entity::Resource, id))
+    }
+
+    /// The resource with this id, if there is one.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn find_resource(self, id: &str) -> Result<Option<Resource>, StoreError> {
+        fetch(&mut *self.connection().await?, id).await
+    }
+
+    /// Resources matching `filter`, in creation order.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn resources(self, filter: &ResourceFilter) -> Result<Vec<Resource>, StoreError> {
+        list(&mut *self.connection().await?, filter).await
+    }
+
+    /// The first shared service of this template that is not gone: not deleted, being
+    /// deleted, or failed to deploy. Pipelines use it as a step target.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn active_shared_service(
+        self,
+        template_name: &str,
+    ) -> Result<Option<Resource>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM resources WHERE resource_type = 'shared-service' AND template_name = $1 \
+             AND (deployment_status IS NULL OR deployment_status NOT IN \
+             ('deleted', 'deleting', 'awaiting_deletion', 'deployment_failed')) \
+             ORDER BY created_at, id LIMIT 1"
+        ))
+        .bind(template_name.to_owned())
+        .fetch_optional(&mut *self.connection().await?)
+        .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// The resource and everything under it that is not deleted, deepest first (TRE
+    /// `get_resource_dependency_list`, for cascading uninstalls).
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn resource_dependency_list(
+        self,
+        resource: &Resource,
+    ) -> Result<Vec<Resource>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM resources WHERE (id = $1 OR resource_path LIKE $2) \
+             AND (deployment_status IS NULL OR deployment_status <> 'deleted')"
+        ))
+        .bind(resource.id.clone())
+        .bind(format!("{}/%", resource.resource_path))
+        .fetch_all(&mut *self.connection().await?)
+        .await?;
+        let mut resources = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+        resources.sort_by(|a, b| {
+            let depth = |r: &Resource| r.resource_path.matches('/').count();
+            depth(b).cmp(&depth(a)).then_with(|| a.resource_path.cmp(&b.resource_path))
+        });
+        Ok(resources)
+    }
+}
