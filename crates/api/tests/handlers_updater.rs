@@ -103,7 +103,7 @@ async fn shut_down(supervisor: Supervisor) {
 }
 
 fn dead_letter_reasons(broker: &InMemoryBroker, queue: &str) -> BTreeSet<(String, String)> {
-    broker.dead_letters(queue).into_iter().map(|dead| (dead.message.id, dead.info.reason)).collect()
+    broker.dead_letters(queue).into_iter().map(|dead| (dead.message.id, dead.reason)).collect()
 }
 
 mod cases {
@@ -154,10 +154,7 @@ mod cases {
         let dead = broker.dead_letters(QUEUE);
         let malformed = dead.iter().find(|d| d.message.id == "malformed").unwrap();
         assert!(
-            malformed
-                .info
-                .description
-                .starts_with("Service bus message is not formatted correctly")
+            malformed.description.starts_with("Service bus message is not formatted correctly")
         );
         assert_eq!(malformed.message.body.as_ref(), b"bad", "the message is kept as sent");
         let stored = db.store.operation(&op.id).await.unwrap();

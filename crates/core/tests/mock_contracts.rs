@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward_core::testkit::{DeadLetter, TransportFactory};
+use steward_core::testkit::TransportFactory;
 use steward_core::{
-    Capabilities, Delivery, Message, MessageSink, MessageSource, MockMessageSink,
+    Capabilities, DeadLetter, Delivery, Message, MessageSink, MessageSource, MockMessageSink,
     MockMessageSource, MockSettle, TransportError, error_chain,
 };
 

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use steward_core::transport::MAX_DELIVERY_COUNT_EXCEEDED;
 use steward_core::{ErrorKind, MessageSink, MessageSource, OutgoingMessage, TransportError};
-use steward_inmem::{InMemoryBroker, MAX_DELIVERY_COUNT_EXCEEDED, QueueOptions};
+use steward_inmem::{InMemoryBroker, QueueOptions};
 use tokio::time::{Instant, timeout};
 
 const WAIT: Duration = Duration::from_secs(1);
@@ -114,7 +115,7 @@ async fn delivery_limit_moves_message_to_dead_letter_queue() {
     let dead = broker.dead_letters("q");
     let ids: Vec<_> = dead.iter().map(|d| d.message.id.as_str()).collect();
     assert_eq!(ids, ["abandoned", "expired"]);
-    assert!(dead.iter().all(|d| d.info.reason == MAX_DELIVERY_COUNT_EXCEEDED));
+    assert!(dead.iter().all(|d| d.reason == MAX_DELIVERY_COUNT_EXCEEDED));
     assert_eq!(broker.dead_letter_count("q"), 2);
 
     let dlq = broker.dead_letter_source("q").unwrap();

@@ -4,8 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::testkit::{DeadLetter, FaultHooks, TransportFactory, unique_name};
-use steward_core::{Capabilities, ErrorKind, MessageSink, MessageSource, TransportError};
+use steward_core::testkit::{FaultHooks, TransportFactory, unique_name};
+use steward_core::{
+    Capabilities, DeadLetter, ErrorKind, MessageSink, MessageSource, TransportError,
+};
 use steward_inmem::{InMemoryBroker, QueueOptions};
 
 const LOCK: Duration = Duration::from_secs(30);
@@ -49,16 +51,7 @@ impl TransportFactory for Factory {
     }
 
     async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
-        Ok(self
-            .broker
-            .dead_letters(queue)
-            .into_iter()
-            .map(|d| DeadLetter {
-                message: d.message,
-                reason: d.info.reason,
-                description: d.info.description,
-            })
-            .collect())
+        Ok(self.broker.dead_letters(queue))
     }
 
     fn faults(&self) -> Option<&dyn FaultHooks> {

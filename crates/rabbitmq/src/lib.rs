@@ -161,7 +161,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::{Connection, ConnectionProperties};
-use steward_core::{Capabilities, Message, TransportError};
+use steward_core::transport::MAX_DELIVERY_COUNT_EXCEEDED;
+use steward_core::{Capabilities, DeadLetter, TransportError};
 use tokio::sync::OnceCell;
 use tokio::time::timeout;
 
@@ -190,10 +191,6 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     max_body_bytes: None,
 };
 
-/// The reason given to messages the broker dead-lettered itself because they reached
-/// the queue's `x-delivery-limit`.
-pub const BROKER_DELIVERY_LIMIT_REASON: &str = "MaxDeliveryCountExceeded";
-
 /// A configured RabbitMQ transport: opens sources and sinks, declares the topology.
 ///
 /// Cheap to clone; clones share the configuration and the "topology declared" state.
@@ -211,20 +208,6 @@ impl fmt::Debug for RabbitMq {
             .field("topology_declared", &self.topology.initialized())
             .finish()
     }
-}
-
-/// A message in a dead-letter queue, with why it is there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeadLetteredMessage {
-    /// The message, with its original properties and headers.
-    pub message: Message,
-    /// `x-steward-dead-letter-reason`, or for a message the broker moved itself
-    /// [`BROKER_DELIVERY_LIMIT_REASON`] (delivery limit) or the broker's own reason for
-    /// its last death (`x-last-death-reason`, else the latest `x-death` entry).
-    pub reason: String,
-    /// `x-steward-dead-letter-description`, empty for messages the broker moved.
-    pub description: String,
 }
 
 impl RabbitMq {
@@ -355,10 +338,7 @@ impl RabbitMq {
     ///
     /// Cancel safe: the messages read go back to the queue when the reading connection
     /// closes.
-    pub async fn dead_letters(
-        &self,
-        queue: &str,
-    ) -> Result<Vec<DeadLetteredMessage>, TransportError> {
+    pub async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
         let dlq = dead_letter_queue(queue);
         let dlq_name = message::short("queue name", &dlq)?;
         let connection = connect(&self.config, &format!("dead-letter reader {queue}")).await?;
@@ -384,7 +364,7 @@ impl RabbitMq {
                 .or_else(|| {
                     message::broker_death_reason(properties).map(|reason| {
                         if reason == "delivery_limit" {
-                            BROKER_DELIVERY_LIMIT_REASON.to_owned()
+                            MAX_DELIVERY_COUNT_EXCEEDED.to_owned()
                         } else {
                             reason
                         }
@@ -394,7 +374,7 @@ impl RabbitMq {
             let description = message::header_string(properties, DEAD_LETTER_DESCRIPTION_HEADER)
                 .unwrap_or_default();
             let message = message::to_message(properties, Bytes::from(delivery.data));
-            read.push(DeadLetteredMessage { message, reason, description });
+            read.push(DeadLetter { message, reason, description });
             held.push(delivery.acker);
         }
         for acker in held {

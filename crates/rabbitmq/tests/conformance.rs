@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::testkit::{DeadLetter, FaultHooks, TransportFactory, unique_name};
-use steward_core::{Capabilities, MessageSink, MessageSource, TransportError};
+use steward_core::testkit::{FaultHooks, TransportFactory, unique_name};
+use steward_core::{Capabilities, DeadLetter, MessageSink, MessageSource, TransportError};
 use steward_rabbitmq::{RabbitMq, RabbitMqBuilder};
 
 /// The prefetch of the suite's consumers: the most messages any case holds unsettled
@@ -93,17 +93,7 @@ impl TransportFactory for Factory {
     }
 
     async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
-        Ok(self
-            .sink
-            .dead_letters(queue)
-            .await?
-            .into_iter()
-            .map(|dead| DeadLetter {
-                message: dead.message,
-                reason: dead.reason,
-                description: dead.description,
-            })
-            .collect())
+        self.sink.dead_letters(queue).await
     }
 
     fn missing_queue(&self) -> Option<String> {

@@ -170,7 +170,7 @@ pub use auth::{
     SERVICE_BUS_RESOURCE, Secret, StaticToken, TokenError, TokenProvider,
 };
 pub use builder::{AuthMethod, ConfigError, NAMESPACE_SUFFIX, ServiceBusBuilder};
-pub use client::{DeadLetteredMessage, MAX_DEAD_LETTERS_READ, ServiceBusTransport};
+pub use client::{MAX_DEAD_LETTERS_READ, ServiceBusTransport};
 pub use http::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, PooledHttpClient};
 pub use message::{
     DEAD_LETTER_DESCRIPTION_PROPERTY, DEAD_LETTER_REASON_PROPERTY, DELIVERY_COUNT_PROPERTY,
@@ -194,7 +194,4 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
 };
 
 /// The queue dead-lettered messages of `queue` are copied to: `<queue>.dlq`.
-#[must_use]
-pub fn dead_letter_queue(queue: &str) -> String {
-    format!("{queue}.dlq")
-}
+pub use steward_core::transport::dead_letter_queue;

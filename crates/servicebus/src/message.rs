@@ -16,16 +16,17 @@ use tokio::time::Instant;
 
 /// Property carrying the deliveries a message had before the transport re-sent it (an
 /// abandon with delay, a dead letter); added to the broker's `DeliveryCount`.
-pub const DELIVERY_COUNT_PROPERTY: &str = "x-steward-delivery-count";
+pub const DELIVERY_COUNT_PROPERTY: &str = steward_core::transport::DELIVERY_COUNT_PROPERTY;
 /// Property carrying the original message id on a delayed copy, which goes out under a
 /// new `MessageId` so a queue with duplicate detection does not drop it.
 pub const MESSAGE_ID_PROPERTY: &str = "x-steward-message-id";
 /// Property of a message in `<queue>.dlq`: why it was dead-lettered (the name Service
 /// Bus uses on its own dead-letter queue).
-pub const DEAD_LETTER_REASON_PROPERTY: &str = "DeadLetterReason";
+pub const DEAD_LETTER_REASON_PROPERTY: &str = steward_core::transport::DEAD_LETTER_REASON_PROPERTY;
 /// Property of a message in `<queue>.dlq`: the description given when it was
 /// dead-lettered.
-pub const DEAD_LETTER_DESCRIPTION_PROPERTY: &str = "DeadLetterErrorDescription";
+pub const DEAD_LETTER_DESCRIPTION_PROPERTY: &str =
+    steward_core::transport::DEAD_LETTER_DESCRIPTION_PROPERTY;
 /// The longest dead-letter description kept, in characters (Service Bus's own limit
 /// for `DeadLetterErrorDescription`).
 pub const MAX_DEAD_LETTER_DESCRIPTION_CHARS: usize = 4096;

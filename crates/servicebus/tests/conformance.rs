@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::testkit::{DeadLetter, FaultHooks, TransportFactory, unique_name};
-use steward_core::{Capabilities, MessageSink, MessageSource, TransportError};
+use steward_core::testkit::{FaultHooks, TransportFactory, unique_name};
+use steward_core::{Capabilities, DeadLetter, MessageSink, MessageSource, TransportError};
 use steward_inmem::QueueOptions;
 use steward_servicebus::emulator::{Emulator, EmulatorHandle, Operation, StatusCode};
 use steward_servicebus::{ServiceBusBuilder, ServiceBusTransport, dead_letter_queue};
@@ -78,17 +78,7 @@ impl TransportFactory for Factory {
     }
 
     async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
-        Ok(self
-            .transport
-            .dead_letters(queue)
-            .await?
-            .into_iter()
-            .map(|dead| DeadLetter {
-                message: dead.message,
-                reason: dead.reason,
-                description: dead.description,
-            })
-            .collect())
+        self.transport.dead_letters(queue).await
     }
 
     fn faults(&self) -> Option<&dyn FaultHooks> {

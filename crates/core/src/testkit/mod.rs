@@ -36,20 +36,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Capabilities, Capability, Message, MessageSink, MessageSource, TransportError};
+use crate::{Capabilities, Capability, DeadLetter, MessageSink, MessageSource, TransportError};
 
 pub use cases::*;
-
-/// A dead-lettered message with the reason and description it was dead-lettered with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// The message as it sits in the dead-letter queue.
-    pub message: Message,
-    /// The reason given to `dead_letter`, or the broker's (`MaxDeliveryCountExceeded`).
-    pub reason: String,
-    /// The description given to `dead_letter`.
-    pub description: String,
-}
 
 /// Builds the queues, sources and sinks of one transport for the conformance cases.
 #[async_trait]
