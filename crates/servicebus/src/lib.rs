@@ -88,9 +88,12 @@
 //!   lacks correlation id, session id and content type): `MessageId`, `CorrelationId`,
 //!   `SessionId`, `DeliveryCount`, `EnqueuedTimeUtc`, `LockedUntilUtc`. The content type
 //!   is the `Content-Type` header; Service Bus's default for messages sent without one
-//!   (`application/atom+xml;type=entry;charset=utf-8`) reads as `None`. Every other
-//!   non-HTTP header is a custom property, its JSON string value unquoted; names arrive
-//!   in lower case (use lower-case property names).
+//!   (`application/atom+xml;type=entry;charset=utf-8`) reads as `None`. Every header
+//!   not on [`PROTOCOL_HEADERS`] (nor with one of [`PROTOCOL_HEADER_PREFIXES`]) is a
+//!   custom property, its JSON string value unquoted; names arrive in lower case (use
+//!   lower-case property names). A send refuses a property named like a listed header,
+//!   so a property is never silently lost; `traceparent` and `tracestate` are ordinary
+//!   properties.
 //! - **Lock expiry**: `LockedUntilUtc` minus the answer's `Date` header (the service's own
 //!   clock, so a skewed local clock does not matter), less one second for the whole-second
 //!   precision of both, added to the tokio instant the request was sent. That span is the
@@ -174,7 +177,8 @@ pub use client::{MAX_DEAD_LETTERS_READ, ServiceBusTransport};
 pub use http::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, PooledHttpClient};
 pub use message::{
     DEAD_LETTER_DESCRIPTION_PROPERTY, DEAD_LETTER_REASON_PROPERTY, DELIVERY_COUNT_PROPERTY,
-    MAX_DEAD_LETTER_DESCRIPTION_CHARS, MESSAGE_ID_PROPERTY,
+    MAX_DEAD_LETTER_DESCRIPTION_CHARS, MESSAGE_ID_PROPERTY, PROTOCOL_HEADER_PREFIXES,
+    PROTOCOL_HEADERS,
 };
 pub use sink::ServiceBusSink;
 pub use source::ServiceBusSource;

@@ -15,8 +15,8 @@ use steward_servicebus::emulator::{
     Emulator, EmulatorBuilder, EmulatorHandle, Operation, StatusCode,
 };
 use steward_servicebus::{
-    AccessToken, AuthMethod, DELIVERY_COUNT_PROPERTY, ServiceBusBuilder, ServiceBusTransport,
-    StaticToken,
+    AccessToken, AuthMethod, DELIVERY_COUNT_PROPERTY, PROTOCOL_HEADER_PREFIXES, PROTOCOL_HEADERS,
+    ServiceBusBuilder, ServiceBusTransport, StaticToken,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -352,6 +352,49 @@ async fn unsendable_messages_are_refused_before_sending() {
     let too_big = OutgoingMessage::new("x".repeat(300 * 1024));
     assert_eq!(kind(sink.send("jobs", too_big).await), ErrorKind::Protocol);
     assert_eq!(emulator.broker().message_count("jobs"), 0);
+}
+
+/// Ensures that the client and the emulator agree on which names are headers of HTTP or
+/// of the protocol: the client refuses a property named like any header on the shared
+/// list (or with a listed prefix, in any case) with an error naming it, and every other
+/// name, trace context included, is delivered unchanged.
+#[tokio::test]
+async fn listed_header_names_are_refused_and_all_others_delivered_unchanged() {
+    let (emulator, transport) = start(Emulator::builder(), KEY).await;
+    let sink = transport.sink();
+    let prefixed = PROTOCOL_HEADER_PREFIXES.iter().map(|prefix| format!("{prefix}custom"));
+    let listed: Vec<String> =
+        PROTOCOL_HEADERS.iter().map(|name| (*name).to_owned()).chain(prefixed).collect();
+    for name in listed.iter().chain([&"Accept-Language".to_owned(), &"X-MS-Custom".to_owned()]) {
+        let message = OutgoingMessage::new("x").with_property(name.clone(), "v");
+        let error = sink.send("jobs", message).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{name}: {error}");
+        assert!(error.to_string().contains(&format!("{name:?} is reserved")), "{name}: {error}");
+    }
+    assert_eq!(emulator.broker().message_count("jobs"), 0, "no refused message was sent");
+
+    let ordinary = [
+        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+        ("diagnostic-id", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ("origin", "test"),
+        ("referer", "someone"),
+        ("accept-version", "2"),
+        ("content-kind", "report"),
+        ("x-custom", "a value, with a comma"),
+        ("spaced-out", "two words"),
+    ];
+    let mut message = OutgoingMessage::new("x").with_message_id("ordinary");
+    for (name, value) in ordinary {
+        message = message.with_property(name, value);
+    }
+    sink.send("jobs", message).await.unwrap();
+    let got = transport.source("jobs").receive(1, WAIT).await.unwrap().pop().unwrap();
+    for (name, value) in ordinary {
+        let delivered = got.message().properties.get(name).map(String::as_str);
+        assert_eq!(delivered, Some(value), "property {name}");
+    }
+    assert_eq!(got.message().properties.len(), ordinary.len(), "{:?}", got.message().properties);
 }
 
 /// Ensures that a message sent without a content type reads as having none (not the

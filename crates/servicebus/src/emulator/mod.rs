@@ -26,7 +26,8 @@
 //!   `<scheme>://<Host header>/{queue}/messages/{sequenceNumber}/{lockToken}`, as the
 //!   service builds it (`X-Forwarded-Proto` sets the scheme, `http` by default).
 //! - Sending: the `BrokerProperties` header sets the settable properties (others are
-//!   ignored, as the service ignores them); every other non-HTTP header is a custom
+//!   ignored, as the service ignores them); every header not on the list the client
+//!   shares ([`PROTOCOL_HEADERS`](crate::PROTOCOL_HEADERS)) is a custom
 //!   property, its value JSON (`"text"`, `12`, `true`) or, if it is not JSON, a string.
 //!   `ScheduledEnqueueTimeUtc` keeps the message invisible until then; an expired
 //!   `TimeToLive` removes the message instead of delivering it.
