@@ -1,10 +1,13 @@
-//! The steward transport conformance suite on the in-memory broker, under paused time.
+//! The steward transport conformance suite on the in-memory broker, under paused time
+//! (the suite's default runtime). A `harness = false` test target: one test per case,
+//! named `conformance::<case>`.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::testkit::{FaultHooks, TransportFactory, unique_name};
+use steward_core::testkit::{FaultHooks, Suite, TransportFactory, unique_name};
 use steward_core::{
     Capabilities, DeadLetter, ErrorKind, MessageSink, MessageSource, TransportError,
 };
@@ -67,8 +70,6 @@ impl FaultHooks for Factory {
     }
 }
 
-steward_core::conformance_tests! {
-    factory: Factory::new(),
-    runtime: (start_paused = true),
-    skip: {},
+fn main() -> ExitCode {
+    Suite::new(|| async { Some(Factory::new()) }).run()
 }
