@@ -58,7 +58,7 @@ impl<H: Handler> Handler for Recording<H> {
 }
 
 fn broker(queue: &str) -> InMemoryBroker {
-    let broker = InMemoryBroker::builder().strict(true).build();
+    let broker = InMemoryBroker::builder().with_strict(true).build();
     broker
         .declare_queue(queue, QueueOptions::default().with_lock_duration(Duration::from_secs(30)));
     broker
@@ -306,7 +306,7 @@ async fn database_outage_pauses_both_workers_without_burning_deliveries() {
     let store =
         Store::connect_lazy(StoreOptions::new(url).with_acquire_timeout(Duration::from_secs(1)))
             .unwrap();
-    let broker = InMemoryBroker::builder().strict(true).build();
+    let broker = InMemoryBroker::builder().with_strict(true).build();
     for queue in ["deploymentstatus", "airlock-step-result"] {
         broker.declare_queue(
             queue,

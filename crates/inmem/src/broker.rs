@@ -25,7 +25,7 @@ pub const DEAD_LETTER_SUFFIX: &str = "/$DeadLetterQueue";
 
 /// An in-process message broker with the semantics of a peek-lock broker.
 ///
-/// - Queues are created on first use, or, in strict mode ([`InMemoryBrokerBuilder::strict`]),
+/// - Queues are created on first use, or, in strict mode ([`InMemoryBrokerBuilder::with_strict`]),
 ///   only by [`declare_queue`](Self::declare_queue); using an undeclared queue is then
 ///   [`TransportError::NotFound`].
 /// - A received message is locked for the queue's lock duration; it can be completed,
@@ -86,19 +86,19 @@ pub struct InMemoryBrokerBuilder {
 
 impl InMemoryBrokerBuilder {
     /// In strict mode, only declared queues exist. Default: queues are created on first use.
-    pub fn strict(mut self, strict: bool) -> Self {
+    pub fn with_strict(mut self, strict: bool) -> Self {
         self.strict = strict;
         self
     }
 
     /// The options of queues created on first use (and the default lock duration).
-    pub fn default_queue_options(mut self, options: QueueOptions) -> Self {
+    pub fn with_default_queue_options(mut self, options: QueueOptions) -> Self {
         self.default_options = options;
         self
     }
 
     /// Refuses bodies larger than `max` bytes. Default: no limit.
-    pub fn max_body_bytes(mut self, max: usize) -> Self {
+    pub fn with_max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = Some(max);
         self
     }

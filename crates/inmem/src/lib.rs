@@ -20,7 +20,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), steward_core::TransportError> {
-//! let broker = InMemoryBroker::builder().strict(true).build();
+//! let broker = InMemoryBroker::builder().with_strict(true).build();
 //! broker.declare_queue("jobs", QueueOptions::default().with_lock_duration(Duration::from_secs(30)));
 //! broker.send("jobs", OutgoingMessage::new("{}").with_session_id("a")).await?;
 //!

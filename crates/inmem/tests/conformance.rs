@@ -21,7 +21,7 @@ struct Factory {
 
 impl Factory {
     fn new() -> Self {
-        Self { broker: InMemoryBroker::builder().strict(true).build() }
+        Self { broker: InMemoryBroker::builder().with_strict(true).build() }
     }
 }
 

@@ -47,7 +47,7 @@
 //! use steward_servicebus::ServiceBusBuilder;
 //! use steward_servicebus::emulator::Emulator;
 //!
-//! let emulator = Emulator::builder().sas_key("RootManageSharedAccessKey", "a2V5").start().await?;
+//! let emulator = Emulator::builder().with_sas_key("RootManageSharedAccessKey", "a2V5").start().await?;
 //! let transport = ServiceBusBuilder::new()
 //!     .with_namespace("mytre.servicebus.windows.net")
 //!     .with_endpoint(emulator.endpoint())

@@ -34,9 +34,9 @@ struct Factory {
 impl Factory {
     async fn start() -> Self {
         let emulator = Emulator::builder()
-            .sas_key(KEY_NAME, KEY)
-            .lock_duration(LOCK)
-            .auto_create_queues(false)
+            .with_sas_key(KEY_NAME, KEY)
+            .with_lock_duration(LOCK)
+            .with_auto_create_queues(false)
             .start()
             .await
             .unwrap();

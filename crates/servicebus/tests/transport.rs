@@ -29,7 +29,7 @@ const WAIT: Duration = Duration::from_secs(1);
 
 /// An emulator with the test key, and a transport signing with `key`.
 async fn start(emulator: EmulatorBuilder, key: &str) -> (EmulatorHandle, ServiceBusTransport) {
-    let emulator = emulator.sas_key(KEY_NAME, KEY).start().await.unwrap();
+    let emulator = emulator.with_sas_key(KEY_NAME, KEY).start().await.unwrap();
     let transport = ServiceBusBuilder::new()
         .with_namespace("tre.servicebus.windows.net")
         .with_endpoint(emulator.endpoint())
@@ -82,7 +82,7 @@ async fn unauthorised_peek_lock_is_an_auth_error_not_empty() {
 #[tokio::test]
 async fn server_errors_and_dropped_connections_are_retryable() {
     let (emulator, transport) =
-        start(Emulator::builder().lock_duration(Duration::from_secs(1)), KEY).await;
+        start(Emulator::builder().with_lock_duration(Duration::from_secs(1)), KEY).await;
     let source = transport.source("jobs");
     for status in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::SERVICE_UNAVAILABLE] {
         emulator.faults().fail_next_on(Operation::PeekLock, 1, status);
@@ -109,7 +109,7 @@ async fn server_errors_and_dropped_connections_are_retryable() {
 #[tokio::test]
 async fn settling_after_lock_expiry_is_lock_lost() {
     let (emulator, transport) =
-        start(Emulator::builder().lock_duration(Duration::from_secs(1)), KEY).await;
+        start(Emulator::builder().with_lock_duration(Duration::from_secs(1)), KEY).await;
     for id in ["complete", "abandon", "delay", "dead", "renew"] {
         send_text(&transport, "jobs", id).await;
     }
@@ -160,7 +160,7 @@ async fn sequential_receives_reuse_pooled_connections() {
 #[tokio::test]
 async fn probe_refuses_a_session_enabled_queue_by_name() {
     let (_emulator, transport) =
-        start(Emulator::builder().session_queue("deploymentstatus"), KEY).await;
+        start(Emulator::builder().with_session_queue("deploymentstatus"), KEY).await;
     let error = transport.probe_queues(["deploymentstatus"]).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Protocol);
     let text = error.to_string();
@@ -176,10 +176,10 @@ async fn probe_refuses_a_session_enabled_queue_by_name() {
 #[tokio::test]
 async fn probe_names_a_missing_dead_letter_queue() {
     let emulator = Emulator::builder()
-        .auto_create_queues(false)
-        .queue("jobs")
-        .queue("ready")
-        .queue("ready.dlq");
+        .with_auto_create_queues(false)
+        .with_queue("jobs")
+        .with_queue("ready")
+        .with_queue("ready.dlq");
     let (_emulator, transport) = start(emulator, KEY).await;
 
     let error = transport.probe_queues(["ready", "jobs"]).await.unwrap_err();
@@ -203,9 +203,9 @@ async fn probe_names_a_missing_dead_letter_queue() {
 #[tokio::test]
 async fn dead_letter_without_its_queue_keeps_the_message() {
     let emulator = Emulator::builder()
-        .auto_create_queues(false)
-        .queue("jobs")
-        .lock_duration(Duration::from_secs(1));
+        .with_auto_create_queues(false)
+        .with_queue("jobs")
+        .with_lock_duration(Duration::from_secs(1));
     let (emulator, transport) = start(emulator, KEY).await;
     send_text(&transport, "jobs", "poison").await;
     let source = transport.source("jobs");
@@ -253,7 +253,7 @@ async fn dead_letters_keep_metadata_and_the_delivery_count() {
 #[tokio::test]
 async fn copies_keep_the_message_id_and_lose_nothing_when_the_delete_fails() {
     let (emulator, transport) =
-        start(Emulator::builder().lock_duration(Duration::from_secs(1)), KEY).await;
+        start(Emulator::builder().with_lock_duration(Duration::from_secs(1)), KEY).await;
     send_text(&transport, "jobs", "m-1").await;
     let source = transport.source("jobs");
     let first = source.receive(1, WAIT).await.unwrap().pop().unwrap();
@@ -278,7 +278,7 @@ async fn copies_keep_the_message_id_and_lose_nothing_when_the_delete_fails() {
 #[tokio::test]
 async fn lock_expiry_follows_the_service_and_renewals_extend_it() {
     let (_emulator, transport) =
-        start(Emulator::builder().lock_duration(Duration::from_secs(20)), KEY).await;
+        start(Emulator::builder().with_lock_duration(Duration::from_secs(20)), KEY).await;
     send_text(&transport, "jobs", "m-1").await;
     let before = Instant::now();
     let delivery = transport.source("jobs").receive(1, WAIT).await.unwrap().pop().unwrap();
@@ -298,7 +298,7 @@ async fn lock_expiry_follows_the_service_and_renewals_extend_it() {
 /// `Timeout`, and that a receive's wait is not cut short by it.
 #[tokio::test]
 async fn slow_answers_time_out_but_receive_waits_are_allowed() {
-    let emulator = Emulator::builder().sas_key(KEY_NAME, KEY).start().await.unwrap();
+    let emulator = Emulator::builder().with_sas_key(KEY_NAME, KEY).start().await.unwrap();
     let transport = ServiceBusBuilder::new()
         .with_endpoint(emulator.endpoint())
         .with_sas_key(KEY_NAME, KEY)
@@ -416,7 +416,7 @@ async fn default_content_type_reads_as_none_and_property_values_round_trip() {
 /// through lock URIs included, and that a token the namespace refuses is `Auth`.
 #[tokio::test]
 async fn bearer_tokens_from_a_provider_authenticate_requests() {
-    let emulator = Emulator::builder().bearer_token("good-token").start().await.unwrap();
+    let emulator = Emulator::builder().with_bearer_token("good-token").start().await.unwrap();
     let with = |token: &str| {
         let token = AccessToken::new(token, SystemTime::now() + Duration::from_secs(3600));
         ServiceBusBuilder::new()
@@ -490,7 +490,7 @@ fn token_answer(token: &str) -> (u16, String) {
 #[tokio::test]
 async fn managed_identity_from_env_uses_the_token_endpoint() {
     let endpoint = TokenEndpoint::start(vec![token_answer("mi-token-1")]).await;
-    let emulator = Emulator::builder().bearer_token("mi-token-1").start().await.unwrap();
+    let emulator = Emulator::builder().with_bearer_token("mi-token-1").start().await.unwrap();
     let vars = HashMap::from([
         ("SERVICE_BUS_FULLY_QUALIFIED_NAMESPACE", "tre.servicebus.windows.net".to_owned()),
         ("STEWARD_SERVICEBUS_ENDPOINT", emulator.endpoint()),
@@ -526,7 +526,7 @@ async fn managed_identity_over_imds_and_its_failures() {
         (503, "busy".into()),
     ])
     .await;
-    let emulator = Emulator::builder().bearer_token("imds-token").start().await.unwrap();
+    let emulator = Emulator::builder().with_bearer_token("imds-token").start().await.unwrap();
     let build = || {
         ServiceBusBuilder::new()
             .with_namespace("tre")
@@ -579,7 +579,7 @@ async fn logs_never_contain_secrets() {
     let endpoint = TokenEndpoint::start(vec![token_answer("secret-token-value")]).await;
     async {
         let (emulator, transport) =
-            start(Emulator::builder().bearer_token("secret-token-value"), KEY).await;
+            start(Emulator::builder().with_bearer_token("secret-token-value"), KEY).await;
         send_text(&transport, "jobs", "m-1").await;
         let delivery = transport.source("jobs").receive(1, WAIT).await.unwrap().pop().unwrap();
         delivery.dead_letter("Reason", "description").await.unwrap();

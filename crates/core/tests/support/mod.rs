@@ -18,7 +18,7 @@ pub const QUEUE: &str = "jobs";
 
 /// A strict broker with `QUEUE` declared with this lock duration.
 pub fn broker(lock: Duration) -> InMemoryBroker {
-    let broker = InMemoryBroker::builder().strict(true).build();
+    let broker = InMemoryBroker::builder().with_strict(true).build();
     broker.declare_queue(QUEUE, QueueOptions::default().with_lock_duration(lock));
     broker
 }

@@ -35,15 +35,15 @@
 //!   custom properties; exceeding the maximum delivery count dead-letters with reason
 //!   `MaxDeliveryCountExceeded`.
 //! - Shared access signatures are checked when keys are configured
-//!   ([`EmulatorBuilder::sas_key`]): HMAC-SHA256 over the token's own `sr` and expiry
+//!   ([`EmulatorBuilder::with_sas_key`]): HMAC-SHA256 over the token's own `sr` and expiry
 //!   with the named key; any host in `sr` is accepted, but the request path must lie
 //!   under `sr`'s path. A wrong key, an unknown key name, an expired token or a path
 //!   outside `sr` is 401. Bearer tokens can be allowed one by one
-//!   ([`EmulatorBuilder::bearer_token`]). With no credentials configured, every request
+//!   ([`EmulatorBuilder::with_bearer_token`]). With no credentials configured, every request
 //!   is let in.
-//! - Queues are created on first use unless [`EmulatorBuilder::auto_create_queues`] is
+//! - Queues are created on first use unless [`EmulatorBuilder::with_auto_create_queues`] is
 //!   off; then an undeclared queue is 410 Gone. A session-enabled queue
-//!   ([`EmulatorBuilder::session_queue`]) refuses receives with the service's 405 and
+//!   ([`EmulatorBuilder::with_session_queue`]) refuses receives with the service's 405 and
 //!   its text, since the REST protocol has no session receivers, and refuses messages
 //!   without a `SessionId` the same way. On other queues `SessionId` is only a property.
 //! - Errors have the service's `<Error><Code/><Detail/></Error>` XML body.
@@ -65,10 +65,10 @@
 //! use steward_servicebus::emulator::Emulator;
 //!
 //! let emulator = Emulator::builder()
-//!     .sas_key("RootManageSharedAccessKey", "c2VjcmV0LWtleQ==")
-//!     .lock_duration(Duration::from_secs(30))
-//!     .max_delivery_count(5)
-//!     .session_queue("deploymentstatus")
+//!     .with_sas_key("RootManageSharedAccessKey", "c2VjcmV0LWtleQ==")
+//!     .with_lock_duration(Duration::from_secs(30))
+//!     .with_max_delivery_count(5)
+//!     .with_session_queue("deploymentstatus")
 //!     .start()
 //!     .await?;
 //! // Point a client at `emulator.endpoint()` (`http://127.0.0.1:<port>`).
@@ -198,7 +198,7 @@ impl fmt::Debug for EmulatorBuilder {
 
 impl EmulatorBuilder {
     /// The address to listen on. Default `127.0.0.1:0` (a free port).
-    pub fn listen(mut self, addr: SocketAddr) -> Self {
+    pub fn with_listen_addr(mut self, addr: SocketAddr) -> Self {
         self.listen = addr;
         self
     }
@@ -206,20 +206,20 @@ impl EmulatorBuilder {
     /// Accepts shared access signatures made with the key `key` named `name` (a
     /// namespace's "shared access policy"). Can be given several times. Once any key or
     /// bearer token is configured, requests without valid credentials get 401.
-    pub fn sas_key(mut self, name: impl Into<String>, key: impl Into<String>) -> Self {
+    pub fn with_sas_key(mut self, name: impl Into<String>, key: impl Into<String>) -> Self {
         self.sas_keys.push((name.into(), key.into()));
         self
     }
 
     /// Accepts `Authorization: Bearer <token>` with exactly this token (a stand-in for
     /// Entra ID tokens, whose signatures the emulator does not check).
-    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+    pub fn with_bearer_token(mut self, token: impl Into<String>) -> Self {
         self.bearer_tokens.push(token.into());
         self
     }
 
     /// How long a peek-lock holds a message, for every queue. Default 60 s.
-    pub fn lock_duration(mut self, lock_duration: Duration) -> Self {
+    pub fn with_lock_duration(mut self, lock_duration: Duration) -> Self {
         self.lock_duration = lock_duration;
         self
     }
@@ -227,40 +227,40 @@ impl EmulatorBuilder {
     /// After this many deliveries, a message whose lock expires or is released goes to
     /// the dead-letter queue with reason `MaxDeliveryCountExceeded`. Default 10; at
     /// least 1.
-    pub fn max_delivery_count(mut self, max: u32) -> Self {
+    pub fn with_max_delivery_count(mut self, max: u32) -> Self {
         self.max_delivery_count = max;
         self
     }
 
     /// Creates `queue` as a session-enabled queue.
-    pub fn session_queue(mut self, queue: impl Into<String>) -> Self {
+    pub fn with_session_queue(mut self, queue: impl Into<String>) -> Self {
         self.session_queues.insert(queue.into());
         self
     }
 
     /// Creates `queue` at start (needed when queues are not created on first use).
-    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
         self.queues.insert(queue.into());
         self
     }
 
     /// Whether queues are created on first use (the default). When off, only queues
-    /// given to [`queue`](Self::queue) or [`session_queue`](Self::session_queue) exist
+    /// given to [`with_queue`](Self::with_queue) or [`with_session_queue`](Self::with_session_queue) exist
     /// and others answer 410 Gone, as a namespace does.
-    pub fn auto_create_queues(mut self, auto_create: bool) -> Self {
+    pub fn with_auto_create_queues(mut self, auto_create: bool) -> Self {
         self.auto_create_queues = auto_create;
         self
     }
 
     /// The largest message body accepted; larger ones get 413. Default 256 KB.
-    pub fn max_message_bytes(mut self, max: usize) -> Self {
+    pub fn with_max_message_bytes(mut self, max: usize) -> Self {
         self.max_message_bytes = max;
         self
     }
 
     /// How long a receive without a `timeout` parameter waits. Default 60 s; at most
     /// [`MAX_DURATION`].
-    pub fn default_receive_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_default_receive_timeout(mut self, timeout: Duration) -> Self {
         self.default_receive_timeout = timeout;
         self
     }
@@ -301,8 +301,8 @@ impl EmulatorBuilder {
             .with_lock_duration(self.lock_duration)
             .with_max_delivery_count(self.max_delivery_count);
         let broker = InMemoryBroker::builder()
-            .strict(!self.auto_create_queues)
-            .default_queue_options(options.clone())
+            .with_strict(!self.auto_create_queues)
+            .with_default_queue_options(options.clone())
             .build();
         for queue in self.queues.iter().chain(&self.session_queues) {
             broker.declare_queue(queue, options.clone());
