@@ -21,7 +21,6 @@ use steward_servicebus::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tracing::instrument::WithSubscriber;
 
 const KEY_NAME: &str = "RootManageSharedAccessKey";
 const KEY: &str = "dHJhbnNwb3J0LXRlc3Qta2V5";
@@ -551,12 +550,60 @@ async fn managed_identity_over_imds_and_its_failures() {
 
 // ---- logs ----------------------------------------------------------------------------
 
+/// The log lines a test's thread writes, for asserting on them.
+///
+/// Tests share one process under `cargo test`, and tracing caches per call site, for the
+/// whole process, whether anyone listens; a subscriber scoped to one test then misses
+/// events whose call site another test reached first. So one process-wide subscriber
+/// takes every event and writes it to the capture installed on the thread that emitted
+/// it (with the current-thread runtime of `#[tokio::test]`, the test's own tasks: the
+/// transport's and the emulator's), or nowhere.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
-impl Write for Captured {
+thread_local! {
+    static THREAD_CAPTURE: std::cell::RefCell<Option<Captured>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Removes the thread's capture when dropped.
+struct CaptureGuard(std::marker::PhantomData<*const ()>);
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        THREAD_CAPTURE.with(|capture| capture.borrow_mut().take());
+    }
+}
+
+impl Captured {
+    /// Routes everything this thread logs, at every level, here until the guard drops.
+    fn install(&self) -> CaptureGuard {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(|| ThreadWriter(THREAD_CAPTURE.with(|c| c.borrow().clone())))
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+        });
+        THREAD_CAPTURE.with(|capture| *capture.borrow_mut() = Some(self.clone()));
+        CaptureGuard(std::marker::PhantomData)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// The process-wide subscriber's writer: the emitting thread's capture, if any.
+struct ThreadWriter(Option<Captured>);
+
+impl Write for ThreadWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        if let Some(captured) = &self.0 {
+            captured.0.lock().unwrap().extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
 
@@ -570,12 +617,7 @@ impl Write for Captured {
 #[tokio::test]
 async fn logs_never_contain_secrets() {
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+    let guard = captured.install();
     let endpoint = TokenEndpoint::start(vec![token_answer("secret-token-value")]).await;
     async {
         let (emulator, transport) =
@@ -600,10 +642,10 @@ async fn logs_never_contain_secrets() {
             .unwrap();
         send_text(&identity, "jobs", "m-2").await;
     }
-    .with_subscriber(subscriber)
     .await;
+    drop(guard);
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("service bus request"), "trace logs were captured:\n{logs}");
     for secret in
         [KEY, "d3Jvbmcta2V5LXZhbHVl", "secret-token-value", "sig=", "SharedAccessSignature"]
