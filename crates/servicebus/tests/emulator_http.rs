@@ -324,9 +324,10 @@ async fn max_delivery_count_moves_message_to_dead_letter_queue() {
 /// that the percent-encoded `%24DeadLetterQueue` path reaches the same queue.
 #[tokio::test]
 async fn max_delivery_count_by_lock_expiry_dead_letters_too() {
-    let emulator =
-        start(Emulator::builder().with_max_delivery_count(1).with_lock_duration(Duration::from_secs(1)))
-            .await;
+    let emulator = start(
+        Emulator::builder().with_max_delivery_count(1).with_lock_duration(Duration::from_secs(1)),
+    )
+    .await;
     let client = Client::new(&emulator);
     client.send("slowpoison", "x").await;
     assert_eq!(client.peek_lock("slowpoison", 1).await.status(), StatusCode::CREATED);
@@ -589,7 +590,8 @@ async fn sas_tokens_with_wrong_key_name_expiry_or_scope_are_401() {
 /// auto-creation an undeclared queue is 410 Gone for every operation.
 #[tokio::test]
 async fn unknown_lock_is_404_and_missing_queue_is_410() {
-    let emulator = start(Emulator::builder().with_auto_create_queues(false).with_queue("known")).await;
+    let emulator =
+        start(Emulator::builder().with_auto_create_queues(false).with_queue("known")).await;
     let client = Client::new(&emulator);
     let token = uuid::Uuid::new_v4();
 
@@ -866,7 +868,9 @@ async fn start_refuses_unusable_configuration_and_taken_address() {
     };
     assert!(config_error(Emulator::builder().with_max_delivery_count(0)).await);
     assert!(config_error(Emulator::builder().with_lock_duration(Duration::ZERO)).await);
-    assert!(config_error(Emulator::builder().with_lock_duration(Duration::from_secs(90_000))).await);
+    assert!(
+        config_error(Emulator::builder().with_lock_duration(Duration::from_secs(90_000))).await
+    );
     assert!(config_error(Emulator::builder().with_queue("a/$DeadLetterQueue")).await);
     assert!(config_error(Emulator::builder().with_session_queue("")).await);
 
