@@ -1,7 +1,8 @@
 //! Project automation.
 //!
 //! - `cargo xtask ci`: formatting, lints, every test (nextest when installed, else
-//!   `cargo test`), doc tests, and the runnable example (bounded by its `--run-for`
+//!   `cargo test`, with the tests of real-broker and black-box binaries one at a time),
+//!   doc tests, and the runnable example (bounded by its `--run-for`
 //!   flag and a hard time limit): what CI runs.
 //! - `cargo xtask bench`: the benchmarks, built in release. Each reports a value and a
 //!   baseline measured in the same process run, and their ratio, so results compare
@@ -151,6 +152,68 @@ fn has_nextest() -> bool {
         .is_ok_and(|out| out.status.success())
 }
 
+/// Whether a test binary shares machine-wide services or ports with others, so its tests
+/// run one at a time: the RabbitMQ crate's tests and every black-box test, as the nextest
+/// `serial` group in `.config/nextest.toml` has them.
+fn is_serial(package: &str, test: &str) -> bool {
+    package == "steward-rabbitmq" || test.starts_with("blackbox")
+}
+
+/// Every test without nextest: builds the test binaries of the workspace once, then runs
+/// each from its package's directory, as `cargo test` does; the tests of a
+/// [serial](is_serial) binary one at a time, all others in parallel.
+fn cargo_test() -> Result<()> {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let args = ["test", "--workspace", "--all-features", "--lib", "--bins", "--tests"];
+    println!("\n==> cargo {} --no-run", args.join(" "));
+    let output = Command::new(&cargo)
+        .args(args)
+        .args(["--no-run", "--message-format", "json-render-diagnostics"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not run {cargo}"))?;
+    if !output.status.success() {
+        bail!("building the tests failed");
+    }
+    let mut failed = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Some(executable) = message["executable"].as_str() else { continue };
+        if message["reason"] != "compiler-artifact" || message["profile"]["test"] != true {
+            continue;
+        }
+        // `path+file:///…/crates/api#steward-api@0.1.0`, or `…/xtask#0.1.0` when the
+        // package is named like its directory.
+        let id = message["package_id"].as_str().unwrap_or_default();
+        let (path, fragment) = id.rsplit_once('#').unwrap_or((id, ""));
+        let package = match fragment.split_once('@') {
+            Some((name, _)) => name,
+            None => path.rsplit('/').next().unwrap_or(path),
+        };
+        let target = message["target"]["name"].as_str().unwrap_or_default();
+        let is_test_binary =
+            message["target"]["kind"].as_array().is_some_and(|kind| kind.contains(&"test".into()));
+        let manifest = std::path::Path::new(message["manifest_path"].as_str().unwrap_or_default());
+        let dir = manifest.parent().context("a package without a directory")?;
+        let serial = is_test_binary && is_serial(package, target);
+        let threads: &[&str] = if serial { &["--test-threads=1"] } else { &[] };
+        println!("\n==> {package} {target}{}", if serial { " (one test at a time)" } else { "" });
+        let status = Command::new(executable)
+            .args(threads)
+            .current_dir(dir)
+            .env("CARGO_MANIFEST_DIR", dir)
+            .status()
+            .with_context(|| format!("could not run {executable}"))?;
+        if !status.success() {
+            failed.push(format!("{package} {target}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("tests failed in: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
 fn ci() -> Result<()> {
     let started = Instant::now();
     cargo(&["fmt", "--all", "--check"])?;
@@ -168,7 +231,7 @@ fn ci() -> Result<()> {
         ])?;
     } else {
         println!("cargo-nextest is not installed; falling back to cargo test");
-        cargo(&["test", "--workspace", "--all-features", "--lib", "--bins", "--tests"])?;
+        cargo_test()?;
     }
     cargo(&["test", "--workspace", "--all-features", "--doc"])?;
     example("steward-core", "supervised", &["--run-for", "6"], Duration::from_secs(300))?;

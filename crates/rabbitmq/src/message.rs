@@ -14,7 +14,7 @@ use crate::error::Error;
 pub const SESSION_ID_HEADER: &str = "x-session-id";
 /// The header where the transport keeps the deliveries a message had before it was
 /// republished (through a delay bucket).
-pub const DELIVERY_COUNT_HEADER: &str = "x-steward-delivery-count";
+pub const DELIVERY_COUNT_HEADER: &str = steward_core::transport::DELIVERY_COUNT_PROPERTY;
 /// The header of a dead-lettered message holding the reason.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-steward-dead-letter-reason";
 /// The header of a dead-lettered message holding the description.

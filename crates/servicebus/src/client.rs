@@ -10,7 +10,7 @@ use azure_core::StatusCode;
 use azure_core::error::ErrorKind as AzureKind;
 use azure_core::headers::Headers;
 use azure_messaging_servicebus::service_bus::{PeekLockResponse, QueueClient};
-use steward_core::{Capabilities, Message, TransportError};
+use steward_core::{Capabilities, DeadLetter, TransportError};
 use tokio::time::Instant;
 
 use crate::error::{Error, Op};
@@ -172,18 +172,6 @@ impl fmt::Debug for ServiceBusTransport {
     }
 }
 
-/// A message in `<queue>.dlq`, with why it is there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeadLetteredMessage {
-    /// The message with its original ids and properties (less the two below).
-    pub message: Message,
-    /// [`DEAD_LETTER_REASON_PROPERTY`], empty if absent.
-    pub reason: String,
-    /// [`DEAD_LETTER_DESCRIPTION_PROPERTY`], empty if absent.
-    pub description: String,
-}
-
 impl ServiceBusTransport {
     pub(crate) fn new(shared: Shared) -> Self {
         Self { shared: Arc::new(shared) }
@@ -301,10 +289,7 @@ impl ServiceBusTransport {
     ///
     /// Cancel safe as far as messages go: messages locked by a cancelled call are
     /// delivered again when their locks expire.
-    pub async fn dead_letters(
-        &self,
-        queue: &str,
-    ) -> Result<Vec<DeadLetteredMessage>, TransportError> {
+    pub async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
         let dlq = dead_letter_queue(queue);
         let mut held = Vec::new();
         let mut read = Vec::new();
@@ -318,7 +303,7 @@ impl ServiceBusTransport {
                     };
                     let reason = take(DEAD_LETTER_REASON_PROPERTY);
                     let description = take(DEAD_LETTER_DESCRIPTION_PROPERTY);
-                    read.push(DeadLetteredMessage { message, reason, description });
+                    read.push(DeadLetter { message, reason, description });
                     held.push(locked.response);
                 }
                 Ok(PeekLock::Empty) => break,

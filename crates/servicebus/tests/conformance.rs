@@ -1,6 +1,7 @@
 //! The steward transport conformance suite against the Service Bus transport, talking to
 //! the in-process emulator over loopback HTTP with shared access signatures.
 //!
+//! A `harness = false` test target: one test per case, named `conformance::<case>`.
 //! Each test starts its own emulator (so faults stay with their test) that creates no
 //! queues on first use: the factory declares each queue and its `<queue>.dlq`, and
 //! sending to anything else is 410, which the transport reports as `NotFound`. Locks
@@ -9,15 +10,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::testkit::{DeadLetter, FaultHooks, TransportFactory, unique_name};
-use steward_core::{Capabilities, MessageSink, MessageSource, TransportError};
+use steward_core::testkit::{FaultHooks, Suite, TransportFactory, unique_name};
+use steward_core::{Capabilities, DeadLetter, MessageSink, MessageSource, TransportError};
 use steward_inmem::QueueOptions;
 use steward_servicebus::emulator::{Emulator, EmulatorHandle, Operation, StatusCode};
 use steward_servicebus::{ServiceBusBuilder, ServiceBusTransport, dead_letter_queue};
+use tokio::runtime::Builder;
 
 const LOCK: Duration = Duration::from_secs(5);
 const KEY_NAME: &str = "RootManageSharedAccessKey";
@@ -31,9 +34,9 @@ struct Factory {
 impl Factory {
     async fn start() -> Self {
         let emulator = Emulator::builder()
-            .sas_key(KEY_NAME, KEY)
-            .lock_duration(LOCK)
-            .auto_create_queues(false)
+            .with_sas_key(KEY_NAME, KEY)
+            .with_lock_duration(LOCK)
+            .with_auto_create_queues(false)
             .start()
             .await
             .unwrap();
@@ -78,17 +81,7 @@ impl TransportFactory for Factory {
     }
 
     async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
-        Ok(self
-            .transport
-            .dead_letters(queue)
-            .await?
-            .into_iter()
-            .map(|dead| DeadLetter {
-                message: dead.message,
-                reason: dead.reason,
-                description: dead.description,
-            })
-            .collect())
+        self.transport.dead_letters(queue).await
     }
 
     fn faults(&self) -> Option<&dyn FaultHooks> {
@@ -109,11 +102,16 @@ impl FaultHooks for Factory {
     }
 }
 
-steward_core::conformance_tests! {
-    factory: Factory::start().await,
-    runtime: (flavor = "multi_thread", worker_threads = 2),
-    skip: {
-        send_binary_body_round_trips: "Service Bus REST bodies are text: the crate sends and receives String, so binary_body is false",
-        sessions_deliver_in_order_one_lock_per_session: "the REST protocol cannot receive from session-enabled queues; the updater orders by SessionId within one process",
-    },
+fn main() -> ExitCode {
+    Suite::new(|| async { Some(Factory::start().await) })
+        .with_runtime(|| Builder::new_multi_thread().worker_threads(2).enable_all().build())
+        .with_skip(
+            "send_binary_body_round_trips",
+            "Service Bus REST bodies are text: the crate sends and receives String, so binary_body is false",
+        )
+        .with_skip(
+            "sessions_deliver_in_order_one_lock_per_session",
+            "the REST protocol cannot receive from session-enabled queues; the updater orders by SessionId within one process",
+        )
+        .run()
 }
