@@ -68,6 +68,12 @@ impl FaultHooks for Factory {
         self.broker.faults(queue).fail_receives(1, ErrorKind::Connection);
         Ok(())
     }
+
+    /// The next disposition fails, leaving the message locked until its lock expires.
+    async fn break_dead_letter(&self, queue: &str) -> Result<(), TransportError> {
+        self.broker.faults(queue).fail_dispositions(1, ErrorKind::Connection);
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {

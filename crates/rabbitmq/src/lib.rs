@@ -182,7 +182,9 @@ impl RabbitMq {
     }
 
     /// Reads every message in `<queue>.dlq` without removing any, oldest first: for
-    /// tests and tools.
+    /// tests and tools. A message the transport dead-lettered has the delivery count it
+    /// had then (reading it back is not counted); one the broker moved over its delivery
+    /// limit has the broker's count.
     ///
     /// # Errors
     ///
@@ -228,7 +230,14 @@ impl RabbitMq {
                 .unwrap_or_default();
             let description = message::header_string(properties, DEAD_LETTER_DESCRIPTION_HEADER)
                 .unwrap_or_default();
-            let message = message::to_message(properties, Bytes::from(delivery.data));
+            let mut message = message::to_message(properties, Bytes::from(delivery.data));
+            // A message the transport dead-lettered carries its deliveries until then;
+            // reading it back here is no delivery of it.
+            if let Some(count) = message::header_string(properties, DEAD_LETTER_REASON_HEADER)
+                .and(message::republished_count(properties))
+            {
+                message.delivery_count = count;
+            }
             read.push(DeadLetter { message, reason, description });
             held.push(delivery.acker);
         }

@@ -132,6 +132,13 @@ pub(crate) fn delivery_count(properties: &BasicProperties) -> u32 {
     own.saturating_add(broker).saturating_add(1)
 }
 
+/// The deliveries a message had when the transport republished it (to a delay bucket
+/// or the dead-letter queue), from [`DELIVERY_COUNT_HEADER`]; `None` for a message the
+/// transport never republished.
+pub(crate) fn republished_count(properties: &BasicProperties) -> Option<u32> {
+    header(properties.headers().as_ref(), DELIVERY_COUNT_HEADER).and_then(header_count)
+}
+
 /// The [`Message`] a handler sees for a delivery. A message published without a
 /// message id gets a generated one (`amqp-<uuid>`).
 pub(crate) fn to_message(properties: &BasicProperties, body: Bytes) -> Message {
@@ -337,6 +344,8 @@ mod tests {
         assert_eq!(copy.message_id().as_ref().map(ShortString::as_str), Some(message.id.as_str()));
         // Delivered again from the queue for the first time: 2 before, plus this one.
         assert_eq!(delivery_count(&copy), 3);
+        assert_eq!(republished_count(&copy), Some(2));
+        assert_eq!(republished_count(&original), None);
     }
 
     #[test]

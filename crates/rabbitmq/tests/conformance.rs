@@ -118,6 +118,12 @@ impl FaultHooks for Factory {
         }
         Ok(())
     }
+
+    /// Deletes, through `rabbitmqctl`, `<queue>.dlq`: the dead-letter copy is unroutable.
+    async fn break_dead_letter(&self, queue: &str) -> Result<(), TransportError> {
+        support::delete_queue(&steward_rabbitmq::dead_letter_queue(queue)).await;
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -137,8 +143,24 @@ fn main() -> ExitCode {
             "AMQP 0-9-1 has no timed locks, so a message never moves to another consumer while its channel is open",
         )
         .with_skip(
+            "renew_after_lock_expiry_returns_lock_lost",
+            "AMQP 0-9-1 has no timed locks: nothing expires, and renew_lock is a no-op",
+        )
+        .with_skip(
+            "locked_until_lies_within_the_lock_duration",
+            "AMQP 0-9-1 has no timed locks: locked_until is None",
+        )
+        .with_skip(
             "sessions_deliver_in_order_one_lock_per_session",
             "RabbitMQ has no broker-side sessions; the updater orders by x-session-id within one process",
+        )
+        .with_skip(
+            "session_stays_locked_across_consumers_through_a_delayed_abandon",
+            "RabbitMQ has no broker-side sessions; the updater holds a session back while its head waits out a delay",
+        )
+        .with_skip(
+            "session_head_whose_lock_expired_comes_before_its_followers",
+            "RabbitMQ has neither broker-side sessions nor timed locks",
         )
         .run()
 }

@@ -277,8 +277,9 @@ impl ServiceBusTransport {
     /// first, and leaves them there: for tests and tools.
     ///
     /// REST cannot look without locking, so each message is peek-locked and unlocked
-    /// again at the end, which counts as a delivery of it; the delivery count of a
-    /// returned message is its count when it was dead-lettered plus these readings.
+    /// again at the end, which the broker counts as a delivery of it; the delivery
+    /// count of a returned message is its count when it was dead-lettered, without
+    /// these readings.
     ///
     /// # Errors
     ///
@@ -298,6 +299,11 @@ impl ServiceBusTransport {
             match self.shared.peek_lock(&dlq, Duration::ZERO).await {
                 Ok(PeekLock::Message(locked)) => {
                     let mut message = locked.received.message.clone();
+                    // The copy carries the deliveries the message had when it was
+                    // dead-lettered; this reading is no delivery of it.
+                    if let Some(count) = locked.received.earlier_deliveries {
+                        message.delivery_count = count;
+                    }
                     let mut take = |name: &str| {
                         message.properties.remove(&name.to_ascii_lowercase()).unwrap_or_default()
                     };

@@ -111,6 +111,9 @@ pub(crate) struct Received {
     /// How long a lock on this queue lasts, as far as this answer tells: the renewal
     /// assumes the same.
     pub(crate) lock_duration: Duration,
+    /// The deliveries the message had when the transport re-sent it (a delayed abandon,
+    /// a dead letter), from [`DELIVERY_COUNT_PROPERTY`]; `None` for an original.
+    pub(crate) earlier_deliveries: Option<u32>,
 }
 
 /// Reads a 201 peek-lock answer: `body`, its headers, and when the request was sent.
@@ -138,8 +141,7 @@ pub(crate) fn read_received(
     }
     let earlier_deliveries = properties
         .remove(DELIVERY_COUNT_PROPERTY)
-        .and_then(|count| count.trim().parse::<u32>().ok())
-        .unwrap_or(0);
+        .and_then(|count| count.trim().parse::<u32>().ok());
     let original_id = properties.remove(MESSAGE_ID_PROPERTY).filter(|id| !id.is_empty());
     let id = original_id
         .or(props.message_id)
@@ -172,10 +174,19 @@ pub(crate) fn read_received(
         correlation_id: props.correlation_id,
         content_type,
         properties,
-        delivery_count: props.delivery_count.unwrap_or(1).max(1).saturating_add(earlier_deliveries),
+        delivery_count: props
+            .delivery_count
+            .unwrap_or(1)
+            .max(1)
+            .saturating_add(earlier_deliveries.unwrap_or(0)),
         enqueued_at: props.enqueued_time_utc.as_deref().and_then(parse_date),
     };
-    Ok(Received { message, locked_until: requested_at + lock_duration, lock_duration })
+    Ok(Received {
+        message,
+        locked_until: requested_at + lock_duration,
+        lock_duration,
+        earlier_deliveries,
+    })
 }
 
 fn header<'a>(headers: &'a Headers, name: &'static str) -> Option<&'a str> {
@@ -395,7 +406,9 @@ mod tests {
             (DELIVERY_COUNT_PROPERTY, "\"4\""),
             (MESSAGE_ID_PROPERTY, "\"original\""),
         ]);
-        let m = read_received(String::new(), &h, Instant::now()).unwrap().message;
+        let received = read_received(String::new(), &h, Instant::now()).unwrap();
+        assert_eq!(received.earlier_deliveries, Some(4));
+        let m = received.message;
         assert_eq!(m.content_type, None);
         assert_eq!(m.id, "original");
         assert_eq!(m.delivery_count, 6, "4 earlier deliveries + the broker's 2");

@@ -101,6 +101,11 @@ pub trait FaultHooks: Send + Sync {
     /// Makes the next `receive` of the existing sources of `queue` fail, for example by
     /// closing their connections or failing the next request.
     async fn break_receive(&self, queue: &str) -> Result<(), TransportError>;
+
+    /// Makes dead-lettering a message of `queue` fail, at least the next time, while the
+    /// sources' connections stay up: the broker refuses the copy, or answers the call
+    /// with an error.
+    async fn break_dead_letter(&self, queue: &str) -> Result<(), TransportError>;
 }
 
 /// A name unique within this process and, with high probability, across processes:
@@ -241,6 +246,22 @@ pub const CASES: &[Case] = &[
     row!(send_to_missing_queue_returns_not_found, [StrictQueues]),
     row!(receive_fault_surfaces_as_error, [Faults]),
     row!(delivery_count_survives_delayed_abandon, [cap(DelayedAbandon), cap(DeliveryCount)]),
+    row!(renew_after_lock_expiry_returns_lock_lost, [cap(LockRenewal)]),
+    row!(locked_until_lies_within_the_lock_duration, [cap(LockRenewal)]),
+    row!(out_of_order_concurrent_settlements_each_apply_to_their_message, []),
+    row!(shorter_delay_returns_first_while_undelayed_messages_flow, [cap(DelayedAbandon)]),
+    row!(broker_delivery_limit_lies_above_max_deliveries, []),
+    row!(dead_letter_keeps_any_description_and_the_message_fields, []),
+    row!(
+        session_stays_locked_across_consumers_through_a_delayed_abandon,
+        [cap(Sessions), cap(DelayedAbandon)]
+    ),
+    row!(
+        session_head_whose_lock_expired_comes_before_its_followers,
+        [cap(Sessions), cap(LockRenewal)]
+    ),
+    row!(receive_after_stop_receiving_takes_nothing, []),
+    row!(failed_settlement_leaves_message_redeliverable, [Faults]),
 ];
 
 /// Builds a [`TransportFactory`] for one test, or `None` when the transport's service is
