@@ -14,6 +14,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use steward_api::http::auth::Authentication;
 use steward_api::http::{ApiSettings, AppState};
 use steward_api::http::{openapi, router};
 use steward_api::storage::Database;
@@ -54,11 +55,18 @@ struct App {
 }
 
 async fn app(token: Option<&str>, failing: Option<&'static str>) -> App {
-    build(token, failing, true).await
+    let auth =
+        token.map_or_else(Authentication::none, |t| Authentication::none().with_api_token(t));
+    build(auth, false, failing, true).await
 }
 
 /// The router over a fresh database, its migration marked done when `migrated`.
-async fn build(token: Option<&str>, failing: Option<&'static str>, migrated: bool) -> App {
+async fn build(
+    auth: Authentication,
+    metrics_open: bool,
+    failing: Option<&'static str>,
+    migrated: bool,
+) -> App {
     let db = support::TestDb::sqlite().await;
     let supervisor = Supervisor::new(SupervisorConfig::default().with_intensity(
         steward_core::RestartIntensity { max_restarts: 0, within: Duration::from_secs(600) },
@@ -76,7 +84,8 @@ async fn build(token: Option<&str>, failing: Option<&'static str>, migrated: boo
         health: supervisor.health(),
         settings: Arc::new(ApiSettings {
             resource_request_queue: "workspacequeue".to_owned(),
-            api_token: token.map(str::to_owned),
+            auth,
+            metrics_open,
             transport: "inmem".to_owned(),
             ..ApiSettings::default()
         }),
@@ -241,28 +250,39 @@ async fn openapi_examples_are_valid_requests() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
 
-/// Ensures that with `STEWARD_API_TOKEN` set every mutating route answers 401 without
-/// the token (and with a wrong one), reads stay open, and the right token passes.
+/// Ensures that with `STEWARD_API_TOKEN` set every route but the probes answers 401
+/// with `WWW-Authenticate: Bearer` without the token, reads included, and with
+/// `error="invalid_token"` for a wrong one; the probes stay open; spoofed `X-User-*`
+/// headers are no credential; the right token passes as the development admin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_guards_every_mutating_route() {
+async fn the_token_guards_every_route_but_the_probes() {
     let app = app(Some("s3cret-token"), None).await;
     for (method, path) in ROUTES {
-        let mutating = !matches!(*method, "GET" | "HEAD");
-        let (status, body) =
-            call(&app.router, request(method, &concrete(path), Some(json!({})))).await;
-        if mutating {
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
-            assert_error_shape(&body);
-        } else {
-            assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        let open = steward_api::http::OPEN_ROUTES.contains(path);
+        let mut spoofed = request(method, &concrete(path), Some(json!({})));
+        spoofed.headers_mut().insert("x-user-id", "steward-admin".parse().unwrap());
+        spoofed.headers_mut().insert("x-user-roles", "TREAdmin".parse().unwrap());
+        let response = app.router.clone().oneshot(spoofed).await.unwrap();
+        if open {
+            assert_ne!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+            continue;
         }
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer", "{method} {path}");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        assert_error_shape(&serde_json::from_slice(&bytes).unwrap());
+
         let mut wrong = request(method, &concrete(path), Some(json!({})));
         wrong.headers_mut().insert(header::AUTHORIZATION, "Bearer s3cret-tokeN".parse().unwrap());
-        let (status, _) = call(&app.router, wrong).await;
-        if mutating {
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with a wrong token");
-        }
+        let response = app.router.clone().oneshot(wrong).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path} wrong token");
+        let challenge = response.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert!(challenge.starts_with("Bearer error=\"invalid_token\""), "{challenge}");
     }
+    let mut right = request("GET", "/api/workers", None);
+    right.headers_mut().insert(header::AUTHORIZATION, "Bearer s3cret-token".parse().unwrap());
+    let (status, body) = call(&app.router, right).await;
+    assert_eq!(status, StatusCode::OK, "the development admin is an operator: {body}");
     let mut right = request(
         "POST",
         "/api/resources",
@@ -273,6 +293,35 @@ async fn token_guards_every_mutating_route() {
     right.headers_mut().insert(header::AUTHORIZATION, "Bearer s3cret-token".parse().unwrap());
     let (status, body) = call(&app.router, right).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["operation"]["user"]["id"], "steward-admin", "{body}");
+}
+
+/// Ensures that the operator routes answer 403 to a known caller without `TREAdmin`,
+/// and that `STEWARD_METRICS_OPEN` opens `/metrics` to anyone, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_routes_need_tre_admin() {
+    let proxy = Authentication::none().with_proxy_headers(true);
+    let as_user = |path: &str, roles: &str| {
+        let mut request = request("GET", path, None);
+        request.headers_mut().insert("x-user-id", "u-1".parse().unwrap());
+        request.headers_mut().insert("x-user-roles", roles.parse().unwrap());
+        request
+    };
+    let app = build(proxy.clone(), false, None, true).await;
+    for path in steward_api::http::OPERATOR_ROUTES {
+        let (status, body) = call(&app.router, as_user(path, "TREUser")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+        assert_error_shape(&body);
+        let (status, _) = call(&app.router, as_user(path, "TREAdmin")).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let (status, _) = call(&app.router, request("GET", path, None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let open = build(proxy, true, None, true).await;
+    let (status, _) = call(&open.router, request("GET", "/metrics", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&open.router, request("GET", "/api/workers", None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
 /// Ensures that bad bodies get the JSON error shape: malformed JSON 400, unknown or
@@ -463,7 +512,7 @@ async fn probes_follow_worker_health() {
 /// 200 and `/readyz` 503 naming the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmigrated_database_answers_503_with_retry_after() {
-    let app = build(None, None, false).await;
+    let app = build(Authentication::none(), false, None, false).await;
     for (method, path) in [
         ("GET", "/api/resources"),
         ("GET", "/api/operations/00000000-0000-4000-8000-000000000000"),
