@@ -152,13 +152,18 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/airlock-requests/{id}/submit"),
     ("POST", "/api/airlock-requests/{id}/review"),
     ("POST", "/api/airlock-requests/{id}/cancel"),
+    ("GET", "/api/workspaces/{workspaceId}/roles/{userId}"),
+    ("PUT", "/api/workspaces/{workspaceId}/roles/{userId}"),
 ];
 
 /// The methods a route may take.
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 
 fn concrete(path: &str) -> String {
-    path.replace("{id}", "00000000-0000-4000-8000-000000000000").replace("{action}", "start")
+    path.replace("{id}", "00000000-0000-4000-8000-000000000000")
+        .replace("{action}", "start")
+        .replace("{workspaceId}", "00000000-0000-4000-8000-000000000000")
+        .replace("{userId}", "u-1")
 }
 
 fn assert_error_shape(body: &Value) {
@@ -322,6 +327,83 @@ async fn operator_routes_need_tre_admin() {
     assert_eq!(status, StatusCode::OK);
     let (status, _) = call(&open.router, request("GET", "/api/workers", None)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// A request as the user `id` with these global roles, through trusted proxy headers.
+fn as_user(id: &str, roles: &str, method: &str, uri: &str, body: Option<Value>) -> Request<Body> {
+    let mut request = request(method, uri, body);
+    request.headers_mut().insert("x-user-id", id.parse().unwrap());
+    request.headers_mut().insert("x-user-roles", roles.parse().unwrap());
+    request
+}
+
+/// Ensures that only `TREAdmin` or the workspace's `WorkspaceOwner` sets a user's roles
+/// in a workspace; that the user, the owner and the admin read them and nobody else;
+/// and that unknown roles and unknown workspaces are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_roles_are_set_by_admins_and_owners() {
+    let app = build(Authentication::none().with_proxy_headers(true), false, None, true).await;
+    let create = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    let (status, body) =
+        call(&app.router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(create)))
+            .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let roles = |user: &str| format!("/api/workspaces/{ws}/roles/{user}");
+    let set = |role: &str| Some(json!({"roles": [role]}));
+
+    let (status, body) = call(
+        &app.router,
+        as_user("admin", "TREAdmin", "PUT", &roles("owner"), set("WorkspaceOwner")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"workspaceId": ws, "userId": "owner", "roles": ["WorkspaceOwner"]}));
+
+    let (status, body) = call(
+        &app.router,
+        as_user("mallory", "TREUser", "PUT", &roles("mallory"), set("AirlockManager")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_error_shape(&body);
+
+    let (status, body) =
+        call(&app.router, as_user("owner", "TREUser", "PUT", &roles("am"), set("AirlockManager")))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    for (reader, expected) in
+        [("am", StatusCode::OK), ("owner", StatusCode::OK), ("mallory", StatusCode::FORBIDDEN)]
+    {
+        let (status, body) =
+            call(&app.router, as_user(reader, "", "GET", &roles("am"), None)).await;
+        assert_eq!(status, expected, "{reader}: {body}");
+        if status == StatusCode::OK {
+            assert_eq!(body["roles"], json!(["AirlockManager"]), "{reader}");
+        }
+    }
+    let (status, _) =
+        call(&app.router, as_user("admin", "TREAdmin", "GET", &roles("am"), None)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, body) =
+        call(&app.router, as_user("admin", "TREAdmin", "PUT", &roles("x"), set("Superuser"))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let missing = "/api/workspaces/00000000-0000-4000-8000-000000000000/roles/x";
+    let (status, body) =
+        call(&app.router, as_user("admin", "TREAdmin", "PUT", missing, set("AirlockManager")))
+            .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _) = call(&app.router, request("GET", &roles("am"), None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // An empty set removes the user's roles.
+    let (status, body) =
+        call(&app.router, as_user("owner", "", "PUT", &roles("am"), Some(json!({"roles": []}))))
+            .await;
+    assert_eq!((status, body["roles"].clone()), (StatusCode::OK, json!([])));
 }
 
 /// Ensures that bad bodies get the JSON error shape: malformed JSON 400, unknown or

@@ -12,6 +12,7 @@ mod extract;
 mod health;
 mod openapi;
 mod resources;
+mod roles;
 mod state;
 mod templates;
 
@@ -69,6 +70,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(airlock::submit))
         .routes(routes!(airlock::review))
         .routes(routes!(airlock::cancel))
+        .routes(routes!(roles::get, roles::set))
 }
 
 /// The OpenAPI document of every route, as `GET /api/openapi.json` serves it.
