@@ -406,6 +406,153 @@ async fn workspace_roles_are_set_by_admins_and_owners() {
     assert_eq!((status, body["roles"].clone()), (StatusCode::OK, json!([])));
 }
 
+/// Ensures that each route class checks its roles: workspaces and shared services need
+/// `TREAdmin`; workspace services the workspace's owner; user resources its owner or a
+/// researcher; reads any role in the workspace (shared services anyone); lists show
+/// only what the caller may see; airlock requests are written by researchers and
+/// owners and reviewed by the airlock manager, never by their creator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_class_checks_its_roles() {
+    let app = build(Authentication::none().with_proxy_headers(true), false, None, true).await;
+    let router = &app.router;
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    let firewall =
+        json!({"templateName": "tre-shared-service-firewall", "resourceType": "shared-service"});
+    let (status, _) = call(
+        router,
+        as_user("outsider", "TREUser", "POST", "/api/resources", Some(workspace.clone())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a workspace needs TREAdmin");
+    let (status, body) =
+        call(router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(workspace))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let (status, _) =
+        call(router, as_user("owner", "TREUser", "POST", "/api/resources", Some(firewall.clone())))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a shared service needs TREAdmin");
+    let (status, body) =
+        call(router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(firewall))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let fw = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    for (user, roles) in [
+        ("owner", json!(["WorkspaceOwner"])),
+        ("researcher", json!(["WorkspaceResearcher"])),
+        ("manager", json!(["AirlockManager"])),
+        ("both", json!(["WorkspaceResearcher", "AirlockManager"])),
+    ] {
+        let uri = format!("/api/workspaces/{ws}/roles/{user}");
+        let (status, body) =
+            call(router, as_user("admin", "TREAdmin", "PUT", &uri, Some(json!({"roles": roles}))))
+                .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    // A workspace service: the owner only.
+    let service = json!({"templateName": "tre-service-guacamole", "resourceType": "workspace-service",
+        "workspaceId": ws, "properties": {"display_name": "Desktops"}});
+    let (status, _) =
+        call(router, as_user("researcher", "", "POST", "/api/resources", Some(service.clone())))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) =
+        call(router, as_user("owner", "", "POST", "/api/resources", Some(service))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let svc = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+
+    // Reads: any role in the workspace; shared services anyone.
+    let ws_uri = format!("/api/resources/{ws}");
+    for (user, expected) in [
+        ("outsider", StatusCode::FORBIDDEN),
+        ("manager", StatusCode::OK),
+        ("researcher", StatusCode::OK),
+    ] {
+        let (status, _) = call(router, as_user(user, "", "GET", &ws_uri, None)).await;
+        assert_eq!(status, expected, "{user} reads the workspace");
+        let (status, _) =
+            call(router, as_user(user, "", "GET", &format!("{ws_uri}/operations"), None)).await;
+        assert_eq!(status, expected, "{user} reads its operations");
+    }
+    let (status, _) =
+        call(router, as_user("outsider", "", "GET", &format!("/api/resources/{fw}"), None)).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids = |body: &Value| -> Vec<String> {
+        body["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, body) = call(router, as_user("outsider", "", "GET", "/api/resources", None)).await;
+    assert_eq!(ids(&body), vec![fw.clone()], "an outsider lists the shared services only");
+    let (_, body) = call(router, as_user("researcher", "", "GET", "/api/resources", None)).await;
+    assert_eq!(ids(&body), [ws.clone(), fw.clone(), svc.clone()]);
+
+    // Changing a workspace needs TREAdmin, even for its owner.
+    let patch = Some(json!({"properties": {"display_name": "Genomics 2"}}));
+    let (status, _) = call(router, as_user("owner", "", "PATCH", &ws_uri, patch.clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = call(router, as_user("owner", "", "DELETE", &ws_uri, None)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Airlock: researchers and owners write, the airlock manager reviews.
+    let new_request = Some(json!({"workspaceId": ws, "type": "export"}));
+    let (status, _) =
+        call(router, as_user("manager", "", "POST", "/api/airlock-requests", new_request.clone()))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = call(
+        router,
+        as_user("researcher", "", "POST", "/api/airlock-requests", new_request.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let request_id = body["airlockRequest"]["id"].as_str().unwrap().to_owned();
+    let (status, body) =
+        call(router, as_user("both", "", "POST", "/api/airlock-requests", new_request)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let own_request = body["airlockRequest"]["id"].as_str().unwrap().to_owned();
+    let review = Some(json!({"reviewDecision": "approved", "decisionExplanation": "fine"}));
+    let review_uri = |id: &str| format!("/api/airlock-requests/{id}/review");
+    let (status, _) =
+        call(router, as_user("researcher", "", "POST", &review_uri(&request_id), review.clone()))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a researcher cannot review");
+    let (status, body) =
+        call(router, as_user("both", "", "POST", &review_uri(&own_request), review.clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "nobody reviews their own request");
+    assert!(body["detail"].as_str().unwrap().contains("creator"), "{body}");
+    // The manager passes authorization; the draft is not in review, so the rules refuse.
+    let (status, body) =
+        call(router, as_user("manager", "", "POST", &review_uri(&request_id), review)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("illegal_status_change")),
+        "{body}"
+    );
+    let (status, _) = call(
+        router,
+        as_user("manager", "", "POST", &format!("/api/airlock-requests/{request_id}/submit"), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "an airlock manager does not submit");
+    let (status, _) = call(
+        router,
+        as_user("outsider", "", "GET", &format!("/api/airlock-requests/{request_id}"), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, body) =
+        call(router, as_user("outsider", "", "GET", "/api/airlock-requests", None)).await;
+    assert_eq!(body["airlockRequests"], json!([]), "an outsider lists no airlock requests");
+    let (_, body) =
+        call(router, as_user("manager", "", "GET", "/api/airlock-requests", None)).await;
+    assert_eq!(body["airlockRequests"].as_array().unwrap().len(), 2);
+}
+
 /// Ensures that bad bodies get the JSON error shape: malformed JSON 400, unknown or
 /// wrong fields 422, a 2 MiB body 413, a missing content type 415.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

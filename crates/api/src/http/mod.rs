@@ -5,6 +5,7 @@
 //! and a 1 MiB body. Every route but the probes ([`OPEN_ROUTES`]) needs an identified
 //! caller ([`auth`]): 401 with `WWW-Authenticate: Bearer` otherwise.
 
+mod access;
 mod airlock;
 pub mod auth;
 mod error;
