@@ -462,6 +462,25 @@ async fn every_route_class_checks_its_roles() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let svc = body["operation"]["resourceId"].as_str().unwrap().to_owned();
 
+    // A user resource: the owner or a researcher.
+    let mut vms = Vec::new();
+    let vm = json!({"templateName": "tre-user-resource-linuxvm", "resourceType": "user-resource",
+        "workspaceId": ws, "parentWorkspaceServiceId": svc,
+        "properties": {"display_name": "VM 1", "os_image": "Ubuntu 22.04 LTS"}});
+    for (user, expected) in [
+        ("manager", StatusCode::FORBIDDEN),
+        ("outsider", StatusCode::FORBIDDEN),
+        ("researcher", StatusCode::ACCEPTED),
+        ("owner", StatusCode::ACCEPTED),
+    ] {
+        let (status, body) =
+            call(router, as_user(user, "", "POST", "/api/resources", Some(vm.clone()))).await;
+        assert_eq!(status, expected, "{user} creates a user resource: {body}");
+        if status == StatusCode::ACCEPTED {
+            vms.push(body["operation"]["resourceId"].as_str().unwrap().to_owned());
+        }
+    }
+
     // Reads: any role in the workspace; shared services anyone.
     let ws_uri = format!("/api/resources/{ws}");
     for (user, expected) in [
@@ -489,7 +508,9 @@ async fn every_route_class_checks_its_roles() {
     let (_, body) = call(router, as_user("outsider", "", "GET", "/api/resources", None)).await;
     assert_eq!(ids(&body), vec![fw.clone()], "an outsider lists the shared services only");
     let (_, body) = call(router, as_user("researcher", "", "GET", "/api/resources", None)).await;
-    assert_eq!(ids(&body), [ws.clone(), fw.clone(), svc.clone()]);
+    let mut expected = vec![ws.clone(), fw.clone(), svc.clone()];
+    expected.extend(vms);
+    assert_eq!(ids(&body), expected);
 
     // Changing a workspace needs TREAdmin, even for its owner.
     let patch = Some(json!({"properties": {"display_name": "Genomics 2"}}));
