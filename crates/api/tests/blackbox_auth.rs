@@ -197,3 +197,63 @@ async fn oidc_callers_get_exactly_their_roles() {
     let (status, _, _) = api.terminate(Duration::from_secs(30));
     assert!(status.success());
 }
+
+/// Starts the binary with `args` and `env`, waits until `/livez` answers, stops it,
+/// and returns its log.
+async fn start_and_stop(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = process::command(dir.path(), env).args(args).spawn().expect("start");
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (found, listening) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = process::collect_lines(stderr, logs.clone(), "steward-api listening", found);
+    let line = listening.recv_timeout(LIMIT).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("did not start: {:#?}", logs.lock().unwrap())
+    });
+    let line: Value = serde_json::from_str(&line).unwrap();
+    // A wildcard address is reached through the loopback one.
+    let base = line["address"].as_str().unwrap().replace("0.0.0.0", "127.0.0.1");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match reqwest::get(format!("{base}/livez")).await {
+            Ok(response) if response.status() == 200 => break,
+            _ => assert!(Instant::now() < deadline, "no /livez: {:#?}", logs.lock().unwrap()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    process::sigterm(&child);
+    let status = process::wait_for_exit(&mut child, Duration::from_secs(30), &logs);
+    reader.join().unwrap();
+    let logs = logs.lock().unwrap().clone();
+    assert!(status.success(), "{status:?}: {logs:#?}");
+    logs
+}
+
+/// Ensures that with nothing configured on a loopback address the start-up log says
+/// every caller is the development admin, that `STEWARD_API_TOKEN` is logged as the
+/// development admin's token (never its value), and that `--insecure-no-auth` lets a
+/// non-loopback address start without authentication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_log_names_the_authentication_in_effect() {
+    let logs = start_and_stop(&[], &[]).await;
+    assert!(
+        logs.iter().any(|line| line.contains("every caller is the development admin")
+            && line.contains("\"WARN\"")),
+        "{logs:#?}"
+    );
+
+    let logs = start_and_stop(&[], &[("STEWARD_API_TOKEN", "dev-s3cret")]).await;
+    assert!(
+        logs.iter().any(|line| line.contains("callers are authenticated")
+            && line.contains("STEWARD_API_TOKEN as steward-admin (TREAdmin)")),
+        "{logs:#?}"
+    );
+    assert!(!logs.iter().any(|line| line.contains("dev-s3cret")), "{logs:#?}");
+
+    let logs = start_and_stop(&["--insecure-no-auth"], &[("STEWARD_LISTEN", "0.0.0.0:0")]).await;
+    assert!(
+        logs.iter().any(|line| line.contains("every caller is the development admin")),
+        "{logs:#?}"
+    );
+}
