@@ -329,6 +329,45 @@ async fn operator_routes_need_tre_admin() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
+/// Ensures that a token that cannot be checked because the issuer's keys cannot be
+/// fetched is 503 with `Retry-After` (the service's fault), and a malformed or
+/// HMAC token 401 `invalid_token` (the caller's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_that_cannot_be_checked_are_503_and_bad_ones_401() {
+    use base64::Engine as _;
+    use steward_api::http::auth::{OidcConfig, OidcVerifier};
+    // Nothing listens on port 9 of the loopback address.
+    let verifier = OidcVerifier::new(OidcConfig {
+        issuer: "http://127.0.0.1:9".to_owned(),
+        audience: "api://steward".to_owned(),
+        jwks_url: None,
+    })
+    .unwrap();
+    let app = build(Authentication::none().with_oidc(Arc::new(verifier)), false, None, true).await;
+    let part = |value: Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string().as_bytes())
+    };
+    let claims = part(json!({"sub": "u", "iss": "http://127.0.0.1:9", "aud": "api://steward"}));
+    for (alg, status) in
+        [("RS256", StatusCode::SERVICE_UNAVAILABLE), ("HS256", StatusCode::UNAUTHORIZED)]
+    {
+        let token = format!("{}.{claims}.c2ln", part(json!({"alg": alg, "kid": "k1"})));
+        let mut request = request("GET", "/api/resources", None);
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        let response = app.router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), status, "{alg}");
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(response.headers().contains_key(header::RETRY_AFTER));
+        } else {
+            let challenge = response.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+            assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+            assert!(challenge.contains("HS256"), "{challenge}");
+        }
+    }
+}
+
 /// A request as the user `id` with these global roles, through trusted proxy headers.
 fn as_user(id: &str, roles: &str, method: &str, uri: &str, body: Option<Value>) -> Request<Body> {
     let mut request = request(method, uri, body);
