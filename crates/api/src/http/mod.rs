@@ -104,8 +104,9 @@ fn method_not_allowed() -> Response {
     .into_response()
 }
 
-/// Identifies the caller of every route but the open ones, and leaves them in the
-/// request's extensions for the [`Caller`] extractor.
+/// Identifies the caller of every route but the open ones, refuses (403) the operator
+/// routes to callers without `TREAdmin`, and leaves the caller in the request's
+/// extensions for the [`Caller`] extractor. Finer rules are the handlers' (`access`).
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let path = path.as_str();
