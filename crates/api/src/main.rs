@@ -41,27 +41,38 @@ fn one_line(text: &str) -> String {
         .join("; ")
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Registers for SIGTERM and Ctrl-C at once and returns a future that resolves when
+/// either arrives.
+///
+/// Registering before the service starts matters: a SIGTERM sent right after the
+/// "listening" line must start a graceful shutdown, not meet the default action, which
+/// kills the process. Must be called inside the runtime.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            let (mut terminate, mut interrupt) = match (terminate, interrupt) {
+                (Ok(terminate), Ok(interrupt)) => (terminate, interrupt),
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM and Ctrl-C; stop the process with SIGKILL");
+                    return std::future::pending().await;
+                }
+            };
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("Ctrl-C received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C received"),
-        () = terminate => tracing::info!("SIGTERM received"),
+        tracing::info!("Ctrl-C received");
     }
 }
 
@@ -87,6 +98,7 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
+        let shutdown = shutdown_signal();
         let service = match Service::start(config).await {
             Ok(service) => service,
             Err(error) => {
@@ -94,7 +106,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        match service.serve(shutdown_signal()).await {
+        match service.serve(shutdown).await {
             Ok(stopped) if stopped.report.is_clean() => ExitCode::SUCCESS,
             Ok(stopped) => {
                 tracing::warn!(report = ?stopped.report, "stopped, with work cut short");
