@@ -23,6 +23,9 @@ use crate::{CAPABILITIES, Nats, message, sink, topology};
 /// server's, so a settlement sent before it reaches the server in time.
 const LOCK_MARGIN: Duration = Duration::from_millis(500);
 
+/// How long after its `wait` a pull is given up on when the server did not end it.
+const PULL_GRACE: Duration = Duration::from_secs(2);
+
 /// A consumer of one queue: a durable pull consumer, on a connection of its own.
 ///
 /// - `receive(max, wait)` pulls up to `max` messages, waiting up to `wait` on the
@@ -106,10 +109,15 @@ impl NatsSource {
             .map_err(|e| self.pull_error(since, e))?;
         let mut got = Vec::new();
         let mut failed = None;
-        while let Some(next) = batch.next().await {
-            match next {
-                Ok(message) => got.push(self.delivery(message, locked_until)),
-                Err(e) => {
+        // The server ends the pull at `wait`; a server that does not answer (the pull
+        // went nowhere) is given up on a little later. A message arriving after that
+        // stays locked until its ack wait runs out, then comes again.
+        let give_up = later(started, wait + PULL_GRACE);
+        loop {
+            match tokio::time::timeout_at(give_up, batch.next()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(Ok(message))) => got.push(self.delivery(message, locked_until)),
+                Ok(Some(Err(e))) => {
                     failed = Some(e);
                     break;
                 }
