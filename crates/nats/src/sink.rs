@@ -54,14 +54,15 @@ pub(crate) async fn publish_with(
     let js = nats.shared().await?;
     let what = || format!("publish message {id} to {subject}");
     let publish = PublishMessage::build().payload(body).headers(headers);
+    let timeout_after = nats.config().request_timeout;
     let ack = js
         .send_publish(subject.to_owned(), publish)
         .await
-        .map_err(|e| publish_error(&what(), subject, e))?;
+        .map_err(|e| publish_error(&what(), subject, timeout_after, e))?;
     let after = nats.config().request_timeout * 2;
     match timeout(after, ack).await {
         Err(_) => Err(Error::Timeout { what: what(), after }),
-        Ok(Err(e)) => Err(publish_error(&what(), subject, e)),
+        Ok(Err(e)) => Err(publish_error(&what(), subject, timeout_after, e)),
         Ok(Ok(ack)) => {
             tracing::trace!(queue = subject, message_id = id, stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "published");
             Ok(())
@@ -72,6 +73,7 @@ pub(crate) async fn publish_with(
 fn publish_error(
     what: &str,
     subject: &str,
+    after: std::time::Duration,
     error: async_nats::jetstream::context::PublishError,
 ) -> Error {
     match error.kind() {
@@ -79,9 +81,7 @@ fn publish_error(
             entity: format!("queue {subject} (no stream captures the subject)"),
             source: Some(error.into()),
         },
-        PublishErrorKind::TimedOut => {
-            Error::Timeout { what: what.to_owned(), after: std::time::Duration::ZERO }
-        }
+        PublishErrorKind::TimedOut => Error::Timeout { what: what.to_owned(), after },
         PublishErrorKind::BrokenPipe => Error::connection(what, error),
         _ => Error::jetstream(what, error),
     }
