@@ -305,7 +305,14 @@ impl Settle for NatsSettle {
     async fn complete(&self) -> Result<(), TransportError> {
         self.check_lock()?;
         self.acker.double_ack().await.map_err(|e| {
-            Error::connection(format!("complete message {} of {}", self.message_id, self.queue), e)
+            // The server does not confirm an ack for a delivery it no longer holds
+            // pending: past the lock, that is the lock lost, not the connection.
+            if Instant::now() >= self.deadline() {
+                Error::LockExpired { message_id: self.message_id.clone() }
+            } else {
+                let what = format!("complete message {} of {}", self.message_id, self.queue);
+                Error::connection(what, e)
+            }
         })?;
         Ok(())
     }
@@ -317,6 +324,10 @@ impl Settle for NatsSettle {
     async fn dead_letter(&self, reason: &str, description: &str) -> Result<(), TransportError> {
         self.check_lock()?;
         let mut headers = self.headers.clone().unwrap_or_default();
+        if message::header(Some(&headers), crate::MESSAGE_ID_HEADER).is_none() {
+            // Published without an id: the dead letter keeps the one handlers saw.
+            message::insert(&mut headers, crate::MESSAGE_ID_HEADER, &self.message_id)?;
+        }
         message::insert(&mut headers, crate::DEAD_LETTER_REASON_HEADER, &one_line(reason))?;
         message::insert(
             &mut headers,
