@@ -26,7 +26,7 @@ pub use builder::{
 };
 pub use message::{
     CONTENT_TYPE_HEADER, CORRELATION_ID_HEADER, DEAD_LETTER_DESCRIPTION_HEADER,
-    DEAD_LETTER_REASON_HEADER, MESSAGE_ID_HEADER, SESSION_ID_HEADER,
+    DEAD_LETTER_REASON_HEADER, DELIVERY_COUNT_HEADER, MESSAGE_ID_HEADER, SESSION_ID_HEADER,
 };
 pub use sink::NatsSink;
 pub use source::NatsSource;
@@ -269,18 +269,23 @@ fn dead_letter(got: &jetstream::Message) -> DeadLetter {
     let info = got.info().ok();
     let sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
     let enqueued_at = info.map(|i| SystemTime::from(i.published));
+    let delivery_count = message::header(headers, DELIVERY_COUNT_HEADER)
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(1);
     let message = message::to_message(
         headers,
         got.payload.clone(),
         || format!("dlq-{sequence}"),
-        1,
+        delivery_count,
         enqueued_at,
-        &[DEAD_LETTER_REASON_HEADER, DEAD_LETTER_DESCRIPTION_HEADER],
+        &[DEAD_LETTER_REASON_HEADER, DEAD_LETTER_DESCRIPTION_HEADER, DELIVERY_COUNT_HEADER],
     );
+    let text =
+        |name| message::header(headers, name).map(|v| message::decode(&v)).unwrap_or_default();
     DeadLetter {
         message,
-        reason: message::header(headers, DEAD_LETTER_REASON_HEADER).unwrap_or_default(),
-        description: message::header(headers, DEAD_LETTER_DESCRIPTION_HEADER).unwrap_or_default(),
+        reason: text(DEAD_LETTER_REASON_HEADER),
+        description: text(DEAD_LETTER_DESCRIPTION_HEADER),
     }
 }
 

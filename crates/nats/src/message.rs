@@ -6,7 +6,10 @@ use std::time::SystemTime;
 use async_nats::HeaderMap;
 use async_nats::header::HeaderName;
 use bytes::Bytes;
-use steward_core::transport::{DEAD_LETTER_DESCRIPTION_PROPERTY, DEAD_LETTER_REASON_PROPERTY};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+use steward_core::transport::{
+    DEAD_LETTER_DESCRIPTION_PROPERTY, DEAD_LETTER_REASON_PROPERTY, DELIVERY_COUNT_PROPERTY,
+};
 use steward_core::{Message, OutgoingMessage};
 
 use crate::error::Error;
@@ -29,6 +32,24 @@ pub const DEAD_LETTER_REASON_HEADER: &str = DEAD_LETTER_REASON_PROPERTY;
 
 /// The header of a dead letter holding the description given to `dead_letter`.
 pub const DEAD_LETTER_DESCRIPTION_HEADER: &str = DEAD_LETTER_DESCRIPTION_PROPERTY;
+
+/// The header of a dead letter holding the delivery count the message had when it was
+/// dead-lettered.
+pub const DELIVERY_COUNT_HEADER: &str = DELIVERY_COUNT_PROPERTY;
+
+/// What [`encode`] escapes: control characters (line breaks cannot travel in a NATS
+/// header), `%`, and (by `utf8_percent_encode` itself) every non-ASCII byte.
+const ESCAPED: &AsciiSet = &CONTROLS.add(b'%');
+
+/// A header value for any text: percent-encoded where NATS headers cannot carry it.
+pub(crate) fn encode(text: &str) -> String {
+    utf8_percent_encode(text, ESCAPED).to_string()
+}
+
+/// The text of a value made by [`encode`].
+pub(crate) fn decode(value: &str) -> String {
+    percent_decode_str(value).decode_utf8_lossy().into_owned()
+}
 
 /// Headers this transport sets itself: never application properties.
 const RESERVED: [&str; 4] =
@@ -160,6 +181,15 @@ mod tests {
         }
         let reserved = OutgoingMessage::new("b").with_property("x-session-id", "s");
         assert!(matches!(headers("id", &reserved), Err(Error::BadMessage { .. })));
+    }
+
+    #[test]
+    fn any_text_survives_encoding_and_the_encoding_fits_a_header() {
+        let text = "Zürich → ☃ 𝄞 \"q\" back\\slash 100%\r\n\ttab\n";
+        let encoded = encode(text);
+        assert!(encoded.bytes().all(|b| (32..127).contains(&b)), "{encoded}");
+        assert_eq!(decode(&encoded), text);
+        assert_eq!(encode("plain: text"), "plain: text", "readable where it can be");
     }
 
     #[test]

@@ -216,6 +216,7 @@ impl NatsSource {
             nats: self.nats.clone(),
             queue: self.queue.clone(),
             message_id: message.id.clone(),
+            delivery_count: delivered,
             sequence,
             headers: raw.headers,
             body: raw.payload,
@@ -257,6 +258,7 @@ struct NatsSettle {
     nats: Nats,
     queue: String,
     message_id: String,
+    delivery_count: u32,
     sequence: u64,
     headers: Option<HeaderMap>,
     body: bytes::Bytes,
@@ -328,20 +330,14 @@ impl Settle for NatsSettle {
             // Published without an id: the dead letter keeps the one handlers saw.
             message::insert(&mut headers, crate::MESSAGE_ID_HEADER, &self.message_id)?;
         }
-        message::insert(&mut headers, crate::DEAD_LETTER_REASON_HEADER, &one_line(reason))?;
-        message::insert(
-            &mut headers,
-            crate::DEAD_LETTER_DESCRIPTION_HEADER,
-            &one_line(description),
-        )?;
+        message::insert(&mut headers, crate::DEAD_LETTER_REASON_HEADER, &message::encode(reason))?;
+        let description = message::encode(description);
+        message::insert(&mut headers, crate::DEAD_LETTER_DESCRIPTION_HEADER, &description)?;
+        let count = self.delivery_count.to_string();
+        message::insert(&mut headers, message::DELIVERY_COUNT_HEADER, &count)?;
         let dlq = dead_letter_queue(&self.queue);
         sink::publish_with(&self.nats, &dlq, &self.message_id, headers, self.body.clone()).await?;
         tracing::debug!(queue = %self.queue, message_id = %self.message_id, sequence = self.sequence, reason, "dead-lettered");
         Ok(self.send(AckKind::Term, "terminate").await?)
     }
-}
-
-/// Line breaks cannot travel in a NATS header: they become spaces.
-fn one_line(text: &str) -> String {
-    text.replace(['\r', '\n'], " ")
 }

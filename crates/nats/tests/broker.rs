@@ -78,14 +78,15 @@ async fn a_message_without_an_id_keeps_the_one_handlers_saw_into_the_dead_letter
     assert_eq!(id, format!("{queue}-1"), "queue and stream sequence");
     assert_eq!(delivery.message().session_id, None);
     assert!(delivery.message().properties.is_empty(), "{:?}", delivery.message());
-    delivery.dead_letter("Poison", "line one\nline two").await.unwrap();
+    delivery.dead_letter("Poison: ünïcode", "line one\r\nline two, 100%").await.unwrap();
 
     let dead = nats.dead_letters(&queue).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].message.id, id);
     assert_eq!(dead[0].message.body, "plain");
-    assert_eq!(dead[0].reason, "Poison");
-    assert_eq!(dead[0].description, "line one line two", "line breaks cannot travel in headers");
+    assert_eq!(dead[0].reason, "Poison: ünïcode");
+    assert_eq!(dead[0].description, "line one\r\nline two, 100%", "percent-encoded in the header");
+    assert_eq!(dead[0].message.delivery_count, 1, "the count when dead-lettered");
     assert!(dead[0].message.properties.is_empty(), "no bookkeeping as properties: {:?}", dead[0]);
 }
 

@@ -93,6 +93,28 @@ async fn consumer_deleted_while_running_is_not_found_and_comes_back_with_a_new_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dead_letter_copy_fails_and_leaves_the_message_redeliverable() {
+    if !support::server_available("refused_dead_letter").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "refused-dlq");
+    let nats = builder.build().unwrap();
+    nats.declare_topology().await.unwrap();
+    nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("kept")).await.unwrap();
+    let source = nats.source(&queue).await.unwrap();
+    let delivery = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+
+    support::delete_dead_letter_stream(&url, &nats, &queue).await;
+    let error = delivery.dead_letter("Poison", "refused").await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound, "{}", error_chain(&error));
+    // Not terminated: the same consumer gets it again once the lock runs out.
+    let ids = drain(&source, 1, support::ACK_WAIT + Duration::from_secs(10)).await;
+    assert_eq!(ids, HashSet::from(["kept".into()]));
+    nats.delete_topology().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_are_auth_and_right_ones_connect() {
     let args = ["--user", "steward", "--pass", "right-password"];
     let Some(server) = PrivateServer::start("wrong_credentials", &args).await else {

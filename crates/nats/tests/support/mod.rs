@@ -78,6 +78,14 @@ pub async fn delete_consumer(url: &str, nats: &Nats, queue: &str) {
     stream.delete_consumer(steward_nats::CONSUMER_NAME).await.unwrap();
 }
 
+/// Deletes the dead-letter stream of `queue` behind the transport's back: the copy a
+/// dead-letter publishes to `<queue>.dlq` is refused ("no responders").
+pub async fn delete_dead_letter_stream(url: &str, nats: &Nats, queue: &str) {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.delete_stream(nats.dead_letter_stream_name(queue)).await.unwrap();
+}
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
