@@ -153,8 +153,8 @@ fn has_nextest() -> bool {
 }
 
 /// Whether a test binary shares machine-wide services or ports with others, so its tests
-/// run one at a time: the RabbitMQ and NATS crates' tests and every black-box test, as the nextest
-/// `serial` group in `.config/nextest.toml` has them.
+/// run one at a time: the RabbitMQ and NATS crates' tests and every black-box test, as
+/// the nextest `serial` group in `.config/nextest.toml` has them.
 fn is_serial(package: &str, test: &str) -> bool {
     matches!(package, "steward-rabbitmq" | "steward-nats") || test.starts_with("blackbox")
 }
