@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts (or installs, on a machine without them) the services the tests use:
-# PostgreSQL on 127.0.0.1:5432 and RabbitMQ on 127.0.0.1:5672. Never stops or restarts a
+# PostgreSQL on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672 and NATS with JetStream on
+# 127.0.0.1:4222. Never stops or restarts a
 # service that is already running. With CI=true an unreachable service is an error;
 # otherwise it is a warning and the tests that need it fail with a clear message.
 set -uo pipefail
@@ -56,8 +57,21 @@ ensure_rabbitmq() {
   log "RabbitMQ is up"
 }
 
+ensure_nats() {
+  port_open 4222 && { log "NATS is up"; return 0; }
+  if ! command -v nats-server >/dev/null 2>&1; then
+    apt_install nats-server || return 1
+  fi
+  local store=/var/tmp/steward-nats
+  log "starting nats-server with JetStream (store $store)"
+  mkdir -p "$store" &&
+    setsid nohup nats-server -js -a 127.0.0.1 -p 4222 -sd "$store" >"$store/server.log" 2>&1 </dev/null &
+  wait_port 4222 30 || return 1
+  log "NATS is up"
+}
+
 status=0
-for service in postgres rabbitmq; do
+for service in postgres rabbitmq nats; do
   if ! "ensure_$service"; then
     if [ "${CI:-}" = "true" ]; then
       log "ERROR: $service is not reachable"

@@ -99,7 +99,7 @@ fn feature_builds() -> Result<()> {
         );
     }
     println!("<== refused as expected");
-    for feature in ["inmem", "rabbitmq", "servicebus"] {
+    for feature in ["inmem", "nats", "rabbitmq", "servicebus"] {
         cargo(&[
             "clippy",
             "--quiet",
@@ -153,10 +153,10 @@ fn has_nextest() -> bool {
 }
 
 /// Whether a test binary shares machine-wide services or ports with others, so its tests
-/// run one at a time: the RabbitMQ crate's tests and every black-box test, as the nextest
-/// `serial` group in `.config/nextest.toml` has them.
+/// run one at a time: the RabbitMQ and NATS crates' tests and every black-box test, as
+/// the nextest `serial` group in `.config/nextest.toml` has them.
 fn is_serial(package: &str, test: &str) -> bool {
-    package == "steward-rabbitmq" || test.starts_with("blackbox")
+    matches!(package, "steward-rabbitmq" | "steward-nats") || test.starts_with("blackbox")
 }
 
 /// Every test without nextest: builds the test binaries of the workspace once, then runs

@@ -260,7 +260,8 @@ mod tests {
             assert!(KNOWN.contains(name), "{name}");
             assert_eq!(options.resolve(Some(name)).ok(), Some(*name));
         }
-        let missing = KNOWN.iter().filter(|name| !COMPILED_IN.contains(name)).chain(&["nats"]);
+        let missing =
+            KNOWN.iter().filter(|name| !COMPILED_IN.contains(name)).chain(&["carrier-pigeon"]);
         for name in missing {
             let error = options.resolve(Some(name)).unwrap_err();
             assert!(matches!(error, TransportConfigError::NotCompiledIn { .. }), "{error}");

@@ -1,0 +1,123 @@
+//! NATS JetStream through steward-nats (cargo feature `nats`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use steward_core::{MessageSink, MessageSource, TransportError};
+use steward_nats::{Credentials, Nats};
+
+use super::{OpenTransport, Topology, Transport};
+
+/// The NATS settings: the server, and at most one kind of credentials.
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub(super) struct Settings {
+    /// The NATS server URL (transport `nats`).
+    #[arg(long, env = "STEWARD_NATS_URL", default_value = steward_nats::DEFAULT_URL)]
+    nats_url: String,
+    /// The NATS user, with `STEWARD_NATS_PASSWORD` (transport `nats`).
+    #[arg(long, env = "STEWARD_NATS_USER")]
+    nats_user: Option<String>,
+    /// The NATS password of `STEWARD_NATS_USER` (transport `nats`).
+    #[arg(long, env = "STEWARD_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// A NATS token, instead of a user (transport `nats`).
+    #[arg(long, env = "STEWARD_NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// A NATS `.creds` file, instead of a user or a token (transport `nats`).
+    #[arg(long, env = "STEWARD_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+}
+
+impl Settings {
+    fn credentials(&self) -> Result<Credentials, steward_core::BoxError> {
+        let user = match (&self.nats_user, &self.nats_password) {
+            (Some(user), Some(password)) => {
+                Some(Credentials::UserPassword { user: user.clone(), password: password.clone() })
+            }
+            (None, None) => None,
+            _ => return Err("STEWARD_NATS_USER and STEWARD_NATS_PASSWORD go together".into()),
+        };
+        let token = self.nats_token.clone().map(Credentials::Token);
+        let creds = self.nats_creds.clone().map(Credentials::CredsFile);
+        let mut given = [user, token, creds].into_iter().flatten();
+        let credentials = given.next().unwrap_or(Credentials::None);
+        if given.next().is_some() {
+            return Err(
+                "give one of STEWARD_NATS_USER, STEWARD_NATS_TOKEN, STEWARD_NATS_CREDS".into()
+            );
+        }
+        Ok(credentials)
+    }
+}
+
+impl OpenTransport for Settings {
+    fn open(&self, topology: &Topology) -> Result<Arc<dyn Transport>, steward_core::BoxError> {
+        let mut builder = steward_nats::NatsBuilder::new()
+            .with_url(self.nats_url.clone())
+            .with_credentials(self.credentials()?)
+            .with_connection_name("steward-api")
+            .with_max_deliveries(topology.max_deliveries);
+        for queue in &topology.consumed {
+            builder = builder.with_queue(queue.clone());
+        }
+        for queue in &topology.published {
+            builder = builder.with_publish_queue(queue.clone());
+        }
+        Ok(Arc::new(NatsTransport(builder.build()?)))
+    }
+}
+
+#[derive(Debug)]
+struct NatsTransport(Nats);
+
+#[async_trait]
+impl Transport for NatsTransport {
+    async fn source(&self, queue: &str) -> Result<Arc<dyn MessageSource>, TransportError> {
+        Ok(Arc::new(self.0.source(queue).await?))
+    }
+
+    fn sink(&self) -> Arc<dyn MessageSink> {
+        Arc::new(self.0.sink())
+    }
+
+    /// Declares the streams and consumers, checking those that exist.
+    async fn check(&self) -> Result<(), TransportError> {
+        self.0.declare_topology().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn settings(args: &[&str]) -> Settings {
+        Cli::try_parse_from(std::iter::once("steward").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .settings
+    }
+
+    #[test]
+    fn one_kind_of_credentials_at_most() {
+        assert_eq!(settings(&[]).credentials().ok(), Some(Credentials::None));
+        assert_eq!(
+            settings(&["--nats-user", "u", "--nats-password", "p"]).credentials().ok(),
+            Some(Credentials::UserPassword { user: "u".into(), password: "p".into() })
+        );
+        assert_eq!(
+            settings(&["--nats-token", "t"]).credentials().ok(),
+            Some(Credentials::Token("t".into()))
+        );
+        assert!(settings(&["--nats-user", "u"]).credentials().is_err());
+        assert!(settings(&["--nats-token", "t", "--nats-creds", "x.creds"]).credentials().is_err());
+    }
+}

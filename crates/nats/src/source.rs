@@ -1,0 +1,343 @@
+//! Receiving from a durable pull consumer, and settling with acks.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_nats::connection::State;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::{Client, HeaderMap};
+use async_trait::async_trait;
+use futures::StreamExt;
+use steward_core::transport::{dead_letter_queue, later};
+use steward_core::{Capabilities, Delivery, MessageSource, Settle, TransportError};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::{CAPABILITIES, Nats, message, sink, topology};
+
+/// The part of the ack wait kept as a margin: the local lock ends this much before the
+/// server's, so a settlement sent before it reaches the server in time.
+const LOCK_MARGIN: Duration = Duration::from_millis(500);
+
+/// How long after its `wait` a pull is given up on when the server did not end it.
+const PULL_GRACE: Duration = Duration::from_secs(2);
+
+/// A consumer of one queue: a durable pull consumer, on a connection of its own.
+///
+/// - `receive(max, wait)` pulls up to `max` messages, waiting up to `wait` on the
+///   server; nothing is buffered between calls, so `stop_receiving` has nothing to
+///   release and only stops intake.
+/// - Each delivery is locked for the consumer's `ack_wait`; renewing sends `+WPI`.
+/// - When the connection drops, `receive` fails with a retryable
+///   [`TransportError::Connection`]; the client reconnects underneath, and unsettled
+///   deliveries come back when their `ack_wait` runs out.
+/// - When the consumer was deleted, `receive` fails with [`TransportError::NotFound`];
+///   reopening the source declares it again.
+pub struct NatsSource {
+    queue: String,
+    nats: Nats,
+    client: Client,
+    consumer: PullConsumer,
+    disconnects: Arc<AtomicU64>,
+    stopped: AtomicBool,
+    /// One pull at a time: concurrent pulls would only compete for the same messages.
+    pulling: Mutex<()>,
+    capabilities: Capabilities,
+}
+
+impl fmt::Debug for NatsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSource")
+            .field("queue", &self.queue)
+            .field("stream", &self.nats.stream_name(&self.queue))
+            .field("stopped", &self.stopped.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsSource {
+    pub(crate) async fn open(nats: &Nats, queue: &str) -> Result<Self, Error> {
+        let config = nats.config();
+        let disconnects = Arc::new(AtomicU64::new(0));
+        let counter = disconnects.clone();
+        let client = crate::connect(config, &format!("source {queue}"), Some(counter)).await?;
+        let js = nats.context(client.clone());
+        topology::declare_streams(&js, config, queue).await?;
+        let consumer = topology::declare_consumer(&js, config, queue).await?;
+        let max_payload = client.server_info().max_payload;
+        let capabilities = Capabilities {
+            max_body_bytes: Some(max_payload.saturating_sub(crate::HEADER_ROOM)),
+            ..CAPABILITIES
+        };
+        Ok(Self {
+            queue: queue.to_owned(),
+            nats: nats.clone(),
+            client,
+            consumer,
+            disconnects,
+            stopped: AtomicBool::new(false),
+            pulling: Mutex::new(()),
+            capabilities,
+        })
+    }
+
+    /// Whether the connection is down (or was, since `since`).
+    fn broken(&self, since: u64) -> bool {
+        self.disconnects.load(Ordering::SeqCst) != since
+            || self.client.connection_state() != State::Connected
+    }
+
+    async fn pull(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, Error> {
+        let _pulling = self.pulling.lock().await;
+        let since = self.disconnects.load(Ordering::SeqCst);
+        if self.broken(since) {
+            return Err(self.connection_lost());
+        }
+        let started = Instant::now();
+        let locked_until = later(started, self.nats.config().ack_wait.saturating_sub(LOCK_MARGIN));
+        let mut batch = self
+            .consumer
+            .batch()
+            .max_messages(max)
+            .expires(wait.max(Duration::from_millis(10)))
+            .messages()
+            .await
+            .map_err(|e| self.pull_error(since, e))?;
+        let mut got = Vec::new();
+        let mut failed = None;
+        // The server ends the pull at `wait`; a server that does not answer (the pull
+        // went nowhere) is given up on a little later. A message arriving after that
+        // stays locked until its ack wait runs out, then comes again.
+        let give_up = later(started, wait + PULL_GRACE);
+        loop {
+            match tokio::time::timeout_at(give_up, batch.next()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(Ok(message))) => got.push(self.delivery(message, locked_until)),
+                Ok(Some(Err(e))) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(error) = failed {
+            if got.is_empty() {
+                return Err(self.check(since, error).await);
+            }
+            tracing::debug!(queue = %self.queue, error = %error, "pull ended early; returning what arrived");
+        }
+        if got.is_empty() {
+            if self.broken(since) {
+                return Err(self.connection_lost());
+            }
+            self.check_consumer().await?;
+            // The server's expiry may come a moment before the caller's clock says so.
+            let elapsed = started.elapsed();
+            if elapsed < wait {
+                tokio::time::sleep(wait - elapsed).await;
+            }
+        }
+        Ok(got)
+    }
+
+    fn connection_lost(&self) -> Error {
+        Error::Connection {
+            what: format!("connection of the consumer of {} lost", self.queue),
+            source: None,
+        }
+    }
+
+    fn pull_error(&self, since: u64, error: impl Into<steward_core::BoxError>) -> Error {
+        if self.broken(since) {
+            Error::Connection {
+                what: format!("pull from {}", self.queue),
+                source: Some(error.into()),
+            }
+        } else {
+            Error::JetStream {
+                what: format!("pull from {}", self.queue),
+                source: Some(error.into()),
+            }
+        }
+    }
+
+    /// Classifies a failed pull: connection lost, consumer gone, or a server error.
+    async fn check(&self, since: u64, error: impl Into<steward_core::BoxError>) -> Error {
+        if self.broken(since) {
+            return self.pull_error(since, error);
+        }
+        match self.check_consumer().await {
+            Err(gone) => gone,
+            Ok(()) => self.pull_error(since, error),
+        }
+    }
+
+    /// `NotFound` when the consumer (or its stream) no longer exists.
+    async fn check_consumer(&self) -> Result<(), Error> {
+        let mut consumer = self.consumer.clone();
+        match consumer.info().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let text = e.to_string();
+                let stream = self.nats.stream_name(&self.queue);
+                if text.contains("consumer not found") || text.contains("stream not found") {
+                    Err(Error::NotFound {
+                        entity: format!("consumer {} of stream {stream}", crate::CONSUMER_NAME),
+                        source: Some(e.into()),
+                    })
+                } else if self.client.connection_state() != State::Connected {
+                    Err(Error::connection(format!("check the consumer of {}", self.queue), e))
+                } else {
+                    Err(Error::jetstream(format!("check the consumer of {}", self.queue), e))
+                }
+            }
+        }
+    }
+
+    fn delivery(&self, got: async_nats::jetstream::Message, locked_until: Instant) -> Delivery {
+        let info = got.info().ok();
+        let delivered = info.as_ref().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+        let sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
+        let enqueued_at = info.map(|i| SystemTime::from(i.published));
+        let (raw, acker) = got.split();
+        let message = message::to_message(
+            raw.headers.as_ref(),
+            raw.payload.clone(),
+            || format!("{}-{sequence}", self.queue),
+            delivered,
+            enqueued_at,
+            &[],
+        );
+        let handle = NatsSettle {
+            acker,
+            nats: self.nats.clone(),
+            queue: self.queue.clone(),
+            message_id: message.id.clone(),
+            delivery_count: delivered,
+            sequence,
+            headers: raw.headers,
+            body: raw.payload,
+            ack_wait: self.nats.config().ack_wait,
+            locked_until: std::sync::Mutex::new(locked_until),
+        };
+        Delivery::new(message, handle)
+    }
+}
+
+#[async_trait]
+impl MessageSource for NatsSource {
+    fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        if max == 0 || self.stopped.load(Ordering::SeqCst) {
+            tokio::time::sleep(wait).await;
+            return Ok(Vec::new());
+        }
+        Ok(self.pull(max, wait).await?)
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        // Pulls hand over everything they received, so nothing is buffered here.
+        self.stopped.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The lock on one delivery: its ack subject, and a local copy of the lock's expiry.
+struct NatsSettle {
+    acker: Acker,
+    nats: Nats,
+    queue: String,
+    message_id: String,
+    delivery_count: u32,
+    sequence: u64,
+    headers: Option<HeaderMap>,
+    body: bytes::Bytes,
+    ack_wait: Duration,
+    locked_until: std::sync::Mutex<Instant>,
+}
+
+impl NatsSettle {
+    fn deadline(&self) -> Instant {
+        *self.locked_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `LockLost` once the lock ran out: the server may have given the message to
+    /// another consumer, whose lock a settlement from here must not touch.
+    fn check_lock(&self) -> Result<(), Error> {
+        if Instant::now() >= self.deadline() {
+            return Err(Error::LockExpired { message_id: self.message_id.clone() });
+        }
+        Ok(())
+    }
+
+    async fn send(&self, kind: AckKind, what: &str) -> Result<(), Error> {
+        self.check_lock()?;
+        self.acker.ack_with(kind).await.map_err(|e| {
+            Error::connection(format!("{what} message {} of {}", self.message_id, self.queue), e)
+        })
+    }
+}
+
+#[async_trait]
+impl Settle for NatsSettle {
+    fn locked_until(&self) -> Option<Instant> {
+        Some(self.deadline())
+    }
+
+    async fn renew_lock(&self) -> Result<Option<Instant>, TransportError> {
+        let sent = Instant::now();
+        self.send(AckKind::Progress, "renew the lock of").await?;
+        let until = later(sent, self.ack_wait.saturating_sub(LOCK_MARGIN));
+        let mut locked =
+            self.locked_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *locked = (*locked).max(until);
+        Ok(Some(*locked))
+    }
+
+    async fn complete(&self) -> Result<(), TransportError> {
+        self.check_lock()?;
+        self.acker.double_ack().await.map_err(|e| {
+            // The server does not confirm an ack for a delivery it no longer holds
+            // pending: past the lock, that is the lock lost, not the connection.
+            if Instant::now() >= self.deadline() {
+                Error::LockExpired { message_id: self.message_id.clone() }
+            } else {
+                let what = format!("complete message {} of {}", self.message_id, self.queue);
+                Error::connection(what, e)
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn abandon(&self, delay: Option<Duration>) -> Result<(), TransportError> {
+        Ok(self.send(AckKind::Nak(delay), "abandon").await?)
+    }
+
+    async fn dead_letter(&self, reason: &str, description: &str) -> Result<(), TransportError> {
+        self.check_lock()?;
+        let mut headers = self.headers.clone().unwrap_or_default();
+        if message::header(Some(&headers), crate::MESSAGE_ID_HEADER).is_none() {
+            // Published without an id: the dead letter keeps the one handlers saw.
+            message::insert(&mut headers, crate::MESSAGE_ID_HEADER, &self.message_id)?;
+        }
+        message::insert(&mut headers, crate::DEAD_LETTER_REASON_HEADER, &message::encode(reason))?;
+        let description = message::encode(description);
+        message::insert(&mut headers, crate::DEAD_LETTER_DESCRIPTION_HEADER, &description)?;
+        let count = self.delivery_count.to_string();
+        message::insert(&mut headers, message::DELIVERY_COUNT_HEADER, &count)?;
+        let dlq = dead_letter_queue(&self.queue);
+        sink::publish_with(&self.nats, &dlq, &self.message_id, headers, self.body.clone()).await?;
+        tracing::debug!(queue = %self.queue, message_id = %self.message_id, sequence = self.sequence, reason, "dead-lettered");
+        Ok(self.send(AckKind::Term, "terminate").await?)
+    }
+}

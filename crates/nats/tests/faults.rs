@@ -1,0 +1,199 @@
+//! Faults against real servers: a server that goes away mid-stream, a consumer deleted
+//! under a running source, refused credentials, and topology that exists with other
+//! settings. Servers the tests stop are private ones on free ports; the shared server
+//! only ever gets uniquely named streams, deleted afterwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{self, RetentionPolicy};
+use steward_core::{ErrorKind, MessageSink, MessageSource, OutgoingMessage, error_chain};
+use steward_nats::{Credentials, NatsBuilder};
+use support::PrivateServer;
+use tokio::time::Instant;
+
+/// Receives until `n` distinct messages arrived or `within` passed, completing each.
+async fn drain(source: &dyn MessageSource, n: usize, within: Duration) -> HashSet<String> {
+    let deadline = Instant::now() + within;
+    let mut ids = HashSet::new();
+    while ids.len() < n && Instant::now() < deadline {
+        for delivery in source.receive(n, Duration::from_millis(500)).await.unwrap() {
+            ids.insert(delivery.message().id.clone());
+            delivery.complete().await.unwrap();
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_gone_mid_stream_fails_receive_retryably_and_loses_nothing() {
+    let Some(mut server) = PrivateServer::start("server_gone_mid_stream", &[]).await else {
+        return;
+    };
+    let (queue, builder) = support::unique_queue(&server.url(), "gone");
+    let nats = builder.build().unwrap();
+    nats.declare_topology().await.unwrap();
+    let sink = nats.sink();
+    for i in 0..3 {
+        sink.send(&queue, OutgoingMessage::new("b").with_message_id(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let source = nats.source(&queue).await.unwrap();
+    let held = source.receive(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(held.len(), 1, "one message held when the server goes away");
+
+    server.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let error = loop {
+        assert!(Instant::now() < deadline, "receive never failed after the server went away");
+        match source.receive(10, Duration::from_millis(500)).await {
+            Err(error) => break error,
+            Ok(got) => assert!(got.is_empty(), "received from a dead server"),
+        }
+    };
+    assert!(error.is_retryable(), "not retryable: {}", error_chain(&error));
+    assert_eq!(error.kind(), ErrorKind::Connection, "{}", error_chain(&error));
+    drop(held);
+    drop(source);
+
+    // The messages are on disk: back with the server, all three come (the held one once
+    // its lock runs out).
+    server.restart().await;
+    let again = nats.source(&queue).await.unwrap();
+    let ids = drain(&again, 3, support::ACK_WAIT + Duration::from_secs(15)).await;
+    assert_eq!(ids, HashSet::from(["m0".into(), "m1".into(), "m2".into()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_deleted_while_running_is_not_found_and_comes_back_with_a_new_source() {
+    if !support::server_available("consumer_deleted").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "deleted");
+    let nats = builder.build().unwrap();
+    nats.declare_topology().await.unwrap();
+    let source = nats.source(&queue).await.unwrap();
+    nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("kept")).await.unwrap();
+
+    support::delete_consumer(&url, &nats, &queue).await;
+    let error = source.receive(10, Duration::from_secs(1)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound, "{}", error_chain(&error));
+    assert!(!error.is_retryable());
+
+    let reopened = nats.source(&queue).await.unwrap();
+    let ids = drain(&reopened, 1, Duration::from_secs(10)).await;
+    assert_eq!(ids, HashSet::from(["kept".into()]));
+    nats.delete_topology().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dead_letter_copy_fails_and_leaves_the_message_redeliverable() {
+    if !support::server_available("refused_dead_letter").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "refused-dlq");
+    let nats = builder.build().unwrap();
+    nats.declare_topology().await.unwrap();
+    nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("kept")).await.unwrap();
+    let source = nats.source(&queue).await.unwrap();
+    let delivery = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+
+    support::delete_dead_letter_stream(&url, &nats, &queue).await;
+    let error = delivery.dead_letter("Poison", "refused").await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound, "{}", error_chain(&error));
+    // Not terminated: the same consumer gets it again once the lock runs out.
+    let ids = drain(&source, 1, support::ACK_WAIT + Duration::from_secs(10)).await;
+    assert_eq!(ids, HashSet::from(["kept".into()]));
+    nats.delete_topology().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_auth_and_right_ones_connect() {
+    let args = ["--user", "steward", "--pass", "right-password"];
+    let Some(server) = PrivateServer::start("wrong_credentials", &args).await else {
+        return;
+    };
+    let build = |password: &str| {
+        NatsBuilder::new()
+            .with_url(server.url())
+            .with_credentials(Credentials::UserPassword {
+                user: "steward".into(),
+                password: password.into(),
+            })
+            .with_queue("jobs")
+            .build()
+            .unwrap()
+    };
+    let error = build("wrong-password").declare_topology().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Auth, "{}", error_chain(&error));
+    assert!(!error.is_retryable());
+    let error = build("wrong-password").source("jobs").await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Auth, "{}", error_chain(&error));
+
+    let right = build("right-password");
+    right.declare_topology().await.unwrap();
+    right.sink().send("jobs", OutgoingMessage::new("b")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_other_settings_stops_the_start_naming_the_setting() {
+    if !support::server_available("stream_mismatch").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "mismatch");
+    let nats = builder.build().unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    js.create_stream(stream::Config {
+        name: nats.stream_name(&queue),
+        subjects: vec![queue.clone()],
+        retention: RetentionPolicy::Limits,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let error = nats.declare_topology().await.unwrap_err();
+    nats.delete_topology().await.unwrap();
+    assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
+    let text = error.to_string();
+    assert!(text.contains("retention") && text.contains(&nats.stream_name(&queue)), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_with_another_ack_wait_stops_the_start_naming_the_setting() {
+    if !support::server_available("consumer_mismatch").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "mismatch");
+    let nats = builder.build().unwrap();
+    nats.declare_topology().await.unwrap();
+    let other = NatsBuilder::new()
+        .with_url(&url)
+        .with_queue(&queue)
+        .with_ack_wait(support::ACK_WAIT * 2)
+        .build()
+        .unwrap();
+    let error = other.declare_topology().await.unwrap_err();
+    nats.delete_topology().await.unwrap();
+    assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
+    assert!(error.to_string().contains("ack_wait"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_of_an_unconfigured_queue_is_not_found_before_connecting() {
+    // Nothing listens on port 1: connecting would be a Connection error.
+    let nats =
+        NatsBuilder::new().with_url("nats://127.0.0.1:1").with_queue("jobs").build().unwrap();
+    let error = nats.source("payments").await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound, "{}", error_chain(&error));
+    let error = nats.source("jobs").await.unwrap_err();
+    assert!(error.is_retryable(), "{}", error_chain(&error));
+}
