@@ -15,20 +15,13 @@ use steward_api::rules::operations::{
 use steward_api::rules::pipelines::{self, StepUpdate};
 use steward_api::storage::{OutboxRecord, Store};
 use steward_api::templates::{PropertyError, REDACTED, TemplateRegistry};
-use support::{props, templates, user, workspace_props};
+use support::{
+    firewall, guacamole, linuxvm_request, new_resource, props, set_status, templates, user,
+    workspace_props,
+};
 
 mod cases {
     use super::*;
-
-    pub(super) fn new(template: &str, kind: ResourceType, properties: Properties) -> NewResource {
-        NewResource {
-            template_name: template.to_owned(),
-            resource_type: kind,
-            properties,
-            workspace_id: None,
-            parent_workspace_service_id: None,
-        }
-    }
 
     pub(super) async fn install(
         store: &Store,
@@ -43,13 +36,25 @@ mod cases {
         Ok(created)
     }
 
-    pub(super) async fn set_status(store: &Store, id: &str, status: Status) -> Resource {
+    /// Uninstalls resource `id` (and, with `cascade`, its children) in a transaction of
+    /// its own, committed when the operation was created.
+    pub(super) async fn uninstall(
+        store: &Store,
+        registry: &TemplateRegistry,
+        id: &str,
+        cascade: bool,
+    ) -> Result<Operation, OperationError> {
         let mut tx = store.begin().await.unwrap();
-        let mut resource = tx.read().resource(id).await.unwrap();
-        resource.deployment_status = Some(status);
-        let resource = tx.replace_resource(&resource).await.unwrap();
+        let operation = operations::uninstall_resource(
+            &mut tx,
+            OperationContext::new(registry),
+            id,
+            &user(),
+            cascade,
+        )
+        .await?;
         tx.commit().await.unwrap();
-        resource
+        Ok(operation)
     }
 
     pub(super) async fn workspace(
@@ -62,50 +67,11 @@ mod cases {
         let created = install(
             store,
             registry,
-            new("tre-workspace-base", ResourceType::Workspace, properties),
+            new_resource("tre-workspace-base", ResourceType::Workspace, properties),
         )
         .await
         .unwrap();
         set_status(store, &created.resource.id, Status::Deployed).await
-    }
-
-    pub(super) async fn guacamole(
-        store: &Store,
-        registry: &TemplateRegistry,
-        workspace: &Resource,
-    ) -> Resource {
-        let mut request = new(
-            "tre-service-guacamole",
-            ResourceType::WorkspaceService,
-            props(json!({"display_name": "Desktops"})),
-        );
-        request.workspace_id = Some(workspace.id.clone());
-        let created = install(store, registry, request).await.unwrap();
-        set_status(store, &created.resource.id, Status::Deployed).await
-    }
-
-    pub(super) async fn firewall(store: &Store, registry: &TemplateRegistry) -> Resource {
-        let created = install(
-            store,
-            registry,
-            new("tre-shared-service-firewall", ResourceType::SharedService, Properties::new()),
-        )
-        .await
-        .unwrap();
-        set_status(store, &created.resource.id, Status::Deployed).await
-    }
-
-    pub(super) fn linuxvm(workspace: &Resource, service: &Resource) -> NewResource {
-        let mut request = new(
-            "tre-user-resource-linuxvm",
-            ResourceType::UserResource,
-            props(
-                json!({"display_name": "My VM", "os_image": "Ubuntu 22.04 LTS", "admin_password": "s3cret"}),
-            ),
-        );
-        request.workspace_id = Some(workspace.id.clone());
-        request.parent_workspace_service_id = Some(service.id.clone());
-        request
     }
 
     /// The outbox rows of one operation, with their bodies parsed.
@@ -135,17 +101,7 @@ mod cases {
         let registry = templates();
         let ws = workspace(store, &registry, json!({})).await;
         let install_op = store.read().operations_for_resource(&ws.id).await.unwrap().remove(0);
-        let mut tx = store.begin().await.unwrap();
-        let uninstall_op = operations::uninstall_resource(
-            &mut tx,
-            OperationContext::new(&registry),
-            &ws.id,
-            &user(),
-            false,
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
+        let uninstall_op = uninstall(store, &registry, &ws.id, false).await.unwrap();
         for (operation, action) in [(&install_op, "install"), (&uninstall_op, "uninstall")] {
             let sent = requests(store, operation).await;
             assert_eq!(sent.len(), 1, "{action}");
@@ -173,7 +129,7 @@ mod cases {
         let created = install(
             store,
             &registry,
-            new("tre-workspace-base", ResourceType::Workspace, workspace_props()),
+            new_resource("tre-workspace-base", ResourceType::Workspace, workspace_props()),
         )
         .await
         .unwrap();
@@ -216,7 +172,7 @@ mod cases {
         let ws = workspace(store, &registry, json!({})).await;
         let svc = guacamole(store, &registry, &ws).await;
         let fw = firewall(store, &registry).await;
-        let created = install(store, &registry, linuxvm(&ws, &svc)).await.unwrap();
+        let created = install(store, &registry, linuxvm_request(&ws, &svc)).await.unwrap();
         let (vm, operation) = (&created.resource, &created.operation);
         assert_eq!(vm.resource_path, format!("{}/user-resources/{}", svc.resource_path, vm.id));
         assert_eq!(vm.owner_id(), Some("u1"));
@@ -312,7 +268,7 @@ mod cases {
             let error = operations::install_resource(
                 &mut tx,
                 OperationContext::new(&registry),
-                linuxvm(&ws, &svc),
+                linuxvm_request(&ws, &svc),
                 &user(),
             )
             .await
@@ -345,7 +301,7 @@ mod cases {
         let created = install(
             store,
             &registry,
-            new("tre-workspace-base", ResourceType::Workspace, {
+            new_resource("tre-workspace-base", ResourceType::Workspace, {
                 let mut p = workspace_props();
                 p.insert("client_secret".to_owned(), json!("first-secret"));
                 p
@@ -417,7 +373,7 @@ mod cases {
         let ws = workspace(store, &registry, json!({})).await;
         let fw = firewall(store, &registry).await;
         let operator = User::new("operator", "Op", "op@example.com");
-        let mut request = new(
+        let mut request = new_resource(
             "svc-with-pre-step",
             ResourceType::WorkspaceService,
             props(json!({"display_name": "S"})),
@@ -453,7 +409,7 @@ mod cases {
         let ws = workspace(store, &registry, json!({})).await;
         let svc = guacamole(store, &registry, &ws).await;
         firewall(store, &registry).await;
-        let created = install(store, &registry, linuxvm(&ws, &svc)).await.unwrap();
+        let created = install(store, &registry, linuxvm_request(&ws, &svc)).await.unwrap();
         // The resource processor deployed the VM and reported its address.
         let mut tx = store.begin().await.unwrap();
         let mut vm = tx.read().resource(&created.resource.id).await.unwrap();
@@ -609,7 +565,7 @@ mod cases {
         let ws = workspace(store, &registry, json!({})).await;
         let svc = guacamole(store, &registry, &ws).await;
         firewall(store, &registry).await;
-        let vm = install(store, &registry, linuxvm(&ws, &svc)).await.unwrap().resource;
+        let vm = install(store, &registry, linuxvm_request(&ws, &svc)).await.unwrap().resource;
         let context = OperationContext::new(&registry);
         let mut tx = store.begin().await.unwrap();
         let started =
@@ -636,17 +592,7 @@ mod cases {
         let registry = templates();
         let ws = workspace(store, &registry, json!({})).await;
         let svc = guacamole(store, &registry, &ws).await;
-        let mut tx = store.begin().await.unwrap();
-        let operation = operations::uninstall_resource(
-            &mut tx,
-            OperationContext::new(&registry),
-            &ws.id,
-            &user(),
-            true,
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
+        let operation = uninstall(store, &registry, &ws.id, true).await.unwrap();
         let targets: Vec<_> =
             operation.steps().iter().map(|s| s.resource_id.clone().unwrap()).collect();
         assert_eq!(targets, [svc.id.clone(), ws.id.clone()]);
@@ -675,13 +621,16 @@ mod cases {
                 .unwrap_err()
             }
         };
-        let error = attempt(new("nope", ResourceType::Workspace, workspace_props())).await;
+        let error = attempt(new_resource("nope", ResourceType::Workspace, workspace_props())).await;
         assert!(matches!(error, OperationError::TemplateNotFound { .. }), "{error:?}");
-        let error =
-            attempt(new("tre-workspace-base", ResourceType::SharedService, workspace_props()))
-                .await;
+        let error = attempt(new_resource(
+            "tre-workspace-base",
+            ResourceType::SharedService,
+            workspace_props(),
+        ))
+        .await;
         assert!(matches!(error, OperationError::WrongResourceType { .. }), "{error:?}");
-        let error = attempt(new(
+        let error = attempt(new_resource(
             "tre-workspace-base",
             ResourceType::Workspace,
             props(json!({"display_name": "x"})),
@@ -691,7 +640,7 @@ mod cases {
             matches!(error, OperationError::InvalidProperties(PropertyError::Required { .. })),
             "{error:?}"
         );
-        let error = attempt(new(
+        let error = attempt(new_resource(
             "tre-service-guacamole",
             ResourceType::WorkspaceService,
             props(json!({"display_name": "d"})),
@@ -701,7 +650,7 @@ mod cases {
             matches!(error, OperationError::MissingField { field: "workspaceId", .. }),
             "{error:?}"
         );
-        let mut orphan = new(
+        let mut orphan = new_resource(
             "tre-service-guacamole",
             ResourceType::WorkspaceService,
             props(json!({"display_name": "d"})),
@@ -709,7 +658,7 @@ mod cases {
         orphan.workspace_id = Some(svc.id.clone());
         let error = attempt(orphan).await;
         assert!(matches!(error, OperationError::InvalidParent { .. }), "{error:?}");
-        let mut vm = linuxvm(&ws, &svc);
+        let mut vm = linuxvm_request(&ws, &svc);
         vm.parent_workspace_service_id = None;
         let error = attempt(vm).await;
         assert!(
@@ -717,23 +666,14 @@ mod cases {
             "{error:?}"
         );
         let other_ws = workspace(store, &registry, json!({})).await;
-        let error = attempt(linuxvm(&other_ws, &svc)).await;
+        let error = attempt(linuxvm_request(&other_ws, &svc)).await;
         assert!(
             matches!(error, OperationError::InvalidParent { .. }) && error.is_client_error(),
             "{error:?}"
         );
 
         set_status(store, &ws.id, Status::Deleted).await;
-        let mut tx = store.begin().await.unwrap();
-        let error = operations::uninstall_resource(
-            &mut tx,
-            OperationContext::new(&registry),
-            &ws.id,
-            &user(),
-            false,
-        )
-        .await
-        .unwrap_err();
+        let error = uninstall(store, &registry, &ws.id, false).await.unwrap_err();
         assert!(matches!(error, OperationError::ResourceDeleted { .. }), "{error:?}");
     }
 
@@ -746,7 +686,7 @@ mod cases {
         let created = operations::install_resource(
             &mut tx,
             context,
-            new("tre-workspace-base", ResourceType::Workspace, workspace_props()),
+            new_resource("tre-workspace-base", ResourceType::Workspace, workspace_props()),
             &user(),
         )
         .await

@@ -32,6 +32,17 @@ pub const DEAD_LETTER_REASON_PROPERTY: &str = "DeadLetterReason";
 /// Bus uses on its own dead-letter queue).
 pub const DEAD_LETTER_DESCRIPTION_PROPERTY: &str = "DeadLetterErrorDescription";
 
+/// The header where a transport that dead-letters by publishing the message again (on a
+/// broker with no dead-letter reason of its own, such as RabbitMQ) keeps the reason. It
+/// is in the `x-steward-` namespace of the transport's own bookkeeping, like
+/// [`DELIVERY_COUNT_PROPERTY`], so it cannot collide with a caller's property; read back,
+/// it becomes [`DeadLetter::reason`].
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-steward-dead-letter-reason";
+
+/// The header where such a transport keeps the description; read back, it becomes
+/// [`DeadLetter::description`].
+pub const DEAD_LETTER_DESCRIPTION_HEADER: &str = "x-steward-dead-letter-description";
+
 /// The dead-letter queue a transport keeps beside `queue`: `<queue>.dlq`.
 ///
 /// # Examples

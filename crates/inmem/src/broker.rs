@@ -714,6 +714,8 @@ impl InMemoryBroker {
     }
 
     /// The messages in `queue`'s dead-letter sub-queue, oldest first, without locking them.
+    /// Each reason and description is a field of the [`DeadLetter`], not left among the
+    /// message's properties, as with every transport.
     #[must_use]
     pub fn dead_letters(&self, queue: &str) -> Vec<DeadLetter> {
         let state = self.state();
@@ -723,7 +725,12 @@ impl InMemoryBroker {
         dlq.iter()
             .filter_map(|stored| {
                 let (reason, description) = stored.dead_letter.clone()?;
-                Some(DeadLetter { message: stored.message.clone(), reason, description })
+                // The reason and description are the dead letter's fields; like the other
+                // transports, leave the bookkeeping properties that carry them out.
+                let mut message = stored.message.clone();
+                message.properties.remove(DEAD_LETTER_REASON_PROPERTY);
+                message.properties.remove(DEAD_LETTER_DESCRIPTION_PROPERTY);
+                Some(DeadLetter { message, reason, description })
             })
             .collect()
     }

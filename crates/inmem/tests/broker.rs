@@ -116,6 +116,7 @@ async fn delivery_limit_moves_message_to_dead_letter_queue() {
     let ids: Vec<_> = dead.iter().map(|d| d.message.id.as_str()).collect();
     assert_eq!(ids, ["abandoned", "expired"]);
     assert!(dead.iter().all(|d| d.reason == MAX_DELIVERY_COUNT_EXCEEDED));
+    assert!(dead.iter().all(|d| d.message.properties.is_empty()), "{dead:?}");
     assert_eq!(broker.dead_letter_count("q"), 2);
 
     let dlq = broker.dead_letter_source("q").unwrap();

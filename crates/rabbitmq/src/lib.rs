@@ -1,4 +1,4 @@
-#![doc = include_str!("../../../docs/rabbitmq.md")]
+#![doc = include_str!("../README.md")]
 
 mod builder;
 mod error;

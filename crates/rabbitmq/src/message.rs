@@ -15,10 +15,7 @@ pub const SESSION_ID_HEADER: &str = "x-session-id";
 /// The header where the transport keeps the deliveries a message had before it was
 /// republished (through a delay bucket).
 pub const DELIVERY_COUNT_HEADER: &str = steward_core::transport::DELIVERY_COUNT_PROPERTY;
-/// The header of a dead-lettered message holding the reason.
-pub const DEAD_LETTER_REASON_HEADER: &str = "x-steward-dead-letter-reason";
-/// The header of a dead-lettered message holding the description.
-pub const DEAD_LETTER_DESCRIPTION_HEADER: &str = "x-steward-dead-letter-description";
+pub use steward_core::transport::{DEAD_LETTER_DESCRIPTION_HEADER, DEAD_LETTER_REASON_HEADER};
 
 /// Headers the broker sets: how often a quorum queue delivered the message before.
 /// RabbitMQ 4.1+ sets `x-acquired-count` for every earlier delivery; older brokers

@@ -1,4 +1,4 @@
-#![doc = include_str!("../../../docs/servicebus.md")]
+#![doc = include_str!("../README.md")]
 
 mod auth;
 mod builder;

@@ -261,6 +261,15 @@ pub(crate) fn check_property_name(name: &str) -> Result<(), String> {
     if lower.starts_with("x-steward-") {
         return Err(format!("property name {name:?} is reserved for the transport's own use"));
     }
+    // Properties travel as HTTP headers, whose names are case-insensitive: the service
+    // hands them back lower-cased, so `Kind` would arrive as `kind`, and `Kind` beside
+    // `kind` would lose one of the two.
+    if name != lower {
+        return Err(format!(
+            "property name {name:?} is not all lower-case: Service Bus carries properties \
+             as HTTP headers, which come back lower-cased (send {lower:?})"
+        ));
+    }
     Ok(())
 }
 

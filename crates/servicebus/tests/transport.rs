@@ -355,8 +355,9 @@ async fn unsendable_messages_are_refused_before_sending() {
 
 /// Ensures that the client and the emulator agree on which names are headers of HTTP or
 /// of the protocol: the client refuses a property named like any header on the shared
-/// list (or with a listed prefix, in any case) with an error naming it, and every other
-/// name, trace context included, is delivered unchanged.
+/// list (or with a listed prefix, in any case) with an error naming it, refuses a name
+/// that is not all lower-case (headers come back lower-cased), and delivers every other
+/// name, trace context included, unchanged.
 #[tokio::test]
 async fn listed_header_names_are_refused_and_all_others_delivered_unchanged() {
     let (emulator, transport) = start(Emulator::builder(), KEY).await;
@@ -369,6 +370,14 @@ async fn listed_header_names_are_refused_and_all_others_delivered_unchanged() {
         let error = sink.send("jobs", message).await.unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Protocol, "{name}: {error}");
         assert!(error.to_string().contains(&format!("{name:?} is reserved")), "{name}: {error}");
+    }
+    // Header names are case-insensitive and come back lower-cased: a name with a capital
+    // would arrive renamed, and `Kind` beside `kind` would lose one of them.
+    for name in ["Kind", "correlationKind", "X-Custom", "TRACEPARENT"] {
+        let message = OutgoingMessage::new("x").with_property("kind", "a").with_property(name, "b");
+        let error = sink.send("jobs", message).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{name}: {error}");
+        assert!(error.to_string().contains(&format!("{name:?} is not all lower-case")), "{error}");
     }
     assert_eq!(emulator.broker().message_count("jobs"), 0, "no refused message was sent");
 

@@ -21,6 +21,7 @@
 
 mod airlock;
 mod database;
+mod document;
 mod error;
 mod history;
 mod migrations;

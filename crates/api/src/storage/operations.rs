@@ -1,39 +1,12 @@
 //! Operations (with their steps, stored in the operation's document).
 
-use sqlx::any::AnyRow;
-use sqlx::{Any, Executor, Row};
+use sqlx::{Any, Executor};
 
+use super::document::{fetch, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::Operation;
-use crate::domain::new_id;
 use crate::storage::millis;
-
-fn from_row(row: &AnyRow) -> Result<Operation, StoreError> {
-    let id: String = row.try_get("id")?;
-    let etag: String = row.try_get("etag")?;
-    let doc: String = row.try_get("doc")?;
-    let mut operation: Operation = serde_json::from_str(&doc)
-        .map_err(|error| StoreError::corrupt(Entity::Operation, &id, error))?;
-    operation.etag = etag;
-    Ok(operation)
-}
-
-fn to_doc(operation: &Operation) -> Result<String, StoreError> {
-    serde_json::to_string(operation)
-        .map_err(|error| StoreError::corrupt(Entity::Operation, &operation.id, error))
-}
-
-async fn fetch<'c, E: Executor<'c, Database = Any>>(
-    executor: E,
-    id: &str,
-) -> Result<Option<Operation>, StoreError> {
-    let row = sqlx::query("SELECT id, etag, doc FROM operations WHERE id = $1")
-        .bind(id.to_owned())
-        .fetch_optional(executor)
-        .await?;
-    row.as_ref().map(from_row).transpose()
-}
 
 async fn for_resource<'c, E: Executor<'c, Database = Any>>(
     executor: E,
@@ -64,9 +37,7 @@ impl Tx {
         &mut self,
         operation: &Operation,
     ) -> Result<Operation, StoreError> {
-        let mut stored = operation.clone();
-        stored.etag = new_id();
-        let doc = to_doc(&stored)?;
+        let (stored, doc) = with_new_etag(operation)?;
         let result = sqlx::query(
             "INSERT INTO operations (id, resource_id, action, status, etag, created_at, updated_at, doc) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
@@ -99,24 +70,7 @@ impl Tx {
         &mut self,
         operation: &Operation,
     ) -> Result<Operation, StoreError> {
-        let mut stored = operation.clone();
-        stored.etag = new_id();
-        let doc = to_doc(&stored)?;
-        let result = sqlx::query(
-            "UPDATE operations SET status = $1, etag = $2, updated_at = $3, doc = $4 WHERE id = $5 AND etag = $6",
-        )
-        .bind(stored.status.as_str())
-        .bind(stored.etag.clone())
-        .bind(millis(stored.updated_when))
-        .bind(doc)
-        .bind(stored.id.clone())
-        .bind(operation.etag.clone())
-        .execute(self.conn())
-        .await?;
-        if result.rows_affected() == 1 {
-            return Ok(stored);
-        }
-        Err(self.missing_or_changed(Entity::Operation, "operations", &operation.id).await)
+        self.replace_document(operation, operation.status.as_str(), operation.updated_when).await
     }
 }
 

@@ -2,9 +2,9 @@
 
 use std::future::Future;
 
-use sqlx::any::AnyRow;
-use sqlx::{Any, Executor, Row};
+use sqlx::{Any, Executor};
 
+use super::document::{Listing, fetch, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::new_id;
@@ -37,90 +37,25 @@ pub struct ResourceFilter {
     pub limit: Option<u64>,
 }
 
-fn from_row(row: &AnyRow) -> Result<Resource, StoreError> {
-    let id: String = row.try_get("id")?;
-    let etag: String = row.try_get("etag")?;
-    let doc: String = row.try_get("doc")?;
-    let mut resource: Resource = serde_json::from_str(&doc)
-        .map_err(|error| StoreError::corrupt(Entity::Resource, &id, error))?;
-    resource.etag = etag;
-    Ok(resource)
-}
-
-fn to_doc(resource: &Resource) -> Result<String, StoreError> {
-    serde_json::to_string(resource)
-        .map_err(|error| StoreError::corrupt(Entity::Resource, &id_of(resource), error))
-}
-
-fn id_of(resource: &Resource) -> String {
-    resource.id.clone()
-}
-
-/// `i64` for SQL from a `u64` count, saturating.
-fn count(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-async fn fetch<'c, E: Executor<'c, Database = Any>>(
-    executor: E,
-    id: &str,
-) -> Result<Option<Resource>, StoreError> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM resources WHERE id = $1"))
-        .bind(id.to_owned())
-        .fetch_optional(executor)
-        .await?;
-    row.as_ref().map(from_row).transpose()
-}
-
 async fn list<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     filter: &ResourceFilter,
 ) -> Result<Vec<Resource>, StoreError> {
-    let mut sql = format!("SELECT {COLUMNS} FROM resources WHERE 1 = 1");
-    let mut binds: Vec<String> = Vec::new();
-    let mut condition = |sql: &mut String, column: &str, value: &str| {
-        binds.push(value.to_owned());
-        sql.push_str(&format!(" AND {column} = ${}", binds.len()));
-    };
-    if let Some(kind) = filter.resource_type {
-        condition(&mut sql, "resource_type", kind.as_str());
-    }
-    if let Some(status) = filter.status {
-        condition(&mut sql, "deployment_status", status.as_str());
-    }
-    if let Some(workspace_id) = &filter.workspace_id {
-        condition(&mut sql, "workspace_id", workspace_id);
-    }
-    if let Some(parent) = &filter.parent_workspace_service_id {
-        condition(&mut sql, "parent_workspace_service_id", parent);
-    }
-    if let Some(template_name) = &filter.template_name {
-        condition(&mut sql, "template_name", template_name);
-    }
+    let mut listing = Listing::of::<Resource>();
+    listing.equal("resource_type", filter.resource_type.map(ResourceType::as_str));
+    listing.equal("deployment_status", filter.status.map(Status::as_str));
+    listing.equal("workspace_id", filter.workspace_id.as_deref());
+    listing.equal("parent_workspace_service_id", filter.parent_workspace_service_id.as_deref());
+    listing.equal("template_name", filter.template_name.as_deref());
     if !filter.include_deleted {
-        sql.push_str(" AND (deployment_status IS NULL OR deployment_status <> 'deleted')");
+        listing.only("(deployment_status IS NULL OR deployment_status <> 'deleted')");
     }
-    if let Some(workspaces) = &filter.visible_workspaces {
-        sql.push_str(" AND (resource_type = 'shared-service'");
-        for workspace_id in workspaces {
-            binds.push(workspace_id.clone());
-            let n = binds.len();
-            sql.push_str(&format!(" OR id = ${n} OR workspace_id = ${n}"));
-        }
-        sql.push(')');
-    }
-    let n = binds.len();
-    sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${} OFFSET ${}", n + 1, n + 2));
-    let mut query = sqlx::query(&sql);
-    for bind in binds {
-        query = query.bind(bind);
-    }
-    let rows = query
-        .bind(filter.limit.map_or(i64::MAX, count))
-        .bind(count(filter.skip))
-        .fetch_all(executor)
-        .await?;
-    rows.iter().map(from_row).collect()
+    listing.any_of(
+        "resource_type = 'shared-service'",
+        &["id", "workspace_id"],
+        filter.visible_workspaces.as_deref(),
+    );
+    listing.page(executor, filter.skip, filter.limit).await
 }
 
 impl Store {
@@ -186,9 +121,7 @@ impl Tx {
     ///
     /// Cancel safe: the transaction is rolled back when dropped.
     pub async fn insert_resource(&mut self, resource: &Resource) -> Result<Resource, StoreError> {
-        let mut stored = resource.clone();
-        stored.etag = new_id();
-        let doc = to_doc(&stored)?;
+        let (stored, doc) = with_new_etag(resource)?;
         let now = millis(self.now());
         let result = sqlx::query(
             "INSERT INTO resources (id, resource_type, template_name, template_version, deployment_status, \
@@ -225,9 +158,7 @@ impl Tx {
     ///
     /// Cancel safe: the transaction is rolled back when dropped.
     pub async fn replace_resource(&mut self, resource: &Resource) -> Result<Resource, StoreError> {
-        let mut stored = resource.clone();
-        stored.etag = new_id();
-        let doc = to_doc(&stored)?;
+        let (stored, doc) = with_new_etag(resource)?;
         let now = millis(self.now());
         let result = sqlx::query(
             "UPDATE resources SET template_version = $1, deployment_status = $2, resource_path = $3, \

@@ -1,4 +1,4 @@
-#![doc = include_str!("../../../../docs/servicebus-emulator.md")]
+#![doc = include_str!("../../docs/emulator.md")]
 
 mod faults;
 mod properties;

@@ -16,7 +16,7 @@ pub(super) struct Settings {
     #[arg(
         long,
         env = "STEWARD_RABBITMQ_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        default_value = steward_rabbitmq::DEFAULT_URL,
         hide_env_values = true
     )]
     rabbitmq_url: String,

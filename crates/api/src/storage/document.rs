@@ -1,0 +1,176 @@
+//! What the tables of JSON documents share (resources, operations, airlock requests):
+//! each row is `id`, `etag` and `doc` beside the columns queries filter on, and each
+//! write stamps a fresh etag.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Executor, Row};
+
+use super::Tx;
+use super::error::{Entity, StoreError};
+use crate::domain::{AirlockRequest, Operation, Resource, new_id};
+use crate::storage::millis;
+
+/// A record kept as a JSON document with its etag.
+pub(super) trait Document: Serialize + DeserializeOwned + Clone {
+    /// What errors call it.
+    const ENTITY: Entity;
+    /// Its table.
+    const TABLE: &'static str;
+    /// Its id.
+    fn id(&self) -> &str;
+    /// Its etag, which the document does not hold: the row's.
+    fn etag(&self) -> &str;
+    /// Its etag, to set.
+    fn etag_mut(&mut self) -> &mut String;
+}
+
+/// Implements [`Document`] for a record type with `id` and `etag` fields.
+macro_rules! document {
+    ($record:ty, $entity:expr, $table:literal) => {
+        impl Document for $record {
+            const ENTITY: Entity = $entity;
+            const TABLE: &'static str = $table;
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn etag(&self) -> &str {
+                &self.etag
+            }
+            fn etag_mut(&mut self) -> &mut String {
+                &mut self.etag
+            }
+        }
+    };
+}
+
+document!(Resource, Entity::Resource, "resources");
+document!(Operation, Entity::Operation, "operations");
+document!(AirlockRequest, Entity::AirlockRequest, "airlock_requests");
+
+/// The record of a row selected with `id, etag, doc`.
+pub(super) fn from_row<T: Document>(row: &AnyRow) -> Result<T, StoreError> {
+    let id: String = row.try_get("id")?;
+    let etag: String = row.try_get("etag")?;
+    let doc: String = row.try_get("doc")?;
+    let mut record: T =
+        serde_json::from_str(&doc).map_err(|error| StoreError::corrupt(T::ENTITY, &id, error))?;
+    *record.etag_mut() = etag;
+    Ok(record)
+}
+
+/// `record` with a fresh etag, and its document, for an insert or a replace.
+pub(super) fn with_new_etag<T: Document>(record: &T) -> Result<(T, String), StoreError> {
+    let mut stored = record.clone();
+    *stored.etag_mut() = new_id();
+    let doc = serde_json::to_string(&stored)
+        .map_err(|error| StoreError::corrupt(T::ENTITY, stored.id(), error))?;
+    Ok((stored, doc))
+}
+
+/// The record with this id, if there is one.
+pub(super) async fn fetch<'c, T: Document, E: Executor<'c, Database = Any>>(
+    executor: E,
+    id: &str,
+) -> Result<Option<T>, StoreError> {
+    let row = sqlx::query(&format!("SELECT id, etag, doc FROM {} WHERE id = $1", T::TABLE))
+        .bind(id.to_owned())
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// A list of records: equality conditions on columns, then one page in creation order.
+#[derive(Debug)]
+pub(super) struct Listing {
+    sql: String,
+    binds: Vec<String>,
+}
+
+impl Listing {
+    /// Every record of `T`'s table.
+    pub(super) fn of<T: Document>() -> Self {
+        Self {
+            sql: format!("SELECT id, etag, doc FROM {} WHERE 1 = 1", T::TABLE),
+            binds: Vec::new(),
+        }
+    }
+
+    /// Only the records whose `column` is `value`, when there is a value.
+    pub(super) fn equal(&mut self, column: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.binds.push(value.to_owned());
+            self.sql.push_str(&format!(" AND {column} = ${}", self.binds.len()));
+        }
+    }
+
+    /// When there are `values`: only the records meeting `always` (SQL without
+    /// parameters) or with one of `values` in any of `columns`.
+    pub(super) fn any_of(&mut self, always: &str, columns: &[&str], values: Option<&[String]>) {
+        let Some(values) = values else { return };
+        self.sql.push_str(&format!(" AND ({always}"));
+        for value in values {
+            self.binds.push(value.clone());
+            let n = self.binds.len();
+            for column in columns {
+                self.sql.push_str(&format!(" OR {column} = ${n}"));
+            }
+        }
+        self.sql.push(')');
+    }
+
+    /// Only the records meeting `condition`, SQL without parameters.
+    pub(super) fn only(&mut self, condition: &str) {
+        self.sql.push_str(&format!(" AND {condition}"));
+    }
+
+    /// The records after the first `skip`, at most `limit` of them, in creation order.
+    pub(super) async fn page<'c, T: Document, E: Executor<'c, Database = Any>>(
+        mut self,
+        executor: E,
+        skip: u64,
+        limit: Option<u64>,
+    ) -> Result<Vec<T>, StoreError> {
+        let n = self.binds.len();
+        self.sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${} OFFSET ${}", n + 1, n + 2));
+        let mut query = sqlx::query(&self.sql);
+        for bind in self.binds {
+            query = query.bind(bind);
+        }
+        let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        let rows =
+            query.bind(limit.map_or(i64::MAX, count)).bind(count(skip)).fetch_all(executor).await?;
+        rows.iter().map(from_row).collect()
+    }
+}
+
+impl Tx {
+    /// Replaces a record whose table keeps `status` and `updated_at` beside the document,
+    /// if its stored etag still equals `record`'s; returns it with its new etag.
+    pub(super) async fn replace_document<T: Document>(
+        &mut self,
+        record: &T,
+        status: &str,
+        updated_when: f64,
+    ) -> Result<T, StoreError> {
+        let (stored, doc) = with_new_etag(record)?;
+        let sql = format!(
+            "UPDATE {} SET status = $1, etag = $2, updated_at = $3, doc = $4 WHERE id = $5 AND etag = $6",
+            T::TABLE
+        );
+        let result = sqlx::query(&sql)
+            .bind(status.to_owned())
+            .bind(stored.etag().to_owned())
+            .bind(millis(updated_when))
+            .bind(doc)
+            .bind(record.id().to_owned())
+            .bind(record.etag().to_owned())
+            .execute(self.conn())
+            .await?;
+        if result.rows_affected() == 1 {
+            return Ok(stored);
+        }
+        Err(self.missing_or_changed(T::ENTITY, T::TABLE, record.id()).await)
+    }
+}
