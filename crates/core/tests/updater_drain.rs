@@ -8,7 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use steward_core::{Deadlines, MessageSource, Outcome, Updater, WorkerState, handler_fn};
+use async_trait::async_trait;
+use steward_core::{
+    Capabilities, Deadlines, Delivery, MessageSource, Outcome, TransportError, Updater,
+    WorkerState, handler_fn,
+};
 use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
 use tokio::time::{Instant, sleep};
 
@@ -107,4 +111,51 @@ async fn handlers_past_drain_deadline_are_aborted_and_abandoned() {
     ids.sort();
     assert_eq!(ids, ["never-started", "stubborn"]);
     assert_eq!(worker(&health, "stubborn").outcomes.completed, 1, "quick completed");
+}
+
+/// A source whose `stop_receiving` never answers.
+struct StopHangs<S>(S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for StopHangs<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        self.0.receive(max, wait).await
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        std::future::pending().await
+    }
+}
+
+/// Ensures that a `stop_receiving` that never answers holds up neither the handlers'
+/// results nor their lock renewals during the drain: a handler running longer than its
+/// lock finishes within the drain and its message is completed, not lost.
+#[tokio::test(start_paused = true)]
+async fn hung_stop_receiving_does_not_stop_renewals_during_the_drain() {
+    let broker = broker(Duration::from_secs(20));
+    send(&broker, "twenty", None).await;
+    let supervisor = supervisor();
+    supervisor.spawn(Updater::with_source(
+        "stop-hangs",
+        StopHangs(broker.source(QUEUE).unwrap()),
+        handler_fn(|_| async {
+            sleep(Duration::from_secs(20)).await;
+            Outcome::Complete
+        }),
+    ));
+    let health = supervisor.health();
+    sleep(Duration::from_secs(1)).await;
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(60)).await;
+    let w = worker(&health, "stop-hangs");
+    assert!(report.aborted_handlers.is_empty(), "{report:?}");
+    assert_eq!((w.outcomes.completed, w.outcomes.lease_lost), (1, 0), "{w:?}");
+    assert_eq!(broker.message_count(QUEUE), 0);
 }

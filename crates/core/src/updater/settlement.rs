@@ -8,6 +8,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 
 use super::held::Held;
+use crate::deadlines::saturating_add;
 use crate::{Delivery, Settled, TransportError};
 
 /// How a message is settled.
@@ -19,6 +20,8 @@ pub(super) enum Settlement {
 
 /// A settlement under way, and what to do when it ends.
 pub(super) struct Settling {
+    /// The held message's key within the run.
+    pub(super) key: u64,
     pub(super) id: String,
     pub(super) session: Option<String>,
     pub(super) operation: &'static str,
@@ -45,7 +48,10 @@ pub(super) enum SessionStep {
 impl Settling {
     /// What `result` means for the session: a completed or dead-lettered message frees
     /// it; an abandoned one, or one whose settlement failed (it returns when its lock
-    /// runs out, at once if lost), makes it wait for the message.
+    /// runs out, at once if lost), makes it wait for the message. An abandon with a
+    /// delay whose outcome is unknown (it failed or timed out, but the broker may have
+    /// applied it) may bring the message back only after that delay: the session waits
+    /// until the later of the lock's end and the delay, plus the delay's bound.
     pub(super) fn session_step(
         &self,
         result: &Result<(), TransportError>,
@@ -59,10 +65,11 @@ impl Settling {
             Err(error) if error.is_lock_lost() => {
                 SessionStep::AwaitReturn { due: now, delay: Duration::ZERO }
             }
-            Err(_) => SessionStep::AwaitReturn {
-                due: self.locked_until.unwrap_or(now).max(now),
-                delay: Duration::ZERO,
-            },
+            Err(_) => {
+                let delay = self.returns_after.unwrap_or_default();
+                let locked = self.locked_until.unwrap_or(now).max(now);
+                SessionStep::AwaitReturn { due: locked.max(saturating_add(now, delay)), delay }
+            }
         }
     }
 }
@@ -94,6 +101,7 @@ impl Settlements {
             Settlement::DeadLetter { reason, .. } => ("dead-letter", None, Some(reason.clone())),
         };
         let settling = Settling {
+            key: held.key,
             id: held.id().to_owned(),
             session: held.session().map(str::to_owned),
             operation,
@@ -201,6 +209,24 @@ mod tests {
         assert_eq!(
             settling.session_step(&result, now),
             SessionStep::AwaitReturn { due: now, delay }
+        );
+    }
+
+    /// Ensures that a delayed abandon whose answer never came (the broker may have
+    /// applied it) makes the session wait past the delay, not only past the lock.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_delayed_abandon_waits_for_its_delay() {
+        let mut settlements = Settlements::new(Duration::from_secs(5));
+        let hung =
+            held_with(1, "hung", Some("s"), TestSettle { hang: true, ..TestSettle::default() });
+        let delay = Duration::from_secs(120);
+        settlements.start(hung, Settlement::Abandon(Some(delay)), None, None);
+        let (settling, result) = settlements.next().await;
+        assert!(result.is_err());
+        let now = Instant::now();
+        assert_eq!(
+            settling.session_step(&result, now),
+            SessionStep::AwaitReturn { due: now + delay, delay }
         );
     }
 

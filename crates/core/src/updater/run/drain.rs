@@ -1,8 +1,9 @@
 //! The drain: how a run stops, by its [`Deadlines`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
 use super::Run;
 use crate::updater::held::Held;
@@ -22,33 +23,39 @@ impl Run<'_> {
     ) {
         self.draining = true;
         let mut tightened = shutting_down;
-        if shutting_down {
-            match timeout_at(deadlines.drain(), self.source.stop_receiving()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(
-                    error = %error_chain(&error),
-                    "stop_receiving failed; buffered messages return when their locks expire"
-                ),
-                Err(_) => tracing::warn!("stop_receiving did not finish by the drain deadline"),
-            }
-        }
-        let unstarted: Vec<Held> = self
-            .pending
-            .drain(..)
-            .chain(self.delayed.take_all())
-            .filter(|held| !held.lost)
-            .collect();
-        for held in unstarted {
-            self.settlements.start(held, Settlement::Abandon(None), None, None);
+        // `stop_receiving` runs beside the drain, bounded by `broker_timeout`: handler
+        // results are taken and locks renewed meanwhile. The messages that have not
+        // started are released once it answered (so a transport that buffers does not
+        // hand them straight back to this consumer), or when it gives up.
+        let limit = self.config.broker_timeout;
+        let mut stopping =
+            shutting_down.then(|| Box::pin(timeout(limit, self.source.stop_receiving())));
+        if stopping.is_none() {
+            self.release_unstarted();
         }
         self.ctx.set_in_flight(self.handlers.len());
-        while !self.handlers.is_empty() || !self.settlements.is_empty() {
-            let renewal = self.handlers.iter().filter_map(|r| r.held.renew_at).min();
+        while stopping.is_some() || !self.handlers.is_empty() || !self.settlements.is_empty() {
+            let renewal = self.held().filter_map(|held| held.renew_at).min();
             let timer = renewal.map_or(deadlines.drain(), |at| at.min(deadlines.drain()));
             tokio::select! {
                 (running, ended) = self.handlers.next() => self.finish(running, ended),
                 (settling, result) = self.settlements.next() => self.settled(settling, result),
                 (key, answer) = self.renewals.next() => self.renewed(key, answer),
+                answer = super::maybe(stopping.as_mut()), if stopping.is_some() => {
+                    stopping = None;
+                    match answer {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::warn!(
+                            error = %error_chain(&error),
+                            "stop_receiving failed; buffered messages return when their locks expire"
+                        ),
+                        Err(_) => tracing::warn!(
+                            broker_timeout = ?limit,
+                            "stop_receiving did not answer in time; buffered messages return when their locks expire"
+                        ),
+                    }
+                    self.release_unstarted();
+                }
                 () = self.ctx.cancelled(), if !tightened => {
                     tightened = true;
                     if self.ctx.is_shutting_down() {
@@ -65,11 +72,29 @@ impl Run<'_> {
             }
             self.ctx.set_in_flight(self.handlers.len());
         }
+        if stopping.take().is_some() {
+            tracing::warn!("stop_receiving did not finish by the drain deadline");
+            self.release_unstarted();
+        }
         self.abort_running(deadlines).await;
         self.wait_settlements(deadlines.abandon_by()).await;
         self.renewals.abort_all();
         self.ctx.set_in_flight(0);
         self.ctx.set_overdue_handlers(0);
+    }
+
+    /// Abandons the messages that have not started (waiting for their session or a
+    /// slot, or held for a local delayed retry), so another consumer gets them at once.
+    fn release_unstarted(&mut self) {
+        let unstarted: Vec<Held> = self
+            .pending
+            .drain(..)
+            .chain(self.delayed.take_all())
+            .filter(|held| !held.lost)
+            .collect();
+        for held in unstarted {
+            self.settlements.start(held, Settlement::Abandon(None), None, None);
+        }
     }
 
     /// Aborts the handlers still running at the drain deadline and abandons their
@@ -93,7 +118,13 @@ impl Run<'_> {
             if self.ctx.is_shutting_down() {
                 self.ctx.record_aborted(running.held.id(), blocked);
             }
-            if !running.held.lost {
+            if running.held.lost {
+                // Back at the broker already: its session waits for it.
+                if let Some(session) = running.held.session() {
+                    let (key, id, now) = (running.held.key, running.held.id(), Instant::now());
+                    self.gate.release_awaiting(session, key, id, now, Duration::ZERO);
+                }
+            } else {
                 let record = Some(Settled::Retried);
                 self.settlements.start(running.held, Settlement::Abandon(None), record, None);
             }

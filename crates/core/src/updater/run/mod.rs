@@ -112,13 +112,17 @@ impl<'a> Run<'a> {
     }
 
     fn max_in_flight(&self) -> usize {
-        self.config.concurrency + self.config.batch_size
+        self.config.concurrency.saturating_add(self.config.batch_size)
+    }
+
+    fn max_parked(&self) -> usize {
+        self.max_in_flight().saturating_mul(PARKED_PER_SLOT)
     }
 
     /// Whether a waiting message cannot start now because its session is busy or waits
     /// for another message of it: it is *parked*.
     fn is_parked(&self, held: &Held) -> bool {
-        held.session().is_some_and(|session| !self.gate.may_start(session, held.id()))
+        held.session().is_some_and(|session| !self.gate.may_start(session, held.key, held.id()))
     }
 
     /// Messages that count toward intake: running, and waiting ones that could start.
@@ -139,7 +143,44 @@ impl<'a> Run<'a> {
         !self.breaker.is_open()
             && self.handlers.len() < self.config.concurrency
             && self.intake() < self.max_in_flight()
-            && self.parked() < self.max_in_flight().saturating_mul(PARKED_PER_SLOT)
+            && self.parked() < self.max_parked()
+    }
+
+    /// Makes room under the parked bound while a session waits for a message back at
+    /// the broker with nothing of it running: that message can only come back through
+    /// intake, which the bound would stop. The newest parked messages of such sessions
+    /// go back to the broker, delayed until the awaited message is due (once that
+    /// passed, until the wait for it ends; at least `wait`), and their session waits
+    /// for them in turn, so they keep their order.
+    /// Each costs its message a delivery. Only on transports with delayed abandon: an
+    /// undelayed one would come straight back.
+    fn make_room(&mut self, now: Instant) {
+        if !self.caps.delayed_abandon || self.draining {
+            return;
+        }
+        while self.parked() >= self.max_parked() {
+            // The newest parked message of such a session; one it does not wait for
+            // yet before one it already waits for (that one keeps its place).
+            let candidates = self.pending.iter().enumerate().rev().filter_map(|(at, held)| {
+                let session = held.session()?;
+                let (first, back) = self.gate.first_awaited(session, now)?;
+                let sendable = held.id() != first
+                    && !self.pending.iter().any(|p| p.id() == first)
+                    && self.is_parked(held);
+                let awaited = self.gate.awaited(session, held.id()).is_some();
+                sendable.then_some((awaited, at, back))
+            });
+            let newest = candidates.min_by_key(|(awaited, _, _)| *awaited);
+            let Some((_, at, back)) = newest else { return };
+            let Some(held) = self.pending.remove(at) else { return };
+            let delay = back.saturating_duration_since(now).max(self.config.wait);
+            tracing::info!(
+                message_id = %held.id(),
+                retry_in = ?delay,
+                "too many messages wait for their sessions; sending one back until its session's first message returns"
+            );
+            self.settlements.start(held, Settlement::Abandon(Some(delay)), None, None);
+        }
     }
 
     fn report(&self) {
@@ -154,16 +195,27 @@ impl<'a> Run<'a> {
         let handler = self.handler;
         let mut receiving: Option<Receiving<'a>> = None;
         let mut probing: Option<Probing<'a>> = None;
+        // Since when the updater has not been receiving, by its own choice.
+        let mut intake_stopped: Option<Instant> = None;
         loop {
             let now = Instant::now();
+            if let Some(since) = intake_stopped.take() {
+                // A message due back could not be received meanwhile: the sessions
+                // waiting for one wait that much longer.
+                self.gate.postpone(now.saturating_duration_since(since));
+            }
             self.gate.expire(now);
             self.dispatch();
+            self.make_room(now);
             self.report();
             // A receive under way when the breaker opened is left to finish: dropping it
             // could cost its messages a delivery for nothing.
             if receiving.is_none() && self.can_receive() {
                 let max = self.config.batch_size.min(self.max_in_flight() - self.intake());
                 receiving = Some(source.receive(max.max(1), self.config.wait));
+            }
+            if receiving.is_none() {
+                intake_stopped = Some(now);
             }
             if probing.is_none() && self.breaker.probe_at().is_some_and(|at| now >= at) {
                 probing = Some(Box::pin(timeout(self.probe_limit(), handler.probe())));
@@ -177,9 +229,13 @@ impl<'a> Run<'a> {
                 (key, answer) = self.renewals.next() => self.renewed(key, answer),
                 result = maybe(receiving.as_mut()), if receiving.is_some() => {
                     receiving = None;
-                    self.ctx.progress();
                     match result {
-                        Ok(batch) => self.accept(batch),
+                        Ok(batch) => {
+                            // A poll that answered, empty or not, is progress; a failed
+                            // one is not.
+                            self.ctx.progress();
+                            self.accept(batch);
+                        }
                         Err(error) => return Some(error),
                     }
                 }
@@ -205,7 +261,7 @@ impl<'a> Run<'a> {
         renewals
             .chain(self.delayed.next_due())
             .chain(self.handlers.next_timeout())
-            .chain(self.gate.next_expiry())
+            .chain(self.gate.next_expiry().filter(|_| receiving))
             .chain(probe)
             .chain(heartbeat)
             .min()
@@ -302,7 +358,8 @@ impl<'a> Run<'a> {
         self.pending = kept.into();
         for held in lost.into_iter().chain(self.delayed.take_lost()) {
             if let Some(session) = held.session() {
-                self.gate.release_awaiting(session, held.id(), Instant::now(), Duration::ZERO);
+                let now = Instant::now();
+                self.gate.release_awaiting(session, held.key, held.id(), now, Duration::ZERO);
             }
         }
     }
@@ -335,11 +392,16 @@ impl<'a> Run<'a> {
                 self.settlements.start(held, settlement, Some(Settled::DeadLettered), None);
                 continue;
             }
-            // A message its session waits for goes first.
+            // A message its session waits for goes in its place: before every held
+            // message of the session, or, if it never started, before those that
+            // arrived after it.
             let session = message.session_id.as_deref();
-            if let Some(session) = session.filter(|s| self.gate.is_awaited(s, &message.id)) {
-                let first = self.pending.iter().position(|p| p.session() == Some(session));
-                self.pending.insert(first.unwrap_or(self.pending.len()), held);
+            let awaited = session.and_then(|s| Some((s, self.gate.awaited(s, &message.id)?)));
+            if let Some((session, rank)) = awaited {
+                let at = self.pending.iter().position(|p| {
+                    p.session() == Some(session) && rank.is_none_or(|rank| p.key > rank)
+                });
+                self.pending.insert(at.unwrap_or(self.pending.len()), held);
             } else {
                 self.pending.push_back(held);
             }
@@ -365,7 +427,7 @@ impl<'a> Run<'a> {
 
     fn start(&mut self, held: Held) {
         if let Some(session) = held.session() {
-            self.gate.occupy(session);
+            self.gate.occupy(session, held.key, held.id());
         }
         let message = held.delivery.message().clone();
         let span = tracing::info_span!(
@@ -424,7 +486,8 @@ impl<'a> Run<'a> {
             );
             // The broker redelivers it: its session waits for it.
             if let Some(session) = held.session() {
-                self.gate.release_awaiting(session, held.id(), Instant::now(), Duration::ZERO);
+                let now = Instant::now();
+                self.gate.release_awaiting(session, held.key, held.id(), now, Duration::ZERO);
             }
             return;
         }
@@ -507,9 +570,9 @@ impl<'a> Run<'a> {
         }
         if let Some(session) = &settling.session {
             match settling.session_step(&result, now) {
-                SessionStep::Release => self.gate.release(session),
+                SessionStep::Release => self.gate.release(session, settling.key, &settling.id),
                 SessionStep::AwaitReturn { due, delay } => {
-                    self.gate.release_awaiting(session, &settling.id, due, delay);
+                    self.gate.release_awaiting(session, settling.key, &settling.id, due, delay);
                 }
             }
         }
