@@ -227,3 +227,58 @@ async fn failed_receives_do_not_end_a_run_of_fruitless_stalls() {
     assert_eq!(w.state, WorkerState::Failed, "never received anything: {w:?}");
     assert!(!health.snapshot().is_live());
 }
+
+/// Per connection: the first receive is an empty poll after `wait`, every later one
+/// hangs (a consumer whose channel dies silently after its first poll).
+struct OnePollThenHang {
+    polls: AtomicUsize,
+}
+
+#[async_trait]
+impl MessageSource for OnePollThenHang {
+    fn queue(&self) -> &str {
+        "one-poll"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all()
+    }
+
+    async fn receive(&self, _max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(wait).await;
+            Ok(Vec::new())
+        } else {
+            std::future::pending().await
+        }
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+/// Ensures that a worker that makes one empty poll on every start and then hangs ends
+/// `failed`, and not live, within the documented bound (default configs): a poll or
+/// two is not a productive start.
+#[tokio::test(start_paused = true)]
+async fn one_empty_poll_per_start_then_a_hang_ends_failed() {
+    let config = steward_core::SupervisorConfig::default();
+    let updater = Updater::new(
+        "one-poll",
+        || async { Ok::<_, TransportError>(OnePollThenHang { polls: AtomicUsize::new(0) }) },
+        handler_fn(|_| async { Outcome::Complete }),
+    );
+    let bound = config.stuck_bound(updater.config().effective_stall_timeout());
+    let supervisor = steward_core::Supervisor::new(config);
+    supervisor.spawn(updater);
+    let health = supervisor.health();
+    let started = Instant::now();
+    eventually("the worker failed", bound + Duration::from_secs(1), || {
+        !health.snapshot().is_live()
+    })
+    .await;
+    let w = worker(&health, "one-poll");
+    assert_eq!(w.state, WorkerState::Failed, "{w:?}");
+    assert!(started.elapsed() <= bound, "failed after {:?}, bound {bound:?}", started.elapsed());
+}

@@ -58,10 +58,12 @@ pub struct SupervisorConfig {
     /// How long a stalled worker gets to stop after its cancellation before it is
     /// aborted. Default 5 s.
     pub stall_grace: Duration,
-    /// A worker whose starts stall this many times in a row, each without recording any
-    /// progress, is stuck: it is `failed` (not live), whatever the restart intensity
-    /// says. Attempts that end in a retryable error neither count nor break the run; an
-    /// attempt that records progress ends it. Default 3 (at least 1).
+    /// A worker whose starts stall this many times in a row, each *fruitless*, is
+    /// stuck: it is `failed` (not live), whatever the restart intensity says. A start is
+    /// fruitless unless it settled a message or kept making progress for
+    /// `healthy_reset` (a poll or two before a hang is not enough). Attempts that end in
+    /// a retryable error neither count nor break the run; a productive attempt ends it.
+    /// Default 3 (at least 1).
     pub stalls_before_failed: u32,
 }
 
@@ -436,14 +438,21 @@ impl Supervision {
 
             // Only time spent making progress counts as healthy: a start that hung for
             // its stall timeout was not healthy, however long it ran.
-            let progressed_for = self.record.attempt_progressed_for();
-            if progressed_for.is_some_and(|healthy| healthy >= config.healthy_reset) {
+            let healthy = self
+                .record
+                .attempt_progressed_for()
+                .is_some_and(|healthy| healthy >= config.healthy_reset);
+            if healthy {
                 consecutive = 0;
             }
-            match (&exit, progressed_for) {
-                (_, Some(_)) => fruitless_stalls = 0,
-                (Exit::Stalled(_), None) => fruitless_stalls = fruitless_stalls.saturating_add(1),
-                (_, None) => {}
+            // An attempt was productive if it settled a message or kept making progress
+            // for `healthy_reset`; a poll or two before a hang is not enough, or a
+            // worker that polls once per start and then hangs would never fail.
+            let productive = healthy || self.record.attempt_settled();
+            match (&exit, productive) {
+                (_, true) => fruitless_stalls = 0,
+                (Exit::Stalled(_), false) => fruitless_stalls = fruitless_stalls.saturating_add(1),
+                (_, false) => {}
             }
             let (counts, description) = match &exit {
                 Exit::Returned => (true, "worker returned without being cancelled".to_owned()),

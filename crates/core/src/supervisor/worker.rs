@@ -248,7 +248,7 @@ impl WorkerContext {
             crate::metrics::handler_duration(name, elapsed);
         }
         crate::metrics::message(name, settled.as_str());
-        self.record.count(|counts| match settled {
+        self.record.count(settled != Settled::LeaseLost, |counts| match settled {
             Settled::Completed => counts.completed += 1,
             Settled::Retried => counts.retried += 1,
             Settled::DeadLettered => counts.dead_lettered += 1,
