@@ -112,6 +112,22 @@ impl Deadlines {
         saturating_add(self.hard(), CLOSE_SLACK)
     }
 
+    /// Widens the grace to `grace`, at most a fifth of the time left, keeping the hard
+    /// deadline: the drain deadline comes earlier, leaving the steps after it (aborting
+    /// handlers, abandoning their messages over a slow broker) more time. A grace
+    /// already wider is kept.
+    #[must_use]
+    pub fn with_grace_up_to(self, grace: Duration) -> Self {
+        let now = Instant::now();
+        let hard = self.hard();
+        let grace = grace.min(hard.saturating_duration_since(now) / GRACE_PARTS);
+        if grace <= self.grace {
+            return self;
+        }
+        let drain = hard.checked_sub(grace).unwrap_or(self.drain).max(now);
+        Self { drain, grace: hard.saturating_duration_since(drain) }
+    }
+
     /// Brings every instant forward to `other`'s where `other`'s is earlier (a shutdown
     /// that begins while a worker drains for a restart).
     #[must_use]
@@ -164,6 +180,26 @@ mod tests {
         assert_eq!(d.hard(), now + Duration::from_millis(2000));
         let past = Deadlines::until(now);
         assert_eq!((past.drain(), past.hard()), (now, now), "a deadline already due");
+    }
+
+    /// Ensures that widening the grace keeps the hard deadline, moves the drain
+    /// earlier, takes at most a fifth of the time left and never narrows it.
+    #[tokio::test(start_paused = true)]
+    async fn a_wider_grace_moves_the_drain_earlier() {
+        let now = Instant::now();
+        let d = Deadlines::until(now + Duration::from_secs(25))
+            .with_grace_up_to(Duration::from_secs(5));
+        assert_eq!(
+            (d.drain(), d.hard()),
+            (now + Duration::from_secs(20), now + Duration::from_secs(25))
+        );
+        assert_eq!(d.abandon_by(), now + Duration::from_millis(23_125));
+        let short = Deadlines::until(now + Duration::from_secs(10))
+            .with_grace_up_to(Duration::from_secs(5));
+        assert_eq!(short.drain(), now + Duration::from_secs(8), "a fifth of 10 s");
+        let narrower =
+            Deadlines::until(now + Duration::from_secs(25)).with_grace_up_to(Duration::ZERO);
+        assert_eq!(narrower.drain(), now + Duration::from_secs(24));
     }
 
     #[tokio::test(start_paused = true)]

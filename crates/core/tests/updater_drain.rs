@@ -159,3 +159,49 @@ async fn hung_stop_receiving_does_not_stop_renewals_during_the_drain() {
     assert_eq!((w.outcomes.completed, w.outcomes.lease_lost), (1, 0), "{w:?}");
     assert_eq!(broker.message_count(QUEUE), 0);
 }
+
+/// Shuts down, 25 s ahead, a worker whose one handler never ends, over a broker that
+/// answers every call `latency` late; returns the report's one aborted handler and the
+/// messages still locked 2 s after the shutdown returned.
+async fn shutdown_over_a_slow_broker(
+    latency: Duration,
+) -> (steward_core::AbortedHandler, Vec<String>) {
+    let broker = broker(Duration::from_secs(300));
+    send(&broker, "forever", None).await;
+    let supervisor = supervisor();
+    supervisor.spawn(Updater::with_source(
+        "slow-broker",
+        broker.source(QUEUE).unwrap(),
+        handler_fn(|_| async {
+            std::future::pending::<()>().await;
+            Outcome::Complete
+        }),
+    ));
+    sleep(Duration::from_secs(1)).await;
+    broker.faults(QUEUE).set_latency(latency);
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(25)).await;
+    assert_eq!(report.aborted_handlers.len(), 1, "{report:?}");
+    sleep(Duration::from_secs(2)).await;
+    (report.aborted_handlers[0].clone(), broker.locked_message_ids(QUEUE))
+}
+
+/// Ensures that a shutdown leaves a real budget for abandoning the messages of aborted
+/// handlers: over a broker answering in 700 ms the message is abandoned, not left to
+/// lock expiry, and the report says so.
+#[tokio::test(start_paused = true)]
+async fn aborted_handlers_messages_are_abandoned_over_a_slow_broker() {
+    let (aborted, locked) = shutdown_over_a_slow_broker(Duration::from_millis(700)).await;
+    assert_eq!(locked, Vec::<String>::new(), "left locked");
+    assert_eq!(
+        (aborted.message_id.as_str(), aborted.blocked, aborted.abandoned),
+        ("forever", false, true)
+    );
+}
+
+/// Ensures that the shutdown report does not claim an abandon the broker did not answer
+/// by the deadline.
+#[tokio::test(start_paused = true)]
+async fn an_abandon_unanswered_by_the_deadline_is_reported_as_not_abandoned() {
+    let (aborted, _) = shutdown_over_a_slow_broker(Duration::from_secs(10)).await;
+    assert_eq!((aborted.message_id.as_str(), aborted.abandoned), ("forever", false));
+}

@@ -58,6 +58,11 @@ pub struct UpdaterConfig {
     /// A handler that blocks a thread cannot be aborted: it keeps its session (order
     /// before speed) and its slot until it returns.
     pub handler_timeout: Option<Duration>,
+    /// At a shutdown, how long before its hard deadline the handlers still running are
+    /// aborted, so that their messages can still be abandoned over a slow broker: at
+    /// most a fifth of the time left, and never less than the shutdown's own grace.
+    /// Default 5 s.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for UpdaterConfig {
@@ -74,6 +79,7 @@ impl Default for UpdaterConfig {
             error_drain: Duration::from_secs(10),
             broker_timeout: Duration::from_secs(30),
             handler_timeout: None,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }

@@ -22,6 +22,10 @@ impl Run<'_> {
         mut deadlines: Deadlines,
     ) {
         self.draining = true;
+        let grace = self.config.shutdown_grace;
+        if shutting_down {
+            deadlines = deadlines.with_grace_up_to(grace);
+        }
         let mut tightened = shutting_down;
         // `stop_receiving` runs beside the drain, bounded by `broker_timeout`: handler
         // results are taken and locks renewed meanwhile. The messages that have not
@@ -59,7 +63,7 @@ impl Run<'_> {
                 () = self.ctx.cancelled(), if !tightened => {
                     tightened = true;
                     if self.ctx.is_shutting_down() {
-                        deadlines = deadlines.min(self.ctx.deadlines());
+                        deadlines = deadlines.min(self.ctx.deadlines().with_grace_up_to(grace));
                     }
                 }
                 () = sleep_until(timer) => {
@@ -78,6 +82,7 @@ impl Run<'_> {
         }
         self.abort_running(deadlines).await;
         self.wait_settlements(deadlines.abandon_by()).await;
+        self.report_unabandoned();
         self.renewals.abort_all();
         self.ctx.set_in_flight(0);
         self.ctx.set_overdue_handlers(0);
@@ -115,19 +120,26 @@ impl Run<'_> {
                 blocked,
                 "handler did not finish by the drain deadline; abandoning its message"
             );
-            if self.ctx.is_shutting_down() {
-                self.ctx.record_aborted(running.held.id(), blocked);
-            }
             if running.held.lost {
+                self.report_aborted(running.held.id(), blocked, false);
                 // Back at the broker already: its session waits for it.
                 if let Some(session) = running.held.session() {
                     let (key, id, now) = (running.held.key, running.held.id(), Instant::now());
                     self.gate.release_awaiting(session, key, id, now, Duration::ZERO);
                 }
             } else {
+                // Reported once the broker answered the abandon, or did not in time.
+                self.aborting.insert(running.held.key, (running.held.id().to_owned(), blocked));
                 let record = Some(Settled::Retried);
                 self.settlements.start(running.held, Settlement::Abandon(None), record, None);
             }
+        }
+    }
+
+    /// Reports a handler the drain deadline cut short, in a shutdown's report.
+    pub(super) fn report_aborted(&self, message_id: &str, blocked: bool, abandoned: bool) {
+        if self.ctx.is_shutting_down() {
+            self.ctx.record_aborted(message_id, blocked, abandoned);
         }
     }
 
@@ -147,6 +159,14 @@ impl Run<'_> {
                 "settlements did not finish by the deadline; those messages return when their locks expire"
             );
             self.settlements.abort_all();
+        }
+    }
+
+    /// The handlers cut short whose abandon did not answer by the deadline: reported as
+    /// not abandoned.
+    fn report_unabandoned(&mut self) {
+        for (id, blocked) in std::mem::take(&mut self.aborting).into_values() {
+            self.report_aborted(&id, blocked, false);
         }
     }
 }

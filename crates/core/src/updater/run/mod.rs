@@ -9,7 +9,7 @@
 
 mod drain;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,6 +68,9 @@ pub(super) struct Run<'a> {
     next_heartbeat: Instant,
     /// Set once the drain began: retries are abandoned at once, not held.
     draining: bool,
+    /// Handlers the drain cut short whose abandon is under way, by key: their message
+    /// id and whether the task blocks a thread.
+    aborting: BTreeMap<u64, (String, bool)>,
 }
 
 /// Awaits the future if there is one; pends forever otherwise.
@@ -103,6 +106,7 @@ impl<'a> Run<'a> {
             renewals: Renewals::new(config.broker_timeout),
             next_heartbeat: saturating_add(Instant::now(), config.wait),
             draining: false,
+            aborting: BTreeMap::new(),
         }
     }
 
@@ -555,6 +559,9 @@ impl<'a> Run<'a> {
     /// the message is back at the broker, makes the session wait for it.
     fn settled(&mut self, settling: Settling, result: Result<(), TransportError>) {
         let now = Instant::now();
+        if let Some((id, blocked)) = self.aborting.remove(&settling.key) {
+            self.report_aborted(&id, blocked, result.is_ok());
+        }
         match &result {
             Ok(()) => {
                 tracing::debug!(message_id = %settling.id, operation = settling.operation, "message settled");
