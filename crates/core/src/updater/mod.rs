@@ -23,13 +23,24 @@ use crate::{
     Backoff, Deadlines, Handler, MessageSource, TransportError, Worker, WorkerContext, WorkerError,
 };
 
+/// The largest batch one receive asks for; a larger `batch_size` is capped to it.
+pub const MAX_BATCH_SIZE: usize = 1024;
+
+/// The shortest `handler_timeout`; a shorter one is raised to it (a handler aborted
+/// before it could finish any await would send every message to the dead-letter queue).
+pub const MIN_HANDLER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How an [`Updater`] receives and handles messages.
+///
+/// [`Updater::with_config`] bounds the values set directly on the fields as the setters
+/// do: `batch_size` to 1..=[`MAX_BATCH_SIZE`], `concurrency` to at least 1, and
+/// `handler_timeout` to at least [`MIN_HANDLER_TIMEOUT`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct UpdaterConfig {
-    /// The most messages one receive asks for. Default 16.
+    /// The most messages one receive asks for. Default 16, at most [`MAX_BATCH_SIZE`].
     pub batch_size: usize,
-    /// The most handlers running at once. Default 8.
+    /// The most handlers running at once. Default 8, at least 1.
     pub concurrency: usize,
     /// How long one receive waits on an empty queue. Default 5 s.
     pub wait: Duration,
@@ -53,8 +64,11 @@ pub struct UpdaterConfig {
     /// take; each runs beside the loop, so a slow one holds up nothing else. A call past
     /// it counts as failed: the message returns when its lock expires. Default 30 s.
     pub broker_timeout: Duration,
-    /// A handler running longer is aborted and its message abandoned for a retry.
-    /// `None` (the default): handlers may run as long as their locks can be renewed.
+    /// A handler running longer is aborted and its message abandoned for a retry; at
+    /// least [`MIN_HANDLER_TIMEOUT`].
+    /// `None` (the default): handlers may run as long as their locks can be renewed
+    /// (on a transport without timed locks, as long as they like: set it there to find
+    /// hung handlers).
     /// A handler that blocks a thread cannot be aborted: it keeps its session (order
     /// before speed) and its slot until it returns.
     pub handler_timeout: Option<Duration>,
@@ -85,10 +99,10 @@ impl Default for UpdaterConfig {
 }
 
 impl UpdaterConfig {
-    /// Sets the batch size (at least 1).
+    /// Sets the batch size (1 to [`MAX_BATCH_SIZE`]).
     #[must_use]
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
-        self.batch_size = batch_size.max(1);
+        self.batch_size = batch_size.clamp(1, MAX_BATCH_SIZE);
         self
     }
 
@@ -148,10 +162,25 @@ impl UpdaterConfig {
         self
     }
 
-    /// Sets the handler timeout.
+    /// Sets the handler timeout (at least [`MIN_HANDLER_TIMEOUT`]).
     #[must_use]
     pub fn with_handler_timeout(mut self, handler_timeout: Duration) -> Self {
-        self.handler_timeout = Some(handler_timeout);
+        self.handler_timeout = Some(handler_timeout.max(MIN_HANDLER_TIMEOUT));
+        self
+    }
+
+    /// Sets how long before a shutdown's hard deadline running handlers are aborted.
+    #[must_use]
+    pub fn with_shutdown_grace(mut self, shutdown_grace: Duration) -> Self {
+        self.shutdown_grace = shutdown_grace;
+        self
+    }
+
+    /// The configuration with every value within its bounds (see the fields).
+    fn bounded(mut self) -> Self {
+        self.batch_size = self.batch_size.clamp(1, MAX_BATCH_SIZE);
+        self.concurrency = self.concurrency.max(1);
+        self.handler_timeout = self.handler_timeout.map(|t| t.max(MIN_HANDLER_TIMEOUT));
         self
     }
 
@@ -281,10 +310,10 @@ impl Updater {
         Self::new(name, Fixed(Arc::new(source)), handler)
     }
 
-    /// Replaces the configuration.
+    /// Replaces the configuration, bounding its values (see [`UpdaterConfig`]).
     #[must_use]
     pub fn with_config(mut self, config: UpdaterConfig) -> Self {
-        self.config = config;
+        self.config = config.bounded();
         self
     }
 

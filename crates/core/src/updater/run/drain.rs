@@ -216,6 +216,17 @@ mod tests {
     use crate::updater::testing::{SilentSource, TestSettle, held_with};
     use crate::{Handler, Outcome, WorkerContext, handler_fn};
 
+    /// Ensures that a run with no handler at all is never busy, even with a concurrency
+    /// of 0 (every one of no slots busy): it is not progress.
+    #[tokio::test(start_paused = true)]
+    async fn no_handler_is_never_busy_whatever_the_concurrency() {
+        let ctx = WorkerContext::for_tests("idle");
+        let handler: Arc<dyn Handler> = Arc::new(handler_fn(|_| async { Outcome::Complete }));
+        let config = UpdaterConfig { concurrency: 0, ..UpdaterConfig::default() };
+        let run = Run::new(&ctx, &SilentSource, &handler, &config, Waiting::default());
+        assert!(!run.is_busy_and_healthy());
+    }
+
     /// Ensures that a run dropped before its drain ended (the supervisor aborted the
     /// worker at its abort-at deadline) abandons the messages it held, running and
     /// waiting alike, rather than leave them to lock expiry.

@@ -275,17 +275,18 @@ impl<'a> Run<'a> {
     }
 
     /// Whether not receiving is still progress: while the breaker holds the worker back
-    /// (its probes are answered), or while every slot is busy with handlers whose locks
-    /// are renewed and none failing (DESIGN §3). Failed renewal rounds, and slots that
-    /// are merely full, are not progress: a hung handler on a transport without timed
-    /// locks, or an unreachable namespace, must end in a stall.
+    /// (its probes are answered), or while every slot (at least one) is busy with
+    /// handlers whose locks are renewed and none failing (DESIGN §3). Failed renewal
+    /// rounds are not progress: an unreachable namespace must end in a stall. On a
+    /// transport without timed locks (RabbitMQ) there is nothing to renew: a running
+    /// handler is progress, and a hung one is found by `handler_timeout` instead.
     fn is_busy_and_healthy(&self) -> bool {
         if self.breaker.is_open() {
             return true;
         }
-        self.caps.lock_renewal
+        !self.handlers.is_empty()
             && self.handlers.len() >= self.config.concurrency
-            && self.handlers.iter().all(|r| r.held.has_healthy_lock())
+            && (!self.caps.lock_renewal || self.handlers.iter().all(|r| r.held.has_healthy_lock()))
     }
 
     fn held(&self) -> impl Iterator<Item = &Held> {
