@@ -155,6 +155,12 @@ impl Settlements {
     pub(super) fn abort_all(&mut self) {
         self.tasks.abort_all();
     }
+
+    /// Waits for every settlement under way to end (a run dropped early lets them
+    /// finish in a task of their own).
+    pub(super) async fn wait_all(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
 }
 
 async fn call(delivery: &Arc<Delivery>, settlement: &Settlement) -> Result<(), TransportError> {

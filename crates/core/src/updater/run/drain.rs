@@ -7,7 +7,7 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
 use super::Run;
 use crate::updater::held::Held;
-use crate::updater::settlement::Settlement;
+use crate::updater::settlement::{Settlement, Settlements};
 use crate::{Deadlines, Delivery, Settled, error_chain};
 
 impl Run<'_> {
@@ -174,9 +174,12 @@ impl Run<'_> {
 impl Drop for Run<'_> {
     /// A run dropped before its drain ended (the supervisor aborted the worker at its
     /// abort-at deadline) abandons every message it still holds, in a tracked task
-    /// bounded by the hard deadline, rather than leave them to lock expiry. Its handler
+    /// bounded by the hard deadline, rather than leave them to lock expiry; the
+    /// settlements under way (abandons among them) go on in that task too. Its handler
     /// tasks are aborted.
     fn drop(&mut self) {
+        let settlements =
+            std::mem::replace(&mut self.settlements, Settlements::new(self.config.broker_timeout));
         let held: Vec<Arc<Delivery>> = self
             .handlers
             .take_all()
@@ -186,20 +189,21 @@ impl Drop for Run<'_> {
             .filter(|held| !held.lost)
             .map(|held| held.delivery)
             .collect();
-        if held.is_empty() {
+        if held.is_empty() && settlements.is_empty() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let hard = self.ctx.deadlines().hard();
         tracing::warn!(
             messages = held.len(),
+            settling = settlements.len(),
             "worker stopped before its drain ended; abandoning what it held"
         );
         let abandons = futures::future::join_all(held.into_iter().map(|delivery| async move {
             let _ = delivery.settle_handle().abandon(None).await;
         }));
         runtime.spawn(self.ctx.track(async move {
-            let _ = timeout_at(hard, abandons).await;
+            let _ = timeout_at(hard, futures::future::join(abandons, settlements.wait_all())).await;
         }));
     }
 }
@@ -215,6 +219,24 @@ mod tests {
     use crate::updater::sessions::Waiting;
     use crate::updater::testing::{SilentSource, TestSettle, held_with};
     use crate::{Handler, Outcome, WorkerContext, handler_fn};
+
+    /// Ensures that a run dropped while settlements are under way (the error drain's
+    /// abandons, when a shutdown aborts the worker) lets them finish rather than
+    /// aborting them with the run.
+    #[tokio::test(start_paused = true)]
+    async fn a_run_dropped_lets_its_settlements_under_way_finish() {
+        let ctx = WorkerContext::for_tests("dropped-settling");
+        let handler: Arc<dyn Handler> = Arc::new(handler_fn(|_| async { Outcome::Complete }));
+        let config = UpdaterConfig::default();
+        let settle = TestSettle { latency: Duration::from_millis(300), ..TestSettle::default() };
+        let mut run = Run::new(&ctx, &SilentSource, &handler, &config, Waiting::default());
+        let held = held_with(1, "abandoning", None, settle.clone());
+        run.settlements.start(held, Settlement::Abandon(None), None, None);
+        tokio::task::yield_now().await;
+        drop(run);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(settle.abandoned.load(Ordering::SeqCst), 1);
+    }
 
     /// Ensures that a run with no handler at all is never busy, even with a concurrency
     /// of 0 (every one of no slots busy): it is not progress.
