@@ -634,3 +634,51 @@ async fn unanswered_delayed_abandon_keeps_the_follower_behind_its_head() {
     sleep(Duration::from_secs(600)).await;
     assert_eq!(log.order(), ["head", "head", "next"]);
 }
+
+/// Claims no delayed abandon: a delayed retry is held by the Updater for its delay.
+struct NoDelayedAbandon<S>(S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for NoDelayedAbandon<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { delayed_abandon: false, ..self.0.capabilities() }
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        self.0.receive(max, wait).await
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}
+
+/// Ensures that a head held here for its delayed retry, whose parked follower loses its
+/// lock meanwhile, still goes before that follower: the session waits for the head
+/// first, then for the follower.
+#[tokio::test(start_paused = true)]
+async fn locally_held_head_stays_ahead_of_a_follower_that_lost_its_lock() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "head", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let faults = Arc::new(SettleFaults::default());
+    SettleFaults::arm(&faults.lose_renewal, "next", 1);
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let inner = NoDelayedAbandon(LocalSessions(broker.source(QUEUE).unwrap()));
+    supervisor.spawn(
+        Updater::with_source(
+            "held-head",
+            Faulty { inner, faults },
+            recording(&log, Duration::from_secs(25)),
+        )
+        .with_config(config().with_concurrency(2).with_wait(Duration::from_secs(10))),
+    );
+    sleep(Duration::from_secs(300)).await;
+    assert_eq!(log.order(), ["head", "head", "next"]);
+    assert_eq!(log.overlaps(), Vec::<String>::new(), "session s overlapped");
+}
