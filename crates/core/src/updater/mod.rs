@@ -241,11 +241,16 @@ impl Connect for Fixed {
 ///
 /// - Handlers run as tasks, up to `concurrency` at once; messages with the same
 ///   `session_id` run strictly one after another, in arrival order, and a message waiting
-///   for its turn keeps its lock renewed. On transports without sessions, a message
-///   retried with a delay, or one whose lock was lost or whose settlement failed, also
-///   holds back its session's later messages until it returns (or, if another consumer
-///   took it, until 6 × its delay + 2 × the wait after it was due back). Sessions still
-///   waiting when a run ends are remembered by the next run of the same updater.
+///   for its turn keeps its lock renewed; only the message occupying a session frees it.
+///   On transports without sessions, a message retried with a delay, or one whose lock
+///   was lost or whose settlement failed, also holds back its session's later messages
+///   until it returns (or, if another consumer took it, until 6 × its delay + 2 × the
+///   wait after it was due back; that clock stops while the updater stops receiving).
+///   Several such messages of one session are waited for in order. Sessions still
+///   waiting when a run ends are remembered by the next run of the same updater. When
+///   parked messages fill their bound while a session waits for its head, the newest go
+///   back to the broker until the head is due (on transports with delayed abandon), so
+///   the head can still be received.
 /// - An optional `handler_timeout` aborts a handler running longer and retries its
 ///   message; one that blocks a thread keeps its session and is counted in the health's
 ///   `overdue_handlers` until it returns.
@@ -259,10 +264,12 @@ impl Connect for Fixed {
 /// - A retry with [`RetryCause::Dependency`](crate::RetryCause::Dependency) opens the
 ///   worker's circuit breaker: it stops receiving (state `backing_off`) until
 ///   [`Handler::probe`] succeeds.
-/// - Progress is recorded on every poll, handler completion, settlement and successful
-///   lock renewal, and while every slot is busy with handlers whose locks are renewed.
-/// - On shutdown it follows the [`Deadlines`](crate::Deadlines): it calls
-///   `stop_receiving` and releases the messages that have not started, lets running
+/// - Progress is recorded on every poll that answers, handler completion, settlement and
+///   successful lock renewal, and while every slot is busy with handlers whose locks are
+///   renewed (on a transport without timed locks, with running handlers).
+/// - On shutdown it follows the [`Deadlines`](crate::Deadlines), its grace widened to
+///   `shutdown_grace`: it calls `stop_receiving` (bounded by `broker_timeout`, beside
+///   the loop) and then releases the messages that have not started, lets running
 ///   handlers finish until the drain deadline, then aborts the rest and abandons their
 ///   messages so another consumer gets them at once.
 ///
