@@ -19,6 +19,9 @@ struct Awaited {
     /// When it is due back at the broker (at the end of its delay).
     due: Instant,
     until: Instant,
+    /// A copy of it is held here again (redelivered): the wait for it never expires,
+    /// it only ends when that copy starts or is settled.
+    returned: bool,
 }
 
 /// Keeps each session's messages one after another, in order.
@@ -60,6 +63,7 @@ impl SessionGate {
     pub(super) fn into_waiting(mut self) -> Waiting {
         for awaited in self.blocked.values_mut().flatten() {
             awaited.rank = None;
+            awaited.returned = false;
         }
         Waiting(self.blocked)
     }
@@ -128,14 +132,16 @@ impl SessionGate {
             // Back again before it started: it keeps its place.
             awaited.due = awaited.due.max(due);
             awaited.until = awaited.until.max(until);
+            awaited.returned = false;
             return;
         }
         if occupant {
-            queue.push_front(Awaited { message_id: message_id.to_owned(), rank: None, due, until });
+            let id = message_id.to_owned();
+            queue.push_front(Awaited { message_id: id, rank: None, due, until, returned: false });
         } else {
             let at = queue.iter().position(|a| a.rank.is_some_and(|rank| rank > key));
-            let awaited =
-                Awaited { message_id: message_id.to_owned(), rank: Some(key), due, until };
+            let id = message_id.to_owned();
+            let awaited = Awaited { message_id: id, rank: Some(key), due, until, returned: false };
             queue.insert(at.unwrap_or(queue.len()), awaited);
         }
     }
@@ -149,10 +155,20 @@ impl SessionGate {
         }
     }
 
+    /// A copy of `message_id`, which `session` waits for, is held here again: the wait
+    /// for it no longer expires (the copy keeps its place until it starts or is
+    /// settled).
+    pub(super) fn returned(&mut self, session: &str, message_id: &str) {
+        let queue = self.blocked.get_mut(session).into_iter().flatten();
+        for awaited in queue.filter(|a| a.message_id == message_id) {
+            awaited.returned = true;
+        }
+    }
+
     /// Ends the waits whose bound passed.
     pub(super) fn expire(&mut self, now: Instant) {
         self.blocked.retain(|_, queue| {
-            queue.retain(|awaited| awaited.until > now);
+            queue.retain(|awaited| awaited.returned || awaited.until > now);
             !queue.is_empty()
         });
     }
@@ -167,7 +183,7 @@ impl SessionGate {
 
     /// When the next wait ends.
     pub(super) fn next_expiry(&self) -> Option<Instant> {
-        self.blocked.values().flatten().map(|a| a.until).min()
+        self.blocked.values().flatten().filter(|a| !a.returned).map(|a| a.until).min()
     }
 
     /// The first message an idle `session` waits for, and when it is due back at the
@@ -265,6 +281,21 @@ mod tests {
         assert!(!gate.may_start("s", 2, "b"));
         gate.expire(now + Duration::from_secs(42));
         assert!(gate.may_start("s", 2, "b"), "another consumer took a: b goes on");
+    }
+
+    /// Ensures that the wait for a message whose copy is held here again never expires,
+    /// so later messages of the session cannot overtake that copy.
+    #[tokio::test(start_paused = true)]
+    async fn a_returned_message_keeps_its_place_past_the_bound() {
+        let mut gate = gate();
+        let now = Instant::now();
+        gate.release_awaiting("s", 2, "m2", now, Duration::ZERO);
+        gate.release_awaiting("s", 3, "m3", now, Duration::ZERO);
+        gate.returned("s", "m2");
+        assert_eq!(gate.next_expiry(), Some(now + Duration::from_secs(2)), "m3's bound only");
+        gate.expire(now + Duration::from_secs(60));
+        assert!(gate.may_start("s", 9, "m2"));
+        assert!(!gate.may_start("s", 8, "m3"), "m3 comes after m2");
     }
 
     /// Ensures that the bound of a wait moves while the updater stops its own intake.

@@ -125,7 +125,7 @@ impl Run<'_> {
                 // Back at the broker already: its session waits for it.
                 if let Some(session) = running.held.session() {
                     let (key, id, now) = (running.held.key, running.held.id(), Instant::now());
-                    self.gate.release_awaiting(session, key, id, now, Duration::ZERO);
+                    self.await_return(session, key, id, now, Duration::ZERO);
                 }
             } else {
                 // Reported once the broker answered the abandon, or did not in time.

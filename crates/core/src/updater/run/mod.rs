@@ -364,7 +364,7 @@ impl<'a> Run<'a> {
         for held in lost.into_iter().chain(self.delayed.take_lost()) {
             if let Some(session) = held.session() {
                 let now = Instant::now();
-                self.gate.release_awaiting(session, held.key, held.id(), now, Duration::ZERO);
+                self.await_return(session, held.key, held.id(), now, Duration::ZERO);
             }
         }
     }
@@ -403,6 +403,7 @@ impl<'a> Run<'a> {
             let session = message.session_id.as_deref();
             let awaited = session.and_then(|s| Some((s, self.gate.awaited(s, &message.id)?)));
             if let Some((session, rank)) = awaited {
+                self.gate.returned(session, &message.id);
                 let at = self.pending.iter().position(|p| {
                     p.session() == Some(session) && rank.is_none_or(|rank| p.key > rank)
                 });
@@ -492,7 +493,7 @@ impl<'a> Run<'a> {
             // The broker redelivers it: its session waits for it.
             if let Some(session) = held.session() {
                 let now = Instant::now();
-                self.gate.release_awaiting(session, held.key, held.id(), now, Duration::ZERO);
+                self.await_return(session, held.key, held.id(), now, Duration::ZERO);
             }
             return;
         }
@@ -580,9 +581,27 @@ impl<'a> Run<'a> {
             match settling.session_step(&result, now) {
                 SessionStep::Release => self.gate.release(session, settling.key, &settling.id),
                 SessionStep::AwaitReturn { due, delay } => {
-                    self.gate.release_awaiting(session, settling.key, &settling.id, due, delay);
+                    self.await_return(session, settling.key, &settling.id, due, delay);
                 }
             }
+        }
+    }
+
+    /// Message `message_id` of `session`, held under `key`, is back at the broker: the
+    /// session waits for it (see [`SessionGate::release_awaiting`]). If a copy of it is
+    /// held here already (the broker redelivered it before this one was found lost),
+    /// that copy has returned.
+    fn await_return(
+        &mut self,
+        session: &str,
+        key: u64,
+        message_id: &str,
+        due: Instant,
+        delay: Duration,
+    ) {
+        self.gate.release_awaiting(session, key, message_id, due, delay);
+        if self.pending.iter().any(|held| held.key != key && held.id() == message_id) {
+            self.gate.returned(session, message_id);
         }
     }
 
