@@ -128,11 +128,20 @@ impl SessionGate {
         let until = saturating_add(due, bound);
         let due = saturating_add(due, delay);
         let queue = self.blocked.entry(session.to_owned()).or_default();
-        if let Some(awaited) = queue.iter_mut().find(|a| a.message_id == message_id) {
-            // Back again before it started: it keeps its place.
-            awaited.due = awaited.due.max(due);
-            awaited.until = awaited.until.max(until);
-            awaited.returned = false;
+        if let Some(at) = queue.iter().position(|a| a.message_id == message_id) {
+            // Back again before it started: it keeps its place, or, if this copy
+            // occupied the session (another copy was already waited for), goes first.
+            if let Some(mut awaited) = queue.remove(at) {
+                awaited.due = awaited.due.max(due);
+                awaited.until = awaited.until.max(until);
+                awaited.returned = false;
+                if occupant {
+                    awaited.rank = None;
+                    queue.push_front(awaited);
+                } else {
+                    queue.insert(at, awaited);
+                }
+            }
             return;
         }
         if occupant {
@@ -281,6 +290,21 @@ mod tests {
         assert!(!gate.may_start("s", 2, "b"));
         gate.expire(now + Duration::from_secs(42));
         assert!(gate.may_start("s", 2, "b"), "another consumer took a: b goes on");
+    }
+
+    /// Ensures that a message that occupied its session goes first when it goes back to
+    /// the broker, even if the session already waited for another copy of it behind
+    /// other messages.
+    #[tokio::test(start_paused = true)]
+    async fn an_occupant_goes_first_even_when_a_copy_of_it_was_waited_for() {
+        let mut gate = gate();
+        let now = Instant::now();
+        gate.occupy("s", 1, "m3");
+        gate.release_awaiting("s", 2, "m5", now, Duration::ZERO);
+        gate.release_awaiting("s", 4, "m3", now, Duration::ZERO);
+        gate.release_awaiting("s", 1, "m3", now, Duration::ZERO);
+        assert!(gate.may_start("s", 9, "m3"));
+        assert!(!gate.may_start("s", 8, "m5"), "m5 comes after m3");
     }
 
     /// Ensures that the wait for a message whose copy is held here again never expires,
