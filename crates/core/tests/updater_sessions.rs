@@ -682,3 +682,31 @@ async fn locally_held_head_stays_ahead_of_a_follower_that_lost_its_lock() {
     assert_eq!(log.order(), ["head", "head", "next"]);
     assert_eq!(log.overlaps(), Vec::<String>::new(), "session s overlapped");
 }
+
+/// Ensures that a receive that hangs is no evidence that another consumer took the
+/// message a session waits for: the follower does not start when the wait's bound
+/// passes without a poll answering, the waiting follower's renewed lock does not count
+/// as progress (the hung worker stalls and is restarted), and once receives answer
+/// again the head runs first.
+#[tokio::test(start_paused = true)]
+async fn hung_receive_is_no_evidence_that_a_waited_for_head_was_taken() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "head", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("hung-wait", source, recording(&log, Duration::from_secs(5)))
+            .with_config(config().with_concurrency(2)),
+    );
+    let health = supervisor.health();
+    sleep(Duration::from_millis(100)).await;
+    broker.faults(QUEUE).hang_receives(true);
+    sleep(Duration::from_secs(100)).await;
+    assert_eq!(log.order(), ["head"], "the follower overtook its head");
+    assert!(worker(&health, "hung-wait").restarts >= 1, "a hung worker must stall");
+    broker.faults(QUEUE).hang_receives(false);
+    sleep(Duration::from_secs(200)).await;
+    assert_eq!(log.order(), ["head", "head", "next"]);
+}

@@ -265,7 +265,7 @@ impl Connect for Fixed {
 ///   worker's circuit breaker: it stops receiving (state `backing_off`) until
 ///   [`Handler::probe`] succeeds.
 /// - Progress is recorded on every poll that answers, handler completion, settlement and
-///   successful lock renewal, and while every slot is busy with handlers whose locks are
+///   successful renewal of a running handler's lock, and while every slot is busy with handlers whose locks are
 ///   renewed (on a transport without timed locks, with running handlers).
 /// - On shutdown it follows the [`Deadlines`](crate::Deadlines), its grace widened to
 ///   `shutdown_grace`: it calls `stop_receiving` (bounded by `broker_timeout`, beside

@@ -35,8 +35,10 @@ struct Awaited {
 /// after it. A wait ends when the message comes back and starts, when it is settled
 /// for good, or, if another consumer evidently took it, at a bound:
 /// `6 × delay + 2 × wait` after the moment it was due back (transports round delays
-/// up: RabbitMQ's buckets turn 5.1 s into 30 s). The bound's clock stops while the
-/// updater itself stops receiving ([`postpone`](Self::postpone)).
+/// up: RabbitMQ's buckets turn 5.1 s into 30 s), checked when a poll answers without
+/// it ([`expire`](Self::expire)). The bound's clock stops while the updater itself stops
+/// receiving ([`postpone`](Self::postpone)); a wait whose message is held here again
+/// never ends at the bound.
 #[derive(Debug)]
 pub(super) struct SessionGate {
     /// The broker keeps session order itself: nothing waits here.
@@ -191,6 +193,7 @@ impl SessionGate {
     }
 
     /// When the next wait ends.
+    #[cfg(test)]
     pub(super) fn next_expiry(&self) -> Option<Instant> {
         self.blocked.values().flatten().filter(|a| !a.returned).map(|a| a.until).min()
     }

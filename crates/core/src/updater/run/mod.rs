@@ -208,7 +208,6 @@ impl<'a> Run<'a> {
                 // waiting for one wait that much longer.
                 self.gate.postpone(now.saturating_duration_since(since));
             }
-            self.gate.expire(now);
             self.dispatch();
             self.make_room(now);
             self.report();
@@ -239,6 +238,10 @@ impl<'a> Run<'a> {
                             // one is not.
                             self.ctx.progress();
                             self.accept(batch);
+                            // A session's wait for a message ends at its bound only
+                            // when a poll answered without it: evidence that another
+                            // consumer took it. A hung receive is no such evidence.
+                            self.gate.expire(Instant::now());
                         }
                         Err(error) => return Some(error),
                     }
@@ -256,8 +259,8 @@ impl<'a> Run<'a> {
         self.config.wait.max(Duration::from_secs(5))
     }
 
-    /// The next moment something timed is due: a renewal, a delayed retry, a session
-    /// block ending, a handler timeout, a probe, or a heartbeat while not receiving.
+    /// The next moment something timed is due: a renewal, a delayed retry, a handler
+    /// timeout, a probe, or a heartbeat while not receiving.
     fn next_timer(&self, receiving: bool, probing: bool) -> Instant {
         let renewals = self.held().filter_map(|held| held.renew_at);
         let probe = self.breaker.probe_at().filter(|_| !probing);
@@ -265,7 +268,6 @@ impl<'a> Run<'a> {
         renewals
             .chain(self.delayed.next_due())
             .chain(self.handlers.next_timeout())
-            .chain(self.gate.next_expiry().filter(|_| receiving))
             .chain(probe)
             .chain(heartbeat)
             .min()
@@ -334,10 +336,15 @@ impl<'a> Run<'a> {
     fn renewed(&mut self, key: u64, answer: Result<Option<Instant>, TransportError>) {
         let margin = self.config.renew_margin;
         let now = Instant::now();
+        // Only the lock of a running handler is progress when renewed: a renewed lock
+        // of a message that merely waits (parked, or held for a delayed retry) shows
+        // nothing moving, and must not keep a worker whose receive hangs from stalling.
+        let running = self.handlers.iter().any(|r| r.held.key == key);
         let Some(held) = self.held_mut().find(|held| held.key == key) else { return };
         let id = held.id().to_owned();
         match renewal::apply(held, answer, now, margin) {
-            Renewed::Kept => self.ctx.progress(),
+            Renewed::Kept if running => self.ctx.progress(),
+            Renewed::Kept => {}
             Renewed::Lost(error) => {
                 tracing::warn!(
                     message_id = %id,
