@@ -70,6 +70,11 @@ impl SessionGate {
         Waiting(self.blocked)
     }
 
+    /// Whether the message held under `key` occupies `session`.
+    pub(super) fn is_occupant(&self, session: &str, key: u64) -> bool {
+        self.active.get(session) == Some(&key)
+    }
+
     /// Whether message `message_id` of `session`, held under `key`, may start now.
     pub(super) fn may_start(&self, session: &str, key: u64, message_id: &str) -> bool {
         !self.active.contains_key(session)
@@ -140,6 +145,11 @@ impl SessionGate {
                 if occupant {
                     awaited.rank = None;
                     queue.push_front(awaited);
+                } else if awaited.rank.is_some_and(|rank| key < rank) {
+                    // An earlier copy of it: it goes where that one arrived.
+                    awaited.rank = Some(key);
+                    let at = queue.iter().position(|a| a.rank.is_some_and(|rank| rank > key));
+                    queue.insert(at.unwrap_or(queue.len()), awaited);
                 } else {
                     queue.insert(at, awaited);
                 }
@@ -308,6 +318,20 @@ mod tests {
         gate.release_awaiting("s", 1, "m3", now, Duration::ZERO);
         assert!(gate.may_start("s", 9, "m3"));
         assert!(!gate.may_start("s", 8, "m5"), "m5 comes after m3");
+    }
+
+    /// Ensures that a message waited for goes where its earliest copy arrived, when an
+    /// earlier copy of it turns out to be back at the broker too.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_moves_to_the_arrival_of_the_earliest_copy() {
+        let mut gate = gate();
+        let now = Instant::now();
+        gate.release_awaiting("s", 5, "m23", now, Duration::ZERO);
+        gate.release_awaiting("s", 7, "m10", now, Duration::ZERO);
+        assert!(gate.may_start("s", 9, "m23"));
+        gate.release_awaiting("s", 2, "m10", now, Duration::ZERO);
+        assert!(gate.may_start("s", 9, "m10"));
+        assert!(!gate.may_start("s", 9, "m23"), "m10 arrived first");
     }
 
     /// Ensures that the wait for a message whose copy is held here again never expires,

@@ -597,7 +597,8 @@ impl<'a> Run<'a> {
     /// Message `message_id` of `session`, held under `key`, is back at the broker: the
     /// session waits for it (see [`SessionGate::release_awaiting`]). If a copy of it is
     /// held here already (the broker redelivered it before this one was found lost),
-    /// that copy has returned.
+    /// that copy has returned. A message that never started waits in the place where
+    /// its earliest copy held here arrived.
     fn await_return(
         &mut self,
         session: &str,
@@ -606,8 +607,19 @@ impl<'a> Run<'a> {
         due: Instant,
         delay: Duration,
     ) {
-        self.gate.release_awaiting(session, key, message_id, due, delay);
-        if self.pending.iter().any(|held| held.key != key && held.id() == message_id) {
+        // Copies of it held here (not this one: a lost copy has left `pending`).
+        let copies: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|held| held.key != key && held.id() == message_id)
+            .map(|held| held.key)
+            .collect();
+        let rank = match copies.iter().min() {
+            Some(&earlier) if earlier < key && !self.gate.is_occupant(session, key) => earlier,
+            _ => key,
+        };
+        self.gate.release_awaiting(session, rank, message_id, due, delay);
+        if !copies.is_empty() {
             self.gate.returned(session, message_id);
         }
     }
