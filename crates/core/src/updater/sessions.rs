@@ -1,6 +1,6 @@
 //! The session gate: which session may start its next message.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -28,18 +28,18 @@ pub(super) struct SessionGate {
     /// The broker keeps session order itself: nothing is blocked here.
     broker_sessions: bool,
     wait: Duration,
-    active: HashSet<String>,
-    blocked: HashMap<String, Blocked>,
+    active: BTreeSet<String>,
+    blocked: BTreeMap<String, Blocked>,
 }
 
 /// The sessions still waiting for a message when a run ended, handed to the next run
 /// of the same updater so a restart does not let followers overtake a delayed head.
 #[derive(Debug, Default)]
-pub(super) struct Waiting(HashMap<String, Blocked>);
+pub(super) struct Waiting(BTreeMap<String, Blocked>);
 
 impl SessionGate {
     pub(super) fn new(broker_sessions: bool, wait: Duration, waiting: Waiting) -> Self {
-        Self { broker_sessions, wait, active: HashSet::new(), blocked: waiting.0 }
+        Self { broker_sessions, wait, active: BTreeSet::new(), blocked: waiting.0 }
     }
 
     /// The sessions that wait for a message back at the broker, for the next run.
