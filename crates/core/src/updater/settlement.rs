@@ -20,6 +20,8 @@ pub(super) enum Settlement {
 /// A settlement under way, and what to do when it ends.
 pub(super) struct Settling {
     pub(super) id: String,
+    /// The key of the delivery settled.
+    pub(super) key: u64,
     pub(super) session: Option<String>,
     pub(super) operation: &'static str,
     /// What to count once the broker took it.
@@ -95,6 +97,7 @@ impl Settlements {
         };
         let settling = Settling {
             id: held.id().to_owned(),
+            key: held.key,
             session: held.session().map(str::to_owned),
             operation,
             record,

@@ -69,6 +69,8 @@ pub(super) struct Run<'a> {
     settlements: Settlements,
     renewals: Renewals,
     next_heartbeat: Instant,
+    /// When the receive under way began.
+    receive_began: Option<Instant>,
     /// Set once the drain began: retries are abandoned at once, not held.
     draining: bool,
 }
@@ -90,13 +92,14 @@ impl<'a> Run<'a> {
         waiting: Waiting,
     ) -> Self {
         let caps = source.capabilities();
+        let next_key = waiting.next_key;
         Self {
             ctx,
             source,
             handler,
             config,
             caps,
-            next_key: 0,
+            next_key,
             pending: VecDeque::new(),
             handlers: Handlers::new(config.handler_timeout),
             delayed: DelayedRetries::default(),
@@ -105,6 +108,7 @@ impl<'a> Run<'a> {
             settlements: Settlements::new(config.broker_timeout),
             renewals: Renewals::new(config.broker_timeout),
             next_heartbeat: saturating_add(Instant::now(), config.wait),
+            receive_began: None,
             draining: false,
         }
     }
@@ -159,7 +163,11 @@ impl<'a> Run<'a> {
         let mut probing: Option<Probing<'a>> = None;
         loop {
             let now = Instant::now();
-            self.gate.expire(now);
+            // While the breaker is open nothing is received: no evidence that another
+            // consumer took an awaited message.
+            if !self.breaker.is_open() {
+                self.gate.expire(now);
+            }
             self.dispatch();
             self.report();
             // A receive under way when the breaker opened is left to finish: dropping it
@@ -167,6 +175,7 @@ impl<'a> Run<'a> {
             if receiving.is_none() && self.can_receive() {
                 let max = self.config.batch_size.min(self.max_in_flight() - self.intake());
                 receiving = Some(source.receive(max.max(1), self.config.wait));
+                self.receive_began = Some(now);
             }
             if probing.is_none() && self.breaker.probe_at().is_some_and(|at| now >= at) {
                 probing = Some(Box::pin(timeout(self.probe_limit(), handler.probe())));
@@ -180,6 +189,7 @@ impl<'a> Run<'a> {
                 (key, answer) = self.renewals.next() => self.renewed(key, answer),
                 result = maybe(receiving.as_mut()), if receiving.is_some() => {
                     receiving = None;
+                    self.receive_began = None;
                     self.ctx.progress();
                     match result {
                         Ok(batch) => self.accept(batch),
@@ -208,7 +218,7 @@ impl<'a> Run<'a> {
         renewals
             .chain(self.delayed.next_due())
             .chain(self.handlers.next_timeout())
-            .chain(self.gate.next_expiry())
+            .chain(self.gate.next_expiry().filter(|_| !self.breaker.is_open()))
             .chain(probe)
             .chain(heartbeat)
             .min()
@@ -229,6 +239,14 @@ impl<'a> Run<'a> {
         self.caps.lock_renewal
             && self.handlers.len() >= self.config.concurrency
             && self.handlers.iter().all(|r| r.held.has_healthy_lock())
+    }
+
+    /// Whether a receive has gone unanswered for `wait + broker_timeout`: intake is
+    /// stuck, and renewed locks (a handler that hangs, messages parked behind it) are no
+    /// longer progress, so a hung receive ends in a stall.
+    fn is_intake_stuck(&self, now: Instant) -> bool {
+        let limit = self.config.wait.saturating_add(self.config.broker_timeout);
+        self.receive_began.is_some_and(|began| now.saturating_duration_since(began) > limit)
     }
 
     fn held(&self) -> impl Iterator<Item = &Held> {
@@ -279,6 +297,7 @@ impl<'a> Run<'a> {
         let Some(held) = self.held_mut().find(|held| held.key == key) else { return };
         let id = held.id().to_owned();
         match renewal::apply(held, answer, now, margin) {
+            Renewed::Kept if self.is_intake_stuck(now) => {}
             Renewed::Kept => self.ctx.progress(),
             Renewed::Lost(error) => {
                 tracing::warn!(
@@ -305,7 +324,8 @@ impl<'a> Run<'a> {
         self.pending = kept.into();
         for held in lost.into_iter().chain(self.delayed.take_lost()) {
             if let Some(session) = held.session() {
-                self.gate.release_awaiting(session, held.id(), Instant::now(), Duration::ZERO);
+                let now = Instant::now();
+                self.gate.release_awaiting(session, held.key, held.id(), now, Duration::ZERO);
             }
         }
     }
@@ -368,7 +388,7 @@ impl<'a> Run<'a> {
 
     fn start(&mut self, held: Held) {
         if let Some(session) = held.session() {
-            self.gate.occupy(session);
+            self.gate.occupy(session, held.key);
         }
         let message = held.delivery.message().clone();
         let span = tracing::info_span!(
@@ -427,7 +447,8 @@ impl<'a> Run<'a> {
             );
             // The broker redelivers it: its session waits for it.
             if let Some(session) = held.session() {
-                self.gate.release_awaiting(session, held.id(), Instant::now(), Duration::ZERO);
+                let now = Instant::now();
+                self.gate.release_awaiting(session, held.key, held.id(), now, Duration::ZERO);
             }
             return;
         }
@@ -510,9 +531,9 @@ impl<'a> Run<'a> {
         }
         if let Some(session) = &settling.session {
             match settling.session_step(&result, now) {
-                SessionStep::Release => self.gate.release(session),
+                SessionStep::Release => self.gate.release(session, settling.key, &settling.id),
                 SessionStep::AwaitReturn { due, delay } => {
-                    self.gate.release_awaiting(session, &settling.id, due, delay);
+                    self.gate.release_awaiting(session, settling.key, &settling.id, due, delay);
                 }
             }
         }
@@ -552,6 +573,7 @@ impl<'a> Run<'a> {
         match result {
             Ok(()) => {
                 self.breaker.succeeded();
+                self.gate.resume(Instant::now());
                 tracing::info!("dependency answers again; resuming");
                 self.ctx.set_running();
             }
@@ -566,6 +588,6 @@ impl<'a> Run<'a> {
     /// The sessions still waiting for a message, for the next run of the updater.
     pub(super) fn take_waiting(&mut self) -> Waiting {
         let fresh = SessionGate::new(self.caps.sessions, self.config.wait, Waiting::default());
-        std::mem::replace(&mut self.gate, fresh).into_waiting()
+        std::mem::replace(&mut self.gate, fresh).into_waiting(self.next_key)
     }
 }
