@@ -14,6 +14,10 @@ use crate::Delivery;
 pub(super) struct Held {
     /// Unique within the run (a message id can be held twice after a lost lock).
     pub(super) key: u64,
+    /// Its place in its session's order: the arrival order (its key), or, for a
+    /// message that must go ahead of those waiting (awaited by its session, or a
+    /// redelivery of one held here), the place it takes.
+    pub(super) rank: u64,
     pub(super) delivery: Arc<Delivery>,
     /// When to renew the lock; `None` for transports without timed locks, or while a
     /// renewal is under way.
@@ -29,6 +33,7 @@ impl Held {
     pub(super) fn new(key: u64, delivery: Delivery, now: Instant, margin: Duration) -> Self {
         Self {
             key,
+            rank: key,
             renew_at: renew_at(delivery.locked_until(), now, margin),
             delivery: Arc::new(delivery),
             renew_failing: false,

@@ -77,10 +77,17 @@ impl SessionGate {
         Waiting { blocked: self.blocked, next_key }
     }
 
-    /// Whether `message_id` of `session` may start now.
-    pub(super) fn may_start(&self, session: &str, message_id: &str) -> bool {
+    /// Whether `message_id` of `session`, at `rank` in its session's order, may start
+    /// now: the session is free, and it is the message the session waits for, or ahead
+    /// of it.
+    pub(super) fn may_start(&self, session: &str, message_id: &str, rank: u64) -> bool {
         !self.active.contains_key(session)
-            && self.blocked.get(session).is_none_or(|b| b.message_id == message_id)
+            && self.blocked.get(session).is_none_or(|b| b.message_id == message_id || rank < b.rank)
+    }
+
+    /// The rank of the message `session` waits for, if it waits for `message_id`.
+    pub(super) fn awaited_rank(&self, session: &str, message_id: &str) -> Option<u64> {
+        self.blocked.get(session).filter(|b| b.message_id == message_id).map(|b| b.rank)
     }
 
     /// Whether `message_id` is the one its session waits for.
@@ -111,13 +118,13 @@ impl SessionGate {
         }
     }
 
-    /// Delivery `key` of `message_id` went back to the broker, due back at `due` after a
-    /// retry delay of `delay`: if it is the earliest of its session back there, only it
-    /// may start the session again.
+    /// Delivery `key` of `message_id`, at `rank` in its session's order, went back to
+    /// the broker, due back at `due` after a retry delay of `delay`: if it is the
+    /// earliest of its session back there, no message behind it may start until it does.
     pub(super) fn release_awaiting(
         &mut self,
         session: &str,
-        key: u64,
+        (key, rank): (u64, u64),
         message_id: &str,
         due: Instant,
         delay: Duration,
@@ -129,7 +136,7 @@ impl SessionGate {
         if self.broker_sessions {
             return;
         }
-        let rank = if occupant { 0 } else { key };
+        let rank = if occupant { 0 } else { rank };
         // A session already waiting for an earlier message keeps waiting for that one.
         if self.blocked.get(session).is_some_and(|b| b.message_id != message_id && b.rank <= rank) {
             return;
@@ -145,6 +152,12 @@ impl SessionGate {
         self.blocked.retain(|_, blocked| blocked.until > now);
     }
 
+    /// Ends the blocks whose bound passed by `now` and whose message is not `present`
+    /// (received and waiting to start).
+    pub(super) fn expire_absent(&mut self, now: Instant, present: impl Fn(&str) -> bool) {
+        self.blocked.retain(|_, blocked| blocked.until > now || present(&blocked.message_id));
+    }
+
     /// When the next block ends.
     pub(super) fn next_expiry(&self) -> Option<Instant> {
         self.blocked.values().map(|b| b.until).min()
@@ -158,12 +171,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_active_session_admits_nothing_until_released() {
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
-        assert!(gate.may_start("s", "a"));
+        assert!(gate.may_start("s", "a", u64::MAX));
         gate.occupy("s", 1);
-        assert!(!gate.may_start("s", "b"));
-        assert!(gate.may_start("t", "c"), "other sessions are free");
+        assert!(!gate.may_start("s", "b", u64::MAX));
+        assert!(gate.may_start("t", "c", u64::MAX), "other sessions are free");
         gate.release("s", 1, "a");
-        assert!(gate.may_start("s", "b"));
+        assert!(gate.may_start("s", "b", u64::MAX));
     }
 
     #[tokio::test(start_paused = true)]
@@ -171,45 +184,54 @@ mod tests {
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
         let now = Instant::now();
         gate.occupy("s", 1);
-        gate.release_awaiting("s", 1, "a", now + Duration::from_secs(10), Duration::from_secs(5));
-        assert!(!gate.may_start("s", "b"), "b must not overtake a");
-        assert!(gate.may_start("s", "a"));
+        gate.release_awaiting(
+            "s",
+            (1, 1),
+            "a",
+            now + Duration::from_secs(10),
+            Duration::from_secs(5),
+        );
+        assert!(!gate.may_start("s", "b", u64::MAX), "b must not overtake a");
+        assert!(gate.may_start("s", "a", u64::MAX));
         assert!(gate.is_awaited("s", "a"));
         // Due back at 10 s, then 6 × 5 s + 2 × 1 s.
         assert_eq!(gate.next_expiry(), Some(now + Duration::from_secs(42)));
         gate.expire(now + Duration::from_secs(41));
-        assert!(!gate.may_start("s", "b"));
+        assert!(!gate.may_start("s", "b", u64::MAX));
         gate.expire(now + Duration::from_secs(42));
-        assert!(gate.may_start("s", "b"), "another consumer took a: b goes on");
+        assert!(gate.may_start("s", "b", u64::MAX), "another consumer took a: b goes on");
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_returning_message_clears_the_block_when_it_starts() {
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
-        gate.release_awaiting("s", 1, "a", Instant::now(), Duration::ZERO);
+        gate.release_awaiting("s", (1, 1), "a", Instant::now(), Duration::ZERO);
         gate.occupy("s", 2);
         assert!(!gate.is_awaited("s", "a"));
         gate.release("s", 2, "a");
-        assert!(gate.may_start("s", "b"));
+        assert!(gate.may_start("s", "b", u64::MAX));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_gate_keeps_the_waiting_sessions_of_the_last() {
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
         gate.occupy("s", 1);
-        gate.release_awaiting("s", 1, "a", Instant::now(), Duration::from_secs(5));
+        gate.release_awaiting("s", (1, 1), "a", Instant::now(), Duration::from_secs(5));
         let next = SessionGate::new(false, Duration::from_secs(1), gate.into_waiting(2));
-        assert!(!next.may_start("s", "b"));
-        assert!(next.may_start("s", "a"));
+        assert!(!next.may_start("s", "b", u64::MAX));
+        assert!(next.may_start("s", "a", u64::MAX));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_session_keeps_waiting_for_its_earliest_message() {
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
-        gate.release_awaiting("s", 1, "head", Instant::now(), Duration::from_secs(20));
-        gate.release_awaiting("s", 2, "follower", Instant::now(), Duration::ZERO);
-        assert!(gate.may_start("s", "head"));
-        assert!(!gate.may_start("s", "follower"), "the follower went back too, behind the head");
+        gate.release_awaiting("s", (1, 1), "head", Instant::now(), Duration::from_secs(20));
+        gate.release_awaiting("s", (2, 2), "follower", Instant::now(), Duration::ZERO);
+        assert!(gate.may_start("s", "head", u64::MAX));
+        assert!(
+            !gate.may_start("s", "follower", u64::MAX),
+            "the follower went back too, behind the head"
+        );
     }
 
     /// Ensures that only the occupant's own settlement frees a session: a follower whose
@@ -220,12 +242,12 @@ mod tests {
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
         gate.occupy("s", 1);
         gate.release("s", 7, "too-often");
-        assert!(!gate.may_start("s", "b"), "a dead-letter of another message freed it");
-        gate.release_awaiting("s", 3, "follower", Instant::now(), Duration::ZERO);
-        assert!(!gate.may_start("s", "follower"), "the occupant still runs");
+        assert!(!gate.may_start("s", "b", u64::MAX), "a dead-letter of another message freed it");
+        gate.release_awaiting("s", (3, 3), "follower", Instant::now(), Duration::ZERO);
+        assert!(!gate.may_start("s", "follower", u64::MAX), "the occupant still runs");
         gate.release("s", 1, "head");
-        assert!(gate.may_start("s", "follower"));
-        assert!(!gate.may_start("s", "later"), "the follower went back: it goes first");
+        assert!(gate.may_start("s", "follower", u64::MAX));
+        assert!(!gate.may_start("s", "later", u64::MAX), "the follower went back: it goes first");
     }
 
     /// Ensures that when the occupant and a follower both go back, the session waits
@@ -234,16 +256,16 @@ mod tests {
     async fn the_occupant_goes_back_ahead_of_its_followers() {
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
         gate.occupy("s", 5);
-        gate.release_awaiting("s", 6, "follower", Instant::now(), Duration::ZERO);
-        gate.release_awaiting("s", 5, "head", Instant::now(), Duration::ZERO);
-        assert!(gate.may_start("s", "head"));
-        assert!(!gate.may_start("s", "follower"));
+        gate.release_awaiting("s", (6, 6), "follower", Instant::now(), Duration::ZERO);
+        gate.release_awaiting("s", (5, 5), "head", Instant::now(), Duration::ZERO);
+        assert!(gate.may_start("s", "head", u64::MAX));
+        assert!(!gate.may_start("s", "follower", u64::MAX));
         // Followers going back in any order: the earliest arrival is awaited.
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
-        gate.release_awaiting("s", 9, "second", Instant::now(), Duration::ZERO);
-        gate.release_awaiting("s", 8, "first", Instant::now(), Duration::ZERO);
-        assert!(gate.may_start("s", "first"));
-        assert!(!gate.may_start("s", "second"));
+        gate.release_awaiting("s", (9, 9), "second", Instant::now(), Duration::ZERO);
+        gate.release_awaiting("s", (8, 8), "first", Instant::now(), Duration::ZERO);
+        assert!(gate.may_start("s", "first", u64::MAX));
+        assert!(!gate.may_start("s", "second", u64::MAX));
     }
 
     /// Ensures that a message the session waits for, settled for good (dead-lettered
@@ -251,9 +273,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_awaited_message_settled_for_good_ends_the_wait() {
         let mut gate = SessionGate::new(false, Duration::from_secs(1), Waiting::default());
-        gate.release_awaiting("s", 1, "head", Instant::now(), Duration::from_secs(5));
+        gate.release_awaiting("s", (1, 1), "head", Instant::now(), Duration::from_secs(5));
         gate.release("s", 2, "head");
-        assert!(gate.may_start("s", "follower"));
+        assert!(gate.may_start("s", "follower", u64::MAX));
     }
 
     /// Ensures that time spent not receiving (between runs, or with the breaker open)
@@ -264,32 +286,32 @@ mod tests {
         let mut gate = SessionGate::new(false, wait, Waiting::default());
         let start = Instant::now();
         gate.occupy("s", 1);
-        gate.release_awaiting("s", 1, "head", start, Duration::ZERO);
+        gate.release_awaiting("s", (1, 1), "head", start, Duration::ZERO);
         assert_eq!(gate.next_expiry(), Some(start + 2 * wait));
         tokio::time::advance(Duration::from_secs(30)).await;
         let next = SessionGate::new(false, wait, gate.into_waiting(2));
         assert_eq!(next.next_expiry(), Some(Instant::now() + 2 * wait));
-        assert!(!next.may_start("s", "follower"));
+        assert!(!next.may_start("s", "follower", u64::MAX));
         let mut next = next;
         tokio::time::advance(Duration::from_secs(30)).await;
         next.resume(Instant::now());
         next.expire(Instant::now());
-        assert!(!next.may_start("s", "follower"));
+        assert!(!next.may_start("s", "follower", u64::MAX));
     }
 
     #[tokio::test(start_paused = true)]
     async fn broker_sessions_are_never_blocked_here() {
         let mut gate = SessionGate::new(true, Duration::from_secs(1), Waiting::default());
         gate.occupy("s", 1);
-        gate.release_awaiting("s", 1, "a", Instant::now(), Duration::from_secs(5));
-        assert!(gate.may_start("s", "b"));
+        gate.release_awaiting("s", (1, 1), "a", Instant::now(), Duration::from_secs(5));
+        assert!(gate.may_start("s", "b", u64::MAX));
         assert_eq!(gate.next_expiry(), None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_absurd_delay_saturates() {
         let mut gate = SessionGate::new(false, Duration::MAX, Waiting::default());
-        gate.release_awaiting("s", 1, "a", Instant::now(), Duration::MAX);
+        gate.release_awaiting("s", (1, 1), "a", Instant::now(), Duration::MAX);
         assert!(gate.next_expiry().is_some());
     }
 }

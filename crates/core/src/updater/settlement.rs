@@ -22,6 +22,8 @@ pub(super) struct Settling {
     pub(super) id: String,
     /// The key of the delivery settled.
     pub(super) key: u64,
+    /// Its place in its session's order.
+    pub(super) rank: u64,
     pub(super) session: Option<String>,
     pub(super) operation: &'static str,
     /// What to count once the broker took it.
@@ -98,6 +100,7 @@ impl Settlements {
         let settling = Settling {
             id: held.id().to_owned(),
             key: held.key,
+            rank: held.rank,
             session: held.session().map(str::to_owned),
             operation,
             record,

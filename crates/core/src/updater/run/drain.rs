@@ -1,6 +1,7 @@
 //! The drain: how a run stops, by its [`Deadlines`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until, timeout_at};
 
@@ -93,7 +94,15 @@ impl Run<'_> {
             if self.ctx.is_shutting_down() {
                 self.ctx.record_aborted(running.held.id(), blocked);
             }
-            if !running.held.lost {
+            if running.held.lost {
+                // Back at the broker already: its session waits for it, ahead of the
+                // messages that waited behind it.
+                if let Some(session) = running.held.session() {
+                    let place = (running.held.key, running.held.rank);
+                    let (id, now) = (running.held.id(), Instant::now());
+                    self.gate.release_awaiting(session, place, id, now, Duration::ZERO);
+                }
+            } else {
                 let record = Some(Settled::Retried);
                 self.settlements.start(running.held, Settlement::Abandon(None), record, None);
             }

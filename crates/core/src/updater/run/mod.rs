@@ -71,6 +71,8 @@ pub(super) struct Run<'a> {
     next_heartbeat: Instant,
     /// When the receive under way began.
     receive_began: Option<Instant>,
+    /// How many messages the receive under way asked for.
+    receive_max: usize,
     /// Set once the drain began: retries are abandoned at once, not held.
     draining: bool,
 }
@@ -109,6 +111,7 @@ impl<'a> Run<'a> {
             renewals: Renewals::new(config.broker_timeout),
             next_heartbeat: saturating_add(Instant::now(), config.wait),
             receive_began: None,
+            receive_max: 0,
             draining: false,
         }
     }
@@ -125,7 +128,7 @@ impl<'a> Run<'a> {
     /// Whether a waiting message cannot start now because its session is busy or waits
     /// for another message of it: it is *parked*.
     fn is_parked(&self, held: &Held) -> bool {
-        held.session().is_some_and(|session| !self.gate.may_start(session, held.id()))
+        held.session().is_some_and(|session| !self.gate.may_start(session, held.id(), held.rank))
     }
 
     /// Messages that count toward intake: running, and waiting ones that could start.
@@ -146,7 +149,11 @@ impl<'a> Run<'a> {
         !self.breaker.is_open()
             && self.handlers.len() < self.config.concurrency
             && self.intake() < self.max_in_flight()
-            && self.parked() < self.max_in_flight().saturating_mul(PARKED_PER_SLOT)
+            && !self.is_parked_full()
+    }
+
+    fn is_parked_full(&self) -> bool {
+        self.parked() >= self.max_in_flight().saturating_mul(PARKED_PER_SLOT)
     }
 
     fn report(&self) {
@@ -163,9 +170,10 @@ impl<'a> Run<'a> {
         let mut probing: Option<Probing<'a>> = None;
         loop {
             let now = Instant::now();
-            // While the breaker is open nothing is received: no evidence that another
-            // consumer took an awaited message.
-            if !self.breaker.is_open() {
+            // Parked messages fill their bound: intake stopped, so no receive can show
+            // that an awaited message is gone; its wait ends by time alone (a
+            // documented limit).
+            if self.is_parked_full() {
                 self.gate.expire(now);
             }
             self.dispatch();
@@ -176,6 +184,7 @@ impl<'a> Run<'a> {
                 let max = self.config.batch_size.min(self.max_in_flight() - self.intake());
                 receiving = Some(source.receive(max.max(1), self.config.wait));
                 self.receive_began = Some(now);
+                self.receive_max = max.max(1);
             }
             if probing.is_none() && self.breaker.probe_at().is_some_and(|at| now >= at) {
                 probing = Some(Box::pin(timeout(self.probe_limit(), handler.probe())));
@@ -189,10 +198,22 @@ impl<'a> Run<'a> {
                 (key, answer) = self.renewals.next() => self.renewed(key, answer),
                 result = maybe(receiving.as_mut()), if receiving.is_some() => {
                     receiving = None;
-                    self.receive_began = None;
+                    let began = self.receive_began.take().unwrap_or(now);
                     self.ctx.progress();
                     match result {
-                        Ok(batch) => self.accept(batch),
+                        Ok(batch) => {
+                            // A receive that began after a wait's bound and did not fill
+                            // its batch found the queue without the awaited message:
+                            // another consumer took it, and the wait ends.
+                            let short = batch.len() < self.receive_max;
+                            self.accept(batch);
+                            if short {
+                                let pending = &self.pending;
+                                self.gate.expire_absent(began, |id| {
+                                    pending.iter().any(|held| held.id() == id)
+                                });
+                            }
+                        }
                         Err(error) => return Some(error),
                     }
                 }
@@ -218,7 +239,7 @@ impl<'a> Run<'a> {
         renewals
             .chain(self.delayed.next_due())
             .chain(self.handlers.next_timeout())
-            .chain(self.gate.next_expiry().filter(|_| !self.breaker.is_open()))
+            .chain(self.gate.next_expiry().filter(|_| self.is_parked_full()))
             .chain(probe)
             .chain(heartbeat)
             .min()
@@ -325,7 +346,8 @@ impl<'a> Run<'a> {
         for held in lost.into_iter().chain(self.delayed.take_lost()) {
             if let Some(session) = held.session() {
                 let now = Instant::now();
-                self.gate.release_awaiting(session, held.key, held.id(), now, Duration::ZERO);
+                let place = (held.key, held.rank);
+                self.gate.release_awaiting(session, place, held.id(), now, Duration::ZERO);
             }
         }
     }
@@ -358,11 +380,41 @@ impl<'a> Run<'a> {
                 self.settlements.start(held, settlement, Some(Settled::DeadLettered), None);
                 continue;
             }
-            // A message its session waits for goes first.
-            let session = message.session_id.as_deref();
-            if let Some(session) = session.filter(|s| self.gate.is_awaited(s, &message.id)) {
-                let first = self.pending.iter().position(|p| p.session() == Some(session));
-                self.pending.insert(first.unwrap_or(self.pending.len()), held);
+            // A redelivery of a message still waiting here: the older delivery's lock is
+            // gone (the broker gave the message out again), so the new one takes its
+            // place in the order.
+            if let Some(at) = self.pending.iter().position(|p| p.id() == message.id) {
+                tracing::info!(
+                    message_id = %message.id,
+                    delivery_count = message.delivery_count,
+                    "message redelivered while waiting here; its older delivery's lock is gone"
+                );
+                let mut held = held;
+                held.rank = self.pending[at].rank;
+                self.pending[at] = held;
+                continue;
+            }
+            // A message its session waits for takes the place it was awaited at; a
+            // redelivery of the message that occupies its session (it runs, or waits out
+            // a delayed retry, with its lock gone) goes ahead of every other waiting
+            // message of the session.
+            let Some(session) = message.session_id.as_deref() else {
+                self.pending.push_back(held);
+                continue;
+            };
+            let occupant = self.handlers.iter().any(|r| r.held.id() == message.id)
+                || self.delayed.iter().any(|d| d.id() == message.id);
+            let rank =
+                if occupant { Some(0) } else { self.gate.awaited_rank(session, &message.id) };
+            if let Some(rank) = rank {
+                let mut held = held;
+                held.rank = rank;
+                let at = self
+                    .pending
+                    .iter()
+                    .position(|p| p.session() == Some(session) && p.rank > rank)
+                    .unwrap_or(self.pending.len());
+                self.pending.insert(at, held);
             } else {
                 self.pending.push_back(held);
             }
@@ -448,7 +500,8 @@ impl<'a> Run<'a> {
             // The broker redelivers it: its session waits for it.
             if let Some(session) = held.session() {
                 let now = Instant::now();
-                self.gate.release_awaiting(session, held.key, held.id(), now, Duration::ZERO);
+                let place = (held.key, held.rank);
+                self.gate.release_awaiting(session, place, held.id(), now, Duration::ZERO);
             }
             return;
         }
@@ -533,7 +586,8 @@ impl<'a> Run<'a> {
             match settling.session_step(&result, now) {
                 SessionStep::Release => self.gate.release(session, settling.key, &settling.id),
                 SessionStep::AwaitReturn { due, delay } => {
-                    self.gate.release_awaiting(session, settling.key, &settling.id, due, delay);
+                    let place = (settling.key, settling.rank);
+                    self.gate.release_awaiting(session, place, &settling.id, due, delay);
                 }
             }
         }
