@@ -554,11 +554,19 @@ fn deadlines(
             };
             // A disposition that failed or never answered before the shutdown left the
             // message to its lock, as the Settle contract allows: not the drain's doing.
+            // So does an abandon during the shutdown that the transport failed, or did
+            // not answer before the drain gave up on it (at most the grace, 1 s, before
+            // the deadline): the transport was not answering.
+            let given_up = deadline.checked_sub(Duration::from_secs(1)).unwrap_or(deadline);
             let settled_badly = index.calls.iter().any(|c| {
                 c.key == *key
                     && c.op != Op::Renew
-                    && c.begin < shutdown_at
-                    && !matches!(c.answer, Some((_, Ok(_))))
+                    && match c.answer {
+                        Some((_, Ok(_))) => false,
+                        Some((_, Err(()))) => true,
+                        None if c.begin < shutdown_at => true,
+                        None => c.dropped.is_none_or(|at| index.time(at) >= given_up),
+                    }
             });
             !settled_badly
         })
