@@ -1,8 +1,9 @@
 //! Project automation.
 //!
 //! - `cargo xtask ci`: formatting, lints, every test (nextest when installed, else
-//!   `cargo test`), doc tests, and the runnable example (bounded by its `--run-for`
-//!   flag and a hard time limit): what CI runs.
+//!   `cargo test`), doc tests, 500 seeds of the deterministic simulation, and the
+//!   runnable example (bounded by its `--run-for` flag and a hard time limit): what CI
+//!   runs.
 //! - `cargo xtask bench`: the benchmarks, built in release. Each reports a value and a
 //!   baseline measured in the same process run, and their ratio, so results compare
 //!   across noisy machines. Writes `target/bench/report.json` and `report.md`.
@@ -24,7 +25,7 @@ fn main() -> ExitCode {
         Some("sim") => sim(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, examples\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
+                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, 500 simulation seeds, examples\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
             );
             Ok(())
         }
@@ -151,6 +152,9 @@ fn has_nextest() -> bool {
         .is_ok_and(|out| out.status.success())
 }
 
+/// How many simulation seeds CI runs (`cargo xtask sim --seeds 500`), after the tests.
+const CI_SIM_SEEDS: &str = "500";
+
 fn ci() -> Result<()> {
     let started = Instant::now();
     cargo(&["fmt", "--all", "--check"])?;
@@ -171,6 +175,7 @@ fn ci() -> Result<()> {
         cargo(&["test", "--workspace", "--all-features", "--lib", "--bins", "--tests"])?;
     }
     cargo(&["test", "--workspace", "--all-features", "--doc"])?;
+    sim(&["--seeds".to_owned(), CI_SIM_SEEDS.to_owned()])?;
     example("steward-core", "supervised", &["--run-for", "6"], Duration::from_secs(300))?;
     feature_builds()?;
     println!("\nci passed in {:.0?}", started.elapsed());

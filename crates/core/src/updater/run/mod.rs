@@ -403,7 +403,8 @@ impl<'a> Run<'a> {
                 continue;
             };
             let occupant = self.handlers.iter().any(|r| r.held.id() == message.id)
-                || self.delayed.iter().any(|d| d.id() == message.id);
+                || self.delayed.iter().any(|d| d.id() == message.id)
+                || self.settlements.holds(&message.id);
             let rank =
                 if occupant { Some(0) } else { self.gate.awaited_rank(session, &message.id) };
             if let Some(rank) = rank {
