@@ -117,6 +117,19 @@ impl SupervisorConfig {
             .saturating_add(self.backoff.max().saturating_mul(stalls - 1))
     }
 
+    /// The longest a worker whose every start fails at once with an error that counts
+    /// (non-retryable, or a panic) can take to be declared `failed`: one backoff delay
+    /// before each of its `max_restarts` restarts, the next failure being fatal. With the
+    /// defaults 1 + 2 + 4 + … + 256 + 300 s = 811 s (jitter only shortens delays).
+    #[must_use]
+    pub fn fatal_bound(&self) -> Duration {
+        (0..self.intensity.max_restarts).fold(Duration::ZERO, |sum, n| {
+            let factor = 2u32.saturating_pow(n.min(31));
+            let delay = self.backoff.initial().saturating_mul(factor).min(self.backoff.max());
+            sum.saturating_add(delay)
+        })
+    }
+
     /// Replaces the healthy-run reset.
     #[must_use]
     pub fn with_healthy_reset(mut self, healthy_reset: Duration) -> Self {
@@ -582,5 +595,13 @@ mod tests {
         assert_eq!(once.stalls_before_failed, 1, "at least one stall");
         assert_eq!(once.stuck_bound(stall), Duration::from_secs(90));
         assert_eq!(config.stuck_bound(Duration::MAX), Duration::MAX, "saturates");
+    }
+
+    #[test]
+    fn fatal_bound_adds_the_backoff_before_each_allowed_restart() {
+        assert_eq!(SupervisorConfig::default().fatal_bound(), Duration::from_secs(811));
+        let few = SupervisorConfig::default()
+            .with_intensity(RestartIntensity { max_restarts: 3, within: Duration::from_secs(60) });
+        assert_eq!(few.fatal_bound(), Duration::from_secs(7));
     }
 }

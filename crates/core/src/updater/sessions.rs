@@ -56,8 +56,23 @@ pub(super) struct SessionGate {
 pub(super) struct Waiting(BTreeMap<String, VecDeque<Awaited>>);
 
 impl SessionGate {
+    /// A gate for a new run, keeping the waits of the last one. Their bounds start
+    /// afresh (see [`Self::resume`]): the time between runs, not receiving, is no
+    /// evidence that another consumer took a message.
     pub(super) fn new(broker_sessions: bool, wait: Duration, waiting: Waiting) -> Self {
-        Self { broker_sessions, wait, active: BTreeMap::new(), blocked: waiting.0 }
+        let mut gate = Self { broker_sessions, wait, active: BTreeMap::new(), blocked: waiting.0 };
+        gate.resume(Instant::now());
+        gate
+    }
+
+    /// Receiving resumes at `now` (a new run, or the circuit breaker closing): every
+    /// wait lasts at least `2 × wait` more, so a message due back while nothing was
+    /// received can still be received before its followers run.
+    pub(super) fn resume(&mut self, now: Instant) {
+        let until = saturating_add(now, self.wait.saturating_mul(2));
+        for awaited in self.blocked.values_mut().flatten() {
+            awaited.until = awaited.until.max(until);
+        }
     }
 
     /// The sessions that wait for messages back at the broker, for the next run. Their

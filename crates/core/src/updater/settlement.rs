@@ -1,6 +1,7 @@
 //! Settlements under way: each its own task bounded by `broker_timeout`, and what its
 //! result means for the message's session.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,15 +77,25 @@ impl Settling {
 
 type Finished = (Settling, Result<(), TransportError>);
 
+/// A settlement under way that was given up: its message returns to the broker when
+/// its lock runs out.
+pub(super) struct Unsettled {
+    pub(super) id: String,
+    pub(super) key: u64,
+    pub(super) session: Option<String>,
+}
+
 /// The settlements under way.
 pub(super) struct Settlements {
     tasks: JoinSet<Finished>,
+    /// Each settlement under way by its delivery's key, for when they are given up.
+    under_way: BTreeMap<u64, Unsettled>,
     limit: Duration,
 }
 
 impl Settlements {
     pub(super) fn new(limit: Duration) -> Self {
-        Self { tasks: JoinSet::new(), limit }
+        Self { tasks: JoinSet::new(), under_way: BTreeMap::new(), limit }
     }
 
     /// Settles `held` in its own task; counts it as `record` once the broker took it.
@@ -111,6 +122,12 @@ impl Settlements {
             returns_after,
             locked_until: held.delivery.locked_until(),
         };
+        let unsettled = Unsettled {
+            id: settling.id.clone(),
+            key: settling.key,
+            session: settling.session.clone(),
+        };
+        self.under_way.insert(settling.key, unsettled);
         let limit = self.limit;
         self.tasks.spawn(async move {
             let result = match timeout(limit, call(&held.delivery, &settlement)).await {
@@ -134,7 +151,10 @@ impl Settlements {
                 std::future::pending::<()>().await;
             }
             match self.tasks.join_next().await {
-                Some(Ok(finished)) => return finished,
+                Some(Ok(finished)) => {
+                    self.under_way.remove(&finished.0.key);
+                    return finished;
+                }
                 Some(Err(error)) if error.is_panic() => {
                     let payload = crate::supervisor::panic_message(error.into_panic());
                     tracing::error!(panic = %payload, "settlement panicked; the message returns when its lock expires");
@@ -152,8 +172,10 @@ impl Settlements {
         self.tasks.len()
     }
 
-    pub(super) fn abort_all(&mut self) {
+    /// Gives up every settlement under way, returning their messages.
+    pub(super) fn abort_all(&mut self) -> Vec<Unsettled> {
         self.tasks.abort_all();
+        std::mem::take(&mut self.under_way).into_values().collect()
     }
 
     /// Waits for every settlement under way to end (a run dropped early lets them

@@ -158,7 +158,14 @@ impl Run<'_> {
                 unsettled = self.settlements.len(),
                 "settlements did not finish by the deadline; those messages return when their locks expire"
             );
-            self.settlements.abort_all();
+            // Back at the broker when their locks run out: each session waits for its
+            // message, ahead of the messages that waited behind it.
+            let now = Instant::now();
+            for unsettled in self.settlements.abort_all() {
+                if let Some(session) = &unsettled.session {
+                    self.await_return(session, unsettled.key, &unsettled.id, now, Duration::ZERO);
+                }
+            }
         }
     }
 

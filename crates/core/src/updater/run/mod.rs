@@ -66,6 +66,9 @@ pub(super) struct Run<'a> {
     settlements: Settlements,
     renewals: Renewals,
     next_heartbeat: Instant,
+    /// When the receive under way began, and how many messages it asked for.
+    receive_began: Option<Instant>,
+    receive_max: usize,
     /// Set once the drain began: retries are abandoned at once, not held.
     draining: bool,
     /// Handlers the drain cut short whose abandon is under way, by key: their message
@@ -105,6 +108,8 @@ impl<'a> Run<'a> {
             settlements: Settlements::new(config.broker_timeout),
             renewals: Renewals::new(config.broker_timeout),
             next_heartbeat: saturating_add(Instant::now(), config.wait),
+            receive_began: None,
+            receive_max: 0,
             draining: false,
             aborting: BTreeMap::new(),
         }
@@ -216,6 +221,8 @@ impl<'a> Run<'a> {
             if receiving.is_none() && self.can_receive() {
                 let max = self.config.batch_size.min(self.max_in_flight() - self.intake());
                 receiving = Some(source.receive(max.max(1), self.config.wait));
+                self.receive_began = Some(now);
+                self.receive_max = max.max(1);
             }
             if receiving.is_none() {
                 intake_stopped = Some(now);
@@ -232,16 +239,21 @@ impl<'a> Run<'a> {
                 (key, answer) = self.renewals.next() => self.renewed(key, answer),
                 result = maybe(receiving.as_mut()), if receiving.is_some() => {
                     receiving = None;
+                    let began = self.receive_began.take().unwrap_or(now);
                     match result {
                         Ok(batch) => {
                             // A poll that answered, empty or not, is progress; a failed
                             // one is not.
                             self.ctx.progress();
-                            self.accept(batch);
-                            // A session's wait for a message ends at its bound only
-                            // when a poll answered without it: evidence that another
+                            // A session's wait for a message ends at its bound only when
+                            // a receive that began after the bound answered without it
+                            // and without filling its batch: evidence that another
                             // consumer took it. A hung receive is no such evidence.
-                            self.gate.expire(Instant::now());
+                            let short = batch.len() < self.receive_max;
+                            self.accept(batch);
+                            if short {
+                                self.gate.expire(began);
+                            }
                         }
                         Err(error) => return Some(error),
                     }
@@ -289,6 +301,14 @@ impl<'a> Run<'a> {
         !self.handlers.is_empty()
             && self.handlers.len() >= self.config.concurrency
             && (!self.caps.lock_renewal || self.handlers.iter().all(|r| r.held.has_healthy_lock()))
+    }
+
+    /// Whether a receive has gone unanswered for `wait + broker_timeout`: intake is
+    /// stuck, and renewed locks (a handler that hangs) are no longer progress, so a hung
+    /// receive ends in a stall.
+    fn is_intake_stuck(&self, now: Instant) -> bool {
+        let limit = self.config.wait.saturating_add(self.config.broker_timeout);
+        self.receive_began.is_some_and(|began| now.saturating_duration_since(began) > limit)
     }
 
     fn held(&self) -> impl Iterator<Item = &Held> {
@@ -343,7 +363,7 @@ impl<'a> Run<'a> {
         let Some(held) = self.held_mut().find(|held| held.key == key) else { return };
         let id = held.id().to_owned();
         match renewal::apply(held, answer, now, margin) {
-            Renewed::Kept if running => self.ctx.progress(),
+            Renewed::Kept if running && !self.is_intake_stuck(now) => self.ctx.progress(),
             Renewed::Kept => {}
             Renewed::Lost(error) => {
                 tracing::warn!(
@@ -658,6 +678,7 @@ impl<'a> Run<'a> {
         match result {
             Ok(()) => {
                 self.breaker.succeeded();
+                self.gate.resume(Instant::now());
                 tracing::info!("dependency answers again; resuming");
                 self.ctx.set_running();
             }
