@@ -2,8 +2,8 @@
 //!
 //! - `cargo xtask ci`: formatting, lints, every test (nextest when installed, else
 //!   `cargo test`, with the tests of real-broker and black-box binaries one at a time),
-//!   doc tests, and the runnable example (bounded by its `--run-for`
-//!   flag and a hard time limit): what CI runs.
+//!   doc tests, 500 seeds of the deterministic simulation, and the runnable example
+//!   (bounded by its `--run-for` flag and a hard time limit): what CI runs.
 //! - `cargo xtask bench`: the benchmarks, built in release. Each reports a value and a
 //!   baseline measured in the same process run, and their ratio, so results compare
 //!   across noisy machines. Writes `target/bench/report.json` and `report.md`.
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         Some("sim") => sim(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, examples\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
+                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, 500 simulation seeds, examples\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
             );
             Ok(())
         }
@@ -152,6 +152,9 @@ fn has_nextest() -> bool {
         .is_ok_and(|out| out.status.success())
 }
 
+/// How many simulation seeds CI runs (`cargo xtask sim --seeds 500`), after the tests.
+const CI_SIM_SEEDS: &str = "500";
+
 /// Whether a test binary shares machine-wide services or ports with others, so its tests
 /// run one at a time: the RabbitMQ and NATS crates' tests and every black-box test, as
 /// the nextest `serial` group in `.config/nextest.toml` has them.
@@ -260,6 +263,7 @@ fn ci() -> Result<()> {
         cargo_test()?;
     }
     cargo(&["test", "--workspace", "--all-features", "--doc"])?;
+    sim(&["--seeds".to_owned(), CI_SIM_SEEDS.to_owned()])?;
     example("steward-core", "supervised", &["--run-for", "6"], Duration::from_secs(300))?;
     feature_builds()?;
     println!("\nci passed in {:.0?}", started.elapsed());

@@ -11,6 +11,13 @@ const MAX_GRACE: Duration = Duration::from_secs(1);
 /// than [`MAX_GRACE`]: one part in this many.
 const GRACE_PARTS: u32 = 5;
 
+/// The most a shutdown waits for the service's in-flight HTTP requests.
+const MAX_REQUESTS: Duration = Duration::from_secs(5);
+
+/// How much of the whole shutdown the in-flight HTTP requests get, when that is less
+/// than [`MAX_REQUESTS`]: one part in this many.
+const REQUESTS_PARTS: u32 = 5;
+
 /// How long past the hard deadline a process may take to save what is left and close
 /// its resources (database connections) before it exits.
 const CLOSE_SLACK: Duration = Duration::from_secs(4);
@@ -24,6 +31,7 @@ const CLOSE_SLACK: Duration = Duration::from_secs(4);
 ///
 /// | instant | at | what must have happened |
 /// |---|---|---|
+/// | [`requests_by`](Self::requests_by) | start + ⅕ of the shutdown, at most 5 s | the service's in-flight HTTP requests finished (it stops waiting for them) |
 /// | [`drain`](Self::drain) | hard − grace | running handlers finished; the rest are aborted |
 /// | [`aborted_by`](Self::aborted_by) | drain + ¼ grace | aborted handler tasks ended (one that has not blocks a thread) |
 /// | [`abandon_by`](Self::abandon_by) | drain + ⅝ grace | the messages of aborted handlers are abandoned |
@@ -49,6 +57,7 @@ const CLOSE_SLACK: Duration = Duration::from_secs(4);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadlines {
+    start: Instant,
     drain: Instant,
     grace: Duration,
 }
@@ -60,13 +69,21 @@ impl Deadlines {
         let now = Instant::now();
         let grace = (hard.saturating_duration_since(now) / GRACE_PARTS).min(MAX_GRACE);
         let drain = hard.checked_sub(grace).unwrap_or(hard).max(now);
-        Self { drain, grace: hard.saturating_duration_since(drain) }
+        Self { start: now, drain, grace: hard.saturating_duration_since(drain) }
     }
 
     /// Deadlines with running handlers due at `drain` and `grace` after it for the rest.
     #[must_use]
     pub fn after_drain(drain: Instant, grace: Duration) -> Self {
-        Self { drain, grace }
+        Self { start: Instant::now().min(drain), drain, grace }
+    }
+
+    /// The service's in-flight HTTP requests must have finished: it waits for them a
+    /// fifth of the whole shutdown, at most 5 s, while the workers drain.
+    #[must_use]
+    pub fn requests_by(&self) -> Instant {
+        let whole = self.hard().saturating_duration_since(self.start);
+        saturating_add(self.start, (whole / REQUESTS_PARTS).min(MAX_REQUESTS))
     }
 
     /// The deadlines of a worker stopped to be restarted (not a shutdown): its handlers
@@ -112,13 +129,33 @@ impl Deadlines {
         saturating_add(self.hard(), CLOSE_SLACK)
     }
 
+    /// Widens the grace to `grace`, at most a fifth of the time left, keeping the hard
+    /// deadline: the drain deadline comes earlier, leaving the steps after it (aborting
+    /// handlers, abandoning their messages over a slow broker) more time. A grace
+    /// already wider is kept.
+    #[must_use]
+    pub fn with_grace_up_to(self, grace: Duration) -> Self {
+        let now = Instant::now();
+        let hard = self.hard();
+        let grace = grace.min(hard.saturating_duration_since(now) / GRACE_PARTS);
+        if grace <= self.grace {
+            return self;
+        }
+        let drain = hard.checked_sub(grace).unwrap_or(self.drain).max(now);
+        Self { start: self.start, drain, grace: hard.saturating_duration_since(drain) }
+    }
+
     /// Brings every instant forward to `other`'s where `other`'s is earlier (a shutdown
     /// that begins while a worker drains for a restart).
     #[must_use]
     pub fn min(self, other: Self) -> Self {
         let drain = self.drain.min(other.drain);
         let hard = self.hard().min(other.hard());
-        Self { drain, grace: hard.saturating_duration_since(drain) }
+        Self {
+            start: self.start.min(other.start),
+            drain,
+            grace: hard.saturating_duration_since(drain),
+        }
     }
 
     fn at(&self, numerator: u32, denominator: u32) -> Instant {
@@ -154,6 +191,11 @@ mod tests {
             [24_000, 24_250, 24_625, 24_750, 25_000]
         );
         assert_eq!(ms(d.close_by()), 29_000);
+        assert_eq!(ms(d.requests_by()), 5_000, "a fifth of 25 s");
+        let long = Deadlines::until(now + Duration::from_secs(60));
+        assert_eq!(ms(long.requests_by()), 5_000, "at most 5 s");
+        let short = Deadlines::until(now + Duration::from_secs(2));
+        assert_eq!(ms(short.requests_by()), 400);
     }
 
     #[tokio::test(start_paused = true)]
@@ -164,6 +206,26 @@ mod tests {
         assert_eq!(d.hard(), now + Duration::from_millis(2000));
         let past = Deadlines::until(now);
         assert_eq!((past.drain(), past.hard()), (now, now), "a deadline already due");
+    }
+
+    /// Ensures that widening the grace keeps the hard deadline, moves the drain
+    /// earlier, takes at most a fifth of the time left and never narrows it.
+    #[tokio::test(start_paused = true)]
+    async fn a_wider_grace_moves_the_drain_earlier() {
+        let now = Instant::now();
+        let d = Deadlines::until(now + Duration::from_secs(25))
+            .with_grace_up_to(Duration::from_secs(5));
+        assert_eq!(
+            (d.drain(), d.hard()),
+            (now + Duration::from_secs(20), now + Duration::from_secs(25))
+        );
+        assert_eq!(d.abandon_by(), now + Duration::from_millis(23_125));
+        let short = Deadlines::until(now + Duration::from_secs(10))
+            .with_grace_up_to(Duration::from_secs(5));
+        assert_eq!(short.drain(), now + Duration::from_secs(8), "a fifth of 10 s");
+        let narrower =
+            Deadlines::until(now + Duration::from_secs(25)).with_grace_up_to(Duration::ZERO);
+        assert_eq!(narrower.drain(), now + Duration::from_secs(24));
     }
 
     #[tokio::test(start_paused = true)]

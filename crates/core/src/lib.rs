@@ -84,7 +84,7 @@ pub use supervisor::{
     WorkerHealth, WorkerState,
 };
 pub use transport::DeadLetter;
-pub use updater::{Connect, Updater, UpdaterConfig};
+pub use updater::{Connect, MAX_BATCH_SIZE, MIN_HANDLER_TIMEOUT, Updater, UpdaterConfig};
 
 #[cfg(feature = "mock")]
 pub use delivery::MockSettle;

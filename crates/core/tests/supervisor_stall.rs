@@ -4,10 +4,15 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use steward_core::{Outcome, Updater, WorkerState, handler_fn};
+use async_trait::async_trait;
+use steward_core::{
+    Capabilities, Delivery, MessageSource, Outcome, TransportError, Updater, WorkerState,
+    handler_fn,
+};
 use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
 use tokio::time::Instant;
 
@@ -170,4 +175,110 @@ async fn stalls_separated_by_progress_never_fail_the_worker() {
         assert!(health.snapshot().is_live());
     }
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Receives scripted per call, round and round: `true` hangs, `false` fails at once
+/// with a retryable error.
+struct Scripted {
+    calls: AtomicUsize,
+    hang: Vec<bool>,
+}
+
+#[async_trait]
+impl MessageSource for Scripted {
+    fn queue(&self) -> &str {
+        "scripted"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all()
+    }
+
+    async fn receive(&self, _max: usize, _wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.hang[n % self.hang.len()] {
+            std::future::pending().await
+        } else {
+            Err(TransportError::connection("connection reset (scripted)"))
+        }
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+/// Ensures that a failed receive is not progress: a worker that never receives anything
+/// (two hung starts, then a start whose receive fails with a retryable error, over and
+/// over) ends `failed`, the failing start neither counting nor ending its run of
+/// fruitless stalls.
+#[tokio::test(start_paused = true)]
+async fn failed_receives_do_not_end_a_run_of_fruitless_stalls() {
+    let source = Scripted { calls: AtomicUsize::new(0), hang: vec![true, true, false] };
+    let supervisor = supervisor();
+    supervisor.spawn(Updater::with_source(
+        "never-receives",
+        source,
+        handler_fn(|_| async { Outcome::Complete }),
+    ));
+    let health = supervisor.health();
+    tokio::time::sleep(Duration::from_secs(6 * 3600)).await;
+    let w = worker(&health, "never-receives");
+    assert_eq!(w.state, WorkerState::Failed, "never received anything: {w:?}");
+    assert!(!health.snapshot().is_live());
+}
+
+/// Per connection: the first receive is an empty poll after `wait`, every later one
+/// hangs (a consumer whose channel dies silently after its first poll).
+struct OnePollThenHang {
+    polls: AtomicUsize,
+}
+
+#[async_trait]
+impl MessageSource for OnePollThenHang {
+    fn queue(&self) -> &str {
+        "one-poll"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all()
+    }
+
+    async fn receive(&self, _max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(wait).await;
+            Ok(Vec::new())
+        } else {
+            std::future::pending().await
+        }
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+/// Ensures that a worker that makes one empty poll on every start and then hangs ends
+/// `failed`, and not live, within the documented bound (default configs): a poll or
+/// two is not a productive start.
+#[tokio::test(start_paused = true)]
+async fn one_empty_poll_per_start_then_a_hang_ends_failed() {
+    let config = steward_core::SupervisorConfig::default();
+    let updater = Updater::new(
+        "one-poll",
+        || async { Ok::<_, TransportError>(OnePollThenHang { polls: AtomicUsize::new(0) }) },
+        handler_fn(|_| async { Outcome::Complete }),
+    );
+    let bound = config.stuck_bound(updater.config().effective_stall_timeout());
+    let supervisor = steward_core::Supervisor::new(config);
+    supervisor.spawn(updater);
+    let health = supervisor.health();
+    let started = Instant::now();
+    eventually("the worker failed", bound + Duration::from_secs(1), || {
+        !health.snapshot().is_live()
+    })
+    .await;
+    let w = worker(&health, "one-poll");
+    assert_eq!(w.state, WorkerState::Failed, "{w:?}");
+    assert!(started.elapsed() <= bound, "failed after {:?}, bound {bound:?}", started.elapsed());
 }

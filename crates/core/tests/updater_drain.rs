@@ -8,7 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use steward_core::{Deadlines, MessageSource, Outcome, Updater, WorkerState, handler_fn};
+use async_trait::async_trait;
+use steward_core::{
+    Capabilities, Deadlines, Delivery, MessageSource, Outcome, TransportError, Updater,
+    WorkerState, handler_fn,
+};
 use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
 use tokio::time::{Instant, sleep};
 
@@ -107,4 +111,97 @@ async fn handlers_past_drain_deadline_are_aborted_and_abandoned() {
     ids.sort();
     assert_eq!(ids, ["never-started", "stubborn"]);
     assert_eq!(worker(&health, "stubborn").outcomes.completed, 1, "quick completed");
+}
+
+/// A source whose `stop_receiving` never answers.
+struct StopHangs<S>(S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for StopHangs<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        self.0.receive(max, wait).await
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        std::future::pending().await
+    }
+}
+
+/// Ensures that a `stop_receiving` that never answers holds up neither the handlers'
+/// results nor their lock renewals during the drain: a handler running longer than its
+/// lock finishes within the drain and its message is completed, not lost.
+#[tokio::test(start_paused = true)]
+async fn hung_stop_receiving_does_not_stop_renewals_during_the_drain() {
+    let broker = broker(Duration::from_secs(20));
+    send(&broker, "twenty", None).await;
+    let supervisor = supervisor();
+    supervisor.spawn(Updater::with_source(
+        "stop-hangs",
+        StopHangs(broker.source(QUEUE).unwrap()),
+        handler_fn(|_| async {
+            sleep(Duration::from_secs(20)).await;
+            Outcome::Complete
+        }),
+    ));
+    let health = supervisor.health();
+    sleep(Duration::from_secs(1)).await;
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(60)).await;
+    let w = worker(&health, "stop-hangs");
+    assert!(report.aborted_handlers.is_empty(), "{report:?}");
+    assert_eq!((w.outcomes.completed, w.outcomes.lease_lost), (1, 0), "{w:?}");
+    assert_eq!(broker.message_count(QUEUE), 0);
+}
+
+/// Shuts down, 25 s ahead, a worker whose one handler never ends, over a broker that
+/// answers every call `latency` late; returns the report's one aborted handler and the
+/// messages still locked 2 s after the shutdown returned.
+async fn shutdown_over_a_slow_broker(
+    latency: Duration,
+) -> (steward_core::AbortedHandler, Vec<String>) {
+    let broker = broker(Duration::from_secs(300));
+    send(&broker, "forever", None).await;
+    let supervisor = supervisor();
+    supervisor.spawn(Updater::with_source(
+        "slow-broker",
+        broker.source(QUEUE).unwrap(),
+        handler_fn(|_| async {
+            std::future::pending::<()>().await;
+            Outcome::Complete
+        }),
+    ));
+    sleep(Duration::from_secs(1)).await;
+    broker.faults(QUEUE).set_latency(latency);
+    let report = supervisor.shutdown(Instant::now() + Duration::from_secs(25)).await;
+    assert_eq!(report.aborted_handlers.len(), 1, "{report:?}");
+    sleep(Duration::from_secs(2)).await;
+    (report.aborted_handlers[0].clone(), broker.locked_message_ids(QUEUE))
+}
+
+/// Ensures that a shutdown leaves a real budget for abandoning the messages of aborted
+/// handlers: over a broker answering in 700 ms the message is abandoned, not left to
+/// lock expiry, and the report says so.
+#[tokio::test(start_paused = true)]
+async fn aborted_handlers_messages_are_abandoned_over_a_slow_broker() {
+    let (aborted, locked) = shutdown_over_a_slow_broker(Duration::from_millis(700)).await;
+    assert_eq!(locked, Vec::<String>::new(), "left locked");
+    assert_eq!(
+        (aborted.message_id.as_str(), aborted.blocked, aborted.abandoned),
+        ("forever", false, true)
+    );
+}
+
+/// Ensures that the shutdown report does not claim an abandon the broker did not answer
+/// by the deadline.
+#[tokio::test(start_paused = true)]
+async fn an_abandon_unanswered_by_the_deadline_is_reported_as_not_abandoned() {
+    let (aborted, _) = shutdown_over_a_slow_broker(Duration::from_secs(10)).await;
+    assert_eq!((aborted.message_id.as_str(), aborted.abandoned), ("forever", false));
 }

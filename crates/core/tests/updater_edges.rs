@@ -428,3 +428,124 @@ async fn thread_blocking_handler_past_its_timeout_keeps_its_session_and_is_repor
     assert_eq!((snapshot.overdue_handlers, snapshot.outcomes.retried), (0, 0), "{snapshot:?}");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
+
+/// Ensures that a concurrency of 0 set directly on the public field is raised to 1
+/// rather than leaving a worker that reports itself running while it handles nothing.
+#[tokio::test(start_paused = true)]
+async fn zero_concurrency_is_raised_to_one() {
+    let broker = broker(Duration::from_secs(30));
+    send(&broker, "a", None).await;
+    let mut config = config();
+    config.concurrency = 0;
+    let updater = Updater::with_source(
+        "zero",
+        broker.source(QUEUE).unwrap(),
+        handler_fn(|_| async { Outcome::Complete }),
+    )
+    .with_config(config);
+    assert_eq!(updater.config().concurrency, 1);
+    let supervisor = steward_core::Supervisor::new(steward_core::SupervisorConfig::default());
+    supervisor.spawn(updater);
+    let health = supervisor.health();
+    sleep(Duration::from_secs(60)).await;
+    let w = worker(&health, "zero");
+    assert_eq!((broker.message_count(QUEUE), w.outcomes.completed), (0, 1), "{w:?}");
+}
+
+/// Ensures that an absurd batch size is capped, not an overflow that panics the worker
+/// on every start.
+#[tokio::test(start_paused = true)]
+async fn huge_batch_size_is_capped_not_a_panic() {
+    let broker = broker(Duration::from_secs(30));
+    send(&broker, "a", None).await;
+    let config = config().with_batch_size(usize::MAX);
+    assert_eq!(config.batch_size, steward_core::MAX_BATCH_SIZE);
+    let mut direct = config.clone();
+    direct.batch_size = usize::MAX;
+    let supervisor = supervisor();
+    supervisor.spawn(
+        Updater::with_source(
+            "huge-batch",
+            broker.source(QUEUE).unwrap(),
+            handler_fn(|_| async { Outcome::Complete }),
+        )
+        .with_config(direct),
+    );
+    let health = supervisor.health();
+    sleep(Duration::from_secs(60)).await;
+    let w = worker(&health, "huge-batch");
+    assert_eq!((w.outcomes.completed, w.outcomes.panicked, w.restarts), (1, 0, 0), "{w:?}");
+}
+
+/// Ensures that a zero handler timeout is raised to the minimum rather than aborting
+/// every handler before it can finish and dead-lettering every message.
+#[tokio::test(start_paused = true)]
+async fn zero_handler_timeout_is_raised_to_the_minimum() {
+    let broker = broker(Duration::from_secs(30));
+    send(&broker, "a", None).await;
+    let config = config().with_handler_timeout(Duration::ZERO);
+    assert_eq!(config.handler_timeout, Some(steward_core::MIN_HANDLER_TIMEOUT));
+    let supervisor = supervisor();
+    supervisor.spawn(
+        Updater::with_source(
+            "zero-timeout",
+            broker.source(QUEUE).unwrap(),
+            handler_fn(|_| async {
+                sleep(Duration::from_millis(1)).await;
+                Outcome::Complete
+            }),
+        )
+        .with_config(config),
+    );
+    let health = supervisor.health();
+    sleep(Duration::from_secs(3600)).await;
+    let w = worker(&health, "zero-timeout");
+    assert_eq!((w.outcomes.completed, broker.dead_letter_count(QUEUE)), (1, 0), "{w:?}");
+}
+
+/// Claims no timed locks (as RabbitMQ).
+struct NoTimedLocks<S>(S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for NoTimedLocks<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { lock_renewal: false, ..self.0.capabilities() }
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        self.0.receive(max, wait).await
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}
+
+/// Ensures that on a transport without timed locks a legitimate handler longer than
+/// the stall timeout (2 minutes, at concurrency 1, default configs otherwise) is not
+/// stalled and restarted over and over: it completes, once.
+#[tokio::test(start_paused = true)]
+async fn slow_handler_without_timed_locks_is_not_a_stall() {
+    let broker = broker(Duration::from_secs(24 * 3600));
+    send(&broker, "slow", None).await;
+    let supervisor = steward_core::Supervisor::new(steward_core::SupervisorConfig::default());
+    supervisor.spawn(
+        Updater::with_source(
+            "no-timed-locks",
+            NoTimedLocks(broker.source(QUEUE).unwrap()),
+            handler_fn(|_| async {
+                sleep(Duration::from_secs(120)).await;
+                Outcome::Complete
+            }),
+        )
+        .with_config(steward_core::UpdaterConfig::default().with_concurrency(1)),
+    );
+    let health = supervisor.health();
+    sleep(Duration::from_secs(4 * 3600)).await;
+    let w = worker(&health, "no-timed-locks");
+    assert_eq!((w.outcomes.completed, w.restarts, w.outcomes.dead_lettered), (1, 0, 0), "{w:?}");
+}

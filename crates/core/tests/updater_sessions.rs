@@ -4,14 +4,19 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use steward_core::{Outcome, Updater, WorkerState, handler_fn};
+use async_trait::async_trait;
+use steward_core::{
+    Capabilities, Delivery, ErrorKind, MessageSource, Outcome, Settle, TransportError, Updater,
+    WorkerState, handler_fn,
+};
 use support::{
-    LocalSessions, QUEUE, broker, config, eventually, send, send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
+    send_local_session, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -369,4 +374,339 @@ async fn restart_keeps_a_session_waiting_for_its_delayed_head() {
     let order: Vec<_> = calls.iter().map(|(id, n)| format!("{id}#{n}")).collect();
     assert_eq!(order, ["s-1#1", "s-1#2", "s-2#2"], "s-2 overtook s-1 after the restart");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Handling starts (`(id, delivery count)`, in order) and overlaps within a session.
+#[derive(Default)]
+struct Log {
+    starts: Mutex<Vec<(String, u32)>>,
+    busy: Mutex<HashSet<String>>,
+    overlaps: Mutex<Vec<String>>,
+}
+
+impl Log {
+    fn order(&self) -> Vec<String> {
+        self.starts.lock().unwrap().iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    fn overlaps(&self) -> Vec<String> {
+        self.overlaps.lock().unwrap().clone()
+    }
+}
+
+/// Records starts and overlaps into `log`; message `long` runs 60 s; message `head`
+/// asks for a retry after `head_delay` on its first delivery.
+fn recording(log: &Arc<Log>, head_delay: Duration) -> impl steward_core::Handler {
+    let log = log.clone();
+    handler_fn(move |message| {
+        let log = log.clone();
+        async move {
+            let session = message.session_id.clone().unwrap_or_default();
+            log.starts.lock().unwrap().push((message.id.clone(), message.delivery_count));
+            if !log.busy.lock().unwrap().insert(session.clone()) {
+                log.overlaps.lock().unwrap().push(message.id.clone());
+            }
+            if message.id == "long" {
+                sleep(Duration::from_secs(60)).await;
+            }
+            log.busy.lock().unwrap().remove(&session);
+            if message.id == "head" && message.delivery_count == 1 {
+                return Outcome::retry_after(head_delay, "later");
+            }
+            Outcome::Complete
+        }
+    })
+}
+
+/// Ensures that a message parked behind its session's running head that loses its lock
+/// does not free the session: its redelivery waits until the head is done, and the two
+/// never overlap.
+#[tokio::test(start_paused = true)]
+async fn parked_message_losing_its_lock_does_not_free_a_running_session() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "long", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let faults = Arc::new(SettleFaults::default());
+    SettleFaults::arm(&faults.lose_renewal, "next", 1);
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let source = Faulty { inner: LocalSessions(broker.source(QUEUE).unwrap()), faults };
+    supervisor.spawn(
+        Updater::with_source("lost-parked", source, recording(&log, Duration::ZERO))
+            .with_config(config().with_concurrency(2)),
+    );
+    sleep(Duration::from_secs(120)).await;
+    assert_eq!(log.order(), ["long", "next"]);
+    assert_eq!(log.overlaps(), Vec::<String>::new(), "session s overlapped");
+}
+
+/// Marks messages named `poison*` as delivered 99 times.
+struct Poisoned<S>(S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for Poisoned<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let batch = self.0.receive(max, wait).await?;
+        Ok(batch
+            .into_iter()
+            .map(|delivery| {
+                delivery.map_message(|mut message| {
+                    if message.id.starts_with("poison") {
+                        message.delivery_count = 99;
+                    }
+                    message
+                })
+            })
+            .collect())
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}
+
+/// Ensures that a message dead-lettered on arrival (over `max_deliveries`) does not
+/// free its session while another message of it runs.
+#[tokio::test(start_paused = true)]
+async fn message_dead_lettered_on_arrival_does_not_free_a_running_session() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "long", "s").await;
+    send_local_session(&broker, "poison", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let source = Poisoned(LocalSessions(broker.source(QUEUE).unwrap()));
+    supervisor.spawn(
+        Updater::with_source("poisoned", source, recording(&log, Duration::ZERO))
+            .with_config(config().with_concurrency(2)),
+    );
+    sleep(Duration::from_secs(120)).await;
+    assert_eq!(log.order(), ["long", "next"]);
+    assert_eq!(log.overlaps(), Vec::<String>::new(), "session s overlapped");
+    assert_eq!(broker.dead_letter_count(QUEUE), 1);
+}
+
+/// Ensures that a restart hands the next run a session waiting for its head first:
+/// the error drain releases the parked follower before the running head, yet after the
+/// restart the head runs before the follower.
+#[tokio::test(start_paused = true)]
+async fn restart_keeps_the_running_head_ahead_of_its_released_follower() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "long", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("restarted", source, recording(&log, Duration::ZERO)).with_config({
+            let mut config = config().with_concurrency(2).with_wait(Duration::from_secs(5));
+            config.error_drain = Duration::from_secs(1);
+            config
+        }),
+    );
+    sleep(Duration::from_millis(100)).await;
+    broker.faults(QUEUE).fail_receives(1, ErrorKind::Connection);
+    sleep(Duration::from_secs(300)).await;
+    let starts = log.order();
+    assert_eq!(starts[1..3], ["long", "next"], "{starts:?}");
+}
+
+/// Ensures that when the followers of a session whose head is back at the broker for
+/// its delay fill the parked bound, the head is still received and runs first: the
+/// newest followers go back to the broker until the head is due, instead of intake
+/// stopping until the session's wait runs out.
+#[tokio::test(start_paused = true)]
+async fn full_parked_bound_does_not_let_a_follower_overtake_its_head() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "head", "s").await;
+    for i in 0..12 {
+        send_local_session(&broker, &format!("f{i:02}"), "s").await;
+    }
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("parked-full", source, recording(&log, Duration::from_secs(10)))
+            .with_config(config().with_concurrency(1).with_batch_size(1)),
+    );
+    sleep(Duration::from_secs(300)).await;
+    let expected: Vec<String> = ["head", "head"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain((0..12).map(|i| format!("f{i:02}")))
+        .collect();
+    assert_eq!(log.order(), expected, "session s in send order");
+    assert_eq!(broker.dead_letter_count(QUEUE), 0);
+}
+
+/// Abandons take effect at the broker, but their answer never arrives (a lost response).
+struct LostAbandonAnswer<S>(S);
+
+struct LostAnswerSettle {
+    inner: tokio::sync::Mutex<Option<Delivery>>,
+    until: Option<Instant>,
+}
+
+impl LostAnswerSettle {
+    async fn take(&self) -> Result<Delivery, TransportError> {
+        self.inner.lock().await.take().ok_or_else(|| TransportError::lock_lost("settled"))
+    }
+}
+
+#[async_trait]
+impl Settle for LostAnswerSettle {
+    fn locked_until(&self) -> Option<Instant> {
+        self.until
+    }
+
+    async fn renew_lock(&self) -> Result<Option<Instant>, TransportError> {
+        match self.inner.lock().await.as_ref() {
+            Some(delivery) => delivery.renew_lock().await,
+            None => Err(TransportError::lock_lost("settled")),
+        }
+    }
+
+    async fn complete(&self) -> Result<(), TransportError> {
+        self.take().await?.complete().await
+    }
+
+    async fn abandon(&self, delay: Option<Duration>) -> Result<(), TransportError> {
+        self.take().await?.abandon(delay).await?;
+        std::future::pending().await
+    }
+
+    async fn dead_letter(&self, reason: &str, description: &str) -> Result<(), TransportError> {
+        self.take().await?.dead_letter(reason, description).await
+    }
+}
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for LostAbandonAnswer<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let batch = self.0.receive(max, wait).await?;
+        Ok(batch
+            .into_iter()
+            .map(|delivery| {
+                let message = (**delivery.message()).clone();
+                let until = delivery.locked_until();
+                let inner = tokio::sync::Mutex::new(Some(delivery));
+                Delivery::new(message, LostAnswerSettle { inner, until })
+            })
+            .collect())
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}
+
+/// Ensures that a delayed abandon the broker applied but whose answer timed out keeps
+/// its session waiting past the delay (not only until the lock would have run out), so
+/// the follower does not overtake the retried head.
+#[tokio::test(start_paused = true)]
+async fn unanswered_delayed_abandon_keeps_the_follower_behind_its_head() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "head", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let source = LostAbandonAnswer(LocalSessions(broker.source(QUEUE).unwrap()));
+    supervisor.spawn(
+        Updater::with_source("lost-answer", source, recording(&log, Duration::from_secs(120)))
+            .with_config(config().with_concurrency(2).with_broker_timeout(Duration::from_secs(5))),
+    );
+    sleep(Duration::from_secs(600)).await;
+    assert_eq!(log.order(), ["head", "head", "next"]);
+}
+
+/// Claims no delayed abandon: a delayed retry is held by the Updater for its delay.
+struct NoDelayedAbandon<S>(S);
+
+#[async_trait]
+impl<S: MessageSource> MessageSource for NoDelayedAbandon<S> {
+    fn queue(&self) -> &str {
+        self.0.queue()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { delayed_abandon: false, ..self.0.capabilities() }
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        self.0.receive(max, wait).await
+    }
+
+    async fn stop_receiving(&self) -> Result<(), TransportError> {
+        self.0.stop_receiving().await
+    }
+}
+
+/// Ensures that a head held here for its delayed retry, whose parked follower loses its
+/// lock meanwhile, still goes before that follower: the session waits for the head
+/// first, then for the follower.
+#[tokio::test(start_paused = true)]
+async fn locally_held_head_stays_ahead_of_a_follower_that_lost_its_lock() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "head", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let faults = Arc::new(SettleFaults::default());
+    SettleFaults::arm(&faults.lose_renewal, "next", 1);
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let inner = NoDelayedAbandon(LocalSessions(broker.source(QUEUE).unwrap()));
+    supervisor.spawn(
+        Updater::with_source(
+            "held-head",
+            Faulty { inner, faults },
+            recording(&log, Duration::from_secs(25)),
+        )
+        .with_config(config().with_concurrency(2).with_wait(Duration::from_secs(10))),
+    );
+    sleep(Duration::from_secs(300)).await;
+    assert_eq!(log.order(), ["head", "head", "next"]);
+    assert_eq!(log.overlaps(), Vec::<String>::new(), "session s overlapped");
+}
+
+/// Ensures that a receive that hangs is no evidence that another consumer took the
+/// message a session waits for: the follower does not start when the wait's bound
+/// passes without a poll answering, the waiting follower's renewed lock does not count
+/// as progress (the hung worker stalls and is restarted), and once receives answer
+/// again the head runs first.
+#[tokio::test(start_paused = true)]
+async fn hung_receive_is_no_evidence_that_a_waited_for_head_was_taken() {
+    let broker = broker(Duration::from_secs(30));
+    send_local_session(&broker, "head", "s").await;
+    send_local_session(&broker, "next", "s").await;
+    let log = Arc::new(Log::default());
+    let supervisor = supervisor();
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    supervisor.spawn(
+        Updater::with_source("hung-wait", source, recording(&log, Duration::from_secs(5)))
+            .with_config(config().with_concurrency(2)),
+    );
+    let health = supervisor.health();
+    sleep(Duration::from_millis(100)).await;
+    broker.faults(QUEUE).hang_receives(true);
+    sleep(Duration::from_secs(100)).await;
+    assert_eq!(log.order(), ["head"], "the follower overtook its head");
+    assert!(worker(&health, "hung-wait").restarts >= 1, "a hung worker must stall");
+    broker.faults(QUEUE).hang_receives(false);
+    sleep(Duration::from_secs(200)).await;
+    assert_eq!(log.order(), ["head", "head", "next"]);
 }

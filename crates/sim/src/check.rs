@@ -223,7 +223,7 @@ pub(crate) fn check(
         return violations;
     }
     nothing_lost(scenario, &index, seen, &mut violations);
-    order(&index, &mut violations);
+    order(scenario, &index, &mut violations);
     liveness(scenario, &index, seen, &mut violations);
     deadlines(scenario, &index, seen, &mut violations);
     // A transport that reports lock expiries in the past gives the Updater nothing to
@@ -334,7 +334,41 @@ fn duplicates_explained(index: &Index<'_>, violations: &mut Vec<Violation>) {
     }
 }
 
-fn order(index: &Index<'_>, violations: &mut Vec<Violation>) {
+/// How many messages the Updater may hold parked (waiting for their session, or for a
+/// local delayed retry) beyond its intake: 4 × (`concurrency` + `batch_size`), its
+/// documented bound.
+fn parked_bound(scenario: &Scenario) -> usize {
+    4 * (scenario.settings.concurrency + scenario.settings.batch_size)
+}
+
+/// Whether the Updater held at least `bound` messages that were not running just before
+/// event `at`: deliveries received by the current attempt, not yet settled or
+/// abandoned, minus the handlers running.
+fn parked_full_before(index: &Index<'_>, at: usize, bound: usize) -> bool {
+    let attempt = index.events[..at]
+        .iter()
+        .rposition(|(_, e)| matches!(e, Event::Connect { refused: false, .. }))
+        .unwrap_or(0);
+    let mut held: BTreeSet<&Key> = BTreeSet::new();
+    for (_, event) in &index.events[attempt..at] {
+        match event {
+            Event::Received { keys, .. } => held.extend(keys.iter()),
+            Event::Call { key, op, .. } if *op != Op::Renew => {
+                held.remove(key);
+            }
+            _ => {}
+        }
+    }
+    let running = index
+        .runs
+        .iter()
+        .filter(|r| r.start < at && r.end.is_none_or(|(end, _)| end >= at))
+        .count();
+    held.len().saturating_sub(running) >= bound
+}
+
+fn order(scenario: &Scenario, index: &Index<'_>, violations: &mut Vec<Violation>) {
+    let parked_bound = parked_bound(scenario);
     let sent = sent(index);
     let session_of: BTreeMap<&str, &str> =
         sent.iter().filter_map(|(_, id, s)| s.as_deref().map(|s| (id.as_str(), s))).collect();
@@ -348,7 +382,9 @@ fn order(index: &Index<'_>, violations: &mut Vec<Violation>) {
             s.as_deref() == Some(session) && position[e.as_str()] < position[id]
         }) {
             let gone = index.gone_at(earlier).is_some_and(|at| at < run.start);
-            if !gone {
+            // Documented limit: with the parked bound full, intake stops and a session's
+            // wait for its head ends by time alone.
+            if !gone && !parked_full_before(index, run.start, parked_bound) {
                 violations.push(Violation {
                     invariant: Invariant::Order,
                     detail: format!(
@@ -406,6 +442,11 @@ fn liveness(
     };
     let states = states(index);
     match scenario.family {
+        Family::HungReceive if scenario.hung_handlers() >= scenario.settings.concurrency => {
+            // Documented limit: without `handler_timeout`, handlers that hang with their
+            // locks renewed are busy, not stuck, and while they fill every slot no
+            // receive is made that could hang.
+        }
         Family::HungReceive | Family::FatalConnect => {
             if seen.final_state != WorkerState::Failed || seen.final_live {
                 let cause = if scenario.family == Family::HungReceive {
@@ -513,11 +554,19 @@ fn deadlines(
             };
             // A disposition that failed or never answered before the shutdown left the
             // message to its lock, as the Settle contract allows: not the drain's doing.
+            // So does an abandon during the shutdown that the transport failed, or did
+            // not answer before the drain gave up on it (at most the grace, 1 s, before
+            // the deadline): the transport was not answering.
+            let given_up = deadline.checked_sub(Duration::from_secs(1)).unwrap_or(deadline);
             let settled_badly = index.calls.iter().any(|c| {
                 c.key == *key
                     && c.op != Op::Renew
-                    && c.begin < shutdown_at
-                    && !matches!(c.answer, Some((_, Ok(_))))
+                    && match c.answer {
+                        Some((_, Ok(_))) => false,
+                        Some((_, Err(()))) => true,
+                        None if c.begin < shutdown_at => true,
+                        None => c.dropped.is_none_or(|at| index.time(at) >= given_up),
+                    }
             });
             !settled_badly
         })

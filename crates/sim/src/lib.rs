@@ -29,7 +29,7 @@ pub use scenario::{Family, Scenario};
 pub use world::Sabotage;
 
 use check::Observed;
-use scenario::{Fault, FaultKind};
+use scenario::{Fault, FaultKind, Step};
 use world::{Event, Log, QUEUE, SimConnect, SimHandler};
 
 /// What one seed gave.
@@ -198,14 +198,49 @@ fn supervisor_config(seed: u64) -> SupervisorConfig {
     )
 }
 
-/// How long a worker that can never make progress may take to end `failed`: every
-/// restart the intensity allows, each after a full stall timeout, its grace and the
-/// longest backoff, plus one more stall timeout.
+/// How long a worker that can never make progress may take to end `failed`, from the
+/// moment it can no longer progress, by the Supervisor's documented bounds
+/// (docs/workers.md): [`SupervisorConfig::fatal_bound`] for a start that fails at once
+/// with a non-retryable error, and for a hung receive, the time the run under way may
+/// still progress (`slack`), its stall ([`UpdaterConfig::effective_stall_timeout`] and
+/// the stall grace), one backoff, then [`SupervisorConfig::stuck_bound`].
 #[must_use]
-pub fn failure_bound(stall_timeout: Duration) -> Duration {
+pub fn failure_bound(family: Family, stall_timeout: Duration, slack: Duration) -> Duration {
     let config = SupervisorConfig::default();
-    let restarts = config.intensity.max_restarts + 1;
-    (stall_timeout + config.stall_grace + config.backoff.max()) * restarts + stall_timeout
+    match family {
+        Family::FatalConnect => config.fatal_bound(),
+        _ => slack
+            .saturating_add(stall_timeout)
+            .saturating_add(config.stall_grace)
+            .saturating_add(config.backoff.max())
+            .saturating_add(config.stuck_bound(stall_timeout)),
+    }
+}
+
+/// How long a run under way when every receive begins to hang may still make real
+/// progress: the receive under way ends (`wait`); renewals are progress until a receive
+/// has gone unanswered for `wait + broker_timeout`; handlers finish their longest work,
+/// retries held locally their longest delay, a failing dependency its outage, and each
+/// settlement answers within `broker_timeout`.
+fn progress_slack(scenario: &Scenario, config: &UpdaterConfig) -> Duration {
+    let longest = scenario
+        .messages
+        .iter()
+        .flat_map(|m| m.script.iter())
+        .map(|step| match *step {
+            Step::Complete(d)
+            | Step::Retry(d)
+            | Step::Dependency(d)
+            | Step::DeadLetter(d)
+            | Step::Panic(d)
+            | Step::Slow(d) => d,
+            Step::RetryAfter(d, after) => d + after,
+            Step::Hang => Duration::ZERO,
+        })
+        .max()
+        .unwrap_or_default();
+    let intake = config.wait * 2 + config.broker_timeout;
+    intake.max(longest + scenario.dependency_outage + config.broker_timeout) + config.wait
 }
 
 fn updater_config(scenario: &Scenario) -> UpdaterConfig {
@@ -257,6 +292,7 @@ async fn simulate(
     };
     let config = updater_config(scenario);
     let stall_timeout = config.effective_stall_timeout();
+    let slack = progress_slack(scenario, &config);
     let supervisor = Supervisor::new(supervisor_config(scenario.settings.jitter_seeds[2]));
     let health = supervisor.health();
     supervisor.spawn(Updater::new("sim", connect, handler).with_config(config));
@@ -282,7 +318,7 @@ async fn simulate(
     let faults = tokio::spawn(inject(scenario.clone(), broker.clone(), log.clone(), refuse, start));
 
     // When the run ends: the shutdown, or, for a stuck worker, the failure bound.
-    let bound = failure_bound(stall_timeout);
+    let bound = failure_bound(scenario.family, stall_timeout, slack);
     let until = match scenario.family {
         Family::Mixed => start + scenario.shutdown_at,
         Family::HungReceive => start + scenario.outage_at + bound,

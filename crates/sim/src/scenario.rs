@@ -298,6 +298,12 @@ impl Scenario {
         )
     }
 
+    /// How many messages hang in their handler at some delivery.
+    #[must_use]
+    pub fn hung_handlers(&self) -> usize {
+        self.messages.iter().filter(|m| m.script.contains(&Step::Hang)).count()
+    }
+
     /// Whether anything in the scenario may legitimately stop the worker's progress for
     /// longer than its stall timeout: a hang of the transport or of a handler.
     #[must_use]

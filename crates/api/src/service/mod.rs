@@ -305,9 +305,8 @@ impl Service {
         tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: no new requests, draining workers");
         let _ = stop_http.send(());
         // In-flight requests get a short grace; the workers' drain runs meanwhile.
-        let http_grace = (config.drain_timeout / 5).min(Duration::from_secs(5));
         let (http, report) = tokio::join!(
-            tokio::time::timeout(http_grace, &mut server),
+            tokio::time::timeout_at(deadlines.requests_by(), &mut server),
             supervisor.shutdown(deadlines)
         );
         if let Ok(Err(error)) = http {

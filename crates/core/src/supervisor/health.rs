@@ -227,6 +227,8 @@ struct Status {
     /// When the current attempt started, and when it last recorded progress.
     attempt_started: Instant,
     attempt_progress: Option<Instant>,
+    /// The current attempt settled a message (handled it, for good or for a retry).
+    attempt_settled: bool,
     last_message_at: Option<Instant>,
     outcomes: OutcomeCounts,
     in_flight: usize,
@@ -243,6 +245,7 @@ impl Status {
             has_progressed: false,
             attempt_started: Instant::now(),
             attempt_progress: None,
+            attempt_settled: false,
             last_message_at: None,
             outcomes: OutcomeCounts::default(),
             in_flight: 0,
@@ -323,6 +326,12 @@ impl WorkerRecord {
         status.last_progress = now;
         status.attempt_started = now;
         status.attempt_progress = None;
+        status.attempt_settled = false;
+    }
+
+    /// Whether the current attempt settled a message.
+    pub(crate) fn attempt_settled(&self) -> bool {
+        lock(&self.status).attempt_settled
     }
 
     /// How long the current attempt kept making progress: from its start to its last
@@ -357,7 +366,11 @@ impl WorkerRecord {
         }
     }
 
-    pub(crate) fn count(&self, f: impl FnOnce(&mut OutcomeCounts)) {
-        f(&mut lock(&self.status).outcomes);
+    /// Counts an outcome; `settled`: the message was handled and settled (not left
+    /// to the broker after a lost lock), which makes the attempt productive.
+    pub(crate) fn count(&self, settled: bool, f: impl FnOnce(&mut OutcomeCounts)) {
+        let mut status = lock(&self.status);
+        f(&mut status.outcomes);
+        status.attempt_settled |= settled;
     }
 }

@@ -58,10 +58,12 @@ pub struct SupervisorConfig {
     /// How long a stalled worker gets to stop after its cancellation before it is
     /// aborted. Default 5 s.
     pub stall_grace: Duration,
-    /// A worker whose starts stall this many times in a row, each without recording any
-    /// progress, is stuck: it is `failed` (not live), whatever the restart intensity
-    /// says. Attempts that end in a retryable error neither count nor break the run; an
-    /// attempt that records progress ends it. Default 3 (at least 1).
+    /// A worker whose starts stall this many times in a row, each *fruitless*, is
+    /// stuck: it is `failed` (not live), whatever the restart intensity says. A start is
+    /// fruitless unless it settled a message or kept making progress for
+    /// `healthy_reset` (a poll or two before a hang is not enough). Attempts that end in
+    /// a retryable error neither count nor break the run; a productive attempt ends it.
+    /// Default 3 (at least 1).
     pub stalls_before_failed: u32,
 }
 
@@ -113,6 +115,19 @@ impl SupervisorConfig {
             .saturating_add(self.stall_grace)
             .saturating_mul(stalls)
             .saturating_add(self.backoff.max().saturating_mul(stalls - 1))
+    }
+
+    /// The longest a worker whose every start fails at once with an error that counts
+    /// (non-retryable, or a panic) can take to be declared `failed`: one backoff delay
+    /// before each of its `max_restarts` restarts, the next failure being fatal. With the
+    /// defaults 1 + 2 + 4 + … + 256 + 300 s = 811 s (jitter only shortens delays).
+    #[must_use]
+    pub fn fatal_bound(&self) -> Duration {
+        (0..self.intensity.max_restarts).fold(Duration::ZERO, |sum, n| {
+            let factor = 2u32.saturating_pow(n.min(31));
+            let delay = self.backoff.initial().saturating_mul(factor).min(self.backoff.max());
+            sum.saturating_add(delay)
+        })
     }
 
     /// Replaces the healthy-run reset.
@@ -436,14 +451,21 @@ impl Supervision {
 
             // Only time spent making progress counts as healthy: a start that hung for
             // its stall timeout was not healthy, however long it ran.
-            let progressed_for = self.record.attempt_progressed_for();
-            if progressed_for.is_some_and(|healthy| healthy >= config.healthy_reset) {
+            let healthy = self
+                .record
+                .attempt_progressed_for()
+                .is_some_and(|healthy| healthy >= config.healthy_reset);
+            if healthy {
                 consecutive = 0;
             }
-            match (&exit, progressed_for) {
-                (_, Some(_)) => fruitless_stalls = 0,
-                (Exit::Stalled(_), None) => fruitless_stalls = fruitless_stalls.saturating_add(1),
-                (_, None) => {}
+            // An attempt was productive if it settled a message or kept making progress
+            // for `healthy_reset`; a poll or two before a hang is not enough, or a
+            // worker that polls once per start and then hangs would never fail.
+            let productive = healthy || self.record.attempt_settled();
+            match (&exit, productive) {
+                (_, true) => fruitless_stalls = 0,
+                (Exit::Stalled(_), false) => fruitless_stalls = fruitless_stalls.saturating_add(1),
+                (_, false) => {}
             }
             let (counts, description) = match &exit {
                 Exit::Returned => (true, "worker returned without being cancelled".to_owned()),
@@ -573,5 +595,13 @@ mod tests {
         assert_eq!(once.stalls_before_failed, 1, "at least one stall");
         assert_eq!(once.stuck_bound(stall), Duration::from_secs(90));
         assert_eq!(config.stuck_bound(Duration::MAX), Duration::MAX, "saturates");
+    }
+
+    #[test]
+    fn fatal_bound_adds_the_backoff_before_each_allowed_restart() {
+        assert_eq!(SupervisorConfig::default().fatal_bound(), Duration::from_secs(811));
+        let few = SupervisorConfig::default()
+            .with_intensity(RestartIntensity { max_restarts: 3, within: Duration::from_secs(60) });
+        assert_eq!(few.fatal_bound(), Duration::from_secs(7));
     }
 }

@@ -124,10 +124,13 @@ impl fmt::Debug for WorkerContext {
 pub struct AbortedHandler {
     /// The worker that ran it.
     pub worker: String,
-    /// The message it was handling; it was abandoned for redelivery.
+    /// The message it was handling.
     pub message_id: String,
     /// The task did not end even when aborted: it blocks a thread, and keeps running.
     pub blocked: bool,
+    /// The message was abandoned for redelivery (the broker answered in time);
+    /// otherwise it returns when its lock expires.
+    pub abandoned: bool,
 }
 
 impl WorkerContext {
@@ -248,7 +251,7 @@ impl WorkerContext {
             crate::metrics::handler_duration(name, elapsed);
         }
         crate::metrics::message(name, settled.as_str());
-        self.record.count(|counts| match settled {
+        self.record.count(settled != Settled::LeaseLost, |counts| match settled {
             Settled::Completed => counts.completed += 1,
             Settled::Retried => counts.retried += 1,
             Settled::DeadLettered => counts.dead_lettered += 1,
@@ -268,12 +271,14 @@ impl WorkerContext {
         crate::metrics::dead_lettered(&self.record.name, reason);
     }
 
-    /// Records a handler cut short by the drain deadline.
-    pub fn record_aborted(&self, message_id: &str, blocked: bool) {
+    /// Records a handler cut short by the drain deadline, and whether its message was
+    /// abandoned.
+    pub fn record_aborted(&self, message_id: &str, blocked: bool, abandoned: bool) {
         self.shared.record_aborted(AbortedHandler {
             worker: self.record.name.to_string(),
             message_id: message_id.to_owned(),
             blocked,
+            abandoned,
         });
     }
 }

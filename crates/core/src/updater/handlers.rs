@@ -1,6 +1,6 @@
 //! The running handlers: their tasks, their messages, and their timeouts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
@@ -33,15 +33,30 @@ pub(super) enum Ended {
 }
 
 /// The handler tasks, at most `concurrency` of them (the caller checks).
+///
+/// Kept in spawn order, so that everything done to several of them at one instant
+/// (renewals falling due together, timeouts, the drain's aborts) happens in the same
+/// order on every run: the deterministic simulation replays byte for byte.
 pub(super) struct Handlers {
     tasks: JoinSet<(Outcome, Duration)>,
-    running: HashMap<Id, Running>,
+    /// By spawn order.
+    running: BTreeMap<u64, Running>,
+    /// The spawn order of each task, to find a task that ended (looked up, never
+    /// iterated).
+    order: HashMap<Id, u64>,
+    next: u64,
     timeout: Option<Duration>,
 }
 
 impl Handlers {
     pub(super) fn new(timeout: Option<Duration>) -> Self {
-        Self { tasks: JoinSet::new(), running: HashMap::new(), timeout }
+        Self {
+            tasks: JoinSet::new(),
+            running: BTreeMap::new(),
+            order: HashMap::new(),
+            next: 0,
+            timeout,
+        }
     }
 
     /// Runs `task`, the handler of `held`.
@@ -52,8 +67,10 @@ impl Handlers {
         let abort = self.tasks.spawn(task);
         let now = Instant::now();
         let due = self.timeout.map(|limit| saturating_add(now, limit));
-        let id = abort.id();
-        self.running.insert(id, Running { held, started: now, abort, due, timed_out: false });
+        self.next += 1;
+        self.order.insert(abort.id(), self.next);
+        self.running
+            .insert(self.next, Running { held, started: now, abort, due, timed_out: false });
     }
 
     /// The next handler to end, with its message; pends while none runs.
@@ -85,7 +102,8 @@ impl Handlers {
             }
             Err(error) => (error.id(), Ended::Aborted),
         };
-        self.running.remove(&id).map(|running| (running, ended))
+        let seq = self.order.remove(&id)?;
+        self.running.remove(&seq).map(|running| (running, ended))
     }
 
     /// Aborts the handlers past their timeout; they end as [`Ended::Aborted`] with
@@ -132,10 +150,13 @@ impl Handlers {
             }
         })
         .await;
+        let stopped: Vec<u64> =
+            stopped.iter().filter_map(|id| self.order.get(id).copied()).collect();
+        self.order.clear();
         let left = std::mem::take(&mut self.running)
             .into_iter()
-            .map(|(id, running)| {
-                let blocked = !stopped.contains(&id);
+            .map(|(seq, running)| {
+                let blocked = !stopped.contains(&seq);
                 (running, blocked)
             })
             .collect();
@@ -145,6 +166,7 @@ impl Handlers {
     /// Takes every running handler's message, aborting the tasks (a run dropped early).
     pub(super) fn take_all(&mut self) -> Vec<Held> {
         self.tasks.abort_all();
+        self.order.clear();
         std::mem::take(&mut self.running).into_values().map(|r| r.held).collect()
     }
 
@@ -190,6 +212,28 @@ mod tests {
         assert!(running.timed_out && matches!(ended, Ended::Aborted));
         assert!(handlers.is_empty());
         assert_eq!(handlers.overdue(), 0);
+    }
+
+    /// Ensures that handlers are visited, timed out and aborted in the order they were
+    /// started, whatever their task ids hash to: same-instant renewals and aborts come
+    /// out the same on every run.
+    #[tokio::test(start_paused = true)]
+    async fn handlers_are_visited_in_start_order() {
+        let names = ["c", "a", "e", "b", "d", "f", "h", "g"];
+        let mut handlers = Handlers::new(Some(Duration::from_secs(5)));
+        for (n, name) in (1..).zip(names) {
+            handlers.start(held(n, name), async {
+                std::future::pending::<()>().await;
+                (Outcome::Complete, Duration::ZERO)
+            });
+        }
+        let visited: Vec<_> = handlers.iter().map(|r| r.held.id().to_owned()).collect();
+        assert_eq!(visited, names);
+        let timed_out = handlers.time_out(Instant::now() + Duration::from_secs(5));
+        assert_eq!(timed_out, names);
+        let (_, left) = handlers.abort_all(Instant::now()).await;
+        let left: Vec<_> = left.iter().map(|(r, _)| r.held.id().to_owned()).collect();
+        assert_eq!(left, names);
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,13 +23,24 @@ use crate::{
     Backoff, Deadlines, Handler, MessageSource, TransportError, Worker, WorkerContext, WorkerError,
 };
 
+/// The largest batch one receive asks for; a larger `batch_size` is capped to it.
+pub const MAX_BATCH_SIZE: usize = 1024;
+
+/// The shortest `handler_timeout`; a shorter one is raised to it (a handler aborted
+/// before it could finish any await would send every message to the dead-letter queue).
+pub const MIN_HANDLER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How an [`Updater`] receives and handles messages.
+///
+/// [`Updater::with_config`] bounds the values set directly on the fields as the setters
+/// do: `batch_size` to 1..=[`MAX_BATCH_SIZE`], `concurrency` to at least 1, and
+/// `handler_timeout` to at least [`MIN_HANDLER_TIMEOUT`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct UpdaterConfig {
-    /// The most messages one receive asks for. Default 16.
+    /// The most messages one receive asks for. Default 16, at most [`MAX_BATCH_SIZE`].
     pub batch_size: usize,
-    /// The most handlers running at once. Default 8.
+    /// The most handlers running at once. Default 8, at least 1.
     pub concurrency: usize,
     /// How long one receive waits on an empty queue. Default 5 s.
     pub wait: Duration,
@@ -53,11 +64,19 @@ pub struct UpdaterConfig {
     /// take; each runs beside the loop, so a slow one holds up nothing else. A call past
     /// it counts as failed: the message returns when its lock expires. Default 30 s.
     pub broker_timeout: Duration,
-    /// A handler running longer is aborted and its message abandoned for a retry.
-    /// `None` (the default): handlers may run as long as their locks can be renewed.
+    /// A handler running longer is aborted and its message abandoned for a retry; at
+    /// least [`MIN_HANDLER_TIMEOUT`].
+    /// `None` (the default): handlers may run as long as their locks can be renewed
+    /// (on a transport without timed locks, as long as they like: set it there to find
+    /// hung handlers).
     /// A handler that blocks a thread cannot be aborted: it keeps its session (order
     /// before speed) and its slot until it returns.
     pub handler_timeout: Option<Duration>,
+    /// At a shutdown, how long before its hard deadline the handlers still running are
+    /// aborted, so that their messages can still be abandoned over a slow broker: at
+    /// most a fifth of the time left, and never less than the shutdown's own grace.
+    /// Default 5 s.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for UpdaterConfig {
@@ -74,15 +93,16 @@ impl Default for UpdaterConfig {
             error_drain: Duration::from_secs(10),
             broker_timeout: Duration::from_secs(30),
             handler_timeout: None,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
 
 impl UpdaterConfig {
-    /// Sets the batch size (at least 1).
+    /// Sets the batch size (1 to [`MAX_BATCH_SIZE`]).
     #[must_use]
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
-        self.batch_size = batch_size.max(1);
+        self.batch_size = batch_size.clamp(1, MAX_BATCH_SIZE);
         self
     }
 
@@ -142,10 +162,25 @@ impl UpdaterConfig {
         self
     }
 
-    /// Sets the handler timeout.
+    /// Sets the handler timeout (at least [`MIN_HANDLER_TIMEOUT`]).
     #[must_use]
     pub fn with_handler_timeout(mut self, handler_timeout: Duration) -> Self {
-        self.handler_timeout = Some(handler_timeout);
+        self.handler_timeout = Some(handler_timeout.max(MIN_HANDLER_TIMEOUT));
+        self
+    }
+
+    /// Sets how long before a shutdown's hard deadline running handlers are aborted.
+    #[must_use]
+    pub fn with_shutdown_grace(mut self, shutdown_grace: Duration) -> Self {
+        self.shutdown_grace = shutdown_grace;
+        self
+    }
+
+    /// The configuration with every value within its bounds (see the fields).
+    fn bounded(mut self) -> Self {
+        self.batch_size = self.batch_size.clamp(1, MAX_BATCH_SIZE);
+        self.concurrency = self.concurrency.max(1);
+        self.handler_timeout = self.handler_timeout.map(|t| t.max(MIN_HANDLER_TIMEOUT));
         self
     }
 
@@ -206,11 +241,16 @@ impl Connect for Fixed {
 ///
 /// - Handlers run as tasks, up to `concurrency` at once; messages with the same
 ///   `session_id` run strictly one after another, in arrival order, and a message waiting
-///   for its turn keeps its lock renewed. On transports without sessions, a message
-///   retried with a delay, or one whose lock was lost or whose settlement failed, also
-///   holds back its session's later messages until it returns (or, if another consumer
-///   took it, until 6 × its delay + 2 × the wait after it was due back). Sessions still
-///   waiting when a run ends are remembered by the next run of the same updater.
+///   for its turn keeps its lock renewed; only the message occupying a session frees it.
+///   On transports without sessions, a message retried with a delay, or one whose lock
+///   was lost or whose settlement failed, also holds back its session's later messages
+///   until it returns (or, if another consumer took it, until 6 × its delay + 2 × the
+///   wait after it was due back; that clock stops while the updater stops receiving).
+///   Several such messages of one session are waited for in order. Sessions still
+///   waiting when a run ends are remembered by the next run of the same updater. When
+///   parked messages fill their bound while a session waits for its head, the newest go
+///   back to the broker until the head is due (on transports with delayed abandon), so
+///   the head can still be received.
 /// - An optional `handler_timeout` aborts a handler running longer and retries its
 ///   message; one that blocks a thread keeps its session and is counted in the health's
 ///   `overdue_handlers` until it returns.
@@ -224,10 +264,12 @@ impl Connect for Fixed {
 /// - A retry with [`RetryCause::Dependency`](crate::RetryCause::Dependency) opens the
 ///   worker's circuit breaker: it stops receiving (state `backing_off`) until
 ///   [`Handler::probe`] succeeds.
-/// - Progress is recorded on every poll, handler completion, settlement and successful
-///   lock renewal, and while every slot is busy with handlers whose locks are renewed.
-/// - On shutdown it follows the [`Deadlines`](crate::Deadlines): it calls
-///   `stop_receiving` and releases the messages that have not started, lets running
+/// - Progress is recorded on every poll that answers, handler completion, settlement and
+///   successful renewal of a running handler's lock, and while every slot is busy with handlers whose locks are
+///   renewed (on a transport without timed locks, with running handlers).
+/// - On shutdown it follows the [`Deadlines`](crate::Deadlines), its grace widened to
+///   `shutdown_grace`: it calls `stop_receiving` (bounded by `broker_timeout`, beside
+///   the loop) and then releases the messages that have not started, lets running
 ///   handlers finish until the drain deadline, then aborts the rest and abandons their
 ///   messages so another consumer gets them at once.
 ///
@@ -275,10 +317,10 @@ impl Updater {
         Self::new(name, Fixed(Arc::new(source)), handler)
     }
 
-    /// Replaces the configuration.
+    /// Replaces the configuration, bounding its values (see [`UpdaterConfig`]).
     #[must_use]
     pub fn with_config(mut self, config: UpdaterConfig) -> Self {
-        self.config = config;
+        self.config = config.bounded();
         self
     }
 

@@ -1,6 +1,7 @@
 //! Settlements under way: each its own task bounded by `broker_timeout`, and what its
 //! result means for the message's session.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 
 use super::held::Held;
+use crate::deadlines::saturating_add;
 use crate::{Delivery, Settled, TransportError};
 
 /// How a message is settled.
@@ -19,6 +21,8 @@ pub(super) enum Settlement {
 
 /// A settlement under way, and what to do when it ends.
 pub(super) struct Settling {
+    /// The held message's key within the run.
+    pub(super) key: u64,
     pub(super) id: String,
     pub(super) session: Option<String>,
     pub(super) operation: &'static str,
@@ -45,7 +49,10 @@ pub(super) enum SessionStep {
 impl Settling {
     /// What `result` means for the session: a completed or dead-lettered message frees
     /// it; an abandoned one, or one whose settlement failed (it returns when its lock
-    /// runs out, at once if lost), makes it wait for the message.
+    /// runs out, at once if lost), makes it wait for the message. An abandon with a
+    /// delay whose outcome is unknown (it failed or timed out, but the broker may have
+    /// applied it) may bring the message back only after that delay: the session waits
+    /// until the later of the lock's end and the delay, plus the delay's bound.
     pub(super) fn session_step(
         &self,
         result: &Result<(), TransportError>,
@@ -59,25 +66,36 @@ impl Settling {
             Err(error) if error.is_lock_lost() => {
                 SessionStep::AwaitReturn { due: now, delay: Duration::ZERO }
             }
-            Err(_) => SessionStep::AwaitReturn {
-                due: self.locked_until.unwrap_or(now).max(now),
-                delay: Duration::ZERO,
-            },
+            Err(_) => {
+                let delay = self.returns_after.unwrap_or_default();
+                let locked = self.locked_until.unwrap_or(now).max(now);
+                SessionStep::AwaitReturn { due: locked.max(saturating_add(now, delay)), delay }
+            }
         }
     }
 }
 
 type Finished = (Settling, Result<(), TransportError>);
 
+/// A settlement under way that was given up: its message returns to the broker when
+/// its lock runs out.
+pub(super) struct Unsettled {
+    pub(super) id: String,
+    pub(super) key: u64,
+    pub(super) session: Option<String>,
+}
+
 /// The settlements under way.
 pub(super) struct Settlements {
     tasks: JoinSet<Finished>,
+    /// Each settlement under way by its delivery's key, for when they are given up.
+    under_way: BTreeMap<u64, Unsettled>,
     limit: Duration,
 }
 
 impl Settlements {
     pub(super) fn new(limit: Duration) -> Self {
-        Self { tasks: JoinSet::new(), limit }
+        Self { tasks: JoinSet::new(), under_way: BTreeMap::new(), limit }
     }
 
     /// Settles `held` in its own task; counts it as `record` once the broker took it.
@@ -94,6 +112,7 @@ impl Settlements {
             Settlement::DeadLetter { reason, .. } => ("dead-letter", None, Some(reason.clone())),
         };
         let settling = Settling {
+            key: held.key,
             id: held.id().to_owned(),
             session: held.session().map(str::to_owned),
             operation,
@@ -103,6 +122,12 @@ impl Settlements {
             returns_after,
             locked_until: held.delivery.locked_until(),
         };
+        let unsettled = Unsettled {
+            id: settling.id.clone(),
+            key: settling.key,
+            session: settling.session.clone(),
+        };
+        self.under_way.insert(settling.key, unsettled);
         let limit = self.limit;
         self.tasks.spawn(async move {
             let result = match timeout(limit, call(&held.delivery, &settlement)).await {
@@ -126,7 +151,10 @@ impl Settlements {
                 std::future::pending::<()>().await;
             }
             match self.tasks.join_next().await {
-                Some(Ok(finished)) => return finished,
+                Some(Ok(finished)) => {
+                    self.under_way.remove(&finished.0.key);
+                    return finished;
+                }
                 Some(Err(error)) if error.is_panic() => {
                     let payload = crate::supervisor::panic_message(error.into_panic());
                     tracing::error!(panic = %payload, "settlement panicked; the message returns when its lock expires");
@@ -144,8 +172,16 @@ impl Settlements {
         self.tasks.len()
     }
 
-    pub(super) fn abort_all(&mut self) {
+    /// Gives up every settlement under way, returning their messages.
+    pub(super) fn abort_all(&mut self) -> Vec<Unsettled> {
         self.tasks.abort_all();
+        std::mem::take(&mut self.under_way).into_values().collect()
+    }
+
+    /// Waits for every settlement under way to end (a run dropped early lets them
+    /// finish in a task of their own).
+    pub(super) async fn wait_all(mut self) {
+        while self.tasks.join_next().await.is_some() {}
     }
 }
 
@@ -201,6 +237,24 @@ mod tests {
         assert_eq!(
             settling.session_step(&result, now),
             SessionStep::AwaitReturn { due: now, delay }
+        );
+    }
+
+    /// Ensures that a delayed abandon whose answer never came (the broker may have
+    /// applied it) makes the session wait past the delay, not only past the lock.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_delayed_abandon_waits_for_its_delay() {
+        let mut settlements = Settlements::new(Duration::from_secs(5));
+        let hung =
+            held_with(1, "hung", Some("s"), TestSettle { hang: true, ..TestSettle::default() });
+        let delay = Duration::from_secs(120);
+        settlements.start(hung, Settlement::Abandon(Some(delay)), None, None);
+        let (settling, result) = settlements.next().await;
+        assert!(result.is_err());
+        let now = Instant::now();
+        assert_eq!(
+            settling.session_step(&result, now),
+            SessionStep::AwaitReturn { due: now + delay, delay }
         );
     }
 

@@ -10,11 +10,16 @@ use tokio::time::Instant;
 use super::held::Held;
 use crate::{Capabilities, Delivery, Message, MessageSource, Settle, TransportError};
 
-/// A settle handle that answers at once, hangs, or reports the lock lost.
+/// A settle handle that answers at once (or after `latency`), hangs, or reports the
+/// lock lost.
 #[derive(Debug, Default, Clone)]
 pub(super) struct TestSettle {
     /// Every call pends for ever.
     pub(super) hang: bool,
+    /// Every call answers this late.
+    pub(super) latency: Duration,
+    /// Counts the abandons that were answered.
+    pub(super) abandoned: Arc<AtomicUsize>,
     /// Every call fails with `LockLost`.
     pub(super) lost: bool,
     /// Counts the abandons.
@@ -38,7 +43,9 @@ impl Settle for TestSettle {
 
     async fn abandon(&self, _delay: Option<Duration>) -> Result<(), TransportError> {
         self.abandons.fetch_add(1, Ordering::SeqCst);
-        self.answer().await
+        self.answer().await?;
+        self.abandoned.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn dead_letter(&self, _reason: &str, _description: &str) -> Result<(), TransportError> {
@@ -51,6 +58,7 @@ impl TestSettle {
         if self.hang {
             std::future::pending::<()>().await;
         }
+        tokio::time::sleep(self.latency).await;
         if self.lost {
             return Err(TransportError::lock_lost("test"));
         }

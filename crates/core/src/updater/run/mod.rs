@@ -9,7 +9,7 @@
 
 mod drain;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -66,8 +66,14 @@ pub(super) struct Run<'a> {
     settlements: Settlements,
     renewals: Renewals,
     next_heartbeat: Instant,
+    /// When the receive under way began, and how many messages it asked for.
+    receive_began: Option<Instant>,
+    receive_max: usize,
     /// Set once the drain began: retries are abandoned at once, not held.
     draining: bool,
+    /// Handlers the drain cut short whose abandon is under way, by key: their message
+    /// id and whether the task blocks a thread.
+    aborting: BTreeMap<u64, (String, bool)>,
 }
 
 /// Awaits the future if there is one; pends forever otherwise.
@@ -102,7 +108,10 @@ impl<'a> Run<'a> {
             settlements: Settlements::new(config.broker_timeout),
             renewals: Renewals::new(config.broker_timeout),
             next_heartbeat: saturating_add(Instant::now(), config.wait),
+            receive_began: None,
+            receive_max: 0,
             draining: false,
+            aborting: BTreeMap::new(),
         }
     }
 
@@ -112,13 +121,17 @@ impl<'a> Run<'a> {
     }
 
     fn max_in_flight(&self) -> usize {
-        self.config.concurrency + self.config.batch_size
+        self.config.concurrency.saturating_add(self.config.batch_size)
+    }
+
+    fn max_parked(&self) -> usize {
+        self.max_in_flight().saturating_mul(PARKED_PER_SLOT)
     }
 
     /// Whether a waiting message cannot start now because its session is busy or waits
     /// for another message of it: it is *parked*.
     fn is_parked(&self, held: &Held) -> bool {
-        held.session().is_some_and(|session| !self.gate.may_start(session, held.id()))
+        held.session().is_some_and(|session| !self.gate.may_start(session, held.key, held.id()))
     }
 
     /// Messages that count toward intake: running, and waiting ones that could start.
@@ -139,7 +152,44 @@ impl<'a> Run<'a> {
         !self.breaker.is_open()
             && self.handlers.len() < self.config.concurrency
             && self.intake() < self.max_in_flight()
-            && self.parked() < self.max_in_flight().saturating_mul(PARKED_PER_SLOT)
+            && self.parked() < self.max_parked()
+    }
+
+    /// Makes room under the parked bound while a session waits for a message back at
+    /// the broker with nothing of it running: that message can only come back through
+    /// intake, which the bound would stop. The newest parked messages of such sessions
+    /// go back to the broker, delayed until the awaited message is due (once that
+    /// passed, until the wait for it ends; at least `wait`), and their session waits
+    /// for them in turn, so they keep their order.
+    /// Each costs its message a delivery. Only on transports with delayed abandon: an
+    /// undelayed one would come straight back.
+    fn make_room(&mut self, now: Instant) {
+        if !self.caps.delayed_abandon || self.draining {
+            return;
+        }
+        while self.parked() >= self.max_parked() {
+            // The newest parked message of such a session; one it does not wait for
+            // yet before one it already waits for (that one keeps its place).
+            let candidates = self.pending.iter().enumerate().rev().filter_map(|(at, held)| {
+                let session = held.session()?;
+                let (first, back) = self.gate.first_awaited(session, now)?;
+                let sendable = held.id() != first
+                    && !self.pending.iter().any(|p| p.id() == first)
+                    && self.is_parked(held);
+                let awaited = self.gate.awaited(session, held.id()).is_some();
+                sendable.then_some((awaited, at, back))
+            });
+            let newest = candidates.min_by_key(|(awaited, _, _)| *awaited);
+            let Some((_, at, back)) = newest else { return };
+            let Some(held) = self.pending.remove(at) else { return };
+            let delay = back.saturating_duration_since(now).max(self.config.wait);
+            tracing::info!(
+                message_id = %held.id(),
+                retry_in = ?delay,
+                "too many messages wait for their sessions; sending one back until its session's first message returns"
+            );
+            self.settlements.start(held, Settlement::Abandon(Some(delay)), None, None);
+        }
     }
 
     fn report(&self) {
@@ -154,16 +204,28 @@ impl<'a> Run<'a> {
         let handler = self.handler;
         let mut receiving: Option<Receiving<'a>> = None;
         let mut probing: Option<Probing<'a>> = None;
+        // Since when the updater has not been receiving, by its own choice.
+        let mut intake_stopped: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            self.gate.expire(now);
+            if let Some(since) = intake_stopped.take() {
+                // A message due back could not be received meanwhile: the sessions
+                // waiting for one wait that much longer.
+                self.gate.postpone(now.saturating_duration_since(since));
+            }
             self.dispatch();
+            self.make_room(now);
             self.report();
             // A receive under way when the breaker opened is left to finish: dropping it
             // could cost its messages a delivery for nothing.
             if receiving.is_none() && self.can_receive() {
                 let max = self.config.batch_size.min(self.max_in_flight() - self.intake());
                 receiving = Some(source.receive(max.max(1), self.config.wait));
+                self.receive_began = Some(now);
+                self.receive_max = max.max(1);
+            }
+            if receiving.is_none() {
+                intake_stopped = Some(now);
             }
             if probing.is_none() && self.breaker.probe_at().is_some_and(|at| now >= at) {
                 probing = Some(Box::pin(timeout(self.probe_limit(), handler.probe())));
@@ -177,9 +239,22 @@ impl<'a> Run<'a> {
                 (key, answer) = self.renewals.next() => self.renewed(key, answer),
                 result = maybe(receiving.as_mut()), if receiving.is_some() => {
                     receiving = None;
-                    self.ctx.progress();
+                    let began = self.receive_began.take().unwrap_or(now);
                     match result {
-                        Ok(batch) => self.accept(batch),
+                        Ok(batch) => {
+                            // A poll that answered, empty or not, is progress; a failed
+                            // one is not.
+                            self.ctx.progress();
+                            // A session's wait for a message ends at its bound only when
+                            // a receive that began after the bound answered without it
+                            // and without filling its batch: evidence that another
+                            // consumer took it. A hung receive is no such evidence.
+                            let short = batch.len() < self.receive_max;
+                            self.accept(batch);
+                            if short {
+                                self.gate.expire(began);
+                            }
+                        }
                         Err(error) => return Some(error),
                     }
                 }
@@ -196,8 +271,8 @@ impl<'a> Run<'a> {
         self.config.wait.max(Duration::from_secs(5))
     }
 
-    /// The next moment something timed is due: a renewal, a delayed retry, a session
-    /// block ending, a handler timeout, a probe, or a heartbeat while not receiving.
+    /// The next moment something timed is due: a renewal, a delayed retry, a handler
+    /// timeout, a probe, or a heartbeat while not receiving.
     fn next_timer(&self, receiving: bool, probing: bool) -> Instant {
         let renewals = self.held().filter_map(|held| held.renew_at);
         let probe = self.breaker.probe_at().filter(|_| !probing);
@@ -205,7 +280,6 @@ impl<'a> Run<'a> {
         renewals
             .chain(self.delayed.next_due())
             .chain(self.handlers.next_timeout())
-            .chain(self.gate.next_expiry())
             .chain(probe)
             .chain(heartbeat)
             .min()
@@ -215,17 +289,26 @@ impl<'a> Run<'a> {
     }
 
     /// Whether not receiving is still progress: while the breaker holds the worker back
-    /// (its probes are answered), or while every slot is busy with handlers whose locks
-    /// are renewed and none failing (DESIGN §3). Failed renewal rounds, and slots that
-    /// are merely full, are not progress: a hung handler on a transport without timed
-    /// locks, or an unreachable namespace, must end in a stall.
+    /// (its probes are answered), or while every slot (at least one) is busy with
+    /// handlers whose locks are renewed and none failing (DESIGN §3). Failed renewal
+    /// rounds are not progress: an unreachable namespace must end in a stall. On a
+    /// transport without timed locks (RabbitMQ) there is nothing to renew: a running
+    /// handler is progress, and a hung one is found by `handler_timeout` instead.
     fn is_busy_and_healthy(&self) -> bool {
         if self.breaker.is_open() {
             return true;
         }
-        self.caps.lock_renewal
+        !self.handlers.is_empty()
             && self.handlers.len() >= self.config.concurrency
-            && self.handlers.iter().all(|r| r.held.has_healthy_lock())
+            && (!self.caps.lock_renewal || self.handlers.iter().all(|r| r.held.has_healthy_lock()))
+    }
+
+    /// Whether a receive has gone unanswered for `wait + broker_timeout`: intake is
+    /// stuck, and renewed locks (a handler that hangs) are no longer progress, so a hung
+    /// receive ends in a stall.
+    fn is_intake_stuck(&self, now: Instant) -> bool {
+        let limit = self.config.wait.saturating_add(self.config.broker_timeout);
+        self.receive_began.is_some_and(|began| now.saturating_duration_since(began) > limit)
     }
 
     fn held(&self) -> impl Iterator<Item = &Held> {
@@ -273,10 +356,15 @@ impl<'a> Run<'a> {
     fn renewed(&mut self, key: u64, answer: Result<Option<Instant>, TransportError>) {
         let margin = self.config.renew_margin;
         let now = Instant::now();
+        // Only the lock of a running handler is progress when renewed: a renewed lock
+        // of a message that merely waits (parked, or held for a delayed retry) shows
+        // nothing moving, and must not keep a worker whose receive hangs from stalling.
+        let running = self.handlers.iter().any(|r| r.held.key == key);
         let Some(held) = self.held_mut().find(|held| held.key == key) else { return };
         let id = held.id().to_owned();
         match renewal::apply(held, answer, now, margin) {
-            Renewed::Kept => self.ctx.progress(),
+            Renewed::Kept if running && !self.is_intake_stuck(now) => self.ctx.progress(),
+            Renewed::Kept => {}
             Renewed::Lost(error) => {
                 tracing::warn!(
                     message_id = %id,
@@ -302,7 +390,8 @@ impl<'a> Run<'a> {
         self.pending = kept.into();
         for held in lost.into_iter().chain(self.delayed.take_lost()) {
             if let Some(session) = held.session() {
-                self.gate.release_awaiting(session, held.id(), Instant::now(), Duration::ZERO);
+                let now = Instant::now();
+                self.await_return(session, held.key, held.id(), now, Duration::ZERO);
             }
         }
     }
@@ -335,11 +424,17 @@ impl<'a> Run<'a> {
                 self.settlements.start(held, settlement, Some(Settled::DeadLettered), None);
                 continue;
             }
-            // A message its session waits for goes first.
+            // A message its session waits for goes in its place: before every held
+            // message of the session, or, if it never started, before those that
+            // arrived after it.
             let session = message.session_id.as_deref();
-            if let Some(session) = session.filter(|s| self.gate.is_awaited(s, &message.id)) {
-                let first = self.pending.iter().position(|p| p.session() == Some(session));
-                self.pending.insert(first.unwrap_or(self.pending.len()), held);
+            let awaited = session.and_then(|s| Some((s, self.gate.awaited(s, &message.id)?)));
+            if let Some((session, rank)) = awaited {
+                self.gate.returned(session, &message.id);
+                let at = self.pending.iter().position(|p| {
+                    p.session() == Some(session) && rank.is_none_or(|rank| p.key > rank)
+                });
+                self.pending.insert(at.unwrap_or(self.pending.len()), held);
             } else {
                 self.pending.push_back(held);
             }
@@ -365,7 +460,7 @@ impl<'a> Run<'a> {
 
     fn start(&mut self, held: Held) {
         if let Some(session) = held.session() {
-            self.gate.occupy(session);
+            self.gate.occupy(session, held.key, held.id());
         }
         let message = held.delivery.message().clone();
         let span = tracing::info_span!(
@@ -424,7 +519,8 @@ impl<'a> Run<'a> {
             );
             // The broker redelivers it: its session waits for it.
             if let Some(session) = held.session() {
-                self.gate.release_awaiting(session, held.id(), Instant::now(), Duration::ZERO);
+                let now = Instant::now();
+                self.await_return(session, held.key, held.id(), now, Duration::ZERO);
             }
             return;
         }
@@ -492,6 +588,9 @@ impl<'a> Run<'a> {
     /// the message is back at the broker, makes the session wait for it.
     fn settled(&mut self, settling: Settling, result: Result<(), TransportError>) {
         let now = Instant::now();
+        if let Some((id, blocked)) = self.aborting.remove(&settling.key) {
+            self.report_aborted(&id, blocked, result.is_ok());
+        }
         match &result {
             Ok(()) => {
                 tracing::debug!(message_id = %settling.id, operation = settling.operation, "message settled");
@@ -507,11 +606,41 @@ impl<'a> Run<'a> {
         }
         if let Some(session) = &settling.session {
             match settling.session_step(&result, now) {
-                SessionStep::Release => self.gate.release(session),
+                SessionStep::Release => self.gate.release(session, settling.key, &settling.id),
                 SessionStep::AwaitReturn { due, delay } => {
-                    self.gate.release_awaiting(session, &settling.id, due, delay);
+                    self.await_return(session, settling.key, &settling.id, due, delay);
                 }
             }
+        }
+    }
+
+    /// Message `message_id` of `session`, held under `key`, is back at the broker: the
+    /// session waits for it (see [`SessionGate::release_awaiting`]). If a copy of it is
+    /// held here already (the broker redelivered it before this one was found lost),
+    /// that copy has returned. A message that never started waits in the place where
+    /// its earliest copy held here arrived.
+    fn await_return(
+        &mut self,
+        session: &str,
+        key: u64,
+        message_id: &str,
+        due: Instant,
+        delay: Duration,
+    ) {
+        // Copies of it held here (not this one: a lost copy has left `pending`).
+        let copies: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|held| held.key != key && held.id() == message_id)
+            .map(|held| held.key)
+            .collect();
+        let rank = match copies.iter().min() {
+            Some(&earlier) if earlier < key && !self.gate.is_occupant(session, key) => earlier,
+            _ => key,
+        };
+        self.gate.release_awaiting(session, rank, message_id, due, delay);
+        if !copies.is_empty() {
+            self.gate.returned(session, message_id);
         }
     }
 
@@ -549,6 +678,7 @@ impl<'a> Run<'a> {
         match result {
             Ok(()) => {
                 self.breaker.succeeded();
+                self.gate.resume(Instant::now());
                 tracing::info!("dependency answers again; resuming");
                 self.ctx.set_running();
             }
