@@ -277,6 +277,10 @@ fn bad_configuration_exits_2_with_one_line() {
         ("STEWARD_MAX_DELIVERIES", "0", "0"),
         ("STEWARD_FAULTS", "explode=1", "explode"),
         ("STEWARD_TEMPLATES_DIR", "/nonexistent/templates", "nonexistent"),
+        ("STEWARD_API_TOKEN", "", "must not be empty"),
+        ("STEWARD_AUTH_ISSUER", "https://login.example/tenant", "--auth-audience"),
+        // A non-loopback address with no authentication configured.
+        ("STEWARD_LISTEN", "0.0.0.0:0", "--insecure-no-auth"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_steward-api"))
             .env_clear()

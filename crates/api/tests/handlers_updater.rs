@@ -57,7 +57,7 @@ impl<H: Handler> Handler for Recording<H> {
 }
 
 fn broker(queue: &str) -> InMemoryBroker {
-    let broker = InMemoryBroker::builder().strict(true).build();
+    let broker = InMemoryBroker::builder().with_strict(true).build();
     broker
         .declare_queue(queue, QueueOptions::default().with_lock_duration(Duration::from_secs(30)));
     broker
@@ -102,7 +102,7 @@ async fn shut_down(supervisor: Supervisor) {
 }
 
 fn dead_letter_reasons(broker: &InMemoryBroker, queue: &str) -> BTreeSet<(String, String)> {
-    broker.dead_letters(queue).into_iter().map(|dead| (dead.message.id, dead.info.reason)).collect()
+    broker.dead_letters(queue).into_iter().map(|dead| (dead.message.id, dead.reason)).collect()
 }
 
 mod cases {
@@ -153,10 +153,7 @@ mod cases {
         let dead = broker.dead_letters(QUEUE);
         let malformed = dead.iter().find(|d| d.message.id == "malformed").unwrap();
         assert!(
-            malformed
-                .info
-                .description
-                .starts_with("Service bus message is not formatted correctly")
+            malformed.description.starts_with("Service bus message is not formatted correctly")
         );
         assert_eq!(malformed.message.body.as_ref(), b"bad", "the message is kept as sent");
         let stored = db.store.read().operation(&op.id).await.unwrap();
@@ -308,7 +305,7 @@ async fn database_outage_pauses_both_workers_without_burning_deliveries() {
     let store =
         Store::connect_lazy(StoreOptions::new(url).with_acquire_timeout(Duration::from_secs(1)))
             .unwrap();
-    let broker = InMemoryBroker::builder().strict(true).build();
+    let broker = InMemoryBroker::builder().with_strict(true).build();
     for queue in ["deploymentstatus", "airlock-step-result"] {
         broker.declare_queue(
             queue,

@@ -14,6 +14,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use steward_api::http::auth::Authentication;
 use steward_api::http::{ApiSettings, AppState};
 use steward_api::http::{openapi, router};
 use steward_api::storage::Database;
@@ -54,11 +55,18 @@ struct App {
 }
 
 async fn app(token: Option<&str>, failing: Option<&'static str>) -> App {
-    build(token, failing, true).await
+    let auth =
+        token.map_or_else(Authentication::none, |t| Authentication::none().with_api_token(t));
+    build(auth, false, failing, true).await
 }
 
 /// The router over a fresh database, its migration marked done when `migrated`.
-async fn build(token: Option<&str>, failing: Option<&'static str>, migrated: bool) -> App {
+async fn build(
+    auth: Authentication,
+    metrics_open: bool,
+    failing: Option<&'static str>,
+    migrated: bool,
+) -> App {
     let db = support::TestDb::sqlite().await;
     let supervisor = Supervisor::new(SupervisorConfig::default().with_intensity(
         steward_core::RestartIntensity { max_restarts: 0, within: Duration::from_secs(600) },
@@ -76,7 +84,8 @@ async fn build(token: Option<&str>, failing: Option<&'static str>, migrated: boo
         health: supervisor.health(),
         settings: Arc::new(ApiSettings {
             resource_request_queue: "workspacequeue".to_owned(),
-            api_token: token.map(str::to_owned),
+            auth,
+            metrics_open,
             transport: "inmem".to_owned(),
             ..ApiSettings::default()
         }),
@@ -143,13 +152,18 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/airlock-requests/{id}/submit"),
     ("POST", "/api/airlock-requests/{id}/review"),
     ("POST", "/api/airlock-requests/{id}/cancel"),
+    ("GET", "/api/workspaces/{workspaceId}/roles/{userId}"),
+    ("PUT", "/api/workspaces/{workspaceId}/roles/{userId}"),
 ];
 
 /// The methods a route may take.
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 
 fn concrete(path: &str) -> String {
-    path.replace("{id}", "00000000-0000-4000-8000-000000000000").replace("{action}", "start")
+    path.replace("{id}", "00000000-0000-4000-8000-000000000000")
+        .replace("{action}", "start")
+        .replace("{workspaceId}", "00000000-0000-4000-8000-000000000000")
+        .replace("{userId}", "u-1")
 }
 
 fn assert_error_shape(body: &Value) {
@@ -241,28 +255,39 @@ async fn openapi_examples_are_valid_requests() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
 
-/// Ensures that with `STEWARD_API_TOKEN` set every mutating route answers 401 without
-/// the token (and with a wrong one), reads stay open, and the right token passes.
+/// Ensures that with `STEWARD_API_TOKEN` set every route but the probes answers 401
+/// with `WWW-Authenticate: Bearer` without the token, reads included, and with
+/// `error="invalid_token"` for a wrong one; the probes stay open; spoofed `X-User-*`
+/// headers are no credential; the right token passes as the development admin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_guards_every_mutating_route() {
+async fn the_token_guards_every_route_but_the_probes() {
     let app = app(Some("s3cret-token"), None).await;
     for (method, path) in ROUTES {
-        let mutating = !matches!(*method, "GET" | "HEAD");
-        let (status, body) =
-            call(&app.router, request(method, &concrete(path), Some(json!({})))).await;
-        if mutating {
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
-            assert_error_shape(&body);
-        } else {
-            assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        let open = steward_api::http::OPEN_ROUTES.contains(path);
+        let mut spoofed = request(method, &concrete(path), Some(json!({})));
+        spoofed.headers_mut().insert("x-user-id", "steward-admin".parse().unwrap());
+        spoofed.headers_mut().insert("x-user-roles", "TREAdmin".parse().unwrap());
+        let response = app.router.clone().oneshot(spoofed).await.unwrap();
+        if open {
+            assert_ne!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+            continue;
         }
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer", "{method} {path}");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        assert_error_shape(&serde_json::from_slice(&bytes).unwrap());
+
         let mut wrong = request(method, &concrete(path), Some(json!({})));
         wrong.headers_mut().insert(header::AUTHORIZATION, "Bearer s3cret-tokeN".parse().unwrap());
-        let (status, _) = call(&app.router, wrong).await;
-        if mutating {
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with a wrong token");
-        }
+        let response = app.router.clone().oneshot(wrong).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path} wrong token");
+        let challenge = response.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert!(challenge.starts_with("Bearer error=\"invalid_token\""), "{challenge}");
     }
+    let mut right = request("GET", "/api/workers", None);
+    right.headers_mut().insert(header::AUTHORIZATION, "Bearer s3cret-token".parse().unwrap());
+    let (status, body) = call(&app.router, right).await;
+    assert_eq!(status, StatusCode::OK, "the development admin is an operator: {body}");
     let mut right = request(
         "POST",
         "/api/resources",
@@ -273,6 +298,319 @@ async fn token_guards_every_mutating_route() {
     right.headers_mut().insert(header::AUTHORIZATION, "Bearer s3cret-token".parse().unwrap());
     let (status, body) = call(&app.router, right).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["operation"]["user"]["id"], "steward-admin", "{body}");
+}
+
+/// Ensures that the operator routes answer 403 to a known caller without `TREAdmin`,
+/// and that `STEWARD_METRICS_OPEN` opens `/metrics` to anyone, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_routes_need_tre_admin() {
+    let proxy = Authentication::none().with_proxy_headers(true);
+    let as_user = |path: &str, roles: &str| {
+        let mut request = request("GET", path, None);
+        request.headers_mut().insert("x-user-id", "u-1".parse().unwrap());
+        request.headers_mut().insert("x-user-roles", roles.parse().unwrap());
+        request
+    };
+    let app = build(proxy.clone(), false, None, true).await;
+    for path in steward_api::http::OPERATOR_ROUTES {
+        let (status, body) = call(&app.router, as_user(path, "TREUser")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+        assert_error_shape(&body);
+        let (status, _) = call(&app.router, as_user(path, "TREAdmin")).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let (status, _) = call(&app.router, request("GET", path, None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let open = build(proxy, true, None, true).await;
+    let (status, _) = call(&open.router, request("GET", "/metrics", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&open.router, request("GET", "/api/workers", None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// Ensures that a token that cannot be checked because the issuer's keys cannot be
+/// fetched is 503 with `Retry-After` (the service's fault), and a malformed or
+/// HMAC token 401 `invalid_token` (the caller's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_that_cannot_be_checked_are_503_and_bad_ones_401() {
+    use base64::Engine as _;
+    use steward_api::http::auth::{OidcConfig, OidcVerifier};
+    // Nothing listens on port 9 of the loopback address.
+    let verifier = OidcVerifier::new(OidcConfig {
+        issuer: "http://127.0.0.1:9".to_owned(),
+        audience: "api://steward".to_owned(),
+        jwks_url: None,
+    })
+    .unwrap();
+    let app = build(Authentication::none().with_oidc(Arc::new(verifier)), false, None, true).await;
+    let part = |value: Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string().as_bytes())
+    };
+    let claims = part(json!({"sub": "u", "iss": "http://127.0.0.1:9", "aud": "api://steward"}));
+    for (alg, status) in
+        [("RS256", StatusCode::SERVICE_UNAVAILABLE), ("HS256", StatusCode::UNAUTHORIZED)]
+    {
+        let token = format!("{}.{claims}.c2ln", part(json!({"alg": alg, "kid": "k1"})));
+        let mut request = request("GET", "/api/resources", None);
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        let response = app.router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), status, "{alg}");
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(response.headers().contains_key(header::RETRY_AFTER));
+        } else {
+            let challenge = response.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+            assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+            assert!(challenge.contains("HS256"), "{challenge}");
+        }
+    }
+}
+
+/// A request as the user `id` with these global roles, through trusted proxy headers.
+fn as_user(id: &str, roles: &str, method: &str, uri: &str, body: Option<Value>) -> Request<Body> {
+    let mut request = request(method, uri, body);
+    request.headers_mut().insert("x-user-id", id.parse().unwrap());
+    request.headers_mut().insert("x-user-roles", roles.parse().unwrap());
+    request
+}
+
+/// Ensures that only `TREAdmin` or the workspace's `WorkspaceOwner` sets a user's roles
+/// in a workspace; that the user, the owner and the admin read them and nobody else;
+/// and that unknown roles and unknown workspaces are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_roles_are_set_by_admins_and_owners() {
+    let app = build(Authentication::none().with_proxy_headers(true), false, None, true).await;
+    let create = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    let (status, body) =
+        call(&app.router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(create)))
+            .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let roles = |user: &str| format!("/api/workspaces/{ws}/roles/{user}");
+    let set = |role: &str| Some(json!({"roles": [role]}));
+
+    let (status, body) = call(
+        &app.router,
+        as_user("admin", "TREAdmin", "PUT", &roles("owner"), set("WorkspaceOwner")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"workspaceId": ws, "userId": "owner", "roles": ["WorkspaceOwner"]}));
+
+    let (status, body) = call(
+        &app.router,
+        as_user("mallory", "TREUser", "PUT", &roles("mallory"), set("AirlockManager")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_error_shape(&body);
+
+    let (status, body) =
+        call(&app.router, as_user("owner", "TREUser", "PUT", &roles("am"), set("AirlockManager")))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    for (reader, expected) in
+        [("am", StatusCode::OK), ("owner", StatusCode::OK), ("mallory", StatusCode::FORBIDDEN)]
+    {
+        let (status, body) =
+            call(&app.router, as_user(reader, "", "GET", &roles("am"), None)).await;
+        assert_eq!(status, expected, "{reader}: {body}");
+        if status == StatusCode::OK {
+            assert_eq!(body["roles"], json!(["AirlockManager"]), "{reader}");
+        }
+    }
+    let (status, _) =
+        call(&app.router, as_user("admin", "TREAdmin", "GET", &roles("am"), None)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, body) =
+        call(&app.router, as_user("admin", "TREAdmin", "PUT", &roles("x"), set("Superuser"))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let missing = "/api/workspaces/00000000-0000-4000-8000-000000000000/roles/x";
+    let (status, body) =
+        call(&app.router, as_user("admin", "TREAdmin", "PUT", missing, set("AirlockManager")))
+            .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _) = call(&app.router, request("GET", &roles("am"), None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // An empty set removes the user's roles.
+    let (status, body) =
+        call(&app.router, as_user("owner", "", "PUT", &roles("am"), Some(json!({"roles": []}))))
+            .await;
+    assert_eq!((status, body["roles"].clone()), (StatusCode::OK, json!([])));
+}
+
+/// Ensures that each route class checks its roles: workspaces and shared services need
+/// `TREAdmin`; workspace services the workspace's owner; user resources its owner or a
+/// researcher; reads any role in the workspace (shared services anyone); lists show
+/// only what the caller may see; airlock requests are written by researchers and
+/// owners and reviewed by the airlock manager, never by their creator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_class_checks_its_roles() {
+    let app = build(Authentication::none().with_proxy_headers(true), false, None, true).await;
+    let router = &app.router;
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    let firewall =
+        json!({"templateName": "tre-shared-service-firewall", "resourceType": "shared-service"});
+    let (status, _) = call(
+        router,
+        as_user("outsider", "TREUser", "POST", "/api/resources", Some(workspace.clone())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a workspace needs TREAdmin");
+    let (status, body) =
+        call(router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(workspace))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let (status, _) =
+        call(router, as_user("owner", "TREUser", "POST", "/api/resources", Some(firewall.clone())))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a shared service needs TREAdmin");
+    let (status, body) =
+        call(router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(firewall))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let fw = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    for (user, roles) in [
+        ("owner", json!(["WorkspaceOwner"])),
+        ("researcher", json!(["WorkspaceResearcher"])),
+        ("manager", json!(["AirlockManager"])),
+        ("both", json!(["WorkspaceResearcher", "AirlockManager"])),
+    ] {
+        let uri = format!("/api/workspaces/{ws}/roles/{user}");
+        let (status, body) =
+            call(router, as_user("admin", "TREAdmin", "PUT", &uri, Some(json!({"roles": roles}))))
+                .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    // A workspace service: the owner only.
+    let service = json!({"templateName": "tre-service-guacamole", "resourceType": "workspace-service",
+        "workspaceId": ws, "properties": {"display_name": "Desktops"}});
+    let (status, _) =
+        call(router, as_user("researcher", "", "POST", "/api/resources", Some(service.clone())))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) =
+        call(router, as_user("owner", "", "POST", "/api/resources", Some(service))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let svc = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+
+    // A user resource: the owner or a researcher.
+    let mut vms = Vec::new();
+    let vm = json!({"templateName": "tre-user-resource-linuxvm", "resourceType": "user-resource",
+        "workspaceId": ws, "parentWorkspaceServiceId": svc,
+        "properties": {"display_name": "VM 1", "os_image": "Ubuntu 22.04 LTS"}});
+    for (user, expected) in [
+        ("manager", StatusCode::FORBIDDEN),
+        ("outsider", StatusCode::FORBIDDEN),
+        ("researcher", StatusCode::ACCEPTED),
+        ("owner", StatusCode::ACCEPTED),
+    ] {
+        let (status, body) =
+            call(router, as_user(user, "", "POST", "/api/resources", Some(vm.clone()))).await;
+        assert_eq!(status, expected, "{user} creates a user resource: {body}");
+        if status == StatusCode::ACCEPTED {
+            vms.push(body["operation"]["resourceId"].as_str().unwrap().to_owned());
+        }
+    }
+
+    // Reads: any role in the workspace; shared services anyone.
+    let ws_uri = format!("/api/resources/{ws}");
+    for (user, expected) in [
+        ("outsider", StatusCode::FORBIDDEN),
+        ("manager", StatusCode::OK),
+        ("researcher", StatusCode::OK),
+    ] {
+        let (status, _) = call(router, as_user(user, "", "GET", &ws_uri, None)).await;
+        assert_eq!(status, expected, "{user} reads the workspace");
+        let (status, _) =
+            call(router, as_user(user, "", "GET", &format!("{ws_uri}/operations"), None)).await;
+        assert_eq!(status, expected, "{user} reads its operations");
+    }
+    let (status, _) =
+        call(router, as_user("outsider", "", "GET", &format!("/api/resources/{fw}"), None)).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids = |body: &Value| -> Vec<String> {
+        body["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, body) = call(router, as_user("outsider", "", "GET", "/api/resources", None)).await;
+    assert_eq!(ids(&body), vec![fw.clone()], "an outsider lists the shared services only");
+    let (_, body) = call(router, as_user("researcher", "", "GET", "/api/resources", None)).await;
+    let mut expected = vec![ws.clone(), fw.clone(), svc.clone()];
+    expected.extend(vms);
+    assert_eq!(ids(&body), expected);
+
+    // Changing a workspace needs TREAdmin, even for its owner.
+    let patch = Some(json!({"properties": {"display_name": "Genomics 2"}}));
+    let (status, _) = call(router, as_user("owner", "", "PATCH", &ws_uri, patch.clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = call(router, as_user("owner", "", "DELETE", &ws_uri, None)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Airlock: researchers and owners write, the airlock manager reviews.
+    let new_request = Some(json!({"workspaceId": ws, "type": "export"}));
+    let (status, _) =
+        call(router, as_user("manager", "", "POST", "/api/airlock-requests", new_request.clone()))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = call(
+        router,
+        as_user("researcher", "", "POST", "/api/airlock-requests", new_request.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let request_id = body["airlockRequest"]["id"].as_str().unwrap().to_owned();
+    let (status, body) =
+        call(router, as_user("both", "", "POST", "/api/airlock-requests", new_request)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let own_request = body["airlockRequest"]["id"].as_str().unwrap().to_owned();
+    let review = Some(json!({"reviewDecision": "approved", "decisionExplanation": "fine"}));
+    let review_uri = |id: &str| format!("/api/airlock-requests/{id}/review");
+    let (status, _) =
+        call(router, as_user("researcher", "", "POST", &review_uri(&request_id), review.clone()))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a researcher cannot review");
+    let (status, body) =
+        call(router, as_user("both", "", "POST", &review_uri(&own_request), review.clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "nobody reviews their own request");
+    assert!(body["detail"].as_str().unwrap().contains("creator"), "{body}");
+    // The manager passes authorization; the draft is not in review, so the rules refuse.
+    let (status, body) =
+        call(router, as_user("manager", "", "POST", &review_uri(&request_id), review)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("illegal_status_change")),
+        "{body}"
+    );
+    let (status, _) = call(
+        router,
+        as_user("manager", "", "POST", &format!("/api/airlock-requests/{request_id}/submit"), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "an airlock manager does not submit");
+    let (status, _) = call(
+        router,
+        as_user("outsider", "", "GET", &format!("/api/airlock-requests/{request_id}"), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, body) =
+        call(router, as_user("outsider", "", "GET", "/api/airlock-requests", None)).await;
+    assert_eq!(body["airlockRequests"], json!([]), "an outsider lists no airlock requests");
+    let (_, body) =
+        call(router, as_user("manager", "", "GET", "/api/airlock-requests", None)).await;
+    assert_eq!(body["airlockRequests"].as_array().unwrap().len(), 2);
 }
 
 /// Ensures that bad bodies get the JSON error shape: malformed JSON 400, unknown or
@@ -463,7 +801,7 @@ async fn probes_follow_worker_health() {
 /// 200 and `/readyz` 503 naming the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmigrated_database_answers_503_with_retry_after() {
-    let app = build(None, None, false).await;
+    let app = build(Authentication::none(), false, None, false).await;
     for (method, path) in [
         ("GET", "/api/resources"),
         ("GET", "/api/operations/00000000-0000-4000-8000-000000000000"),

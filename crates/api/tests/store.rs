@@ -510,7 +510,56 @@ mod cases {
         store.migrate().await.unwrap();
         assert_eq!(store.read().resource("w1").await.unwrap().id, "w1");
     }
+
+    /// Ensures that a user's roles in a workspace are replaced as a whole, kept apart
+    /// per workspace and per user, listed per user, and removed by an empty set.
+    pub(super) async fn workspace_roles_are_set_read_and_removed(store: &Store) {
+        use steward_api::domain::WorkspaceRole::{
+            AirlockManager, WorkspaceOwner, WorkspaceResearcher,
+        };
+        assert!(store.read().workspace_roles("w1", "ada").await.unwrap().is_empty());
+        let mut tx = store.begin().await.unwrap();
+        tx.set_workspace_roles(
+            "w1",
+            "ada",
+            &[WorkspaceResearcher, WorkspaceOwner, WorkspaceOwner],
+            "admin",
+        )
+        .await
+        .unwrap();
+        tx.set_workspace_roles("w2", "ada", &[AirlockManager], "admin").await.unwrap();
+        tx.set_workspace_roles("w1", "bob", &[AirlockManager], "admin").await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            store.read().workspace_roles("w1", "ada").await.unwrap(),
+            [WorkspaceOwner, WorkspaceResearcher],
+            "sorted, without duplicates"
+        );
+        assert_eq!(store.read().workspace_roles("w1", "bob").await.unwrap(), [AirlockManager]);
+
+        let mut tx = store.begin().await.unwrap();
+        tx.set_workspace_roles("w1", "ada", &[AirlockManager], "owner").await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.read().workspace_roles("w1", "ada").await.unwrap(), [AirlockManager]);
+        assert_eq!(
+            store.read().roles_of_user("ada").await.unwrap(),
+            [("w1".to_owned(), vec![AirlockManager]), ("w2".to_owned(), vec![AirlockManager])]
+        );
+
+        let mut tx = store.begin().await.unwrap();
+        tx.set_workspace_roles("w1", "ada", &[], "owner").await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(store.read().workspace_roles("w1", "ada").await.unwrap().is_empty());
+        assert_eq!(store.read().roles_of_user("ada").await.unwrap().len(), 1);
+        assert_eq!(store.read().workspace_roles("w1", "bob").await.unwrap(), [AirlockManager]);
+    }
 }
+
+db_test!(
+    workspace_roles_are_set_read_and_removed_sqlite,
+    workspace_roles_are_set_read_and_removed_postgres,
+    cases::workspace_roles_are_set_read_and_removed
+);
 
 db_test!(resources_round_trip_sqlite, resources_round_trip_postgres, cases::resources_round_trip);
 db_test!(

@@ -10,7 +10,9 @@
 //! - [`TransportError`], named for what the caller does next, with
 //!   [`is_retryable`](TransportError::is_retryable);
 //! - [`Handler`] and [`Outcome`], what application code implements;
-//! - [`Capabilities`], what a transport supports.
+//! - [`Capabilities`], what a transport supports;
+//! - [`transport`]: what every transport means the same way ([`DeadLetter`], the
+//!   reason and naming constants).
 //!
 //! Feature `testkit` adds the conformance suite every transport must pass
 //! ([`testkit`], not semver-stable); feature `mock` adds `mockall` mocks of the traits
@@ -62,6 +64,7 @@ pub mod metrics;
 mod sink;
 mod source;
 mod supervisor;
+pub mod transport;
 mod updater;
 
 #[cfg(feature = "testkit")]
@@ -80,6 +83,7 @@ pub use supervisor::{
     Settled, ShutdownReport, Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError,
     WorkerHealth, WorkerState,
 };
+pub use transport::DeadLetter;
 pub use updater::{Connect, Updater, UpdaterConfig};
 
 #[cfg(feature = "mock")]

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward_core::testkit::{DeadLetter, TransportFactory};
+use steward_core::testkit::{CASES, Suite, TransportFactory, assert_skips_justified};
 use steward_core::{
-    Capabilities, Delivery, Message, MessageSink, MessageSource, MockMessageSink,
+    Capabilities, DeadLetter, Delivery, Message, MessageSink, MessageSource, MockMessageSink,
     MockMessageSource, MockSettle, TransportError, error_chain,
 };
 
@@ -90,4 +90,42 @@ async fn conformance_suite_rejects_source_exceeding_max() {
 #[should_panic(expected = "not NotFound")]
 async fn conformance_suite_rejects_silent_send_to_missing_queue() {
     steward_core::testkit::send_to_missing_queue_returns_not_found(&BrokenFactory).await;
+}
+
+/// Ensures that a transport's suite has one test per case, named `conformance::<case>`,
+/// ignores exactly the skipped cases, and ends with the guard on the skips.
+#[test]
+fn suite_has_one_named_test_per_case_and_ignores_the_skipped() {
+    const SKIPPED: &str = "sessions_deliver_in_order_one_lock_per_session";
+    let trials = Suite::new(|| async { Some(BrokenFactory) })
+        .with_skip(SKIPPED, "no broker-side sessions")
+        .trials();
+    assert_eq!(trials.len(), CASES.len() + 1);
+    for (trial, case) in trials.iter().zip(CASES) {
+        assert_eq!(trial.name(), format!("conformance::{}", case.name));
+        assert_eq!(trial.has_ignored_flag(), case.name == SKIPPED, "{}", case.name);
+    }
+    let guard = trials.last().unwrap();
+    assert_eq!(guard.name(), "conformance::skips_are_justified");
+    assert!(!guard.has_ignored_flag());
+}
+
+/// Ensures that the guard on the skips refuses a skip of a case the transport can run,
+/// of an unknown case, and one without a reason, and accepts a justified skip.
+#[test]
+fn skips_must_name_a_case_the_transport_cannot_run() {
+    use std::panic::catch_unwind;
+    let refused = [
+        ("round_trip_preserves_body_and_properties", "the basic contract"),
+        ("no_such_case", "unknown"),
+        ("sessions_deliver_in_order_one_lock_per_session", " "),
+    ];
+    for skip in refused {
+        let result = catch_unwind(|| assert_skips_justified(&BrokenFactory, &[skip]));
+        assert!(result.is_err(), "{skip:?} was accepted");
+    }
+    assert_skips_justified(
+        &BrokenFactory,
+        &[("sessions_deliver_in_order_one_lock_per_session", "no broker-side sessions")],
+    );
 }

@@ -38,9 +38,9 @@ async fn over_max_deliveries_is_dead_lettered_without_calling_handler() {
 
     assert_eq!(calls.load(Ordering::SeqCst), 3, "the handler saw deliveries 1 to 3 only");
     let dead = broker.dead_letters(QUEUE);
-    assert_eq!(dead[0].info.reason, "MaxDeliveryCountExceeded");
+    assert_eq!(dead[0].reason, "MaxDeliveryCountExceeded");
     assert_eq!(dead[0].message.delivery_count, 4);
-    assert!(dead[0].info.description.contains("more than the limit of 3"));
+    assert!(dead[0].description.contains("more than the limit of 3"));
     let counts = worker(&health, "limited").outcomes;
     assert_eq!((counts.retried, counts.dead_lettered), (3, 1));
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;

@@ -6,15 +6,18 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::{Capabilities, Message, MessageSink, OutgoingMessage, TransportError};
+use steward_core::transport::{
+    DEAD_LETTER_DESCRIPTION_PROPERTY, DEAD_LETTER_REASON_PROPERTY, MAX_DELIVERY_COUNT_EXCEEDED,
+    later,
+};
+use steward_core::{
+    Capabilities, DeadLetter, Message, MessageSink, OutgoingMessage, TransportError,
+};
 use tokio::time::{Instant, sleep, sleep_until};
 use uuid::Uuid;
 
 use crate::fault::{Faults, Operation, QueueFaults};
-use crate::queue::{
-    DeadLetterInfo, Entity, LockGone, LockedMessage, MAX_DELIVERY_COUNT_EXCEEDED, QueueOptions,
-    Stored,
-};
+use crate::queue::{Entity, LockGone, LockedMessage, QueueOptions, Stored};
 use crate::source::InMemorySource;
 
 /// The suffix that names a queue's dead-letter sub-queue, as Service Bus spells it.
@@ -22,7 +25,7 @@ pub const DEAD_LETTER_SUFFIX: &str = "/$DeadLetterQueue";
 
 /// An in-process message broker with the semantics of a peek-lock broker.
 ///
-/// - Queues are created on first use, or, in strict mode ([`InMemoryBrokerBuilder::strict`]),
+/// - Queues are created on first use, or, in strict mode ([`InMemoryBrokerBuilder::with_strict`]),
 ///   only by [`declare_queue`](Self::declare_queue); using an undeclared queue is then
 ///   [`TransportError::NotFound`].
 /// - A received message is locked for the queue's lock duration; it can be completed,
@@ -85,19 +88,19 @@ pub struct InMemoryBrokerBuilder {
 
 impl InMemoryBrokerBuilder {
     /// In strict mode, only declared queues exist. Default: queues are created on first use.
-    pub fn strict(mut self, strict: bool) -> Self {
+    pub fn with_strict(mut self, strict: bool) -> Self {
         self.strict = strict;
         self
     }
 
     /// The options of queues created on first use (and the default lock duration).
-    pub fn default_queue_options(mut self, options: QueueOptions) -> Self {
+    pub fn with_default_queue_options(mut self, options: QueueOptions) -> Self {
         self.default_options = options;
         self
     }
 
     /// Refuses bodies larger than `max` bytes. Default: no limit.
-    pub fn max_body_bytes(mut self, max: usize) -> Self {
+    pub fn with_max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = Some(max);
         self
     }
@@ -143,17 +146,6 @@ pub struct Enqueued {
     pub message_id: String,
     /// The sequence number in the queue.
     pub sequence: u64,
-}
-
-/// A message in a dead-letter queue, with why it is there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetteredMessage {
-    /// The message as it was dead-lettered.
-    pub message: Message,
-    /// The sequence number in the dead-letter queue.
-    pub sequence: u64,
-    /// Reason and description.
-    pub info: DeadLetterInfo,
 }
 
 impl InMemoryBroker {
@@ -436,7 +428,7 @@ impl InMemoryBroker {
         generation: Option<u64>,
     ) -> Result<Vec<LockedMessage>, TransportError> {
         self.before(Operation::Receive, queue).await?;
-        let deadline = crate::queue::later(Instant::now(), wait);
+        let deadline = later(Instant::now(), wait);
         let notify = self.with_entity(queue, |entity| entity.notify.clone())?;
         loop {
             let notified = notify.notified();
@@ -508,11 +500,11 @@ impl InMemoryBroker {
             .entry(name)
             .or_insert_with(|| Entity::new(QueueOptions { max_delivery_count: None, ..options }));
         let mut message = stored.message;
-        message.properties.insert("DeadLetterReason".to_owned(), reason.to_owned());
-        message.properties.insert("DeadLetterErrorDescription".to_owned(), description.to_owned());
-        let info =
-            DeadLetterInfo { reason: reason.to_owned(), description: description.to_owned() };
-        dlq.push(message, now, Some(info));
+        message.properties.insert(DEAD_LETTER_REASON_PROPERTY.to_owned(), reason.to_owned());
+        message
+            .properties
+            .insert(DEAD_LETTER_DESCRIPTION_PROPERTY.to_owned(), description.to_owned());
+        dlq.push(message, now, Some((reason.to_owned(), description.to_owned())));
     }
 
     async fn settle<T>(
@@ -723,18 +715,15 @@ impl InMemoryBroker {
 
     /// The messages in `queue`'s dead-letter sub-queue, oldest first, without locking them.
     #[must_use]
-    pub fn dead_letters(&self, queue: &str) -> Vec<DeadLetteredMessage> {
+    pub fn dead_letters(&self, queue: &str) -> Vec<DeadLetter> {
         let state = self.state();
         let Some(dlq) = state.entities.get(&Self::dead_letter_queue_name(queue)) else {
             return Vec::new();
         };
         dlq.iter()
             .filter_map(|stored| {
-                Some(DeadLetteredMessage {
-                    message: stored.message.clone(),
-                    sequence: stored.sequence,
-                    info: stored.dead_letter.clone()?,
-                })
+                let (reason, description) = stored.dead_letter.clone()?;
+                Some(DeadLetter { message: stored.message.clone(), reason, description })
             })
             .collect()
     }

@@ -20,7 +20,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), steward_core::TransportError> {
-//! let broker = InMemoryBroker::builder().strict(true).build();
+//! let broker = InMemoryBroker::builder().with_strict(true).build();
 //! broker.declare_queue("jobs", QueueOptions::default().with_lock_duration(Duration::from_secs(30)));
 //! broker.send("jobs", OutgoingMessage::new("{}").with_session_id("a")).await?;
 //!
@@ -29,7 +29,7 @@
 //! assert_eq!(deliveries[0].message().delivery_count, 1);
 //! deliveries.into_iter().next().unwrap().dead_letter("Invalid", "not a job").await?;
 //!
-//! assert_eq!(broker.dead_letters("jobs")[0].info.reason, "Invalid");
+//! assert_eq!(broker.dead_letters("jobs")[0].reason, "Invalid");
 //! assert!(broker.send("nowhere", OutgoingMessage::new("x")).await.unwrap_err().is_not_found());
 //! # Ok(())
 //! # }
@@ -40,10 +40,7 @@ mod fault;
 mod queue;
 mod source;
 
-pub use broker::{
-    DEAD_LETTER_SUFFIX, DeadLetteredMessage, Enqueued, InMemoryBroker, InMemoryBrokerBuilder,
-    LockRef,
-};
+pub use broker::{DEAD_LETTER_SUFFIX, Enqueued, InMemoryBroker, InMemoryBrokerBuilder, LockRef};
 pub use fault::Faults;
-pub use queue::{DeadLetterInfo, LockedMessage, MAX_DELIVERY_COUNT_EXCEEDED, QueueOptions};
+pub use queue::{LockedMessage, QueueOptions};
 pub use source::InMemorySource;

@@ -6,17 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use steward_core::Message;
+use steward_core::transport::later;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
-
-/// The reason a message carries into the dead-letter queue when it was delivered too often.
-pub const MAX_DELIVERY_COUNT_EXCEEDED: &str = "MaxDeliveryCountExceeded";
-
-/// `now + duration`, or a moment decades away when that does not fit the clock.
-pub(crate) fn later(now: Instant, duration: Duration) -> Instant {
-    now.checked_add(duration).unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 60 * 60))
-}
 
 /// Settings of one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,14 +44,8 @@ impl QueueOptions {
     }
 }
 
-/// Why a message is in a dead-letter queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetterInfo {
-    /// The reason, e.g. `MessageFormatIncorrect` or `MaxDeliveryCountExceeded`.
-    pub reason: String,
-    /// The description.
-    pub description: String,
-}
+/// Why a message is in a dead-letter queue: its reason and description.
+pub(crate) type DeadLetterCause = (String, String);
 
 /// A message as stored, with its broker-side state.
 #[derive(Debug, Clone)]
@@ -67,7 +54,7 @@ pub(crate) struct Stored {
     pub(crate) sequence: u64,
     pub(crate) visible_at: Instant,
     pub(crate) lock: Option<Lock>,
-    pub(crate) dead_letter: Option<DeadLetterInfo>,
+    pub(crate) dead_letter: Option<DeadLetterCause>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,8 +76,6 @@ pub struct LockedMessage {
     pub lock_token: Uuid,
     /// When the lock expires.
     pub locked_until: Instant,
-    /// Set for messages received from a dead-letter queue.
-    pub dead_letter: Option<DeadLetterInfo>,
 }
 
 /// A settlement was refused because the lock is gone.
@@ -139,7 +124,7 @@ impl Entity {
         &mut self,
         mut message: Message,
         visible_at: Instant,
-        dead_letter: Option<DeadLetterInfo>,
+        dead_letter: Option<DeadLetterCause>,
     ) -> u64 {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
@@ -208,7 +193,6 @@ impl Entity {
                 sequence: stored.sequence,
                 lock_token: lock.token,
                 locked_until: lock.until,
-                dead_letter: stored.dead_letter.clone(),
             });
         }
         for sequence in expired_overflow {

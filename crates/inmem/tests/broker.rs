@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
+use steward_core::transport::MAX_DELIVERY_COUNT_EXCEEDED;
 use steward_core::{ErrorKind, MessageSink, MessageSource, OutgoingMessage, TransportError};
-use steward_inmem::{InMemoryBroker, MAX_DELIVERY_COUNT_EXCEEDED, QueueOptions};
+use steward_inmem::{InMemoryBroker, QueueOptions};
 use tokio::time::{Instant, timeout};
 
 const WAIT: Duration = Duration::from_secs(1);
 
 fn broker_with(queue: &str, options: QueueOptions) -> InMemoryBroker {
-    let broker = InMemoryBroker::builder().strict(true).build();
+    let broker = InMemoryBroker::builder().with_strict(true).build();
     broker.declare_queue(queue, options);
     broker
 }
@@ -114,7 +115,7 @@ async fn delivery_limit_moves_message_to_dead_letter_queue() {
     let dead = broker.dead_letters("q");
     let ids: Vec<_> = dead.iter().map(|d| d.message.id.as_str()).collect();
     assert_eq!(ids, ["abandoned", "expired"]);
-    assert!(dead.iter().all(|d| d.info.reason == MAX_DELIVERY_COUNT_EXCEEDED));
+    assert!(dead.iter().all(|d| d.reason == MAX_DELIVERY_COUNT_EXCEEDED));
     assert_eq!(broker.dead_letter_count("q"), 2);
 
     let dlq = broker.dead_letter_source("q").unwrap();
@@ -128,7 +129,7 @@ async fn delivery_limit_moves_message_to_dead_letter_queue() {
 /// broker creates them on first use.
 #[tokio::test(start_paused = true)]
 async fn strict_mode_refuses_undeclared_queues() {
-    let strict = InMemoryBroker::builder().strict(true).build();
+    let strict = InMemoryBroker::builder().with_strict(true).build();
     let error = strict.send("nope", OutgoingMessage::new("x")).await.unwrap_err();
     assert!(matches!(&error, TransportError::NotFound { entity, .. } if entity.contains("nope")));
     assert!(strict.source("nope").unwrap_err().is_not_found());
@@ -273,7 +274,7 @@ async fn lock_by_message_id_finds_only_the_holder() {
 /// Ensures that a body over the broker's limit is refused with a protocol error.
 #[tokio::test(start_paused = true)]
 async fn body_over_limit_is_refused() {
-    let broker = InMemoryBroker::builder().max_body_bytes(8).build();
+    let broker = InMemoryBroker::builder().with_max_body_bytes(8).build();
     assert_eq!(broker.capabilities().max_body_bytes, Some(8));
     let error = broker.send("q", OutgoingMessage::new("123456789")).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Protocol);

@@ -1,11 +1,16 @@
-//! The steward transport conformance suite on the in-memory broker, under paused time.
+//! The steward transport conformance suite on the in-memory broker, under paused time
+//! (the suite's default runtime). A `harness = false` test target: one test per case,
+//! named `conformance::<case>`.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::testkit::{DeadLetter, FaultHooks, TransportFactory, unique_name};
-use steward_core::{Capabilities, ErrorKind, MessageSink, MessageSource, TransportError};
+use steward_core::testkit::{FaultHooks, Suite, TransportFactory, unique_name};
+use steward_core::{
+    Capabilities, DeadLetter, ErrorKind, MessageSink, MessageSource, TransportError,
+};
 use steward_inmem::{InMemoryBroker, QueueOptions};
 
 const LOCK: Duration = Duration::from_secs(30);
@@ -16,7 +21,7 @@ struct Factory {
 
 impl Factory {
     fn new() -> Self {
-        Self { broker: InMemoryBroker::builder().strict(true).build() }
+        Self { broker: InMemoryBroker::builder().with_strict(true).build() }
     }
 }
 
@@ -49,16 +54,7 @@ impl TransportFactory for Factory {
     }
 
     async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
-        Ok(self
-            .broker
-            .dead_letters(queue)
-            .into_iter()
-            .map(|d| DeadLetter {
-                message: d.message,
-                reason: d.info.reason,
-                description: d.info.description,
-            })
-            .collect())
+        Ok(self.broker.dead_letters(queue))
     }
 
     fn faults(&self) -> Option<&dyn FaultHooks> {
@@ -72,10 +68,14 @@ impl FaultHooks for Factory {
         self.broker.faults(queue).fail_receives(1, ErrorKind::Connection);
         Ok(())
     }
+
+    /// The next disposition fails, leaving the message locked until its lock expires.
+    async fn break_dead_letter(&self, queue: &str) -> Result<(), TransportError> {
+        self.broker.faults(queue).fail_dispositions(1, ErrorKind::Connection);
+        Ok(())
+    }
 }
 
-steward_core::conformance_tests! {
-    factory: Factory::new(),
-    runtime: (start_paused = true),
-    skip: {},
+fn main() -> ExitCode {
+    Suite::new(|| async { Some(Factory::new()) }).run()
 }

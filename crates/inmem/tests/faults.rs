@@ -13,7 +13,7 @@ const WAIT: Duration = Duration::from_secs(1);
 const LOCK: Duration = Duration::from_secs(30);
 
 fn broker() -> InMemoryBroker {
-    let broker = InMemoryBroker::builder().strict(true).build();
+    let broker = InMemoryBroker::builder().with_strict(true).build();
     broker.declare_queue("q", QueueOptions::default().with_lock_duration(LOCK));
     broker
 }
@@ -154,7 +154,7 @@ async fn expire_locks_releases_messages_and_keeps_sources() {
 /// lets a delayed one hold nothing back, and claims no sessions.
 #[tokio::test(start_paused = true)]
 async fn broker_without_sessions_does_not_order_sessions() {
-    let broker = InMemoryBroker::builder().strict(true).with_sessions(false).build();
+    let broker = InMemoryBroker::builder().with_strict(true).with_sessions(false).build();
     broker.declare_queue("q", QueueOptions::default().with_lock_duration(LOCK));
     for id in ["a1", "a2", "a3"] {
         send(&broker, id, Some("a")).await;

@@ -15,6 +15,17 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_MAX_DELIVERIES: u32 = 10;
 /// The smallest prefetch a consumer gets by default, whatever the concurrency.
 pub const MIN_DEFAULT_PREFETCH: u16 = 256;
+/// The default prefetch per handler: a consumer gets `max(PREFETCH_PER_HANDLER ×
+/// concurrency, MIN_DEFAULT_PREFETCH)` unless a prefetch is set.
+pub const PREFETCH_PER_HANDLER: usize = 4;
+/// The default prefix of connection names.
+pub const DEFAULT_CONNECTION_NAME: &str = "steward";
+/// The default AMQP heartbeat.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long opening a connection may take by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a publish waits for the broker's confirm by default.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A configuration value that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +76,8 @@ pub enum ConfigError {
 /// consumers.
 ///
 /// [`from_env`](Self::from_env) reads `STEWARD_RABBITMQ_URL` (default
-/// [`DEFAULT_URL`]) and `STEWARD_MAX_DELIVERIES` (default 10); `with_*` setters
+/// [`DEFAULT_URL`]) and `STEWARD_MAX_DELIVERIES` (default [`DEFAULT_MAX_DELIVERIES`]);
+/// `with_*` setters
 /// override them. Nothing is checked or contacted until [`build`](Self::build), and
 /// `build` does not connect: the first source or sink does.
 ///
@@ -114,16 +126,16 @@ impl Default for RabbitMqBuilder {
     fn default() -> Self {
         Self {
             url: DEFAULT_URL.to_owned(),
-            connection_name: "steward".to_owned(),
+            connection_name: DEFAULT_CONNECTION_NAME.to_owned(),
             queues: Vec::new(),
             publish_queues: Vec::new(),
             max_deliveries: Setting::Default,
             delivery_limit: None,
             concurrency: 1,
             prefetch: None,
-            heartbeat: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(10),
-            confirm_timeout: Duration::from_secs(30),
+            heartbeat: DEFAULT_HEARTBEAT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             queue_expiry: None,
         }
     }
@@ -149,7 +161,7 @@ impl fmt::Debug for RabbitMqBuilder {
 }
 
 impl RabbitMqBuilder {
-    /// Defaults everywhere: [`DEFAULT_URL`], no queues, `max_deliveries` 10.
+    /// Defaults everywhere: [`DEFAULT_URL`], no queues, [`DEFAULT_MAX_DELIVERIES`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -180,7 +192,8 @@ impl RabbitMqBuilder {
         self
     }
 
-    /// The prefix of every connection name (default `steward`). Connections are named
+    /// The prefix of every connection name (default [`DEFAULT_CONNECTION_NAME`]).
+    /// Connections are named
     /// `<prefix> source <queue> <id>` and `<prefix> sink <id>`.
     pub fn with_connection_name(mut self, prefix: impl Into<String>) -> Self {
         self.connection_name = prefix.into();
@@ -218,34 +231,36 @@ impl RabbitMqBuilder {
         self
     }
 
-    /// How many handlers the updater runs at once; sets the default prefetch to
-    /// `max(4 × concurrency, 256)`.
+    /// How many handlers the updater runs at once; sets the default prefetch (see
+    /// [`PREFETCH_PER_HANDLER`]).
     pub fn with_concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency;
         self
     }
 
     /// How many unacknowledged messages the broker hands each consumer ahead
-    /// (`basic.qos`), overriding the default `max(4 × concurrency, 256)`.
+    /// (`basic.qos`), overriding the default (see [`PREFETCH_PER_HANDLER`]).
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = Some(prefetch);
         self
     }
 
-    /// The AMQP heartbeat (default 5 s, whole seconds, at least 1 s): a connection that
+    /// The AMQP heartbeat (default [`DEFAULT_HEARTBEAT`], whole seconds, at least 1 s):
+    /// a connection that
     /// goes silent is noticed within about twice this.
     pub fn with_heartbeat(mut self, heartbeat: Duration) -> Self {
         self.heartbeat = heartbeat;
         self
     }
 
-    /// How long opening a connection may take (default 10 s).
+    /// How long opening a connection may take (default [`DEFAULT_CONNECT_TIMEOUT`]).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// How long a publish waits for the broker's confirm (default 30 s).
+    /// How long a publish waits for the broker's confirm (default
+    /// [`DEFAULT_CONFIRM_TIMEOUT`]).
     pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
@@ -292,7 +307,7 @@ impl RabbitMqBuilder {
             Some(0) => return Err(number("prefetch", 0, "must be at least 1")),
             Some(prefetch) => prefetch,
             None => {
-                let wanted = self.concurrency.saturating_mul(4);
+                let wanted = self.concurrency.saturating_mul(PREFETCH_PER_HANDLER);
                 u16::try_from(wanted).unwrap_or(u16::MAX).max(MIN_DEFAULT_PREFETCH)
             }
         };

@@ -1,151 +1,4 @@
-//! RabbitMQ transport for steward, on [lapin](https://docs.rs/lapin).
-//!
-//! [`RabbitMqBuilder`] configures it (`from_env`, `with_*`, `build`); the resulting
-//! [`RabbitMq`] opens [`RabbitMqSource`]s (one connection each, one per worker start)
-//! and a [`RabbitMqSink`], which implement steward's `MessageSource` and
-//! `MessageSink`.
-//!
-//! # Examples
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use steward_core::{MessageSink, MessageSource, OutgoingMessage, TransportError};
-//! use steward_rabbitmq::RabbitMqBuilder;
-//!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let rabbit = RabbitMqBuilder::from_env() // STEWARD_RABBITMQ_URL, STEWARD_MAX_DELIVERIES
-//!     .with_queue("deploymentstatus")
-//!     .with_publish_queue("workspacequeue")
-//!     .build()?;
-//! // Once at start: a queue that exists with other arguments fails here, by name.
-//! rabbit.declare_topology().await?;
-//!
-//! let sink = rabbit.sink();
-//! sink.send("deploymentstatus", OutgoingMessage::json(r#"{"id":"1"}"#)).await?;
-//!
-//! let source = rabbit.source("deploymentstatus").await?;
-//! for delivery in source.receive(10, Duration::from_secs(5)).await? {
-//!     delivery.complete().await?;
-//! }
-//! source.stop_receiving().await?;
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! Under a steward `Updater`, each (re)start opens a new source:
-//! `Updater::new("deployment-status", move || { let rabbit = rabbit.clone(); async move
-//! { rabbit.source("deploymentstatus").await } }, handler)`.
-//!
-//! # The publisher contract
-//!
-//! Anything that publishes to a queue steward consumes (a TRE resource processor, a
-//! script) follows these rules:
-//!
-//! - publish to the **default exchange** (`""`) with **routing key = the queue name**;
-//! - **persistent** (`delivery_mode = 2`), ideally with publisher confirms and
-//!   `mandatory`, so a missing queue is an error instead of a lost message;
-//! - the body is **JSON** (UTF-8), `content_type = application/json`;
-//! - set **`message_id`** (consumers de-duplicate on it; without one the transport
-//!   assigns a random id on each delivery);
-//! - optional **`correlation_id`** (property);
-//! - optional header **`x-session-id`** (long string): the ordering key; messages with
-//!   the same value are handled one after another, in order, within one steward process;
-//! - other headers with scalar values arrive as string properties; table and array
-//!   headers are not passed to handlers.
-//!
-//! Do not set `x-steward-delivery-count`: the transport uses it to count deliveries
-//! through delays.
-//!
-//! # Topology
-//!
-//! Needs RabbitMQ 3.10 or later (quorum queues with message TTLs, at-least-once
-//! dead-lettering). Declared idempotently by [`RabbitMq::declare_topology`], or by the first source or
-//! sink of a [`RabbitMq`]:
-//!
-//! | queue | arguments |
-//! |---|---|
-//! | `<queue>` (each [`with_queue`](RabbitMqBuilder::with_queue) and [`with_publish_queue`](RabbitMqBuilder::with_publish_queue)) | quorum, `x-delivery-limit` (default 2 × `STEWARD_MAX_DELIVERIES`), dead-letters to `<queue>.dlq` at least once |
-//! | `<queue>.dlq` | quorum; dead letters wait here for an operator |
-//! | `<queue>.delay.<ms>`, for 1 s, 5 s, 30 s, 2 min, 10 min (consumed queues; a publish queue's once a source of it opens) | quorum, `x-message-ttl` = the bucket, dead-letters back to `<queue>` at least once |
-//!
-//! A queue that already exists with other arguments (a classic queue of the same name,
-//! another delivery limit) stops the start with a [`TransportError::Protocol`] naming
-//! the queue and the argument ("inequivalent arg"). Delays use a queue per bucket with
-//! a queue-wide TTL because per-message TTLs expire only at the head of a queue: a 10
-//! minute message would hold back a 1 second one behind it.
-//!
-//! # Settlement
-//!
-//! - complete: `basic.ack`;
-//! - abandon: `basic.nack` with requeue;
-//! - abandon with a delay: a copy goes to the delay bucket (the delay rounded up to a
-//!   bucket, at most 10 min), and once the broker confirmed it, the original is acked;
-//! - dead-letter: a copy with the original properties and headers plus
-//!   `x-steward-dead-letter-reason` and `x-steward-dead-letter-description` goes to
-//!   `<queue>.dlq`, confirmed, then the original is acked;
-//! - both copies drop the per-message TTL (`expiration`), so a dead letter does not
-//!   expire and a delay copy does not come back before its bucket's time.
-//!
-//! Every publish is `mandatory` and waits for its publisher confirm; lapin reports a
-//! message returned as unroutable as `Ack(Some(returned))`, which is a
-//! [`TransportError::NotFound`], never a success. lapin does not tie a returned message
-//! to its publish (it hands it to whichever confirm it resolves next), so each channel has
-//! at most one publish waiting for its confirm: a connection publishes on up to 8 confirm
-//! channels at once, and a channel whose confirm timed out (or whose publish was
-//! cancelled) is closed, never reused. If the copy cannot be published, the
-//! original is requeued and the error returned. If the ack after a confirmed copy fails
-//! (the connection dropped in between), both the copy and the original exist: delivery
-//! is at least once.
-//!
-//! A delivery's `delivery_count` is the transport's own header `x-steward-delivery-count`
-//! (the deliveries before the copy was made) + the broker's count of earlier deliveries
-//! of this copy (`x-acquired-count` on RabbitMQ 4.1+, else `x-delivery-count`; absent on
-//! a first delivery) + 1. It grows through requeues, delays and consumers that crash or
-//! lose their connection.
-//!
-//! # Faults
-//!
-//! - A closed connection or channel fails `receive` at once with a retryable
-//!   [`TransportError::Connection`] (a network that goes silent is noticed by the
-//!   heartbeat, 5 s by default, within about two intervals); the deliveries of that
-//!   channel settle with [`TransportError::LockLost`], and the broker redelivers them.
-//!   The source does not reconnect itself: the updater opens a new one after the
-//!   supervisor's backoff.
-//! - Wrong credentials are [`TransportError::Auth`] (not retryable: they count toward
-//!   the supervisor's restart limit).
-//! - A deleted queue is [`TransportError::NotFound`], whether consuming, publishing or
-//!   while a consumer runs (the broker cancels it). The topology is declared once per
-//!   [`RabbitMq`], so a queue deleted while the service runs is not silently recreated
-//!   empty by a reconnecting worker.
-//! - Publishes and cancels wait at most the confirm timeout (30 s), connects at most the
-//!   connect timeout (10 s): nothing hangs.
-//! - RabbitMQ's `consumer_timeout` (30 min by default) closes the channel of a delivery
-//!   held longer than that without an ack (`406 PRECONDITION_FAILED`): like any closed
-//!   consumer channel, `receive` fails with a retryable [`TransportError::Connection`]
-//!   (only a refusal, `Auth`, or a missing queue, `NotFound`, is not), and a handler that
-//!   runs longer loses its delivery (`LockLost`); the message is redelivered. Raise
-//!   `consumer_timeout` on the broker for longer handlers.
-//!
-//! # Capabilities and conformance
-//!
-//! [`RabbitMq::capabilities`]: `delayed_abandon` (delay buckets), `delivery_count`,
-//! `binary_body`; the body size limit is the broker's `max_message_size` (128 MiB on
-//! RabbitMQ 3.x, 16 MiB on 4.x), not known to the client. Not claimed, so the
-//! conformance suite skips the cases that need them:
-//!
-//! - `sessions`: RabbitMQ has no broker-side sessions; the updater orders messages with
-//!   the same `x-session-id` within one process
-//!   (`sessions_deliver_in_order_one_lock_per_session`).
-//! - `lock_renewal`: AMQP 0-9-1 has no timed locks; a delivery stays with its consumer
-//!   until it is settled or the channel closes, so there is no lock to expire or renew
-//!   (`lock_expiry_redelivers`, `renew_lock_keeps_message_invisible`,
-//!   `settle_after_lock_loss_returns_lock_lost`,
-//!   `stale_delivery_returns_lock_lost_and_spares_new_holder`). The lost-lock contract
-//!   still holds where it applies: deliveries of a closed channel settle with
-//!   `LockLost`.
-//! - `native_dead_letter`: `<queue>.dlq` with the reason headers is this transport's own
-//!   dead-letter queue, not a broker feature (RabbitMQ's dead-lettering carries no
-//!   reason text). The conformance case for dead-lettering runs all the same.
+#![doc = include_str!("../../../docs/rabbitmq.md")]
 
 mod builder;
 mod error;
@@ -161,12 +14,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::{Connection, ConnectionProperties};
-use steward_core::{Capabilities, Message, TransportError};
+use steward_core::transport::MAX_DELIVERY_COUNT_EXCEEDED;
+use steward_core::{Capabilities, DeadLetter, TransportError};
 use tokio::sync::OnceCell;
 use tokio::time::timeout;
 
 pub use builder::{
-    ConfigError, DEFAULT_MAX_DELIVERIES, DEFAULT_URL, MIN_DEFAULT_PREFETCH, RabbitMqBuilder,
+    ConfigError, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONNECTION_NAME,
+    DEFAULT_HEARTBEAT, DEFAULT_MAX_DELIVERIES, DEFAULT_URL, MIN_DEFAULT_PREFETCH,
+    PREFETCH_PER_HANDLER, RabbitMqBuilder,
 };
 pub use message::{
     DEAD_LETTER_DESCRIPTION_HEADER, DEAD_LETTER_REASON_HEADER, DELIVERY_COUNT_HEADER,
@@ -190,10 +46,6 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     max_body_bytes: None,
 };
 
-/// The reason given to messages the broker dead-lettered itself because they reached
-/// the queue's `x-delivery-limit`.
-pub const BROKER_DELIVERY_LIMIT_REASON: &str = "MaxDeliveryCountExceeded";
-
 /// A configured RabbitMQ transport: opens sources and sinks, declares the topology.
 ///
 /// Cheap to clone; clones share the configuration and the "topology declared" state.
@@ -211,20 +63,6 @@ impl fmt::Debug for RabbitMq {
             .field("topology_declared", &self.topology.initialized())
             .finish()
     }
-}
-
-/// A message in a dead-letter queue, with why it is there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeadLetteredMessage {
-    /// The message, with its original properties and headers.
-    pub message: Message,
-    /// `x-steward-dead-letter-reason`, or for a message the broker moved itself
-    /// [`BROKER_DELIVERY_LIMIT_REASON`] (delivery limit) or the broker's own reason for
-    /// its last death (`x-last-death-reason`, else the latest `x-death` entry).
-    pub reason: String,
-    /// `x-steward-dead-letter-description`, empty for messages the broker moved.
-    pub description: String,
 }
 
 impl RabbitMq {
@@ -344,7 +182,9 @@ impl RabbitMq {
     }
 
     /// Reads every message in `<queue>.dlq` without removing any, oldest first: for
-    /// tests and tools.
+    /// tests and tools. A message the transport dead-lettered has the delivery count it
+    /// had then (reading it back is not counted); one the broker moved over its delivery
+    /// limit has the broker's count.
     ///
     /// # Errors
     ///
@@ -355,10 +195,7 @@ impl RabbitMq {
     ///
     /// Cancel safe: the messages read go back to the queue when the reading connection
     /// closes.
-    pub async fn dead_letters(
-        &self,
-        queue: &str,
-    ) -> Result<Vec<DeadLetteredMessage>, TransportError> {
+    pub async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
         let dlq = dead_letter_queue(queue);
         let dlq_name = message::short("queue name", &dlq)?;
         let connection = connect(&self.config, &format!("dead-letter reader {queue}")).await?;
@@ -384,7 +221,7 @@ impl RabbitMq {
                 .or_else(|| {
                     message::broker_death_reason(properties).map(|reason| {
                         if reason == "delivery_limit" {
-                            BROKER_DELIVERY_LIMIT_REASON.to_owned()
+                            MAX_DELIVERY_COUNT_EXCEEDED.to_owned()
                         } else {
                             reason
                         }
@@ -393,8 +230,15 @@ impl RabbitMq {
                 .unwrap_or_default();
             let description = message::header_string(properties, DEAD_LETTER_DESCRIPTION_HEADER)
                 .unwrap_or_default();
-            let message = message::to_message(properties, Bytes::from(delivery.data));
-            read.push(DeadLetteredMessage { message, reason, description });
+            let mut message = message::to_message(properties, Bytes::from(delivery.data));
+            // A message the transport dead-lettered carries its deliveries until then;
+            // reading it back here is no delivery of it.
+            if let Some(count) = message::header_string(properties, DEAD_LETTER_REASON_HEADER)
+                .and(message::republished_count(properties))
+            {
+                message.delivery_count = count;
+            }
+            read.push(DeadLetter { message, reason, description });
             held.push(delivery.acker);
         }
         for acker in held {

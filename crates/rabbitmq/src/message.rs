@@ -14,7 +14,7 @@ use crate::error::Error;
 pub const SESSION_ID_HEADER: &str = "x-session-id";
 /// The header where the transport keeps the deliveries a message had before it was
 /// republished (through a delay bucket).
-pub const DELIVERY_COUNT_HEADER: &str = "x-steward-delivery-count";
+pub const DELIVERY_COUNT_HEADER: &str = steward_core::transport::DELIVERY_COUNT_PROPERTY;
 /// The header of a dead-lettered message holding the reason.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-steward-dead-letter-reason";
 /// The header of a dead-lettered message holding the description.
@@ -130,6 +130,13 @@ pub(crate) fn delivery_count(properties: &BasicProperties) -> u32 {
         .find_map(|key| header(headers, key).and_then(header_count))
         .unwrap_or(0);
     own.saturating_add(broker).saturating_add(1)
+}
+
+/// The deliveries a message had when the transport republished it (to a delay bucket
+/// or the dead-letter queue), from [`DELIVERY_COUNT_HEADER`]; `None` for a message the
+/// transport never republished.
+pub(crate) fn republished_count(properties: &BasicProperties) -> Option<u32> {
+    header(properties.headers().as_ref(), DELIVERY_COUNT_HEADER).and_then(header_count)
 }
 
 /// The [`Message`] a handler sees for a delivery. A message published without a
@@ -337,6 +344,8 @@ mod tests {
         assert_eq!(copy.message_id().as_ref().map(ShortString::as_str), Some(message.id.as_str()));
         // Delivered again from the queue for the first time: 2 before, plus this one.
         assert_eq!(delivery_count(&copy), 3);
+        assert_eq!(republished_count(&copy), Some(2));
+        assert_eq!(republished_count(&original), None);
     }
 
     #[test]

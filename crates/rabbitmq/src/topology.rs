@@ -22,11 +22,7 @@ pub const DELAY_BUCKETS: [Duration; 5] = [
     Duration::from_secs(600),
 ];
 
-/// The dead-letter queue of `queue`: `<queue>.dlq`.
-#[must_use]
-pub fn dead_letter_queue(queue: &str) -> String {
-    format!("{queue}.dlq")
-}
+pub use steward_core::transport::dead_letter_queue;
 
 /// The delay queue a message abandoned from `queue` with `delay` waits in:
 /// `<queue>.delay.<ms>`, for the bucket [`delay_bucket`] picks.

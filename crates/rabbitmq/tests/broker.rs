@@ -17,9 +17,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use steward_core::{Delivery, ErrorKind, MessageSink, MessageSource, OutgoingMessage};
-use steward_rabbitmq::{
-    BROKER_DELIVERY_LIMIT_REASON, RabbitMqSource, dead_letter_queue, delay_queue,
-};
+use steward_rabbitmq::{RabbitMqSource, dead_letter_queue, delay_queue};
 use tokio::time::{Instant, sleep};
 
 const PROMPTLY: Duration = Duration::from_secs(30);
@@ -212,7 +210,7 @@ async fn broker_dead_letters_past_the_delivery_limit() {
     assert_eq!(deliveries, 3, "delivered until the count passed the limit of 2");
     let dead = queue.rabbit.dead_letters(&queue.name).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].reason, BROKER_DELIVERY_LIMIT_REASON);
+    assert_eq!(dead[0].reason, steward_core::transport::MAX_DELIVERY_COUNT_EXCEEDED);
     assert_eq!(dead[0].message.id, "p");
     assert_eq!(dead[0].message.body, "poison");
     // Reading the dead letters leaves them where they are.

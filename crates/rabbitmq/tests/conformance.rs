@@ -1,5 +1,6 @@
 //! The steward transport conformance suite against the local RabbitMQ broker.
 //!
+//! A `harness = false` test target: one test per case, named `conformance::<case>`.
 //! Every test declares its own uniquely named queues (they expire ten minutes after
 //! their last use). Without a reachable broker each test prints one skip line and
 //! passes, unless `CI=true`, where it fails.
@@ -9,13 +10,15 @@
 mod support;
 
 use std::collections::HashMap;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::testkit::{DeadLetter, FaultHooks, TransportFactory, unique_name};
-use steward_core::{Capabilities, MessageSink, MessageSource, TransportError};
+use steward_core::testkit::{FaultHooks, Suite, TransportFactory, unique_name};
+use steward_core::{Capabilities, DeadLetter, MessageSink, MessageSource, TransportError};
 use steward_rabbitmq::{RabbitMq, RabbitMqBuilder};
+use tokio::runtime::Builder;
 
 /// The prefetch of the suite's consumers: the most messages any case holds unsettled
 /// in one consumer.
@@ -93,17 +96,7 @@ impl TransportFactory for Factory {
     }
 
     async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
-        Ok(self
-            .sink
-            .dead_letters(queue)
-            .await?
-            .into_iter()
-            .map(|dead| DeadLetter {
-                message: dead.message,
-                reason: dead.reason,
-                description: dead.description,
-            })
-            .collect())
+        self.sink.dead_letters(queue).await
     }
 
     fn missing_queue(&self) -> Option<String> {
@@ -125,25 +118,49 @@ impl FaultHooks for Factory {
         }
         Ok(())
     }
+
+    /// Deletes, through `rabbitmqctl`, `<queue>.dlq`: the dead-letter copy is unroutable.
+    async fn break_dead_letter(&self, queue: &str) -> Result<(), TransportError> {
+        support::delete_queue(&steward_rabbitmq::dead_letter_queue(queue)).await;
+        Ok(())
+    }
 }
 
-macro_rules! factory {
-    () => {
-        match Factory::connect(module_path!()).await {
-            Some(factory) => factory,
-            None => return,
-        }
-    };
-}
-
-steward_core::conformance_tests! {
-    factory: factory!(),
-    runtime: (flavor = "multi_thread", worker_threads = 2),
-    skip: {
-        lock_expiry_redelivers: "AMQP 0-9-1 has no timed locks: a delivery stays with its consumer until settled or disconnected",
-        renew_lock_keeps_message_invisible: "AMQP 0-9-1 has no timed locks to renew",
-        settle_after_lock_loss_returns_lock_lost: "AMQP 0-9-1 has no timed locks to lose by waiting; a closed channel gives LockLost (fault tests)",
-        stale_delivery_returns_lock_lost_and_spares_new_holder: "AMQP 0-9-1 has no timed locks, so a message never moves to another consumer while its channel is open",
-        sessions_deliver_in_order_one_lock_per_session: "RabbitMQ has no broker-side sessions; the updater orders by x-session-id within one process",
-    },
+fn main() -> ExitCode {
+    Suite::new(|| Factory::connect("conformance"))
+        .with_runtime(|| Builder::new_multi_thread().worker_threads(2).enable_all().build())
+        .with_skip(
+            "lock_expiry_redelivers",
+            "AMQP 0-9-1 has no timed locks: a delivery stays with its consumer until settled or disconnected",
+        )
+        .with_skip("renew_lock_keeps_message_invisible", "AMQP 0-9-1 has no timed locks to renew")
+        .with_skip(
+            "settle_after_lock_loss_returns_lock_lost",
+            "AMQP 0-9-1 has no timed locks to lose by waiting; a closed channel gives LockLost (fault tests)",
+        )
+        .with_skip(
+            "stale_delivery_returns_lock_lost_and_spares_new_holder",
+            "AMQP 0-9-1 has no timed locks, so a message never moves to another consumer while its channel is open",
+        )
+        .with_skip(
+            "renew_after_lock_expiry_returns_lock_lost",
+            "AMQP 0-9-1 has no timed locks: nothing expires, and renew_lock is a no-op",
+        )
+        .with_skip(
+            "locked_until_lies_within_the_lock_duration",
+            "AMQP 0-9-1 has no timed locks: locked_until is None",
+        )
+        .with_skip(
+            "sessions_deliver_in_order_one_lock_per_session",
+            "RabbitMQ has no broker-side sessions; the updater orders by x-session-id within one process",
+        )
+        .with_skip(
+            "session_stays_locked_across_consumers_through_a_delayed_abandon",
+            "RabbitMQ has no broker-side sessions; the updater holds a session back while its head waits out a delay",
+        )
+        .with_skip(
+            "session_head_whose_lock_expired_comes_before_its_followers",
+            "RabbitMQ has neither broker-side sessions nor timed locks",
+        )
+        .run()
 }

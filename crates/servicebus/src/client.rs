@@ -10,7 +10,7 @@ use azure_core::StatusCode;
 use azure_core::error::ErrorKind as AzureKind;
 use azure_core::headers::Headers;
 use azure_messaging_servicebus::service_bus::{PeekLockResponse, QueueClient};
-use steward_core::{Capabilities, Message, TransportError};
+use steward_core::{Capabilities, DeadLetter, TransportError};
 use tokio::time::Instant;
 
 use crate::error::{Error, Op};
@@ -172,18 +172,6 @@ impl fmt::Debug for ServiceBusTransport {
     }
 }
 
-/// A message in `<queue>.dlq`, with why it is there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeadLetteredMessage {
-    /// The message with its original ids and properties (less the two below).
-    pub message: Message,
-    /// [`DEAD_LETTER_REASON_PROPERTY`], empty if absent.
-    pub reason: String,
-    /// [`DEAD_LETTER_DESCRIPTION_PROPERTY`], empty if absent.
-    pub description: String,
-}
-
 impl ServiceBusTransport {
     pub(crate) fn new(shared: Shared) -> Self {
         Self { shared: Arc::new(shared) }
@@ -289,8 +277,9 @@ impl ServiceBusTransport {
     /// first, and leaves them there: for tests and tools.
     ///
     /// REST cannot look without locking, so each message is peek-locked and unlocked
-    /// again at the end, which counts as a delivery of it; the delivery count of a
-    /// returned message is its count when it was dead-lettered plus these readings.
+    /// again at the end, which the broker counts as a delivery of it; the delivery
+    /// count of a returned message is its count when it was dead-lettered, without
+    /// these readings.
     ///
     /// # Errors
     ///
@@ -301,10 +290,7 @@ impl ServiceBusTransport {
     ///
     /// Cancel safe as far as messages go: messages locked by a cancelled call are
     /// delivered again when their locks expire.
-    pub async fn dead_letters(
-        &self,
-        queue: &str,
-    ) -> Result<Vec<DeadLetteredMessage>, TransportError> {
+    pub async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, TransportError> {
         let dlq = dead_letter_queue(queue);
         let mut held = Vec::new();
         let mut read = Vec::new();
@@ -313,12 +299,17 @@ impl ServiceBusTransport {
             match self.shared.peek_lock(&dlq, Duration::ZERO).await {
                 Ok(PeekLock::Message(locked)) => {
                     let mut message = locked.received.message.clone();
+                    // The copy carries the deliveries the message had when it was
+                    // dead-lettered; this reading is no delivery of it.
+                    if let Some(count) = locked.received.earlier_deliveries {
+                        message.delivery_count = count;
+                    }
                     let mut take = |name: &str| {
                         message.properties.remove(&name.to_ascii_lowercase()).unwrap_or_default()
                     };
                     let reason = take(DEAD_LETTER_REASON_PROPERTY);
                     let description = take(DEAD_LETTER_DESCRIPTION_PROPERTY);
-                    read.push(DeadLetteredMessage { message, reason, description });
+                    read.push(DeadLetter { message, reason, description });
                     held.push(locked.response);
                 }
                 Ok(PeekLock::Empty) => break,

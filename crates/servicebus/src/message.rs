@@ -16,16 +16,17 @@ use tokio::time::Instant;
 
 /// Property carrying the deliveries a message had before the transport re-sent it (an
 /// abandon with delay, a dead letter); added to the broker's `DeliveryCount`.
-pub const DELIVERY_COUNT_PROPERTY: &str = "x-steward-delivery-count";
+pub const DELIVERY_COUNT_PROPERTY: &str = steward_core::transport::DELIVERY_COUNT_PROPERTY;
 /// Property carrying the original message id on a delayed copy, which goes out under a
 /// new `MessageId` so a queue with duplicate detection does not drop it.
 pub const MESSAGE_ID_PROPERTY: &str = "x-steward-message-id";
 /// Property of a message in `<queue>.dlq`: why it was dead-lettered (the name Service
 /// Bus uses on its own dead-letter queue).
-pub const DEAD_LETTER_REASON_PROPERTY: &str = "DeadLetterReason";
+pub const DEAD_LETTER_REASON_PROPERTY: &str = steward_core::transport::DEAD_LETTER_REASON_PROPERTY;
 /// Property of a message in `<queue>.dlq`: the description given when it was
 /// dead-lettered.
-pub const DEAD_LETTER_DESCRIPTION_PROPERTY: &str = "DeadLetterErrorDescription";
+pub const DEAD_LETTER_DESCRIPTION_PROPERTY: &str =
+    steward_core::transport::DEAD_LETTER_DESCRIPTION_PROPERTY;
 /// The longest dead-letter description kept, in characters (Service Bus's own limit
 /// for `DeadLetterErrorDescription`).
 pub const MAX_DEAD_LETTER_DESCRIPTION_CHARS: usize = 4096;
@@ -33,36 +34,20 @@ pub const MAX_DEAD_LETTER_DESCRIPTION_CHARS: usize = 4096;
 /// The `Content-Type` Service Bus reports for a message sent without one.
 const DEFAULT_CONTENT_TYPE: &str = "application/atom+xml;type=entry;charset=utf-8";
 
-/// Response headers that are HTTP's or the protocol's, not custom properties.
-const NOT_PROPERTIES: &[&str] = &[
-    "brokerproperties",
-    "cache-control",
-    "connection",
-    "content-encoding",
-    "content-length",
-    "content-type",
-    "date",
-    "etag",
-    "expires",
-    "keep-alive",
-    "location",
-    "pragma",
-    "server",
-    "strict-transport-security",
-    "transfer-encoding",
-    "vary",
-    "x-content-type-options",
-    "x-frame-options",
-    "x-powered-by",
-];
-/// Prefixes of response headers that are not custom properties.
-const NOT_PROPERTY_PREFIXES: &[&str] = &["x-ms-", "access-control-"];
-/// Request headers a custom property must not be named like: the service would read them
-/// as part of the request, not as a property.
-const RESERVED_PROPERTY_NAMES: &[&str] = &[
+/// Header names that belong to HTTP or to the REST protocol, in either direction, and
+/// so are never custom properties: the one list the client and the emulator share.
+///
+/// The client refuses to send a property named like one of these (or starting with one
+/// of [`PROTOCOL_HEADER_PREFIXES`]), with an error naming it; a receiver skips these
+/// headers when it reads an answer's properties; the emulator does not read them from a
+/// request as properties and never writes a property over them. Every other name is
+/// delivered unchanged: W3C trace context (`traceparent`, `tracestate`) in particular is
+/// an ordinary message property, as the Service Bus SDKs use it.
+pub const PROTOCOL_HEADERS: &[&str] = &[
     "accept",
     "accept-charset",
     "accept-encoding",
+    "accept-language",
     "authorization",
     "brokerproperties",
     "cache-control",
@@ -72,17 +57,36 @@ const RESERVED_PROPERTY_NAMES: &[&str] = &[
     "content-type",
     "cookie",
     "date",
+    "etag",
     "expect",
+    "expires",
     "host",
     "keep-alive",
+    "location",
     "pragma",
+    "server",
+    "strict-transport-security",
     "te",
     "trailer",
     "transfer-encoding",
     "upgrade",
     "user-agent",
+    "vary",
     "via",
+    "x-content-type-options",
+    "x-frame-options",
+    "x-powered-by",
 ];
+/// Prefixes of header names that belong to HTTP, to proxies or to the protocol; see
+/// [`PROTOCOL_HEADERS`].
+pub const PROTOCOL_HEADER_PREFIXES: &[&str] =
+    &["access-control-", "proxy-", "sec-", "x-forwarded-", "x-ms-"];
+
+/// Whether the header `name` (in lower case) belongs to HTTP or to the protocol rather
+/// than being a custom property; see [`PROTOCOL_HEADERS`].
+pub(crate) fn is_protocol_header(name: &str) -> bool {
+    PROTOCOL_HEADERS.contains(&name) || PROTOCOL_HEADER_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 /// The parts of the received `BrokerProperties` header the transport reads. The Azure
 /// crate's own struct lacks the correlation id, session id and content type.
@@ -107,6 +111,9 @@ pub(crate) struct Received {
     /// How long a lock on this queue lasts, as far as this answer tells: the renewal
     /// assumes the same.
     pub(crate) lock_duration: Duration,
+    /// The deliveries the message had when the transport re-sent it (a delayed abandon,
+    /// a dead letter), from [`DELIVERY_COUNT_PROPERTY`]; `None` for an original.
+    pub(crate) earlier_deliveries: Option<u32>,
 }
 
 /// Reads a 201 peek-lock answer: `body`, its headers, and when the request was sent.
@@ -127,17 +134,14 @@ pub(crate) fn read_received(
     let mut properties = BTreeMap::new();
     for (name, value) in headers.iter() {
         let name = name.as_str();
-        if NOT_PROPERTIES.contains(&name)
-            || NOT_PROPERTY_PREFIXES.iter().any(|p| name.starts_with(p))
-        {
+        if is_protocol_header(name) {
             continue;
         }
         properties.insert(name.to_owned(), decode_property(value.as_str()));
     }
     let earlier_deliveries = properties
         .remove(DELIVERY_COUNT_PROPERTY)
-        .and_then(|count| count.trim().parse::<u32>().ok())
-        .unwrap_or(0);
+        .and_then(|count| count.trim().parse::<u32>().ok());
     let original_id = properties.remove(MESSAGE_ID_PROPERTY).filter(|id| !id.is_empty());
     let id = original_id
         .or(props.message_id)
@@ -170,10 +174,19 @@ pub(crate) fn read_received(
         correlation_id: props.correlation_id,
         content_type,
         properties,
-        delivery_count: props.delivery_count.unwrap_or(1).max(1).saturating_add(earlier_deliveries),
+        delivery_count: props
+            .delivery_count
+            .unwrap_or(1)
+            .max(1)
+            .saturating_add(earlier_deliveries.unwrap_or(0)),
         enqueued_at: props.enqueued_time_utc.as_deref().and_then(parse_date),
     };
-    Ok(Received { message, locked_until: requested_at + lock_duration, lock_duration })
+    Ok(Received {
+        message,
+        locked_until: requested_at + lock_duration,
+        lock_duration,
+        earlier_deliveries,
+    })
 }
 
 fn header<'a>(headers: &'a Headers, name: &'static str) -> Option<&'a str> {
@@ -238,13 +251,15 @@ pub(crate) fn check_property_name(name: &str) -> Result<(), String> {
         ));
     }
     let lower = name.to_ascii_lowercase();
-    // Names a receiver reads as part of the answer would not come back as properties.
-    if RESERVED_PROPERTY_NAMES.contains(&lower.as_str())
-        || NOT_PROPERTIES.contains(&lower.as_str())
-        || NOT_PROPERTY_PREFIXES.iter().any(|p| lower.starts_with(p))
-        || lower.starts_with("x-steward-")
-    {
-        return Err(format!("property name {name:?} is reserved"));
+    // A header of HTTP or of the protocol would be read as part of the request or the
+    // answer, not come back as a property.
+    if is_protocol_header(&lower) {
+        return Err(format!(
+            "property name {name:?} is reserved: it is an HTTP or Service Bus header"
+        ));
+    }
+    if lower.starts_with("x-steward-") {
+        return Err(format!("property name {name:?} is reserved for the transport's own use"));
     }
     Ok(())
 }
@@ -391,7 +406,9 @@ mod tests {
             (DELIVERY_COUNT_PROPERTY, "\"4\""),
             (MESSAGE_ID_PROPERTY, "\"original\""),
         ]);
-        let m = read_received(String::new(), &h, Instant::now()).unwrap().message;
+        let received = read_received(String::new(), &h, Instant::now()).unwrap();
+        assert_eq!(received.earlier_deliveries, Some(4));
+        let m = received.message;
         assert_eq!(m.content_type, None);
         assert_eq!(m.id, "original");
         assert_eq!(m.delivery_count, 6, "4 earlier deliveries + the broker's 2");
@@ -432,8 +449,13 @@ mod tests {
             "Authorization",
             "x-ms-id",
             "x-steward-delivery-count",
+            "accept-language",
+            "X-Forwarded-For",
         ] {
             assert!(check_property_name(bad).is_err(), "{bad}");
+        }
+        for trace in ["traceparent", "tracestate"] {
+            assert!(check_property_name(trace).is_ok(), "{trace}");
         }
     }
 

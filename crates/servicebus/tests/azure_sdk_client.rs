@@ -81,8 +81,8 @@ fn client(emulator: &EmulatorHandle, queue: &str, key: &str) -> QueueClient {
 
 async fn emulator() -> EmulatorHandle {
     Emulator::builder()
-        .sas_key(KEY_NAME, KEY)
-        .lock_duration(Duration::from_secs(30))
+        .with_sas_key(KEY_NAME, KEY)
+        .with_lock_duration(Duration::from_secs(30))
         .start()
         .await
         .unwrap()

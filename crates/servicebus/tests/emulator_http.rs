@@ -125,7 +125,7 @@ fn date(value: &Value) -> SystemTime {
 /// needs, and a lock URI on the emulator.
 #[tokio::test]
 async fn send_then_peek_lock_returns_message_broker_properties_and_lock_uri() {
-    let emulator = start(Emulator::builder().lock_duration(Duration::from_secs(30))).await;
+    let emulator = start(Emulator::builder().with_lock_duration(Duration::from_secs(30))).await;
     let client = Client::new(&emulator);
 
     let sent = client.send("orders", "This is a message.").await;
@@ -243,7 +243,7 @@ async fn unlock_releases_message_with_delivery_count_incremented() {
 #[tokio::test]
 async fn renew_extends_locked_until_past_the_first_expiry() {
     let lock = Duration::from_secs(6);
-    let emulator = start(Emulator::builder().lock_duration(lock)).await;
+    let emulator = start(Emulator::builder().with_lock_duration(lock)).await;
     let client = Client::new(&emulator);
     client.send("long", "slow job").await;
     let started = Instant::now();
@@ -270,7 +270,7 @@ async fn renew_extends_locked_until_past_the_first_expiry() {
 /// `DeliveryCount` one higher and a new lock, while the old lock URI is 404.
 #[tokio::test]
 async fn lock_expiry_redelivers_with_delivery_count_plus_one() {
-    let emulator = start(Emulator::builder().lock_duration(Duration::from_secs(1))).await;
+    let emulator = start(Emulator::builder().with_lock_duration(Duration::from_secs(1))).await;
     let client = Client::new(&emulator);
     client.send("expiring", "e").await;
     let first = client.peek_lock("expiring", 1).await;
@@ -296,7 +296,7 @@ async fn lock_expiry_redelivers_with_delivery_count_plus_one() {
 /// over the `$DeadLetterQueue` paths.
 #[tokio::test]
 async fn max_delivery_count_moves_message_to_dead_letter_queue() {
-    let emulator = start(Emulator::builder().max_delivery_count(2)).await;
+    let emulator = start(Emulator::builder().with_max_delivery_count(2)).await;
     let client = Client::new(&emulator);
     client.send_with("poison", "bad", r#"{"MessageId":"p-1"}"#, &[("Origin-Id", "\"o\"")]).await;
     for delivery in 1..=2 {
@@ -324,9 +324,10 @@ async fn max_delivery_count_moves_message_to_dead_letter_queue() {
 /// that the percent-encoded `%24DeadLetterQueue` path reaches the same queue.
 #[tokio::test]
 async fn max_delivery_count_by_lock_expiry_dead_letters_too() {
-    let emulator =
-        start(Emulator::builder().max_delivery_count(1).lock_duration(Duration::from_secs(1)))
-            .await;
+    let emulator = start(
+        Emulator::builder().with_max_delivery_count(1).with_lock_duration(Duration::from_secs(1)),
+    )
+    .await;
     let client = Client::new(&emulator);
     client.send("slowpoison", "x").await;
     assert_eq!(client.peek_lock("slowpoison", 1).await.status(), StatusCode::CREATED);
@@ -525,7 +526,7 @@ async fn session_id_on_plain_queue_does_not_serialize_delivery() {
 /// the queue or the exact path.
 #[tokio::test]
 async fn sas_tokens_signed_with_the_key_are_accepted() {
-    let emulator = start(Emulator::builder().sas_key(KEY_NAME, KEY)).await;
+    let emulator = start(Emulator::builder().with_sas_key(KEY_NAME, KEY)).await;
     let client = Client::signed(&emulator);
     assert_eq!(client.send("secure", "s").await.status(), StatusCode::CREATED);
     let response = client.peek_lock("secure", 1).await;
@@ -554,7 +555,7 @@ async fn sas_tokens_signed_with_the_key_are_accepted() {
 /// token's resource and a missing header are all 401, and store nothing.
 #[tokio::test]
 async fn sas_tokens_with_wrong_key_name_expiry_or_scope_are_401() {
-    let emulator = start(Emulator::builder().sas_key(KEY_NAME, KEY)).await;
+    let emulator = start(Emulator::builder().with_sas_key(KEY_NAME, KEY)).await;
     let http = reqwest::Client::new();
     let url = format!("{}/guarded/messages", emulator.endpoint());
     let resource = format!("{NAMESPACE}/guarded");
@@ -589,7 +590,8 @@ async fn sas_tokens_with_wrong_key_name_expiry_or_scope_are_401() {
 /// auto-creation an undeclared queue is 410 Gone for every operation.
 #[tokio::test]
 async fn unknown_lock_is_404_and_missing_queue_is_410() {
-    let emulator = start(Emulator::builder().auto_create_queues(false).queue("known")).await;
+    let emulator =
+        start(Emulator::builder().with_auto_create_queues(false).with_queue("known")).await;
     let client = Client::new(&emulator);
     let token = uuid::Uuid::new_v4();
 
@@ -614,7 +616,7 @@ async fn unknown_lock_is_404_and_missing_queue_is_410() {
 /// with one.
 #[tokio::test]
 async fn session_enabled_queue_refuses_non_session_receive_with_405() {
-    let emulator = start(Emulator::builder().session_queue("deploymentstatus")).await;
+    let emulator = start(Emulator::builder().with_session_queue("deploymentstatus")).await;
     let client = Client::new(&emulator);
 
     let refused = client.peek_lock("deploymentstatus", 0).await;
@@ -722,7 +724,7 @@ async fn connection_count_counts_accepted_tcp_connections() {
 /// dead-letter queue 400.
 #[tokio::test]
 async fn requests_outside_the_protocol_get_clear_errors() {
-    let emulator = start(Emulator::builder().max_message_bytes(16)).await;
+    let emulator = start(Emulator::builder().with_max_message_bytes(16)).await;
     let client = Client::new(&emulator);
     let status = |response: reqwest::Response| response.status();
 
@@ -864,13 +866,15 @@ async fn start_refuses_unusable_configuration_and_taken_address() {
     let config_error = |builder: EmulatorBuilder| async move {
         matches!(builder.start().await, Err(EmulatorError::Config(_)))
     };
-    assert!(config_error(Emulator::builder().max_delivery_count(0)).await);
-    assert!(config_error(Emulator::builder().lock_duration(Duration::ZERO)).await);
-    assert!(config_error(Emulator::builder().lock_duration(Duration::from_secs(90_000))).await);
-    assert!(config_error(Emulator::builder().queue("a/$DeadLetterQueue")).await);
-    assert!(config_error(Emulator::builder().session_queue("")).await);
+    assert!(config_error(Emulator::builder().with_max_delivery_count(0)).await);
+    assert!(config_error(Emulator::builder().with_lock_duration(Duration::ZERO)).await);
+    assert!(
+        config_error(Emulator::builder().with_lock_duration(Duration::from_secs(90_000))).await
+    );
+    assert!(config_error(Emulator::builder().with_queue("a/$DeadLetterQueue")).await);
+    assert!(config_error(Emulator::builder().with_session_queue("")).await);
 
     let running = start(Emulator::builder()).await;
-    let taken = Emulator::builder().listen(running.addr()).start().await;
+    let taken = Emulator::builder().with_listen_addr(running.addr()).start().await;
     assert!(matches!(taken, Err(EmulatorError::Bind { addr, .. }) if addr == running.addr()));
 }

@@ -15,13 +15,12 @@ use steward_servicebus::emulator::{
     Emulator, EmulatorBuilder, EmulatorHandle, Operation, StatusCode,
 };
 use steward_servicebus::{
-    AccessToken, AuthMethod, DELIVERY_COUNT_PROPERTY, ServiceBusBuilder, ServiceBusTransport,
-    StaticToken,
+    AccessToken, AuthMethod, DELIVERY_COUNT_PROPERTY, PROTOCOL_HEADER_PREFIXES, PROTOCOL_HEADERS,
+    ServiceBusBuilder, ServiceBusTransport, StaticToken,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tracing::instrument::WithSubscriber;
 
 const KEY_NAME: &str = "RootManageSharedAccessKey";
 const KEY: &str = "dHJhbnNwb3J0LXRlc3Qta2V5";
@@ -29,7 +28,7 @@ const WAIT: Duration = Duration::from_secs(1);
 
 /// An emulator with the test key, and a transport signing with `key`.
 async fn start(emulator: EmulatorBuilder, key: &str) -> (EmulatorHandle, ServiceBusTransport) {
-    let emulator = emulator.sas_key(KEY_NAME, KEY).start().await.unwrap();
+    let emulator = emulator.with_sas_key(KEY_NAME, KEY).start().await.unwrap();
     let transport = ServiceBusBuilder::new()
         .with_namespace("tre.servicebus.windows.net")
         .with_endpoint(emulator.endpoint())
@@ -82,7 +81,7 @@ async fn unauthorised_peek_lock_is_an_auth_error_not_empty() {
 #[tokio::test]
 async fn server_errors_and_dropped_connections_are_retryable() {
     let (emulator, transport) =
-        start(Emulator::builder().lock_duration(Duration::from_secs(1)), KEY).await;
+        start(Emulator::builder().with_lock_duration(Duration::from_secs(1)), KEY).await;
     let source = transport.source("jobs");
     for status in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::SERVICE_UNAVAILABLE] {
         emulator.faults().fail_next_on(Operation::PeekLock, 1, status);
@@ -109,7 +108,7 @@ async fn server_errors_and_dropped_connections_are_retryable() {
 #[tokio::test]
 async fn settling_after_lock_expiry_is_lock_lost() {
     let (emulator, transport) =
-        start(Emulator::builder().lock_duration(Duration::from_secs(1)), KEY).await;
+        start(Emulator::builder().with_lock_duration(Duration::from_secs(1)), KEY).await;
     for id in ["complete", "abandon", "delay", "dead", "renew"] {
         send_text(&transport, "jobs", id).await;
     }
@@ -160,7 +159,7 @@ async fn sequential_receives_reuse_pooled_connections() {
 #[tokio::test]
 async fn probe_refuses_a_session_enabled_queue_by_name() {
     let (_emulator, transport) =
-        start(Emulator::builder().session_queue("deploymentstatus"), KEY).await;
+        start(Emulator::builder().with_session_queue("deploymentstatus"), KEY).await;
     let error = transport.probe_queues(["deploymentstatus"]).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Protocol);
     let text = error.to_string();
@@ -176,10 +175,10 @@ async fn probe_refuses_a_session_enabled_queue_by_name() {
 #[tokio::test]
 async fn probe_names_a_missing_dead_letter_queue() {
     let emulator = Emulator::builder()
-        .auto_create_queues(false)
-        .queue("jobs")
-        .queue("ready")
-        .queue("ready.dlq");
+        .with_auto_create_queues(false)
+        .with_queue("jobs")
+        .with_queue("ready")
+        .with_queue("ready.dlq");
     let (_emulator, transport) = start(emulator, KEY).await;
 
     let error = transport.probe_queues(["ready", "jobs"]).await.unwrap_err();
@@ -203,9 +202,9 @@ async fn probe_names_a_missing_dead_letter_queue() {
 #[tokio::test]
 async fn dead_letter_without_its_queue_keeps_the_message() {
     let emulator = Emulator::builder()
-        .auto_create_queues(false)
-        .queue("jobs")
-        .lock_duration(Duration::from_secs(1));
+        .with_auto_create_queues(false)
+        .with_queue("jobs")
+        .with_lock_duration(Duration::from_secs(1));
     let (emulator, transport) = start(emulator, KEY).await;
     send_text(&transport, "jobs", "poison").await;
     let source = transport.source("jobs");
@@ -243,8 +242,8 @@ async fn dead_letters_keep_metadata_and_the_delivery_count() {
     assert_eq!(m.correlation_id.as_deref(), Some("c-1"));
     assert_eq!(m.properties.get("stage").map(String::as_str), Some("deploy"));
     assert!(!m.properties.contains_key(DELIVERY_COUNT_PROPERTY));
-    // Two deliveries before, plus this reading of the dead-letter queue.
-    assert_eq!(m.delivery_count, 3);
+    // The two deliveries it had; reading the dead-letter queue back is not one of them.
+    assert_eq!(m.delivery_count, 2);
 }
 
 /// Ensures that a delayed retry goes out as a copy under a new `MessageId` (so duplicate
@@ -253,7 +252,7 @@ async fn dead_letters_keep_metadata_and_the_delivery_count() {
 #[tokio::test]
 async fn copies_keep_the_message_id_and_lose_nothing_when_the_delete_fails() {
     let (emulator, transport) =
-        start(Emulator::builder().lock_duration(Duration::from_secs(1)), KEY).await;
+        start(Emulator::builder().with_lock_duration(Duration::from_secs(1)), KEY).await;
     send_text(&transport, "jobs", "m-1").await;
     let source = transport.source("jobs");
     let first = source.receive(1, WAIT).await.unwrap().pop().unwrap();
@@ -278,7 +277,7 @@ async fn copies_keep_the_message_id_and_lose_nothing_when_the_delete_fails() {
 #[tokio::test]
 async fn lock_expiry_follows_the_service_and_renewals_extend_it() {
     let (_emulator, transport) =
-        start(Emulator::builder().lock_duration(Duration::from_secs(20)), KEY).await;
+        start(Emulator::builder().with_lock_duration(Duration::from_secs(20)), KEY).await;
     send_text(&transport, "jobs", "m-1").await;
     let before = Instant::now();
     let delivery = transport.source("jobs").receive(1, WAIT).await.unwrap().pop().unwrap();
@@ -298,7 +297,7 @@ async fn lock_expiry_follows_the_service_and_renewals_extend_it() {
 /// `Timeout`, and that a receive's wait is not cut short by it.
 #[tokio::test]
 async fn slow_answers_time_out_but_receive_waits_are_allowed() {
-    let emulator = Emulator::builder().sas_key(KEY_NAME, KEY).start().await.unwrap();
+    let emulator = Emulator::builder().with_sas_key(KEY_NAME, KEY).start().await.unwrap();
     let transport = ServiceBusBuilder::new()
         .with_endpoint(emulator.endpoint())
         .with_sas_key(KEY_NAME, KEY)
@@ -354,6 +353,49 @@ async fn unsendable_messages_are_refused_before_sending() {
     assert_eq!(emulator.broker().message_count("jobs"), 0);
 }
 
+/// Ensures that the client and the emulator agree on which names are headers of HTTP or
+/// of the protocol: the client refuses a property named like any header on the shared
+/// list (or with a listed prefix, in any case) with an error naming it, and every other
+/// name, trace context included, is delivered unchanged.
+#[tokio::test]
+async fn listed_header_names_are_refused_and_all_others_delivered_unchanged() {
+    let (emulator, transport) = start(Emulator::builder(), KEY).await;
+    let sink = transport.sink();
+    let prefixed = PROTOCOL_HEADER_PREFIXES.iter().map(|prefix| format!("{prefix}custom"));
+    let listed: Vec<String> =
+        PROTOCOL_HEADERS.iter().map(|name| (*name).to_owned()).chain(prefixed).collect();
+    for name in listed.iter().chain([&"Accept-Language".to_owned(), &"X-MS-Custom".to_owned()]) {
+        let message = OutgoingMessage::new("x").with_property(name.clone(), "v");
+        let error = sink.send("jobs", message).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{name}: {error}");
+        assert!(error.to_string().contains(&format!("{name:?} is reserved")), "{name}: {error}");
+    }
+    assert_eq!(emulator.broker().message_count("jobs"), 0, "no refused message was sent");
+
+    let ordinary = [
+        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+        ("diagnostic-id", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ("origin", "test"),
+        ("referer", "someone"),
+        ("accept-version", "2"),
+        ("content-kind", "report"),
+        ("x-custom", "a value, with a comma"),
+        ("spaced-out", "two words"),
+    ];
+    let mut message = OutgoingMessage::new("x").with_message_id("ordinary");
+    for (name, value) in ordinary {
+        message = message.with_property(name, value);
+    }
+    sink.send("jobs", message).await.unwrap();
+    let got = transport.source("jobs").receive(1, WAIT).await.unwrap().pop().unwrap();
+    for (name, value) in ordinary {
+        let delivered = got.message().properties.get(name).map(String::as_str);
+        assert_eq!(delivered, Some(value), "property {name}");
+    }
+    assert_eq!(got.message().properties.len(), ordinary.len(), "{:?}", got.message().properties);
+}
+
 /// Ensures that a message sent without a content type reads as having none (not the
 /// service's Atom default), and that non-ASCII property values survive.
 #[tokio::test]
@@ -373,7 +415,7 @@ async fn default_content_type_reads_as_none_and_property_values_round_trip() {
 /// through lock URIs included, and that a token the namespace refuses is `Auth`.
 #[tokio::test]
 async fn bearer_tokens_from_a_provider_authenticate_requests() {
-    let emulator = Emulator::builder().bearer_token("good-token").start().await.unwrap();
+    let emulator = Emulator::builder().with_bearer_token("good-token").start().await.unwrap();
     let with = |token: &str| {
         let token = AccessToken::new(token, SystemTime::now() + Duration::from_secs(3600));
         ServiceBusBuilder::new()
@@ -447,7 +489,7 @@ fn token_answer(token: &str) -> (u16, String) {
 #[tokio::test]
 async fn managed_identity_from_env_uses_the_token_endpoint() {
     let endpoint = TokenEndpoint::start(vec![token_answer("mi-token-1")]).await;
-    let emulator = Emulator::builder().bearer_token("mi-token-1").start().await.unwrap();
+    let emulator = Emulator::builder().with_bearer_token("mi-token-1").start().await.unwrap();
     let vars = HashMap::from([
         ("SERVICE_BUS_FULLY_QUALIFIED_NAMESPACE", "tre.servicebus.windows.net".to_owned()),
         ("STEWARD_SERVICEBUS_ENDPOINT", emulator.endpoint()),
@@ -483,7 +525,7 @@ async fn managed_identity_over_imds_and_its_failures() {
         (503, "busy".into()),
     ])
     .await;
-    let emulator = Emulator::builder().bearer_token("imds-token").start().await.unwrap();
+    let emulator = Emulator::builder().with_bearer_token("imds-token").start().await.unwrap();
     let build = || {
         ServiceBusBuilder::new()
             .with_namespace("tre")
@@ -508,12 +550,60 @@ async fn managed_identity_over_imds_and_its_failures() {
 
 // ---- logs ----------------------------------------------------------------------------
 
+/// The log lines a test's thread writes, for asserting on them.
+///
+/// Tests share one process under `cargo test`, and tracing caches per call site, for the
+/// whole process, whether anyone listens; a subscriber scoped to one test then misses
+/// events whose call site another test reached first. So one process-wide subscriber
+/// takes every event and writes it to the capture installed on the thread that emitted
+/// it (with the current-thread runtime of `#[tokio::test]`, the test's own tasks: the
+/// transport's and the emulator's), or nowhere.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
-impl Write for Captured {
+thread_local! {
+    static THREAD_CAPTURE: std::cell::RefCell<Option<Captured>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Removes the thread's capture when dropped.
+struct CaptureGuard(std::marker::PhantomData<*const ()>);
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        THREAD_CAPTURE.with(|capture| capture.borrow_mut().take());
+    }
+}
+
+impl Captured {
+    /// Routes everything this thread logs, at every level, here until the guard drops.
+    fn install(&self) -> CaptureGuard {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(|| ThreadWriter(THREAD_CAPTURE.with(|c| c.borrow().clone())))
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+        });
+        THREAD_CAPTURE.with(|capture| *capture.borrow_mut() = Some(self.clone()));
+        CaptureGuard(std::marker::PhantomData)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// The process-wide subscriber's writer: the emitting thread's capture, if any.
+struct ThreadWriter(Option<Captured>);
+
+impl Write for ThreadWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        if let Some(captured) = &self.0 {
+            captured.0.lock().unwrap().extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
 
@@ -527,16 +617,11 @@ impl Write for Captured {
 #[tokio::test]
 async fn logs_never_contain_secrets() {
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+    let guard = captured.install();
     let endpoint = TokenEndpoint::start(vec![token_answer("secret-token-value")]).await;
     async {
         let (emulator, transport) =
-            start(Emulator::builder().bearer_token("secret-token-value"), KEY).await;
+            start(Emulator::builder().with_bearer_token("secret-token-value"), KEY).await;
         send_text(&transport, "jobs", "m-1").await;
         let delivery = transport.source("jobs").receive(1, WAIT).await.unwrap().pop().unwrap();
         delivery.dead_letter("Reason", "description").await.unwrap();
@@ -557,10 +642,10 @@ async fn logs_never_contain_secrets() {
             .unwrap();
         send_text(&identity, "jobs", "m-2").await;
     }
-    .with_subscriber(subscriber)
     .await;
+    drop(guard);
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("service bus request"), "trace logs were captured:\n{logs}");
     for secret in
         [KEY, "d3Jvbmcta2V5LXZhbHVl", "secret-token-value", "sig=", "SharedAccessSignature"]

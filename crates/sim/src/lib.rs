@@ -268,7 +268,7 @@ async fn simulate(
     let log = Log::new();
     let start = log.start();
     let broker =
-        InMemoryBroker::builder().strict(true).with_sessions(scenario.broker_sessions).build();
+        InMemoryBroker::builder().with_strict(true).with_sessions(scenario.broker_sessions).build();
     broker.declare_queue(QUEUE, QueueOptions::default().with_lock_duration(scenario.lock));
     let refuse = Arc::new(AtomicU32::new(0));
     let connect = SimConnect {
@@ -367,7 +367,7 @@ async fn simulate(
         dead_lettered: broker
             .dead_letters(QUEUE)
             .into_iter()
-            .map(|d| (d.message.id, d.info.reason))
+            .map(|d| (d.message.id, d.reason))
             .collect(),
         start,
         locked_after_shutdown,

@@ -8,6 +8,7 @@ mod messages;
 mod operation;
 pub mod queues;
 mod resource;
+mod roles;
 mod status;
 
 pub use airlock::{
@@ -28,6 +29,7 @@ pub use operation::{MAIN_STEP_ID, Operation, OperationStep};
 pub use resource::{
     Properties, Resource, ResourceHistoryItem, ResourceKind, ResourcePatch, ResourceType, User,
 };
+pub use roles::WorkspaceRole;
 pub use status::{Status, UnknownValue, action};
 
 /// A new UUIDv4 string: the id of a new record, event or etag.

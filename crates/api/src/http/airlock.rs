@@ -6,6 +6,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::access::Access;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Page};
 use crate::domain::{AirlockRequest, AirlockRequestType, AirlockReviewDecision};
@@ -92,6 +93,7 @@ pub(super) async fn create(
     ApiJson(body): ApiJson<CreateAirlockRequest>,
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
+    Access::new(&state, store, &user).author_airlock(&body.workspace_id).await?;
     let mut tx = store.begin().await?;
     let new = NewAirlockRequest {
         workspace_id: body.workspace_id,
@@ -115,12 +117,18 @@ pub(super) async fn create(
     responses((status = 200, body = AirlockRequestList), (status = 400, body = ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
+    Caller(user): Caller,
     ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<AirlockRequestList>, ApiError> {
     let (offset, limit) = page.bounds()?;
     let store = state.db.serving()?;
-    let filter =
-        AirlockRequestFilter { skip: offset, limit: Some(limit + 1), ..Default::default() };
+    let visible_workspaces = Access::new(&state, store, &user).visible_workspaces().await?;
+    let filter = AirlockRequestFilter {
+        skip: offset,
+        limit: Some(limit + 1),
+        visible_workspaces,
+        ..Default::default()
+    };
     let mut requests = store.read().airlock_requests(&filter).await?;
     let next_cursor = Page::truncate(&mut requests, offset, limit);
     Ok(Json(AirlockRequestList { airlock_requests: requests, next_cursor }))
@@ -132,9 +140,12 @@ pub(super) async fn list(
     responses((status = 200, body = AirlockRequestResponse), (status = 404, body = ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
+    Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let request = state.db.serving()?.read().airlock_request(&id).await?;
+    let store = state.db.serving()?;
+    let request = store.read().airlock_request(&id).await?;
+    Access::new(&state, store, &user).read_airlock(&request).await?;
     Ok(answer(StatusCode::OK, request))
 }
 
@@ -148,6 +159,8 @@ pub(super) async fn submit(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
+    let existing = store.read().airlock_request(&id).await?;
+    Access::new(&state, store, &user).author_airlock(&existing.workspace_id).await?;
     let mut tx = store.begin().await?;
     let request = airlock::submit(&mut tx, &state.settings.airlock_queues, &id, &user).await?;
     tx.commit().await?;
@@ -170,6 +183,8 @@ pub(super) async fn review(
         ReviewDecision::Rejected => AirlockReviewDecision::Rejected,
     };
     let store = state.db.serving()?;
+    let existing = store.read().airlock_request(&id).await?;
+    Access::new(&state, store, &user).review_airlock(&existing).await?;
     let mut tx = store.begin().await?;
     let request = airlock::review(
         &mut tx,
@@ -195,6 +210,8 @@ pub(super) async fn cancel(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
+    let existing = store.read().airlock_request(&id).await?;
+    Access::new(&state, store, &user).author_airlock(&existing.workspace_id).await?;
     let mut tx = store.begin().await?;
     let request = airlock::cancel(&mut tx, &state.settings.airlock_queues, &id, &user).await?;
     tx.commit().await?;

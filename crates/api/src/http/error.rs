@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::auth::AuthError;
 use crate::rules::airlock::{AirlockError, ILLEGAL_STATUS_CHANGE};
 use crate::rules::operations::OperationError;
 use crate::storage::StoreError;
@@ -28,6 +29,8 @@ pub(super) struct ApiError {
     detail: String,
     /// The full cause of a server-side failure, for the log only.
     cause: Option<String>,
+    /// The `WWW-Authenticate` challenge of a 401.
+    challenge: Option<String>,
 }
 
 /// The cause of a 5xx answer, left in the response extensions for the logging
@@ -39,7 +42,7 @@ impl ApiError {
     /// An error with this status, code and detail.
     #[must_use]
     pub(super) fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        ApiError { status, code, detail: detail.into(), cause: None }
+        ApiError { status, code, detail: detail.into(), cause: None, challenge: None }
     }
 
     /// 400 with code `bad_request`.
@@ -54,14 +57,10 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
 
-    /// 401 with code `unauthorized`.
+    /// 403 with code `forbidden`: a known caller without the role.
     #[must_use]
-    pub(super) fn unauthorized() -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this request needs the header Authorization: Bearer <STEWARD_API_TOKEN>",
-        )
+    pub(super) fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
     }
 
     /// 503 with code `unavailable`, the cause logged.
@@ -72,6 +71,7 @@ impl ApiError {
             code: "unavailable",
             detail: format!("{what} is unavailable; try again later"),
             cause: Some(steward_core::error_chain(cause)),
+            challenge: None,
         }
     }
 
@@ -83,6 +83,7 @@ impl ApiError {
             code: "internal",
             detail: "an internal error occurred".to_owned(),
             cause: Some(steward_core::error_chain(cause)),
+            challenge: None,
         }
     }
 }
@@ -100,10 +101,39 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
         }
+        if let Some(challenge) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+        }
         if let Some(cause) = self.cause {
             response.extensions_mut().insert(LoggedCause(cause));
         }
         response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        let (code, challenge) = match &error {
+            AuthError::Unavailable(cause) => {
+                return ApiError::unavailable("the token issuer", cause);
+            }
+            AuthError::Missing => ("unauthorized", "Bearer".to_owned()),
+            AuthError::UnknownToken | AuthError::InvalidToken(_) => {
+                // RFC 6750 §3: the description is a quoted string without `"` or `\`.
+                let description = error.to_string().replace(['"', '\\'], "'");
+                (
+                    "invalid_token",
+                    format!("Bearer error=\"invalid_token\", error_description=\"{description}\""),
+                )
+            }
+        };
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code,
+            detail: error.to_string(),
+            cause: None,
+            challenge: Some(challenge),
+        }
     }
 }
 

@@ -4,6 +4,7 @@ use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::request::Parts;
 use serde::Deserialize;
 
+use super::auth::AuthError;
 use super::error::ApiError;
 use crate::domain::User;
 
@@ -22,9 +23,9 @@ pub(super) struct ApiPath<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub(super) struct ApiQuery<T>(pub T);
 
-/// Who makes the request, from the optional headers `X-User-Id`, `X-User-Name` and
-/// `X-User-Email` (set by an authenticating proxy); `steward` when absent. Recorded on
-/// operations, history and airlock requests.
+/// Who makes the request, as the authentication middleware identified them (an OIDC
+/// token, the development token, a trusted proxy's headers, or the development admin).
+/// Recorded on operations, history and airlock requests.
 #[derive(Debug, Clone)]
 pub(super) struct Caller(pub User);
 
@@ -32,18 +33,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let header = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-        };
-        let id = header("x-user-id").unwrap_or("steward").to_owned();
-        let name = header("x-user-name").unwrap_or("Steward API").to_owned();
-        let email = header("x-user-email").unwrap_or_default().to_owned();
-        Ok(Caller(User::new(id, name, email)))
+        // Only an open route lacks it, and open routes do not ask for a caller.
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| AuthError::Missing.into())
     }
 }
 

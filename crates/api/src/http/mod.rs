@@ -1,16 +1,19 @@
 //! The HTTP API: [`router`] builds it from an [`AppState`].
 //!
 //! Every failure, extractor rejections included, answers `{"error", "detail"}` (the
-//! `ErrorBody` schema of [`openapi`]). Requests are traced, bounded by a 30 s timeout and a 1 MiB
-//! body, and, when `STEWARD_API_TOKEN` is set, every mutating request needs
-//! `Authorization: Bearer <token>`.
+//! `ErrorBody` schema of [`openapi`]). Requests are traced and bounded by a 30 s timeout
+//! and a 1 MiB body. Every route but the probes ([`OPEN_ROUTES`]) needs an identified
+//! caller ([`auth`]): 401 with `WWW-Authenticate: Bearer` otherwise.
 
+mod access;
 mod airlock;
+pub mod auth;
 mod error;
 mod extract;
 mod health;
 mod openapi;
 mod resources;
+mod roles;
 mod state;
 mod templates;
 
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi as _;
@@ -30,12 +33,21 @@ use error::ApiError;
 pub use state::{ApiSettings, AppState};
 
 use error::LoggedCause;
+use extract::Caller;
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// How long a request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The routes that answer without authentication: the probes, for orchestrators and
+/// load balancers. `/metrics` joins them with `STEWARD_METRICS_OPEN`.
+pub const OPEN_ROUTES: [&str; 4] = ["/livez", "/readyz", "/health", "/api/health"];
+
+/// The operator routes: only `TREAdmin` may call them (`/metrics` not when
+/// `STEWARD_METRICS_OPEN` opens it).
+pub const OPERATOR_ROUTES: [&str; 2] = ["/api/workers", "/metrics"];
 
 /// Every route, each declared once: its method and path are its handler's
 /// `#[utoipa::path]`, which also documents it.
@@ -59,6 +71,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(airlock::submit))
         .routes(routes!(airlock::review))
         .routes(routes!(airlock::cancel))
+        .routes(routes!(roles::get, roles::set))
 }
 
 /// The OpenAPI document of every route, as `GET /api/openapi.json` serves it.
@@ -68,14 +81,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     DOCUMENT.clone()
 }
 
-/// Builds the router: every route, with tracing, the timeout, the body limit, the token
-/// check and JSON errors for unknown routes and methods.
+/// Builds the router: every route, with tracing, the timeout, the body limit,
+/// authentication and JSON errors for unknown routes and methods.
 pub fn router(state: AppState) -> Router {
     let (router, _) = routes().split_for_parts();
     router
         .method_not_allowed_fallback(|| async { method_not_allowed() })
         .fallback(|| async { ApiError::not_found("no such route").into_response() })
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(timeout_and_log))
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -91,35 +104,29 @@ fn method_not_allowed() -> Response {
     .into_response()
 }
 
-fn is_mutating(method: &Method) -> bool {
-    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
-}
-
-/// Compares without leaking, through timing, how much of the token matched.
-fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = given.len() ^ expected.len();
-    for (i, byte) in expected.iter().enumerate() {
-        diff |= usize::from(byte ^ given.get(i).copied().unwrap_or(0));
+/// Identifies the caller of every route but the open ones, refuses (403) the operator
+/// routes to callers without `TREAdmin`, and leaves the caller in the request's
+/// extensions for the [`Caller`] extractor. Finer rules are the handlers' (`access`).
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let path = path.as_str();
+    if OPEN_ROUTES.contains(&path) || (state.settings.metrics_open && path == "/metrics") {
+        return next.run(request).await;
     }
-    diff == 0
-}
-
-/// When `STEWARD_API_TOKEN` is set, mutating requests need `Authorization: Bearer <it>`.
-async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.settings.api_token {
-        if is_mutating(request.method()) {
-            let given = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or_default();
-            if !same_token(given.trim().as_bytes(), token.as_bytes()) {
-                return ApiError::unauthorized().into_response();
-            }
+    match state.settings.auth.authenticate(request.headers()).await {
+        Ok(user) if OPERATOR_ROUTES.contains(&path) && !auth::is_admin(&user) => {
+            ApiError::forbidden(format!("{path} needs the role {}", auth::TRE_ADMIN))
+                .into_response()
+        }
+        Ok(user) => {
+            request.extensions_mut().insert(Caller(user));
+            next.run(request).await
+        }
+        Err(error) => {
+            tracing::debug!(path = %request.uri().path(), error = %error, "request not authenticated");
+            ApiError::from(error).into_response()
         }
     }
-    next.run(request).await
 }
 
 /// Bounds each request by [`REQUEST_TIMEOUT`] and logs the cause of every 5xx once,

@@ -5,7 +5,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{airlock, error, health, resources, templates};
+use super::{airlock, error, health, resources, roles, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,12 +19,14 @@ use super::{airlock, error, health, resources, templates};
         resources::ResourceResponse, resources::ResourceList, resources::OperationList,
         airlock::CreateAirlockRequest, airlock::ReviewBody, airlock::ReviewDecision,
         airlock::AirlockRequestResponse, airlock::AirlockRequestList,
+        roles::SetRoles, roles::WorkspaceRoles,
     )),
     tags(
         (name = "health", description = "Probes and worker health"),
         (name = "templates", description = "The template registry"),
         (name = "resources", description = "Resources and operations"),
         (name = "airlock", description = "Airlock requests"),
+        (name = "roles", description = "Workspace roles"),
     )
 )]
 pub(super) struct ApiDoc;

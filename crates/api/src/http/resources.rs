@@ -7,6 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::access::Access;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Page};
 use crate::domain::{Operation, Properties, Resource, ResourceType, Status};
@@ -126,6 +127,9 @@ pub(super) async fn create(
     ApiJson(body): ApiJson<CreateResource>,
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
+    Access::new(&state, store, &user)
+        .create_resource(body.resource_type, body.workspace_id.as_deref())
+        .await?;
     let mut tx = store.begin().await?;
     let new = NewResource {
         template_name: body.template_name,
@@ -145,11 +149,14 @@ pub(super) async fn create(
     responses((status = 200, body = ResourceList), (status = 400, body = ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
+    Caller(user): Caller,
     ApiQuery(query): ApiQuery<ResourceQuery>,
 ) -> Result<Json<ResourceList>, ApiError> {
     let (offset, limit) = Page { limit: query.limit, cursor: query.cursor }.bounds()?;
     let store = state.db.serving()?;
+    let visible_workspaces = Access::new(&state, store, &user).visible_workspaces().await?;
     let filter = ResourceFilter {
+        visible_workspaces,
         resource_type: query.resource_type,
         status: query.status,
         skip: offset,
@@ -167,9 +174,12 @@ pub(super) async fn list(
     responses((status = 200, body = ResourceResponse), (status = 404, body = ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
+    Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ResourceResponse>, ApiError> {
-    let resource = state.db.serving()?.read().resource(&id).await?;
+    let store = state.db.serving()?;
+    let resource = store.read().resource(&id).await?;
+    Access::new(&state, store, &user).read_resource(&resource).await?;
     Ok(Json(ResourceResponse { resource }))
 }
 
@@ -179,10 +189,12 @@ pub(super) async fn get(
     responses((status = 200, body = OperationList), (status = 404, body = ErrorBody)))]
 pub(super) async fn operations(
     State(state): State<AppState>,
+    Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperationList>, ApiError> {
     let store = state.db.serving()?;
-    store.read().resource(&id).await?;
+    let resource = store.read().resource(&id).await?;
+    Access::new(&state, store, &user).read_resource(&resource).await?;
     let operations = store.read().operations_for_resource(&id).await?;
     Ok(Json(OperationList { operations }))
 }
@@ -193,9 +205,13 @@ pub(super) async fn operations(
     responses((status = 200, body = OperationResponse), (status = 404, body = ErrorBody)))]
 pub(super) async fn operation(
     State(state): State<AppState>,
+    Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperationResponse>, ApiError> {
-    let operation = state.db.serving()?.read().operation(&id).await?;
+    let store = state.db.serving()?;
+    let operation = store.read().operation(&id).await?;
+    let resource = store.read().resource(&operation.resource_id).await?;
+    Access::new(&state, store, &user).read_resource(&resource).await?;
     Ok(Json(OperationResponse { operation }))
 }
 
@@ -210,6 +226,8 @@ pub(super) async fn update(
     ApiJson(body): ApiJson<UpdateResource>,
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
+    let resource = store.read().resource(&id).await?;
+    Access::new(&state, store, &user).change_resource(&resource).await?;
     let mut tx = store.begin().await?;
     let created =
         operations::upgrade_resource(&mut tx, context(&state), &id, body.properties, None, &user)
@@ -229,6 +247,8 @@ pub(super) async fn delete(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
+    let resource = store.read().resource(&id).await?;
+    Access::new(&state, store, &user).change_resource(&resource).await?;
     let mut tx = store.begin().await?;
     let operation =
         operations::uninstall_resource(&mut tx, context(&state), &id, &user, false).await?;
@@ -247,6 +267,8 @@ pub(super) async fn action(
     ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
+    let resource = store.read().resource(&id).await?;
+    Access::new(&state, store, &user).change_resource(&resource).await?;
     let mut tx = store.begin().await?;
     let operation =
         operations::invoke_action(&mut tx, context(&state), &id, &action, &user).await?;

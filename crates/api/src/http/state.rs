@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use steward_core::HealthHandle;
 
+use super::auth::Authentication;
 use crate::rules::AirlockQueues;
 use crate::storage::Database;
 use crate::templates::TemplateRegistry;
@@ -17,8 +18,11 @@ pub struct ApiSettings {
     pub resource_request_queue: String,
     /// Where airlock events go.
     pub airlock_queues: AirlockQueues,
-    /// The bearer token mutating requests need, when set.
-    pub api_token: Option<String>,
+    /// How callers are identified; the default makes every caller the development
+    /// admin.
+    pub auth: Authentication,
+    /// Whether `/metrics` answers without authentication (`STEWARD_METRICS_OPEN`).
+    pub metrics_open: bool,
     /// The transport's name, for health messages.
     pub transport: String,
 }
@@ -28,7 +32,8 @@ impl fmt::Debug for ApiSettings {
         f.debug_struct("ApiSettings")
             .field("resource_request_queue", &self.resource_request_queue)
             .field("airlock_queues", &self.airlock_queues)
-            .field("api_token", &self.api_token.as_ref().map(|_| "REDACTED"))
+            .field("auth", &self.auth)
+            .field("metrics_open", &self.metrics_open)
             .field("transport", &self.transport)
             .finish()
     }
@@ -43,7 +48,7 @@ pub struct AppState {
     pub templates: Arc<TemplateRegistry>,
     /// The workers' health.
     pub health: HealthHandle,
-    /// Queue names, the API token, the transport name.
+    /// Queue names, authentication, the transport name.
     pub settings: Arc<ApiSettings>,
     /// Renders `/metrics`, when a Prometheus recorder is installed.
     pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,

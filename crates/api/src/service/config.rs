@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use steward_core::UpdaterConfig;
 
 use crate::domain::queues;
+use crate::http::auth::{Authentication, KeySetError, OidcConfig, OidcVerifier};
 
 use super::transport::{KNOWN, Topology, TransportConfigError, TransportOptions};
 
@@ -111,9 +112,39 @@ pub struct Config {
     #[arg(long, env = "STEWARD_RESTART_LIMIT", default_value_t = 10)]
     pub restart_limit: u32,
 
-    /// When set, every mutating request needs `Authorization: Bearer <token>`. Never logged.
-    #[arg(long, env = "STEWARD_API_TOKEN", hide_env_values = true)]
+    /// Development only: a static bearer token whose caller is the admin `steward-admin`
+    /// (role `TREAdmin`). Must not be empty. Never logged.
+    #[arg(long, env = "STEWARD_API_TOKEN", hide_env_values = true, value_parser = parse_api_token)]
     pub api_token: Option<String>,
+
+    /// The OIDC issuer of bearer tokens (their `iss`); its discovery document is at
+    /// `<issuer>/.well-known/openid-configuration`. Needs `STEWARD_AUTH_AUDIENCE`.
+    #[arg(long, env = "STEWARD_AUTH_ISSUER", requires = "auth_audience")]
+    pub auth_issuer: Option<String>,
+
+    /// The audience bearer tokens must name (their `aud`), e.g. the API's client id.
+    #[arg(long, env = "STEWARD_AUTH_AUDIENCE", requires = "auth_issuer")]
+    pub auth_audience: Option<String>,
+
+    /// The issuer's key set (JWKS), instead of the discovery document's `jwks_uri`.
+    #[arg(long, env = "STEWARD_AUTH_JWKS_URL", requires = "auth_issuer")]
+    pub auth_jwks_url: Option<String>,
+
+    /// Take the caller from `X-User-Id`, `X-User-Name`, `X-User-Email` and `X-User-Roles`
+    /// on requests without a bearer token. Only behind an authenticating proxy that
+    /// strips these headers from clients.
+    #[arg(long, env = "STEWARD_TRUST_PROXY_HEADERS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_proxy_headers: bool,
+
+    /// Serve `/metrics` without authentication (for a scraper on a private network);
+    /// otherwise it needs `TREAdmin`.
+    #[arg(long, env = "STEWARD_METRICS_OPEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub metrics_open: bool,
+
+    /// Listen on a non-loopback address with no authentication configured, every caller
+    /// the admin. Never in production.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 
     /// Email recipients of airlock notifications by role, as JSON:
     /// `{"workspace_owner": ["a@example.com"], "airlock_manager": [...]}`.
@@ -133,6 +164,15 @@ pub struct Config {
 /// Parses `25s`, `2m`, `1h 30m`, `500ms`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (try 25s, 2m or 500ms)"))
+}
+
+/// An empty token would silently turn authentication off: refuse it.
+fn parse_api_token(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        Err("must not be empty (unset STEWARD_API_TOKEN to run without it)".to_owned())
+    } else {
+        Ok(text.to_owned())
+    }
 }
 
 fn parse_recipients(text: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
@@ -177,6 +217,27 @@ impl Config {
             ],
             max_deliveries: self.max_deliveries,
         }
+    }
+
+    /// How callers are identified, from the authentication settings.
+    ///
+    /// # Errors
+    ///
+    /// The HTTP client that fetches the issuer's keys cannot be built.
+    pub fn authentication(&self) -> Result<Authentication, KeySetError> {
+        let mut auth = Authentication::none().with_proxy_headers(self.trust_proxy_headers);
+        if let Some(token) = &self.api_token {
+            auth = auth.with_api_token(token.clone());
+        }
+        if let (Some(issuer), Some(audience)) = (&self.auth_issuer, &self.auth_audience) {
+            let verifier = OidcVerifier::new(OidcConfig {
+                issuer: issuer.clone(),
+                audience: audience.clone(),
+                jwks_url: self.auth_jwks_url.clone(),
+            })?;
+            auth = auth.with_oidc(std::sync::Arc::new(verifier));
+        }
+        Ok(auth)
     }
 
     /// The database URL with any password hidden, for logs.
@@ -226,6 +287,41 @@ mod tests {
     fn the_command_line_of_every_transport_fits_together() {
         use clap::CommandFactory;
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn an_empty_api_token_is_a_configuration_error() {
+        let error = Config::try_parse_from(["steward-api", "--api-token", ""]).unwrap_err();
+        assert!(error.to_string().contains("must not be empty"), "{error}");
+        let error = Config::try_parse_from(["steward-api", "--api-token", "  "]).unwrap_err();
+        assert!(error.to_string().contains("must not be empty"), "{error}");
+        let config = Config::try_parse_from(["steward-api", "--api-token", "t"]).unwrap();
+        assert!(config.authentication().unwrap().is_configured());
+    }
+
+    #[test]
+    fn an_issuer_needs_an_audience() {
+        let error = Config::try_parse_from(["steward-api", "--auth-issuer", "https://idp.example"])
+            .unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{error}");
+        let config = Config::try_parse_from([
+            "steward-api",
+            "--auth-issuer",
+            "https://idp.example",
+            "--auth-audience",
+            "api://steward",
+        ])
+        .unwrap();
+        let auth = config.authentication().unwrap();
+        assert!(auth.is_configured());
+        assert!(auth.describe().contains("https://idp.example"), "{}", auth.describe());
+    }
+
+    #[test]
+    fn with_nothing_set_no_authentication_is_configured() {
+        let config = Config::try_parse_from(["steward-api"]).unwrap();
+        assert!(!config.authentication().unwrap().is_configured());
+        assert!(!config.insecure_no_auth);
     }
 
     #[test]

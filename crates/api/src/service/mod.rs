@@ -63,6 +63,17 @@ pub enum StartError {
     /// `STEWARD_FAULTS` is invalid or not available in this build.
     #[error("{0}")]
     Faults(String),
+    /// A non-loopback listen address with no authentication configured.
+    #[error(
+        "refusing to listen on {addr} with no authentication: set STEWARD_AUTH_ISSUER and STEWARD_AUTH_AUDIENCE (or STEWARD_API_TOKEN, or STEWARD_TRUST_PROXY_HEADERS=true behind an authenticating proxy), listen on a loopback address, or pass --insecure-no-auth"
+    )]
+    NoAuthentication {
+        /// The address.
+        addr: std::net::SocketAddr,
+    },
+    /// The OIDC settings cannot be used.
+    #[error("invalid OIDC settings")]
+    Auth(#[source] crate::http::auth::KeySetError),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -198,6 +209,10 @@ impl Service {
     /// address that cannot be bound.
     pub async fn start(config: Config) -> Result<Service, StartError> {
         let faults = faults::plan(config.faults.as_deref()).map_err(StartError::Faults)?;
+        let auth = config.authentication().map_err(StartError::Auth)?;
+        if !auth.is_configured() && !config.listen.ip().is_loopback() && !config.insecure_no_auth {
+            return Err(StartError::NoAuthentication { addr: config.listen });
+        }
         let templates = Arc::new(TemplateRegistry::load(config.templates_dir.as_deref())?);
         let transport = config.transports.open(config.transport_name()?, &config.topology())?;
         let store = Store::connect_lazy(StoreOptions::new(config.database_url.clone()))
@@ -224,7 +239,8 @@ impl Service {
                 status_changed: config.airlock_status_changed_queue.clone(),
                 notification: config.airlock_notification_queue.clone(),
             },
-            api_token: config.api_token.clone().filter(|t| !t.is_empty()),
+            auth,
+            metrics_open: config.metrics_open,
             transport: transport.name().to_owned(),
         };
         let state = AppState {
@@ -264,6 +280,12 @@ impl Service {
             simulators = config.simulate_processors(),
             "steward-api listening"
         );
+        let auth = &state.settings.auth;
+        if auth.is_configured() {
+            tracing::info!(authentication = %auth.describe(), "callers are authenticated");
+        } else {
+            tracing::warn!(authentication = %auth.describe(), "no authentication configured: every caller is the development admin");
+        }
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(listener, crate::http::router(state))
             .with_graceful_shutdown(async move {

@@ -17,6 +17,8 @@ pub struct AirlockRequestFilter {
     pub workspace_id: Option<String>,
     /// Only requests in this status.
     pub status: Option<AirlockRequestStatus>,
+    /// Only requests of these workspaces; `None` for all.
+    pub visible_workspaces: Option<Vec<String>>,
     /// Skip this many (in creation order).
     pub skip: u64,
     /// Return at most this many; `None` for all.
@@ -62,6 +64,14 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
     if let Some(status) = filter.status {
         binds.push(status.as_str().to_owned());
         sql.push_str(&format!(" AND status = ${}", binds.len()));
+    }
+    if let Some(workspaces) = &filter.visible_workspaces {
+        sql.push_str(" AND (1 = 0");
+        for workspace_id in workspaces {
+            binds.push(workspace_id.clone());
+            sql.push_str(&format!(" OR workspace_id = ${}", binds.len()));
+        }
+        sql.push(')');
     }
     let n = binds.len();
     sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${} OFFSET ${}", n + 1, n + 2));

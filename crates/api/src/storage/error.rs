@@ -16,6 +16,8 @@ pub enum Entity {
     AirlockRequest,
     /// An outbox message.
     OutboxMessage,
+    /// A user's roles in a workspace.
+    WorkspaceRoles,
 }
 
 impl fmt::Display for Entity {
@@ -26,6 +28,7 @@ impl fmt::Display for Entity {
             Entity::ResourceHistory => "resource history item",
             Entity::AirlockRequest => "airlock request",
             Entity::OutboxMessage => "outbox message",
+            Entity::WorkspaceRoles => "workspace roles",
         })
     }
 }

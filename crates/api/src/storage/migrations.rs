@@ -11,11 +11,18 @@ use super::Backend;
 
 /// `(file name, SQLite text, PostgreSQL text)`, in order. Each file name is
 /// `NNNN_name.sql`; `NNNN` is the version.
-pub(crate) const MIGRATIONS: &[(&str, &str, &str)] = &[(
-    "0001_initial.sql",
-    include_str!("../../migrations/sqlite/0001_initial.sql"),
-    include_str!("../../migrations/postgres/0001_initial.sql"),
-)];
+pub(crate) const MIGRATIONS: &[(&str, &str, &str)] = &[
+    (
+        "0001_initial.sql",
+        include_str!("../../migrations/sqlite/0001_initial.sql"),
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        "0002_workspace_roles.sql",
+        include_str!("../../migrations/sqlite/0002_workspace_roles.sql"),
+        include_str!("../../migrations/postgres/0002_workspace_roles.sql"),
+    ),
+];
 
 /// The migrations of one backend, as a source sqlx's `Migrator` reads.
 #[derive(Debug, Clone, Copy)]

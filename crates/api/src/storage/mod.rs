@@ -27,6 +27,7 @@ mod migrations;
 mod operations;
 mod outbox;
 mod resources;
+mod roles;
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};

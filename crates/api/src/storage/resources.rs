@@ -28,6 +28,9 @@ pub struct ResourceFilter {
     pub template_name: Option<String>,
     /// Include resources whose status is `deleted` (left out by default).
     pub include_deleted: bool,
+    /// Only shared services, and resources of these workspaces (the workspaces
+    /// themselves included); `None` for all.
+    pub visible_workspaces: Option<Vec<String>>,
     /// Skip this many (in creation order).
     pub skip: u64,
     /// Return at most this many; `None` for all.
@@ -96,6 +99,15 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
     }
     if !filter.include_deleted {
         sql.push_str(" AND (deployment_status IS NULL OR deployment_status <> 'deleted')");
+    }
+    if let Some(workspaces) = &filter.visible_workspaces {
+        sql.push_str(" AND (resource_type = 'shared-service'");
+        for workspace_id in workspaces {
+            binds.push(workspace_id.clone());
+            let n = binds.len();
+            sql.push_str(&format!(" OR id = ${n} OR workspace_id = ${n}"));
+        }
+        sql.push(')');
     }
     let n = binds.len();
     sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${} OFFSET ${}", n + 1, n + 2));

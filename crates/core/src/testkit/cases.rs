@@ -722,3 +722,426 @@ pub async fn delivery_count_survives_delayed_abandon(factory: &dyn TransportFact
     assert_eq!(third.message().delivery_count, 3, "{CASE}: after an abandon with delay");
     settle(CASE, "complete", third.complete()).await;
 }
+
+/// Renewing a lock that already expired is `LockLost`, and does not take the lock back:
+/// another consumer gets the message, and the stale delivery can settle nothing.
+pub async fn renew_after_lock_expiry_returns_lock_lost(factory: &dyn TransportFactory) {
+    const CASE: &str = "renew_after_lock_expiry_returns_lock_lost";
+    if missing_requirement(factory, CASE).is_some() {
+        return;
+    }
+    let fx = Fixture::new(CASE, factory).await;
+    fx.send_text("expired").await;
+    let source = fx.source().await;
+    let held = fx.receive_one(source.as_ref(), PROMPTLY).await;
+    sleep(fx.lock_duration() + EXPIRY_SLACK).await;
+    match held.renew_lock().await {
+        Err(TransportError::LockLost { .. }) => {}
+        other => {
+            panic!("{CASE}: renew_lock after the lock expired returned {other:?}, not LockLost")
+        }
+    }
+    let other = fx.source().await;
+    let again = fx.receive_one(other.as_ref(), PROMPTLY).await;
+    assert_eq!(again.message().id, "expired", "{CASE}: the failed renewal kept the message");
+    if fx.counts_deliveries() {
+        assert_eq!(again.message().delivery_count, 2, "{CASE}: delivery count");
+    }
+    match held.complete().await {
+        Err(TransportError::LockLost { .. }) => {}
+        other => panic!("{CASE}: complete after a failed renewal returned {other:?}, not LockLost"),
+    }
+    ok(CASE, "renew_lock by the new holder", again.renew_lock().await);
+    settle(CASE, "complete by the new holder", again.complete()).await;
+}
+
+/// Asserts that `locked_until` lies after now and at most a lock duration plus slack
+/// after `asked_at`, the moment the receive or renewal was asked for.
+fn assert_lock_window(
+    case: &str,
+    what: &str,
+    locked_until: Option<Instant>,
+    asked_at: Instant,
+    lock: Duration,
+) {
+    let Some(until) = locked_until else {
+        panic!("{case}: {what}: a timed lock has an expiry");
+    };
+    let now = Instant::now();
+    assert!(until > now, "{case}: {what}: the lock ends {:?} before now", now - until);
+    let latest = asked_at + lock + EXPIRY_SLACK;
+    assert!(
+        until <= latest,
+        "{case}: {what}: the lock ends {:?} after the lock duration {lock:?} plus slack",
+        until - (asked_at + lock)
+    );
+}
+
+/// `locked_until` lies between now and now + the lock duration + slack, at receive and
+/// after each renewal, and the delivery reports what the renewal returned.
+pub async fn locked_until_lies_within_the_lock_duration(factory: &dyn TransportFactory) {
+    const CASE: &str = "locked_until_lies_within_the_lock_duration";
+    if missing_requirement(factory, CASE).is_some() {
+        return;
+    }
+    let fx = Fixture::new(CASE, factory).await;
+    fx.send_text("window").await;
+    let source = fx.source().await;
+    let lock = fx.lock_duration();
+    let asked_at = Instant::now();
+    let held = fx.receive_one(source.as_ref(), PROMPTLY).await;
+    assert_lock_window(CASE, "at receive", held.locked_until(), asked_at, lock);
+    for renewal in 1..=3 {
+        sleep(lock / 3).await;
+        let asked_at = Instant::now();
+        let renewed = ok(CASE, "renew_lock", held.renew_lock().await);
+        let what = format!("renewal {renewal}");
+        assert_lock_window(CASE, &what, renewed, asked_at, lock);
+        assert_eq!(
+            held.locked_until(),
+            renewed,
+            "{CASE}: {what}: locked_until is the renewed expiry"
+        );
+    }
+    settle(CASE, "complete", held.complete()).await;
+}
+
+/// Ten deliveries held by one consumer, settled all at once in reverse order: the even
+/// ones completed, the odd ones abandoned. Each settlement applies to its own message
+/// (what batched acknowledgements must survive): the odd ones come back, once each,
+/// the even ones never.
+pub async fn out_of_order_concurrent_settlements_each_apply_to_their_message(
+    factory: &dyn TransportFactory,
+) {
+    const CASE: &str = "out_of_order_concurrent_settlements_each_apply_to_their_message";
+    let fx = Fixture::new(CASE, factory).await;
+    for i in 0..10 {
+        fx.send_text(&format!("m{i}")).await;
+    }
+    let source = fx.source().await;
+    let mut held = fx.receive_n(source.as_ref(), 10, PROMPTLY).await;
+    assert_eq!(held.len(), 10, "{CASE}: received the ten messages");
+    held.sort_by_key(|d| d.message().id[1..].parse::<u32>().unwrap_or(u32::MAX));
+    let settlements = held.into_iter().rev().map(|delivery| {
+        let id = delivery.message().id.clone();
+        let even = id[1..].parse::<u32>().is_ok_and(|n| n % 2 == 0);
+        async move {
+            let result =
+                if even { delivery.complete().await } else { delivery.abandon(None).await };
+            (id, result)
+        }
+    });
+    for (id, result) in futures::future::join_all(settlements).await {
+        ok(CASE, &format!("settlement of {id}"), result);
+    }
+
+    let odd: HashSet<String> = (0..10).filter(|n| n % 2 == 1).map(|n| format!("m{n}")).collect();
+    let back = fx.receive_n(source.as_ref(), 5, PROMPTLY).await;
+    let back_ids: HashSet<String> = back.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(back.len(), 5, "{CASE}: the abandoned messages came back as {back_ids:?}");
+    assert_eq!(back_ids, odd, "{CASE}: exactly the abandoned messages came back");
+    if fx.counts_deliveries() {
+        for delivery in &back {
+            let count = delivery.message().delivery_count;
+            assert_eq!(count, 2, "{CASE}: delivery count of {}", delivery.message().id);
+        }
+    }
+    for delivery in back {
+        settle(CASE, "complete", delivery.complete()).await;
+    }
+    sleep(fx.lock_duration() + EXPIRY_SLACK).await;
+    let other = fx.source().await;
+    fx.assert_nothing(other.as_ref(), WAIT, "every message was completed").await;
+}
+
+/// Two messages abandoned with different delays, the longer first: the shorter comes
+/// back first, neither before its delay, and messages waiting without a delay are
+/// received meanwhile, before either.
+pub async fn shorter_delay_returns_first_while_undelayed_messages_flow(
+    factory: &dyn TransportFactory,
+) {
+    const CASE: &str = "shorter_delay_returns_first_while_undelayed_messages_flow";
+    if missing_requirement(factory, CASE).is_some() {
+        return;
+    }
+    // One second and four: different delay buckets where the transport has them.
+    let (short, long) = (Duration::from_secs(1), Duration::from_secs(4));
+    let fx = Fixture::new(CASE, factory).await;
+    for id in ["long", "short", "now-1", "now-2"] {
+        fx.send_text(id).await;
+    }
+    let source = fx.source().await;
+    let delayed = fx.receive_n(source.as_ref(), 2, PROMPTLY).await;
+    let ids: Vec<_> = delayed.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(ids, ["long", "short"], "{CASE}: received the first two in order");
+    let Ok([first, second]) = <[Delivery; 2]>::try_from(delayed) else {
+        panic!("{CASE}: expected two deliveries");
+    };
+    let abandoned_at = Instant::now();
+    settle(CASE, "abandon with the long delay", first.abandon(Some(long))).await;
+    settle(CASE, "abandon with the short delay", second.abandon(Some(short))).await;
+
+    let mut arrived = Vec::new();
+    let deadline = abandoned_at + long + PROMPTLY;
+    while arrived.len() < 4 && Instant::now() < deadline {
+        let wait = WAIT.min(deadline.saturating_duration_since(Instant::now()));
+        for delivery in ok(CASE, "receive", source.receive(4, wait).await) {
+            let id = delivery.message().id.clone();
+            let waited = abandoned_at.elapsed();
+            let delay = match id.as_str() {
+                "long" => long,
+                "short" => short,
+                _ => Duration::ZERO,
+            };
+            assert!(waited >= delay, "{CASE}: {id} came back after {waited:?}, before {delay:?}");
+            settle(CASE, "complete", delivery.complete()).await;
+            arrived.push(id);
+        }
+    }
+    assert_eq!(arrived.len(), 4, "{CASE}: only {arrived:?} arrived");
+    let position = |id: &str| arrived.iter().position(|a| a == id);
+    assert!(position("short") < position("long"), "{CASE}: arrival order {arrived:?}");
+    for undelayed in ["now-1", "now-2"] {
+        assert!(
+            position(undelayed) < position("short"),
+            "{CASE}: {undelayed} waited behind a delayed message: arrival order {arrived:?}"
+        );
+    }
+}
+
+/// A message abandoned 11 times is delivered a 12th time: whatever delivery limit the
+/// broker has lies above the updater's default `max_deliveries` (10), so the updater,
+/// not the broker, dead-letters a message delivered too often, with its own reason.
+pub async fn broker_delivery_limit_lies_above_max_deliveries(factory: &dyn TransportFactory) {
+    const CASE: &str = "broker_delivery_limit_lies_above_max_deliveries";
+    let fx = Fixture::new(CASE, factory).await;
+    fx.send_text("persistent").await;
+    let source = fx.source().await;
+    for delivery in 1..=12u32 {
+        let got = fx.receive_one(source.as_ref(), PROMPTLY).await;
+        assert_eq!(got.message().id, "persistent", "{CASE}: delivery {delivery}");
+        if fx.counts_deliveries() {
+            assert_eq!(got.message().delivery_count, delivery, "{CASE}: delivery count");
+        }
+        if delivery < 12 {
+            settle(CASE, "abandon", got.abandon(None)).await;
+        } else {
+            settle(CASE, "complete", got.complete()).await;
+        }
+    }
+    let dead = ok(CASE, "dead_letters", factory.dead_letters(&fx.queue).await);
+    assert!(dead.is_empty(), "{CASE}: the broker dead-lettered {dead:?}");
+}
+
+/// The description of a dead letter comes back exactly, whatever it holds: non-ASCII
+/// text, quotes, backslashes, newlines, over 1 KiB. The session id, content type and
+/// delivery count the message had are kept.
+pub async fn dead_letter_keeps_any_description_and_the_message_fields(
+    factory: &dyn TransportFactory,
+) {
+    const CASE: &str = "dead_letter_keeps_any_description_and_the_message_fields";
+    let fx = Fixture::new(CASE, factory).await;
+    let line = "Zürich → Åre ☃ 𝄞 \"quoted\" 'single' back\\slash <tag> & 100%\r\n\ttabbed line\n";
+    let description = line.repeat(16);
+    assert!(description.len() > 1024, "{CASE}: the description is over 1 KiB");
+    fx.send(
+        OutgoingMessage::json(r#"{"poison":true}"#)
+            .with_message_id("poison-2")
+            .with_session_id("session-dl")
+            .with_correlation_id("c-poison-2"),
+    )
+    .await;
+    let source = fx.source().await;
+    let first = fx.receive_one(source.as_ref(), PROMPTLY).await;
+    settle(CASE, "abandon", first.abandon(None)).await;
+    let second = fx.receive_one(source.as_ref(), PROMPTLY).await;
+    let count = second.message().delivery_count;
+    settle(CASE, "dead_letter", second.dead_letter("Rejected: ünïcode", &description)).await;
+
+    let dead = ok(CASE, "dead_letters", factory.dead_letters(&fx.queue).await);
+    assert_eq!(dead.len(), 1, "{CASE}: one dead letter");
+    let dead = &dead[0];
+    assert_eq!(dead.reason, "Rejected: ünïcode", "{CASE}: reason");
+    assert!(
+        dead.description == description,
+        "{CASE}: description came back as {:?}",
+        dead.description
+    );
+    assert_eq!(dead.message.id, "poison-2", "{CASE}: message id");
+    assert_eq!(dead.message.body, r#"{"poison":true}"#, "{CASE}: body");
+    assert_eq!(dead.message.session_id.as_deref(), Some("session-dl"), "{CASE}: session id");
+    assert_eq!(dead.message.correlation_id.as_deref(), Some("c-poison-2"), "{CASE}: correlation");
+    assert_eq!(
+        dead.message.content_type.as_deref(),
+        Some("application/json"),
+        "{CASE}: content type"
+    );
+    if fx.counts_deliveries() {
+        assert_eq!(count, 2, "{CASE}: delivery count before dead-lettering");
+        assert_eq!(dead.message.delivery_count, count, "{CASE}: delivery count of the dead letter");
+    }
+}
+
+fn session_message(session: &str, i: u32) -> OutgoingMessage {
+    let id = format!("{session}-{i}");
+    OutgoingMessage::new(id.clone()).with_message_id(id).with_session_id(session)
+}
+
+/// A session whose head was abandoned with a delay stays locked, for every consumer,
+/// until the head comes back; other sessions flow meanwhile, and the head comes back
+/// before its followers.
+pub async fn session_stays_locked_across_consumers_through_a_delayed_abandon(
+    factory: &dyn TransportFactory,
+) {
+    const CASE: &str = "session_stays_locked_across_consumers_through_a_delayed_abandon";
+    if missing_requirement(factory, CASE).is_some() {
+        return;
+    }
+    let fx = Fixture::new(CASE, factory).await;
+    for i in 0..2 {
+        fx.send(session_message("held", i)).await;
+    }
+    fx.send(session_message("free", 0)).await;
+    let first = fx.source().await;
+    let head = fx.receive_one(first.as_ref(), PROMPTLY).await;
+    assert_eq!(head.message().id, "held-0", "{CASE}: the head of the session");
+    let delay = Duration::from_secs(3);
+    let abandoned_at = Instant::now();
+    settle(CASE, "abandon with delay", head.abandon(Some(delay))).await;
+
+    let second = fx.source().await;
+    let during = ok(CASE, "receive", second.receive(10, delay / 2).await);
+    let ids: Vec<_> = during.iter().map(|d| d.message().id.clone()).collect();
+    if abandoned_at.elapsed() < delay {
+        assert_eq!(ids, ["free-0"], "{CASE}: only the other session flows during the delay");
+    }
+    for delivery in during {
+        settle(CASE, "complete", delivery.complete()).await;
+    }
+    for consumer in [&first, &second] {
+        if abandoned_at.elapsed() + WAIT < delay {
+            fx.assert_nothing(consumer.as_ref(), WAIT, "the session waits for its delayed head")
+                .await;
+        }
+    }
+    let again = fx.receive_one(second.as_ref(), delay + PROMPTLY).await;
+    assert_eq!(again.message().id, "held-0", "{CASE}: the head comes back before its followers");
+    assert!(abandoned_at.elapsed() >= delay, "{CASE}: the head came back before its delay");
+    fx.assert_nothing(first.as_ref(), Duration::from_millis(200), "the head holds its session")
+        .await;
+    settle(CASE, "complete", again.complete()).await;
+    let next = fx.receive_one(first.as_ref(), PROMPTLY).await;
+    assert_eq!(next.message().id, "held-1", "{CASE}: the follower after its head");
+    settle(CASE, "complete", next.complete()).await;
+}
+
+/// A session's head whose lock expired goes, to another consumer, before the messages
+/// that follow it.
+pub async fn session_head_whose_lock_expired_comes_before_its_followers(
+    factory: &dyn TransportFactory,
+) {
+    const CASE: &str = "session_head_whose_lock_expired_comes_before_its_followers";
+    if missing_requirement(factory, CASE).is_some() {
+        return;
+    }
+    let fx = Fixture::new(CASE, factory).await;
+    for i in 0..3 {
+        fx.send(session_message("s", i)).await;
+    }
+    let first = fx.source().await;
+    let head = fx.receive_one(first.as_ref(), PROMPTLY).await;
+    assert_eq!(head.message().id, "s-0", "{CASE}: the head of the session");
+
+    let second = fx.source().await;
+    let lock = fx.lock_duration();
+    let again = fx.receive_one(second.as_ref(), lock + PROMPTLY).await;
+    assert_eq!(again.message().id, "s-0", "{CASE}: the expired head before its followers");
+    if fx.counts_deliveries() {
+        assert_eq!(again.message().delivery_count, 2, "{CASE}: delivery count");
+    }
+    fx.assert_nothing(first.as_ref(), Duration::from_millis(200), "the head holds its session")
+        .await;
+    match head.complete().await {
+        Err(TransportError::LockLost { .. }) => {}
+        other => panic!("{CASE}: complete by the expired holder returned {other:?}, not LockLost"),
+    }
+    settle(CASE, "complete", again.complete()).await;
+    for i in 1..3 {
+        let next = fx.receive_one(first.as_ref(), PROMPTLY).await;
+        assert_eq!(next.message().id, format!("s-{i}"), "{CASE}: order within the session");
+        settle(CASE, "complete", next.complete()).await;
+    }
+}
+
+/// After `stop_receiving` (called twice, which is safe), `receive` returns nothing,
+/// waits its `wait` instead of spinning, and takes no message: another consumer gets
+/// them all.
+pub async fn receive_after_stop_receiving_takes_nothing(factory: &dyn TransportFactory) {
+    const CASE: &str = "receive_after_stop_receiving_takes_nothing";
+    let fx = Fixture::new(CASE, factory).await;
+    let stopped = fx.source().await;
+    // A receive first, so a pushing transport has started consuming.
+    fx.assert_nothing(stopped.as_ref(), Duration::from_millis(100), "the queue is empty").await;
+    for i in 0..3 {
+        fx.send_text(&format!("after-stop-{i}")).await;
+    }
+    ok(CASE, "stop_receiving", stopped.stop_receiving().await);
+    ok(CASE, "stop_receiving again", stopped.stop_receiving().await);
+    for _ in 0..2 {
+        let started = Instant::now();
+        let got = timeout(WAIT + PROMPTLY, stopped.receive(10, WAIT)).await;
+        let got = got.unwrap_or_else(|_| panic!("{CASE}: receive after stop_receiving hung"));
+        let got = ok(CASE, "receive after stop_receiving", got);
+        let ids: Vec<_> = got.iter().map(|d| d.message().id.clone()).collect();
+        assert!(ids.is_empty(), "{CASE}: a stopped source returned {ids:?}");
+        let elapsed = started.elapsed();
+        assert!(elapsed >= WAIT, "{CASE}: a stopped source's receive returned after {elapsed:?}");
+    }
+    let other = fx.source().await;
+    let got = fx.receive_n(other.as_ref(), 3, PROMPTLY).await;
+    assert_eq!(got.len(), 3, "{CASE}: another consumer gets every message");
+    for delivery in got {
+        settle(CASE, "complete", delivery.complete()).await;
+    }
+    ok(CASE, "stop_receiving after the end", stopped.stop_receiving().await);
+}
+
+/// A dead-letter that fails leaves its message to be received again soon: at once, or
+/// when its lock expires, by its consumer or another, while its consumer stays
+/// connected; not stranded with that consumer until its connection closes.
+pub async fn failed_settlement_leaves_message_redeliverable(factory: &dyn TransportFactory) {
+    const CASE: &str = "failed_settlement_leaves_message_redeliverable";
+    if missing_requirement(factory, CASE).is_some() {
+        return;
+    }
+    let Some(faults) = factory.faults() else { return };
+    let fx = Fixture::new(CASE, factory).await;
+    fx.send_text("unsettled").await;
+    let source = fx.source().await;
+    let held = fx.receive_one(source.as_ref(), PROMPTLY).await;
+    ok(CASE, "break_dead_letter", faults.break_dead_letter(&fx.queue).await);
+    let result = held.dead_letter("Broken", "the dead-letter fails").await;
+    assert!(result.is_err(), "{CASE}: the dead-letter succeeded despite the fault");
+
+    // A pushing broker may hand the message back to the same consumer: poll both.
+    let other = fx.source().await;
+    let deadline = Instant::now() + fx.lock_duration() + PROMPTLY;
+    let mut again = Vec::new();
+    while again.is_empty() && Instant::now() < deadline {
+        for consumer in [&source, &other] {
+            let wait = (WAIT / 2).min(deadline.saturating_duration_since(Instant::now()));
+            again.extend(ok(CASE, "receive", consumer.receive(1, wait).await));
+        }
+    }
+    let ids: Vec<_> = again.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(ids, ["unsettled"], "{CASE}: the message is received again, and once");
+    for delivery in again {
+        if fx.counts_deliveries() {
+            assert_eq!(delivery.message().delivery_count, 2, "{CASE}: delivery count");
+        }
+        settle(CASE, "complete", delivery.complete()).await;
+    }
+    for consumer in [&source, &other] {
+        fx.assert_nothing(consumer.as_ref(), WAIT, "the message was completed").await;
+    }
+}

@@ -1,55 +1,60 @@
 //! The conformance suite every transport must pass (feature `testkit`).
 //!
-//! Not semver-stable. Each case is a public `async fn` taking a [`TransportFactory`];
-//! [`conformance_tests!`](crate::conformance_tests) generates one `#[tokio::test]` per
-//! case, named `conformance_<case>`, for a transport crate's `tests/conformance.rs`.
-//! The cases create their own uniquely named queues through the factory and leave them
-//! with whatever is left in them; run them against a broker or namespace meant for tests.
+//! Not semver-stable. Each case is a public `async fn` taking a [`TransportFactory`], and
+//! [`CASES`] is the table of them: name, what the case needs beyond the basic contract,
+//! and the function. A transport crate runs the table from a test target of its own
+//! with `harness = false` ([`Suite::run`]): one test per case, named
+//! `conformance::<case>`, so each runs, times out and is retried on its own, plus
+//! `conformance::skips_are_justified`. The cases create their own uniquely named queues
+//! through the factory and leave them with whatever is left in them; run them against a
+//! broker or namespace meant for tests.
 //!
 //! A case that needs a capability the transport lacks prints
 //! `skipped <case>: <transport> lacks <capability>` and returns. A transport lists the
-//! cases it cannot run in the macro's `skip` block, with a reason; those are generated
-//! as `#[ignore = "reason"]`, and the generated `conformance_skips_are_justified` test
-//! asserts that each skipped case needs something the transport really lacks, so a
-//! claimed capability must pass its case.
+//! cases it cannot run with [`Suite::with_skip`], each with a reason; those tests are
+//! ignored (they still run, and pass by skipping, under `--include-ignored`), and
+//! `conformance::skips_are_justified` asserts that each skipped case needs something the
+//! transport really lacks, so a claimed capability must pass its case.
 //!
 //! # Examples
 //!
-//! In `crates/<transport>/tests/conformance.rs`:
+//! In `crates/<transport>/Cargo.toml`:
+//!
+//! ```toml
+//! [[test]]
+//! name = "conformance"
+//! harness = false
+//! ```
+//!
+//! and in `crates/<transport>/tests/conformance.rs`:
 //!
 //! ```ignore
-//! steward_core::conformance_tests! {
-//!     factory: my_transport::testing::Factory::connect().await,
-//!     skip: {
-//!         sessions_deliver_in_order_one_lock_per_session: "no broker-side sessions",
-//!     },
+//! fn main() -> std::process::ExitCode {
+//!     Suite::new(|| async { Some(MyFactory::connect().await) })
+//!         .with_runtime(|| tokio::runtime::Builder::new_multi_thread().enable_all().build())
+//!         .with_skip("sessions_deliver_in_order_one_lock_per_session", "no broker-side sessions")
+//!         .run()
 //! }
 //! ```
 //!
-//! With `runtime: (start_paused = true),` the tests run under tokio's paused clock, which
+//! The default runtime is a current-thread runtime under tokio's paused clock, which
 //! suits an in-process transport on tokio time.
 
 mod cases;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use libtest_mimic::{Arguments, Failed, Trial};
+use tokio::runtime::Runtime;
 
-use crate::{Capabilities, Capability, Message, MessageSink, MessageSource, TransportError};
+use crate::{Capabilities, Capability, DeadLetter, MessageSink, MessageSource, TransportError};
 
 pub use cases::*;
-
-/// A dead-lettered message with the reason and description it was dead-lettered with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// The message as it sits in the dead-letter queue.
-    pub message: Message,
-    /// The reason given to `dead_letter`, or the broker's (`MaxDeliveryCountExceeded`).
-    pub reason: String,
-    /// The description given to `dead_letter`.
-    pub description: String,
-}
 
 /// Builds the queues, sources and sinks of one transport for the conformance cases.
 #[async_trait]
@@ -96,6 +101,11 @@ pub trait FaultHooks: Send + Sync {
     /// Makes the next `receive` of the existing sources of `queue` fail, for example by
     /// closing their connections or failing the next request.
     async fn break_receive(&self, queue: &str) -> Result<(), TransportError>;
+
+    /// Makes dead-lettering a message of `queue` fail, at least the next time, while the
+    /// sources' connections stay up: the broker refuses the copy, or answers the call
+    /// with an error.
+    async fn break_dead_letter(&self, queue: &str) -> Result<(), TransportError>;
 }
 
 /// A name unique within this process and, with high probability, across processes:
@@ -153,7 +163,7 @@ impl std::fmt::Display for Requirement {
 /// empty.
 pub fn assert_skips_justified(factory: &dyn TransportFactory, skips: &[(&str, &str)]) {
     for (case, reason) in skips {
-        let Some((_, needs)) = CASES.iter().find(|(name, _)| name == case) else {
+        let Some(needs) = CASES.iter().find(|c| c.name == *case).map(|c| c.needs) else {
             panic!("skipped case {case} is not a conformance case");
         };
         assert!(!reason.trim().is_empty(), "skipped case {case} needs a reason");
@@ -177,135 +187,188 @@ pub(crate) fn missing_requirement(
     factory: &dyn TransportFactory,
     case: &str,
 ) -> Option<Requirement> {
-    let needs = CASES.iter().find(|(name, _)| *name == case).map_or(&[][..], |(_, needs)| *needs);
+    let needs = CASES.iter().find(|c| c.name == case).map_or(&[][..], |c| c.needs);
     let missing = needs.iter().copied().find(|need| !need.is_met(factory))?;
     eprintln!("skipped {case}: {} lacks {missing}", factory.name());
     Some(missing)
 }
 
-/// Calls `callback! { <args> <test> <case> [<requirements>] ... }` with every case: the
-/// single list of conformance cases, their test names and what each needs.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __steward_for_each_case {
-    ([$($callback:tt)+] { $($args:tt)* }) => {
-        $($callback)+ ! { $($args)*
-            conformance_round_trip_preserves_body_and_properties round_trip_preserves_body_and_properties []
-            conformance_send_large_body_round_trips send_large_body_round_trips []
-            conformance_send_binary_body_round_trips send_binary_body_round_trips [Cap(BinaryBody)]
-            conformance_receive_on_empty_queue_returns_empty_after_wait receive_on_empty_queue_returns_empty_after_wait []
-            conformance_receive_returns_message_sent_while_waiting receive_returns_message_sent_while_waiting []
-            conformance_receive_never_returns_more_than_max receive_never_returns_more_than_max []
-            conformance_complete_removes_message complete_removes_message []
-            conformance_abandon_redelivers_with_incremented_count abandon_redelivers_with_incremented_count []
-            conformance_abandon_with_delay_hides_until_delay abandon_with_delay_hides_until_delay [Cap(DelayedAbandon)]
-            conformance_lock_expiry_redelivers lock_expiry_redelivers [Cap(LockRenewal)]
-            conformance_renew_lock_keeps_message_invisible renew_lock_keeps_message_invisible [Cap(LockRenewal)]
-            conformance_settle_after_lock_loss_returns_lock_lost settle_after_lock_loss_returns_lock_lost [Cap(LockRenewal)]
-            conformance_stale_delivery_returns_lock_lost_and_spares_new_holder stale_delivery_returns_lock_lost_and_spares_new_holder [Cap(LockRenewal)]
-            conformance_dead_letter_keeps_reason_and_description dead_letter_keeps_reason_and_description []
-            conformance_concurrent_consumers_never_hold_same_message concurrent_consumers_never_hold_same_message []
-            conformance_sessions_deliver_in_order_one_lock_per_session sessions_deliver_in_order_one_lock_per_session [Cap(Sessions)]
-            conformance_dropped_delivery_is_received_again dropped_delivery_is_received_again []
-            conformance_cancelled_receive_loses_no_message cancelled_receive_loses_no_message []
-            conformance_many_messages_each_received_exactly_once many_messages_each_received_exactly_once []
-            conformance_stop_receiving_releases_buffered_messages stop_receiving_releases_buffered_messages []
-            conformance_send_to_missing_queue_returns_not_found send_to_missing_queue_returns_not_found [StrictQueues]
-            conformance_receive_fault_surfaces_as_error receive_fault_surfaces_as_error [Faults]
-            conformance_delivery_count_survives_delayed_abandon delivery_count_survives_delayed_abandon [Cap(DelayedAbandon), Cap(DeliveryCount)]
-        }
+/// A conformance case as [`CASES`] lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    /// The case's name: its function's name and its test's, after `conformance::`.
+    pub name: &'static str,
+    /// What it needs beyond the basic contract; empty when every transport must pass it.
+    pub needs: &'static [Requirement],
+    /// The case itself.
+    pub run: CaseFn,
+}
+
+/// A case's function: runs the case against a factory, panicking when the transport
+/// breaks the contract.
+pub type CaseFn = for<'a> fn(&'a dyn TransportFactory) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+/// One row of [`CASES`]: the case named like its function, with what it needs.
+macro_rules! row {
+    ($case:ident, [$($need:expr),*]) => {
+        Case { name: stringify!($case), needs: &[$($need),*], run: |f| Box::pin($case(f)) }
     };
 }
 
-macro_rules! define_case_list {
-    ($( $test:ident $case:ident [$($need:expr),*] )*) => {
-        /// Every conformance case by name, with what it needs beyond the basic contract.
-        pub const CASES: &[(&str, &[Requirement])] = &[
-            $( (stringify!($case), &[$($need),*]), )*
-        ];
-    };
-}
-
-#[allow(non_snake_case)]
-const fn Cap(cap: Capability) -> Requirement {
+const fn cap(cap: Capability) -> Requirement {
     Requirement::Capability(cap)
 }
 use Capability::{BinaryBody, DelayedAbandon, DeliveryCount, LockRenewal, Sessions};
 use Requirement::{Faults, StrictQueues};
 
-__steward_for_each_case!([define_case_list] {});
+/// Every conformance case, with what it needs beyond the basic contract.
+pub const CASES: &[Case] = &[
+    row!(round_trip_preserves_body_and_properties, []),
+    row!(send_large_body_round_trips, []),
+    row!(send_binary_body_round_trips, [cap(BinaryBody)]),
+    row!(receive_on_empty_queue_returns_empty_after_wait, []),
+    row!(receive_returns_message_sent_while_waiting, []),
+    row!(receive_never_returns_more_than_max, []),
+    row!(complete_removes_message, []),
+    row!(abandon_redelivers_with_incremented_count, []),
+    row!(abandon_with_delay_hides_until_delay, [cap(DelayedAbandon)]),
+    row!(lock_expiry_redelivers, [cap(LockRenewal)]),
+    row!(renew_lock_keeps_message_invisible, [cap(LockRenewal)]),
+    row!(settle_after_lock_loss_returns_lock_lost, [cap(LockRenewal)]),
+    row!(stale_delivery_returns_lock_lost_and_spares_new_holder, [cap(LockRenewal)]),
+    row!(dead_letter_keeps_reason_and_description, []),
+    row!(concurrent_consumers_never_hold_same_message, []),
+    row!(sessions_deliver_in_order_one_lock_per_session, [cap(Sessions)]),
+    row!(dropped_delivery_is_received_again, []),
+    row!(cancelled_receive_loses_no_message, []),
+    row!(many_messages_each_received_exactly_once, []),
+    row!(stop_receiving_releases_buffered_messages, []),
+    row!(send_to_missing_queue_returns_not_found, [StrictQueues]),
+    row!(receive_fault_surfaces_as_error, [Faults]),
+    row!(delivery_count_survives_delayed_abandon, [cap(DelayedAbandon), cap(DeliveryCount)]),
+    row!(renew_after_lock_expiry_returns_lock_lost, [cap(LockRenewal)]),
+    row!(locked_until_lies_within_the_lock_duration, [cap(LockRenewal)]),
+    row!(out_of_order_concurrent_settlements_each_apply_to_their_message, []),
+    row!(shorter_delay_returns_first_while_undelayed_messages_flow, [cap(DelayedAbandon)]),
+    row!(broker_delivery_limit_lies_above_max_deliveries, []),
+    row!(dead_letter_keeps_any_description_and_the_message_fields, []),
+    row!(
+        session_stays_locked_across_consumers_through_a_delayed_abandon,
+        [cap(Sessions), cap(DelayedAbandon)]
+    ),
+    row!(
+        session_head_whose_lock_expired_comes_before_its_followers,
+        [cap(Sessions), cap(LockRenewal)]
+    ),
+    row!(receive_after_stop_receiving_takes_nothing, []),
+    row!(failed_settlement_leaves_message_redeliverable, [Faults]),
+];
 
-/// Generates one `#[tokio::test]` per conformance case, named `conformance_<case>`, plus
-/// `conformance_skips_are_justified`.
-///
-/// - `factory:` an expression (it may `.await`) giving a [`TransportFactory`]; it is
-///   evaluated once per test.
-/// - `runtime:` (optional) arguments for `#[tokio::test(...)]`, e.g. `(start_paused = true)`
-///   or `(flavor = "multi_thread")`.
-/// - `skip:` cases this transport cannot run, each with the reason, generated as
-///   `#[ignore = "reason"]`.
-///
-/// The calling crate needs `tokio` (with `macros` and `rt`) as a dev-dependency.
-///
-/// # Examples
-///
-/// ```ignore
-/// steward_core::conformance_tests! {
-///     factory: steward_inmem::testing::ConformanceFactory::new(),
-///     runtime: (start_paused = true),
-///     skip: {},
-/// }
-/// ```
-#[macro_export]
-macro_rules! conformance_tests {
-    (
-        factory: $factory:expr,
-        $( runtime: ( $($rt:tt)* ), )?
-        skip: { $( $skip:ident : $reason:literal ),* $(,)? } $(,)?
-    ) => {
-        $crate::__steward_for_each_case! {
-            [$crate::__steward_conformance_tests] { ($) ($factory) ($($($rt)*)?) [$($skip : $reason),*] }
-        }
+/// Builds a [`TransportFactory`] for one test, or `None` when the transport's service is
+/// unavailable and the test should pass without running (after printing why).
+type MakeFactory =
+    dyn Fn() -> Pin<Box<dyn Future<Output = Option<Box<dyn TransportFactory>>>>> + Send + Sync;
 
-        #[::tokio::test( $($($rt)*)? )]
-        async fn conformance_skips_are_justified() {
-            let factory = $factory;
-            $crate::testkit::assert_skips_justified(
-                &factory,
-                &[$((stringify!($skip), $reason)),*],
-            );
-        }
-    };
+/// The conformance suite of one transport, as the `main` of a `harness = false` test
+/// target: one test per row of [`CASES`], each on its own runtime with its own factory.
+///
+/// See the [module docs](self) for an example.
+#[must_use = "a suite does nothing until it is run"]
+pub struct Suite {
+    factory: Arc<MakeFactory>,
+    runtime: fn() -> std::io::Result<Runtime>,
+    skips: Vec<(&'static str, &'static str)>,
 }
 
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __steward_conformance_tests {
-    (($d:tt) ($factory:expr) $rt:tt $skips:tt $( $test:ident $case:ident [$($need:tt)*] )*) => {
-        $(
-            // A local macro named like the test (tests and macros live in different
-            // namespaces) finds the case in the skip list by matching its name literally.
-            macro_rules! $test {
-                ($case : $d reason:literal $d(, $d k:ident : $d v:literal)*) => {
-                    #[::tokio::test $rt]
-                    #[ignore = $d reason]
-                    async fn $test() {
-                        let factory = $factory;
-                        $crate::testkit::$case(&factory).await;
+impl std::fmt::Debug for Suite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Suite").field("skips", &self.skips).finish_non_exhaustive()
+    }
+}
+
+impl Suite {
+    /// A suite whose tests each build their factory with `factory`, on the test's
+    /// runtime. `None` means the transport's service is unavailable: the test passes
+    /// without running, and the factory should have printed why.
+    pub fn new<T, Fut>(factory: impl Fn() -> Fut + Send + Sync + 'static) -> Self
+    where
+        T: TransportFactory,
+        Fut: Future<Output = Option<T>> + 'static,
+    {
+        let factory = Arc::new(move || {
+            let made = factory();
+            Box::pin(async move { made.await.map(|f| Box::new(f) as Box<dyn TransportFactory>) })
+                as Pin<Box<dyn Future<Output = _>>>
+        });
+        Self { factory, runtime: paused_current_thread, skips: Vec::new() }
+    }
+
+    /// Sets how each test's runtime is built; the default is a current-thread runtime
+    /// under tokio's paused clock.
+    pub fn with_runtime(mut self, runtime: fn() -> std::io::Result<Runtime>) -> Self {
+        self.runtime = runtime;
+        self
+    }
+
+    /// Skips `case` because the transport cannot run it, for `reason`: its test is
+    /// ignored, and `conformance::skips_are_justified` checks that the transport really
+    /// lacks something the case needs.
+    pub fn with_skip(mut self, case: &'static str, reason: &'static str) -> Self {
+        self.skips.push((case, reason));
+        self
+    }
+
+    /// The tests: `conformance::<case>` for each of [`CASES`] (ignored when skipped),
+    /// and `conformance::skips_are_justified`.
+    #[must_use]
+    pub fn trials(self) -> Vec<Trial> {
+        let mut trials = Vec::with_capacity(CASES.len() + 1);
+        for case in CASES {
+            let skip = self.skips.iter().find(|(name, _)| *name == case.name).map(|(_, r)| *r);
+            let (factory, runtime, run) = (self.factory.clone(), self.runtime, case.run);
+            let name = case.name;
+            let trial = Trial::test(format!("conformance::{name}"), move || {
+                if let Some(reason) = skip {
+                    eprintln!("{name} is skipped on this transport ({reason}); running it anyway");
+                }
+                on_runtime(runtime, async move {
+                    if let Some(factory) = factory().await {
+                        run(factory.as_ref()).await;
                     }
-                };
-                ($d other:ident : $d reason:literal $d(, $d k:ident : $d v:literal)*) => {
-                    $test! { $d($d k : $d v),* }
-                };
-                () => {
-                    #[::tokio::test $rt]
-                    async fn $test() {
-                        let factory = $factory;
-                        $crate::testkit::$case(&factory).await;
-                    }
-                };
-            }
-            $test! $skips;
-        )*
-    };
+                })
+            });
+            trials.push(trial.with_ignored_flag(skip.is_some()));
+        }
+        let (factory, runtime, skips) = (self.factory, self.runtime, self.skips);
+        trials.push(Trial::test("conformance::skips_are_justified", move || {
+            on_runtime(runtime, async move {
+                if let Some(factory) = factory().await {
+                    assert_skips_justified(factory.as_ref(), &skips);
+                }
+            })
+        }));
+        trials
+    }
+
+    /// Runs the tests with the command line's arguments (filters, `--ignored`,
+    /// `--list`, `--test-threads`, ...), as a test binary's `main` does.
+    #[must_use]
+    pub fn run(self) -> ExitCode {
+        libtest_mimic::run(&Arguments::from_args(), self.trials()).exit_code()
+    }
+}
+
+/// A current-thread runtime under tokio's paused clock.
+fn paused_current_thread() -> std::io::Result<Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build()
+}
+
+/// Runs `test` to completion on a runtime from `runtime`; a panic in it fails the test.
+fn on_runtime(
+    runtime: fn() -> std::io::Result<Runtime>,
+    test: impl Future<Output = ()>,
+) -> Result<(), Failed> {
+    let runtime = runtime().map_err(|e| Failed::from(format!("cannot build a runtime: {e}")))?;
+    runtime.block_on(test);
+    Ok(())
 }

@@ -18,7 +18,7 @@ pub const QUEUE: &str = "jobs";
 
 /// A strict broker with `QUEUE` declared with this lock duration.
 pub fn broker(lock: Duration) -> InMemoryBroker {
-    let broker = InMemoryBroker::builder().strict(true).build();
+    let broker = InMemoryBroker::builder().with_strict(true).build();
     broker.declare_queue(QUEUE, QueueOptions::default().with_lock_duration(lock));
     broker
 }
@@ -155,20 +155,66 @@ impl<S: MessageSource> MessageSource for Paced<S> {
     }
 }
 
-/// Captures what the test's tracing subscriber writes, for asserting on log lines.
+/// Captures the log lines a test's thread writes, for asserting on them.
+///
+/// Tests share one process under `cargo test`, and tracing caches per call site, for the
+/// whole process, whether anyone listens; a subscriber scoped to one test's thread then
+/// misses events whose call site another test reached first. So one process-wide
+/// subscriber takes every event, and writes it to the capture installed on the thread
+/// that emitted it (with the paused, current-thread runtime of these tests, the test's
+/// own tasks), or nowhere.
 #[derive(Clone, Default)]
 pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
+thread_local! {
+    static THREAD_CAPTURE: std::cell::RefCell<Option<LogCapture>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Removes the thread's capture when dropped.
+pub struct CaptureGuard(std::marker::PhantomData<*const ()>);
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        THREAD_CAPTURE.with(|capture| capture.borrow_mut().take());
+    }
+}
+
+/// The process-wide subscriber's writer: the emitting thread's capture, if any.
+struct ThreadWriter(Option<LogCapture>);
+
+impl Write for ThreadWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.0 {
+            Some(capture) => capture.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl LogCapture {
-    /// Installs a subscriber writing here for the current thread, until the guard drops.
-    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    /// Routes what this thread logs (at debug and above) here, until the guard drops.
+    ///
+    /// # Panics
+    ///
+    /// When another global subscriber is already installed.
+    pub fn install(&self) -> CaptureGuard {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadWriter(THREAD_CAPTURE.with(|c| c.borrow().clone())))
+                .with_ansi(false)
+                .with_max_level(tracing::Level::DEBUG)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in the test process");
+        });
+        THREAD_CAPTURE.with(|capture| *capture.borrow_mut() = Some(self.clone()));
+        CaptureGuard(std::marker::PhantomData)
     }
 
     pub fn text(&self) -> String {

@@ -91,19 +91,19 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 impl Args {
     fn builder(&self) -> EmulatorBuilder {
         let mut builder = Emulator::builder()
-            .listen(self.listen)
-            .lock_duration(self.lock_duration)
-            .max_delivery_count(self.max_delivery_count)
-            .auto_create_queues(!self.no_auto_create)
-            .max_message_bytes(self.max_message_bytes);
+            .with_listen_addr(self.listen)
+            .with_lock_duration(self.lock_duration)
+            .with_max_delivery_count(self.max_delivery_count)
+            .with_auto_create_queues(!self.no_auto_create)
+            .with_max_message_bytes(self.max_message_bytes);
         if let (Some(name), Some(key)) = (&self.sas_key_name, &self.sas_key) {
-            builder = builder.sas_key(name, key);
+            builder = builder.with_sas_key(name, key);
         }
         for queue in &self.session_queues {
-            builder = builder.session_queue(queue);
+            builder = builder.with_session_queue(queue);
         }
         for queue in &self.queues {
-            builder = builder.queue(queue);
+            builder = builder.with_queue(queue);
         }
         builder
     }

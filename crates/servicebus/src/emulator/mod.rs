@@ -1,82 +1,4 @@
-//! A Service Bus REST emulator on the steward in-memory broker.
-//!
-//! It speaks the Service Bus REST runtime protocol as Microsoft's reference describes
-//! it, so a client written against that reference works with only its base URL
-//! (`https://<namespace>.servicebus.windows.net`) rewritten to the emulator's address.
-//! Its semantics are those of [`InMemoryBroker`]: locks with a duration and expiry,
-//! delivery counts, a dead-letter sub-queue, scheduled messages.
-//!
-//! | Request | Answer |
-//! |---|---|
-//! | `POST /{queue}/messages` (Send Message, or Send Message Batch with `Content-Type: application/vnd.microsoft.servicebus.json`) | 201 |
-//! | `POST /{queue}/messages/head?timeout=N` (Peek-Lock) | 201 with the message, or 204 after `N` seconds (default 60) |
-//! | `DELETE /{queue}/messages/head?timeout=N` (Receive and Delete) | 200 with the message, or 204 |
-//! | `PUT /{queue}/messages/{messageId or sequenceNumber}/{lockToken}` (Unlock) | 200; 404 for an unknown or expired lock |
-//! | `DELETE /{queue}/messages/{id}/{lockToken}` (Delete: complete) | 200; 404 |
-//! | `POST /{queue}/messages/{id}/{lockToken}` (Renew-Lock) | 200 with the new `LockedUntilUtc` in `BrokerProperties`; 404 |
-//! | any of the above on `/{queue}/$DeadLetterQueue/...` | the same, on the dead-letter queue |
-//!
-//! - A received message carries its body, a `BrokerProperties` header (`MessageId`,
-//!   `SequenceNumber`, `DeliveryCount`, `EnqueuedTimeUtc`, `State`, `TimeToLive`, for a
-//!   peek-lock `LockToken` and `LockedUntilUtc`, and the sent `CorrelationId`,
-//!   `SessionId`, `ContentType`, `Label`, `ReplyTo`, `To`, `ReplyToSessionId`,
-//!   `PartitionKey`, `ScheduledEnqueueTimeUtc`); dates are RFC 1123. Custom properties
-//!   come back as headers with JSON-encoded values: strings and dates quoted, numbers and
-//!   booleans bare. A peek-lock answer has a `Location` lock URI,
-//!   `<scheme>://<Host header>/{queue}/messages/{sequenceNumber}/{lockToken}`, as the
-//!   service builds it (`X-Forwarded-Proto` sets the scheme, `http` by default).
-//! - Sending: the `BrokerProperties` header sets the settable properties (others are
-//!   ignored, as the service ignores them); every other non-HTTP header is a custom
-//!   property, its value JSON (`"text"`, `12`, `true`) or, if it is not JSON, a string.
-//!   `ScheduledEnqueueTimeUtc` keeps the message invisible until then; an expired
-//!   `TimeToLive` removes the message instead of delivering it.
-//! - Dead-lettered messages carry `DeadLetterReason` and `DeadLetterErrorDescription`
-//!   custom properties; exceeding the maximum delivery count dead-letters with reason
-//!   `MaxDeliveryCountExceeded`.
-//! - Shared access signatures are checked when keys are configured
-//!   ([`EmulatorBuilder::sas_key`]): HMAC-SHA256 over the token's own `sr` and expiry
-//!   with the named key; any host in `sr` is accepted, but the request path must lie
-//!   under `sr`'s path. A wrong key, an unknown key name, an expired token or a path
-//!   outside `sr` is 401. Bearer tokens can be allowed one by one
-//!   ([`EmulatorBuilder::bearer_token`]). With no credentials configured, every request
-//!   is let in.
-//! - Queues are created on first use unless [`EmulatorBuilder::auto_create_queues`] is
-//!   off; then an undeclared queue is 410 Gone. A session-enabled queue
-//!   ([`EmulatorBuilder::session_queue`]) refuses receives with the service's 405 and
-//!   its text, since the REST protocol has no session receivers, and refuses messages
-//!   without a `SessionId` the same way. On other queues `SessionId` is only a property.
-//! - Errors have the service's `<Error><Code/><Detail/></Error>` XML body.
-//! - [`Faults`] inject error statuses, dropped connections and latency;
-//!   [`EmulatorHandle::connection_count`] counts accepted TCP connections, so tests can
-//!   check that a client reuses them.
-//!
-//! Differences from the service: entity names are case-sensitive; custom property names
-//! come back in lower case (HTTP header names are case-insensitive, and the server
-//! sees them lower-cased); topics and subscriptions are not emulated; the TLS is left to
-//! a proxy.
-//!
-//! # Examples
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), steward_servicebus::emulator::EmulatorError> {
-//! use std::time::Duration;
-//! use steward_servicebus::emulator::Emulator;
-//!
-//! let emulator = Emulator::builder()
-//!     .sas_key("RootManageSharedAccessKey", "c2VjcmV0LWtleQ==")
-//!     .lock_duration(Duration::from_secs(30))
-//!     .max_delivery_count(5)
-//!     .session_queue("deploymentstatus")
-//!     .start()
-//!     .await?;
-//! // Point a client at `emulator.endpoint()` (`http://127.0.0.1:<port>`).
-//! assert!(emulator.endpoint().starts_with("http://127.0.0.1:"));
-//! assert_eq!(emulator.connection_count(), 0);
-//! emulator.shutdown().await;
-//! # Ok(())
-//! # }
-//! ```
+#![doc = include_str!("../../../../docs/servicebus-emulator.md")]
 
 mod faults;
 mod properties;
@@ -197,7 +119,7 @@ impl fmt::Debug for EmulatorBuilder {
 
 impl EmulatorBuilder {
     /// The address to listen on. Default `127.0.0.1:0` (a free port).
-    pub fn listen(mut self, addr: SocketAddr) -> Self {
+    pub fn with_listen_addr(mut self, addr: SocketAddr) -> Self {
         self.listen = addr;
         self
     }
@@ -205,20 +127,20 @@ impl EmulatorBuilder {
     /// Accepts shared access signatures made with the key `key` named `name` (a
     /// namespace's "shared access policy"). Can be given several times. Once any key or
     /// bearer token is configured, requests without valid credentials get 401.
-    pub fn sas_key(mut self, name: impl Into<String>, key: impl Into<String>) -> Self {
+    pub fn with_sas_key(mut self, name: impl Into<String>, key: impl Into<String>) -> Self {
         self.sas_keys.push((name.into(), key.into()));
         self
     }
 
     /// Accepts `Authorization: Bearer <token>` with exactly this token (a stand-in for
     /// Entra ID tokens, whose signatures the emulator does not check).
-    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+    pub fn with_bearer_token(mut self, token: impl Into<String>) -> Self {
         self.bearer_tokens.push(token.into());
         self
     }
 
     /// How long a peek-lock holds a message, for every queue. Default 60 s.
-    pub fn lock_duration(mut self, lock_duration: Duration) -> Self {
+    pub fn with_lock_duration(mut self, lock_duration: Duration) -> Self {
         self.lock_duration = lock_duration;
         self
     }
@@ -226,40 +148,40 @@ impl EmulatorBuilder {
     /// After this many deliveries, a message whose lock expires or is released goes to
     /// the dead-letter queue with reason `MaxDeliveryCountExceeded`. Default 10; at
     /// least 1.
-    pub fn max_delivery_count(mut self, max: u32) -> Self {
+    pub fn with_max_delivery_count(mut self, max: u32) -> Self {
         self.max_delivery_count = max;
         self
     }
 
     /// Creates `queue` as a session-enabled queue.
-    pub fn session_queue(mut self, queue: impl Into<String>) -> Self {
+    pub fn with_session_queue(mut self, queue: impl Into<String>) -> Self {
         self.session_queues.insert(queue.into());
         self
     }
 
     /// Creates `queue` at start (needed when queues are not created on first use).
-    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
         self.queues.insert(queue.into());
         self
     }
 
     /// Whether queues are created on first use (the default). When off, only queues
-    /// given to [`queue`](Self::queue) or [`session_queue`](Self::session_queue) exist
+    /// given to [`with_queue`](Self::with_queue) or [`with_session_queue`](Self::with_session_queue) exist
     /// and others answer 410 Gone, as a namespace does.
-    pub fn auto_create_queues(mut self, auto_create: bool) -> Self {
+    pub fn with_auto_create_queues(mut self, auto_create: bool) -> Self {
         self.auto_create_queues = auto_create;
         self
     }
 
     /// The largest message body accepted; larger ones get 413. Default 256 KB.
-    pub fn max_message_bytes(mut self, max: usize) -> Self {
+    pub fn with_max_message_bytes(mut self, max: usize) -> Self {
         self.max_message_bytes = max;
         self
     }
 
     /// How long a receive without a `timeout` parameter waits. Default 60 s; at most
     /// [`MAX_DURATION`].
-    pub fn default_receive_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_default_receive_timeout(mut self, timeout: Duration) -> Self {
         self.default_receive_timeout = timeout;
         self
     }
@@ -300,8 +222,8 @@ impl EmulatorBuilder {
             .with_lock_duration(self.lock_duration)
             .with_max_delivery_count(self.max_delivery_count);
         let broker = InMemoryBroker::builder()
-            .strict(!self.auto_create_queues)
-            .default_queue_options(options.clone())
+            .with_strict(!self.auto_create_queues)
+            .with_default_queue_options(options.clone())
             .build();
         for queue in self.queues.iter().chain(&self.session_queues) {
             broker.declare_queue(queue, options.clone());

@@ -27,6 +27,7 @@ use super::properties::{
     decode_custom_property, encode_custom_property, renewed_lock_json,
 };
 use super::sas::Authenticator;
+use crate::message::is_protocol_header;
 
 /// The `Content-Type` of a received message sent without one, as the service answers.
 const DEFAULT_MESSAGE_CONTENT_TYPE: &str = "application/atom+xml;type=entry;charset=utf-8";
@@ -42,52 +43,6 @@ pub(crate) const SESSION_RECEIVE_REFUSED: &str = "It is not possible for an enti
 /// The service's text for a message without a session id sent to a session-enabled
 /// queue (405 Method Not Allowed).
 pub(crate) const SESSION_ID_REQUIRED: &str = "The SessionId was not set on a message, and it cannot be sent to the entity. Entities that have session support enabled can only receive messages that have the SessionId set to a valid value.";
-
-/// Request headers that are part of HTTP or of the protocol, not custom properties.
-///
-/// `Origin` and `Referer` are not here: browsers send them, Service Bus clients do not,
-/// and applications do use `origin` as a property name (steward's conformance suite
-/// does).
-const NOT_PROPERTIES: &[&str] = &[
-    "accept",
-    "accept-charset",
-    "accept-encoding",
-    "accept-language",
-    "authorization",
-    "brokerproperties",
-    "cache-control",
-    "connection",
-    "content-encoding",
-    "content-length",
-    "content-type",
-    "cookie",
-    "date",
-    "expect",
-    "host",
-    "keep-alive",
-    "pragma",
-    "te",
-    "traceparent",
-    "tracestate",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "user-agent",
-    "via",
-];
-/// Prefixes of request headers that are not custom properties.
-const NOT_PROPERTY_PREFIXES: &[&str] =
-    &["x-ms-", "x-forwarded-", "proxy-", "sec-", "access-control-"];
-/// Response headers a custom property must not overwrite.
-const RESERVED_RESPONSE_HEADERS: &[&str] = &[
-    "brokerproperties",
-    "connection",
-    "content-length",
-    "content-type",
-    "date",
-    "location",
-    "transfer-encoding",
-];
 
 /// Characters escaped in one path segment of a lock URI (`$` stays as it is).
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -437,9 +392,7 @@ fn custom_properties(
     let mut custom = Vec::new();
     for name in headers.keys() {
         let text = name.as_str();
-        if NOT_PROPERTIES.contains(&text)
-            || NOT_PROPERTY_PREFIXES.iter().any(|p| text.starts_with(p))
-        {
+        if is_protocol_header(text) {
             continue;
         }
         if let Some(raw) = header_text(headers, name)? {
@@ -701,7 +654,7 @@ fn message_response(
             );
             continue;
         };
-        if RESERVED_RESPONSE_HEADERS.contains(&header_name.as_str()) {
+        if is_protocol_header(header_name.as_str()) {
             continue;
         }
         let encoded = encode_custom_property(value, meta.types.get(name).copied());

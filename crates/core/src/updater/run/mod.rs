@@ -32,9 +32,6 @@ use crate::{
     WorkerContext, error_chain,
 };
 
-/// The reason given to messages delivered too often.
-pub(crate) const MAX_DELIVERY_COUNT_EXCEEDED: &str = "MaxDeliveryCountExceeded";
-
 /// How many parked messages (waiting for their session) an updater holds beyond its
 /// intake, per message of `concurrency + batch_size`.
 const PARKED_PER_SLOT: usize = 4;
@@ -370,11 +367,11 @@ impl<'a> Run<'a> {
                     queue = self.source.queue(),
                     message_id = %message.id,
                     delivery_count = message.delivery_count,
-                    reason = MAX_DELIVERY_COUNT_EXCEEDED,
+                    reason = crate::transport::MAX_DELIVERY_COUNT_EXCEEDED,
                     "dead-lettering a message delivered too often"
                 );
                 let settlement = Settlement::DeadLetter {
-                    reason: MAX_DELIVERY_COUNT_EXCEEDED.to_owned(),
+                    reason: crate::transport::MAX_DELIVERY_COUNT_EXCEEDED.to_owned(),
                     description,
                 };
                 self.settlements.start(held, settlement, Some(Settled::DeadLettered), None);

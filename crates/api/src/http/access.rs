@@ -1,0 +1,155 @@
+//! Who may do what: the route → role table of `docs/security.md`, modelled on TRE.
+//!
+//! With no authentication configured, every caller is the development admin and
+//! nothing here refuses anything, self-review included, so a local walk-through works
+//! with one identity.
+
+use crate::domain::{AirlockRequest, Resource, ResourceType, User, WorkspaceRole};
+use crate::storage::Store;
+
+use super::AppState;
+use super::auth::{self, TRE_ADMIN};
+use super::error::ApiError;
+
+use WorkspaceRole::{AirlockManager, WorkspaceOwner, WorkspaceResearcher};
+
+/// Every workspace role: any of them lets a caller see the workspace.
+const ANY_ROLE: [WorkspaceRole; 3] = [WorkspaceOwner, WorkspaceResearcher, AirlockManager];
+
+/// The caller's rights, checked against the store's workspace roles.
+pub(super) struct Access<'a> {
+    store: &'a Store,
+    user: &'a User,
+    enforced: bool,
+}
+
+fn names(roles: &[WorkspaceRole]) -> String {
+    roles.iter().map(|role| role.as_str()).collect::<Vec<_>>().join(" or ")
+}
+
+impl<'a> Access<'a> {
+    /// The rights of `user` in this request.
+    pub(super) fn new(state: &AppState, store: &'a Store, user: &'a User) -> Self {
+        Access { store, user, enforced: state.settings.auth.is_configured() }
+    }
+
+    fn is_admin(&self) -> bool {
+        !self.enforced || auth::is_admin(self.user)
+    }
+
+    /// Passes when the caller holds one of `roles` in `workspace_id`, or is `TREAdmin`
+    /// and `admin` allows it.
+    async fn require(
+        &self,
+        workspace_id: Option<&str>,
+        roles: &[WorkspaceRole],
+        admin: bool,
+        what: &str,
+    ) -> Result<(), ApiError> {
+        if !self.enforced || (admin && self.is_admin()) {
+            return Ok(());
+        }
+        if let Some(workspace_id) = workspace_id {
+            let held = self.store.read().workspace_roles(workspace_id, &self.user.id).await?;
+            if held.iter().any(|role| roles.contains(role)) {
+                return Ok(());
+            }
+        }
+        let needed = match (admin, roles.is_empty()) {
+            (true, true) => TRE_ADMIN.to_owned(),
+            (true, false) => format!("{TRE_ADMIN}, or {} of the workspace", names(roles)),
+            (false, _) => format!("{} of the workspace", names(roles)),
+        };
+        Err(ApiError::forbidden(format!("{what} needs {needed}")))
+    }
+
+    /// The workspaces whose resources and airlock requests the caller may list;
+    /// `None` for all of them.
+    pub(super) async fn visible_workspaces(&self) -> Result<Option<Vec<String>>, ApiError> {
+        if self.is_admin() {
+            return Ok(None);
+        }
+        let roles = self.store.read().roles_of_user(&self.user.id).await?;
+        Ok(Some(roles.into_iter().map(|(workspace_id, _)| workspace_id).collect()))
+    }
+
+    /// Creating a resource of this type (in this workspace): workspaces and shared
+    /// services need `TREAdmin`; a workspace service the workspace's owner; a user
+    /// resource its owner or a researcher.
+    pub(super) async fn create_resource(
+        &self,
+        resource_type: ResourceType,
+        workspace_id: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let what = format!("creating a {}", resource_type.as_str());
+        self.require(workspace_id, change_roles(resource_type), true, &what).await
+    }
+
+    /// Upgrading, uninstalling or acting on `resource`: as creating one of its type.
+    pub(super) async fn change_resource(&self, resource: &Resource) -> Result<(), ApiError> {
+        let what = format!("changing the {} {}", resource.resource_type().as_str(), resource.id);
+        self.require(workspace_of(resource), change_roles(resource.resource_type()), true, &what)
+            .await
+    }
+
+    /// Reading `resource` and its operations: shared services anyone; the rest any role
+    /// in its workspace.
+    pub(super) async fn read_resource(&self, resource: &Resource) -> Result<(), ApiError> {
+        if resource.resource_type() == ResourceType::SharedService {
+            return Ok(());
+        }
+        let what = format!("reading the {} {}", resource.resource_type().as_str(), resource.id);
+        self.require(workspace_of(resource), &ANY_ROLE, true, &what).await
+    }
+
+    /// Creating, submitting or cancelling an airlock request in `workspace_id`: a
+    /// researcher or the owner of the workspace.
+    pub(super) async fn author_airlock(&self, workspace_id: &str) -> Result<(), ApiError> {
+        self.require(
+            Some(workspace_id),
+            &[WorkspaceResearcher, WorkspaceOwner],
+            false,
+            "an airlock request",
+        )
+        .await
+    }
+
+    /// Reading an airlock request: any role in its workspace, or `TREAdmin`.
+    pub(super) async fn read_airlock(&self, request: &AirlockRequest) -> Result<(), ApiError> {
+        self.require(Some(&request.workspace_id), &ANY_ROLE, true, "reading an airlock request")
+            .await
+    }
+
+    /// Reviewing `request`: the workspace's airlock manager, never its creator.
+    pub(super) async fn review_airlock(&self, request: &AirlockRequest) -> Result<(), ApiError> {
+        self.require(
+            Some(&request.workspace_id),
+            &[AirlockManager],
+            false,
+            "reviewing an airlock request",
+        )
+        .await?;
+        if self.enforced && request.created_by.id == self.user.id {
+            return Err(ApiError::forbidden("the creator of an airlock request cannot review it"));
+        }
+        Ok(())
+    }
+}
+
+/// The workspace a resource belongs to: a workspace's own id, else its parent's.
+fn workspace_of(resource: &Resource) -> Option<&str> {
+    match resource.resource_type() {
+        ResourceType::Workspace => Some(resource.id.as_str()),
+        _ => resource.workspace_id(),
+    }
+}
+
+/// The workspace roles that may create or change a resource of this type, besides
+/// `TREAdmin`.
+fn change_roles(resource_type: ResourceType) -> &'static [WorkspaceRole] {
+    match resource_type {
+        ResourceType::Workspace | ResourceType::SharedService => &[],
+        ResourceType::WorkspaceService => &[WorkspaceOwner],
+        ResourceType::UserResource => &[WorkspaceOwner, WorkspaceResearcher],
+    }
+}

@@ -1,0 +1,295 @@
+//! Who the caller is: an OIDC bearer token, the development token, or the headers of an
+//! authenticating proxy; with nothing configured, every caller is the development admin.
+//!
+//! The identity is a [`User`] whose `roles` are its global roles (`TREAdmin`,
+//! `TREUser`). Which routes need which role is `docs/security.md`.
+
+mod oidc;
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, header};
+
+pub use oidc::{
+    Clock, GLOBAL_ROLES, KEYS_MAX_AGE, KeySetError, LEEWAY, OidcConfig, OidcVerifier,
+    REFETCH_INTERVAL, TokenError,
+};
+
+use crate::domain::User;
+
+/// The id of the development admin: the caller of the `STEWARD_API_TOKEN`, and every
+/// caller when no authentication is configured.
+pub const DEVELOPMENT_ADMIN: &str = "steward-admin";
+
+/// TRE's global administrator role.
+pub const TRE_ADMIN: &str = "TREAdmin";
+
+/// TRE's global user role.
+pub const TRE_USER: &str = "TREUser";
+
+/// The development admin: id `steward-admin`, role `TREAdmin`.
+#[must_use]
+pub fn development_admin() -> User {
+    let mut user = User::new(DEVELOPMENT_ADMIN, "Steward Admin", "");
+    user.roles = vec![TRE_ADMIN.to_owned()];
+    user
+}
+
+/// Whether `user` holds the global role `TREAdmin`.
+#[must_use]
+pub fn is_admin(user: &User) -> bool {
+    user.roles.iter().any(|role| role == TRE_ADMIN)
+}
+
+/// How callers are identified. The default, nothing configured, makes every caller
+/// the development admin; the service allows that only on a loopback address, or
+/// with `--insecure-no-auth`.
+#[derive(Clone, Default)]
+pub struct Authentication {
+    api_token: Option<Arc<str>>,
+    oidc: Option<Arc<OidcVerifier>>,
+    trust_proxy_headers: bool,
+}
+
+impl std::fmt::Debug for Authentication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authentication")
+            .field("api_token", &self.api_token.as_ref().map(|_| "REDACTED"))
+            .field("oidc", &self.oidc.as_ref().map(|oidc| oidc.config()))
+            .field("trust_proxy_headers", &self.trust_proxy_headers)
+            .finish()
+    }
+}
+
+/// Why a caller is not identified.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No credentials: 401 with `WWW-Authenticate: Bearer`.
+    #[error("this request needs the header Authorization: Bearer <token>")]
+    Missing,
+    /// A bearer token that is not the development token and no OIDC is configured.
+    #[error("the bearer token is not valid here")]
+    UnknownToken,
+    /// An OIDC token that was refused: 401 with `error="invalid_token"`.
+    #[error(transparent)]
+    InvalidToken(TokenError),
+    /// The token could not be checked now (the issuer's keys are unavailable): 503.
+    #[error(transparent)]
+    Unavailable(TokenError),
+}
+
+impl Authentication {
+    /// Nothing configured: every caller is the development admin.
+    #[must_use]
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// The development token: its bearer is the development admin.
+    #[must_use]
+    pub fn with_api_token(mut self, token: impl Into<String>) -> Self {
+        self.api_token = Some(Arc::from(token.into()));
+        self
+    }
+
+    /// OIDC bearer tokens, checked by `verifier`.
+    #[must_use]
+    pub fn with_oidc(mut self, verifier: Arc<OidcVerifier>) -> Self {
+        self.oidc = Some(verifier);
+        self
+    }
+
+    /// Whether `X-User-Id`, `X-User-Name`, `X-User-Email` and `X-User-Roles` name the
+    /// caller of a request without a bearer token: only behind an authenticating
+    /// proxy that strips them from clients.
+    #[must_use]
+    pub fn with_proxy_headers(mut self, trust: bool) -> Self {
+        self.trust_proxy_headers = trust;
+        self
+    }
+
+    /// Whether any way of authenticating is configured.
+    #[must_use]
+    pub fn is_configured(&self) -> bool {
+        self.api_token.is_some() || self.oidc.is_some() || self.trust_proxy_headers
+    }
+
+    /// What is configured, for the start-up log.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut ways = Vec::new();
+        if let Some(oidc) = &self.oidc {
+            ways.push(format!(
+                "OIDC bearer tokens from {} for {}",
+                oidc.config().issuer,
+                oidc.config().audience
+            ));
+        }
+        if self.api_token.is_some() {
+            ways.push(format!(
+                "the development token STEWARD_API_TOKEN as {DEVELOPMENT_ADMIN} ({TRE_ADMIN})"
+            ));
+        }
+        if self.trust_proxy_headers {
+            ways.push("X-User-* headers from an authenticating proxy".to_owned());
+        }
+        if ways.is_empty() {
+            format!("none: every caller is the development admin {DEVELOPMENT_ADMIN} ({TRE_ADMIN})")
+        } else {
+            ways.join("; ")
+        }
+    }
+
+    /// The caller of a request with these headers.
+    ///
+    /// A bearer token is the development token or an OIDC token; without one, the
+    /// proxy's headers when trusted; with nothing configured, the development admin.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError`]: no credentials, a refused token, or keys that cannot be fetched.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<User, AuthError> {
+        if !self.is_configured() {
+            return Ok(development_admin());
+        }
+        if let Some(token) = bearer(headers)? {
+            if let Some(expected) = &self.api_token {
+                if same_token(token.as_bytes(), expected.as_bytes()) {
+                    return Ok(development_admin());
+                }
+            }
+            return match &self.oidc {
+                Some(oidc) => oidc.verify(token).await.map_err(|error| {
+                    if error.is_unavailable() {
+                        AuthError::Unavailable(error)
+                    } else {
+                        AuthError::InvalidToken(error)
+                    }
+                }),
+                None => Err(AuthError::UnknownToken),
+            };
+        }
+        if self.trust_proxy_headers {
+            if let Some(user) = proxy_user(headers) {
+                return Ok(user);
+            }
+        }
+        Err(AuthError::Missing)
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`; none without the header.
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
+    let value = value.to_str().map_err(|_| AuthError::Missing)?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(AuthError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Missing);
+    }
+    Ok(Some(token.trim()))
+}
+
+/// The user the proxy names, when it names one.
+fn proxy_user(headers: &HeaderMap) -> Option<User> {
+    let header = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+    };
+    let id = header("x-user-id")?;
+    let mut user = User::new(
+        id,
+        header("x-user-name").unwrap_or(id),
+        header("x-user-email").unwrap_or_default(),
+    );
+    user.roles = header("x-user-roles")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|role| GLOBAL_ROLES.contains(role))
+        .map(str::to_owned)
+        .collect();
+    Some(user)
+}
+
+/// Compares without leaking, through timing, how much of the token matched.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, byte) in expected.iter().enumerate() {
+        diff |= usize::from(byte ^ given.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    #[tokio::test]
+    async fn with_nothing_configured_every_caller_is_the_development_admin() {
+        let auth = Authentication::none();
+        let user = auth.authenticate(&headers(&[("x-user-id", "mallory")])).await.unwrap();
+        assert_eq!(user.id, DEVELOPMENT_ADMIN);
+        assert_eq!(user.roles, [TRE_ADMIN]);
+    }
+
+    #[tokio::test]
+    async fn the_development_token_is_the_admin_and_nothing_else_passes() {
+        let auth = Authentication::none().with_api_token("s3cret");
+        let user = auth.authenticate(&headers(&[("authorization", "Bearer s3cret")])).await;
+        assert_eq!(user.unwrap().id, DEVELOPMENT_ADMIN);
+        let wrong = auth.authenticate(&headers(&[("authorization", "Bearer s3creT")])).await;
+        assert!(matches!(wrong, Err(AuthError::UnknownToken)), "{wrong:?}");
+        let prefix = auth.authenticate(&headers(&[("authorization", "Bearer s3c")])).await;
+        assert!(matches!(prefix, Err(AuthError::UnknownToken)), "{prefix:?}");
+        let basic = auth.authenticate(&headers(&[("authorization", "Basic s3cret")])).await;
+        assert!(matches!(basic, Err(AuthError::Missing)), "{basic:?}");
+        let none = auth.authenticate(&headers(&[("x-user-id", "admin")])).await;
+        assert!(matches!(none, Err(AuthError::Missing)), "spoofed headers ignored: {none:?}");
+    }
+
+    #[tokio::test]
+    async fn proxy_headers_name_the_caller_only_when_trusted() {
+        let spoofed = headers(&[
+            ("x-user-id", "u-42"),
+            ("x-user-name", "Ada"),
+            ("x-user-email", "ada@example.com"),
+            ("x-user-roles", "TREUser, Superuser"),
+        ]);
+        let trusted = Authentication::none().with_proxy_headers(true);
+        let user = trusted.authenticate(&spoofed).await.unwrap();
+        assert_eq!((user.id.as_str(), user.name.as_str()), ("u-42", "Ada"));
+        assert_eq!(user.email, "ada@example.com");
+        assert_eq!(user.roles, [TRE_USER], "unknown roles are dropped");
+        let anonymous = trusted.authenticate(&HeaderMap::new()).await;
+        assert!(matches!(anonymous, Err(AuthError::Missing)), "{anonymous:?}");
+
+        let untrusted = Authentication::none().with_api_token("t");
+        let refused = untrusted.authenticate(&spoofed).await;
+        assert!(matches!(refused, Err(AuthError::Missing)), "{refused:?}");
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let auth = Authentication::none().with_api_token("s3cret-value");
+        let text = format!("{auth:?}");
+        assert!(!text.contains("s3cret-value"), "{text}");
+        assert!(text.contains("REDACTED"), "{text}");
+    }
+}

@@ -1,0 +1,103 @@
+//! Workspace roles: `PUT` and `GET /api/workspaces/{workspaceId}/roles/{userId}`.
+
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+
+use super::auth;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, Caller};
+use crate::domain::{ResourceType, User, WorkspaceRole};
+use crate::http::AppState;
+use crate::storage::Store;
+
+/// The body of `PUT /api/workspaces/{workspaceId}/roles/{userId}`.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"roles": ["AirlockManager"]}))]
+pub(super) struct SetRoles {
+    /// The user's roles in the workspace, replacing those it had: any of
+    /// `WorkspaceOwner`, `WorkspaceResearcher`, `AirlockManager`; none removes them all.
+    #[schema(value_type = Vec<String>)]
+    pub roles: Vec<WorkspaceRole>,
+}
+
+/// A user's roles in a workspace.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct WorkspaceRoles {
+    /// The workspace.
+    pub workspace_id: String,
+    /// The user.
+    pub user_id: String,
+    /// Its roles there, in a fixed order.
+    #[schema(value_type = Vec<String>)]
+    pub roles: Vec<WorkspaceRole>,
+}
+
+/// Answers 404 unless `workspace_id` is a workspace.
+async fn workspace_exists(store: &Store, workspace_id: &str) -> Result<(), ApiError> {
+    match store.read().find_resource(workspace_id).await? {
+        Some(resource) if resource.resource_type() == ResourceType::Workspace => Ok(()),
+        _ => Err(ApiError::not_found(format!("workspace {workspace_id} not found"))),
+    }
+}
+
+/// Whether `user` is `TREAdmin` or an owner of `workspace_id`.
+async fn may_manage(store: &Store, user: &User, workspace_id: &str) -> Result<bool, ApiError> {
+    if auth::is_admin(user) {
+        return Ok(true);
+    }
+    let roles = store.read().workspace_roles(workspace_id, &user.id).await?;
+    Ok(roles.contains(&WorkspaceRole::WorkspaceOwner))
+}
+
+/// Sets a user's roles in a workspace; only `TREAdmin` or an owner of the workspace.
+#[utoipa::path(put, path = "/api/workspaces/{workspaceId}/roles/{userId}", tag = "roles", request_body = SetRoles,
+    params(("workspaceId" = String, Path, description = "The workspace id"), ("userId" = String, Path, description = "The user id (the token's oid or sub)")),
+    responses((status = 200, body = WorkspaceRoles), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn set(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiPath((workspace_id, user_id)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<SetRoles>,
+) -> Result<Json<WorkspaceRoles>, ApiError> {
+    let store = state.db.serving()?;
+    workspace_exists(store, &workspace_id).await?;
+    if !may_manage(store, &caller, &workspace_id).await? {
+        return Err(ApiError::forbidden(format!(
+            "changing roles in workspace {workspace_id} needs {} or its {}",
+            auth::TRE_ADMIN,
+            WorkspaceRole::WorkspaceOwner
+        )));
+    }
+    let mut tx = store.begin().await?;
+    tx.set_workspace_roles(&workspace_id, &user_id, &body.roles, &caller.id).await?;
+    let roles = tx.read().workspace_roles(&workspace_id, &user_id).await?;
+    tx.commit().await?;
+    tracing::info!(workspace_id = %workspace_id, user_id = %user_id, roles = ?roles, by = %caller.id, "workspace roles set");
+    Ok(Json(WorkspaceRoles { workspace_id, user_id, roles }))
+}
+
+/// A user's roles in a workspace: for `TREAdmin`, an owner of the workspace, and the
+/// user themselves.
+#[utoipa::path(get, path = "/api/workspaces/{workspaceId}/roles/{userId}", tag = "roles",
+    params(("workspaceId" = String, Path, description = "The workspace id"), ("userId" = String, Path, description = "The user id (the token's oid or sub)")),
+    responses((status = 200, body = WorkspaceRoles), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiPath((workspace_id, user_id)): ApiPath<(String, String)>,
+) -> Result<Json<WorkspaceRoles>, ApiError> {
+    let store = state.db.serving()?;
+    workspace_exists(store, &workspace_id).await?;
+    if caller.id != user_id && !may_manage(store, &caller, &workspace_id).await? {
+        return Err(ApiError::forbidden(format!(
+            "reading another user's roles in workspace {workspace_id} needs {} or its {}",
+            auth::TRE_ADMIN,
+            WorkspaceRole::WorkspaceOwner
+        )));
+    }
+    let roles = store.read().workspace_roles(&workspace_id, &user_id).await?;
+    Ok(Json(WorkspaceRoles { workspace_id, user_id, roles }))
+}
