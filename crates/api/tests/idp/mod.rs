@@ -147,6 +147,9 @@ impl Idp {
             discovery_fetches: AtomicUsize::new(0),
             jwks_fetches: AtomicUsize::new(0),
         });
+        // The test issuer's own server, not the service's router: it has no OpenAPI
+        // document to keep in step.
+        #[allow(clippy::disallowed_methods)]
         let app = axum::Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/keys", get(keys))
