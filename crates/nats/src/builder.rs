@@ -81,7 +81,7 @@ pub enum ConfigError {
     InvalidStreamPrefix(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) url: String,
     pub(crate) credentials: Credentials,
@@ -94,6 +94,43 @@ pub(crate) struct Config {
     pub(crate) stream_prefix: String,
     pub(crate) request_timeout: Duration,
     pub(crate) max_ack_pending: i64,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("url", &redact(&self.url))
+            .field("credentials", &self.credentials)
+            .field("connection_name", &self.connection_name)
+            .field("queues", &self.queues)
+            .field("publish_queues", &self.publish_queues)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("max_deliver", &self.max_deliver)
+            .field("ack_wait", &self.ack_wait)
+            .field("stream_prefix", &self.stream_prefix)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .finish()
+    }
+}
+
+/// `url` (one server, or several separated by commas) with the credentials it carries
+/// hidden: a password becomes `***`, and a user part without a password (a token in
+/// NATS URLs) becomes `***` whole.
+pub(crate) fn redact(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let start = url.find("://").map_or(0, |scheme_end| scheme_end + 3);
+    let rest = &url[start..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
+    let user = match rest[..at].find(':') {
+        Some(colon) => format!("{}:***", &rest[..colon]),
+        None => "***".to_owned(),
+    };
+    format!("{}{user}{}", &url[..start], &rest[at..])
 }
 
 /// Builds a [`Nats`] transport.
@@ -255,6 +292,17 @@ pub(crate) fn valid_subject(queue: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn urls_are_logged_without_their_credentials() {
+        use super::redact;
+        assert_eq!(redact("nats://u:secret@h:4222"), "nats://u:***@h:4222");
+        assert_eq!(redact("nats://s3cr3t-token@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact("u:p@h:4222,nats://h2"), "u:***@h:4222,nats://h2");
+        let config = super::NatsBuilder::new().with_url("nats://u:secret@h:4222");
+        assert!(!format!("{config:?}").contains("secret"), "{config:?}");
+    }
+
     use super::*;
 
     #[test]

@@ -31,6 +31,18 @@ pub use message::{
 pub use sink::NatsSink;
 pub use source::NatsSource;
 
+/// `url` (one NATS server, or several separated by commas) with its credentials hidden,
+/// for logs and `Debug` output: a password becomes `***`, and a user part without a
+/// password (a token) becomes `***` whole.
+///
+/// ```
+/// assert_eq!(steward_nats::redact_url("nats://u:pw@h:4222"), "nats://u:***@h:4222");
+/// ```
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    builder::redact(url)
+}
+
 use builder::Config;
 use error::Error;
 
@@ -329,10 +341,10 @@ pub(crate) async fn connect(
     let connect = options.connect(config.url.as_str());
     match timeout(config.request_timeout * 2, connect).await {
         Err(_) => Err(Error::Timeout {
-            what: format!("connecting to {}", config.url),
+            what: format!("connecting to {}", builder::redact(&config.url)),
             after: config.request_timeout * 2,
         }),
-        Ok(Err(e)) => Err(Error::connect(&config.url, e)),
+        Ok(Err(e)) => Err(Error::connect(&builder::redact(&config.url), e)),
         Ok(Ok(client)) => {
             tracing::debug!(connection = %name, "nats connection opened");
             Ok(client)

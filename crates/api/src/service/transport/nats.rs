@@ -10,7 +10,7 @@ use steward_nats::{Credentials, Nats};
 use super::{OpenTransport, Topology, Transport};
 
 /// The NATS settings: the server, and at most one kind of credentials.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 #[group(skip)]
 pub(super) struct Settings {
     /// The NATS server URL (transport `nats`).
@@ -28,6 +28,20 @@ pub(super) struct Settings {
     /// A NATS `.creds` file, instead of a user or a token (transport `nats`).
     #[arg(long, env = "STEWARD_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Settings {
+    /// Names which credentials are set, never their values.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |value: &Option<String>| value.as_ref().map(|_| "<hidden>");
+        f.debug_struct("Settings")
+            .field("nats_url", &steward_nats::redact_url(&self.nats_url))
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &hidden(&self.nats_password))
+            .field("nats_token", &hidden(&self.nats_token))
+            .field("nats_creds", &self.nats_creds)
+            .finish()
+    }
 }
 
 impl Settings {
@@ -104,6 +118,24 @@ mod tests {
         Cli::try_parse_from(std::iter::once("steward").chain(args.iter().copied()))
             .unwrap_or_else(|e| panic!("{e}"))
             .settings
+    }
+
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let all = settings(&[
+            "--nats-url",
+            "nats://u:url-secret@h:4222",
+            "--nats-user",
+            "u",
+            "--nats-password",
+            "pw-secret",
+        ]);
+        let token = settings(&["--nats-token", "token-secret"]);
+        let shown = format!("{all:?} {token:?}");
+        for secret in ["url-secret", "pw-secret", "token-secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("<hidden>"), "{shown}");
     }
 
     #[test]
