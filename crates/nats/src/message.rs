@@ -90,6 +90,31 @@ pub(crate) fn headers(id: &str, message: &OutgoingMessage) -> Result<HeaderMap, 
     Ok(headers)
 }
 
+/// Headers the server acts on when a message is published: expectations on the stream
+/// and its sequences, rollups and per-message TTLs. A dead-letter copy must not carry
+/// them, or the server refuses the copy (an expected stream or sequence) or alters what
+/// the dead-letter stream keeps (a rollup).
+const SERVER_CONTROL_HEADERS: &[&str] = &["Nats-Expected-", "Nats-Rollup", "Nats-TTL"];
+
+/// `headers` less the [`SERVER_CONTROL_HEADERS`] (compared without regard to case).
+pub(crate) fn without_server_controls(headers: &HeaderMap) -> HeaderMap {
+    let is_control = |name: &str| {
+        SERVER_CONTROL_HEADERS.iter().any(|prefix| {
+            name.get(..prefix.len()).is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+        })
+    };
+    let mut copy = HeaderMap::new();
+    for (name, values) in headers.iter() {
+        if is_control(name.as_ref()) {
+            continue;
+        }
+        for value in values {
+            copy.append(name.clone(), value.clone());
+        }
+    }
+    copy
+}
+
 /// Adds one header after checking that NATS can carry it.
 pub(crate) fn insert(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), Error> {
     let name_ok = !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b) && b != b':');
@@ -152,6 +177,26 @@ pub(crate) fn to_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_control_headers_are_left_out_of_a_copy() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("Nats-Expected-Stream", "S"),
+            ("nats-expected-last-sequence", "7"),
+            ("Nats-Rollup", "sub"),
+            ("Nats-TTL", "1s"),
+            ("Nats-Msg-Id", "id-1"),
+            ("custom", "kept"),
+        ] {
+            insert(&mut headers, name, value).unwrap();
+        }
+        let copy = without_server_controls(&headers);
+        let names: Vec<String> = copy.iter().map(|(name, _)| name.to_string()).collect();
+        assert_eq!(copy.len(), 2, "{names:?}");
+        assert_eq!(header(Some(&copy), "Nats-Msg-Id").as_deref(), Some("id-1"));
+        assert_eq!(header(Some(&copy), "custom").as_deref(), Some("kept"));
+    }
 
     #[test]
     fn fields_and_properties_round_trip_through_headers() {

@@ -325,7 +325,8 @@ impl Settle for NatsSettle {
 
     async fn dead_letter(&self, reason: &str, description: &str) -> Result<(), TransportError> {
         self.check_lock()?;
-        let mut headers = self.headers.clone().unwrap_or_default();
+        let mut headers =
+            self.headers.as_ref().map(message::without_server_controls).unwrap_or_default();
         if message::header(Some(&headers), crate::MESSAGE_ID_HEADER).is_none() {
             // Published without an id: the dead letter keeps the one handlers saw.
             message::insert(&mut headers, crate::MESSAGE_ID_HEADER, &self.message_id)?;

@@ -90,6 +90,40 @@ async fn a_message_without_an_id_keeps_the_one_handlers_saw_into_the_dead_letter
     assert!(dead[0].message.properties.is_empty(), "no bookkeeping as properties: {:?}", dead[0]);
 }
 
+/// Ensures that a message published with headers the server acts on (here an expected
+/// stream, which names the queue's own stream) still reaches the dead-letter queue: the
+/// copy leaves them out, or the server would refuse it every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_leaves_out_the_headers_the_server_acts_on() {
+    if !support::server_available("server_control_headers").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "ctl");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    nats.declare_topology().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Stream", nats.stream_name(&queue).as_str());
+    headers.insert("custom", "kept");
+    js.publish_with_headers(queue.clone(), headers, "body".into()).await.unwrap().await.unwrap();
+
+    let source = nats.source(&queue).await.unwrap();
+    let delivery = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+    delivery.dead_letter("Poison", "refused").await.unwrap();
+
+    let dead = nats.dead_letters(&queue).await.unwrap();
+    assert_eq!(dead.len(), 1, "the copy was stored");
+    assert_eq!(dead[0].reason, "Poison");
+    assert_eq!(dead[0].message.properties.get("custom").map(String::as_str), Some("kept"));
+    assert!(
+        !dead[0].message.properties.keys().any(|k| k.eq_ignore_ascii_case("nats-expected-stream")),
+        "{:?}",
+        dead[0].message.properties
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_stops_delivering_only_above_the_updaters_limit() {
     if !support::server_available("consumer_limit").await {
