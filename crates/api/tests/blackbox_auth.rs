@@ -257,3 +257,35 @@ async fn the_start_up_log_names_the_authentication_in_effect() {
         "{logs:#?}"
     );
 }
+
+/// Runs the binary with `env` and expects it to refuse to start: exit code 2 and one
+/// line on stderr that contains `says`.
+fn refuses_to_start(env: &[(&str, &str)], says: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = process::command(dir.path(), env).output().expect("run steward-api");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{env:?}: {stderr}");
+    let lines: Vec<_> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{env:?}: {stderr}");
+    assert!(lines[0].contains(says), "{env:?}: {stderr}");
+}
+
+/// Ensures that trusting proxy headers is not "authentication" on a non-loopback
+/// address: without `STEWARD_PROXY_ONLY_INGRESS` the service refuses to start, with it
+/// it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_headers_on_a_public_address_need_an_explicit_opt_in() {
+    let public = [("STEWARD_LISTEN", "0.0.0.0:0"), ("STEWARD_TRUST_PROXY_HEADERS", "true")];
+    refuses_to_start(&public, "STEWARD_PROXY_ONLY_INGRESS");
+    // Another way of authenticating does not make the headers safe either.
+    let with_token = [public[0], public[1], ("STEWARD_API_TOKEN", "dev-s3cret")];
+    refuses_to_start(&with_token, "STEWARD_PROXY_ONLY_INGRESS");
+
+    let logs =
+        start_and_stop(&[], &[public[0], public[1], ("STEWARD_PROXY_ONLY_INGRESS", "true")]).await;
+    assert!(
+        logs.iter().any(|line| line.contains("callers are authenticated")
+            && line.contains("authenticating proxy")),
+        "{logs:#?}"
+    );
+}

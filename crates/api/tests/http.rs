@@ -301,23 +301,28 @@ async fn the_token_guards_every_route_but_the_probes() {
     assert_eq!(body["operation"]["user"]["id"], "steward-admin", "{body}");
 }
 
+/// The authentication of a service behind an authenticating proxy whose user `admin`
+/// holds `TREAdmin`.
+fn proxy() -> Authentication {
+    Authentication::none().with_proxy_headers(true).with_proxy_admins(["admin"])
+}
+
 /// Ensures that the operator routes answer 403 to a known caller without `TREAdmin`,
 /// and that `STEWARD_METRICS_OPEN` opens `/metrics` to anyone, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_routes_need_tre_admin() {
-    let proxy = Authentication::none().with_proxy_headers(true);
-    let as_user = |path: &str, roles: &str| {
+    let proxy = proxy();
+    let as_user = |path: &str, id: &str| {
         let mut request = request("GET", path, None);
-        request.headers_mut().insert("x-user-id", "u-1".parse().unwrap());
-        request.headers_mut().insert("x-user-roles", roles.parse().unwrap());
+        request.headers_mut().insert("x-user-id", id.parse().unwrap());
         request
     };
     let app = build(proxy.clone(), false, None, true).await;
     for path in steward_api::http::OPERATOR_ROUTES {
-        let (status, body) = call(&app.router, as_user(path, "TREUser")).await;
+        let (status, body) = call(&app.router, as_user(path, "u-1")).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
         assert_error_shape(&body);
-        let (status, _) = call(&app.router, as_user(path, "TREAdmin")).await;
+        let (status, _) = call(&app.router, as_user(path, "admin")).await;
         assert_eq!(status, StatusCode::OK, "{path}");
         let (status, _) = call(&app.router, request("GET", path, None)).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
@@ -327,6 +332,25 @@ async fn operator_routes_need_tre_admin() {
     assert_eq!(status, StatusCode::OK);
     let (status, _) = call(&open.router, request("GET", "/api/workers", None)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// Ensures that behind a proxy, `X-User-Roles` (not one of TRE's headers) makes nobody
+/// an admin: a caller who names itself `TREAdmin` is refused what needs the role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_headers_give_no_roles() {
+    let app = build(proxy(), false, None, true).await;
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    for (method, path, body) in
+        [("GET", "/api/workers", None), ("POST", "/api/resources", Some(workspace.clone()))]
+    {
+        let (status, body) =
+            call(&app.router, as_user("mallory", "TREAdmin", method, path, body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
+    }
+    let (status, body) =
+        call(&app.router, as_user("admin", "", "POST", "/api/resources", Some(workspace))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "a configured admin is one: {body}");
 }
 
 /// Ensures that a token that cannot be checked because the issuer's keys cannot be
@@ -381,7 +405,7 @@ fn as_user(id: &str, roles: &str, method: &str, uri: &str, body: Option<Value>) 
 /// and that unknown roles and unknown workspaces are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workspace_roles_are_set_by_admins_and_owners() {
-    let app = build(Authentication::none().with_proxy_headers(true), false, None, true).await;
+    let app = build(proxy(), false, None, true).await;
     let create = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
         "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
     let (status, body) =
@@ -452,7 +476,7 @@ async fn workspace_roles_are_set_by_admins_and_owners() {
 /// owners and reviewed by the airlock manager, never by their creator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_class_checks_its_roles() {
-    let app = build(Authentication::none().with_proxy_headers(true), false, None, true).await;
+    let app = build(proxy(), false, None, true).await;
     let router = &app.router;
     let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
         "properties": {"display_name": "Genomics", "description": "Sequencing data"}});

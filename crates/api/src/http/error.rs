@@ -118,6 +118,11 @@ impl From<AuthError> for ApiError {
                 return ApiError::unavailable("the token issuer", cause);
             }
             AuthError::Missing => ("unauthorized", "Bearer".to_owned()),
+            AuthError::ReservedIdentity => (
+                "invalid_token",
+                "Bearer error=\"invalid_token\", error_description=\"the user id is reserved\""
+                    .to_owned(),
+            ),
             AuthError::UnknownToken | AuthError::InvalidToken(_) => {
                 // RFC 6750 §3: the description is a quoted string without `"` or `\`.
                 let description = error.to_string().replace(['"', '\\'], "'");

@@ -130,11 +130,27 @@ pub struct Config {
     #[arg(long, env = "STEWARD_AUTH_JWKS_URL", requires = "auth_issuer")]
     pub auth_jwks_url: Option<String>,
 
-    /// Take the caller from `X-User-Id`, `X-User-Name`, `X-User-Email` and `X-User-Roles`
-    /// on requests without a bearer token. Only behind an authenticating proxy that
-    /// strips these headers from clients.
+    /// Take the caller from `X-User-Id`, `X-User-Name` and `X-User-Email` on requests
+    /// without a bearer token. Only behind an authenticating proxy that strips these
+    /// headers from clients. They give the identity only: the caller holds `TREUser`,
+    /// and `TREAdmin` when listed in `STEWARD_PROXY_ADMINS`.
     #[arg(long, env = "STEWARD_TRUST_PROXY_HEADERS", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_proxy_headers: bool,
+
+    /// The user ids (comma-separated) that hold `TREAdmin` when the trusted proxy names
+    /// them.
+    #[arg(
+        long,
+        env = "STEWARD_PROXY_ADMINS",
+        value_delimiter = ',',
+        requires = "trust_proxy_headers"
+    )]
+    pub proxy_admins: Vec<String>,
+
+    /// Trust the proxy's headers on a non-loopback listen address: only when nothing
+    /// but the authenticating proxy can reach that address.
+    #[arg(long, env = "STEWARD_PROXY_ONLY_INGRESS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub proxy_only_ingress: bool,
 
     /// Serve `/metrics` without authentication (for a scraper on a private network);
     /// otherwise it needs `TREAdmin`.
@@ -225,7 +241,10 @@ impl Config {
     ///
     /// The HTTP client that fetches the issuer's keys cannot be built.
     pub fn authentication(&self) -> Result<Authentication, KeySetError> {
-        let mut auth = Authentication::none().with_proxy_headers(self.trust_proxy_headers);
+        let admins = self.proxy_admins.iter().map(|id| id.trim()).filter(|id| !id.is_empty());
+        let mut auth = Authentication::none()
+            .with_proxy_headers(self.trust_proxy_headers)
+            .with_proxy_admins(admins);
         if let Some(token) = &self.api_token {
             auth = auth.with_api_token(token.clone());
         }

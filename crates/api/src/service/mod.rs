@@ -71,6 +71,14 @@ pub enum StartError {
         /// The address.
         addr: std::net::SocketAddr,
     },
+    /// Proxy headers trusted on a non-loopback listen address without the opt-in.
+    #[error(
+        "refusing to trust X-User-* headers on {addr}: any client that reaches it directly could name itself anyone; listen on a loopback address, or set STEWARD_PROXY_ONLY_INGRESS=true if only the authenticating proxy can reach it"
+    )]
+    ProxyHeadersExposed {
+        /// The address.
+        addr: std::net::SocketAddr,
+    },
     /// The OIDC settings cannot be used.
     #[error("invalid OIDC settings")]
     Auth(#[source] crate::http::auth::KeySetError),
@@ -210,7 +218,11 @@ impl Service {
     pub async fn start(config: Config) -> Result<Service, StartError> {
         let faults = faults::plan(config.faults.as_deref()).map_err(StartError::Faults)?;
         let auth = config.authentication().map_err(StartError::Auth)?;
-        if !auth.is_configured() && !config.listen.ip().is_loopback() && !config.insecure_no_auth {
+        let loopback = config.listen.ip().is_loopback();
+        if auth.trusts_proxy_headers() && !loopback && !config.proxy_only_ingress {
+            return Err(StartError::ProxyHeadersExposed { addr: config.listen });
+        }
+        if !auth.is_configured() && !loopback && !config.insecure_no_auth {
             return Err(StartError::NoAuthentication { addr: config.listen });
         }
         let templates = Arc::new(TemplateRegistry::load(config.templates_dir.as_deref())?);

@@ -41,6 +41,18 @@ pub fn is_admin(user: &User) -> bool {
     user.roles.iter().any(|role| role == TRE_ADMIN)
 }
 
+/// Whether `user` holds `TREUser` or `TREAdmin`, as every API call needs (TRE's
+/// `get_current_tre_user_or_tre_admin`).
+#[must_use]
+pub fn is_tre_user_or_admin(user: &User) -> bool {
+    user.roles.iter().any(|role| role == TRE_USER || role == TRE_ADMIN)
+}
+
+/// Whether `id` is the development admin's id, which no token or proxy may claim.
+fn is_reserved(id: &str) -> bool {
+    id.trim().eq_ignore_ascii_case(DEVELOPMENT_ADMIN)
+}
+
 /// How callers are identified. The default, nothing configured, makes every caller
 /// the development admin; the service allows that only on a loopback address, or
 /// with `--insecure-no-auth`.
@@ -49,6 +61,8 @@ pub struct Authentication {
     api_token: Option<Arc<str>>,
     oidc: Option<Arc<OidcVerifier>>,
     trust_proxy_headers: bool,
+    /// The proxy's callers that hold `TREAdmin`, by user id.
+    proxy_admins: Arc<[String]>,
 }
 
 impl std::fmt::Debug for Authentication {
@@ -57,6 +71,7 @@ impl std::fmt::Debug for Authentication {
             .field("api_token", &self.api_token.as_ref().map(|_| "REDACTED"))
             .field("oidc", &self.oidc.as_ref().map(|oidc| oidc.config()))
             .field("trust_proxy_headers", &self.trust_proxy_headers)
+            .field("proxy_admins", &self.proxy_admins)
             .finish()
     }
 }
@@ -74,6 +89,10 @@ pub enum AuthError {
     /// An OIDC token that was refused: 401 with `error="invalid_token"`.
     #[error(transparent)]
     InvalidToken(TokenError),
+    /// A token or a proxy names the development admin's id, which only the development
+    /// token and the development mode may be: 401.
+    #[error("the user id {DEVELOPMENT_ADMIN:?} is reserved for the development admin")]
+    ReservedIdentity,
     /// The token could not be checked now (the issuer's keys are unavailable): 503.
     #[error(transparent)]
     Unavailable(TokenError),
@@ -100,13 +119,41 @@ impl Authentication {
         self
     }
 
-    /// Whether `X-User-Id`, `X-User-Name`, `X-User-Email` and `X-User-Roles` name the
+    /// Whether `X-User-Id`, `X-User-Name` and `X-User-Email` (TRE's three) name the
     /// caller of a request without a bearer token: only behind an authenticating
-    /// proxy that strips them from clients.
+    /// proxy that strips them from clients. They give the identity only: such a
+    /// caller holds `TREUser`, and `TREAdmin` only when listed by
+    /// [`with_proxy_admins`](Self::with_proxy_admins). No header sets a role.
     #[must_use]
     pub fn with_proxy_headers(mut self, trust: bool) -> Self {
         self.trust_proxy_headers = trust;
         self
+    }
+
+    /// The user ids that hold `TREAdmin` when a trusted proxy names them
+    /// (`STEWARD_PROXY_ADMINS`).
+    #[must_use]
+    pub fn with_proxy_admins<I, S>(mut self, ids: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.proxy_admins = ids.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether `X-User-*` headers are trusted.
+    #[must_use]
+    pub fn trusts_proxy_headers(&self) -> bool {
+        self.trust_proxy_headers
+    }
+
+    /// Whether a credential (a bearer token, or a trusted proxy's user header) is
+    /// present: the probes identify such a caller to show it details.
+    #[must_use]
+    pub fn has_credentials(&self, headers: &HeaderMap) -> bool {
+        headers.contains_key(header::AUTHORIZATION)
+            || (self.trust_proxy_headers && headers.contains_key("x-user-id"))
     }
 
     /// Whether any way of authenticating is configured.
@@ -132,7 +179,14 @@ impl Authentication {
             ));
         }
         if self.trust_proxy_headers {
-            ways.push("X-User-* headers from an authenticating proxy".to_owned());
+            ways.push(format!(
+                "X-User-* headers from an authenticating proxy ({TRE_USER}; {TRE_ADMIN}: {})",
+                if self.proxy_admins.is_empty() {
+                    "nobody".to_owned()
+                } else {
+                    self.proxy_admins.join(", ")
+                }
+            ));
         }
         if ways.is_empty() {
             format!("none: every caller is the development admin {DEVELOPMENT_ADMIN} ({TRE_ADMIN})")
@@ -163,20 +217,21 @@ impl Authentication {
                     return Ok(development_admin());
                 }
             }
-            return match &self.oidc {
+            let user = match &self.oidc {
                 Some(oidc) => oidc.verify(token).await.map_err(|error| {
                     if error.is_unavailable() {
                         AuthError::Unavailable(error)
                     } else {
                         AuthError::InvalidToken(error)
                     }
-                }),
-                None => Err(AuthError::UnknownToken),
+                })?,
+                None => return Err(AuthError::UnknownToken),
             };
+            return not_reserved(user);
         }
         if self.trust_proxy_headers {
-            if let Some(user) = proxy_user(headers) {
-                return Ok(user);
+            if let Some(user) = proxy_user(headers, &self.proxy_admins) {
+                return not_reserved(user);
             }
         }
         Err(AuthError::Missing)
@@ -194,8 +249,15 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     Ok(Some(token.trim()))
 }
 
-/// The user the proxy names, when it names one.
-fn proxy_user(headers: &HeaderMap) -> Option<User> {
+/// Refuses a token's or a proxy's user who claims the development admin's id, so that
+/// nobody aliases it (its workspace roles, its operations and history).
+fn not_reserved(user: User) -> Result<User, AuthError> {
+    if is_reserved(&user.id) { Err(AuthError::ReservedIdentity) } else { Ok(user) }
+}
+
+/// The user the proxy names, when it names one: `TREUser`, and `TREAdmin` when listed
+/// in `admins`. `X-User-Roles` and any other header are ignored.
+fn proxy_user(headers: &HeaderMap, admins: &[String]) -> Option<User> {
     let header = |name: &str| {
         headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
     };
@@ -205,13 +267,10 @@ fn proxy_user(headers: &HeaderMap) -> Option<User> {
         header("x-user-name").unwrap_or(id),
         header("x-user-email").unwrap_or_default(),
     );
-    user.roles = header("x-user-roles")
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|role| GLOBAL_ROLES.contains(role))
-        .map(str::to_owned)
-        .collect();
+    user.roles = vec![TRE_USER.to_owned()];
+    if admins.iter().any(|admin| admin == id) {
+        user.roles.push(TRE_ADMIN.to_owned());
+    }
     Some(user)
 }
 
@@ -283,6 +342,28 @@ mod tests {
         let untrusted = Authentication::none().with_api_token("t");
         let refused = untrusted.authenticate(&spoofed).await;
         assert!(matches!(refused, Err(AuthError::Missing)), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn proxy_headers_give_identity_only_never_roles() {
+        let trusted = Authentication::none().with_proxy_headers(true).with_proxy_admins(["ops-1"]);
+        let spoofed = headers(&[("x-user-id", "mallory"), ("x-user-roles", "TREAdmin")]);
+        let user = trusted.authenticate(&spoofed).await.unwrap();
+        assert_eq!(user.id, "mallory");
+        assert_eq!(user.roles, [TRE_USER], "X-User-Roles makes nobody an admin");
+        let admin = trusted.authenticate(&headers(&[("x-user-id", "ops-1")])).await.unwrap();
+        assert_eq!(admin.roles, [TRE_USER, TRE_ADMIN], "the configured admins are");
+    }
+
+    #[tokio::test]
+    async fn nobody_but_the_development_token_is_the_development_admin() {
+        let trusted = Authentication::none().with_proxy_headers(true).with_api_token("t");
+        for id in [DEVELOPMENT_ADMIN, "Steward-Admin", " steward-admin "] {
+            let refused = trusted.authenticate(&headers(&[("x-user-id", id)])).await;
+            assert!(matches!(refused, Err(AuthError::ReservedIdentity)), "{id}: {refused:?}");
+        }
+        let user = trusted.authenticate(&headers(&[("authorization", "Bearer t")])).await;
+        assert_eq!(user.unwrap().id, DEVELOPMENT_ADMIN);
     }
 
     #[test]
