@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idp::{AUDIENCE, EcSigningKey, Idp, RsaKey, hmac_token, now, unsigned_token};
-use steward_api::http::auth::{Clock, OidcConfig, OidcVerifier, TokenError};
+use steward_api::http::auth::{Clock, KeySetError, OidcConfig, OidcVerifier, TokenError};
 
 fn verifier(idp: &Idp) -> OidcVerifier {
     OidcVerifier::new(OidcConfig {
@@ -202,4 +202,56 @@ async fn the_key_set_comes_from_discovery_or_the_override() {
     .unwrap();
     let error = gone.verify(&idp.token("u", &[])).await.unwrap_err();
     assert!(error.is_unavailable(), "{error:?}");
+}
+
+fn config(issuer: &str, jwks_url: Option<&str>) -> OidcConfig {
+    OidcConfig {
+        issuer: issuer.to_owned(),
+        audience: AUDIENCE.to_owned(),
+        jwks_url: jwks_url.map(str::to_owned),
+    }
+}
+
+/// Ensures that the issuer and the key set must be https URLs, plain http allowed only
+/// on a loopback host, and that a discovery document naming a plain-http key set
+/// elsewhere is not fetched from.
+#[tokio::test]
+async fn the_issuer_and_the_key_set_need_https_except_on_loopback() {
+    for (issuer, jwks) in [
+        ("http://login.example/tenant", None),
+        ("https://login.example/tenant", Some("http://login.example/keys")),
+        ("ftp://login.example/tenant", None),
+        ("not a url", None),
+    ] {
+        let error = OidcVerifier::new(config(issuer, jwks)).unwrap_err();
+        assert!(matches!(error, KeySetError::InsecureUrl { .. }), "{issuer} {jwks:?}: {error:?}");
+    }
+    for issuer in [
+        "https://login.example/tenant",
+        "http://127.0.0.1:1",
+        "http://localhost:1",
+        "http://[::1]:1",
+    ] {
+        assert!(OidcVerifier::new(config(issuer, None)).is_ok(), "{issuer}");
+    }
+
+    let idp = Idp::start().await;
+    idp.set_jwks_uri("http://keys.example/keys");
+    let error = verifier(&idp).verify(&idp.token("u", &[])).await.unwrap_err();
+    assert!(error.is_unavailable(), "{error:?}");
+    let chain = steward_core::error_chain(&error);
+    assert!(chain.contains("https"), "{chain}");
+    assert_eq!(idp.jwks_fetches(), 0);
+}
+
+/// Ensures that a redirect is never followed: a key set that answers one is no key set.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let idp = Idp::start().await;
+    let moved = format!("{}/moved", idp.issuer);
+    let verifier = OidcVerifier::new(config(&idp.issuer, Some(&moved))).unwrap();
+    let error = verifier.verify(&idp.token("u", &[])).await.unwrap_err();
+    assert!(error.is_unavailable(), "{error:?}");
+    assert!(steward_core::error_chain(&error).contains("307"), "{error:?}");
+    assert_eq!(idp.jwks_fetches(), 0, "the redirect's target is never fetched");
 }

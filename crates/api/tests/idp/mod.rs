@@ -96,6 +96,8 @@ impl EcSigningKey {
 
 struct Served {
     issuer: Mutex<String>,
+    /// The discovery document's `jwks_uri`, when not `<issuer>/keys`.
+    jwks_uri: Mutex<Option<String>>,
     keys: Mutex<Vec<Value>>,
     discovery_fetches: AtomicUsize,
     jwks_fetches: AtomicUsize,
@@ -119,9 +121,16 @@ impl Drop for Idp {
 async fn discovery(State(served): State<Arc<Served>>) -> Json<Value> {
     served.discovery_fetches.fetch_add(1, Ordering::SeqCst);
     let issuer = served.issuer.lock().unwrap().clone();
+    let jwks_uri =
+        served.jwks_uri.lock().unwrap().clone().unwrap_or_else(|| format!("{issuer}/keys"));
     Json(
-        json!({"issuer": issuer, "jwks_uri": format!("{issuer}/keys"), "id_token_signing_alg_values_supported": ["RS256", "ES256"]}),
+        json!({"issuer": issuer, "jwks_uri": jwks_uri, "id_token_signing_alg_values_supported": ["RS256", "ES256"]}),
     )
+}
+
+/// A redirect to the key set.
+async fn moved() -> axum::response::Redirect {
+    axum::response::Redirect::temporary("/keys")
 }
 
 async fn keys(State(served): State<Arc<Served>>) -> Json<Value> {
@@ -138,6 +147,7 @@ impl Idp {
         let issuer = format!("http://{}", listener.local_addr().unwrap());
         let served = Arc::new(Served {
             issuer: Mutex::new(issuer.clone()),
+            jwks_uri: Mutex::new(None),
             // A key this service cannot use sits among them and must not spoil the set.
             keys: Mutex::new(vec![
                 json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed-1", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}),
@@ -153,6 +163,7 @@ impl Idp {
         let app = axum::Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/keys", get(keys))
+            .route("/moved", get(moved))
             .with_state(served.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -163,6 +174,11 @@ impl Idp {
     /// Adds a key to the served set.
     pub fn add_key(&self, jwk: Value) {
         self.served.keys.lock().unwrap().push(jwk);
+    }
+
+    /// Makes the discovery document name another key set.
+    pub fn set_jwks_uri(&self, uri: &str) {
+        *self.served.jwks_uri.lock().unwrap() = Some(uri.to_owned());
     }
 
     /// Makes the discovery document name another issuer.

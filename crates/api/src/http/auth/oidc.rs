@@ -134,6 +134,40 @@ pub enum KeySetError {
     /// The HTTP client could not be built.
     #[error("the HTTP client cannot be built")]
     Client(#[source] reqwest::Error),
+    /// The issuer, the key set or the discovery document's `jwks_uri` is not an https
+    /// URL (plain http is allowed for a loopback host only).
+    #[error("{url:?} must be an https URL (http only on a loopback host)")]
+    InsecureUrl {
+        /// The URL.
+        url: String,
+    },
+    /// The answer was not a success: a redirect (never followed) or an error status.
+    #[error("{url} answered {status}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The status.
+        status: reqwest::StatusCode,
+    },
+}
+
+/// Refuses a URL that is not https, unless its host is a loopback one (a local test
+/// issuer): keys fetched over plain http could be swapped on the way.
+fn require_https(url: &str) -> Result<(), KeySetError> {
+    let insecure = || KeySetError::InsecureUrl { url: url.to_owned() };
+    let parsed = reqwest::Url::parse(url).map_err(|_| insecure())?;
+    let host = parsed.host_str().ok_or_else(insecure)?;
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(insecure()),
+    }
 }
 
 /// One key of the set, with the one algorithm it verifies.
@@ -200,12 +234,21 @@ impl std::fmt::Debug for OidcVerifier {
 impl OidcVerifier {
     /// A verifier for `config`; nothing is fetched until the first token.
     ///
+    /// The issuer and the key set must be https URLs (plain http only on a loopback
+    /// host), and redirects are never followed: the keys decide who may call.
+    ///
     /// # Errors
     ///
-    /// The HTTP client cannot be built (no TLS backend).
+    /// An issuer or key set URL that is not https, or the HTTP client cannot be built
+    /// (no TLS backend).
     pub fn new(config: OidcConfig) -> Result<Self, KeySetError> {
+        require_https(&config.issuer)?;
+        if let Some(url) = &config.jwks_url {
+            require_https(url)?;
+        }
         let client = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(KeySetError::Client)?;
         Ok(OidcVerifier {
@@ -336,6 +379,7 @@ impl OidcVerifier {
                         found: discovery.issuer,
                     });
                 }
+                require_https(&discovery.jwks_uri)?;
                 discovery.jwks_uri
             }
         };
@@ -357,16 +401,11 @@ impl OidcVerifier {
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, KeySetError> {
         let fetch_error = |source| KeySetError::Fetch { url: url.to_owned(), source };
-        let bytes = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(fetch_error)?
-            .bytes()
-            .await
-            .map_err(fetch_error)?;
+        let response = self.client.get(url).send().await.map_err(fetch_error)?;
+        if !response.status().is_success() {
+            return Err(KeySetError::Status { url: url.to_owned(), status: response.status() });
+        }
+        let bytes = response.bytes().await.map_err(fetch_error)?;
         serde_json::from_slice(&bytes)
             .map_err(|source| KeySetError::Parse { url: url.to_owned(), source })
     }
