@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod idp;
 mod support;
 
 use std::sync::Arc;
@@ -353,6 +354,40 @@ async fn proxy_headers_give_no_roles() {
     assert_eq!(status, StatusCode::ACCEPTED, "a configured admin is one: {body}");
 }
 
+/// Ensures that every call needs `TREUser` or `TREAdmin`: a valid token without either
+/// (an application's token, say) is refused with 403, reads included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_needs_tre_user_or_tre_admin() {
+    use steward_api::http::auth::{OidcConfig, OidcVerifier};
+    let idp = idp::Idp::start().await;
+    let verifier = OidcVerifier::new(OidcConfig {
+        issuer: idp.issuer.clone(),
+        audience: idp::AUDIENCE.to_owned(),
+        jwks_url: None,
+    })
+    .unwrap();
+    let app = build(Authentication::none().with_oidc(Arc::new(verifier)), false, None, true).await;
+    let with_token = |token: &str, path: &str| {
+        let mut request = request("GET", path, None);
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let app_only = idp.token("daemon-app", &[]);
+    let other_roles = idp.token("someone", &["Reader"]);
+    for path in ["/api/templates", "/api/resources", "/api/airlock-requests"] {
+        for token in [&app_only, &other_roles] {
+            let (status, body) = call(&app.router, with_token(token, path)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+            assert!(body["detail"].as_str().unwrap().contains("TREUser"), "{body}");
+        }
+        let (status, body) =
+            call(&app.router, with_token(&idp.token("user", &["TREUser"]), path)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+}
+
 /// Ensures that a token that cannot be checked because the issuer's keys cannot be
 /// fetched is 503 with `Retry-After` (the service's fault), and a malformed or
 /// HMAC token 401 `invalid_token` (the caller's).
@@ -401,7 +436,7 @@ fn as_user(id: &str, roles: &str, method: &str, uri: &str, body: Option<Value>) 
 }
 
 /// Ensures that only `TREAdmin` or the workspace's `WorkspaceOwner` sets a user's roles
-/// in a workspace; that the user, the owner and the admin read them and nobody else;
+/// in a workspace, and only `TREAdmin` grants `AirlockManager`; that the user, the owner and the admin read them and nobody else;
 /// and that unknown roles and unknown workspaces are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workspace_roles_are_set_by_admins_and_owners() {
@@ -432,6 +467,22 @@ async fn workspace_roles_are_set_by_admins_and_owners() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_error_shape(&body);
 
+    // Only the admin grants AirlockManager: an owner could make a second identity of
+    // their own the reviewer of their own exports.
+    let (status, body) =
+        call(&app.router, as_user("owner", "TREUser", "PUT", &roles("am"), set("AirlockManager")))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("AirlockManager"), "{body}");
+    let (status, body) =
+        call(&app.router, as_user("admin", "TREAdmin", "PUT", &roles("am"), set("AirlockManager")))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The owner manages the other roles, and keeps or removes the manager's.
+    let both = Some(json!({"roles": ["AirlockManager", "WorkspaceResearcher"]}));
+    let (status, body) =
+        call(&app.router, as_user("owner", "TREUser", "PUT", &roles("am"), both)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) =
         call(&app.router, as_user("owner", "TREUser", "PUT", &roles("am"), set("AirlockManager")))
             .await;

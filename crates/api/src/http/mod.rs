@@ -106,8 +106,9 @@ fn method_not_allowed() -> Response {
     .into_response()
 }
 
-/// Identifies the caller of every route but the open ones, refuses (403) the operator
-/// routes to callers without `TREAdmin`, and leaves the caller in the request's
+/// Identifies the caller of every route but the open ones, refuses (403) callers with
+/// neither `TREUser` nor `TREAdmin` (an application's token without roles, say) and the
+/// operator routes to callers without `TREAdmin`, and leaves the caller in the request's
 /// extensions for the [`Caller`] extractor. Finer rules are the handlers' (`access`).
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
@@ -116,6 +117,12 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
         return next.run(request).await;
     }
     match state.settings.auth.authenticate(request.headers()).await {
+        Ok(user) if !auth::is_tre_user_or_admin(&user) => ApiError::forbidden(format!(
+            "every call needs the role {} or {}",
+            auth::TRE_USER,
+            auth::TRE_ADMIN
+        ))
+        .into_response(),
         Ok(user) if OPERATOR_ROUTES.contains(&path) && !auth::is_admin(&user) => {
             ApiError::forbidden(format!("{path} needs the role {}", auth::TRE_ADMIN))
                 .into_response()

@@ -52,7 +52,8 @@ async fn may_manage(store: &Store, user: &User, workspace_id: &str) -> Result<bo
     Ok(roles.contains(&WorkspaceRole::WorkspaceOwner))
 }
 
-/// Sets a user's roles in a workspace; only `TREAdmin` or an owner of the workspace.
+/// Sets a user's roles in a workspace; only `TREAdmin` or an owner of the workspace, and
+/// only `TREAdmin` grants `AirlockManager`.
 #[utoipa::path(put, path = "/api/workspaces/{workspaceId}/roles/{userId}", tag = "roles", request_body = SetRoles,
     params(("workspaceId" = String, Path, description = "The workspace id"), ("userId" = String, Path, description = "The user id (the token's oid or sub)")),
     responses((status = 200, body = WorkspaceRoles), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -72,6 +73,18 @@ pub(super) async fn set(
         )));
     }
     let mut tx = store.begin().await?;
+    let before = tx.read().workspace_roles(&workspace_id, &user_id).await?;
+    let grants_manager = body.roles.contains(&WorkspaceRole::AirlockManager)
+        && !before.contains(&WorkspaceRole::AirlockManager);
+    if grants_manager && !auth::is_admin(&caller) {
+        // An owner could otherwise make a second identity of their own the reviewer of
+        // their own exports.
+        return Err(ApiError::forbidden(format!(
+            "granting {} needs {}",
+            WorkspaceRole::AirlockManager,
+            auth::TRE_ADMIN
+        )));
+    }
     tx.set_workspace_roles(&workspace_id, &user_id, &body.roles, &caller.id).await?;
     let roles = tx.read().workspace_roles(&workspace_id, &user_id).await?;
     tx.commit().await?;
