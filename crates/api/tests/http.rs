@@ -688,6 +688,49 @@ async fn every_route_class_checks_its_roles() {
     assert_eq!(body["airlockRequests"].as_array().unwrap().len(), 2);
 }
 
+/// Ensures that a shared service shows a caller without `TREAdmin` only TRE's
+/// restricted view (the firewall's rule collections list every workspace's machines),
+/// in reads and lists alike, and its operations not at all; the admin sees everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_services_show_non_admins_the_restricted_view() {
+    let app = build(proxy(), false, None, true).await;
+    let router = &app.router;
+    let firewall = json!({"templateName": "tre-shared-service-firewall", "resourceType": "shared-service",
+        "properties": {"display_name": "Firewall", "description": "Central firewall",
+            "rule_collections": [{"name": "arc_linuxvm_1", "rules": [{"source_addresses": ["10.1.0.4"]}]}]}});
+    let (status, body) =
+        call(router, as_user("admin", "", "POST", "/api/resources", Some(firewall))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let fw = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let operation = format!("/api/operations/{}", body["operation"]["id"].as_str().unwrap());
+    let uri = format!("/api/resources/{fw}");
+
+    let (status, body) = call(router, as_user("researcher", "", "GET", &uri, None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let properties = body["resource"]["properties"].as_object().unwrap();
+    let mut names: Vec<&str> = properties.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["description", "display_name"], "{body}");
+    assert_eq!(body["resource"]["templateName"], "tre-shared-service-firewall");
+    let (_, body) = call(router, as_user("researcher", "", "GET", "/api/resources", None)).await;
+    let listed = &body["resources"][0]["properties"];
+    assert!(listed.get("rule_collections").is_none(), "{body}");
+    assert!(listed.get("network_rule_collections").is_none(), "{body}");
+    for path in [format!("{uri}/operations"), operation.clone()] {
+        let (status, body) = call(router, as_user("researcher", "", "GET", &path, None)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+    }
+
+    let (_, body) = call(router, as_user("admin", "", "GET", &uri, None)).await;
+    assert_eq!(body["resource"]["properties"]["rule_collections"][0]["name"], "arc_linuxvm_1");
+    let (_, body) = call(router, as_user("admin", "", "GET", "/api/resources", None)).await;
+    assert!(body["resources"][0]["properties"].get("rule_collections").is_some(), "{body}");
+    for path in [format!("{uri}/operations"), operation] {
+        let (status, body) = call(router, as_user("admin", "", "GET", &path, None)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+}
+
 /// Ensures that bad bodies get the JSON error shape: malformed JSON 400, unknown or
 /// wrong fields 422, a 2 MiB body 413, a missing content type 415.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,11 @@ use super::error::ApiError;
 
 use WorkspaceRole::{AirlockManager, WorkspaceOwner, WorkspaceResearcher};
 
+/// The properties of a shared service that callers without `TREAdmin` see: those of
+/// TRE's `RestrictedProperties`.
+pub(super) const RESTRICTED_PROPERTIES: [&str; 5] =
+    ["display_name", "description", "overview", "connection_uri", "is_exposed_externally"];
+
 /// Every workspace role: any of them lets a caller see the workspace.
 const ANY_ROLE: [WorkspaceRole; 3] = [WorkspaceOwner, WorkspaceResearcher, AirlockManager];
 
@@ -92,14 +97,37 @@ impl<'a> Access<'a> {
             .await
     }
 
-    /// Reading `resource` and its operations: shared services anyone; the rest any role
-    /// in its workspace.
+    /// Reading `resource`: shared services anyone (in the view of [`Access::shown`]);
+    /// the rest any role in its workspace.
     pub(super) async fn read_resource(&self, resource: &Resource) -> Result<(), ApiError> {
         if resource.resource_type() == ResourceType::SharedService {
             return Ok(());
         }
         let what = format!("reading the {} {}", resource.resource_type().as_str(), resource.id);
         self.require(workspace_of(resource), &ANY_ROLE, true, &what).await
+    }
+
+    /// Reading the operations of `resource`: as reading it, but a shared service's
+    /// need `TREAdmin` (as in TRE), since their steps name every workspace's changes.
+    pub(super) async fn read_operations(&self, resource: &Resource) -> Result<(), ApiError> {
+        if resource.resource_type() == ResourceType::SharedService && !self.is_admin() {
+            return Err(ApiError::forbidden(format!(
+                "reading the operations of the shared service {} needs {TRE_ADMIN}",
+                resource.id
+            )));
+        }
+        self.read_resource(resource).await
+    }
+
+    /// What the caller sees of `resource`: all of it, except that a shared service
+    /// shows a caller without `TREAdmin` only TRE's restricted view, its properties cut
+    /// down to [`RESTRICTED_PROPERTIES`] (the firewall's rule collections, say, list
+    /// every workspace's machines).
+    pub(super) fn shown(&self, mut resource: Resource) -> Resource {
+        if resource.resource_type() == ResourceType::SharedService && !self.is_admin() {
+            resource.properties.retain(|name, _| RESTRICTED_PROPERTIES.contains(&name.as_str()));
+        }
+        resource
     }
 
     /// Creating, submitting or cancelling an airlock request in `workspace_id`: a

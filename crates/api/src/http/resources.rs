@@ -165,6 +165,8 @@ pub(super) async fn list(
     };
     let mut resources = store.read().resources(&filter).await?;
     let next_cursor = Page::truncate(&mut resources, offset, limit);
+    let access = Access::new(&state, store, &user);
+    let resources = resources.into_iter().map(|resource| access.shown(resource)).collect();
     Ok(Json(ResourceList { resources, next_cursor }))
 }
 
@@ -179,8 +181,9 @@ pub(super) async fn get(
 ) -> Result<Json<ResourceResponse>, ApiError> {
     let store = state.db.serving()?;
     let resource = store.read().resource(&id).await?;
-    Access::new(&state, store, &user).read_resource(&resource).await?;
-    Ok(Json(ResourceResponse { resource }))
+    let access = Access::new(&state, store, &user);
+    access.read_resource(&resource).await?;
+    Ok(Json(ResourceResponse { resource: access.shown(resource) }))
 }
 
 /// A resource's operations, oldest first.
@@ -194,7 +197,7 @@ pub(super) async fn operations(
 ) -> Result<Json<OperationList>, ApiError> {
     let store = state.db.serving()?;
     let resource = store.read().resource(&id).await?;
-    Access::new(&state, store, &user).read_resource(&resource).await?;
+    Access::new(&state, store, &user).read_operations(&resource).await?;
     let operations = store.read().operations_for_resource(&id).await?;
     Ok(Json(OperationList { operations }))
 }
@@ -211,7 +214,7 @@ pub(super) async fn operation(
     let store = state.db.serving()?;
     let operation = store.read().operation(&id).await?;
     let resource = store.read().resource(&operation.resource_id).await?;
-    Access::new(&state, store, &user).read_resource(&resource).await?;
+    Access::new(&state, store, &user).read_operations(&resource).await?;
     Ok(Json(OperationResponse { operation }))
 }
 
