@@ -731,6 +731,62 @@ async fn shared_services_show_non_admins_the_restricted_view() {
     }
 }
 
+/// Ensures that a researcher changes and deletes only their own user resources, while
+/// the workspace's owner manages every one of them (TRE's rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn researchers_change_only_their_own_user_resources() {
+    let app = build(proxy(), false, None, true).await;
+    let router = &app.router;
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    let (_, body) =
+        call(router, as_user("admin", "", "POST", "/api/resources", Some(workspace))).await;
+    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let firewall =
+        json!({"templateName": "tre-shared-service-firewall", "resourceType": "shared-service"});
+    let (status, body) =
+        call(router, as_user("admin", "", "POST", "/api/resources", Some(firewall))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    for (user, role) in [
+        ("owner", "WorkspaceOwner"),
+        ("ada", "WorkspaceResearcher"),
+        ("bob", "WorkspaceResearcher"),
+    ] {
+        let uri = format!("/api/workspaces/{ws}/roles/{user}");
+        let (status, body) =
+            call(router, as_user("admin", "", "PUT", &uri, Some(json!({"roles": [role]})))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let service = json!({"templateName": "tre-service-guacamole", "resourceType": "workspace-service",
+        "workspaceId": ws, "properties": {"display_name": "Desktops"}});
+    let (_, body) =
+        call(router, as_user("owner", "", "POST", "/api/resources", Some(service))).await;
+    let svc = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let vm = json!({"templateName": "tre-user-resource-linuxvm", "resourceType": "user-resource",
+        "workspaceId": ws, "parentWorkspaceServiceId": svc,
+        "properties": {"display_name": "Ada's VM", "os_image": "Ubuntu 22.04 LTS"}});
+    let (status, body) = call(router, as_user("ada", "", "POST", "/api/resources", Some(vm))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let uri = format!("/api/resources/{}", body["operation"]["resourceId"].as_str().unwrap());
+
+    let patch = Some(json!({"properties": {"display_name": "Bob's now"}}));
+    for (method, path, body) in [
+        ("PATCH", uri.clone(), patch.clone()),
+        ("POST", format!("{uri}/actions/stop"), None),
+        ("DELETE", uri.clone(), None),
+    ] {
+        let (status, answer) = call(router, as_user("bob", "", method, &path, body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "bob {method} {path}: {answer}");
+    }
+    let (status, body) = call(router, as_user("owner", "", "GET", &uri, None)).await;
+    assert_eq!(body["resource"]["properties"]["display_name"], "Ada's VM", "{status} {body}");
+    // Its owner and the workspace's owner may; each change waits for the one before.
+    let (status, body) = call(router, as_user("ada", "", "PATCH", &uri, patch)).await;
+    assert_ne!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = call(router, as_user("owner", "", "DELETE", &uri, None)).await;
+    assert_ne!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
 /// Ensures that bad bodies get the JSON error shape: malformed JSON 400, unknown or
 /// wrong fields 422, a 2 MiB body 413, a missing content type 415.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,11 +90,24 @@ impl<'a> Access<'a> {
         self.require(workspace_id, change_roles(resource_type), true, &what).await
     }
 
-    /// Upgrading, uninstalling or acting on `resource`: as creating one of its type.
+    /// Upgrading, uninstalling or acting on `resource`: as creating one of its type,
+    /// except that a researcher changes only their own user resources (as in TRE; the
+    /// workspace's owner changes all of them).
     pub(super) async fn change_resource(&self, resource: &Resource) -> Result<(), ApiError> {
         let what = format!("changing the {} {}", resource.resource_type().as_str(), resource.id);
-        self.require(workspace_of(resource), change_roles(resource.resource_type()), true, &what)
-            .await
+        let resource_type = resource.resource_type();
+        self.require(workspace_of(resource), change_roles(resource_type), true, &what).await?;
+        if resource_type != ResourceType::UserResource || self.is_admin() {
+            return Ok(());
+        }
+        let Some(workspace_id) = workspace_of(resource) else { return Ok(()) };
+        let held = self.store.read().workspace_roles(workspace_id, &self.user.id).await?;
+        if held.contains(&WorkspaceOwner) || resource.owner_id() == Some(self.user.id.as_str()) {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(format!(
+            "{what} needs {WorkspaceOwner} of the workspace, or to be its owner"
+        )))
     }
 
     /// Reading `resource`: shared services anyone (in the view of [`Access::shown`]);
