@@ -970,6 +970,38 @@ async fn probes_follow_worker_health() {
     assert_eq!(workers["workers"][2]["state"], "failed");
 }
 
+/// Ensures that the probes stay open but show their details (error chains, with host
+/// and queue names) only to `TREAdmin`: anonymous and `TREUser` callers get the status
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_show_details_only_to_admins() {
+    let broken = build(proxy(), false, Some("deployment-status"), true).await;
+    let as_id = |id: Option<&str>, path: &str| {
+        let mut request = request("GET", path, None);
+        if let Some(id) = id {
+            request.headers_mut().insert("x-user-id", id.parse().unwrap());
+        }
+        request
+    };
+    for caller in [None, Some("researcher")] {
+        for path in ["/health", "/api/health", "/livez", "/readyz"] {
+            let (status, body) = call(&broken.router, as_id(caller, path)).await;
+            assert_ne!(status, StatusCode::UNAUTHORIZED, "{path} stays open");
+            let text = body.to_string();
+            assert!(!text.contains("broken on purpose"), "{caller:?} {path}: {text}");
+            assert!(!text.contains("deployment-status"), "{caller:?} {path}: {text}");
+        }
+        let (_, health) = call(&broken.router, as_id(caller, "/health")).await;
+        assert_eq!(health["services"][2]["status"], "Not OK", "the status is shown");
+        let (status, body) = call(&broken.router, as_id(caller, "/livez")).await;
+        assert_eq!((status, body), (StatusCode::SERVICE_UNAVAILABLE, json!({"status": "failed"})));
+    }
+    let (_, health) = call(&broken.router, as_id(Some("admin"), "/health")).await;
+    assert!(health["services"][2]["message"].as_str().unwrap().contains("broken on purpose"));
+    let (_, body) = call(&broken.router, as_id(Some("admin"), "/readyz")).await;
+    assert!(body["reason"].as_str().unwrap().contains("deployment-status"), "{body}");
+}
+
 /// Ensures that until the database is migrated, the routes that need it answer 503
 /// `unavailable` in the JSON error shape with a `Retry-After`, while `/livez` answers
 /// 200 and `/readyz` 503 naming the database.

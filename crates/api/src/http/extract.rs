@@ -38,6 +38,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// Whether the caller of an open route (a probe) may see details, error chains with
+/// host and queue names: only an identified `TREAdmin` (the development admin
+/// included, so with nothing configured everyone on the loopback address).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ShowDetails(pub bool);
+
+impl<S: Send + Sync> FromRequestParts<S> for ShowDetails {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let caller = parts.extensions.get::<Caller>();
+        Ok(ShowDetails(caller.is_some_and(|Caller(user)| super::auth::is_admin(user))))
+    }
+}
+
 /// `?limit=&cursor=` on list routes.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]

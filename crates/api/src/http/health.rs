@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use steward_core::{HealthSnapshot, WorkerHealth, WorkerState};
 
+use super::extract::ShowDetails;
 use crate::http::AppState;
 use crate::workers::names;
 
@@ -29,7 +30,7 @@ pub(super) struct ServiceStatus {
     pub service: String,
     /// `OK` or `Not OK`.
     pub status: ServiceStatusValue,
-    /// Empty when OK; else the worker's state and last error.
+    /// Empty when OK; else, for `TREAdmin` only, the worker's state and last error.
     pub message: String,
 }
 
@@ -48,14 +49,17 @@ pub(super) const SERVICES: [(&str, &str); 4] = [
     ("Airlock Status Updater", names::AIRLOCK_STATUS),
 ];
 
-fn service(snapshot: &HealthSnapshot, service: &str, worker: &str) -> ServiceStatus {
-    let (status, message) = match snapshot.worker(worker) {
+fn service(snapshot: &HealthSnapshot, service: &str, worker: &str, details: bool) -> ServiceStatus {
+    let (status, mut message) = match snapshot.worker(worker) {
         Some(health) if health.state == WorkerState::Running => {
             (ServiceStatusValue::Ok, String::new())
         }
         Some(health) => (ServiceStatusValue::NotOk, describe(health)),
         None => (ServiceStatusValue::NotOk, format!("{worker} is not running in this process")),
     };
+    if !details {
+        message.clear();
+    }
     ServiceStatus { service: service.to_owned(), status, message }
 }
 
@@ -66,18 +70,23 @@ fn describe(health: &WorkerHealth) -> String {
     }
 }
 
-/// The TRE-compatible health document; always 200.
+/// The TRE-compatible health document; always 200. The messages (error chains with
+/// host and queue names) only for `TREAdmin`; empty for everyone else.
 #[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = HealthCheck)))]
-pub(super) async fn health(State(state): State<AppState>) -> Json<HealthCheck> {
+pub(super) async fn health(
+    State(state): State<AppState>,
+    ShowDetails(details): ShowDetails,
+) -> Json<HealthCheck> {
     let snapshot = state.health.snapshot();
-    let services = SERVICES.iter().map(|(name, worker)| service(&snapshot, name, worker)).collect();
+    let services =
+        SERVICES.iter().map(|(name, worker)| service(&snapshot, name, worker, details)).collect();
     Json(HealthCheck { services })
 }
 
 /// The same document under `/api`.
 #[utoipa::path(get, path = "/api/health", tag = "health", responses((status = 200, body = HealthCheck)))]
-pub(super) async fn api_health(state: State<AppState>) -> Json<HealthCheck> {
-    health(state).await
+pub(super) async fn api_health(state: State<AppState>, details: ShowDetails) -> Json<HealthCheck> {
+    health(state, details).await
 }
 
 /// The answer of `/livez` and `/readyz`.
@@ -85,22 +94,26 @@ pub(super) async fn api_health(state: State<AppState>) -> Json<HealthCheck> {
 pub(super) struct Probe {
     /// `ok`, or what is wrong.
     pub status: String,
-    /// Why not, when not.
+    /// Why not, when not: only for `TREAdmin`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
 /// 200 while no worker has `failed`; 503 otherwise, so the orchestrator restarts the
-/// process.
+/// process. The reason only for `TREAdmin`.
 #[utoipa::path(get, path = "/livez", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
-pub(super) async fn livez(State(state): State<AppState>) -> Response {
+pub(super) async fn livez(
+    State(state): State<AppState>,
+    ShowDetails(details): ShowDetails,
+) -> Response {
     let snapshot = state.health.snapshot();
     let failed: Vec<String> =
         snapshot.workers.iter().filter(|w| w.state == WorkerState::Failed).map(describe).collect();
     if failed.is_empty() {
         (StatusCode::OK, Json(Probe { status: "ok".to_owned(), reason: None })).into_response()
     } else {
-        let body = Probe { status: "failed".to_owned(), reason: Some(failed.join("; ")) };
+        let body =
+            Probe { status: "failed".to_owned(), reason: details.then(|| failed.join("; ")) };
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
@@ -108,10 +121,13 @@ pub(super) async fn livez(State(state): State<AppState>) -> Response {
 /// How long `/readyz` waits for the database.
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// 200 when the database answers and every worker is `running`; 503 with the reason
-/// otherwise.
+/// 200 when the database answers and every worker is `running`; 503 otherwise, with
+/// the reason for `TREAdmin`.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
-pub(super) async fn readyz(State(state): State<AppState>) -> Response {
+pub(super) async fn readyz(
+    State(state): State<AppState>,
+    ShowDetails(details): ShowDetails,
+) -> Response {
     let snapshot = state.health.snapshot();
     let mut reasons: Vec<String> = snapshot.not_ready_reason().into_iter().collect();
     match state.db.serving() {
@@ -128,7 +144,8 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     if reasons.is_empty() {
         (StatusCode::OK, Json(Probe { status: "ok".to_owned(), reason: None })).into_response()
     } else {
-        let body = Probe { status: "not ready".to_owned(), reason: Some(reasons.join("; ")) };
+        let body =
+            Probe { status: "not ready".to_owned(), reason: details.then(|| reasons.join("; ")) };
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }

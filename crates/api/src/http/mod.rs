@@ -114,6 +114,14 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
     let path = request.uri().path().to_owned();
     let path = path.as_str();
     if OPEN_ROUTES.contains(&path) || (state.settings.metrics_open && path == "/metrics") {
+        // Open to anyone; a caller who shows credentials is identified anyway, so that
+        // the probes show their details to an admin (and only to one).
+        let auth = &state.settings.auth;
+        if !auth.is_configured() || auth.has_credentials(request.headers()) {
+            if let Ok(user) = auth.authenticate(request.headers()).await {
+                request.extensions_mut().insert(Caller(user));
+            }
+        }
         return next.run(request).await;
     }
     match state.settings.auth.authenticate(request.headers()).await {
