@@ -255,3 +255,16 @@ async fn redirects_are_not_followed() {
     assert!(steward_core::error_chain(&error).contains("307"), "{error:?}");
     assert_eq!(idp.jwks_fetches(), 0, "the redirect's target is never fetched");
 }
+
+/// Ensures that while no key could be fetched, every token is unavailable (503), not
+/// refused (401): also the requests that come before the failed fetch may be retried.
+#[tokio::test]
+async fn without_keys_every_token_is_unavailable_not_refused() {
+    let idp = Idp::start().await;
+    // Nothing listens on port 9 of the loopback address.
+    let gone = OidcVerifier::new(config("http://127.0.0.1:9", None)).unwrap();
+    for attempt in 0..3 {
+        let error = gone.verify(&idp.token("u", &[])).await.unwrap_err();
+        assert!(error.is_unavailable(), "attempt {attempt}: {error:?}");
+    }
+}

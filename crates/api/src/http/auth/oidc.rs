@@ -134,6 +134,10 @@ pub enum KeySetError {
     /// The HTTP client could not be built.
     #[error("the HTTP client cannot be built")]
     Client(#[source] reqwest::Error),
+    /// No usable key has been fetched (the last fetch failed, and the next is not due
+    /// yet; or the set has no RS256 or ES256 key).
+    #[error("no signing key of the issuer is at hand; the last fetch failed or found none")]
+    NoKeys,
     /// The issuer, the key set or the discovery document's `jwks_uri` is not an https
     /// URL (plain http is allowed for a loopback host only).
     #[error("{url:?} must be an https URL (http only on a loopback host)")]
@@ -303,6 +307,10 @@ impl OidcVerifier {
         let (algorithm, kid) = read_header(token)?;
         if self.current().fetched_at.is_none_or(|at| self.elapsed_since(at) >= KEYS_MAX_AGE) {
             self.refetch().await?;
+        }
+        if self.current().keys.is_empty() {
+            // Not the token's fault: no token could be checked now.
+            return Err(TokenError::KeysUnavailable(KeySetError::NoKeys));
         }
         let key = match self.current().keys.get(&kid).cloned() {
             Some(key) => key,
