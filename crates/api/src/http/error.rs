@@ -118,27 +118,33 @@ impl From<AuthError> for ApiError {
                 return ApiError::unavailable("the token issuer", cause);
             }
             AuthError::Missing => ("unauthorized", "Bearer".to_owned()),
-            AuthError::ReservedIdentity => (
+            // A fixed text: the token's `kid` and `alg` are the caller's to choose, and
+            // are neither echoed nor able to spoil the header.
+            AuthError::ReservedIdentity | AuthError::UnknownToken | AuthError::InvalidToken(_) => (
                 "invalid_token",
-                "Bearer error=\"invalid_token\", error_description=\"the user id is reserved\""
-                    .to_owned(),
+                format!(
+                    "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                    summary(&error)
+                ),
             ),
-            AuthError::UnknownToken | AuthError::InvalidToken(_) => {
-                // RFC 6750 §3: the description is a quoted string without `"` or `\`.
-                let description = error.to_string().replace(['"', '\\'], "'");
-                (
-                    "invalid_token",
-                    format!("Bearer error=\"invalid_token\", error_description=\"{description}\""),
-                )
-            }
         };
         ApiError {
             status: StatusCode::UNAUTHORIZED,
             code,
-            detail: error.to_string(),
+            detail: summary(&error).to_owned(),
             cause: None,
             challenge: Some(challenge),
         }
+    }
+}
+
+/// The fixed text of an authentication failure, without anything the caller sent.
+fn summary(error: &AuthError) -> &'static str {
+    match error {
+        AuthError::Missing => "this request needs the header Authorization: Bearer <token>",
+        AuthError::UnknownToken => "the bearer token is not valid here",
+        AuthError::InvalidToken(token) | AuthError::Unavailable(token) => token.summary(),
+        AuthError::ReservedIdentity => "the user id is reserved",
     }
 }
 

@@ -93,6 +93,30 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// What was wrong, in a fixed text that repeats nothing of the token: for the
+    /// `WWW-Authenticate` challenge and the answer, where the token's `kid` or `alg`
+    /// (chosen by whoever made it) must not be echoed.
+    #[must_use]
+    pub fn summary(&self) -> &'static str {
+        match self {
+            TokenError::Malformed => "the token is malformed",
+            TokenError::Algorithm(_) => {
+                "the token's algorithm is not accepted (RS256 and ES256 are)"
+            }
+            TokenError::MissingKeyId => "the token names no key (kid)",
+            TokenError::UnknownKey(_) => "the token's key is not one of the issuer's",
+            TokenError::KeyMismatch(_) => "the token's algorithm does not fit its key",
+            TokenError::Signature => "the token's signature is invalid",
+            TokenError::Expired => "the token has expired",
+            TokenError::NotYetValid => "the token is not valid yet",
+            TokenError::Audience => "the token is for another audience",
+            TokenError::Issuer => "the token is from another issuer",
+            TokenError::NoSubject => "the token names no user (oid or sub)",
+            TokenError::Invalid(_) => "the token is invalid",
+            TokenError::KeysUnavailable(_) => "the issuer's keys are unavailable",
+        }
+    }
+
     /// Whether the failure is the service's (the keys could not be fetched), not the
     /// token's.
     #[must_use]
