@@ -268,3 +268,19 @@ async fn without_keys_every_token_is_unavailable_not_refused() {
         assert!(error.is_unavailable(), "attempt {attempt}: {error:?}");
     }
 }
+
+/// Ensures that a `kid` the key set names twice verifies nothing: neither the first key
+/// nor the last silently wins, while the other keys stay usable.
+#[tokio::test]
+async fn a_kid_named_twice_in_the_key_set_is_refused() {
+    let idp = Idp::start().await;
+    let twin = RsaKey::generate("rsa-1");
+    idp.add_key(twin.jwk());
+    let verifier = verifier(&idp);
+    for token in [idp.token("u", &[]), twin.sign(&idp.claims("u", &[]))] {
+        let error = verifier.verify(&token).await.unwrap_err();
+        assert!(matches!(&error, TokenError::UnknownKey(kid) if kid == "rsa-1"), "{error:?}");
+    }
+    let user = verifier.verify(&idp.ec.sign(&idp.claims("ec-user", &[]))).await.unwrap();
+    assert_eq!(user.id, "ec-user");
+}

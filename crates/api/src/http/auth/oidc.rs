@@ -416,18 +416,29 @@ impl OidcVerifier {
             }
         };
         let set: JwkSet = self.get_json(&jwks_url).await?;
-        let keys = set
-            .keys
-            .into_iter()
-            .filter_map(|value| {
-                let jwk = serde_json::from_value::<Jwk>(value).ok()?;
-                let key = jwk.verifying_key();
-                if key.is_none() {
-                    tracing::debug!(kid = ?jwk.kid, kty = %jwk.kty, "skipping a key that cannot verify RS256 or ES256");
+        let jwks: Vec<Jwk> =
+            set.keys.into_iter().filter_map(|value| serde_json::from_value(value).ok()).collect();
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for kid in jwks.iter().filter_map(|jwk| jwk.kid.as_deref()) {
+            *seen.entry(kid).or_default() += 1;
+        }
+        let mut keys = HashMap::new();
+        for jwk in &jwks {
+            let Some(kid) = jwk.kid.as_deref() else { continue };
+            if seen.get(kid).is_some_and(|count| *count > 1) {
+                // Which key would a token naming it mean? Neither: refuse both.
+                tracing::warn!(issuer = %self.config.issuer, kid, "the key set names this kid more than once; no token signed under it is accepted");
+                continue;
+            }
+            match jwk.verifying_key() {
+                Some(key) => {
+                    keys.insert(kid.to_owned(), key);
                 }
-                Some((jwk.kid?, key?))
-            })
-            .collect();
+                None => {
+                    tracing::debug!(kid, kty = %jwk.kty, "skipping a key that cannot verify RS256 or ES256");
+                }
+            }
+        }
         Ok(KeySet { keys, fetched_at: Some((self.clock)()) })
     }
 
