@@ -284,3 +284,31 @@ async fn a_kid_named_twice_in_the_key_set_is_refused() {
     let user = verifier.verify(&idp.ec.sign(&idp.claims("ec-user", &[]))).await.unwrap();
     assert_eq!(user.id, "ec-user");
 }
+
+/// Ensures that an issuer that hangs while old keys are refreshed stalls only the
+/// request that fetches: the others meanwhile are checked with the keys there are.
+#[tokio::test]
+async fn a_hanging_issuer_stalls_no_request_behind_the_refresh() {
+    let idp = Idp::start().await;
+    let (clock, offset) = manual_clock();
+    let verifier = Arc::new(verifier(&idp).with_clock(clock));
+    verifier.verify(&idp.token("u", &[])).await.unwrap();
+    idp.jwks_requested().await; // the permit of the first fetch
+    assert_eq!(idp.jwks_fetches(), 1);
+
+    idp.set_hanging(true);
+    *offset.lock().unwrap() = steward_api::http::auth::KEYS_MAX_AGE + Duration::from_secs(1);
+    let fetching = tokio::spawn({
+        let (verifier, token) = (verifier.clone(), idp.token("first", &[]));
+        async move { verifier.verify(&token).await.map(|user| user.id) }
+    });
+    idp.jwks_requested().await;
+    // The refresh hangs; a request now is not held up behind it.
+    let user =
+        tokio::time::timeout(Duration::from_secs(2), verifier.verify(&idp.token("next", &[])))
+            .await
+            .expect("the request waited for the hanging refresh")
+            .unwrap();
+    assert_eq!(user.id, "next");
+    fetching.abort();
+}

@@ -101,6 +101,10 @@ struct Served {
     keys: Mutex<Vec<Value>>,
     discovery_fetches: AtomicUsize,
     jwks_fetches: AtomicUsize,
+    /// While set, the key set is never answered.
+    hang: std::sync::atomic::AtomicBool,
+    /// A permit for every request of the key set.
+    jwks_requested: tokio::sync::Notify,
 }
 
 /// The test issuer, serving until dropped.
@@ -135,6 +139,10 @@ async fn moved() -> axum::response::Redirect {
 
 async fn keys(State(served): State<Arc<Served>>) -> Json<Value> {
     served.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+    served.jwks_requested.notify_one();
+    if served.hang.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     Json(json!({"keys": served.keys.lock().unwrap().clone()}))
 }
 
@@ -156,6 +164,8 @@ impl Idp {
             ]),
             discovery_fetches: AtomicUsize::new(0),
             jwks_fetches: AtomicUsize::new(0),
+            hang: std::sync::atomic::AtomicBool::new(false),
+            jwks_requested: tokio::sync::Notify::new(),
         });
         // The test issuer's own server, not the service's router: it has no OpenAPI
         // document to keep in step.
@@ -174,6 +184,16 @@ impl Idp {
     /// Adds a key to the served set.
     pub fn add_key(&self, jwk: Value) {
         self.served.keys.lock().unwrap().push(jwk);
+    }
+
+    /// Makes the key set hang (never answer) or answer again.
+    pub fn set_hanging(&self, hang: bool) {
+        self.served.hang.store(hang, Ordering::SeqCst);
+    }
+
+    /// Waits until the key set is requested (a request before the call counts once).
+    pub async fn jwks_requested(&self) {
+        self.served.jwks_requested.notified().await;
     }
 
     /// Makes the discovery document name another key set.

@@ -30,7 +30,10 @@ pub const REFETCH_INTERVAL: Duration = Duration::from_secs(60);
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long one fetch of the discovery document or the key set may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long connecting to the issuer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The global roles of TRE, as the `roles` claim names them.
 pub const GLOBAL_ROLES: [&str; 2] = ["TREAdmin", "TREUser"];
@@ -247,6 +250,15 @@ pub struct OidcVerifier {
     clock: Clock,
 }
 
+/// Whether a request that would fetch the keys waits for a fetch in progress.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// Wait: the request needs the fetch's keys (none yet, or an unknown `kid`).
+    Yes,
+    /// Go on with the keys there are.
+    No,
+}
+
 /// Reads the time that the refetch interval and the keys' age are measured in.
 pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
@@ -276,6 +288,7 @@ impl OidcVerifier {
         }
         let client = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(KeySetError::Client)?;
@@ -329,8 +342,16 @@ impl OidcVerifier {
     /// Cancel safe: a fetch cut short leaves the cached keys as they were.
     pub async fn verify(&self, token: &str) -> Result<User, TokenError> {
         let (algorithm, kid) = read_header(token)?;
-        if self.current().fetched_at.is_none_or(|at| self.elapsed_since(at) >= KEYS_MAX_AGE) {
-            self.refetch().await?;
+        let current = self.current();
+        match current.fetched_at {
+            // No keys yet: nothing to check with but what this fetch brings.
+            None => self.refetch(Wait::Yes).await?,
+            // Old keys: fetch new ones, unless another request is at it; meanwhile the
+            // old ones serve, so an issuer that hangs stalls one request, not all.
+            Some(at) if self.elapsed_since(at) >= KEYS_MAX_AGE => {
+                self.refetch(Wait::No).await?;
+            }
+            Some(_) => {}
         }
         if self.current().keys.is_empty() {
             // Not the token's fault: no token could be checked now.
@@ -339,7 +360,7 @@ impl OidcVerifier {
         let key = match self.current().keys.get(&kid).cloned() {
             Some(key) => key,
             None => {
-                self.refetch().await?;
+                self.refetch(Wait::Yes).await?;
                 self.current().keys.get(&kid).cloned().ok_or(TokenError::UnknownKey(kid.clone()))?
             }
         };
@@ -362,10 +383,18 @@ impl OidcVerifier {
         self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Fetches the key set unless the last fetch is too recent. A failed fetch keeps
-    /// the keys there are; with none, the token cannot be checked.
-    async fn refetch(&self) -> Result<(), TokenError> {
-        let mut last = self.last_fetch.lock().await;
+    /// Fetches the key set unless the last fetch is too recent, or, with [`Wait::No`],
+    /// another request is fetching it now. A failed fetch keeps the keys there are;
+    /// with none, the token cannot be checked. Each fetch is bounded by
+    /// [`FETCH_TIMEOUT`] per document.
+    async fn refetch(&self, wait: Wait) -> Result<(), TokenError> {
+        let mut last = match wait {
+            Wait::Yes => self.last_fetch.lock().await,
+            Wait::No => match self.last_fetch.try_lock() {
+                Ok(last) => last,
+                Err(_) => return Ok(()),
+            },
+        };
         let due = match *last {
             None => true,
             Some(LastFetch { at, succeeded: true }) => {
