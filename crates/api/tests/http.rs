@@ -557,6 +557,36 @@ async fn workspace_roles_are_set_by_admins_and_owners() {
     assert_eq!((status, body["roles"].clone()), (StatusCode::OK, json!([])));
 }
 
+/// Ensures that the last `WorkspaceOwner` of a workspace cannot be removed (409), by
+/// the admin or by themselves, while one of two can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_workspace_owner_cannot_be_removed() {
+    let app = build(proxy(), false, None, true).await;
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    let (_, body) =
+        call(&app.router, as_user("admin", "", "POST", "/api/resources", Some(workspace))).await;
+    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let roles = |user: &str| format!("/api/workspaces/{ws}/roles/{user}");
+    let owner = || Some(json!({"roles": ["WorkspaceOwner"]}));
+    let researcher = || Some(json!({"roles": ["WorkspaceResearcher"]}));
+    let (status, _) = call(&app.router, as_user("admin", "", "PUT", &roles("o1"), owner())).await;
+    assert_eq!(status, StatusCode::OK);
+    for (caller, body) in [("admin", researcher()), ("o1", Some(json!({"roles": []})))] {
+        let (status, answer) =
+            call(&app.router, as_user(caller, "", "PUT", &roles("o1"), body)).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{caller}: {answer}");
+        assert_error_shape(&answer);
+    }
+    let (_, answer) = call(&app.router, as_user("o1", "", "GET", &roles("o1"), None)).await;
+    assert_eq!(answer["roles"], json!(["WorkspaceOwner"]));
+    let (status, _) = call(&app.router, as_user("o1", "", "PUT", &roles("o2"), owner())).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) =
+        call(&app.router, as_user("o2", "", "PUT", &roles("o1"), researcher())).await;
+    assert_eq!(status, StatusCode::OK, "one of two owners steps down: {answer}");
+}
+
 /// Ensures that each route class checks its roles: workspaces and shared services need
 /// `TREAdmin`; workspace services the workspace's owner; user resources its owner or a
 /// researcher; reads any role in the workspace (shared services anyone); lists show

@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::auth;
@@ -53,10 +54,10 @@ async fn may_manage(store: &Store, user: &User, workspace_id: &str) -> Result<bo
 }
 
 /// Sets a user's roles in a workspace; only `TREAdmin` or an owner of the workspace, and
-/// only `TREAdmin` grants `AirlockManager`.
+/// only `TREAdmin` grants `AirlockManager`. The last `WorkspaceOwner` stays one (409).
 #[utoipa::path(put, path = "/api/workspaces/{workspaceId}/roles/{userId}", tag = "roles", request_body = SetRoles,
     params(("workspaceId" = String, Path, description = "The workspace id"), ("userId" = String, Path, description = "The user id (the token's oid or sub)")),
-    responses((status = 200, body = WorkspaceRoles), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = WorkspaceRoles), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn set(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -84,6 +85,24 @@ pub(super) async fn set(
             WorkspaceRole::AirlockManager,
             auth::TRE_ADMIN
         )));
+    }
+    let removes_owner = before.contains(&WorkspaceRole::WorkspaceOwner)
+        && !body.roles.contains(&WorkspaceRole::WorkspaceOwner);
+    if removes_owner {
+        let members = tx.read().workspace_members(&workspace_id).await?;
+        let other_owner = members.iter().any(|(member, roles)| {
+            *member != user_id && roles.contains(&WorkspaceRole::WorkspaceOwner)
+        });
+        if !other_owner {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "{user_id} is the last {} of workspace {workspace_id}; make someone else one first",
+                    WorkspaceRole::WorkspaceOwner
+                ),
+            ));
+        }
     }
     tx.set_workspace_roles(&workspace_id, &user_id, &body.roles, &caller.id).await?;
     let roles = tx.read().workspace_roles(&workspace_id, &user_id).await?;

@@ -92,6 +92,34 @@ impl Reader<'_> {
         }
     }
 
+    /// Every user who holds a role in `workspace_id`, with the roles, by user id.
+    ///
+    /// # Errors
+    ///
+    /// The database failed, or the stored roles are corrupt.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn workspace_members(
+        self,
+        workspace_id: &str,
+    ) -> Result<Vec<(String, Vec<WorkspaceRole>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT user_id, roles FROM workspace_roles WHERE workspace_id = $1 ORDER BY user_id",
+        )
+        .bind(workspace_id.to_owned())
+        .fetch_all(&mut *self.connection().await?)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let user_id: String = row.try_get("user_id")?;
+                let roles = parse(workspace_id, &user_id, &row.try_get::<String, _>("roles")?)?;
+                Ok((user_id, roles))
+            })
+            .collect()
+    }
+
     /// Every workspace where `user_id` holds a role, with the roles, by workspace id.
     ///
     /// # Errors
