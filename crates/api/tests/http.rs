@@ -501,7 +501,7 @@ async fn workspace_roles_are_set_by_admins_and_owners() {
         as_user("mallory", "TREUser", "PUT", &roles("mallory"), set("AirlockManager")),
     )
     .await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(status, StatusCode::NOT_FOUND, "a stranger is not told it exists: {body}");
     assert_error_shape(&body);
 
     // Only the admin grants AirlockManager: an owner could make a second identity of
@@ -526,7 +526,7 @@ async fn workspace_roles_are_set_by_admins_and_owners() {
     assert_eq!(status, StatusCode::OK, "{body}");
 
     for (reader, expected) in
-        [("am", StatusCode::OK), ("owner", StatusCode::OK), ("mallory", StatusCode::FORBIDDEN)]
+        [("am", StatusCode::OK), ("owner", StatusCode::OK), ("mallory", StatusCode::NOT_FOUND)]
     {
         let (status, body) =
             call(&app.router, as_user(reader, "", "GET", &roles("am"), None)).await;
@@ -555,6 +555,74 @@ async fn workspace_roles_are_set_by_admins_and_owners() {
         call(&app.router, as_user("owner", "", "PUT", &roles("am"), Some(json!({"roles": []}))))
             .await;
     assert_eq!((status, body["roles"].clone()), (StatusCode::OK, json!([])));
+}
+
+/// Ensures that a caller with no role in a workspace cannot tell it, or anything in
+/// it, from one that does not exist: the same 404 as for a missing id, while a member
+/// without the needed role gets 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_caller_cannot_see_answers_404_as_if_missing() {
+    let app = build(proxy(), false, None, true).await;
+    let router = &app.router;
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    let (_, body) =
+        call(router, as_user("admin", "", "POST", "/api/resources", Some(workspace))).await;
+    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let operation = body["operation"]["id"].as_str().unwrap().to_owned();
+    for (user, role) in [("researcher", "WorkspaceResearcher"), ("manager", "AirlockManager")] {
+        let uri = format!("/api/workspaces/{ws}/roles/{user}");
+        let (status, _) =
+            call(router, as_user("admin", "", "PUT", &uri, Some(json!({"roles": [role]})))).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, body) = call(
+        router,
+        as_user(
+            "researcher",
+            "",
+            "POST",
+            "/api/airlock-requests",
+            Some(json!({"workspaceId": ws, "type": "export"})),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let request = body["airlockRequest"]["id"].as_str().unwrap().to_owned();
+
+    let missing = "00000000-0000-4000-8000-000000000000";
+    let swap = |text: &str, id: &str| text.replace(id, missing);
+    for (method, path, body, id) in [
+        ("GET", format!("/api/resources/{ws}"), None, ws.as_str()),
+        ("GET", format!("/api/resources/{ws}/operations"), None, ws.as_str()),
+        ("DELETE", format!("/api/resources/{ws}"), None, ws.as_str()),
+        ("GET", format!("/api/operations/{operation}"), None, operation.as_str()),
+        ("GET", format!("/api/airlock-requests/{request}"), None, request.as_str()),
+        ("POST", format!("/api/airlock-requests/{request}/submit"), None, request.as_str()),
+        ("GET", format!("/api/workspaces/{ws}/roles/outsider"), None, ws.as_str()),
+        (
+            "POST",
+            "/api/airlock-requests".to_owned(),
+            Some(json!({"workspaceId": ws, "type": "export"})),
+            ws.as_str(),
+        ),
+    ] {
+        let (status, hidden) =
+            call(router, as_user("outsider", "", method, &path, body.clone())).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {hidden}");
+        let body = body.map(|b| serde_json::from_str(&swap(&b.to_string(), id)).unwrap());
+        let (status, absent) =
+            call(router, as_user("outsider", "", method, &swap(&path, id), body)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {absent}");
+        assert_eq!(swap(&hidden.to_string(), id), absent.to_string(), "{method} {path}");
+    }
+    // A member without the role is told no, and why.
+    let (status, _) = call(
+        router,
+        as_user("manager", "", "POST", &format!("/api/airlock-requests/{request}/submit"), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
 /// Ensures that the last `WorkspaceOwner` of a workspace cannot be removed (409), by
@@ -650,7 +718,7 @@ async fn every_route_class_checks_its_roles() {
         "properties": {"display_name": "VM 1", "os_image": "Ubuntu 22.04 LTS"}});
     for (user, expected) in [
         ("manager", StatusCode::FORBIDDEN),
-        ("outsider", StatusCode::FORBIDDEN),
+        ("outsider", StatusCode::NOT_FOUND),
         ("researcher", StatusCode::ACCEPTED),
         ("owner", StatusCode::ACCEPTED),
     ] {
@@ -665,7 +733,7 @@ async fn every_route_class_checks_its_roles() {
     // Reads: any role in the workspace; shared services anyone.
     let ws_uri = format!("/api/resources/{ws}");
     for (user, expected) in [
-        ("outsider", StatusCode::FORBIDDEN),
+        ("outsider", StatusCode::NOT_FOUND),
         ("manager", StatusCode::OK),
         ("researcher", StatusCode::OK),
     ] {
@@ -746,7 +814,7 @@ async fn every_route_class_checks_its_roles() {
         as_user("outsider", "", "GET", &format!("/api/airlock-requests/{request_id}"), None),
     )
     .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, body) =
         call(router, as_user("outsider", "", "GET", "/api/airlock-requests", None)).await;
     assert_eq!(body["airlockRequests"], json!([]), "an outsider lists no airlock requests");

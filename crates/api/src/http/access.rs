@@ -5,7 +5,7 @@
 //! with one identity.
 
 use crate::domain::{AirlockRequest, Resource, ResourceType, User, WorkspaceRole};
-use crate::storage::Store;
+use crate::storage::{Entity, Store, StoreError};
 
 use super::AppState;
 use super::auth::{self, TRE_ADMIN};
@@ -44,12 +44,17 @@ impl<'a> Access<'a> {
 
     /// Passes when the caller holds one of `roles` in `workspace_id`, or is `TREAdmin`
     /// and `admin` allows it.
+    ///
+    /// A caller who holds no role at all in the workspace, and is not `TREAdmin`, gets
+    /// the 404 that `subject` would get if it did not exist: 403 would tell them that
+    /// it does.
     async fn require(
         &self,
         workspace_id: Option<&str>,
         roles: &[WorkspaceRole],
         admin: bool,
         what: &str,
+        subject: Subject<'_>,
     ) -> Result<(), ApiError> {
         if !self.enforced || (admin && self.is_admin()) {
             return Ok(());
@@ -58,6 +63,9 @@ impl<'a> Access<'a> {
             let held = self.store.read().workspace_roles(workspace_id, &self.user.id).await?;
             if held.iter().any(|role| roles.contains(role)) {
                 return Ok(());
+            }
+            if held.is_empty() && !auth::is_admin(self.user) {
+                return Err(hidden(subject));
             }
         }
         let needed = match (admin, roles.is_empty()) {
@@ -87,7 +95,8 @@ impl<'a> Access<'a> {
         workspace_id: Option<&str>,
     ) -> Result<(), ApiError> {
         let what = format!("creating a {}", resource_type.as_str());
-        self.require(workspace_id, change_roles(resource_type), true, &what).await
+        let subject = (Entity::Resource, workspace_id.unwrap_or_default());
+        self.require(workspace_id, change_roles(resource_type), true, &what, subject).await
     }
 
     /// Upgrading, uninstalling or acting on `resource`: as creating one of its type,
@@ -96,7 +105,9 @@ impl<'a> Access<'a> {
     pub(super) async fn change_resource(&self, resource: &Resource) -> Result<(), ApiError> {
         let what = format!("changing the {} {}", resource.resource_type().as_str(), resource.id);
         let resource_type = resource.resource_type();
-        self.require(workspace_of(resource), change_roles(resource_type), true, &what).await?;
+        let subject = (Entity::Resource, resource.id.as_str());
+        self.require(workspace_of(resource), change_roles(resource_type), true, &what, subject)
+            .await?;
         if resource_type != ResourceType::UserResource || self.is_admin() {
             return Ok(());
         }
@@ -117,7 +128,8 @@ impl<'a> Access<'a> {
             return Ok(());
         }
         let what = format!("reading the {} {}", resource.resource_type().as_str(), resource.id);
-        self.require(workspace_of(resource), &ANY_ROLE, true, &what).await
+        let subject = (Entity::Resource, resource.id.as_str());
+        self.require(workspace_of(resource), &ANY_ROLE, true, &what, subject).await
     }
 
     /// Reading the operations of `resource`: as reading it, but a shared service's
@@ -151,14 +163,37 @@ impl<'a> Access<'a> {
             &[WorkspaceResearcher, WorkspaceOwner],
             false,
             "an airlock request",
+            (Entity::Resource, workspace_id),
+        )
+        .await
+    }
+
+    /// Submitting or cancelling `request`: as [`Access::author_airlock`] in its
+    /// workspace.
+    pub(super) async fn author_airlock_request(
+        &self,
+        request: &AirlockRequest,
+    ) -> Result<(), ApiError> {
+        self.require(
+            Some(&request.workspace_id),
+            &[WorkspaceResearcher, WorkspaceOwner],
+            false,
+            "an airlock request",
+            (Entity::AirlockRequest, &request.id),
         )
         .await
     }
 
     /// Reading an airlock request: any role in its workspace, or `TREAdmin`.
     pub(super) async fn read_airlock(&self, request: &AirlockRequest) -> Result<(), ApiError> {
-        self.require(Some(&request.workspace_id), &ANY_ROLE, true, "reading an airlock request")
-            .await
+        self.require(
+            Some(&request.workspace_id),
+            &ANY_ROLE,
+            true,
+            "reading an airlock request",
+            (Entity::AirlockRequest, &request.id),
+        )
+        .await
     }
 
     /// Reviewing `request`: the workspace's airlock manager, never its creator.
@@ -168,6 +203,7 @@ impl<'a> Access<'a> {
             &[AirlockManager],
             false,
             "reviewing an airlock request",
+            (Entity::AirlockRequest, &request.id),
         )
         .await?;
         if self.enforced && request.created_by.id == self.user.id {
@@ -175,6 +211,27 @@ impl<'a> Access<'a> {
         }
         Ok(())
     }
+}
+
+/// What a route is about, as its 404 names it: the kind of record and its id.
+type Subject<'s> = (Entity, &'s str);
+
+/// The answer for `subject` when it does not exist.
+fn hidden((entity, id): Subject<'_>) -> ApiError {
+    StoreError::not_found(entity, id).into()
+}
+
+/// Whether the caller holds any role in `workspace_id` (or is `TREAdmin`): others are
+/// told it does not exist.
+pub(super) async fn sees_workspace(
+    store: &Store,
+    user: &User,
+    workspace_id: &str,
+) -> Result<bool, ApiError> {
+    if auth::is_admin(user) {
+        return Ok(true);
+    }
+    Ok(!store.read().workspace_roles(workspace_id, &user.id).await?.is_empty())
 }
 
 /// The workspace a resource belongs to: a workspace's own id, else its parent's.

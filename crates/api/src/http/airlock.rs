@@ -160,7 +160,7 @@ pub(super) async fn submit(
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
     let existing = store.read().airlock_request(&id).await?;
-    Access::new(&state, store, &user).author_airlock(&existing.workspace_id).await?;
+    Access::new(&state, store, &user).author_airlock_request(&existing).await?;
     let mut tx = store.begin().await?;
     let request = airlock::submit(&mut tx, &state.settings.airlock_queues, &id, &user).await?;
     tx.commit().await?;
@@ -211,7 +211,7 @@ pub(super) async fn cancel(
 ) -> Result<Response, ApiError> {
     let store = state.db.serving()?;
     let existing = store.read().airlock_request(&id).await?;
-    Access::new(&state, store, &user).author_airlock(&existing.workspace_id).await?;
+    Access::new(&state, store, &user).author_airlock_request(&existing).await?;
     let mut tx = store.begin().await?;
     let request = airlock::cancel(&mut tx, &state.settings.airlock_queues, &id, &user).await?;
     tx.commit().await?;

@@ -45,6 +45,12 @@ impl ApiError {
         ApiError { status, code, detail: detail.into(), cause: None, challenge: None }
     }
 
+    /// The status of the answer.
+    #[must_use]
+    pub(super) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// 400 with code `bad_request`.
     #[must_use]
     pub(super) fn bad_request(detail: impl Into<String>) -> Self {

@@ -13,7 +13,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Page};
 use crate::domain::{Operation, Properties, Resource, ResourceType, Status};
 use crate::http::AppState;
 use crate::rules::operations::{self, NewResource, OperationContext};
-use crate::storage::ResourceFilter;
+use crate::storage::{Entity, ResourceFilter, StoreError};
 
 /// The body of `POST /api/resources`.
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
@@ -214,7 +214,14 @@ pub(super) async fn operation(
     let store = state.db.serving()?;
     let operation = store.read().operation(&id).await?;
     let resource = store.read().resource(&operation.resource_id).await?;
-    Access::new(&state, store, &user).read_operations(&resource).await?;
+    Access::new(&state, store, &user).read_operations(&resource).await.map_err(|error| {
+        // Hidden as the operation itself, not its resource.
+        if error.status() == StatusCode::NOT_FOUND {
+            StoreError::not_found(Entity::Operation, &id).into()
+        } else {
+            error
+        }
+    })?;
     Ok(Json(OperationResponse { operation }))
 }
 

@@ -36,11 +36,23 @@ pub(super) struct WorkspaceRoles {
     pub roles: Vec<WorkspaceRole>,
 }
 
-/// Answers 404 unless `workspace_id` is a workspace.
-async fn workspace_exists(store: &Store, workspace_id: &str) -> Result<(), ApiError> {
+/// Answers 404 unless `workspace_id` is a workspace that `caller` may see (holds a
+/// role in, or is `TREAdmin`): to others, one that exists looks like one that does not.
+async fn workspace_exists(
+    store: &Store,
+    caller: &User,
+    workspace_id: &str,
+) -> Result<(), ApiError> {
+    let not_found = || ApiError::not_found(format!("workspace {workspace_id} not found"));
     match store.read().find_resource(workspace_id).await? {
-        Some(resource) if resource.resource_type() == ResourceType::Workspace => Ok(()),
-        _ => Err(ApiError::not_found(format!("workspace {workspace_id} not found"))),
+        Some(resource) if resource.resource_type() == ResourceType::Workspace => {
+            if super::access::sees_workspace(store, caller, workspace_id).await? {
+                Ok(())
+            } else {
+                Err(not_found())
+            }
+        }
+        _ => Err(not_found()),
     }
 }
 
@@ -65,7 +77,7 @@ pub(super) async fn set(
     ApiJson(body): ApiJson<SetRoles>,
 ) -> Result<Json<WorkspaceRoles>, ApiError> {
     let store = state.db.serving()?;
-    workspace_exists(store, &workspace_id).await?;
+    workspace_exists(store, &caller, &workspace_id).await?;
     if !may_manage(store, &caller, &workspace_id).await? {
         return Err(ApiError::forbidden(format!(
             "changing roles in workspace {workspace_id} needs {} or its {}",
@@ -122,7 +134,7 @@ pub(super) async fn get(
     ApiPath((workspace_id, user_id)): ApiPath<(String, String)>,
 ) -> Result<Json<WorkspaceRoles>, ApiError> {
     let store = state.db.serving()?;
-    workspace_exists(store, &workspace_id).await?;
+    workspace_exists(store, &caller, &workspace_id).await?;
     if caller.id != user_id && !may_manage(store, &caller, &workspace_id).await? {
         return Err(ApiError::forbidden(format!(
             "reading another user's roles in workspace {workspace_id} needs {} or its {}",
