@@ -30,7 +30,9 @@ pub enum LogFormat {
 }
 
 /// The service's settings. Every flag can also be set by its environment variable.
-#[derive(Debug, Clone, Parser)]
+///
+/// Its `Debug` output hides the development token and the database URL's password.
+#[derive(Clone, Parser)]
 #[command(
     name = "steward-api",
     version,
@@ -175,6 +177,40 @@ pub struct Config {
     /// The log format; the level comes from `RUST_LOG`.
     #[arg(long, env = "STEWARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("transport", &self.transport)
+            .field("listen", &self.listen)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("transports", &self.transports)
+            .field("deployment_status_queue", &self.deployment_status_queue)
+            .field("step_result_queue", &self.step_result_queue)
+            .field("resource_request_queue", &self.resource_request_queue)
+            .field("airlock_status_changed_queue", &self.airlock_status_changed_queue)
+            .field("airlock_notification_queue", &self.airlock_notification_queue)
+            .field("simulate_processors", &self.simulate_processors)
+            .field("templates_dir", &self.templates_dir)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("restart_backoff", &self.restart_backoff)
+            .field("restart_limit", &self.restart_limit)
+            .field("api_token", &self.api_token.as_ref().map(|_| "REDACTED"))
+            .field("auth_issuer", &self.auth_issuer)
+            .field("auth_audience", &self.auth_audience)
+            .field("auth_jwks_url", &self.auth_jwks_url)
+            .field("trust_proxy_headers", &self.trust_proxy_headers)
+            .field("proxy_admins", &self.proxy_admins)
+            .field("proxy_only_ingress", &self.proxy_only_ingress)
+            .field("metrics_open", &self.metrics_open)
+            .field("insecure_no_auth", &self.insecure_no_auth)
+            .field("airlock_recipients", &self.airlock_recipients)
+            .field("faults", &self.faults)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
 }
 
 /// Parses `25s`, `2m`, `1h 30m`, `500ms`.
@@ -341,6 +377,38 @@ mod tests {
         let config = Config::try_parse_from(["steward-api"]).unwrap();
         assert!(!config.authentication().unwrap().is_configured());
         assert!(!config.insecure_no_auth);
+    }
+
+    #[test]
+    fn debug_output_hides_the_token_and_the_database_password() {
+        let config = Config::try_parse_from([
+            "steward-api",
+            "--api-token",
+            "dev-s3cret-token",
+            "--database-url",
+            "postgres://app:db-s3cret@db/tre",
+        ])
+        .unwrap();
+        let text = format!("{config:?}");
+        assert!(!text.contains("dev-s3cret-token"), "{text}");
+        assert!(!text.contains("db-s3cret"), "{text}");
+        assert!(text.contains("REDACTED") && text.contains("postgres://app:***@db/tre"), "{text}");
+    }
+
+    #[cfg(all(feature = "servicebus", feature = "rabbitmq"))]
+    #[test]
+    fn debug_output_hides_the_transports_secrets() {
+        let config = Config::try_parse_from([
+            "steward-api",
+            "--service-bus-sas-key",
+            "sas-s3cret",
+            "--rabbitmq-url",
+            "amqp://app:mq-s3cret@mq/%2f",
+        ])
+        .unwrap();
+        let text = format!("{config:?}");
+        assert!(!text.contains("sas-s3cret") && !text.contains("mq-s3cret"), "{text}");
+        assert!(text.contains("amqp://app:***@mq/%2f"), "{text}");
     }
 
     #[test]

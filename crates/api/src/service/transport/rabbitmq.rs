@@ -8,8 +8,8 @@ use steward_rabbitmq::RabbitMq;
 
 use super::{OpenTransport, Topology, Transport};
 
-/// The RabbitMQ settings.
-#[derive(Debug, Clone, clap::Args)]
+/// The RabbitMQ settings. `Debug` hides the URL's password.
+#[derive(Clone, clap::Args)]
 #[group(skip)]
 pub(super) struct Settings {
     /// The RabbitMQ URL (transport `rabbitmq`).
@@ -20,6 +20,14 @@ pub(super) struct Settings {
         hide_env_values = true
     )]
     rabbitmq_url: String,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("rabbitmq_url", &crate::service::config::redact_url(&self.rabbitmq_url))
+            .finish()
+    }
 }
 
 impl OpenTransport for Settings {

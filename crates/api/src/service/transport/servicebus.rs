@@ -11,7 +11,8 @@ use super::{OpenTransport, Topology, Transport};
 
 /// The Service Bus settings. The variables the flags do not cover (a managed identity's
 /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` on App Service) come from the environment.
-#[derive(Debug, Clone, clap::Args)]
+/// `Debug` hides the shared access key.
+#[derive(Clone, clap::Args)]
 #[group(skip)]
 pub(super) struct Settings {
     /// The Service Bus namespace, e.g. `sb-mytre.servicebus.windows.net` (transport `servicebus`).
@@ -33,6 +34,18 @@ pub(super) struct Settings {
     /// A Service Bus REST endpoint to use instead of `https://<namespace>` (another cloud, or the emulator).
     #[arg(long, env = "STEWARD_SERVICEBUS_ENDPOINT")]
     servicebus_endpoint: Option<String>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("service_bus_namespace", &self.service_bus_namespace)
+            .field("service_bus_sas_key_name", &self.service_bus_sas_key_name)
+            .field("service_bus_sas_key", &self.service_bus_sas_key.as_ref().map(|_| "REDACTED"))
+            .field("managed_identity_client_id", &self.managed_identity_client_id)
+            .field("servicebus_endpoint", &self.servicebus_endpoint)
+            .finish()
+    }
 }
 
 impl Settings {
