@@ -355,7 +355,8 @@ async fn proxy_headers_give_no_roles() {
 }
 
 /// Ensures that every call needs `TREUser` or `TREAdmin`: a valid token without either
-/// (an application's token, say) is refused with 403, reads included.
+/// (an application's token, say) is refused with 403, reads included; and that a token
+/// whose `oid` or `sub` is `steward-admin` is refused (401).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_needs_tre_user_or_tre_admin() {
     use steward_api::http::auth::{OidcConfig, OidcVerifier};
@@ -385,6 +386,14 @@ async fn every_call_needs_tre_user_or_tre_admin() {
         let (status, body) =
             call(&app.router, with_token(&idp.token("user", &["TREUser"]), path)).await;
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    // A token naming the development admin's id does not alias it.
+    let mut claims = idp.claims("ignored", &["TREAdmin"]);
+    claims.as_object_mut().unwrap().remove("oid");
+    claims["sub"] = "steward-admin".into();
+    for token in [idp.token("steward-admin", &["TREAdmin"]), idp.rsa.sign(&claims)] {
+        let (status, body) = call(&app.router, with_token(&token, "/api/resources")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     }
 }
 
