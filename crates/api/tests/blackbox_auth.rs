@@ -281,6 +281,10 @@ async fn proxy_headers_on_a_public_address_need_an_explicit_opt_in() {
     let with_token = [public[0], public[1], ("STEWARD_API_TOKEN", "dev-s3cret")];
     refuses_to_start(&with_token, "STEWARD_PROXY_ONLY_INGRESS");
 
+    // A shared secret the proxy sends is an opt-in too, and is never logged.
+    let logs =
+        start_and_stop(&[], &[public[0], public[1], ("STEWARD_PROXY_SECRET", "p-s3cret")]).await;
+    assert!(!logs.iter().any(|line| line.contains("p-s3cret")), "{logs:#?}");
     let logs =
         start_and_stop(&[], &[public[0], public[1], ("STEWARD_PROXY_ONLY_INGRESS", "true")]).await;
     assert!(

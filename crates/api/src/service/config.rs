@@ -149,6 +149,11 @@ pub struct Config {
     )]
     pub proxy_admins: Vec<String>,
 
+    /// A secret the authenticating proxy sends as `X-Proxy-Secret`: the `X-User-*`
+    /// headers then count only with it. Never logged.
+    #[arg(long, env = "STEWARD_PROXY_SECRET", hide_env_values = true, value_parser = parse_secret, requires = "trust_proxy_headers")]
+    pub proxy_secret: Option<String>,
+
     /// Trust the proxy's headers on a non-loopback listen address: only when nothing
     /// but the authenticating proxy can reach that address.
     #[arg(long, env = "STEWARD_PROXY_ONLY_INGRESS", default_value_t = false, action = clap::ArgAction::Set)]
@@ -203,6 +208,7 @@ impl std::fmt::Debug for Config {
             .field("auth_jwks_url", &self.auth_jwks_url)
             .field("trust_proxy_headers", &self.trust_proxy_headers)
             .field("proxy_admins", &self.proxy_admins)
+            .field("proxy_secret", &self.proxy_secret.as_ref().map(|_| "REDACTED"))
             .field("proxy_only_ingress", &self.proxy_only_ingress)
             .field("metrics_open", &self.metrics_open)
             .field("insecure_no_auth", &self.insecure_no_auth)
@@ -216,6 +222,11 @@ impl std::fmt::Debug for Config {
 /// Parses `25s`, `2m`, `1h 30m`, `500ms`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (try 25s, 2m or 500ms)"))
+}
+
+/// An empty secret would be guessed at once: refuse it.
+fn parse_secret(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() { Err("must not be empty".to_owned()) } else { Ok(text.to_owned()) }
 }
 
 /// An empty token would silently turn authentication off: refuse it.
@@ -283,6 +294,9 @@ impl Config {
             .with_proxy_admins(admins);
         if let Some(token) = &self.api_token {
             auth = auth.with_api_token(token.clone());
+        }
+        if let Some(secret) = &self.proxy_secret {
+            auth = auth.with_proxy_secret(secret.clone());
         }
         if let (Some(issuer), Some(audience)) = (&self.auth_issuer, &self.auth_audience) {
             let verifier = OidcVerifier::new(OidcConfig {

@@ -73,7 +73,7 @@ pub enum StartError {
     },
     /// Proxy headers trusted on a non-loopback listen address without the opt-in.
     #[error(
-        "refusing to trust X-User-* headers on {addr}: any client that reaches it directly could name itself anyone; listen on a loopback address, or set STEWARD_PROXY_ONLY_INGRESS=true if only the authenticating proxy can reach it"
+        "refusing to trust X-User-* headers on {addr}: any client that reaches it directly could name itself anyone; listen on a loopback address, have the proxy send STEWARD_PROXY_SECRET as X-Proxy-Secret, or set STEWARD_PROXY_ONLY_INGRESS=true if only the authenticating proxy can reach it"
     )]
     ProxyHeadersExposed {
         /// The address.
@@ -219,7 +219,8 @@ impl Service {
         let faults = faults::plan(config.faults.as_deref()).map_err(StartError::Faults)?;
         let auth = config.authentication().map_err(StartError::Auth)?;
         let loopback = config.listen.ip().is_loopback();
-        if auth.trusts_proxy_headers() && !loopback && !config.proxy_only_ingress {
+        let proxy_opt_in = config.proxy_only_ingress || auth.has_proxy_secret();
+        if auth.trusts_proxy_headers() && !loopback && !proxy_opt_in {
             return Err(StartError::ProxyHeadersExposed { addr: config.listen });
         }
         if !auth.is_configured() && !loopback && !config.insecure_no_auth {

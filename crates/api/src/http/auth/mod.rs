@@ -63,6 +63,8 @@ pub struct Authentication {
     trust_proxy_headers: bool,
     /// The proxy's callers that hold `TREAdmin`, by user id.
     proxy_admins: Arc<[String]>,
+    /// When set, the proxy's headers count only with `X-Proxy-Secret` equal to it.
+    proxy_secret: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Authentication {
@@ -72,6 +74,7 @@ impl std::fmt::Debug for Authentication {
             .field("oidc", &self.oidc.as_ref().map(|oidc| oidc.config()))
             .field("trust_proxy_headers", &self.trust_proxy_headers)
             .field("proxy_admins", &self.proxy_admins)
+            .field("proxy_secret", &self.proxy_secret.as_ref().map(|_| "REDACTED"))
             .finish()
     }
 }
@@ -140,6 +143,20 @@ impl Authentication {
     {
         self.proxy_admins = ids.into_iter().map(Into::into).collect();
         self
+    }
+
+    /// A secret the proxy sends as `X-Proxy-Secret` (`STEWARD_PROXY_SECRET`): without
+    /// it, or with another value, the `X-User-*` headers name nobody.
+    #[must_use]
+    pub fn with_proxy_secret(mut self, secret: impl Into<String>) -> Self {
+        self.proxy_secret = Some(Arc::from(secret.into()));
+        self
+    }
+
+    /// Whether the proxy must show a shared secret.
+    #[must_use]
+    pub fn has_proxy_secret(&self) -> bool {
+        self.proxy_secret.is_some()
     }
 
     /// Whether `X-User-*` headers are trusted.
@@ -229,12 +246,22 @@ impl Authentication {
             };
             return not_reserved(user);
         }
-        if self.trust_proxy_headers {
+        if self.trust_proxy_headers && self.shows_proxy_secret(headers) {
             if let Some(user) = proxy_user(headers, &self.proxy_admins) {
                 return not_reserved(user);
             }
         }
         Err(AuthError::Missing)
+    }
+}
+
+impl Authentication {
+    /// Whether the request shows the proxy's secret, when one is configured.
+    fn shows_proxy_secret(&self, headers: &HeaderMap) -> bool {
+        let Some(secret) = &self.proxy_secret else { return true };
+        headers
+            .get("x-proxy-secret")
+            .is_some_and(|given| same_token(given.as_bytes(), secret.as_bytes()))
     }
 }
 
@@ -364,6 +391,20 @@ mod tests {
         }
         let user = trusted.authenticate(&headers(&[("authorization", "Bearer t")])).await;
         assert_eq!(user.unwrap().id, DEVELOPMENT_ADMIN);
+    }
+
+    #[tokio::test]
+    async fn with_a_proxy_secret_only_the_proxy_names_callers() {
+        let auth = Authentication::none().with_proxy_headers(true).with_proxy_secret("p-s3cret");
+        for secret in [None, Some("wrong"), Some("p-s3cre")] {
+            let mut pairs = vec![("x-user-id", "u-1")];
+            pairs.extend(secret.map(|s| ("x-proxy-secret", s)));
+            let refused = auth.authenticate(&headers(&pairs)).await;
+            assert!(matches!(refused, Err(AuthError::Missing)), "{secret:?}: {refused:?}");
+        }
+        let pairs = [("x-user-id", "u-1"), ("x-proxy-secret", "p-s3cret")];
+        assert_eq!(auth.authenticate(&headers(&pairs)).await.unwrap().id, "u-1");
+        assert!(!format!("{auth:?}").contains("p-s3cret"));
     }
 
     #[test]
