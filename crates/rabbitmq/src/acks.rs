@@ -157,9 +157,14 @@ impl Tags {
         }
     }
 
-    /// Whether completions should be written now rather than wait for more.
-    fn flush_due(&self, batch: usize) -> bool {
-        self.single || self.prefix >= batch || (self.first_held.is_none() && self.prefix > 0)
+    /// Whether completions should be written now rather than wait for more, after a
+    /// completion grew the prefix from `before`: the prefix just reached `batch` (once,
+    /// not again for every completion while a write is under way), or nothing is held
+    /// any more.
+    fn flush_due(&self, before: usize, batch: usize) -> bool {
+        self.single
+            || (before < batch && self.prefix >= batch)
+            || (self.first_held.is_none() && self.prefix > 0)
     }
 
     /// Takes the prefix, and the stragglers asked for, into `plan`.
@@ -249,8 +254,9 @@ impl Acks {
         let at = Instant::now();
         let (written, due) = {
             let mut tags = self.tags();
+            let before = tags.prefix;
             let Some(written) = tags.complete(tag, at) else { return Err(self.not_held()) };
-            (written, tags.flush_due(self.batch))
+            (written, tags.flush_due(before, self.batch))
         };
         let mut written = written;
         if due {
@@ -378,8 +384,9 @@ mod tests {
         // 1..=3 are contiguous; 4 is still held, so 5 waits.
         assert_eq!(tags.prefix, 3);
         assert_eq!(tags.first_held, Some(4));
-        assert!(!tags.flush_due(4));
-        assert!(tags.flush_due(3));
+        assert!(!tags.flush_due(0, 4));
+        assert!(tags.flush_due(0, 3));
+        assert!(!tags.flush_due(3, 3), "due once, when the prefix reached the batch");
         assert_eq!(plan(&mut tags, Stragglers::None), (Some(3), vec![]));
         assert_eq!(tags.prefix, 0);
         // 4 completes: the prefix now reaches over 5 up to the held 6.
@@ -388,7 +395,7 @@ mod tests {
         assert_eq!(plan(&mut tags, Stragglers::None), (Some(5), vec![]));
         // The last one: nothing is held, so it is due at once.
         assert!(tags.complete(6, now).is_some());
-        assert!(tags.flush_due(64));
+        assert!(tags.flush_due(0, 64));
         assert_eq!(plan(&mut tags, Stragglers::None), (Some(6), vec![]));
         assert!(tags.entries.is_empty());
     }
@@ -448,7 +455,7 @@ mod tests {
         for tag in [1, 2, 5] {
             assert!(tags.complete(tag, now).is_some());
         }
-        assert!(tags.flush_due(64));
+        assert!(tags.flush_due(3, 64));
         assert_eq!(plan(&mut tags, Stragglers::None), (None, vec![1, 2, 5]));
     }
 
