@@ -7,6 +7,8 @@
 //!
 //! - the prefix is written at once when it reaches the batch size, or when no tracked
 //!   delivery is still held (nothing else could join it: a lone message pays no delay);
+//! - when no other completion followed within [`ACK_QUIET`], the prefix is written
+//!   (completions have stopped coming, or come one at a time);
 //! - otherwise each completion waits at most [`ACK_FLUSH_INTERVAL`]; then the prefix is
 //!   written, and completed deliveries beyond it, held back by a slower one, are acked
 //!   one by one;
@@ -34,6 +36,11 @@ use tracing::warn;
 
 /// How long a completed delivery waits at most for others to be acked with it.
 pub(crate) const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(5);
+
+/// How long a channel stays without a new completion before the completed prefix is
+/// written anyway: nothing more is coming soon (say, a session's next message waits for
+/// this one).
+pub(crate) const ACK_QUIET: Duration = Duration::from_millis(1);
 
 /// The largest number of completions acked by one frame before it is written at once.
 pub(crate) const MAX_ACK_BATCH: usize = 64;
@@ -70,6 +77,8 @@ struct Tags {
     prefix: usize,
     /// The tag expected next from the consumer.
     next: Option<u64>,
+    /// When the latest completion came.
+    last_done: Option<Instant>,
     /// A tag came out of order: multiple acks could cover a tag never seen, so every
     /// ack is single from then on.
     single: bool,
@@ -141,6 +150,7 @@ impl Tags {
         }
         let (waiter, written) = oneshot::channel();
         *entry = Entry::Done { at, waiter };
+        self.last_done = Some(self.last_done.map_or(at, |last| last.max(at)));
         if self.first_held == Some(tag) {
             self.advance();
         }
@@ -165,6 +175,11 @@ impl Tags {
         self.single
             || (before < batch && self.prefix >= batch)
             || (self.first_held.is_none() && self.prefix > 0)
+    }
+
+    /// Whether no completion came after one at `at`.
+    fn quiet_since(&self, at: Instant) -> bool {
+        self.last_done.is_none_or(|last| last <= at)
     }
 
     /// Takes the prefix, and the stragglers asked for, into `plan`.
@@ -260,6 +275,15 @@ impl Acks {
         };
         let mut written = written;
         if due {
+            self.flush_with(Stragglers::None).await;
+        }
+        tokio::select! {
+            biased;
+            result = &mut written => return result.unwrap_or_else(|_| Err(self.not_held())),
+            () = tokio::time::sleep_until(at + ACK_QUIET) => {}
+        }
+        // The latest completion writes the prefix once the channel went quiet.
+        if self.tags().quiet_since(at) {
             self.flush_with(Stragglers::None).await;
         }
         tokio::select! {
@@ -457,6 +481,20 @@ mod tests {
         }
         assert!(tags.flush_due(3, 64));
         assert_eq!(plan(&mut tags, Stragglers::None), (None, vec![1, 2, 5]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_latest_completion_finds_the_channel_quiet() {
+        let mut tags = tracked(1..=3);
+        let first = Instant::now();
+        assert!(tags.quiet_since(first), "no completion yet");
+        assert!(tags.complete(1, first).is_some());
+        assert!(tags.quiet_since(first));
+        tokio::time::advance(Duration::from_micros(300)).await;
+        let second = Instant::now();
+        assert!(tags.complete(2, second).is_some());
+        assert!(!tags.quiet_since(first), "a completion followed the first");
+        assert!(tags.quiet_since(second));
     }
 
     #[test]

@@ -53,7 +53,7 @@ const REQUEUE_WAIT: Duration = Duration::from_secs(2);
 /// - When the queue is deleted, the broker cancels the consumer and `receive` fails
 ///   with [`TransportError::NotFound`].
 /// - Completed deliveries are acked in batches (`multiple = true` over the completed
-///   prefix of the channel's delivery tags, within 5 ms, see the crate docs); a
+///   prefix of the channel's delivery tags, within 1 to 5 ms, see the crate docs); a
 ///   delivery's `complete` returns once the ack covering it was written to the channel.
 ///
 /// Dropping the source (and every delivery it handed out) closes its connection.
