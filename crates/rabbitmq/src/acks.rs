@@ -8,7 +8,8 @@
 //! - the prefix is written at once when it reaches the batch size, or when no tracked
 //!   delivery is still held (nothing else could join it: a lone message pays no delay);
 //! - when no other completion followed within [`ACK_QUIET`], the prefix is written
-//!   (completions have stopped coming, or come one at a time);
+//!   (completions have stopped coming, or come one at a time), and from then on each
+//!   completion is written at once, until one comes while another waits unwritten;
 //! - otherwise each completion waits at most [`ACK_FLUSH_INTERVAL`]; then the prefix is
 //!   written, and completed deliveries beyond it, held back by a slower one, are acked
 //!   one by one;
@@ -79,6 +80,10 @@ struct Tags {
     next: Option<u64>,
     /// When the latest completion came.
     last_done: Option<Instant>,
+    /// Completions come one at a time (the channel went quiet after the last one, and
+    /// none came while another waited): each is written at once, as a batch would not
+    /// grow anyway (a session's next message, say, waits for this one).
+    sparse: bool,
     /// A tag came out of order: multiple acks could cover a tag never seen, so every
     /// ack is single from then on.
     single: bool,
@@ -174,7 +179,7 @@ impl Tags {
     fn flush_due(&self, before: usize, batch: usize) -> bool {
         self.single
             || (before < batch && self.prefix >= batch)
-            || (self.first_held.is_none() && self.prefix > 0)
+            || (self.prefix > 0 && (self.first_held.is_none() || self.sparse))
     }
 
     /// Whether no completion came after one at `at`.
@@ -270,6 +275,10 @@ impl Acks {
         let (written, due) = {
             let mut tags = self.tags();
             let before = tags.prefix;
+            if before > 0 {
+                // Another completion waits unwritten: they come together, so batch.
+                tags.sparse = false;
+            }
             let Some(written) = tags.complete(tag, at) else { return Err(self.not_held()) };
             (written, tags.flush_due(before, self.batch))
         };
@@ -282,8 +291,15 @@ impl Acks {
             result = &mut written => return result.unwrap_or_else(|_| Err(self.not_held())),
             () = tokio::time::sleep_until(at + ACK_QUIET) => {}
         }
-        // The latest completion writes the prefix once the channel went quiet.
-        if self.tags().quiet_since(at) {
+        // The latest completion writes the prefix once the channel went quiet; the
+        // next ones are written at once until completions overlap again.
+        let quiet = {
+            let mut tags = self.tags();
+            let quiet = tags.quiet_since(at);
+            tags.sparse |= quiet;
+            quiet
+        };
+        if quiet {
             self.flush_with(Stragglers::None).await;
         }
         tokio::select! {
@@ -495,6 +511,19 @@ mod tests {
         assert!(tags.complete(2, second).is_some());
         assert!(!tags.quiet_since(first), "a completion followed the first");
         assert!(tags.quiet_since(second));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sparse_completions_are_due_at_once_while_they_come_one_at_a_time() {
+        let mut tags = tracked(1..=4);
+        let now = Instant::now();
+        tags.sparse = true;
+        assert!(tags.complete(1, now).is_some());
+        assert!(tags.flush_due(0, 64), "the only completion of a sparse channel");
+        assert_eq!(plan(&mut tags, Stragglers::None), (Some(1), vec![]));
+        // 3 completes behind the held 2: nothing in the prefix to write.
+        assert!(tags.complete(3, now).is_some());
+        assert!(!tags.flush_due(0, 64));
     }
 
     #[test]
