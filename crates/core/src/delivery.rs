@@ -38,6 +38,11 @@ pub trait Settle: Send + Sync + 'static {
     async fn renew_lock(&self) -> Result<Option<Instant>, TransportError>;
 
     /// Removes the message from the queue.
+    ///
+    /// A transport may batch removals (RabbitMQ acks several deliveries with one
+    /// frame); `Ok` means this message's removal was handed to the broker, not that the
+    /// broker applied it: a connection lost right after can still bring the message
+    /// back (delivery is at least once).
     async fn complete(&self) -> Result<(), TransportError>;
 
     /// Releases the message for redelivery, at once or after `delay`.

@@ -1,12 +1,11 @@
 //! Confirmed, mandatory publishing to a queue through the default exchange.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tracing::debug;
 
@@ -14,28 +13,30 @@ use crate::error::Error;
 use crate::message::short;
 
 /// How many publishes of one connection wait for their confirms at once, at most: one
-/// per confirm channel.
+/// per confirm channel, opened as publishes need them.
 ///
 /// A channel has at most one publish in flight because lapin does not tie a
 /// `basic.return` to its publish: it hands the oldest returned message to whichever
 /// confirm it resolves next, and an ack with `multiple = true` resolves the pending
 /// confirms in no particular order. With two publishes waiting on one channel, an
 /// unroutable one could be confirmed as a success and a routable one reported
-/// unroutable.
-const PUBLISH_CHANNELS: usize = 8;
+/// unroutable. Many publishes in flight therefore take many channels: a confirm of a
+/// quorum queue takes a Raft commit, so throughput grows with the publishes in flight.
+pub(crate) const PUBLISH_CHANNELS: usize = 128;
 
 /// Publishes on the confirm-mode channels of one connection, one publish per channel at
-/// a time, opening a channel when its slot is empty.
+/// a time, opening a channel when no idle one is left (up to [`PUBLISH_CHANNELS`]).
 ///
-/// A channel goes back to its slot only after its publish got its confirm. After a
-/// timeout, an error or a cancelled publish, the channel is dropped, which closes it:
+/// A channel goes back to the idle ones only after its publish got its confirm. After
+/// a timeout, an error or a cancelled publish, the channel is dropped, which closes it:
 /// its confirm is still pending in lapin, and a late ack or return on it would be
 /// given to the next publish.
 pub(crate) struct Publisher {
     connection: Arc<Connection>,
-    slots: [Mutex<Option<Channel>>; PUBLISH_CHANNELS],
-    /// Which slot a publish waits for when all are busy (round robin).
-    next: AtomicUsize,
+    /// Open confirm channels with no publish in flight.
+    idle: Mutex<Vec<Channel>>,
+    /// One permit per publish in flight.
+    in_flight: Semaphore,
     confirm_timeout: Duration,
 }
 
@@ -43,8 +44,8 @@ impl Publisher {
     pub(crate) fn new(connection: Arc<Connection>, confirm_timeout: Duration) -> Self {
         Self {
             connection,
-            slots: std::array::from_fn(|_| Mutex::new(None)),
-            next: AtomicUsize::new(0),
+            idle: Mutex::new(Vec::new()),
+            in_flight: Semaphore::new(PUBLISH_CHANNELS),
             confirm_timeout,
         }
     }
@@ -53,21 +54,15 @@ impl Publisher {
         &self.connection
     }
 
-    /// A free slot, or when all are busy, the next one in turn once it is free.
-    async fn slot(&self) -> MutexGuard<'_, Option<Channel>> {
-        for slot in &self.slots {
-            if let Ok(guard) = slot.try_lock() {
-                return guard;
+    /// An idle channel that is still open, or a new confirm-mode channel.
+    async fn channel(&self) -> Result<Channel, Error> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            match idle {
+                Some(channel) if channel.status().connected() => return Ok(channel),
+                Some(_) => continue,
+                None => break,
             }
-        }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % PUBLISH_CHANNELS;
-        self.slots[index].lock().await
-    }
-
-    /// The slot's channel, taken out of it, or a new confirm-mode channel.
-    async fn channel(&self, slot: &mut Option<Channel>) -> Result<Channel, Error> {
-        if let Some(channel) = slot.take().filter(|c| c.status().connected()) {
-            return Ok(channel);
         }
         let channel = self
             .connection
@@ -101,9 +96,13 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), Error> {
         let routing_key = short("queue name", queue)?;
-        let mut slot = self.slot().await;
-        // Out of the slot until its confirm came: dropped (and so closed) otherwise.
-        let channel = self.channel(&mut slot).await?;
+        // The semaphore is never closed.
+        let _permit = self.in_flight.acquire().await.map_err(|_| Error::Timeout {
+            what: format!("waiting to publish to queue {queue}"),
+            after: Duration::ZERO,
+        })?;
+        // Back to the idle ones once its confirm came: dropped (and so closed) otherwise.
+        let channel = self.channel().await?;
         let options = BasicPublishOptions { mandatory: true, immediate: false };
         let published = async {
             channel
@@ -126,7 +125,7 @@ impl Publisher {
             }
         };
         // The confirm came: nothing of this publish is pending on the channel any more.
-        *slot = Some(channel);
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(channel);
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(Error::Unroutable {
