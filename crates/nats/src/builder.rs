@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use steward_core::transport::redact_url;
+
 use crate::Nats;
 
 /// The server the transport connects to unless told otherwise.
@@ -99,7 +101,7 @@ pub(crate) struct Config {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("url", &redact(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("credentials", &self.credentials)
             .field("connection_name", &self.connection_name)
             .field("queues", &self.queues)
@@ -112,25 +114,6 @@ impl fmt::Debug for Config {
             .field("max_ack_pending", &self.max_ack_pending)
             .finish()
     }
-}
-
-/// `url` (one server, or several separated by commas) with the credentials it carries
-/// hidden: a password becomes `***`, and a user part without a password (a token in
-/// NATS URLs) becomes `***` whole.
-pub(crate) fn redact(url: &str) -> String {
-    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
-}
-
-fn redact_one(url: &str) -> String {
-    let start = url.find("://").map_or(0, |scheme_end| scheme_end + 3);
-    let rest = &url[start..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
-    let user = match rest[..at].find(':') {
-        Some(colon) => format!("{}:***", &rest[..colon]),
-        None => "***".to_owned(),
-    };
-    format!("{}{user}{}", &url[..start], &rest[at..])
 }
 
 /// Builds a [`Nats`] transport.
@@ -294,7 +277,7 @@ pub(crate) fn valid_subject(queue: &str) -> bool {
 mod tests {
     #[test]
     fn urls_are_logged_without_their_credentials() {
-        use super::redact;
+        use steward_core::transport::redact_url as redact;
         assert_eq!(redact("nats://u:secret@h:4222"), "nats://u:***@h:4222");
         assert_eq!(redact("nats://s3cr3t-token@h:4222"), "nats://***@h:4222");
         assert_eq!(redact("nats://h:4222"), "nats://h:4222");

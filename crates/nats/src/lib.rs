@@ -33,15 +33,13 @@ pub use source::NatsSource;
 
 /// `url` (one NATS server, or several separated by commas) with its credentials hidden,
 /// for logs and `Debug` output: a password becomes `***`, and a user part without a
-/// password (a token) becomes `***` whole.
+/// password (a token) becomes `***` whole. The rule every transport shares; see
+/// [`steward_core::transport::redact_url`].
 ///
 /// ```
 /// assert_eq!(steward_nats::redact_url("nats://u:pw@h:4222"), "nats://u:***@h:4222");
 /// ```
-#[must_use]
-pub fn redact_url(url: &str) -> String {
-    builder::redact(url)
-}
+pub use steward_core::transport::redact_url;
 
 use builder::Config;
 use error::Error;
@@ -341,10 +339,10 @@ pub(crate) async fn connect(
     let connect = options.connect(config.url.as_str());
     match timeout(config.request_timeout * 2, connect).await {
         Err(_) => Err(Error::Timeout {
-            what: format!("connecting to {}", builder::redact(&config.url)),
+            what: format!("connecting to {}", redact_url(&config.url)),
             after: config.request_timeout * 2,
         }),
-        Ok(Err(e)) => Err(Error::connect(&builder::redact(&config.url), e)),
+        Ok(Err(e)) => Err(Error::connect(&redact_url(&config.url), e)),
         Ok(Ok(client)) => {
             tracing::debug!(connection = %name, "nats connection opened");
             Ok(client)

@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use lapin::uri::AMQPUri;
+use steward_core::transport::redact_url;
 
 use crate::RabbitMq;
 
@@ -144,7 +145,7 @@ impl Default for RabbitMqBuilder {
 impl fmt::Debug for RabbitMqBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitMqBuilder")
-            .field("url", &redact(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("connection_name", &self.connection_name)
             .field("queues", &self.queues)
             .field("publish_queues", &self.publish_queues)
@@ -283,7 +284,7 @@ impl RabbitMqBuilder {
     /// not above `max_deliveries`, or a zero concurrency or prefetch.
     pub fn build(self) -> Result<RabbitMq, ConfigError> {
         let uri = AMQPUri::from_str(&self.url)
-            .map_err(|reason| ConfigError::InvalidUrl { url: redact(&self.url), reason })?;
+            .map_err(|reason| ConfigError::InvalidUrl { url: redact_url(&self.url), reason })?;
         let max_deliveries = match self.max_deliveries {
             Setting::Default => DEFAULT_MAX_DELIVERIES,
             Setting::Set(value) => value,
@@ -365,18 +366,6 @@ fn check_queue_name(queue: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-/// `url` with its password replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
-    match rest[..at].find(':') {
-        Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &rest[..colon], &rest[at..]),
-        None => url.to_owned(),
-    }
 }
 
 /// The checked configuration shared by every connection of a [`RabbitMq`].
@@ -500,8 +489,8 @@ mod tests {
 
     #[test]
     fn redact_hides_only_the_password() {
-        assert_eq!(redact("amqp://u:p@h:1/%2f"), "amqp://u:***@h:1/%2f");
-        assert_eq!(redact("amqp://h:1/%2f"), "amqp://h:1/%2f");
-        assert_eq!(redact("amqp://u@h/"), "amqp://u@h/");
+        assert_eq!(redact_url("amqp://u:p@h:1/%2f"), "amqp://u:***@h:1/%2f");
+        assert_eq!(redact_url("amqp://h:1/%2f"), "amqp://h:1/%2f");
+        assert_eq!(redact_url("amqp://u@h/"), "amqp://u@h/");
     }
 }
