@@ -96,6 +96,47 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A broker URL whose `Debug` output is [`redact_url`]ed, so configuration that holds
+/// one can derive `Debug`.
+///
+/// # Examples
+///
+/// ```
+/// use steward_core::transport::BrokerUrl;
+///
+/// let url = BrokerUrl::new("amqp://u:s3cret@h/%2f");
+/// assert_eq!(url.as_str(), "amqp://u:s3cret@h/%2f");
+/// assert_eq!(format!("{url:?}"), r#""amqp://u:***@h/%2f""#);
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl(String);
+
+impl BrokerUrl {
+    /// Wraps `url`.
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, credentials included; never log it.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its credentials hidden, by [`redact_url`].
+    #[must_use]
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
 /// One server's URL with its password hidden, and a bare user part too when it is a
 /// `token`.
 fn redact_server(url: &str, token: bool) -> String {

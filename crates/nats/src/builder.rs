@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use steward_core::transport::redact_url;
+use steward_core::transport::BrokerUrl;
 
 use crate::Nats;
 
@@ -83,9 +83,9 @@ pub enum ConfigError {
     InvalidStreamPrefix(String),
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub(crate) struct Config {
-    pub(crate) url: String,
+    pub(crate) url: BrokerUrl,
     pub(crate) credentials: Credentials,
     pub(crate) connection_name: String,
     pub(crate) queues: Vec<String>,
@@ -96,24 +96,6 @@ pub(crate) struct Config {
     pub(crate) stream_prefix: String,
     pub(crate) request_timeout: Duration,
     pub(crate) max_ack_pending: i64,
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("url", &redact_url(&self.url))
-            .field("credentials", &self.credentials)
-            .field("connection_name", &self.connection_name)
-            .field("queues", &self.queues)
-            .field("publish_queues", &self.publish_queues)
-            .field("max_deliveries", &self.max_deliveries)
-            .field("max_deliver", &self.max_deliver)
-            .field("ack_wait", &self.ack_wait)
-            .field("stream_prefix", &self.stream_prefix)
-            .field("request_timeout", &self.request_timeout)
-            .field("max_ack_pending", &self.max_ack_pending)
-            .finish()
-    }
 }
 
 /// Builds a [`Nats`] transport.
@@ -147,7 +129,7 @@ impl NatsBuilder {
     pub fn new() -> Self {
         Self {
             config: Config {
-                url: DEFAULT_URL.to_owned(),
+                url: BrokerUrl::new(DEFAULT_URL),
                 credentials: Credentials::None,
                 connection_name: "steward".to_owned(),
                 queues: Vec::new(),
@@ -165,7 +147,7 @@ impl NatsBuilder {
 
     /// The server URL, `nats://host:port` (several, comma-separated, for a cluster).
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
-        self.config.url = url.into();
+        self.config.url = BrokerUrl::new(url);
         self
     }
 
