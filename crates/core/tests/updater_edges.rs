@@ -506,24 +506,10 @@ async fn zero_handler_timeout_is_raised_to_the_minimum() {
 /// Claims no timed locks (as RabbitMQ).
 struct NoTimedLocks<S>(S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for NoTimedLocks<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { lock_renewal: false, ..self.0.capabilities() }
-    }
-
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
-        self.0.receive(max, wait).await
-    }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+support::wrap_source!(
+    NoTimedLocks.0,
+    capabilities: c => Capabilities { lock_renewal: false, ..c }
+);
 
 /// Ensures that on a transport without timed locks a legitimate handler longer than
 /// the stall timeout (2 minutes, at concurrency 1, default configs otherwise) is not

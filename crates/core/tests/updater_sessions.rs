@@ -15,8 +15,8 @@ use steward_core::{
     WorkerState, handler_fn,
 };
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, WithoutDelayedAbandon, broker, config, eventually,
+    send, send_local_session, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -443,16 +443,8 @@ async fn parked_message_losing_its_lock_does_not_free_a_running_session() {
 /// Marks messages named `poison*` as delivered 99 times.
 struct Poisoned<S>(S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for Poisoned<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-
+support::wrap_source!(
+    Poisoned.0,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
         Ok(batch
@@ -467,11 +459,7 @@ impl<S: MessageSource> MessageSource for Poisoned<S> {
             })
             .collect())
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+);
 
 /// Ensures that a message dead-lettered on arrival (over `max_deliveries`) does not
 /// free its session while another message of it runs.
@@ -588,16 +576,8 @@ impl Settle for LostAnswerSettle {
     }
 }
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for LostAbandonAnswer<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-
+support::wrap_source!(
+    LostAbandonAnswer.0,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
         Ok(batch
@@ -610,11 +590,7 @@ impl<S: MessageSource> MessageSource for LostAbandonAnswer<S> {
             })
             .collect())
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+);
 
 /// Ensures that a delayed abandon the broker applied but whose answer timed out keeps
 /// its session waiting past the delay (not only until the lock would have run out), so
@@ -635,28 +611,6 @@ async fn unanswered_delayed_abandon_keeps_the_follower_behind_its_head() {
     assert_eq!(log.order(), ["head", "head", "next"]);
 }
 
-/// Claims no delayed abandon: a delayed retry is held by the Updater for its delay.
-struct NoDelayedAbandon<S>(S);
-
-#[async_trait]
-impl<S: MessageSource> MessageSource for NoDelayedAbandon<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { delayed_abandon: false, ..self.0.capabilities() }
-    }
-
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
-        self.0.receive(max, wait).await
-    }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
-
 /// Ensures that a head held here for its delayed retry, whose parked follower loses its
 /// lock meanwhile, still goes before that follower: the session waits for the head
 /// first, then for the follower.
@@ -669,7 +623,7 @@ async fn locally_held_head_stays_ahead_of_a_follower_that_lost_its_lock() {
     SettleFaults::arm(&faults.lose_renewal, "next", 1);
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
-    let inner = NoDelayedAbandon(LocalSessions(broker.source(QUEUE).unwrap()));
+    let inner = WithoutDelayedAbandon(LocalSessions(broker.source(QUEUE).unwrap()));
     supervisor.spawn(
         Updater::with_source(
             "held-head",

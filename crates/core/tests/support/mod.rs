@@ -63,21 +63,58 @@ pub async fn eventually(what: &str, within: Duration, mut condition: impl FnMut(
     }
 }
 
+/// Implements `MessageSource` for `$wrapper<S>`, a wrapper of the source at
+/// `self.$inner`: `queue` and `stop_receiving` pass through, and so do `capabilities`
+/// and `receive` unless given: `capabilities: c => <expr of the inner's c>` changes what
+/// the source claims, a `receive` item replaces the inner's.
+macro_rules! wrap_source {
+    ($wrapper:ident . $inner:tt, capabilities: $c:ident => $caps:expr) => {
+        $crate::support::wrap_source!(@impl $wrapper . $inner, [$c => $caps],
+            async fn receive(
+                &self,
+                max: usize,
+                wait: Duration,
+            ) -> Result<Vec<Delivery>, TransportError> {
+                self.$inner.receive(max, wait).await
+            }
+        );
+    };
+    ($wrapper:ident . $inner:tt, capabilities: $c:ident => $caps:expr, $receive:item) => {
+        $crate::support::wrap_source!(@impl $wrapper . $inner, [$c => $caps], $receive);
+    };
+    ($wrapper:ident . $inner:tt, $receive:item) => {
+        $crate::support::wrap_source!(@impl $wrapper . $inner, [c => c], $receive);
+    };
+    (@impl $wrapper:ident . $inner:tt, [$c:ident => $caps:expr], $receive:item) => {
+        #[async_trait::async_trait]
+        impl<S: MessageSource> MessageSource for $wrapper<S> {
+            fn queue(&self) -> &str {
+                self.$inner.queue()
+            }
+
+            fn capabilities(&self) -> Capabilities {
+                let $c = self.$inner.capabilities();
+                $caps
+            }
+
+            $receive
+
+            async fn stop_receiving(&self) -> Result<(), TransportError> {
+                self.$inner.stop_receiving().await
+            }
+        }
+    };
+}
+pub(crate) use wrap_source;
+
 /// Wraps a source to hide the broker's sessions: messages carry their ordering key in
 /// property `session` and the source claims no session support, so ordering is the
 /// updater's job, as on a transport without sessions.
 pub struct LocalSessions<S>(pub S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for LocalSessions<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { sessions: false, ..self.0.capabilities() }
-    }
-
+wrap_source!(
+    LocalSessions.0,
+    capabilities: c => Capabilities { sessions: false, ..c },
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
         Ok(batch
@@ -90,11 +127,7 @@ impl<S: MessageSource> MessageSource for LocalSessions<S> {
             })
             .collect())
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+);
 
 pub async fn send_local_session(broker: &InMemoryBroker, id: &str, session: &str) {
     let message =
@@ -108,40 +141,20 @@ pub struct Timed<S> {
     pub calls: Arc<Mutex<Vec<Instant>>>,
 }
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for Timed<S> {
-    fn queue(&self) -> &str {
-        self.inner.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
+wrap_source!(
+    Timed.inner,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         self.calls.lock().unwrap().push(Instant::now());
         self.inner.receive(max, wait).await
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.inner.stop_receiving().await
-    }
-}
+);
 
 /// Makes a source that returns at once honour `wait` when it has nothing, as the
 /// `MessageSource` contract demands (for mocks).
 pub struct Paced<S>(pub S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for Paced<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-
+wrap_source!(
+    Paced.0,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
         if batch.is_empty() {
@@ -149,11 +162,7 @@ impl<S: MessageSource> MessageSource for Paced<S> {
         }
         Ok(batch)
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+);
 
 /// Captures the log lines a test's thread writes, for asserting on them.
 ///
@@ -347,16 +356,8 @@ impl steward_core::Settle for FaultySettle {
     }
 }
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for Faulty<S> {
-    fn queue(&self) -> &str {
-        self.inner.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
+wrap_source!(
+    Faulty.inner,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.inner.receive(max, wait).await?;
         Ok(batch
@@ -373,31 +374,13 @@ impl<S: MessageSource> MessageSource for Faulty<S> {
             })
             .collect())
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.inner.stop_receiving().await
-    }
-}
+);
 
 /// Wraps a source to claim no delayed abandon, so the updater holds delayed retries
 /// itself.
 pub struct WithoutDelayedAbandon<S>(pub S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for WithoutDelayedAbandon<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { delayed_abandon: false, ..self.0.capabilities() }
-    }
-
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
-        self.0.receive(max, wait).await
-    }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+wrap_source!(
+    WithoutDelayedAbandon.0,
+    capabilities: c => Capabilities { delayed_abandon: false, ..c }
+);
