@@ -447,17 +447,11 @@ support::wrap_source!(
     Poisoned.0,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
-        Ok(batch
-            .into_iter()
-            .map(|delivery| {
-                delivery.map_message(|mut message| {
-                    if message.id.starts_with("poison") {
-                        message.delivery_count = 99;
-                    }
-                    message
-                })
-            })
-            .collect())
+        Ok(support::map_messages(batch, |message| {
+            if message.id.starts_with("poison") {
+                message.delivery_count = 99;
+            }
+        }))
     }
 );
 

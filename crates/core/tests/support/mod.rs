@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use steward_core::{
-    Backoff, Capabilities, Delivery, HealthHandle, Jitter, MessageSink, MessageSource,
+    Backoff, Capabilities, Delivery, HealthHandle, Jitter, Message, MessageSink, MessageSource,
     OutgoingMessage, Supervisor, SupervisorConfig, TransportError, UpdaterConfig, WorkerHealth,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
@@ -117,17 +117,24 @@ wrap_source!(
     capabilities: c => Capabilities { sessions: false, ..c },
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
-        Ok(batch
-            .into_iter()
-            .map(|delivery| {
-                delivery.map_message(|mut message| {
-                    message.session_id = message.properties.get("session").cloned();
-                    message
-                })
-            })
-            .collect())
+        Ok(map_messages(batch, |message| {
+            message.session_id = message.properties.get("session").cloned();
+        }))
     }
 );
+
+/// `batch` with `change` applied to each message, keeping the settlement handles.
+pub fn map_messages(batch: Vec<Delivery>, change: impl Fn(&mut Message)) -> Vec<Delivery> {
+    batch
+        .into_iter()
+        .map(|delivery| {
+            delivery.map_message(|mut message| {
+                change(&mut message);
+                message
+            })
+        })
+        .collect()
+}
 
 pub async fn send_local_session(broker: &InMemoryBroker, id: &str, session: &str) {
     let message =
