@@ -521,11 +521,26 @@ mod tests {
         }
     }
 
-    /// Hands out `token-1`, `token-2`, … valid for ten minutes, or fails when told to.
-    #[derive(Debug, Default)]
+    /// Hands out `<prefix>-1`, `<prefix>-2`, … valid for `lifetime`, or fails when told to.
+    #[derive(Debug)]
     struct Counting {
+        prefix: &'static str,
+        lifetime: Duration,
         fetches: AtomicU32,
         fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Counting {
+        fn new(prefix: &'static str, lifetime: Duration) -> Self {
+            Self { prefix, lifetime, fetches: AtomicU32::new(0), fail: false.into() }
+        }
+    }
+
+    impl Default for Counting {
+        /// `token-1`, `token-2`, … valid for ten minutes.
+        fn default() -> Self {
+            Self::new("token", Duration::from_secs(600))
+        }
     }
 
     #[async_trait]
@@ -535,7 +550,7 @@ mod tests {
                 return Err(TokenError::unavailable("token endpoint down"));
             }
             let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok(AccessToken::new(format!("token-{n}"), SystemTime::now() + Duration::from_secs(600)))
+            Ok(AccessToken::new(format!("{}-{n}", self.prefix), SystemTime::now() + self.lifetime))
         }
     }
 
@@ -583,26 +598,13 @@ mod tests {
         assert_eq!(inner.seen.lock().unwrap().len(), 4, "no request without a token");
     }
 
-    /// Hands out four-minute tokens.
-    #[derive(Debug, Default)]
-    struct ShortLived {
-        fetches: AtomicU32,
-    }
-
-    #[async_trait]
-    impl TokenProvider for ShortLived {
-        async fn fetch_token(&self) -> Result<AccessToken, TokenError> {
-            let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok(AccessToken::new(format!("short-{n}"), SystemTime::now() + Duration::from_secs(240)))
-        }
-    }
-
     /// Ensures that a token living less than twice the five-minute margin is refreshed
     /// half-way through its life instead of at once.
     #[tokio::test(start_paused = true)]
     async fn short_lived_tokens_are_refreshed_half_way() {
         let inner = Arc::new(Recorder::default());
-        let provider = Arc::new(ShortLived::default());
+        // Four-minute tokens.
+        let provider = Arc::new(Counting::new("short", Duration::from_secs(240)));
         let client = BearerTokenClient::new(inner.clone(), provider.clone());
         send(&client).await.unwrap();
         tokio::time::advance(Duration::from_secs(110)).await;
