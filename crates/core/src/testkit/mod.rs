@@ -121,6 +121,35 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{n}-{nanos:x}", std::process::id())
 }
 
+/// Runs `clean_up` on each of `items` on a thread and a runtime of its own, and waits
+/// for it: for the `Drop` handlers of test fixtures, which cannot await (and may run on
+/// a runtime that is shutting down). A failure is printed with its chain, not raised.
+pub fn clean_up_blocking<T, E, F, Fut>(items: Vec<T>, clean_up: F)
+where
+    T: Send + 'static,
+    E: std::error::Error + 'static,
+    F: Fn(T) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    if items.is_empty() {
+        return;
+    }
+    let cleaning = std::thread::spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => return eprintln!("cleanup failed: no runtime: {error}"),
+        };
+        runtime.block_on(async {
+            for item in items {
+                if let Err(error) = clean_up(item).await {
+                    eprintln!("cleanup failed: {}", crate::error_chain(&error));
+                }
+            }
+        });
+    });
+    let _ = cleaning.join();
+}
+
 /// What a case needs from the transport beyond the basic contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -54,20 +54,9 @@ pub fn unique_queue(url: &str, prefix: &str) -> (String, NatsBuilder) {
 
 /// Deletes the streams of `transports` from a thread of its own (for `Drop`).
 pub fn delete_topologies(transports: Vec<Nats>) {
-    if transports.is_empty() {
-        return;
-    }
-    let deleting = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            for nats in transports {
-                if let Err(error) = nats.delete_topology().await {
-                    eprintln!("cleanup failed: {}", steward_core::error_chain(&error));
-                }
-            }
-        });
+    steward_core::testkit::clean_up_blocking(transports, |nats| async move {
+        nats.delete_topology().await
     });
-    let _ = deleting.join();
 }
 
 /// Deletes the durable consumer of `queue` behind the transport's back.
