@@ -26,19 +26,7 @@ fn address(url: &str) -> String {
 /// Whether the server accepts TCP connections. With `CI=true` an unreachable server
 /// fails the test; otherwise the test prints one skip line and returns.
 pub async fn server_available(test: &str) -> bool {
-    let address = address(&server_url());
-    let reachable = matches!(
-        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&address))
-            .await,
-        Ok(Ok(_))
-    );
-    if !reachable {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("{test}: NATS is not reachable at {address} and CI=true");
-        }
-        eprintln!("skipped {test}: NATS is not reachable at {address}");
-    }
-    reachable
+    steward_core::testkit::service_available(test, "NATS", &address(&server_url())).await
 }
 
 /// A builder for a uniquely named queue on `url`, with the short test lock.

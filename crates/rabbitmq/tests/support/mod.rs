@@ -46,19 +46,7 @@ pub fn broker_url() -> String {
 /// Whether the broker accepts TCP connections. With `CI=true` an unreachable broker
 /// fails the test; otherwise the test prints one skip line and returns.
 pub async fn broker_available(test: &str) -> bool {
-    let address = broker_address();
-    let reachable = matches!(
-        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&address))
-            .await,
-        Ok(Ok(_))
-    );
-    if !reachable {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("{test}: RabbitMQ is not reachable at {address} and CI=true");
-        }
-        eprintln!("skipped {test}: RabbitMQ is not reachable at {address}");
-    }
-    reachable
+    steward_core::testkit::service_available(test, "RabbitMQ", &broker_address()).await
 }
 
 /// A builder for the test broker without queues: test connection names, queues that
