@@ -13,7 +13,7 @@ use steward_core::{
     Capabilities, Deadlines, Delivery, MessageSource, Outcome, TransportError, Updater,
     WorkerState, handler_fn,
 };
-use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
+use support::{QUEUE, broker, config, eventually, send, supervise, supervisor, worker};
 use tokio::time::{Instant, sleep};
 
 /// Ensures that handlers in flight at shutdown finish and are settled within the drain
@@ -37,12 +37,10 @@ async fn in_flight_handlers_finish_within_drain_deadline() {
             }
         })
     };
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("drainer", broker.source(QUEUE).unwrap(), handler)
             .with_config(config().with_concurrency(4)),
     );
-    let health = supervisor.health();
     eventually("all started", Duration::from_secs(5), || started.load(Ordering::SeqCst) == 4).await;
     let begun = Instant::now();
 
@@ -83,12 +81,10 @@ async fn handlers_past_drain_deadline_are_aborted_and_abandoned() {
         }
         Outcome::Complete
     });
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("stubborn", broker.source(QUEUE).unwrap(), handler)
             .with_config(config().with_concurrency(2)),
     );
-    let health = supervisor.health();
     eventually("two running", Duration::from_secs(5), || {
         worker(&health, "stubborn").in_flight >= 2
     })

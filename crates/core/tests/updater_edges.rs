@@ -17,7 +17,7 @@ use steward_core::{
 };
 use support::{
     Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervisor, worker,
+    send_local_session, supervise, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -137,9 +137,8 @@ async fn held_retry_that_loses_its_lock_frees_its_session() {
             }
         })
     };
-    let supervisor = supervisor();
-    supervisor.spawn(Updater::with_source("held", source, handler).with_config(config()));
-    let health = supervisor.health();
+    let (supervisor, health) =
+        supervise(Updater::with_source("held", source, handler).with_config(config()));
     eventually("both completed", Duration::from_secs(300), || {
         worker(&health, "held").outcomes.completed == 2
     })
@@ -301,12 +300,10 @@ async fn shutdown_during_error_drain_meets_its_deadline() {
         sleep(Duration::from_secs(3600)).await;
         Outcome::Complete
     });
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("erring", broker.source(QUEUE).unwrap(), handler)
             .with_config(config()),
     );
-    let health = supervisor.health();
     eventually("handler running", Duration::from_secs(5), || {
         worker(&health, "erring").in_flight == 1
     })
@@ -462,8 +459,7 @@ async fn huge_batch_size_is_capped_not_a_panic() {
     assert_eq!(config.batch_size, steward_core::MAX_BATCH_SIZE);
     let mut direct = config.clone();
     direct.batch_size = usize::MAX;
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (_supervisor, health) = supervise(
         Updater::with_source(
             "huge-batch",
             broker.source(QUEUE).unwrap(),
@@ -471,7 +467,6 @@ async fn huge_batch_size_is_capped_not_a_panic() {
         )
         .with_config(direct),
     );
-    let health = supervisor.health();
     sleep(Duration::from_secs(60)).await;
     let w = worker(&health, "huge-batch");
     assert_eq!((w.outcomes.completed, w.outcomes.panicked, w.restarts), (1, 0, 0), "{w:?}");
@@ -485,8 +480,7 @@ async fn zero_handler_timeout_is_raised_to_the_minimum() {
     send(&broker, "a", None).await;
     let config = config().with_handler_timeout(Duration::ZERO);
     assert_eq!(config.handler_timeout, Some(steward_core::MIN_HANDLER_TIMEOUT));
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (_supervisor, health) = supervise(
         Updater::with_source(
             "zero-timeout",
             broker.source(QUEUE).unwrap(),
@@ -497,7 +491,6 @@ async fn zero_handler_timeout_is_raised_to_the_minimum() {
         )
         .with_config(config),
     );
-    let health = supervisor.health();
     sleep(Duration::from_secs(3600)).await;
     let w = worker(&health, "zero-timeout");
     assert_eq!((w.outcomes.completed, broker.dead_letter_count(QUEUE)), (1, 0), "{w:?}");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use steward_core::{MessageSource, Outcome, Updater, handler_fn};
 use support::{
     Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervisor, worker,
+    send_local_session, supervise, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -247,8 +247,7 @@ async fn endless_error_drain_is_not_a_panic() {
     broker.faults(QUEUE).fail_receives(1, steward_core::ErrorKind::Connection);
     let mut config = config();
     config.error_drain = Duration::MAX;
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source(
             "endless",
             broker.source(QUEUE).unwrap(),
@@ -256,7 +255,6 @@ async fn endless_error_drain_is_not_a_panic() {
         )
         .with_config(config),
     );
-    let health = supervisor.health();
     eventually("a restart", Duration::from_secs(30), || worker(&health, "endless").restarts >= 1)
         .await;
     let error = worker(&health, "endless").last_error.unwrap_or_default();
@@ -275,8 +273,7 @@ async fn endless_error_drain_is_not_a_panic() {
 async fn endless_wait_is_not_a_panic() {
     let broker = broker(Duration::from_secs(30));
     send(&broker, "first", None).await;
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source(
             "endless",
             broker.source(QUEUE).unwrap(),
@@ -284,7 +281,6 @@ async fn endless_wait_is_not_a_panic() {
         )
         .with_config(config().with_wait(Duration::MAX)),
     );
-    let health = supervisor.health();
     eventually("handled", Duration::from_secs(30), || {
         worker(&health, "endless").outcomes.completed == 1
     })

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use steward_core::{BoxError, Handler, Message, Outcome, Updater, WorkerState, handler_fn};
-use support::{LogCapture, QUEUE, broker, config, eventually, send, supervisor, worker};
+use support::{LogCapture, QUEUE, broker, config, eventually, send, supervise, supervisor, worker};
 use tokio::time::{Instant, sleep};
 
 /// Ensures that a message delivered more than `max_deliveries` times goes to the
@@ -61,11 +61,9 @@ async fn panicking_handler_is_retried_and_logged() {
         }
         Outcome::Complete
     });
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("brave", broker.source(QUEUE).unwrap(), handler).with_config(config()),
     );
-    let health = supervisor.health();
     eventually("both completed", Duration::from_secs(60), || {
         worker(&health, "brave").outcomes.completed == 2
     })
@@ -102,12 +100,10 @@ async fn retry_after_is_not_redelivered_before_after() {
             }
         })
     };
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("patient", broker.source(QUEUE).unwrap(), handler)
             .with_config(config()),
     );
-    let health = supervisor.health();
     eventually("completed", Duration::from_secs(120), || {
         worker(&health, "patient").outcomes.completed == 1
     })

@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use steward_core::{
     Backoff, Capabilities, Delivery, HealthHandle, Jitter, Message, MessageSink, MessageSource,
-    OutgoingMessage, Supervisor, SupervisorConfig, TransportError, UpdaterConfig, WorkerHealth,
+    OutgoingMessage, Supervisor, SupervisorConfig, TransportError, UpdaterConfig, Worker,
+    WorkerHealth,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
 use tokio::time::Instant;
@@ -48,6 +49,14 @@ pub fn supervisor() -> Supervisor {
     Supervisor::new(SupervisorConfig::default().with_backoff(
         Backoff::new(Duration::from_secs(1), Duration::from_secs(300)).with_jitter(Jitter::none()),
     ))
+}
+
+/// A [`supervisor`] running `worker`, and its health.
+pub fn supervise(worker: impl Worker) -> (Supervisor, HealthHandle) {
+    let supervisor = supervisor();
+    supervisor.spawn(worker);
+    let health = supervisor.health();
+    (supervisor, health)
 }
 
 pub fn worker(health: &HealthHandle, name: &str) -> WorkerHealth {
