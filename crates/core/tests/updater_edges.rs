@@ -16,8 +16,8 @@ use steward_core::{
     TransportError, Updater, WorkerState, handler_fn,
 };
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervise, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, broker_holding,
+    broker_holding_local_sessions, config, eventually, send, supervise, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -159,9 +159,9 @@ async fn held_retry_that_loses_its_lock_frees_its_session() {
 /// comes back after the cap.
 #[tokio::test(start_paused = true)]
 async fn absurd_retry_delay_is_capped_not_a_panic() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "forever", "s").await;
-    send_local_session(&broker, "other", "t").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("forever", "s"), ("other", "t")])
+            .await;
     let handler = handler_fn(|message| async move {
         if message.id == "forever" && message.delivery_count == 1 {
             Outcome::retry_after(Duration::MAX, "never")
@@ -254,9 +254,7 @@ impl Handler for SlowDependency {
 /// delivery, when the dependency is back.
 #[tokio::test(start_paused = true)]
 async fn hanging_probe_does_not_stop_lock_renewals() {
-    let broker = broker(Duration::from_secs(20));
-    send(&broker, "m1", None).await;
-    send(&broker, "m2", None).await;
+    let broker = broker_holding(Duration::from_secs(20), &["m1", "m2"]).await;
     let dependency = Arc::new(SlowDependency {
         down: AtomicBool::new(true),
         probes: AtomicUsize::new(0),
@@ -382,9 +380,9 @@ async fn thread_blocking_handler_message_is_released_by_the_deadline() {
 /// session's next message run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thread_blocking_handler_past_its_timeout_keeps_its_session_and_is_reported() {
-    let broker = broker(Duration::from_secs(60));
-    send_local_session(&broker, "blocks", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(60), &[("blocks", "s"), ("next", "s")])
+            .await;
     let handled: Log = Arc::default();
     let (release, blocked_on) = std::sync::mpsc::channel::<()>();
     let blocked_on = Arc::new(Mutex::new(blocked_on));

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use steward_core::{MessageSource, Outcome, Updater, handler_fn};
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervise, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, broker_holding,
+    broker_holding_local_sessions, config, eventually, send, supervise, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -37,9 +37,7 @@ fn recording(calls: &Calls) -> impl steward_core::Handler {
 /// message is handled once, with no restart.
 #[tokio::test(start_paused = true)]
 async fn hung_settlement_does_not_stop_other_renewals() {
-    let broker = broker(Duration::from_secs(10));
-    send(&broker, "slow", None).await;
-    send(&broker, "quick", None).await;
+    let broker = broker_holding(Duration::from_secs(10), &["slow", "quick"]).await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.hang_complete, "quick", 1);
     let calls: Calls = Arc::default();
@@ -65,9 +63,9 @@ async fn hung_settlement_does_not_stop_other_renewals() {
 /// fails, keeps its session until the broker redelivers it, so the next message of the
 /// session cannot overtake the redelivery.
 async fn unsettled_message_holds_its_session(fault: fn(&SettleFaults)) {
-    let broker = broker(Duration::from_secs(10));
-    send_local_session(&broker, "slow-a", "s").await;
-    send_local_session(&broker, "b", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(10), &[("slow-a", "s"), ("b", "s")])
+            .await;
     let faults = Arc::new(SettleFaults::default());
     fault(&faults);
     let calls: Calls = Arc::default();
@@ -111,9 +109,7 @@ async fn failed_completion_holds_the_session_until_the_redelivery() {
 /// consumer gets it at once), and the worker stops in time (it is not aborted itself).
 #[tokio::test(start_paused = true)]
 async fn drain_meets_its_deadlines_when_a_settlement_hangs() {
-    let broker = broker(Duration::from_secs(60));
-    send(&broker, "quick", None).await;
-    send(&broker, "stubborn", None).await;
+    let broker = broker_holding(Duration::from_secs(60), &["quick", "stubborn"]).await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.hang_complete, "quick", 1);
     let handler = handler_fn(|message| async move {
@@ -200,9 +196,9 @@ async fn stale_lock_expiry_is_not_renewed_back_to_back() {
 /// retried, and that its session's next message waits for the retry.
 #[tokio::test(start_paused = true)]
 async fn handler_past_its_timeout_is_aborted_and_retried() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "hangs", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("hangs", "s"), ("next", "s")])
+            .await;
     let calls: Calls = Arc::default();
     let handler = {
         let calls = calls.clone();

@@ -15,8 +15,9 @@ use steward_core::{
     WorkerState, handler_fn,
 };
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, WithoutDelayedAbandon, broker, config, eventually,
-    send, send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, WithoutDelayedAbandon, broker,
+    broker_holding_local_sessions, config, eventually, send, send_local_session, supervisor,
+    worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -109,9 +110,7 @@ async fn sessions_keep_order_and_concurrency_stays_within_limit() {
 #[tokio::test(start_paused = true)]
 async fn long_handler_and_waiting_message_keep_their_locks() {
     let lock = Duration::from_secs(10);
-    let broker = broker(lock);
-    send_local_session(&broker, "first", "s").await;
-    send_local_session(&broker, "second", "s").await;
+    let broker = broker_holding_local_sessions(lock, &[("first", "s"), ("second", "s")]).await;
     let calls: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
     let handler = {
         let calls = calls.clone();
@@ -337,9 +336,8 @@ async fn delayed_head_keeps_order_when_its_followers_fill_capacity() {
 /// for its delayed head: the follower released by the restart still runs after the head.
 #[tokio::test(start_paused = true)]
 async fn restart_keeps_a_session_waiting_for_its_delayed_head() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "s-1", "s").await;
-    send_local_session(&broker, "s-2", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("s-1", "s"), ("s-2", "s")]).await;
     let calls: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
     let handler = {
         let calls = calls.clone();
@@ -423,9 +421,9 @@ fn recording(log: &Arc<Log>, head_delay: Duration) -> impl steward_core::Handler
 /// never overlap.
 #[tokio::test(start_paused = true)]
 async fn parked_message_losing_its_lock_does_not_free_a_running_session() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "long", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("long", "s"), ("next", "s")])
+            .await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.lose_renewal, "next", 1);
     let log = Arc::new(Log::default());
@@ -459,10 +457,11 @@ support::wrap_source!(
 /// free its session while another message of it runs.
 #[tokio::test(start_paused = true)]
 async fn message_dead_lettered_on_arrival_does_not_free_a_running_session() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "long", "s").await;
-    send_local_session(&broker, "poison", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker = broker_holding_local_sessions(
+        Duration::from_secs(30),
+        &[("long", "s"), ("poison", "s"), ("next", "s")],
+    )
+    .await;
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
     let source = Poisoned(LocalSessions(broker.source(QUEUE).unwrap()));
@@ -481,9 +480,9 @@ async fn message_dead_lettered_on_arrival_does_not_free_a_running_session() {
 /// restart the head runs before the follower.
 #[tokio::test(start_paused = true)]
 async fn restart_keeps_the_running_head_ahead_of_its_released_follower() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "long", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("long", "s"), ("next", "s")])
+            .await;
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
@@ -591,9 +590,9 @@ support::wrap_source!(
 /// the follower does not overtake the retried head.
 #[tokio::test(start_paused = true)]
 async fn unanswered_delayed_abandon_keeps_the_follower_behind_its_head() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "head", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("head", "s"), ("next", "s")])
+            .await;
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
     let source = LostAbandonAnswer(LocalSessions(broker.source(QUEUE).unwrap()));
@@ -610,9 +609,9 @@ async fn unanswered_delayed_abandon_keeps_the_follower_behind_its_head() {
 /// first, then for the follower.
 #[tokio::test(start_paused = true)]
 async fn locally_held_head_stays_ahead_of_a_follower_that_lost_its_lock() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "head", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("head", "s"), ("next", "s")])
+            .await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.lose_renewal, "next", 1);
     let log = Arc::new(Log::default());
@@ -638,9 +637,9 @@ async fn locally_held_head_stays_ahead_of_a_follower_that_lost_its_lock() {
 /// again the head runs first.
 #[tokio::test(start_paused = true)]
 async fn hung_receive_is_no_evidence_that_a_waited_for_head_was_taken() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "head", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("head", "s"), ("next", "s")])
+            .await;
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());

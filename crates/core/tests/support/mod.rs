@@ -132,6 +132,29 @@ wrap_source!(
     }
 );
 
+/// A [`broker`] with this lock duration, holding the messages `ids` (sent in order,
+/// without sessions).
+pub async fn broker_holding(lock: Duration, ids: &[&str]) -> InMemoryBroker {
+    let broker = broker(lock);
+    for id in ids {
+        send(&broker, id, None).await;
+    }
+    broker
+}
+
+/// A [`broker`] with this lock duration, holding the `(id, session)` messages sent in
+/// order with [`send_local_session`].
+pub async fn broker_holding_local_sessions(
+    lock: Duration,
+    messages: &[(&str, &str)],
+) -> InMemoryBroker {
+    let broker = broker(lock);
+    for (id, session) in messages {
+        send_local_session(&broker, id, session).await;
+    }
+    broker
+}
+
 /// `batch` with `change` applied to each message, keeping the settlement handles.
 pub fn map_messages(batch: Vec<Delivery>, change: impl Fn(&mut Message)) -> Vec<Delivery> {
     batch
