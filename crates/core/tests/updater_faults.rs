@@ -8,27 +8,28 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use steward_core::{MessageSource, Outcome, Updater, handler_fn};
+use steward_core::{Message, MessageSource, Outcome, Updater, handler_fn};
 use support::{
     Faulty, LocalSessions, QUEUE, SettleFaults, broker, broker_holding,
-    broker_holding_local_sessions, config, eventually, send, supervise, supervisor, worker,
+    broker_holding_local_sessions, config, eventually, recorded, send, supervise, supervisor,
+    worker,
 };
 use tokio::time::{Instant, sleep};
 
 type Calls = Arc<Mutex<Vec<(String, u32)>>>;
 
+/// What the tests record of a call: `(id, delivery count)`.
+fn record(message: &Message) -> (String, u32) {
+    (message.id.clone(), message.delivery_count)
+}
+
 /// A handler recording `(id, delivery count)`; messages named `slow*` take 60 s.
 fn recording(calls: &Calls) -> impl steward_core::Handler {
-    let calls = calls.clone();
-    handler_fn(move |message| {
-        let calls = calls.clone();
-        async move {
-            calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
-            if message.id.starts_with("slow") {
-                sleep(Duration::from_secs(60)).await;
-            }
-            Outcome::Complete
+    recorded(calls, record, |message| async move {
+        if message.id.starts_with("slow") {
+            sleep(Duration::from_secs(60)).await;
         }
+        Outcome::Complete
     })
 }
 
@@ -200,19 +201,12 @@ async fn handler_past_its_timeout_is_aborted_and_retried() {
         broker_holding_local_sessions(Duration::from_secs(30), &[("hangs", "s"), ("next", "s")])
             .await;
     let calls: Calls = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
-                if message.id == "hangs" && message.delivery_count == 1 {
-                    std::future::pending::<()>().await;
-                }
-                Outcome::Complete
-            }
-        })
-    };
+    let handler = recorded(&calls, record, |message| async move {
+        if message.id == "hangs" && message.delivery_count == 1 {
+            std::future::pending::<()>().await;
+        }
+        Outcome::Complete
+    });
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
     supervisor.spawn(

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use steward_core::{
-    Capabilities, Delivery, ErrorKind, MessageSource, Outcome, Settle, TransportError, Updater,
-    WorkerState, handler_fn,
+    Capabilities, Delivery, ErrorKind, Message, MessageSource, Outcome, Settle, TransportError,
+    Updater, WorkerState, handler_fn,
 };
 use support::{
     Faulty, LocalSessions, QUEUE, SettleFaults, WithoutDelayedAbandon, broker,
-    broker_holding_local_sessions, config, eventually, send, send_local_session, supervisor,
-    worker,
+    broker_holding_local_sessions, config, eventually, recorded, send, send_local_session,
+    supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -112,23 +112,13 @@ async fn long_handler_and_waiting_message_keep_their_locks() {
     let lock = Duration::from_secs(10);
     let broker = broker_holding_local_sessions(lock, &[("first", "s"), ("second", "s")]).await;
     let calls: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((
-                    message.id.clone(),
-                    message.delivery_count,
-                    Instant::now(),
-                ));
-                if message.id == "first" {
-                    sleep(lock * 3).await;
-                }
-                Outcome::Complete
-            }
-        })
-    };
+    let record = |message: &Message| (message.id.clone(), message.delivery_count, Instant::now());
+    let handler = recorded(&calls, record, move |message| async move {
+        if message.id == "first" {
+            sleep(lock * 3).await;
+        }
+        Outcome::Complete
+    });
     let started = Instant::now();
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
@@ -162,20 +152,14 @@ async fn delayed_retry_blocks_session(local: bool) {
         send(&broker, "other", Some("t")).await;
     }
     let calls: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((message.id.clone(), Instant::now()));
-                if message.id == "s-1" && message.delivery_count == 1 {
-                    Outcome::retry_after(Duration::from_secs(20), "not yet")
-                } else {
-                    Outcome::Complete
-                }
-            }
-        })
-    };
+    let record = |message: &Message| (message.id.clone(), Instant::now());
+    let handler = recorded(&calls, record, |message| async move {
+        if message.id == "s-1" && message.delivery_count == 1 {
+            Outcome::retry_after(Duration::from_secs(20), "not yet")
+        } else {
+            Outcome::Complete
+        }
+    });
     let started = Instant::now();
     let supervisor = supervisor();
     if local {
@@ -285,24 +269,14 @@ async fn delayed_head_keeps_order_when_its_followers_fill_capacity() {
     }
     send_local_session(&broker, "other", "t").await;
     let calls: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((
-                    message.id.clone(),
-                    message.delivery_count,
-                    Instant::now(),
-                ));
-                if message.id == "s-00" && message.delivery_count == 1 {
-                    Outcome::retry_after(Duration::from_secs(20), "not yet")
-                } else {
-                    Outcome::Complete
-                }
-            }
-        })
-    };
+    let record = |message: &Message| (message.id.clone(), message.delivery_count, Instant::now());
+    let handler = recorded(&calls, record, |message| async move {
+        if message.id == "s-00" && message.delivery_count == 1 {
+            Outcome::retry_after(Duration::from_secs(20), "not yet")
+        } else {
+            Outcome::Complete
+        }
+    });
     let started = Instant::now();
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
@@ -339,20 +313,14 @@ async fn restart_keeps_a_session_waiting_for_its_delayed_head() {
     let broker =
         broker_holding_local_sessions(Duration::from_secs(30), &[("s-1", "s"), ("s-2", "s")]).await;
     let calls: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
-                if message.id == "s-1" && message.delivery_count == 1 {
-                    Outcome::retry_after(Duration::from_secs(20), "not yet")
-                } else {
-                    Outcome::Complete
-                }
-            }
-        })
-    };
+    let record = |message: &Message| (message.id.clone(), message.delivery_count);
+    let handler = recorded(&calls, record, |message| async move {
+        if message.id == "s-1" && message.delivery_count == 1 {
+            Outcome::retry_after(Duration::from_secs(20), "not yet")
+        } else {
+            Outcome::Complete
+        }
+    });
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
     supervisor.spawn(Updater::with_source("restarted", source, handler).with_config(config()));

@@ -2,15 +2,17 @@
 
 #![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
 
+use std::future::Future;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use steward_core::handler_fn;
 use steward_core::{
-    Backoff, Capabilities, Delivery, HealthHandle, Jitter, Message, MessageSink, MessageSource,
-    OutgoingMessage, Supervisor, SupervisorConfig, TransportError, UpdaterConfig, Worker,
-    WorkerHealth,
+    Backoff, Capabilities, Delivery, Handler, HealthHandle, Jitter, Message, MessageSink,
+    MessageSource, Outcome, OutgoingMessage, Supervisor, SupervisorConfig, TransportError,
+    UpdaterConfig, Worker, WorkerHealth,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
 use tokio::time::Instant;
@@ -153,6 +155,22 @@ pub async fn broker_holding_local_sessions(
         send_local_session(&broker, id, session).await;
     }
     broker
+}
+
+/// A handler that records each call, as `record` describes it, in `calls`, and then
+/// answers as `then` does.
+pub fn recorded<T, R, F, Fut>(calls: &Arc<Mutex<Vec<T>>>, record: R, then: F) -> impl Handler
+where
+    T: Send + 'static,
+    R: Fn(&Message) -> T + Send + Sync + 'static,
+    F: Fn(Arc<Message>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    let calls = calls.clone();
+    handler_fn(move |message| {
+        calls.lock().unwrap().push(record(&message));
+        then(message)
+    })
 }
 
 /// `batch` with `change` applied to each message, keeping the settlement handles.
