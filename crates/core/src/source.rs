@@ -55,40 +55,33 @@ pub trait MessageSource: Send + Sync + 'static {
     async fn stop_receiving(&self) -> Result<(), TransportError>;
 }
 
-#[async_trait]
-impl<S: MessageSource + ?Sized> MessageSource for std::sync::Arc<S> {
-    fn queue(&self) -> &str {
-        (**self).queue()
-    }
+/// Implements [`MessageSource`] for a smart pointer to one, by forwarding every call.
+macro_rules! forward_source {
+    ($($pointer:ident)::+) => {
+        #[async_trait]
+        impl<S: MessageSource + ?Sized> MessageSource for $($pointer)::+<S> {
+            fn queue(&self) -> &str {
+                (**self).queue()
+            }
 
-    fn capabilities(&self) -> Capabilities {
-        (**self).capabilities()
-    }
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
 
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
-        (**self).receive(max, wait).await
-    }
+            async fn receive(
+                &self,
+                max: usize,
+                wait: Duration,
+            ) -> Result<Vec<Delivery>, TransportError> {
+                (**self).receive(max, wait).await
+            }
 
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        (**self).stop_receiving().await
-    }
+            async fn stop_receiving(&self) -> Result<(), TransportError> {
+                (**self).stop_receiving().await
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl<S: MessageSource + ?Sized> MessageSource for Box<S> {
-    fn queue(&self) -> &str {
-        (**self).queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        (**self).capabilities()
-    }
-
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
-        (**self).receive(max, wait).await
-    }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        (**self).stop_receiving().await
-    }
-}
+forward_source!(std::sync::Arc);
+forward_source!(Box);

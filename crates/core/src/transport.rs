@@ -1,6 +1,6 @@
 //! What every transport means the same way: the dead-letter type, the reason a transport
-//! gives when it dead-letters a message itself, and the names transports give their
-//! dead-letter queues and bookkeeping properties.
+//! gives when it dead-letters a message itself, the names transports give their
+//! dead-letter queues and bookkeeping properties, and how a broker URL is redacted.
 //!
 //! A transport crate uses these instead of defining its own, so a dead letter read from
 //! RabbitMQ, Service Bus or the in-memory broker looks the same to tests and tools.
@@ -62,6 +62,96 @@ pub fn later(now: Instant, duration: Duration) -> Instant {
     now.checked_add(duration).unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 60 * 60))
 }
 
+/// The URL schemes of NATS servers, whose user part without a password is a token.
+const TOKEN_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
+
+/// A broker URL with the credentials it carries hidden, for logs, `Debug` output and
+/// error texts. The rule, for every transport:
+///
+/// - a password (`user:password@`) becomes `user:***@`;
+/// - a user part without a password is a user name and stays (`amqp://u@h/`), except
+///   in a NATS URL (scheme `nats`, `tls`, `ws`, `wss`, or none), where it is a token and
+///   becomes `***` whole;
+/// - a NATS URL may list several servers separated by commas; each is redacted on its
+///   own. Other URLs are one server.
+///
+/// # Examples
+///
+/// ```
+/// use steward_core::transport::redact_url;
+///
+/// assert_eq!(redact_url("amqp://u:pw@h:5672/%2f"), "amqp://u:***@h:5672/%2f");
+/// assert_eq!(redact_url("amqp://u@h/"), "amqp://u@h/");
+/// assert_eq!(redact_url("nats://t0ken@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
+/// ```
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    let first = url.split(',').next().unwrap_or(url);
+    let scheme = first.find("://").map(|end| &first[..end]);
+    let nats = scheme.is_none_or(|scheme| TOKEN_SCHEMES.contains(&scheme));
+    if nats {
+        url.split(',').map(|server| redact_server(server, true)).collect::<Vec<_>>().join(",")
+    } else {
+        redact_server(url, false)
+    }
+}
+
+/// A broker URL whose `Debug` output is [`redact_url`]ed, so configuration that holds
+/// one can derive `Debug`.
+///
+/// # Examples
+///
+/// ```
+/// use steward_core::transport::BrokerUrl;
+///
+/// let url = BrokerUrl::new("amqp://u:s3cret@h/%2f");
+/// assert_eq!(url.as_str(), "amqp://u:s3cret@h/%2f");
+/// assert_eq!(format!("{url:?}"), r#""amqp://u:***@h/%2f""#);
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl(String);
+
+impl BrokerUrl {
+    /// Wraps `url`.
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, credentials included; never log it.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its credentials hidden, by [`redact_url`].
+    #[must_use]
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+/// One server's URL with its password hidden, and a bare user part too when it is a
+/// `token`.
+fn redact_server(url: &str, token: bool) -> String {
+    let start = url.find("://").map_or(0, |scheme_end| scheme_end + 3);
+    let rest = &url[start..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
+    let user = match rest[..at].find(':') {
+        Some(colon) => format!("{}:***", &rest[..colon]),
+        None if token => "***".to_owned(),
+        None => return url.to_owned(),
+    };
+    format!("{}{user}{}", &url[..start], &rest[at..])
+}
+
 /// A message in a dead-letter queue, with why it is there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -84,6 +174,25 @@ mod tests {
         let now = Instant::now();
         assert_eq!(later(now, Duration::from_secs(5)), now + Duration::from_secs(5));
         assert!(later(now, Duration::MAX) > now + Duration::from_secs(365 * 24 * 60 * 60));
+    }
+
+    #[test]
+    fn urls_lose_passwords_and_nats_tokens_but_keep_user_names() {
+        for (url, redacted) in [
+            ("amqp://u:p@h:1/%2f", "amqp://u:***@h:1/%2f"),
+            ("amqp://h:1/%2f", "amqp://h:1/%2f"),
+            ("amqp://u@h/", "amqp://u@h/"),
+            ("amqps://u:p,w@h/", "amqps://u:***@h/"),
+            ("nats://u:secret@h:4222", "nats://u:***@h:4222"),
+            ("nats://s3cr3t-token@h:4222", "nats://***@h:4222"),
+            ("tls://s3cr3t-token@h:4222", "tls://***@h:4222"),
+            ("nats://h:4222", "nats://h:4222"),
+            ("u:p@h:4222,nats://h2", "u:***@h:4222,nats://h2"),
+            ("nats://h1,t0ken@h2", "nats://h1,***@h2"),
+            ("nats://h/path@x", "nats://h/path@x"),
+        ] {
+            assert_eq!(redact_url(url), redacted, "{url}");
+        }
     }
 
     #[test]

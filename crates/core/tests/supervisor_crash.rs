@@ -116,6 +116,19 @@ impl Worker for Panicky {
     }
 }
 
+/// A supervisor restarting after 1 s, 2 s, 4 s (no jitter), failing a worker after three
+/// restarts within ten minutes.
+fn three_restarts_in_ten_minutes() -> Supervisor {
+    Supervisor::new(
+        SupervisorConfig::default()
+            .with_backoff(
+                Backoff::new(Duration::from_secs(1), Duration::from_secs(4))
+                    .with_jitter(Jitter::none()),
+            )
+            .with_intensity(RestartIntensity { max_restarts: 3, within: Duration::from_secs(600) }),
+    )
+}
+
 /// Ensures that an unrelated worker panicking does not disturb a healthy one, that the
 /// panicking worker is restarted with its panic logged once with the worker name, and
 /// that the panics count toward its restart limit.
@@ -127,14 +140,7 @@ async fn panicking_worker_is_restarted_and_counted() {
     for i in 0..20 {
         send(&broker, &format!("m{i}"), None).await;
     }
-    let supervisor = Supervisor::new(
-        SupervisorConfig::default()
-            .with_backoff(
-                Backoff::new(Duration::from_secs(1), Duration::from_secs(4))
-                    .with_jitter(Jitter::none()),
-            )
-            .with_intensity(RestartIntensity { max_restarts: 3, within: Duration::from_secs(600) }),
-    );
+    let supervisor = three_restarts_in_ten_minutes();
     supervisor.spawn(Panicky { panics: 2, runs: AtomicUsize::new(0) });
     supervisor.spawn(
         Updater::with_source(
@@ -162,14 +168,7 @@ async fn panicking_worker_is_restarted_and_counted() {
     assert!(panics.iter().all(|l| l.contains("worker=panicky")), "{panics:?}");
 
     // Past the limit it fails.
-    let supervisor2 = Supervisor::new(
-        SupervisorConfig::default()
-            .with_backoff(
-                Backoff::new(Duration::from_secs(1), Duration::from_secs(4))
-                    .with_jitter(Jitter::none()),
-            )
-            .with_intensity(RestartIntensity { max_restarts: 3, within: Duration::from_secs(600) }),
-    );
+    let supervisor2 = three_restarts_in_ten_minutes();
     supervisor2.spawn(Panicky { panics: 100, runs: AtomicUsize::new(0) });
     let health2 = supervisor2.health();
     eventually("failed", Duration::from_secs(600), || {

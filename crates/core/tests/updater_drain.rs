@@ -13,7 +13,9 @@ use steward_core::{
     Capabilities, Deadlines, Delivery, MessageSource, Outcome, TransportError, Updater,
     WorkerState, handler_fn,
 };
-use support::{QUEUE, broker, config, eventually, send, supervisor, worker};
+use support::{
+    QUEUE, broker, broker_holding, config, eventually, send, supervise, supervisor, worker,
+};
 use tokio::time::{Instant, sleep};
 
 /// Ensures that handlers in flight at shutdown finish and are settled within the drain
@@ -37,12 +39,10 @@ async fn in_flight_handlers_finish_within_drain_deadline() {
             }
         })
     };
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("drainer", broker.source(QUEUE).unwrap(), handler)
             .with_config(config().with_concurrency(4)),
     );
-    let health = supervisor.health();
     eventually("all started", Duration::from_secs(5), || started.load(Ordering::SeqCst) == 4).await;
     let begun = Instant::now();
 
@@ -70,10 +70,8 @@ async fn in_flight_handlers_finish_within_drain_deadline() {
 /// returns by its deadline naming them, and that no tracked task is left.
 #[tokio::test(start_paused = true)]
 async fn handlers_past_drain_deadline_are_aborted_and_abandoned() {
-    let broker = broker(Duration::from_secs(60));
-    send(&broker, "quick", None).await;
-    send(&broker, "stubborn", None).await;
-    send(&broker, "never-started", None).await;
+    let broker =
+        broker_holding(Duration::from_secs(60), &["quick", "stubborn", "never-started"]).await;
     let handler = handler_fn(|message| async move {
         if message.id == "stubborn" {
             // Ignores cancellation: would run for an hour.
@@ -83,12 +81,10 @@ async fn handlers_past_drain_deadline_are_aborted_and_abandoned() {
         }
         Outcome::Complete
     });
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("stubborn", broker.source(QUEUE).unwrap(), handler)
             .with_config(config().with_concurrency(2)),
     );
-    let health = supervisor.health();
     eventually("two running", Duration::from_secs(5), || {
         worker(&health, "stubborn").in_flight >= 2
     })

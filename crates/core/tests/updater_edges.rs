@@ -16,8 +16,8 @@ use steward_core::{
     TransportError, Updater, WorkerState, handler_fn,
 };
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, broker_holding,
+    broker_holding_local_sessions, config, eventually, send, supervise, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -137,9 +137,8 @@ async fn held_retry_that_loses_its_lock_frees_its_session() {
             }
         })
     };
-    let supervisor = supervisor();
-    supervisor.spawn(Updater::with_source("held", source, handler).with_config(config()));
-    let health = supervisor.health();
+    let (supervisor, health) =
+        supervise(Updater::with_source("held", source, handler).with_config(config()));
     eventually("both completed", Duration::from_secs(300), || {
         worker(&health, "held").outcomes.completed == 2
     })
@@ -160,9 +159,9 @@ async fn held_retry_that_loses_its_lock_frees_its_session() {
 /// comes back after the cap.
 #[tokio::test(start_paused = true)]
 async fn absurd_retry_delay_is_capped_not_a_panic() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "forever", "s").await;
-    send_local_session(&broker, "other", "t").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("forever", "s"), ("other", "t")])
+            .await;
     let handler = handler_fn(|message| async move {
         if message.id == "forever" && message.delivery_count == 1 {
             Outcome::retry_after(Duration::MAX, "never")
@@ -255,9 +254,7 @@ impl Handler for SlowDependency {
 /// delivery, when the dependency is back.
 #[tokio::test(start_paused = true)]
 async fn hanging_probe_does_not_stop_lock_renewals() {
-    let broker = broker(Duration::from_secs(20));
-    send(&broker, "m1", None).await;
-    send(&broker, "m2", None).await;
+    let broker = broker_holding(Duration::from_secs(20), &["m1", "m2"]).await;
     let dependency = Arc::new(SlowDependency {
         down: AtomicBool::new(true),
         probes: AtomicUsize::new(0),
@@ -301,12 +298,10 @@ async fn shutdown_during_error_drain_meets_its_deadline() {
         sleep(Duration::from_secs(3600)).await;
         Outcome::Complete
     });
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("erring", broker.source(QUEUE).unwrap(), handler)
             .with_config(config()),
     );
-    let health = supervisor.health();
     eventually("handler running", Duration::from_secs(5), || {
         worker(&health, "erring").in_flight == 1
     })
@@ -385,9 +380,9 @@ async fn thread_blocking_handler_message_is_released_by_the_deadline() {
 /// session's next message run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thread_blocking_handler_past_its_timeout_keeps_its_session_and_is_reported() {
-    let broker = broker(Duration::from_secs(60));
-    send_local_session(&broker, "blocks", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(60), &[("blocks", "s"), ("next", "s")])
+            .await;
     let handled: Log = Arc::default();
     let (release, blocked_on) = std::sync::mpsc::channel::<()>();
     let blocked_on = Arc::new(Mutex::new(blocked_on));
@@ -462,8 +457,7 @@ async fn huge_batch_size_is_capped_not_a_panic() {
     assert_eq!(config.batch_size, steward_core::MAX_BATCH_SIZE);
     let mut direct = config.clone();
     direct.batch_size = usize::MAX;
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (_supervisor, health) = supervise(
         Updater::with_source(
             "huge-batch",
             broker.source(QUEUE).unwrap(),
@@ -471,7 +465,6 @@ async fn huge_batch_size_is_capped_not_a_panic() {
         )
         .with_config(direct),
     );
-    let health = supervisor.health();
     sleep(Duration::from_secs(60)).await;
     let w = worker(&health, "huge-batch");
     assert_eq!((w.outcomes.completed, w.outcomes.panicked, w.restarts), (1, 0, 0), "{w:?}");
@@ -485,8 +478,7 @@ async fn zero_handler_timeout_is_raised_to_the_minimum() {
     send(&broker, "a", None).await;
     let config = config().with_handler_timeout(Duration::ZERO);
     assert_eq!(config.handler_timeout, Some(steward_core::MIN_HANDLER_TIMEOUT));
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (_supervisor, health) = supervise(
         Updater::with_source(
             "zero-timeout",
             broker.source(QUEUE).unwrap(),
@@ -497,7 +489,6 @@ async fn zero_handler_timeout_is_raised_to_the_minimum() {
         )
         .with_config(config),
     );
-    let health = supervisor.health();
     sleep(Duration::from_secs(3600)).await;
     let w = worker(&health, "zero-timeout");
     assert_eq!((w.outcomes.completed, broker.dead_letter_count(QUEUE)), (1, 0), "{w:?}");
@@ -506,24 +497,10 @@ async fn zero_handler_timeout_is_raised_to_the_minimum() {
 /// Claims no timed locks (as RabbitMQ).
 struct NoTimedLocks<S>(S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for NoTimedLocks<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { lock_renewal: false, ..self.0.capabilities() }
-    }
-
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
-        self.0.receive(max, wait).await
-    }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+support::wrap_source!(
+    NoTimedLocks.0,
+    capabilities: c => Capabilities { lock_renewal: false, ..c }
+);
 
 /// Ensures that on a transport without timed locks a legitimate handler longer than
 /// the stall timeout (2 minutes, at concurrency 1, default configs otherwise) is not

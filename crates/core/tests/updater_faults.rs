@@ -8,27 +8,28 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use steward_core::{MessageSource, Outcome, Updater, handler_fn};
+use steward_core::{Message, MessageSource, Outcome, Updater, handler_fn};
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, broker_holding,
+    broker_holding_local_sessions, config, eventually, recorded, send, supervise, supervisor,
+    worker,
 };
 use tokio::time::{Instant, sleep};
 
 type Calls = Arc<Mutex<Vec<(String, u32)>>>;
 
+/// What the tests record of a call: `(id, delivery count)`.
+fn record(message: &Message) -> (String, u32) {
+    (message.id.clone(), message.delivery_count)
+}
+
 /// A handler recording `(id, delivery count)`; messages named `slow*` take 60 s.
 fn recording(calls: &Calls) -> impl steward_core::Handler {
-    let calls = calls.clone();
-    handler_fn(move |message| {
-        let calls = calls.clone();
-        async move {
-            calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
-            if message.id.starts_with("slow") {
-                sleep(Duration::from_secs(60)).await;
-            }
-            Outcome::Complete
+    recorded(calls, record, |message| async move {
+        if message.id.starts_with("slow") {
+            sleep(Duration::from_secs(60)).await;
         }
+        Outcome::Complete
     })
 }
 
@@ -37,9 +38,7 @@ fn recording(calls: &Calls) -> impl steward_core::Handler {
 /// message is handled once, with no restart.
 #[tokio::test(start_paused = true)]
 async fn hung_settlement_does_not_stop_other_renewals() {
-    let broker = broker(Duration::from_secs(10));
-    send(&broker, "slow", None).await;
-    send(&broker, "quick", None).await;
+    let broker = broker_holding(Duration::from_secs(10), &["slow", "quick"]).await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.hang_complete, "quick", 1);
     let calls: Calls = Arc::default();
@@ -65,9 +64,9 @@ async fn hung_settlement_does_not_stop_other_renewals() {
 /// fails, keeps its session until the broker redelivers it, so the next message of the
 /// session cannot overtake the redelivery.
 async fn unsettled_message_holds_its_session(fault: fn(&SettleFaults)) {
-    let broker = broker(Duration::from_secs(10));
-    send_local_session(&broker, "slow-a", "s").await;
-    send_local_session(&broker, "b", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(10), &[("slow-a", "s"), ("b", "s")])
+            .await;
     let faults = Arc::new(SettleFaults::default());
     fault(&faults);
     let calls: Calls = Arc::default();
@@ -111,9 +110,7 @@ async fn failed_completion_holds_the_session_until_the_redelivery() {
 /// consumer gets it at once), and the worker stops in time (it is not aborted itself).
 #[tokio::test(start_paused = true)]
 async fn drain_meets_its_deadlines_when_a_settlement_hangs() {
-    let broker = broker(Duration::from_secs(60));
-    send(&broker, "quick", None).await;
-    send(&broker, "stubborn", None).await;
+    let broker = broker_holding(Duration::from_secs(60), &["quick", "stubborn"]).await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.hang_complete, "quick", 1);
     let handler = handler_fn(|message| async move {
@@ -200,23 +197,16 @@ async fn stale_lock_expiry_is_not_renewed_back_to_back() {
 /// retried, and that its session's next message waits for the retry.
 #[tokio::test(start_paused = true)]
 async fn handler_past_its_timeout_is_aborted_and_retried() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "hangs", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("hangs", "s"), ("next", "s")])
+            .await;
     let calls: Calls = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
-                if message.id == "hangs" && message.delivery_count == 1 {
-                    std::future::pending::<()>().await;
-                }
-                Outcome::Complete
-            }
-        })
-    };
+    let handler = recorded(&calls, record, |message| async move {
+        if message.id == "hangs" && message.delivery_count == 1 {
+            std::future::pending::<()>().await;
+        }
+        Outcome::Complete
+    });
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
     supervisor.spawn(
@@ -247,8 +237,7 @@ async fn endless_error_drain_is_not_a_panic() {
     broker.faults(QUEUE).fail_receives(1, steward_core::ErrorKind::Connection);
     let mut config = config();
     config.error_drain = Duration::MAX;
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source(
             "endless",
             broker.source(QUEUE).unwrap(),
@@ -256,7 +245,6 @@ async fn endless_error_drain_is_not_a_panic() {
         )
         .with_config(config),
     );
-    let health = supervisor.health();
     eventually("a restart", Duration::from_secs(30), || worker(&health, "endless").restarts >= 1)
         .await;
     let error = worker(&health, "endless").last_error.unwrap_or_default();
@@ -275,8 +263,7 @@ async fn endless_error_drain_is_not_a_panic() {
 async fn endless_wait_is_not_a_panic() {
     let broker = broker(Duration::from_secs(30));
     send(&broker, "first", None).await;
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source(
             "endless",
             broker.source(QUEUE).unwrap(),
@@ -284,7 +271,6 @@ async fn endless_wait_is_not_a_panic() {
         )
         .with_config(config().with_wait(Duration::MAX)),
     );
-    let health = supervisor.health();
     eventually("handled", Duration::from_secs(30), || {
         worker(&health, "endless").outcomes.completed == 1
     })

@@ -11,7 +11,7 @@ use steward_core::{
     Capabilities, Delivery, Message, MockHandler, MockMessageSource, MockSettle, Outcome,
     TransportError, Updater,
 };
-use support::{Paced, config, eventually, supervisor, worker};
+use support::{Paced, config, eventually, supervise, worker};
 use tokio::time::Instant;
 
 /// Ensures that when `complete` fails with `LockLost`, the message is not settled again
@@ -60,9 +60,8 @@ async fn complete_lock_lost_is_counted_and_not_settled_again() {
     let mut handler = MockHandler::new();
     handler.expect_handle().times(1).returning(|_: Arc<Message>| Outcome::Complete);
 
-    let supervisor = supervisor();
-    supervisor.spawn(Updater::with_source("mocked", Paced(source), handler).with_config(config()));
-    let health = supervisor.health();
+    let (supervisor, health) =
+        supervise(Updater::with_source("mocked", Paced(source), handler).with_config(config()));
     eventually("lease lost counted", Duration::from_secs(10), || {
         worker(&health, "mocked").outcomes.lease_lost == 1
     })

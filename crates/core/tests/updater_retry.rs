@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use steward_core::{BoxError, Handler, Message, Outcome, Updater, WorkerState, handler_fn};
-use support::{LogCapture, QUEUE, broker, config, eventually, send, supervisor, worker};
+use support::{
+    LogCapture, QUEUE, broker, broker_holding, config, eventually, send, supervise, supervisor,
+    worker,
+};
 use tokio::time::{Instant, sleep};
 
 /// Ensures that a message delivered more than `max_deliveries` times goes to the
@@ -52,20 +55,16 @@ async fn over_max_deliveries_is_dead_lettered_without_calling_handler() {
 async fn panicking_handler_is_retried_and_logged() {
     let logs = LogCapture::default();
     let _guard = logs.install();
-    let broker = broker(Duration::from_secs(30));
-    send(&broker, "fragile", None).await;
-    send(&broker, "sturdy", None).await;
+    let broker = broker_holding(Duration::from_secs(30), &["fragile", "sturdy"]).await;
     let handler = handler_fn(|message| async move {
         if message.id == "fragile" && message.delivery_count == 1 {
             panic!("boom at delivery {}", message.delivery_count);
         }
         Outcome::Complete
     });
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("brave", broker.source(QUEUE).unwrap(), handler).with_config(config()),
     );
-    let health = supervisor.health();
     eventually("both completed", Duration::from_secs(60), || {
         worker(&health, "brave").outcomes.completed == 2
     })
@@ -102,12 +101,10 @@ async fn retry_after_is_not_redelivered_before_after() {
             }
         })
     };
-    let supervisor = supervisor();
-    supervisor.spawn(
+    let (supervisor, health) = supervise(
         Updater::with_source("patient", broker.source(QUEUE).unwrap(), handler)
             .with_config(config()),
     );
-    let health = supervisor.health();
     eventually("completed", Duration::from_secs(120), || {
         worker(&health, "patient").outcomes.completed == 1
     })
@@ -213,10 +210,7 @@ async fn dependency_retry_pauses_receiving_until_probe_succeeds() {
 /// stop a third message from being received and handled at once.
 #[tokio::test(start_paused = true)]
 async fn retries_held_locally_do_not_block_intake() {
-    let broker = broker(Duration::from_secs(30));
-    send(&broker, "r1", None).await;
-    send(&broker, "r2", None).await;
-    send(&broker, "c", None).await;
+    let broker = broker_holding(Duration::from_secs(30), &["r1", "r2", "c"]).await;
     let handled: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let handler = {
         let handled = handled.clone();

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use steward_core::{
-    Capabilities, Delivery, ErrorKind, MessageSource, Outcome, Settle, TransportError, Updater,
-    WorkerState, handler_fn,
+    Capabilities, Delivery, ErrorKind, Message, MessageSource, Outcome, Settle, TransportError,
+    Updater, WorkerState, handler_fn,
 };
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, WithoutDelayedAbandon, broker,
+    broker_holding_local_sessions, config, eventually, recorded, send, send_local_session,
+    supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -109,27 +110,15 @@ async fn sessions_keep_order_and_concurrency_stays_within_limit() {
 #[tokio::test(start_paused = true)]
 async fn long_handler_and_waiting_message_keep_their_locks() {
     let lock = Duration::from_secs(10);
-    let broker = broker(lock);
-    send_local_session(&broker, "first", "s").await;
-    send_local_session(&broker, "second", "s").await;
+    let broker = broker_holding_local_sessions(lock, &[("first", "s"), ("second", "s")]).await;
     let calls: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((
-                    message.id.clone(),
-                    message.delivery_count,
-                    Instant::now(),
-                ));
-                if message.id == "first" {
-                    sleep(lock * 3).await;
-                }
-                Outcome::Complete
-            }
-        })
-    };
+    let record = |message: &Message| (message.id.clone(), message.delivery_count, Instant::now());
+    let handler = recorded(&calls, record, move |message| async move {
+        if message.id == "first" {
+            sleep(lock * 3).await;
+        }
+        Outcome::Complete
+    });
     let started = Instant::now();
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
@@ -163,20 +152,14 @@ async fn delayed_retry_blocks_session(local: bool) {
         send(&broker, "other", Some("t")).await;
     }
     let calls: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((message.id.clone(), Instant::now()));
-                if message.id == "s-1" && message.delivery_count == 1 {
-                    Outcome::retry_after(Duration::from_secs(20), "not yet")
-                } else {
-                    Outcome::Complete
-                }
-            }
-        })
-    };
+    let record = |message: &Message| (message.id.clone(), Instant::now());
+    let handler = recorded(&calls, record, |message| async move {
+        if message.id == "s-1" && message.delivery_count == 1 {
+            Outcome::retry_after(Duration::from_secs(20), "not yet")
+        } else {
+            Outcome::Complete
+        }
+    });
     let started = Instant::now();
     let supervisor = supervisor();
     if local {
@@ -286,24 +269,14 @@ async fn delayed_head_keeps_order_when_its_followers_fill_capacity() {
     }
     send_local_session(&broker, "other", "t").await;
     let calls: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((
-                    message.id.clone(),
-                    message.delivery_count,
-                    Instant::now(),
-                ));
-                if message.id == "s-00" && message.delivery_count == 1 {
-                    Outcome::retry_after(Duration::from_secs(20), "not yet")
-                } else {
-                    Outcome::Complete
-                }
-            }
-        })
-    };
+    let record = |message: &Message| (message.id.clone(), message.delivery_count, Instant::now());
+    let handler = recorded(&calls, record, |message| async move {
+        if message.id == "s-00" && message.delivery_count == 1 {
+            Outcome::retry_after(Duration::from_secs(20), "not yet")
+        } else {
+            Outcome::Complete
+        }
+    });
     let started = Instant::now();
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
@@ -337,24 +310,17 @@ async fn delayed_head_keeps_order_when_its_followers_fill_capacity() {
 /// for its delayed head: the follower released by the restart still runs after the head.
 #[tokio::test(start_paused = true)]
 async fn restart_keeps_a_session_waiting_for_its_delayed_head() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "s-1", "s").await;
-    send_local_session(&broker, "s-2", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("s-1", "s"), ("s-2", "s")]).await;
     let calls: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
-    let handler = {
-        let calls = calls.clone();
-        handler_fn(move |message| {
-            let calls = calls.clone();
-            async move {
-                calls.lock().unwrap().push((message.id.clone(), message.delivery_count));
-                if message.id == "s-1" && message.delivery_count == 1 {
-                    Outcome::retry_after(Duration::from_secs(20), "not yet")
-                } else {
-                    Outcome::Complete
-                }
-            }
-        })
-    };
+    let record = |message: &Message| (message.id.clone(), message.delivery_count);
+    let handler = recorded(&calls, record, |message| async move {
+        if message.id == "s-1" && message.delivery_count == 1 {
+            Outcome::retry_after(Duration::from_secs(20), "not yet")
+        } else {
+            Outcome::Complete
+        }
+    });
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
     supervisor.spawn(Updater::with_source("restarted", source, handler).with_config(config()));
@@ -423,9 +389,9 @@ fn recording(log: &Arc<Log>, head_delay: Duration) -> impl steward_core::Handler
 /// never overlap.
 #[tokio::test(start_paused = true)]
 async fn parked_message_losing_its_lock_does_not_free_a_running_session() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "long", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("long", "s"), ("next", "s")])
+            .await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.lose_renewal, "next", 1);
     let log = Arc::new(Log::default());
@@ -443,44 +409,27 @@ async fn parked_message_losing_its_lock_does_not_free_a_running_session() {
 /// Marks messages named `poison*` as delivered 99 times.
 struct Poisoned<S>(S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for Poisoned<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-
+support::wrap_source!(
+    Poisoned.0,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
-        Ok(batch
-            .into_iter()
-            .map(|delivery| {
-                delivery.map_message(|mut message| {
-                    if message.id.starts_with("poison") {
-                        message.delivery_count = 99;
-                    }
-                    message
-                })
-            })
-            .collect())
+        Ok(support::map_messages(batch, |message| {
+            if message.id.starts_with("poison") {
+                message.delivery_count = 99;
+            }
+        }))
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+);
 
 /// Ensures that a message dead-lettered on arrival (over `max_deliveries`) does not
 /// free its session while another message of it runs.
 #[tokio::test(start_paused = true)]
 async fn message_dead_lettered_on_arrival_does_not_free_a_running_session() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "long", "s").await;
-    send_local_session(&broker, "poison", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker = broker_holding_local_sessions(
+        Duration::from_secs(30),
+        &[("long", "s"), ("poison", "s"), ("next", "s")],
+    )
+    .await;
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
     let source = Poisoned(LocalSessions(broker.source(QUEUE).unwrap()));
@@ -499,9 +448,9 @@ async fn message_dead_lettered_on_arrival_does_not_free_a_running_session() {
 /// restart the head runs before the follower.
 #[tokio::test(start_paused = true)]
 async fn restart_keeps_the_running_head_ahead_of_its_released_follower() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "long", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("long", "s"), ("next", "s")])
+            .await;
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());
@@ -588,16 +537,8 @@ impl Settle for LostAnswerSettle {
     }
 }
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for LostAbandonAnswer<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-
+support::wrap_source!(
+    LostAbandonAnswer.0,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
         Ok(batch
@@ -610,20 +551,16 @@ impl<S: MessageSource> MessageSource for LostAbandonAnswer<S> {
             })
             .collect())
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+);
 
 /// Ensures that a delayed abandon the broker applied but whose answer timed out keeps
 /// its session waiting past the delay (not only until the lock would have run out), so
 /// the follower does not overtake the retried head.
 #[tokio::test(start_paused = true)]
 async fn unanswered_delayed_abandon_keeps_the_follower_behind_its_head() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "head", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("head", "s"), ("next", "s")])
+            .await;
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
     let source = LostAbandonAnswer(LocalSessions(broker.source(QUEUE).unwrap()));
@@ -635,41 +572,19 @@ async fn unanswered_delayed_abandon_keeps_the_follower_behind_its_head() {
     assert_eq!(log.order(), ["head", "head", "next"]);
 }
 
-/// Claims no delayed abandon: a delayed retry is held by the Updater for its delay.
-struct NoDelayedAbandon<S>(S);
-
-#[async_trait]
-impl<S: MessageSource> MessageSource for NoDelayedAbandon<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { delayed_abandon: false, ..self.0.capabilities() }
-    }
-
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
-        self.0.receive(max, wait).await
-    }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
-
 /// Ensures that a head held here for its delayed retry, whose parked follower loses its
 /// lock meanwhile, still goes before that follower: the session waits for the head
 /// first, then for the follower.
 #[tokio::test(start_paused = true)]
 async fn locally_held_head_stays_ahead_of_a_follower_that_lost_its_lock() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "head", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("head", "s"), ("next", "s")])
+            .await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.lose_renewal, "next", 1);
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
-    let inner = NoDelayedAbandon(LocalSessions(broker.source(QUEUE).unwrap()));
+    let inner = WithoutDelayedAbandon(LocalSessions(broker.source(QUEUE).unwrap()));
     supervisor.spawn(
         Updater::with_source(
             "held-head",
@@ -690,9 +605,9 @@ async fn locally_held_head_stays_ahead_of_a_follower_that_lost_its_lock() {
 /// again the head runs first.
 #[tokio::test(start_paused = true)]
 async fn hung_receive_is_no_evidence_that_a_waited_for_head_was_taken() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "head", "s").await;
-    send_local_session(&broker, "next", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("head", "s"), ("next", "s")])
+            .await;
     let log = Arc::new(Log::default());
     let supervisor = supervisor();
     let source = LocalSessions(broker.source(QUEUE).unwrap());

@@ -15,8 +15,8 @@ use steward_core::{
     WorkerState, handler_fn,
 };
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send,
-    send_local_session, supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, broker_holding_local_sessions, config,
+    eventually, send, send_local_session, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -80,9 +80,8 @@ async fn a_dead_letter_for_the_delivery_count_does_not_free_a_running_session() 
 /// (simulation seed 2).
 #[tokio::test(start_paused = true)]
 async fn a_follower_losing_its_lock_does_not_free_a_running_session() {
-    let broker = broker(Duration::from_secs(10));
-    send_local_session(&broker, "a", "s").await;
-    send_local_session(&broker, "b", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(10), &[("a", "s"), ("b", "s")]).await;
     let faults = Arc::new(SettleFaults::default());
     SettleFaults::arm(&faults.lose_renewal, "b", 1);
     let calls: Calls = Arc::default();
@@ -132,9 +131,9 @@ impl Handler for Dependent {
 /// and runs before its follower (simulation seed 3).
 #[tokio::test(start_paused = true)]
 async fn a_session_waits_for_its_head_across_an_open_breaker() {
-    let broker = broker(Duration::from_secs(30));
-    send_local_session(&broker, "head", "s").await;
-    send_local_session(&broker, "follower", "s").await;
+    let broker =
+        broker_holding_local_sessions(Duration::from_secs(30), &[("head", "s"), ("follower", "s")])
+            .await;
     let handler = Arc::new(Dependent { up: AtomicBool::new(false), calls: Mutex::default() });
     // The head is due back after 5 s: later than the receive under way returns.
     let retry =

@@ -61,6 +61,20 @@ struct State {
     faults: HashMap<String, QueueFaults>,
 }
 
+impl State {
+    /// The queue, or [`TransportError::NotFound`].
+    fn entity(&mut self, queue: &str) -> Result<&mut Entity, TransportError> {
+        self.entities
+            .get_mut(queue)
+            .ok_or_else(|| TransportError::not_found(format!("queue {queue}")))
+    }
+}
+
+/// The error of a settlement whose lock is gone.
+fn lock_lost(queue: &str, lock: LockRef) -> TransportError {
+    TransportError::lock_lost(format!("sequence {} in queue {queue}", lock.sequence))
+}
+
 impl fmt::Debug for InMemoryBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InMemoryBroker")
@@ -456,10 +470,7 @@ impl InMemoryBroker {
         generation: Option<u64>,
     ) -> Result<(Vec<LockedMessage>, Option<Instant>), TransportError> {
         let mut state = self.state();
-        let entity = state
-            .entities
-            .get_mut(queue)
-            .ok_or_else(|| TransportError::not_found(format!("queue {queue}")))?;
+        let entity = state.entity(queue)?;
         if generation.is_some_and(|g| g != entity.generation) {
             return Err(TransportError::connection(format!(
                 "connection to queue {queue} was closed (injected disconnect)"
@@ -470,18 +481,29 @@ impl InMemoryBroker {
         let next_change = entity.next_change(now);
         let max_count = entity.options.max_delivery_count.unwrap_or_default();
         for stored in overflow {
-            let description =
-                format!("message could not be consumed after {max_count} delivery attempts");
-            Self::push_dead_letter(
-                &mut state,
-                queue,
-                stored,
-                MAX_DELIVERY_COUNT_EXCEEDED,
-                &description,
-                now,
-            );
+            Self::push_over_limit(&mut state, queue, stored, max_count, now);
         }
         Ok((taken, next_change))
+    }
+
+    /// Dead-letters a message that used up the queue's `max_count` deliveries.
+    fn push_over_limit(
+        state: &mut State,
+        queue: &str,
+        stored: Stored,
+        max_count: u32,
+        now: Instant,
+    ) {
+        let description =
+            format!("message could not be consumed after {max_count} delivery attempts");
+        Self::push_dead_letter(
+            state,
+            queue,
+            stored,
+            MAX_DELIVERY_COUNT_EXCEEDED,
+            &description,
+            now,
+        );
     }
 
     fn push_dead_letter(
@@ -517,13 +539,8 @@ impl InMemoryBroker {
         self.before(op, queue).await?;
         let now = Instant::now();
         let mut state = self.state();
-        let entity = state
-            .entities
-            .get_mut(queue)
-            .ok_or_else(|| TransportError::not_found(format!("queue {queue}")))?;
-        f(entity, now).map_err(|LockGone| {
-            TransportError::lock_lost(format!("sequence {} in queue {queue}", lock.sequence))
-        })
+        let entity = state.entity(queue)?;
+        f(entity, now).map_err(|LockGone| lock_lost(queue, lock))
     }
 
     /// Completes (removes) a locked message.
@@ -560,30 +577,15 @@ impl InMemoryBroker {
         self.before(Operation::Disposition, queue).await?;
         let now = Instant::now();
         let mut state = self.state();
-        let entity = state
-            .entities
-            .get_mut(queue)
-            .ok_or_else(|| TransportError::not_found(format!("queue {queue}")))?;
+        let entity = state.entity(queue)?;
         let max_count = entity.options.max_delivery_count.unwrap_or_default();
         match entity.abandon(lock.sequence, lock.token, delay, now) {
             Ok(None) => Ok(()),
             Ok(Some(stored)) => {
-                let description =
-                    format!("message could not be consumed after {max_count} delivery attempts");
-                Self::push_dead_letter(
-                    &mut state,
-                    queue,
-                    stored,
-                    MAX_DELIVERY_COUNT_EXCEEDED,
-                    &description,
-                    now,
-                );
+                Self::push_over_limit(&mut state, queue, stored, max_count, now);
                 Ok(())
             }
-            Err(LockGone) => Err(TransportError::lock_lost(format!(
-                "sequence {} in queue {queue}",
-                lock.sequence
-            ))),
+            Err(LockGone) => Err(lock_lost(queue, lock)),
         }
     }
 
@@ -606,13 +608,10 @@ impl InMemoryBroker {
         self.before(Operation::Disposition, queue).await?;
         let now = Instant::now();
         let mut state = self.state();
-        let entity = state
-            .entities
-            .get_mut(queue)
-            .ok_or_else(|| TransportError::not_found(format!("queue {queue}")))?;
-        let stored = entity.remove_held(lock.sequence, lock.token, now).map_err(|LockGone| {
-            TransportError::lock_lost(format!("sequence {} in queue {queue}", lock.sequence))
-        })?;
+        let entity = state.entity(queue)?;
+        let stored = entity
+            .remove_held(lock.sequence, lock.token, now)
+            .map_err(|LockGone| lock_lost(queue, lock))?;
         Self::push_dead_letter(&mut state, queue, stored, reason, description, now);
         Ok(())
     }
@@ -650,10 +649,7 @@ impl InMemoryBroker {
         let locked = self.receive(queue, max, wait).await?;
         let now = Instant::now();
         let mut state = self.state();
-        let entity = state
-            .entities
-            .get_mut(queue)
-            .ok_or_else(|| TransportError::not_found(format!("queue {queue}")))?;
+        let entity = state.entity(queue)?;
         Ok(locked
             .into_iter()
             .filter(|m| entity.complete(m.sequence, m.lock_token, now).is_ok())

@@ -354,13 +354,19 @@ mod tests {
         locked.iter().map(|l| l.message.id.as_str()).collect()
     }
 
+    /// An entity with default options holding `(id, session)` messages pushed at `now`.
+    fn entity_with(messages: &[(&str, &str)], now: Instant) -> Entity {
+        let mut entity = Entity::new(QueueOptions::default());
+        for (id, session) in messages {
+            entity.push(message(id, Some(session)), now, None);
+        }
+        entity
+    }
+
     #[tokio::test(start_paused = true)]
     async fn session_head_blocks_later_messages_until_settled() {
         let now = Instant::now();
-        let mut entity = Entity::new(QueueOptions::default());
-        entity.push(message("a1", Some("a")), now, None);
-        entity.push(message("a2", Some("a")), now, None);
-        entity.push(message("b1", Some("b")), now, None);
+        let mut entity = entity_with(&[("a1", "a"), ("a2", "a"), ("b1", "b")], now);
         let (first, _) = entity.take(10, now, 0);
         assert_eq!(ids(&first), ["a1", "b1"]);
         let (none, _) = entity.take(10, now, 0);
@@ -373,9 +379,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn delayed_message_keeps_its_session_blocked() {
         let now = Instant::now();
-        let mut entity = Entity::new(QueueOptions::default());
-        entity.push(message("a1", Some("a")), now, None);
-        entity.push(message("a2", Some("a")), now, None);
+        let mut entity = entity_with(&[("a1", "a"), ("a2", "a")], now);
         let (first, _) = entity.take(10, now, 0);
         let delay = Duration::from_secs(30);
         entity.abandon(first[0].sequence, first[0].lock_token, Some(delay), now).unwrap();

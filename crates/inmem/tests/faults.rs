@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use steward_core::{ErrorKind, MessageSink, MessageSource, OutgoingMessage};
-use steward_inmem::{InMemoryBroker, QueueOptions};
+use steward_core::{Delivery, ErrorKind, MessageSink, MessageSource, OutgoingMessage};
+use steward_inmem::{InMemoryBroker, InMemorySource, QueueOptions};
 use tokio::time::{Instant, sleep, timeout};
 
 const WAIT: Duration = Duration::from_secs(1);
@@ -24,15 +24,23 @@ async fn send(broker: &InMemoryBroker, id: &str, session: Option<&str>) {
     broker.send("q", message).await.unwrap();
 }
 
+/// A broker on which `ids` were sent, a source on it and the deliveries of `ids`, locked.
+async fn holding(ids: &[&str]) -> (InMemoryBroker, InMemorySource, Vec<Delivery>) {
+    let broker = broker();
+    for id in ids {
+        send(&broker, id, None).await;
+    }
+    let source = broker.source("q").unwrap();
+    let got = source.receive(ids.len(), WAIT).await.unwrap();
+    assert_eq!(got.len(), ids.len());
+    (broker, source, got)
+}
+
 /// Ensures that failing renewals leave dispositions alone, and failing dispositions
 /// leave renewals alone.
 #[tokio::test(start_paused = true)]
 async fn renewal_and_disposition_failures_are_separate() {
-    let broker = broker();
-    send(&broker, "a", None).await;
-    send(&broker, "b", None).await;
-    let source = broker.source("q").unwrap();
-    let mut got = source.receive(2, WAIT).await.unwrap();
+    let (broker, _source, mut got) = holding(&["a", "b"]).await;
     let b = got.pop().unwrap();
     let a = got.pop().unwrap();
 
@@ -52,10 +60,8 @@ async fn renewal_and_disposition_failures_are_separate() {
 /// alike.
 #[tokio::test(start_paused = true)]
 async fn settlement_failures_still_cover_renewals() {
-    let broker = broker();
-    send(&broker, "a", None).await;
-    let source = broker.source("q").unwrap();
-    let a = source.receive(1, WAIT).await.unwrap().pop().unwrap();
+    let (broker, source, mut got) = holding(&["a"]).await;
+    let a = got.pop().unwrap();
     broker.faults("q").fail_settlements(2, ErrorKind::Connection);
     assert!(a.renew_lock().await.is_err());
     assert_eq!(broker.locked_message_ids("q"), ["a"], "a failed renewal keeps the lock");
@@ -74,11 +80,7 @@ async fn a_renewal_works(source: &impl MessageSource) -> bool {
 /// ends, and does not hold up renewals.
 #[tokio::test(start_paused = true)]
 async fn hung_disposition_waits_until_released() {
-    let broker = broker();
-    send(&broker, "a", None).await;
-    send(&broker, "b", None).await;
-    let source = broker.source("q").unwrap();
-    let mut got = source.receive(2, WAIT).await.unwrap();
+    let (broker, _source, mut got) = holding(&["a", "b"]).await;
     let b = got.pop().unwrap();
     let a = got.pop().unwrap();
     broker.faults("q").hang_dispositions(true);
@@ -101,10 +103,8 @@ async fn hung_disposition_waits_until_released() {
 /// hung renewal's lock runs out meanwhile as on a broker that does not answer.
 #[tokio::test(start_paused = true)]
 async fn hung_renewal_lets_the_lock_expire() {
-    let broker = broker();
-    send(&broker, "a", None).await;
-    let source = broker.source("q").unwrap();
-    let a = source.receive(1, WAIT).await.unwrap().pop().unwrap();
+    let (broker, source, mut got) = holding(&["a"]).await;
+    let a = got.pop().unwrap();
     broker.faults("q").hang_renewals(true);
     assert!(timeout(LOCK * 2, a.renew_lock()).await.is_err(), "hung past the lock");
     assert_eq!(broker.locked_message_ids("q"), Vec::<String>::new());
@@ -132,10 +132,8 @@ async fn hung_send_stores_nothing_until_released() {
 /// keeps the source working.
 #[tokio::test(start_paused = true)]
 async fn expire_locks_releases_messages_and_keeps_sources() {
-    let broker = broker();
-    send(&broker, "a", None).await;
-    let source = broker.source("q").unwrap();
-    let held = source.receive(1, WAIT).await.unwrap().pop().unwrap();
+    let (broker, source, mut got) = holding(&["a"]).await;
+    let held = got.pop().unwrap();
     assert_eq!(broker.locked_message_ids("q"), ["a"]);
     broker.faults("q").expire_locks();
     assert!(broker.locked_message_ids("q").is_empty());

@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use steward_core::transport::BrokerUrl;
+
 use crate::Nats;
 
 /// The server the transport connects to unless told otherwise.
@@ -81,9 +83,9 @@ pub enum ConfigError {
     InvalidStreamPrefix(String),
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub(crate) struct Config {
-    pub(crate) url: String,
+    pub(crate) url: BrokerUrl,
     pub(crate) credentials: Credentials,
     pub(crate) connection_name: String,
     pub(crate) queues: Vec<String>,
@@ -94,43 +96,6 @@ pub(crate) struct Config {
     pub(crate) stream_prefix: String,
     pub(crate) request_timeout: Duration,
     pub(crate) max_ack_pending: i64,
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("url", &redact(&self.url))
-            .field("credentials", &self.credentials)
-            .field("connection_name", &self.connection_name)
-            .field("queues", &self.queues)
-            .field("publish_queues", &self.publish_queues)
-            .field("max_deliveries", &self.max_deliveries)
-            .field("max_deliver", &self.max_deliver)
-            .field("ack_wait", &self.ack_wait)
-            .field("stream_prefix", &self.stream_prefix)
-            .field("request_timeout", &self.request_timeout)
-            .field("max_ack_pending", &self.max_ack_pending)
-            .finish()
-    }
-}
-
-/// `url` (one server, or several separated by commas) with the credentials it carries
-/// hidden: a password becomes `***`, and a user part without a password (a token in
-/// NATS URLs) becomes `***` whole.
-pub(crate) fn redact(url: &str) -> String {
-    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
-}
-
-fn redact_one(url: &str) -> String {
-    let start = url.find("://").map_or(0, |scheme_end| scheme_end + 3);
-    let rest = &url[start..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
-    let user = match rest[..at].find(':') {
-        Some(colon) => format!("{}:***", &rest[..colon]),
-        None => "***".to_owned(),
-    };
-    format!("{}{user}{}", &url[..start], &rest[at..])
 }
 
 /// Builds a [`Nats`] transport.
@@ -164,7 +129,7 @@ impl NatsBuilder {
     pub fn new() -> Self {
         Self {
             config: Config {
-                url: DEFAULT_URL.to_owned(),
+                url: BrokerUrl::new(DEFAULT_URL),
                 credentials: Credentials::None,
                 connection_name: "steward".to_owned(),
                 queues: Vec::new(),
@@ -182,7 +147,7 @@ impl NatsBuilder {
 
     /// The server URL, `nats://host:port` (several, comma-separated, for a cluster).
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
-        self.config.url = url.into();
+        self.config.url = BrokerUrl::new(url);
         self
     }
 
@@ -294,7 +259,7 @@ pub(crate) fn valid_subject(queue: &str) -> bool {
 mod tests {
     #[test]
     fn urls_are_logged_without_their_credentials() {
-        use super::redact;
+        use steward_core::transport::redact_url as redact;
         assert_eq!(redact("nats://u:secret@h:4222"), "nats://u:***@h:4222");
         assert_eq!(redact("nats://s3cr3t-token@h:4222"), "nats://***@h:4222");
         assert_eq!(redact("nats://h:4222"), "nats://h:4222");

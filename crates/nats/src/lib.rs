@@ -7,7 +7,6 @@ mod sink;
 mod source;
 mod topology;
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -33,15 +32,13 @@ pub use source::NatsSource;
 
 /// `url` (one NATS server, or several separated by commas) with its credentials hidden,
 /// for logs and `Debug` output: a password becomes `***`, and a user part without a
-/// password (a token) becomes `***` whole.
+/// password (a token) becomes `***` whole. The rule every transport shares; see
+/// [`steward_core::transport::redact_url`].
 ///
 /// ```
 /// assert_eq!(steward_nats::redact_url("nats://u:pw@h:4222"), "nats://u:***@h:4222");
 /// ```
-#[must_use]
-pub fn redact_url(url: &str) -> String {
-    builder::redact(url)
-}
+pub use steward_core::transport::redact_url;
 
 use builder::Config;
 use error::Error;
@@ -65,21 +62,11 @@ const HEADER_ROOM: usize = 8 * 1024;
 ///
 /// Cheap to clone; clones share the configuration, the publishing connection and the
 /// "topology declared" state. Build one with [`NatsBuilder`].
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Nats {
     config: Arc<Config>,
     shared: Arc<OnceCell<Client>>,
     topology: Arc<OnceCell<()>>,
-}
-
-impl fmt::Debug for Nats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Nats")
-            .field("config", &self.config)
-            .field("connected", &self.shared.initialized())
-            .field("topology_declared", &self.topology.initialized())
-            .finish()
-    }
 }
 
 impl Nats {
@@ -341,10 +328,10 @@ pub(crate) async fn connect(
     let connect = options.connect(config.url.as_str());
     match timeout(config.request_timeout * 2, connect).await {
         Err(_) => Err(Error::Timeout {
-            what: format!("connecting to {}", builder::redact(&config.url)),
+            what: format!("connecting to {}", config.url.redacted()),
             after: config.request_timeout * 2,
         }),
-        Ok(Err(e)) => Err(Error::connect(&builder::redact(&config.url), e)),
+        Ok(Err(e)) => Err(Error::connect(&config.url.redacted(), e)),
         Ok(Ok(client)) => {
             tracing::debug!(connection = %name, "nats connection opened");
             Ok(client)

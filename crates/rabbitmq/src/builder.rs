@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use lapin::uri::AMQPUri;
+use steward_core::transport::BrokerUrl;
 
 use crate::RabbitMq;
 
@@ -97,10 +98,10 @@ pub enum ConfigError {
 /// assert_eq!(rabbit.prefetch(), 256);
 /// # Ok::<_, steward_rabbitmq::ConfigError>(())
 /// ```
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 #[must_use]
 pub struct RabbitMqBuilder {
-    url: String,
+    url: BrokerUrl,
     connection_name: String,
     queues: Vec<String>,
     publish_queues: Vec<String>,
@@ -125,7 +126,7 @@ enum Setting<T> {
 impl Default for RabbitMqBuilder {
     fn default() -> Self {
         Self {
-            url: DEFAULT_URL.to_owned(),
+            url: BrokerUrl::new(DEFAULT_URL),
             connection_name: DEFAULT_CONNECTION_NAME.to_owned(),
             queues: Vec::new(),
             publish_queues: Vec::new(),
@@ -138,25 +139,6 @@ impl Default for RabbitMqBuilder {
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             queue_expiry: None,
         }
-    }
-}
-
-impl fmt::Debug for RabbitMqBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitMqBuilder")
-            .field("url", &redact(&self.url))
-            .field("connection_name", &self.connection_name)
-            .field("queues", &self.queues)
-            .field("publish_queues", &self.publish_queues)
-            .field("max_deliveries", &self.max_deliveries)
-            .field("delivery_limit", &self.delivery_limit)
-            .field("concurrency", &self.concurrency)
-            .field("prefetch", &self.prefetch)
-            .field("heartbeat", &self.heartbeat)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("confirm_timeout", &self.confirm_timeout)
-            .field("queue_expiry", &self.queue_expiry)
-            .finish()
     }
 }
 
@@ -176,7 +158,7 @@ impl RabbitMqBuilder {
     fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let mut builder = Self::default();
         if let Some(url) = var("STEWARD_RABBITMQ_URL") {
-            builder.url = url;
+            builder.url = BrokerUrl::new(url);
         }
         if let Some(value) = var("STEWARD_MAX_DELIVERIES") {
             builder.max_deliveries = Setting::Env("STEWARD_MAX_DELIVERIES", value);
@@ -188,7 +170,7 @@ impl RabbitMqBuilder {
     /// vhost is URL-encoded (`%2f` for `/`). A `heartbeat` query parameter in the URL
     /// wins over [`with_heartbeat`](Self::with_heartbeat).
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
-        self.url = url.into();
+        self.url = BrokerUrl::new(url);
         self
     }
 
@@ -282,8 +264,8 @@ impl RabbitMqBuilder {
     /// `STEWARD_MAX_DELIVERIES`, an empty or over-long queue name, a delivery limit
     /// not above `max_deliveries`, or a zero concurrency or prefetch.
     pub fn build(self) -> Result<RabbitMq, ConfigError> {
-        let uri = AMQPUri::from_str(&self.url)
-            .map_err(|reason| ConfigError::InvalidUrl { url: redact(&self.url), reason })?;
+        let uri = AMQPUri::from_str(self.url.as_str())
+            .map_err(|reason| ConfigError::InvalidUrl { url: self.url.redacted(), reason })?;
         let max_deliveries = match self.max_deliveries {
             Setting::Default => DEFAULT_MAX_DELIVERIES,
             Setting::Set(value) => value,
@@ -365,18 +347,6 @@ fn check_queue_name(queue: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-/// `url` with its password replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
-    match rest[..at].find(':') {
-        Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &rest[..colon], &rest[at..]),
-        None => url.to_owned(),
-    }
 }
 
 /// The checked configuration shared by every connection of a [`RabbitMq`].
@@ -500,8 +470,9 @@ mod tests {
 
     #[test]
     fn redact_hides_only_the_password() {
-        assert_eq!(redact("amqp://u:p@h:1/%2f"), "amqp://u:***@h:1/%2f");
-        assert_eq!(redact("amqp://h:1/%2f"), "amqp://h:1/%2f");
-        assert_eq!(redact("amqp://u@h/"), "amqp://u@h/");
+        use steward_core::transport::redact_url;
+        assert_eq!(redact_url("amqp://u:p@h:1/%2f"), "amqp://u:***@h:1/%2f");
+        assert_eq!(redact_url("amqp://h:1/%2f"), "amqp://h:1/%2f");
+        assert_eq!(redact_url("amqp://u@h/"), "amqp://u@h/");
     }
 }

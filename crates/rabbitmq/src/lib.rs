@@ -9,7 +9,6 @@ mod sink;
 mod source;
 mod topology;
 
-use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -51,19 +50,10 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
 ///
 /// Cheap to clone; clones share the configuration and the "topology declared" state.
 /// Build one with [`RabbitMqBuilder`].
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RabbitMq {
     config: Arc<Config>,
     topology: Arc<OnceCell<()>>,
-}
-
-impl fmt::Debug for RabbitMq {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitMq")
-            .field("config", &self.config)
-            .field("topology_declared", &self.topology.initialized())
-            .finish()
-    }
 }
 
 impl RabbitMq {

@@ -16,29 +16,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use steward_core::{Delivery, ErrorKind, MessageSink, MessageSource, OutgoingMessage};
-use steward_rabbitmq::{RabbitMqSource, dead_letter_queue, delay_queue};
+use steward_core::{ErrorKind, MessageSink, MessageSource, OutgoingMessage};
+use steward_rabbitmq::{dead_letter_queue, delay_queue};
 use tokio::time::{Instant, sleep};
 
-const PROMPTLY: Duration = Duration::from_secs(30);
-
-macro_rules! require_broker {
-    ($test:literal) => {
-        if !support::broker_available($test).await {
-            return;
-        }
-    };
-}
-
-async fn receive_n(source: &RabbitMqSource, n: usize, within: Duration) -> Vec<Delivery> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    while got.len() < n && Instant::now() < deadline {
-        let wait = (deadline - Instant::now()).min(Duration::from_secs(1));
-        got.extend(source.receive(n - got.len(), wait).await.unwrap());
-    }
-    got
-}
+use support::{PROMPTLY, receive_n, require_broker};
 
 /// `rabbitmqctl list_queues name type` for the queues whose name starts with `prefix`.
 fn queues_named(prefix: &str) -> Vec<(String, String)> {

@@ -25,27 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout};
 
-/// A generous bound for things that happen "within seconds" on a real broker.
-const PROMPTLY: Duration = Duration::from_secs(30);
-
-macro_rules! require_broker {
-    ($test:literal) => {
-        if !support::broker_available($test).await {
-            return;
-        }
-    };
-}
-
-/// Receives until `n` deliveries arrived or `within` passed.
-async fn receive_n(source: &RabbitMqSource, n: usize, within: Duration) -> Vec<Delivery> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    while got.len() < n && Instant::now() < deadline {
-        let wait = (deadline - Instant::now()).min(Duration::from_secs(1));
-        got.extend(source.receive(n - got.len(), wait).await.unwrap());
-    }
-    got
-}
+use support::{PROMPTLY, receive_n, require_broker};
 
 async fn receive_one(source: &RabbitMqSource, within: Duration) -> Delivery {
     let mut got = receive_n(source, 1, within).await;

@@ -93,6 +93,7 @@ fn resource_of(url: &Url) -> String {
 }
 
 /// Signs every request with a shared access signature for its own URL.
+#[derive(Debug)]
 pub(crate) struct SasClient {
     inner: Arc<dyn HttpClient>,
     key_name: String,
@@ -102,15 +103,6 @@ pub(crate) struct SasClient {
 impl SasClient {
     pub(crate) fn new(inner: Arc<dyn HttpClient>, key_name: String, key: Secret) -> Self {
         Self { inner, key_name, key }
-    }
-}
-
-impl fmt::Debug for SasClient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SasClient")
-            .field("key_name", &self.key_name)
-            .field("key", &self.key)
-            .finish_non_exhaustive()
     }
 }
 
@@ -181,7 +173,7 @@ impl TokenError {
 }
 
 /// An access token and when it expires.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AccessToken {
     token: Secret,
     expires_on: SystemTime,
@@ -204,15 +196,6 @@ impl AccessToken {
     #[must_use]
     pub fn expires_on(&self) -> SystemTime {
         self.expires_on
-    }
-}
-
-impl fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AccessToken")
-            .field("token", &self.token)
-            .field("expires_on", &self.expires_on)
-            .finish()
     }
 }
 
@@ -255,6 +238,7 @@ impl TokenProvider for StaticToken {
 
 /// A cached token: used until `refresh_at`, valid until `expires_at` (tokio time, so
 /// paused-time tests can age it).
+#[derive(Debug)]
 struct Cached {
     token: Secret,
     refresh_at: Instant,
@@ -274,6 +258,7 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// cached one is used (and the failure logged); once it has expired, requests fail with
 /// the [`TokenError`] (as their source), which the transport maps to `Auth` or, for
 /// [`TokenError::Unavailable`], a retryable `Connection` error.
+#[derive(Debug)]
 pub struct BearerTokenClient {
     inner: Arc<dyn HttpClient>,
     provider: Arc<dyn TokenProvider>,
@@ -323,15 +308,6 @@ impl BearerTokenClient {
     }
 }
 
-impl fmt::Debug for BearerTokenClient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BearerTokenClient")
-            .field("inner", &self.inner)
-            .field("provider", &self.provider)
-            .finish_non_exhaustive()
-    }
-}
-
 #[async_trait]
 impl HttpClient for BearerTokenClient {
     async fn execute_request(&self, request: &Request) -> azure_core::Result<Response> {
@@ -359,22 +335,12 @@ enum Flavour {
 /// [`from_env`](Self::from_env) speaks the App Service / Container Apps protocol when
 /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` are set (as those platforms set them), and
 /// otherwise asks the Instance Metadata Service ([`IMDS_TOKEN_ENDPOINT`]).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ManagedIdentityCredential {
     http: Arc<dyn HttpClient>,
     endpoint: String,
     flavour: Flavour,
     client_id: Option<String>,
-}
-
-impl fmt::Debug for ManagedIdentityCredential {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ManagedIdentityCredential")
-            .field("endpoint", &self.endpoint)
-            .field("flavour", &self.flavour)
-            .field("client_id", &self.client_id)
-            .finish_non_exhaustive()
-    }
 }
 
 /// A token endpoint's answer (both protocols). `expires_in` and `expires_on` are strings
@@ -555,11 +521,26 @@ mod tests {
         }
     }
 
-    /// Hands out `token-1`, `token-2`, … valid for ten minutes, or fails when told to.
-    #[derive(Debug, Default)]
+    /// Hands out `<prefix>-1`, `<prefix>-2`, … valid for `lifetime`, or fails when told to.
+    #[derive(Debug)]
     struct Counting {
+        prefix: &'static str,
+        lifetime: Duration,
         fetches: AtomicU32,
         fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Counting {
+        fn new(prefix: &'static str, lifetime: Duration) -> Self {
+            Self { prefix, lifetime, fetches: AtomicU32::new(0), fail: false.into() }
+        }
+    }
+
+    impl Default for Counting {
+        /// `token-1`, `token-2`, … valid for ten minutes.
+        fn default() -> Self {
+            Self::new("token", Duration::from_secs(600))
+        }
     }
 
     #[async_trait]
@@ -569,7 +550,7 @@ mod tests {
                 return Err(TokenError::unavailable("token endpoint down"));
             }
             let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok(AccessToken::new(format!("token-{n}"), SystemTime::now() + Duration::from_secs(600)))
+            Ok(AccessToken::new(format!("{}-{n}", self.prefix), SystemTime::now() + self.lifetime))
         }
     }
 
@@ -617,26 +598,13 @@ mod tests {
         assert_eq!(inner.seen.lock().unwrap().len(), 4, "no request without a token");
     }
 
-    /// Hands out four-minute tokens.
-    #[derive(Debug, Default)]
-    struct ShortLived {
-        fetches: AtomicU32,
-    }
-
-    #[async_trait]
-    impl TokenProvider for ShortLived {
-        async fn fetch_token(&self) -> Result<AccessToken, TokenError> {
-            let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok(AccessToken::new(format!("short-{n}"), SystemTime::now() + Duration::from_secs(240)))
-        }
-    }
-
     /// Ensures that a token living less than twice the five-minute margin is refreshed
     /// half-way through its life instead of at once.
     #[tokio::test(start_paused = true)]
     async fn short_lived_tokens_are_refreshed_half_way() {
         let inner = Arc::new(Recorder::default());
-        let provider = Arc::new(ShortLived::default());
+        // Four-minute tokens.
+        let provider = Arc::new(Counting::new("short", Duration::from_secs(240)));
         let client = BearerTokenClient::new(inner.clone(), provider.clone());
         send(&client).await.unwrap();
         tokio::time::advance(Duration::from_secs(110)).await;

@@ -1,6 +1,5 @@
 //! Configuration: [`ServiceBusBuilder`] from the environment and `with_*` setters.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,7 +113,7 @@ pub enum AuthMethod {
 /// assert!(!format!("{transport:?}").contains("c2VjcmV0"));
 /// # Ok::<_, steward_servicebus::ConfigError>(())
 /// ```
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 #[must_use]
 pub struct ServiceBusBuilder {
     namespace: Option<String>,
@@ -130,26 +129,6 @@ pub struct ServiceBusBuilder {
     http_client: Option<Arc<dyn HttpClient>>,
     connect_timeout: Option<Duration>,
     request_timeout: Option<Duration>,
-}
-
-impl fmt::Debug for ServiceBusBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServiceBusBuilder")
-            .field("namespace", &self.namespace)
-            .field("endpoint", &self.endpoint)
-            .field("sas_key_name", &self.sas_key_name)
-            .field("sas_key", &self.sas_key)
-            .field("managed_identity", &self.managed_identity)
-            .field("managed_identity_client_id", &self.managed_identity_client_id)
-            .field("managed_identity_endpoint", &self.managed_identity_endpoint)
-            .field("identity_endpoint", &self.identity_endpoint)
-            .field("identity_header", &self.identity_header)
-            .field("token_provider", &self.token_provider)
-            .field("http_client", &self.http_client.is_some())
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .finish()
-    }
 }
 
 impl ServiceBusBuilder {
@@ -318,7 +297,7 @@ impl ServiceBusBuilder {
             endpoint.as_ref().map(|url| url.as_str().trim_end_matches('/').to_owned());
         let http = Arc::new(NamespaceClient::new(authenticated, namespace_url, endpoint));
         tracing::debug!(namespace, endpoint = ?endpoint_text, auth = ?auth, "service bus transport configured");
-        Ok(ServiceBusTransport::new(Shared { namespace, http, endpoint: endpoint_text, auth }))
+        Ok(ServiceBusTransport::new(Shared { namespace, http, auth }))
     }
 }
 

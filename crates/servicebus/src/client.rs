@@ -1,7 +1,6 @@
 //! The transport itself: [`ServiceBusTransport`], and the REST calls its sources and sinks
 //! share (peek-lock with its status checked by hand, send, the startup probe).
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,23 +29,13 @@ const UNUSED_KEY: &str = "unused";
 pub const MAX_DEAD_LETTERS_READ: usize = 1000;
 
 /// What the sources, locks and sinks of one transport share.
+#[derive(Debug)]
 pub(crate) struct Shared {
     /// The namespace name the Azure crate builds `https://<name>.servicebus.windows.net` from.
     pub(crate) namespace: String,
     /// The namespace client: endpoint rewrite, credentials, the pooled client.
     pub(crate) http: Arc<dyn HttpClient>,
-    pub(crate) endpoint: Option<String>,
     pub(crate) auth: AuthMethod,
-}
-
-impl fmt::Debug for Shared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
-            .field("namespace", &self.namespace)
-            .field("endpoint", &self.endpoint)
-            .field("auth", &self.auth)
-            .finish_non_exhaustive()
-    }
 }
 
 /// A peek-locked message: the crate's response (the settlement handle) and what the
@@ -157,19 +146,9 @@ fn error_detail(body: &str) -> Option<String> {
 ///
 /// Cheap to clone; clones share the HTTP connection pool and the credentials. Build one
 /// with [`ServiceBusBuilder`](crate::ServiceBusBuilder).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ServiceBusTransport {
     shared: Arc<Shared>,
-}
-
-impl fmt::Debug for ServiceBusTransport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServiceBusTransport")
-            .field("namespace", &self.shared.namespace)
-            .field("endpoint", &self.shared.endpoint)
-            .field("auth", &self.shared.auth)
-            .finish()
-    }
 }
 
 impl ServiceBusTransport {

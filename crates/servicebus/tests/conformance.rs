@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +21,12 @@ use steward_core::testkit::{FaultHooks, Suite, TransportFactory, unique_name};
 use steward_core::{Capabilities, DeadLetter, MessageSink, MessageSource, TransportError};
 use steward_inmem::QueueOptions;
 use steward_servicebus::emulator::{Emulator, EmulatorHandle, Operation, StatusCode};
-use steward_servicebus::{ServiceBusBuilder, ServiceBusTransport, dead_letter_queue};
+use steward_servicebus::{ServiceBusTransport, dead_letter_queue};
 use tokio::runtime::Builder;
 
 const LOCK: Duration = Duration::from_secs(5);
 /// The queues' `MaxDeliveryCount`, as `docs/servicebus.md` sets it.
 const MAX_DELIVERY_COUNT: u32 = 20;
-const KEY_NAME: &str = "RootManageSharedAccessKey";
 const KEY: &str = "Y29uZm9ybWFuY2Uta2V5";
 
 struct Factory {
@@ -35,19 +36,8 @@ struct Factory {
 
 impl Factory {
     async fn start() -> Self {
-        let emulator = Emulator::builder()
-            .with_sas_key(KEY_NAME, KEY)
-            .with_lock_duration(LOCK)
-            .with_auto_create_queues(false)
-            .start()
-            .await
-            .unwrap();
-        let transport = ServiceBusBuilder::new()
-            .with_namespace("steward-conformance.servicebus.windows.net")
-            .with_endpoint(emulator.endpoint())
-            .with_sas_key(KEY_NAME, KEY)
-            .build()
-            .unwrap();
+        let emulator = Emulator::builder().with_lock_duration(LOCK).with_auto_create_queues(false);
+        let (emulator, transport) = support::start(emulator, KEY, KEY).await;
         Self { emulator, transport }
     }
 }

@@ -63,6 +63,16 @@ impl Client {
             .unwrap()
     }
 
+    /// Sends a batch: `batch` is a JSON array of messages.
+    async fn send_batch(&self, queue: &str, batch: &str) -> reqwest::Response {
+        self.request(Method::POST, &format!("/{queue}/messages"))
+            .header("Content-Type", "application/vnd.microsoft.servicebus.json")
+            .body(batch.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn send_with(
         &self,
         queue: &str,
@@ -102,6 +112,14 @@ impl Client {
 
 async fn start(builder: EmulatorBuilder) -> EmulatorHandle {
     builder.start().await.unwrap()
+}
+
+/// Peek-locks `queue` (waiting up to `timeout` seconds) and checks that a message comes,
+/// delivered for the first time.
+async fn assert_first_delivery(client: &Client, queue: &str, timeout: u64) {
+    let response = client.peek_lock(queue, timeout).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(broker_properties(response.headers())["DeliveryCount"], 1);
 }
 
 fn broker_properties(headers: &HeaderMap) -> Value {
@@ -661,9 +679,7 @@ async fn injected_statuses_fail_requests_and_leave_the_broker_untouched() {
 
     emulator.broker().faults("flaky").fail_receives(1, ErrorKind::Connection);
     assert_eq!(client.peek_lock("flaky", 0).await.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let response = client.peek_lock("flaky", 0).await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    assert_eq!(broker_properties(response.headers())["DeliveryCount"], 1);
+    assert_first_delivery(&client, "flaky", 0).await;
 }
 
 /// Ensures that a dropped connection gives the client a transport error, not an HTTP
@@ -679,9 +695,7 @@ async fn dropped_connection_gives_no_answer_and_loses_nothing() {
     let error = dropped.unwrap_err();
     assert!(error.is_request() || error.is_connect(), "{error:?}");
 
-    let response = client.peek_lock("dropping", 0).await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    assert_eq!(broker_properties(response.headers())["DeliveryCount"], 1);
+    assert_first_delivery(&client, "dropping", 0).await;
 }
 
 /// Ensures that injected latency slows every answer down.
@@ -765,13 +779,7 @@ async fn send_batch_stores_each_message_with_its_properties() {
         {"Body":"first","UserProperties":{"Message number":"1","n":1}},
         {"Body":"second","BrokerProperties":{"Label":"M2","MessageId":"b-2"},"UserProperties":{"ok":true}}
     ]"#;
-    let sent = client
-        .request(Method::POST, "/batch/messages")
-        .header("Content-Type", "application/vnd.microsoft.servicebus.json")
-        .body(batch)
-        .send()
-        .await
-        .unwrap();
+    let sent = client.send_batch("batch", batch).await;
     assert_eq!(sent.status(), StatusCode::CREATED);
 
     let first = client.receive_and_delete("batch", 1).await;
@@ -783,13 +791,7 @@ async fn send_batch_stores_each_message_with_its_properties() {
     assert_eq!(header(second.headers(), "ok"), "true");
 
     let bad = r#"[{"Body":"fine"},{"Body":"bad","UserProperties":{"nested":{"a":1}}}]"#;
-    let refused = client
-        .request(Method::POST, "/batch/messages")
-        .header("Content-Type", "application/vnd.microsoft.servicebus.json")
-        .body(bad)
-        .send()
-        .await
-        .unwrap();
+    let refused = client.send_batch("batch", bad).await;
     assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
     assert_eq!(emulator.broker().message_count("batch"), 0);
 }
@@ -853,9 +855,7 @@ async fn abandoned_waiting_receive_does_not_lock_later_messages() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let client = Client::new(&emulator);
     client.send("ghost", "for the living").await;
-    let response = client.peek_lock("ghost", 2).await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    assert_eq!(broker_properties(response.headers())["DeliveryCount"], 1);
+    assert_first_delivery(&client, "ghost", 2).await;
 }
 
 /// Ensures that an unusable configuration or a taken address is an error at start,

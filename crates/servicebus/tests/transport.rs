@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -18,24 +20,17 @@ use steward_servicebus::{
     AccessToken, AuthMethod, DELIVERY_COUNT_PROPERTY, PROTOCOL_HEADER_PREFIXES, PROTOCOL_HEADERS,
     ServiceBusBuilder, ServiceBusTransport, StaticToken,
 };
+use support::KEY_NAME;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-const KEY_NAME: &str = "RootManageSharedAccessKey";
 const KEY: &str = "dHJhbnNwb3J0LXRlc3Qta2V5";
 const WAIT: Duration = Duration::from_secs(1);
 
 /// An emulator with the test key, and a transport signing with `key`.
 async fn start(emulator: EmulatorBuilder, key: &str) -> (EmulatorHandle, ServiceBusTransport) {
-    let emulator = emulator.with_sas_key(KEY_NAME, KEY).start().await.unwrap();
-    let transport = ServiceBusBuilder::new()
-        .with_namespace("tre.servicebus.windows.net")
-        .with_endpoint(emulator.endpoint())
-        .with_sas_key(KEY_NAME, key)
-        .build()
-        .unwrap();
-    (emulator, transport)
+    support::start(emulator, KEY, key).await
 }
 
 async fn send_text(transport: &ServiceBusTransport, queue: &str, id: &str) {

@@ -316,17 +316,27 @@ fn key(message: &Message) -> Key {
     (message.id.clone(), message.delivery_count)
 }
 
-/// Logs a call's drop if it never answered.
-struct CallGuard {
+/// Logs an event if dropped before it is disarmed: a call that never answered, a run
+/// whose handler never returned.
+struct LogOnDrop {
     log: Log,
-    call: u64,
-    answered: bool,
+    event: Option<Event>,
 }
 
-impl Drop for CallGuard {
+impl LogOnDrop {
+    fn new(log: &Log, event: Event) -> Self {
+        Self { log: log.clone(), event: Some(event) }
+    }
+
+    fn disarm(&mut self) {
+        self.event = None;
+    }
+}
+
+impl Drop for LogOnDrop {
     fn drop(&mut self) {
-        if !self.answered {
-            self.log.push(Event::CallDropped { call: self.call });
+        if let Some(event) = self.event.take() {
+            self.log.push(event);
         }
     }
 }
@@ -343,21 +353,22 @@ struct SimSettle {
 }
 
 impl SimSettle {
-    fn begin(&self, op: Op, detail: String) -> CallGuard {
+    /// Logs the call; the guard logs its drop if it never answers.
+    fn begin(&self, op: Op, detail: String) -> (u64, LogOnDrop) {
         let call = self.log.next_call();
         self.log.push(Event::Call { call, key: self.key.clone(), op, detail });
-        CallGuard { log: self.log.clone(), call, answered: false }
+        (call, LogOnDrop::new(&self.log, Event::CallDropped { call }))
     }
 
     fn answer<T>(
         &self,
-        mut guard: CallGuard,
+        (call, mut guard): (u64, LogOnDrop),
         result: &Result<T, TransportError>,
         until: Option<Instant>,
     ) {
-        guard.answered = true;
+        guard.disarm();
         let error = result.as_ref().err().map(TransportError::kind);
-        self.log.push(Event::Answer { call: guard.call, error, until });
+        self.log.push(Event::Answer { call, error, until });
     }
 
     /// What the Updater is told of an expiry: the real one, less any clock skew.
@@ -443,21 +454,6 @@ pub(crate) struct SimHandler {
     pub(crate) dependency_outage: Duration,
 }
 
-/// Logs a run's end as `Dropped` if the handler never returned.
-struct RunGuard {
-    log: Log,
-    key: Key,
-    ended: bool,
-}
-
-impl Drop for RunGuard {
-    fn drop(&mut self) {
-        if !self.ended {
-            self.log.push(Event::Finish { key: self.key.clone(), end: End::Dropped });
-        }
-    }
-}
-
 /// The text of the scripted panics, which the quiet panic hook leaves out.
 pub(crate) const PANIC_TEXT: &str = "sim: scripted handler panic";
 
@@ -473,7 +469,9 @@ impl Handler for SimHandler {
         };
         let key = key(&message);
         self.log.push(Event::Start { key: key.clone(), step: step.to_string() });
-        let mut guard = RunGuard { log: self.log.clone(), key: key.clone(), ended: false };
+        // Logs the run's end as `Dropped` if the handler never returns.
+        let mut guard =
+            LogOnDrop::new(&self.log, Event::Finish { key: key.clone(), end: End::Dropped });
         let (outcome, end) = match step {
             Step::Complete(work) | Step::Slow(work) => {
                 sleep(work).await;
@@ -498,13 +496,13 @@ impl Handler for SimHandler {
             }
             Step::Panic(work) => {
                 sleep(work).await;
-                guard.ended = true;
+                guard.disarm();
                 self.log.push(Event::Finish { key, end: End::Panicked });
                 std::panic::panic_any(PANIC_TEXT);
             }
             Step::Hang => std::future::pending().await,
         };
-        guard.ended = true;
+        guard.disarm();
         self.log.push(Event::Finish { key, end });
         outcome
     }

@@ -121,6 +121,56 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{n}-{nanos:x}", std::process::id())
 }
 
+/// Whether `service` (a broker a test needs) accepts TCP connections at `address`
+/// within three seconds. When it does not, the test `test` prints one skip line (and
+/// should return), or, with `CI=true`, fails: CI must not skip silently.
+///
+/// # Panics
+///
+/// When the service is unreachable and `CI=true`.
+pub async fn service_available(test: &str, service: &str, address: &str) -> bool {
+    let connect = tokio::net::TcpStream::connect(address);
+    let reachable =
+        matches!(tokio::time::timeout(std::time::Duration::from_secs(3), connect).await, Ok(Ok(_)));
+    if !reachable {
+        assert!(
+            !std::env::var("CI").is_ok_and(|ci| ci == "true"),
+            "{test}: {service} is not reachable at {address} and CI=true"
+        );
+        eprintln!("skipped {test}: {service} is not reachable at {address}");
+    }
+    reachable
+}
+
+/// Runs `clean_up` on each of `items` on a thread and a runtime of its own, and waits
+/// for it: for the `Drop` handlers of test fixtures, which cannot await (and may run on
+/// a runtime that is shutting down). A failure is printed with its chain, not raised.
+pub fn clean_up_blocking<T, E, F, Fut>(items: Vec<T>, clean_up: F)
+where
+    T: Send + 'static,
+    E: std::error::Error + 'static,
+    F: Fn(T) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    if items.is_empty() {
+        return;
+    }
+    let cleaning = std::thread::spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => return eprintln!("cleanup failed: no runtime: {error}"),
+        };
+        runtime.block_on(async {
+            for item in items {
+                if let Err(error) = clean_up(item).await {
+                    eprintln!("cleanup failed: {}", crate::error_chain(&error));
+                }
+            }
+        });
+    });
+    let _ = cleaning.join();
+}
+
 /// What a case needs from the transport beyond the basic contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

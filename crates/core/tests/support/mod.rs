@@ -2,14 +2,17 @@
 
 #![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
 
+use std::future::Future;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use steward_core::handler_fn;
 use steward_core::{
-    Backoff, Capabilities, Delivery, HealthHandle, Jitter, MessageSink, MessageSource,
-    OutgoingMessage, Supervisor, SupervisorConfig, TransportError, UpdaterConfig, WorkerHealth,
+    Backoff, Capabilities, Delivery, Handler, HealthHandle, Jitter, Message, MessageSink,
+    MessageSource, Outcome, OutgoingMessage, Supervisor, SupervisorConfig, TransportError,
+    UpdaterConfig, Worker, WorkerHealth,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
 use tokio::time::Instant;
@@ -50,6 +53,14 @@ pub fn supervisor() -> Supervisor {
     ))
 }
 
+/// A [`supervisor`] running `worker`, and its health.
+pub fn supervise(worker: impl Worker) -> (Supervisor, HealthHandle) {
+    let supervisor = supervisor();
+    supervisor.spawn(worker);
+    let health = supervisor.health();
+    (supervisor, health)
+}
+
 pub fn worker(health: &HealthHandle, name: &str) -> WorkerHealth {
     health.snapshot().worker(name).cloned().unwrap()
 }
@@ -63,37 +74,116 @@ pub async fn eventually(what: &str, within: Duration, mut condition: impl FnMut(
     }
 }
 
+/// Implements `MessageSource` for `$wrapper<S>`, a wrapper of the source at
+/// `self.$inner`: `queue` and `stop_receiving` pass through, and so do `capabilities`
+/// and `receive` unless given: `capabilities: c => <expr of the inner's c>` changes what
+/// the source claims, a `receive` item replaces the inner's.
+macro_rules! wrap_source {
+    ($wrapper:ident . $inner:tt, capabilities: $c:ident => $caps:expr) => {
+        $crate::support::wrap_source!(@impl $wrapper . $inner, [$c => $caps],
+            async fn receive(
+                &self,
+                max: usize,
+                wait: Duration,
+            ) -> Result<Vec<Delivery>, TransportError> {
+                self.$inner.receive(max, wait).await
+            }
+        );
+    };
+    ($wrapper:ident . $inner:tt, capabilities: $c:ident => $caps:expr, $receive:item) => {
+        $crate::support::wrap_source!(@impl $wrapper . $inner, [$c => $caps], $receive);
+    };
+    ($wrapper:ident . $inner:tt, $receive:item) => {
+        $crate::support::wrap_source!(@impl $wrapper . $inner, [c => c], $receive);
+    };
+    (@impl $wrapper:ident . $inner:tt, [$c:ident => $caps:expr], $receive:item) => {
+        #[async_trait::async_trait]
+        impl<S: MessageSource> MessageSource for $wrapper<S> {
+            fn queue(&self) -> &str {
+                self.$inner.queue()
+            }
+
+            fn capabilities(&self) -> Capabilities {
+                let $c = self.$inner.capabilities();
+                $caps
+            }
+
+            $receive
+
+            async fn stop_receiving(&self) -> Result<(), TransportError> {
+                self.$inner.stop_receiving().await
+            }
+        }
+    };
+}
+pub(crate) use wrap_source;
+
 /// Wraps a source to hide the broker's sessions: messages carry their ordering key in
 /// property `session` and the source claims no session support, so ordering is the
 /// updater's job, as on a transport without sessions.
 pub struct LocalSessions<S>(pub S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for LocalSessions<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { sessions: false, ..self.0.capabilities() }
-    }
-
+wrap_source!(
+    LocalSessions.0,
+    capabilities: c => Capabilities { sessions: false, ..c },
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
-        Ok(batch
-            .into_iter()
-            .map(|delivery| {
-                delivery.map_message(|mut message| {
-                    message.session_id = message.properties.get("session").cloned();
-                    message
-                })
-            })
-            .collect())
+        Ok(map_messages(batch, |message| {
+            message.session_id = message.properties.get("session").cloned();
+        }))
     }
+);
 
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
+/// A [`broker`] with this lock duration, holding the messages `ids` (sent in order,
+/// without sessions).
+pub async fn broker_holding(lock: Duration, ids: &[&str]) -> InMemoryBroker {
+    let broker = broker(lock);
+    for id in ids {
+        send(&broker, id, None).await;
     }
+    broker
+}
+
+/// A [`broker`] with this lock duration, holding the `(id, session)` messages sent in
+/// order with [`send_local_session`].
+pub async fn broker_holding_local_sessions(
+    lock: Duration,
+    messages: &[(&str, &str)],
+) -> InMemoryBroker {
+    let broker = broker(lock);
+    for (id, session) in messages {
+        send_local_session(&broker, id, session).await;
+    }
+    broker
+}
+
+/// A handler that records each call, as `record` describes it, in `calls`, and then
+/// answers as `then` does.
+pub fn recorded<T, R, F, Fut>(calls: &Arc<Mutex<Vec<T>>>, record: R, then: F) -> impl Handler
+where
+    T: Send + 'static,
+    R: Fn(&Message) -> T + Send + Sync + 'static,
+    F: Fn(Arc<Message>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    let calls = calls.clone();
+    handler_fn(move |message| {
+        calls.lock().unwrap().push(record(&message));
+        then(message)
+    })
+}
+
+/// `batch` with `change` applied to each message, keeping the settlement handles.
+pub fn map_messages(batch: Vec<Delivery>, change: impl Fn(&mut Message)) -> Vec<Delivery> {
+    batch
+        .into_iter()
+        .map(|delivery| {
+            delivery.map_message(|mut message| {
+                change(&mut message);
+                message
+            })
+        })
+        .collect()
 }
 
 pub async fn send_local_session(broker: &InMemoryBroker, id: &str, session: &str) {
@@ -108,40 +198,20 @@ pub struct Timed<S> {
     pub calls: Arc<Mutex<Vec<Instant>>>,
 }
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for Timed<S> {
-    fn queue(&self) -> &str {
-        self.inner.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
+wrap_source!(
+    Timed.inner,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         self.calls.lock().unwrap().push(Instant::now());
         self.inner.receive(max, wait).await
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.inner.stop_receiving().await
-    }
-}
+);
 
 /// Makes a source that returns at once honour `wait` when it has nothing, as the
 /// `MessageSource` contract demands (for mocks).
 pub struct Paced<S>(pub S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for Paced<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-
+wrap_source!(
+    Paced.0,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.0.receive(max, wait).await?;
         if batch.is_empty() {
@@ -149,11 +219,7 @@ impl<S: MessageSource> MessageSource for Paced<S> {
         }
         Ok(batch)
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+);
 
 /// Captures the log lines a test's thread writes, for asserting on them.
 ///
@@ -347,16 +413,8 @@ impl steward_core::Settle for FaultySettle {
     }
 }
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for Faulty<S> {
-    fn queue(&self) -> &str {
-        self.inner.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
+wrap_source!(
+    Faulty.inner,
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let batch = self.inner.receive(max, wait).await?;
         Ok(batch
@@ -373,31 +431,13 @@ impl<S: MessageSource> MessageSource for Faulty<S> {
             })
             .collect())
     }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.inner.stop_receiving().await
-    }
-}
+);
 
 /// Wraps a source to claim no delayed abandon, so the updater holds delayed retries
 /// itself.
 pub struct WithoutDelayedAbandon<S>(pub S);
 
-#[async_trait]
-impl<S: MessageSource> MessageSource for WithoutDelayedAbandon<S> {
-    fn queue(&self) -> &str {
-        self.0.queue()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { delayed_abandon: false, ..self.0.capabilities() }
-    }
-
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
-        self.0.receive(max, wait).await
-    }
-
-    async fn stop_receiving(&self) -> Result<(), TransportError> {
-        self.0.stop_receiving().await
-    }
-}
+wrap_source!(
+    WithoutDelayedAbandon.0,
+    capabilities: c => Capabilities { delayed_abandon: false, ..c }
+);

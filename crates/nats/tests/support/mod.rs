@@ -26,19 +26,7 @@ fn address(url: &str) -> String {
 /// Whether the server accepts TCP connections. With `CI=true` an unreachable server
 /// fails the test; otherwise the test prints one skip line and returns.
 pub async fn server_available(test: &str) -> bool {
-    let address = address(&server_url());
-    let reachable = matches!(
-        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&address))
-            .await,
-        Ok(Ok(_))
-    );
-    if !reachable {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("{test}: NATS is not reachable at {address} and CI=true");
-        }
-        eprintln!("skipped {test}: NATS is not reachable at {address}");
-    }
-    reachable
+    steward_core::testkit::service_available(test, "NATS", &address(&server_url())).await
 }
 
 /// A builder for a uniquely named queue on `url`, with the short test lock.
@@ -54,20 +42,9 @@ pub fn unique_queue(url: &str, prefix: &str) -> (String, NatsBuilder) {
 
 /// Deletes the streams of `transports` from a thread of its own (for `Drop`).
 pub fn delete_topologies(transports: Vec<Nats>) {
-    if transports.is_empty() {
-        return;
-    }
-    let deleting = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            for nats in transports {
-                if let Err(error) = nats.delete_topology().await {
-                    eprintln!("cleanup failed: {}", steward_core::error_chain(&error));
-                }
-            }
-        });
+    steward_core::testkit::clean_up_blocking(transports, |nats| async move {
+        nats.delete_topology().await
     });
-    let _ = deleting.join();
 }
 
 /// Deletes the durable consumer of `queue` behind the transport's back.

@@ -6,7 +6,36 @@ use std::process::Command;
 use std::time::Duration;
 
 use steward_core::testkit::unique_name;
-use steward_rabbitmq::{RabbitMq, RabbitMqBuilder};
+use steward_core::{Delivery, MessageSource};
+use steward_rabbitmq::{RabbitMq, RabbitMqBuilder, RabbitMqSource};
+use tokio::time::Instant;
+
+/// A generous bound for things that happen "within seconds" on a real broker.
+pub const PROMPTLY: Duration = Duration::from_secs(30);
+
+/// Returns from the test (after one skip line) when the broker is not reachable; see
+/// [`broker_available`].
+#[allow(unused_macros)]
+macro_rules! require_broker {
+    ($test:literal) => {
+        if !$crate::support::broker_available($test).await {
+            return;
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use require_broker;
+
+/// Receives until `n` deliveries arrived or `within` passed.
+pub async fn receive_n(source: &RabbitMqSource, n: usize, within: Duration) -> Vec<Delivery> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n && Instant::now() < deadline {
+        let wait = (deadline - Instant::now()).min(Duration::from_secs(1));
+        got.extend(source.receive(n - got.len(), wait).await.unwrap());
+    }
+    got
+}
 
 /// The broker the tests use: `STEWARD_RABBITMQ_URL`, else the local default.
 pub fn broker_url() -> String {
@@ -17,19 +46,7 @@ pub fn broker_url() -> String {
 /// Whether the broker accepts TCP connections. With `CI=true` an unreachable broker
 /// fails the test; otherwise the test prints one skip line and returns.
 pub async fn broker_available(test: &str) -> bool {
-    let address = broker_address();
-    let reachable = matches!(
-        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&address))
-            .await,
-        Ok(Ok(_))
-    );
-    if !reachable {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("{test}: RabbitMQ is not reachable at {address} and CI=true");
-        }
-        eprintln!("skipped {test}: RabbitMQ is not reachable at {address}");
-    }
-    reachable
+    steward_core::testkit::service_available(test, "RabbitMQ", &broker_address()).await
 }
 
 /// A builder for the test broker without queues: test connection names, queues that
@@ -81,20 +98,9 @@ impl Drop for TestQueue {
 /// Deletes the topologies of `rabbits`, waiting for it, from a thread of its own (drop
 /// handlers cannot await).
 pub fn delete_topologies(rabbits: Vec<RabbitMq>) {
-    if rabbits.is_empty() {
-        return;
-    }
-    let deleting = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            for rabbit in rabbits {
-                if let Err(error) = rabbit.delete_topology().await {
-                    eprintln!("cleanup failed: {}", steward_core::error_chain(&error));
-                }
-            }
-        });
+    steward_core::testkit::clean_up_blocking(rabbits, |rabbit| async move {
+        rabbit.delete_topology().await
     });
-    let _ = deleting.join();
 }
 
 /// Runs `rabbitmqctl` with `args` and returns its standard output.

@@ -7,7 +7,6 @@ mod sas;
 mod server;
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,12 +66,12 @@ impl Emulator {
 }
 
 /// Configures and starts an emulator; see [`Emulator::builder`].
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 #[must_use]
 pub struct EmulatorBuilder {
     listen: SocketAddr,
-    sas_keys: Vec<(String, String)>,
-    bearer_tokens: Vec<String>,
+    /// The accepted keys and tokens (its `Debug` shows key names only).
+    auth: sas::Authenticator,
     lock_duration: Duration,
     max_delivery_count: u32,
     session_queues: BTreeSet<String>,
@@ -86,8 +85,7 @@ impl Default for EmulatorBuilder {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            sas_keys: Vec::new(),
-            bearer_tokens: Vec::new(),
+            auth: sas::Authenticator::default(),
             lock_duration: DEFAULT_LOCK_DURATION,
             max_delivery_count: DEFAULT_MAX_DELIVERY_COUNT,
             session_queues: BTreeSet::new(),
@@ -96,24 +94,6 @@ impl Default for EmulatorBuilder {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             default_receive_timeout: DEFAULT_RECEIVE_TIMEOUT,
         }
-    }
-}
-
-impl fmt::Debug for EmulatorBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let key_names: Vec<&str> = self.sas_keys.iter().map(|(name, _)| name.as_str()).collect();
-        f.debug_struct("EmulatorBuilder")
-            .field("listen", &self.listen)
-            .field("sas_key_names", &key_names)
-            .field("bearer_tokens", &self.bearer_tokens.len())
-            .field("lock_duration", &self.lock_duration)
-            .field("max_delivery_count", &self.max_delivery_count)
-            .field("session_queues", &self.session_queues)
-            .field("queues", &self.queues)
-            .field("auto_create_queues", &self.auto_create_queues)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .field("default_receive_timeout", &self.default_receive_timeout)
-            .finish()
     }
 }
 
@@ -128,14 +108,14 @@ impl EmulatorBuilder {
     /// namespace's "shared access policy"). Can be given several times. Once any key or
     /// bearer token is configured, requests without valid credentials get 401.
     pub fn with_sas_key(mut self, name: impl Into<String>, key: impl Into<String>) -> Self {
-        self.sas_keys.push((name.into(), key.into()));
+        self.auth.add_key(name.into(), key.into());
         self
     }
 
     /// Accepts `Authorization: Bearer <token>` with exactly this token (a stand-in for
     /// Entra ID tokens, whose signatures the emulator does not check).
     pub fn with_bearer_token(mut self, token: impl Into<String>) -> Self {
-        self.bearer_tokens.push(token.into());
+        self.auth.add_bearer_token(token.into());
         self
     }
 
@@ -236,13 +216,7 @@ impl EmulatorBuilder {
             .local_addr()
             .map_err(|source| EmulatorError::Bind { addr: self.listen, source })?;
 
-        let mut auth = sas::Authenticator::default();
-        for (name, key) in self.sas_keys {
-            auth.add_key(name, key);
-        }
-        for token in self.bearer_tokens {
-            auth.add_bearer_token(token);
-        }
+        let auth = self.auth;
         let faults = Faults::default();
         let shutdown = CancellationToken::new();
         let shared = Arc::new(rest::Shared {
@@ -332,5 +306,20 @@ impl EmulatorHandle {
 impl Drop for EmulatorHandle {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Emulator;
+
+    #[test]
+    fn builder_debug_shows_key_names_but_no_keys_or_tokens() {
+        let builder = Emulator::builder()
+            .with_sas_key("RootManageSharedAccessKey", "k3y")
+            .with_bearer_token("t0ken");
+        let debug = format!("{builder:?}");
+        assert!(debug.contains("RootManageSharedAccessKey"), "{debug}");
+        assert!(!debug.contains("k3y") && !debug.contains("t0ken"), "{debug}");
     }
 }
