@@ -69,6 +69,9 @@
 //! # }
 //! ```
 
+#[macro_use]
+mod names;
+
 pub mod domain;
 pub mod http;
 pub mod rules;

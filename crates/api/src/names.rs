@@ -1,0 +1,76 @@
+//! `named_enum!`: enums whose values have fixed names.
+
+/// Declares a fieldless enum whose variants each have a name, with `as_str` and
+/// `Display` from one list. With `: "kind"` after the enum's name it also gets `ALL`
+/// (every variant, in declaration order) and a `FromStr` that fails with
+/// [`UnknownValue`](crate::domain::UnknownValue) naming `kind`.
+///
+/// ```ignore
+/// named_enum! {
+///     /// A colour.
+///     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///     pub enum Colour: "colour" {
+///         /// Red.
+///         Red => "red",
+///     }
+/// }
+/// ```
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident : $kind:literal {
+            $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)?
+        }
+    ) => {
+        named_enum! {
+            $(#[$meta])*
+            $vis enum $name { $($(#[$vmeta])* $variant => $text),+ }
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
+        }
+
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::domain::UnknownValue;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $name::ALL
+                    .into_iter()
+                    .find(|value| value.as_str() == s)
+                    .ok_or_else(|| $crate::domain::UnknownValue {
+                        kind: $kind,
+                        value: s.to_owned(),
+                    })
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// This value's name.
+            #[must_use]
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
