@@ -74,3 +74,20 @@ macro_rules! named_enum {
         }
     };
 }
+
+/// Asserts that each of `all` is written to JSON as its name, and read back from its
+/// JSON and from its name.
+#[cfg(test)]
+pub(crate) fn assert_names_round_trip<T>(all: &[T])
+where
+    T: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + std::str::FromStr,
+    T: serde::Serialize + serde::de::DeserializeOwned,
+    T::Err: std::fmt::Debug,
+{
+    for &value in all {
+        let json = serde_json::to_string(&value).unwrap();
+        assert_eq!(json, format!("\"{value}\""));
+        assert_eq!(serde_json::from_str::<T>(&json).unwrap(), value);
+        assert_eq!(value.to_string().parse::<T>().unwrap(), value);
+    }
+}

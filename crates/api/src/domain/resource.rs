@@ -320,11 +320,7 @@ mod tests {
 
     #[test]
     fn resource_types_use_tre_names() {
-        for kind in ResourceType::ALL {
-            let json = serde_json::to_string(&kind).unwrap();
-            assert_eq!(json, format!("\"{kind}\""));
-            assert_eq!(kind.as_str().parse::<ResourceType>().unwrap(), kind);
-        }
+        crate::names::assert_names_round_trip(&ResourceType::ALL);
         assert!("workspace_service".parse::<ResourceType>().is_err());
     }
 }
