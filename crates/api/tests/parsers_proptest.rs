@@ -115,26 +115,6 @@ fn valid_status() -> Value {
     })
 }
 
-/// The reference's step result example (reference §4.3).
-fn valid_step_result() -> Value {
-    json!({
-        "id": "2d1f4a6e-0c3b-4a55-9a51-0d6f3a1c9e21",
-        "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.EventGrid/topics/t",
-        "subject": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
-        "eventType": "Airlock.StepResult",
-        "eventTime": "2026-08-17T10:00:00.123456Z",
-        "data": {
-            "completed_step": "submitted",
-            "new_status": "in_review",
-            "request_id": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
-            "request_files": [{"name": "data.csv", "size": 1024}],
-            "status_message": null
-        },
-        "dataVersion": "1.0",
-        "metadataVersion": "1"
-    })
-}
-
 /// One change to a valid message.
 #[derive(Debug, Clone)]
 enum Mutation {
@@ -325,7 +305,7 @@ proptest! {
     /// a valid message or the dead-letter; an added unknown member changes nothing.
     #[test]
     fn step_result_parser_maps_mutated_messages(mutation in mutation()) {
-        let base = valid_step_result();
+        let base = support::step_result_example();
         let body = mutate(&base, &mutation);
         check_step_result(&body)?;
         if let Mutation::Add(_, key, _) = &mutation {
@@ -339,7 +319,7 @@ proptest! {
 #[test]
 fn the_reference_examples_are_valid() {
     assert!(parse_deployment_status(valid_status().to_string().as_bytes()).is_ok());
-    assert!(parse_step_result(valid_step_result().to_string().as_bytes()).is_ok());
+    assert!(parse_step_result(support::step_result_example().to_string().as_bytes()).is_ok());
 }
 
 /// Ensures that the mutation strategy is not degenerate: of a few hundred mutated
@@ -354,8 +334,9 @@ fn mutations_reach_both_valid_and_invalid_messages() {
         status
             [usize::from(parse_deployment_status(&mutate(&valid_status(), &mutation)).is_ok())] +=
             1;
-        result[usize::from(parse_step_result(&mutate(&valid_step_result(), &mutation)).is_ok())] +=
-            1;
+        result[usize::from(
+            parse_step_result(&mutate(&support::step_result_example(), &mutation)).is_ok(),
+        )] += 1;
     }
     assert!(status.iter().all(|&n| n >= 40), "deployment status invalid/valid: {status:?}");
     assert!(result.iter().all(|&n| n >= 40), "step result invalid/valid: {result:?}");
@@ -429,7 +410,7 @@ fn airlock_handler_maps_mutated_messages_to_settlements() {
     let request =
         runtime.block_on(support::airlock_request(&db.store, &ws, AirlockRequestStatus::Submitted));
     let handler = AirlockStatusHandler::new(db.store.clone(), Arc::new(StaticRecipients::none()));
-    let mut base = valid_step_result();
+    let mut base = support::step_result_example();
     base["data"]["request_id"] = json!(request.id);
     let mut runner = TestRunner::new(Config { cases: 96, ..Config::default() });
     runner

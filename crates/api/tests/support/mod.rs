@@ -204,3 +204,23 @@ pub fn props(value: Value) -> Properties {
 pub fn workspace_props() -> Properties {
     props(json!({"display_name": "Genomics", "description": "Sequencing data"}))
 }
+
+/// The airlock step result example of reference §4.3.
+pub fn step_result_example() -> Value {
+    json!({
+        "id": "2d1f4a6e-0c3b-4a55-9a51-0d6f3a1c9e21",
+        "topic": "/subscriptions/<sub>/resourceGroups/rg-mytre/providers/Microsoft.EventGrid/topics/evgt-airlock-step-result-v2-mytre",
+        "subject": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
+        "eventType": "Airlock.StepResult",
+        "eventTime": "2026-08-17T10:00:00.123456Z",
+        "data": {
+            "completed_step": "submitted",
+            "new_status": "in_review",
+            "request_id": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
+            "request_files": [{"name": "data.csv", "size": 1024}],
+            "status_message": null
+        },
+        "dataVersion": "1.0",
+        "metadataVersion": "1"
+    })
+}
