@@ -71,6 +71,7 @@
 
 #[macro_use]
 mod names;
+mod opaque;
 
 pub mod domain;
 pub mod http;
