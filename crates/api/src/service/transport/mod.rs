@@ -15,6 +15,36 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use steward_core::{Connect, Message, MessageSink, MessageSource, TransportError};
 
+/// Declares `$name`, the [`Transport`] of a broker client `$client` that opens sources
+/// and sinks and declares its topology itself (RabbitMQ, NATS): the check declares the
+/// queues, checking those that exist.
+#[allow(unused_macros, reason = "used only by the transports compiled in")]
+macro_rules! broker_transport {
+    ($name:ident($client:ty)) => {
+        #[derive(Debug)]
+        struct $name($client);
+
+        #[async_trait::async_trait]
+        impl super::Transport for $name {
+            async fn source(
+                &self,
+                queue: &str,
+            ) -> Result<Arc<dyn steward_core::MessageSource>, steward_core::TransportError> {
+                Ok(Arc::new(self.0.source(queue).await?))
+            }
+
+            fn sink(&self) -> Arc<dyn steward_core::MessageSink> {
+                Arc::new(self.0.sink())
+            }
+
+            /// Declares the topology, checking what exists.
+            async fn check(&self) -> Result<(), steward_core::TransportError> {
+                self.0.declare_topology().await
+            }
+        }
+    };
+}
+
 include!(concat!(env!("OUT_DIR"), "/transports.rs"));
 
 /// The queues the service uses, for transports that declare or probe them.
@@ -46,6 +76,22 @@ impl Topology {
             }
         }
         queues
+    }
+
+    /// `builder` with each consumed queue added by `consume` and each published one by
+    /// `publish`: a broker client's builder declaring the queues.
+    #[allow(
+        dead_code,
+        reason = "each transport reads what it needs: a build without some leaves parts unread"
+    )]
+    pub(crate) fn add_queues<B>(
+        &self,
+        builder: B,
+        consume: impl Fn(B, &str) -> B,
+        publish: impl Fn(B, &str) -> B,
+    ) -> B {
+        let builder = self.consumed.iter().fold(builder, |builder, queue| consume(builder, queue));
+        self.published.iter().fold(builder, |builder, queue| publish(builder, queue))
     }
 }
 

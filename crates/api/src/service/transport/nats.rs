@@ -3,8 +3,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use steward_core::{MessageSink, MessageSource, TransportError};
 use steward_nats::{Credentials, Nats};
 
 use super::{OpenTransport, Topology, Transport};
@@ -68,39 +66,22 @@ impl Settings {
 
 impl OpenTransport for Settings {
     fn open(&self, topology: &Topology) -> Result<Arc<dyn Transport>, steward_core::BoxError> {
-        let mut builder = steward_nats::NatsBuilder::new()
+        let builder = steward_nats::NatsBuilder::new()
             .with_url(self.nats_url.clone())
             .with_credentials(self.credentials()?)
             .with_connection_name("steward-api")
             .with_max_deliveries(topology.max_deliveries);
-        for queue in &topology.consumed {
-            builder = builder.with_queue(queue.clone());
-        }
-        for queue in &topology.published {
-            builder = builder.with_publish_queue(queue.clone());
-        }
+        let builder = topology.add_queues(
+            builder,
+            |builder, queue| builder.with_queue(queue),
+            |builder, queue| builder.with_publish_queue(queue),
+        );
         Ok(Arc::new(NatsTransport(builder.build()?)))
     }
 }
 
-#[derive(Debug)]
-struct NatsTransport(Nats);
-
-#[async_trait]
-impl Transport for NatsTransport {
-    async fn source(&self, queue: &str) -> Result<Arc<dyn MessageSource>, TransportError> {
-        Ok(Arc::new(self.0.source(queue).await?))
-    }
-
-    fn sink(&self) -> Arc<dyn MessageSink> {
-        Arc::new(self.0.sink())
-    }
-
-    /// Declares the streams and consumers, checking those that exist.
-    async fn check(&self) -> Result<(), TransportError> {
-        self.0.declare_topology().await
-    }
-}
+// Its topology: the streams and consumers.
+broker_transport!(NatsTransport(Nats));
 
 #[cfg(test)]
 mod tests {
