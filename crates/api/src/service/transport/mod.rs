@@ -15,12 +15,30 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use steward_core::{Connect, Message, MessageSink, MessageSource, TransportError};
 
-/// Declares `$name`, the [`Transport`] of a broker client `$client` that opens sources
-/// and sinks and declares its topology itself (RabbitMQ, NATS): the check declares the
-/// queues, checking those that exist.
+/// For a broker client `$client` that opens sources and sinks and declares its
+/// topology itself (RabbitMQ, NATS): declares `$name`, its [`Transport`] (the check
+/// declares the queues, checking those that exist), and implements [`OpenTransport`] for
+/// the file's `Settings`, with `$builder` (where `$settings` is the `Settings`) given the
+/// service's connection name, delivery limit and queues.
 #[allow(unused_macros, reason = "used only by the transports compiled in")]
 macro_rules! broker_transport {
-    ($name:ident($client:ty)) => {
+    ($name:ident($client:ty), |$settings:ident| $builder:expr) => {
+        impl super::OpenTransport for Settings {
+            fn open(
+                &self,
+                topology: &super::Topology,
+            ) -> Result<Arc<dyn super::Transport>, steward_core::BoxError> {
+                let $settings = self;
+                let builder = $builder
+                    .with_connection_name("steward-api")
+                    .with_max_deliveries(topology.max_deliveries);
+                let builder = topology.consumed.iter().fold(builder, |b, q| b.with_queue(q));
+                let builder =
+                    topology.published.iter().fold(builder, |b, q| b.with_publish_queue(q));
+                Ok(Arc::new($name(builder.build()?)))
+            }
+        }
+
         #[derive(Debug)]
         struct $name($client);
 
@@ -76,22 +94,6 @@ impl Topology {
             }
         }
         queues
-    }
-
-    /// `builder` with each consumed queue added by `consume` and each published one by
-    /// `publish`: a broker client's builder declaring the queues.
-    #[allow(
-        dead_code,
-        reason = "each transport reads what it needs: a build without some leaves parts unread"
-    )]
-    pub(crate) fn add_queues<B>(
-        &self,
-        builder: B,
-        consume: impl Fn(B, &str) -> B,
-        publish: impl Fn(B, &str) -> B,
-    ) -> B {
-        let builder = self.consumed.iter().fold(builder, |builder, queue| consume(builder, queue));
-        self.published.iter().fold(builder, |builder, queue| publish(builder, queue))
     }
 }
 

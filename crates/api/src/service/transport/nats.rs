@@ -5,8 +5,6 @@ use std::sync::Arc;
 
 use steward_nats::{Credentials, Nats};
 
-use super::{OpenTransport, Topology, Transport};
-
 /// The NATS settings: the server, and at most one kind of credentials.
 #[derive(Clone, clap::Args)]
 #[group(skip)]
@@ -64,24 +62,12 @@ impl Settings {
     }
 }
 
-impl OpenTransport for Settings {
-    fn open(&self, topology: &Topology) -> Result<Arc<dyn Transport>, steward_core::BoxError> {
-        let builder = steward_nats::NatsBuilder::new()
-            .with_url(self.nats_url.clone())
-            .with_credentials(self.credentials()?)
-            .with_connection_name("steward-api")
-            .with_max_deliveries(topology.max_deliveries);
-        let builder = topology.add_queues(
-            builder,
-            |builder, queue| builder.with_queue(queue),
-            |builder, queue| builder.with_publish_queue(queue),
-        );
-        Ok(Arc::new(NatsTransport(builder.build()?)))
-    }
-}
-
-// Its topology: the streams and consumers.
-broker_transport!(NatsTransport(Nats));
+// The transport, `NatsTransport`: its check declares the streams and consumers.
+broker_transport!(NatsTransport(Nats), |settings| {
+    steward_nats::NatsBuilder::new()
+        .with_url(settings.nats_url.clone())
+        .with_credentials(settings.credentials()?)
+});
 
 #[cfg(test)]
 mod tests {
