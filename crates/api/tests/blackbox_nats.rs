@@ -171,18 +171,12 @@ impl Publisher {
     }
 }
 
-/// A TRE deployment-status body answering `request`.
+/// A TRE deployment-status body answering `request`, with an address space unique
+/// to `n`.
 fn status_body(request: &Value, status: &str, n: usize) -> Vec<u8> {
-    json!({
-        "operationId": request["operationId"],
-        "stepId": request["stepId"],
-        "id": request["id"],
-        "status": status,
-        "message": format!("{}: {status}", request["id"].as_str().unwrap()),
-        "outputs": [{"name": "address_spaces", "value": [format!("10.{}.{}.0/24", 100 + n / 250, n % 250)], "type": "string"}],
-    })
-    .to_string()
-    .into_bytes()
+    let space = format!("10.{}.{}.0/24", 100 + n / 250, n % 250);
+    let outputs = json!([{"name": "address_spaces", "value": [space], "type": "string"}]);
+    process::status_update(request, status, status, outputs).into_bytes()
 }
 
 /// Ensures that on NATS a resource created over HTTP reaches `deployed` through the

@@ -112,10 +112,6 @@ impl Request {
         self.body["operationId"].as_str().unwrap()
     }
 
-    fn step_id(&self) -> &str {
-        self.body["stepId"].as_str().unwrap()
-    }
-
     fn resource_id(&self) -> &str {
         self.body["id"].as_str().unwrap()
     }
@@ -235,16 +231,7 @@ impl Processor {
 
 /// A TRE deployment-status body (reference §4.2).
 fn status_body(request: &Request, status: &str, message: &str, outputs: Value) -> Vec<u8> {
-    json!({
-        "operationId": request.operation_id(),
-        "stepId": request.step_id(),
-        "id": request.resource_id(),
-        "status": status,
-        "message": format!("{}: {message}", request.resource_id()),
-        "outputs": outputs,
-    })
-    .to_string()
-    .into_bytes()
+    process::status_update(&request.body, status, message, outputs).into_bytes()
 }
 
 /// The outputs a workspace install reports: an address space unique to `n`.

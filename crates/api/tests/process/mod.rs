@@ -159,6 +159,20 @@ pub fn handled_messages(logs: &[String], queue: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// A TRE deployment-status body (reference §4.2) answering resource request `request`,
+/// with the message `<resource id>: <message>`.
+pub fn status_update(request: &Value, status: &str, message: &str, outputs: Value) -> String {
+    json!({
+        "operationId": request["operationId"],
+        "stepId": request["stepId"],
+        "id": request["id"],
+        "status": status,
+        "message": format!("{}: {message}", request["id"].as_str().unwrap()),
+        "outputs": outputs,
+    })
+    .to_string()
+}
+
 /// Asserts that every message in `published` was handled, before or after a shutdown.
 pub fn assert_all_handled(
     published: &BTreeSet<String>,
