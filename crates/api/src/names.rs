@@ -75,19 +75,35 @@ macro_rules! named_enum {
     };
 }
 
-/// Asserts that each of `all` is written to JSON as its name, and read back from its
-/// JSON and from its name.
 #[cfg(test)]
-pub(crate) fn assert_names_round_trip<T>(all: &[T])
-where
-    T: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + std::str::FromStr,
-    T: serde::Serialize + serde::de::DeserializeOwned,
-    T::Err: std::fmt::Debug,
-{
-    for &value in all {
-        let json = serde_json::to_string(&value).unwrap();
-        assert_eq!(json, format!("\"{value}\""));
-        assert_eq!(serde_json::from_str::<T>(&json).unwrap(), value);
-        assert_eq!(value.to_string().parse::<T>().unwrap(), value);
+mod tests {
+    use crate::domain::{AirlockRequestStatus, ResourceType, Status};
+
+    /// Ensures that every status, resource type and airlock request status is written
+    /// as its TRE name and read back from it, and that other names are refused.
+    #[test]
+    fn statuses_and_resource_types_use_tre_names() {
+        assert_names_round_trip(&Status::ALL);
+        assert!("pipeline_failed".parse::<Status>().is_err());
+        assert!(serde_json::from_str::<Status>("\"pipeline_succeeded\"").is_err());
+        assert_names_round_trip(&ResourceType::ALL);
+        assert!("workspace_service".parse::<ResourceType>().is_err());
+        assert_names_round_trip(&AirlockRequestStatus::ALL);
+    }
+
+    /// Asserts that each of `all` is written to JSON as its name, and read back from its
+    /// JSON and from its name.
+    fn assert_names_round_trip<T>(all: &[T])
+    where
+        T: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + std::str::FromStr,
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        T::Err: std::fmt::Debug,
+    {
+        for &value in all {
+            let json = serde_json::to_string(&value).unwrap();
+            assert_eq!(json, format!("\"{value}\""));
+            assert_eq!(serde_json::from_str::<T>(&json).unwrap(), value);
+            assert_eq!(value.to_string().parse::<T>().unwrap(), value);
+        }
     }
 }

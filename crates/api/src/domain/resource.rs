@@ -313,14 +313,3 @@ named_enum! {
         SharedService => "shared-service",
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resource_types_use_tre_names() {
-        crate::names::assert_names_round_trip(&ResourceType::ALL);
-        assert!("workspace_service".parse::<ResourceType>().is_err());
-    }
-}
