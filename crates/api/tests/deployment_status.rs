@@ -29,6 +29,11 @@ mod cases {
         handler.handle(Arc::new(message)).await
     }
 
+    /// The deployment status of resource `id`.
+    async fn deployment_status(db: &TestDb, id: &str) -> Option<Status> {
+        db.store.read().resource(id).await.unwrap().deployment_status
+    }
+
     async fn operation(db: &TestDb, id: &str) -> Operation {
         db.store.read().operation(id).await.unwrap()
     }
@@ -157,10 +162,7 @@ mod cases {
         assert!(stored.updated_when > op.updated_when);
         assert_eq!(step.updated_when, Some(stored.updated_when));
         assert_ne!(stored.etag, op.etag);
-        assert_eq!(
-            db.store.read().resource(&ws.id).await.unwrap().deployment_status,
-            Some(Status::Deleted)
-        );
+        assert_eq!(deployment_status(db, &ws.id).await, Some(Status::Deleted));
     }
 
     /// Ensures that (reference §10.1.6) outputs given with capitalised keys are merged
@@ -232,10 +234,7 @@ mod cases {
         assert_eq!(stored.steps()[0].message.as_deref(), Some("upgrade succeeded"));
         let vm = db.store.read().resource(&pipeline.vm.id).await.unwrap();
         assert_eq!(vm.resource_version, vm_before.resource_version + 1, "patched for the step");
-        assert_eq!(
-            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
-            Some(Status::Updated)
-        );
+        assert_eq!(deployment_status(db, &pipeline.firewall.id).await, Some(Status::Updated));
 
         let sent = requests_of(&db.store, &op.id).await;
         assert_eq!(sent.len(), 2, "exactly one new request");
@@ -387,12 +386,9 @@ mod cases {
         assert_eq!(stored.status, Status::DeploymentFailed);
         assert_eq!(stored.message, "Multi step pipeline failed on step post-step-1");
         assert_eq!(stored.steps()[2].status, Some(Status::UpdatingFailed));
+        assert_eq!(deployment_status(db, &pipeline.vm.id).await, Some(Status::DeploymentFailed));
         assert_eq!(
-            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
-            Some(Status::DeploymentFailed)
-        );
-        assert_eq!(
-            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
+            deployment_status(db, &pipeline.firewall.id).await,
             Some(Status::UpdatingFailed)
         );
     }
@@ -416,10 +412,7 @@ mod cases {
             (Status::DeploymentFailed, "Multi step pipeline failed on step main")
         );
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2, "post-step never queued");
-        assert_eq!(
-            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
-            Some(Status::DeploymentFailed)
-        );
+        assert_eq!(deployment_status(db, &pipeline.vm.id).await, Some(Status::DeploymentFailed));
     }
 
     /// Ensures that (reference §12, "failure while dispatching the next pipeline step")
@@ -458,10 +451,7 @@ mod cases {
         assert_eq!(next.resource_request_message_id, None);
         assert_eq!(stored.status, Status::DeploymentFailed);
         assert_eq!(stored.message, "Multi step pipeline failed on step post-step-1");
-        assert_eq!(
-            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
-            Some(Status::DeploymentFailed)
-        );
+        assert_eq!(deployment_status(db, &pipeline.vm.id).await, Some(Status::DeploymentFailed));
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2);
         assert_eq!(db.store.read().resource(&pipeline.firewall.id).await.unwrap(), firewall_before);
         let error = only_error(&logs, "Unable to send update for resource in pipeline step");
@@ -627,10 +617,7 @@ mod cases {
             Outcome::Complete
         );
         assert_eq!(operation(db, &op.id).await, after);
-        assert_eq!(
-            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
-            Some(Status::Updated)
-        );
+        assert_eq!(deployment_status(db, &pipeline.firewall.id).await, Some(Status::Updated));
         assert_eq!(
             handle(&handler, status_message(op, 0, Status::UpdatingFailed, "rolled back")).await,
             Outcome::Complete
@@ -648,10 +635,7 @@ mod cases {
         assert_eq!(outcome, Outcome::Complete);
         let stored = operation(db, &op.id).await;
         assert_eq!((stored.status, stored.message.as_str()), (Status::Deploying, "Job starting"));
-        assert_eq!(
-            db.store.read().resource(&ws.id).await.unwrap().deployment_status,
-            Some(Status::Deploying)
-        );
+        assert_eq!(deployment_status(db, &ws.id).await, Some(Status::Deploying));
     }
 }
 
