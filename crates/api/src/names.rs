@@ -5,7 +5,7 @@
 /// (every variant, in declaration order) and a `FromStr` that fails with
 /// [`UnknownValue`](crate::domain::UnknownValue) naming `kind`.
 ///
-/// ```ignore
+/// ```text
 /// named_enum! {
 ///     /// A colour.
 ///     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
