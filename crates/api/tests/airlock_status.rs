@@ -38,6 +38,17 @@ mod cases {
         handler.handle(Arc::new(message)).await
     }
 
+    /// Handles `message` with a fresh handler, capturing the log lines from then on for
+    /// as long as the returned guard lives.
+    async fn handle_logged(
+        db: &TestDb,
+        message: Message,
+    ) -> (Outcome, Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let guard = logs.install();
+        (handle(&handler(db), message).await, logs, guard)
+    }
+
     async fn setup(db: &TestDb, status: S) -> (Resource, AirlockRequest) {
         let ws = workspace(&db.store, &templates()).await;
         let request = airlock_request(&db.store, &ws, status).await;
@@ -60,10 +71,8 @@ mod cases {
     /// `airlockNotification` v4.0) to the outbox, and logs no error.
     pub(super) async fn tre_10_2_01_good_message_moves_the_request(db: &TestDb) {
         let (ws, request) = setup(db, S::Submitted).await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(&request.id, "submitted", Some("in_review")))
+        let (outcome, logs, _guard) =
+            handle_logged(db, step_result_message(&request.id, "submitted", Some("in_review")))
                 .await;
         assert_eq!(outcome, Outcome::Complete);
         assert!(logs.errors().is_empty(), "{:?}", logs.errors());
@@ -158,10 +167,8 @@ mod cases {
     /// completes with TRE's not-found line, once.
     pub(super) async fn tre_10_2_03_request_not_found_completes(db: &TestDb) {
         let id = "5dbc15ae-40e1-49a5-834b-595f59d626b7";
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(id, "submitted", Some("in_review"))).await;
+        let (outcome, logs, _guard) =
+            handle_logged(db, step_result_message(id, "submitted", Some("in_review"))).await;
         assert_eq!(outcome, Outcome::Complete);
         let error = only_error(
             &logs,
@@ -178,10 +185,8 @@ mod cases {
     pub(super) async fn tre_10_2_04_database_error_retries(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         db.execute("ALTER TABLE airlock_requests RENAME TO airlock_requests_elsewhere").await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(&request.id, "submitted", Some("in_review")))
+        let (outcome, logs, _guard) =
+            handle_logged(db, step_result_message(&request.id, "submitted", Some("in_review")))
                 .await;
         assert!(
             matches!(&outcome, Outcome::Retry { cause: RetryCause::Message, after: None, .. }),
@@ -198,10 +203,8 @@ mod cases {
     /// ≠ completed_step", TRE abandons at once).
     pub(super) async fn tre_10_2_05_status_mismatch_is_retried(db: &TestDb) {
         let (_, request) = setup(db, S::Draft).await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(&request.id, "submitted", Some("in_review")))
+        let (outcome, logs, _guard) =
+            handle_logged(db, step_result_message(&request.id, "submitted", Some("in_review")))
                 .await;
         assert!(
             matches!(&outcome, Outcome::Retry { cause: RetryCause::Message, after: None, .. }),
@@ -222,10 +225,8 @@ mod cases {
     /// §6: "illegal airlock transition", TRE completes and drops it).
     pub(super) async fn tre_10_2_06_illegal_transition_is_dead_lettered(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(&request.id, "submitted", Some("approved")))
+        let (outcome, logs, _guard) =
+            handle_logged(db, step_result_message(&request.id, "submitted", Some("approved")))
                 .await;
         let text = format!(
             "Service bus message has invalid status change request for request id = {}, current status is = submitted, new status is = approved",
