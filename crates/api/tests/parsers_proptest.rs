@@ -98,23 +98,6 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-/// The reference's deployment status example (reference §4.2).
-fn valid_status() -> Value {
-    json!({
-        "operationId": "0000c8e7-5c42-4fcb-a7fd-294cfc27aa76",
-        "stepId": "7d96130f-b323-4b95-8351-a05e943d51a2",
-        "id": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76",
-        "status": "deployed",
-        "message": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76: install action completed successfully.",
-        "outputs": [
-            {"name": "workspace_address_space", "value": "10.1.4.0/24", "type": "string"},
-            {"name": "is_exposed_externally", "value": "true", "type": "boolean"},
-            {"name": "fqdns", "value": ["a.example", "b.example"], "type": "string"},
-            {"name": "unset_output", "value": null, "type": "string"}
-        ]
-    })
-}
-
 /// One change to a valid message.
 #[derive(Debug, Clone)]
 enum Mutation {
@@ -278,7 +261,7 @@ proptest! {
     /// nothing (TRE ignores unknown fields).
     #[test]
     fn deployment_parser_maps_mutated_messages(mutation in mutation()) {
-        let base = valid_status();
+        let base = support::status_update_example();
         let body = mutate(&base, &mutation);
         check_status(&body)?;
         if let Mutation::Add(_, key, _) = &mutation {
@@ -318,7 +301,9 @@ proptest! {
 
 #[test]
 fn the_reference_examples_are_valid() {
-    assert!(parse_deployment_status(valid_status().to_string().as_bytes()).is_ok());
+    assert!(
+        parse_deployment_status(support::status_update_example().to_string().as_bytes()).is_ok()
+    );
     assert!(parse_step_result(support::step_result_example().to_string().as_bytes()).is_ok());
 }
 
@@ -331,9 +316,9 @@ fn mutations_reach_both_valid_and_invalid_messages() {
     let (mut status, mut result) = ([0_u32; 2], [0_u32; 2]);
     for _ in 0..400 {
         let mutation = mutation().new_tree(&mut runner).unwrap().current();
-        status
-            [usize::from(parse_deployment_status(&mutate(&valid_status(), &mutation)).is_ok())] +=
-            1;
+        status[usize::from(
+            parse_deployment_status(&mutate(&support::status_update_example(), &mutation)).is_ok(),
+        )] += 1;
         result[usize::from(
             parse_step_result(&mutate(&support::step_result_example(), &mutation)).is_ok(),
         )] += 1;
@@ -370,7 +355,7 @@ fn deployment_handler_maps_mutated_messages_to_settlements() {
         &ws.id,
         "deploying",
         "Job starting",
-        valid_status()["outputs"].clone(),
+        support::status_update_example()["outputs"].clone(),
     );
     let mut runner = TestRunner::new(Config { cases: 96, ..Config::default() });
     runner

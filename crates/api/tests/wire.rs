@@ -200,19 +200,7 @@ fn operation_matches_reference_example() {
 /// outputs read with either key spelling.
 #[test]
 fn deployment_status_update_matches_reference_example() {
-    let example = json!({
-      "operationId": "0000c8e7-5c42-4fcb-a7fd-294cfc27aa76",
-      "stepId": "7d96130f-b323-4b95-8351-a05e943d51a2",
-      "id": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76",
-      "status": "deployed",
-      "message": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76: install action completed successfully.",
-      "outputs": [
-        {"name": "workspace_address_space", "value": "10.1.4.0/24", "type": "string"},
-        {"name": "is_exposed_externally", "value": "true", "type": "boolean"},
-        {"name": "fqdns", "value": ["a.example", "b.example"], "type": "string"},
-        {"name": "unset_output", "value": null, "type": "string"}
-      ]
-    });
+    let example = support::status_update_example();
     let update: DeploymentStatusUpdate = round_trip(&example);
     assert_eq!(update.outputs[3].value, None);
 

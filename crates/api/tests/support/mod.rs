@@ -224,3 +224,20 @@ pub fn step_result_example() -> Value {
         "metadataVersion": "1"
     })
 }
+
+/// The deployment status update example of reference §4.2.
+pub fn status_update_example() -> Value {
+    json!({
+        "operationId": "0000c8e7-5c42-4fcb-a7fd-294cfc27aa76",
+        "stepId": "7d96130f-b323-4b95-8351-a05e943d51a2",
+        "id": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76",
+        "status": "deployed",
+        "message": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76: install action completed successfully.",
+        "outputs": [
+            {"name": "workspace_address_space", "value": "10.1.4.0/24", "type": "string"},
+            {"name": "is_exposed_externally", "value": "true", "type": "boolean"},
+            {"name": "fqdns", "value": ["a.example", "b.example"], "type": "string"},
+            {"name": "unset_output", "value": null, "type": "string"}
+        ]
+    })
+}
