@@ -251,26 +251,12 @@ fn deployment_status_update_validates_like_tre() {
 #[test]
 fn tre_10_1_10_outputs_convert_to_properties() {
     assert!(outputs_to_properties(&[]).unwrap().is_empty());
-    let outputs: Vec<Output> = serde_json::from_value(json!([
-        {"Name": "string1", "Value": "value1", "Type": "string"},
-        {"Name": "string2", "Value": "\"value2\"", "Type": "string"},
-        {"Name": "boolean1", "Value": "True", "Type": "boolean"},
-        {"Name": "boolean2", "Value": "true", "Type": "boolean"},
-        {"Name": "boolean3", "Value": "\"true\"", "Type": "boolean"},
-        {"Name": "boolean4", "Value": "no", "Type": "boolean"},
-        {"Name": "list1", "Value": "['one', 'two']", "Type": "string"},
-        {"Name": "list2", "Value": ["one", "two"], "Type": "string"},
-        {"Name": "skipped", "Value": null, "Type": "string"}
-    ]))
-    .unwrap();
-    let properties = outputs_to_properties(&outputs).unwrap();
-    assert_eq!(
-        Value::Object(properties),
-        json!({
-            "string1": "value1", "string2": "value2", "boolean1": true, "boolean2": true, "boolean3": true,
-            "boolean4": false, "list1": "['one', 'two']", "list2": ["one", "two"]
-        })
-    );
+    let (mut outputs, mut expected) = support::tre_outputs_example();
+    outputs.push(json!({"Name": "boolean4", "Value": "no", "Type": "boolean"}));
+    outputs.push(json!({"Name": "skipped", "Value": null, "Type": "string"}));
+    expected.insert("boolean4".to_owned(), json!(false));
+    let outputs: Vec<Output> = serde_json::from_value(Value::from(outputs)).unwrap();
+    assert_eq!(outputs_to_properties(&outputs).unwrap(), expected);
     let bad: Vec<Output> =
         serde_json::from_value(json!([{"name": "b", "value": ["x"], "type": "boolean"}])).unwrap();
     assert_eq!(outputs_to_properties(&bad).unwrap_err().name, "b");

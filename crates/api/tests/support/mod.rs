@@ -241,3 +241,22 @@ pub fn status_update_example() -> Value {
         ]
     })
 }
+
+/// Outputs as TRE's resource processor reports them (reference §10.1.6, capitalised
+/// keys), and the properties they become.
+pub fn tre_outputs_example() -> (Vec<Value>, Properties) {
+    let outputs = vec![
+        json!({"Name": "string1", "Value": "value1", "Type": "string"}),
+        json!({"Name": "string2", "Value": "\"value2\"", "Type": "string"}),
+        json!({"Name": "boolean1", "Value": "True", "Type": "boolean"}),
+        json!({"Name": "boolean2", "Value": "true", "Type": "boolean"}),
+        json!({"Name": "boolean3", "Value": "\"true\"", "Type": "boolean"}),
+        json!({"Name": "list1", "Value": "['one', 'two']", "Type": "string"}),
+        json!({"Name": "list2", "Value": ["one", "two"], "Type": "string"}),
+    ];
+    let properties = props(json!({
+        "string1": "value1", "string2": "value2", "boolean1": true, "boolean2": true,
+        "boolean3": true, "list1": "['one', 'two']", "list2": ["one", "two"],
+    }));
+    (outputs, properties)
+}
