@@ -69,6 +69,10 @@
 //! # }
 //! ```
 
+#[macro_use]
+mod names;
+mod opaque;
+
 pub mod domain;
 pub mod http;
 pub mod rules;

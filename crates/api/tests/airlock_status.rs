@@ -38,6 +38,17 @@ mod cases {
         handler.handle(Arc::new(message)).await
     }
 
+    /// Handles `message` with `handler`, capturing the log lines from then on for as
+    /// long as the returned guard lives.
+    async fn handle_logged(
+        handler: &AirlockStatusHandler,
+        message: Message,
+    ) -> (Outcome, Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let guard = logs.install();
+        (handle(handler, message).await, logs, guard)
+    }
+
     async fn setup(db: &TestDb, status: S) -> (Resource, AirlockRequest) {
         let ws = workspace(&db.store, &templates()).await;
         let request = airlock_request(&db.store, &ws, status).await;
@@ -60,11 +71,11 @@ mod cases {
     /// `airlockNotification` v4.0) to the outbox, and logs no error.
     pub(super) async fn tre_10_2_01_good_message_moves_the_request(db: &TestDb) {
         let (ws, request) = setup(db, S::Submitted).await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(&request.id, "submitted", Some("in_review")))
-                .await;
+        let (outcome, logs, _guard) = handle_logged(
+            &handler(db),
+            step_result_message(&request.id, "submitted", Some("in_review")),
+        )
+        .await;
         assert_eq!(outcome, Outcome::Complete);
         assert!(logs.errors().is_empty(), "{:?}", logs.errors());
 
@@ -132,9 +143,7 @@ mod cases {
             r#"{"good": "json", "bad": "message"}"#.to_owned(),
             step_result_body("r", "not_a_status", Some("in_review"), None, None).to_string(),
         ] {
-            let logs = Logs::default();
-            let _guard = logs.install();
-            let outcome = handle(&handler, raw_message(&body, "s")).await;
+            let (outcome, logs, _guard) = handle_logged(&handler, raw_message(&body, "s")).await;
             match &outcome {
                 Outcome::DeadLetter { reason, description } => {
                     assert_eq!(reason, "MessageFormatIncorrect");
@@ -158,10 +167,9 @@ mod cases {
     /// completes with TRE's not-found line, once.
     pub(super) async fn tre_10_2_03_request_not_found_completes(db: &TestDb) {
         let id = "5dbc15ae-40e1-49a5-834b-595f59d626b7";
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(id, "submitted", Some("in_review"))).await;
+        let (outcome, logs, _guard) =
+            handle_logged(&handler(db), step_result_message(id, "submitted", Some("in_review")))
+                .await;
         assert_eq!(outcome, Outcome::Complete);
         let error = only_error(
             &logs,
@@ -178,11 +186,11 @@ mod cases {
     pub(super) async fn tre_10_2_04_database_error_retries(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         db.execute("ALTER TABLE airlock_requests RENAME TO airlock_requests_elsewhere").await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(&request.id, "submitted", Some("in_review")))
-                .await;
+        let (outcome, logs, _guard) = handle_logged(
+            &handler(db),
+            step_result_message(&request.id, "submitted", Some("in_review")),
+        )
+        .await;
         assert!(
             matches!(&outcome, Outcome::Retry { cause: RetryCause::Message, after: None, .. }),
             "{outcome:?}"
@@ -198,11 +206,11 @@ mod cases {
     /// ≠ completed_step", TRE abandons at once).
     pub(super) async fn tre_10_2_05_status_mismatch_is_retried(db: &TestDb) {
         let (_, request) = setup(db, S::Draft).await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(&request.id, "submitted", Some("in_review")))
-                .await;
+        let (outcome, logs, _guard) = handle_logged(
+            &handler(db),
+            step_result_message(&request.id, "submitted", Some("in_review")),
+        )
+        .await;
         assert!(
             matches!(&outcome, Outcome::Retry { cause: RetryCause::Message, after: None, .. }),
             "{outcome:?}"
@@ -222,11 +230,11 @@ mod cases {
     /// §6: "illegal airlock transition", TRE completes and drops it).
     pub(super) async fn tre_10_2_06_illegal_transition_is_dead_lettered(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler(db), step_result_message(&request.id, "submitted", Some("approved")))
-                .await;
+        let (outcome, logs, _guard) = handle_logged(
+            &handler(db),
+            step_result_message(&request.id, "submitted", Some("approved")),
+        )
+        .await;
         let text = format!(
             "Service bus message has invalid status change request for request id = {}, current status is = submitted, new status is = approved",
             request.id
@@ -410,11 +418,11 @@ mod cases {
     pub(super) async fn recipient_outage_is_a_dependency_retry(db: &TestDb) {
         let (_, request) = setup(db, S::Submitted).await;
         let handler = AirlockStatusHandler::new(db.store.clone(), Arc::new(DirectoryDown));
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler, step_result_message(&request.id, "submitted", Some("in_review")))
-                .await;
+        let (outcome, logs, _guard) = handle_logged(
+            &handler,
+            step_result_message(&request.id, "submitted", Some("in_review")),
+        )
+        .await;
         assert!(
             matches!(&outcome, Outcome::Retry { cause: RetryCause::Dependency, .. }),
             "{outcome:?}"
@@ -432,11 +440,11 @@ mod cases {
         let handler = handler(db);
         handler.probe().await.expect("database and recipients answer");
         db.store.close().await;
-        let logs = Logs::default();
-        let _guard = logs.install();
-        let outcome =
-            handle(&handler, step_result_message(&request.id, "submitted", Some("in_review")))
-                .await;
+        let (outcome, logs, _guard) = handle_logged(
+            &handler,
+            step_result_message(&request.id, "submitted", Some("in_review")),
+        )
+        .await;
         assert!(
             matches!(&outcome, Outcome::Retry { cause: RetryCause::Dependency, .. }),
             "{outcome:?}"

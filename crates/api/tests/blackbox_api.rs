@@ -148,8 +148,7 @@ async fn walkthrough_reaches_final_statuses() {
     }
     let health = api.get("/health").await;
     assert!(health["services"].as_array().unwrap().iter().all(|s| s["status"] == "OK"), "{health}");
-    let (status, elapsed, _) = api.terminate(Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}");
+    let (elapsed, _) = api.stop(Duration::from_secs(30));
     assert!(elapsed < Duration::from_secs(30));
 }
 
@@ -246,14 +245,12 @@ async fn sigterm_with_operations_in_flight_loses_nothing() {
         let operation = api.get(&format!("/api/operations/{op}")).await["operation"].clone();
         assert_ne!(operation["status"], "deployed", "deployed without a processor: {operation:#}");
     }
-    let (status, elapsed, _) = api.terminate(drain + Duration::from_secs(5));
-    assert!(status.success(), "exit {status:?}");
+    let (elapsed, _) = api.stop(drain + Duration::from_secs(5));
     assert!(elapsed <= drain + Duration::from_secs(5), "took {elapsed:?}");
 
     let api = Api::start(dir.path(), &[("STEWARD_DRAIN_TIMEOUT", "5s")]);
     api.worker_counts("deployment-status", "completed", 1).await;
-    let (status, elapsed, _) = api.terminate(drain + Duration::from_secs(5));
-    assert!(status.success(), "exit {status:?}");
+    let (elapsed, _) = api.stop(drain + Duration::from_secs(5));
     assert!(elapsed <= drain + Duration::from_secs(5), "took {elapsed:?}");
 
     let api = Api::start(dir.path(), NO_ENV);
@@ -261,8 +258,7 @@ async fn sigterm_with_operations_in_flight_loses_nothing() {
     for op in &operations {
         api.operation_reaches(op, "deployed").await;
     }
-    let (status, _, _) = api.terminate(Duration::from_secs(30));
-    assert!(status.success());
+    api.stop(Duration::from_secs(30));
 }
 
 /// Ensures that a SIGTERM sent the moment the service says it listens starts a graceful
@@ -452,8 +448,7 @@ async fn unreachable_database_at_start_recovers_when_it_answers() {
     }
     let (_, op) = api.install(firewall()).await;
     api.operation_reaches(&op, "deployed").await;
-    let (status, _, _) = api.terminate(Duration::from_secs(30));
-    assert!(status.success());
+    api.stop(Duration::from_secs(30));
     forwarding.abort();
 }
 

@@ -194,8 +194,7 @@ async fn oidc_callers_get_exactly_their_roles() {
         call(&api, Some(&manager), Method::POST, &own_review, Some(review), &[]).await;
     assert_eq!(status, 200, "{body}");
 
-    let (status, _, _) = api.terminate(Duration::from_secs(30));
-    assert!(status.success());
+    api.stop(Duration::from_secs(30));
 }
 
 /// Starts the binary with `args` and `env`, waits until `/livez` answers, stops it,

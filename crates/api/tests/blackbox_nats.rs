@@ -13,15 +13,14 @@
 
 mod process;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use futures::StreamExt;
-use process::Api;
+use process::{Api, QueueNames, assert_all_handled, handled_messages};
 use serde_json::{Value, json};
-use steward_core::testkit::unique_name;
 use steward_nats::{Nats, NatsBuilder};
 
 /// The server the tests use: `STEWARD_NATS_URL`, else the local default.
@@ -29,92 +28,58 @@ fn server_url() -> String {
     std::env::var("STEWARD_NATS_URL").unwrap_or_else(|_| steward_nats::DEFAULT_URL.to_owned())
 }
 
-/// Whether the server accepts TCP connections. With `CI=true` an unreachable server
-/// fails the test; otherwise the test prints one skip line and returns.
+/// Whether the server accepts TCP connections (see [`process::reachable`]).
 async fn server_available(test: &str) -> bool {
     let url = server_url();
     let address = url.split("://").nth(1).unwrap_or(&url).rsplit('@').next().unwrap_or("");
-    let connect = tokio::net::TcpStream::connect(address.to_owned());
-    let reachable =
-        matches!(tokio::time::timeout(Duration::from_secs(3), connect).await, Ok(Ok(_)));
-    if !reachable {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("{test}: NATS is not reachable at {address} and CI=true");
-        }
-        eprintln!("skipped {test}: NATS is not reachable at {address}");
-    }
-    reachable
+    process::reachable(test, "NATS", address).await
 }
 
 /// The five queues of one test, uniquely named; dropping this deletes their streams.
 struct Queues {
-    deployment_status: String,
-    step_result: String,
-    resource_request: String,
-    airlock_status_changed: String,
-    airlock_notification: String,
+    names: QueueNames,
     /// For reading dead letters and deleting the streams (it declares nothing).
     nats: Nats,
 }
 
+impl std::ops::Deref for Queues {
+    type Target = QueueNames;
+
+    fn deref(&self) -> &QueueNames {
+        &self.names
+    }
+}
+
 impl Queues {
     fn new(test: &str) -> Queues {
-        let prefix = unique_name(&format!("steward-api-{test}"));
-        let name = |queue: &str| format!("{prefix}-{queue}");
-        let deployment_status = name("deploymentstatus");
-        let step_result = name("airlock-step-result");
-        let resource_request = name("workspacequeue");
-        let airlock_status_changed = name("airlock-status-changed");
-        let airlock_notification = name("airlock-notification");
+        let names = QueueNames::new(test);
         let nats = NatsBuilder::new()
             .with_url(server_url())
             .with_connection_name("steward-test")
-            .with_publish_queue(&deployment_status)
-            .with_publish_queue(&step_result)
-            .with_publish_queue(&resource_request)
-            .with_publish_queue(&airlock_status_changed)
-            .with_publish_queue(&airlock_notification)
+            .with_publish_queue(&names.deployment_status)
+            .with_publish_queue(&names.step_result)
+            .with_publish_queue(&names.resource_request)
+            .with_publish_queue(&names.airlock_status_changed)
+            .with_publish_queue(&names.airlock_notification)
             .build()
             .unwrap();
-        Queues {
-            deployment_status,
-            step_result,
-            resource_request,
-            airlock_status_changed,
-            airlock_notification,
-            nats,
-        }
+        Queues { names, nats }
     }
 
     /// The environment that puts the service on NATS and these queues.
     fn env(&self, simulate: bool) -> Vec<(&'static str, String)> {
-        vec![
+        self.names.env(&[
             ("STEWARD_TRANSPORT", "nats".to_owned()),
             ("STEWARD_NATS_URL", server_url()),
             ("STEWARD_SIMULATE_PROCESSORS", simulate.to_string()),
-            ("SERVICE_BUS_DEPLOYMENT_STATUS_UPDATE_QUEUE", self.deployment_status.clone()),
-            ("SERVICE_BUS_STEP_RESULT_QUEUE", self.step_result.clone()),
-            ("SERVICE_BUS_RESOURCE_REQUEST_QUEUE", self.resource_request.clone()),
-            ("STEWARD_AIRLOCK_STATUS_CHANGED_QUEUE", self.airlock_status_changed.clone()),
-            ("STEWARD_AIRLOCK_NOTIFICATION_QUEUE", self.airlock_notification.clone()),
-        ]
+        ])
     }
 }
 
 impl Drop for Queues {
     fn drop(&mut self) {
         let nats = self.nats.clone();
-        // Drop cannot await, and may run inside the test's runtime: a thread of its own.
-        let deleting = std::thread::spawn(move || {
-            let runtime =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                if let Err(error) = nats.delete_topology().await {
-                    eprintln!("stream cleanup failed: {}", steward_core::error_chain(&error));
-                }
-            });
-        });
-        let _ = deleting.join();
+        process::clean_up("stream cleanup", async move { nats.delete_topology().await });
     }
 }
 
@@ -195,20 +160,23 @@ impl Publisher {
         let mut stream = self.jetstream.get_stream(stream).await.unwrap();
         stream.info().await.unwrap().state.messages
     }
+
+    /// Waits up to 30 s until `stream` holds no message.
+    async fn wait_drained(&self, stream: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.depth(stream).await > 0 {
+            assert!(Instant::now() < deadline, "{stream} not drained");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
-/// A TRE deployment-status body answering `request`.
+/// A TRE deployment-status body answering `request`, with an address space unique
+/// to `n`.
 fn status_body(request: &Value, status: &str, n: usize) -> Vec<u8> {
-    json!({
-        "operationId": request["operationId"],
-        "stepId": request["stepId"],
-        "id": request["id"],
-        "status": status,
-        "message": format!("{}: {status}", request["id"].as_str().unwrap()),
-        "outputs": [{"name": "address_spaces", "value": [format!("10.{}.{}.0/24", 100 + n / 250, n % 250)], "type": "string"}],
-    })
-    .to_string()
-    .into_bytes()
+    let space = format!("10.{}.{}.0/24", 100 + n / 250, n % 250);
+    let outputs = json!([{"name": "address_spaces", "value": [space], "type": "string"}]);
+    process::status_update(request, status, status, outputs).into_bytes()
 }
 
 /// Ensures that on NATS a resource created over HTTP reaches `deployed` through the
@@ -232,17 +200,11 @@ async fn resource_reaches_deployed_through_the_simulators() {
     assert_eq!(worker["deadLettered"], 0, "{worker}");
     let publisher = Publisher::connect().await;
     for queue in [&queues.deployment_status, &queues.resource_request] {
-        let stream = queues.nats.stream_name(queue);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while publisher.depth(&stream).await > 0 {
-            assert!(Instant::now() < deadline, "{stream} not drained");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        publisher.wait_drained(&queues.nats.stream_name(queue)).await;
     }
     assert!(queues.nats.dead_letters(&queues.deployment_status).await.unwrap().is_empty());
 
-    let (status, _, _) = api.terminate(Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}");
+    api.stop(Duration::from_secs(30));
 }
 
 /// Ensures that a malformed deployment status published with a plain NATS client ends
@@ -284,8 +246,7 @@ async fn malformed_status_ends_in_dlq_with_message_format_incorrect() {
     assert_eq!(worker["state"], "running", "{worker}");
     assert_eq!(publisher.depth(&queues.nats.stream_name(queue)).await, 0, "left the queue");
 
-    let (status, _, _) = api.terminate(Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}");
+    api.stop(Duration::from_secs(30));
 }
 
 /// Ensures that SIGTERM while a backlog of deployment statuses is being handled exits
@@ -307,11 +268,7 @@ async fn sigterm_with_statuses_in_flight_loses_nothing() {
     let publisher = Publisher::connect().await;
     let queue = &queues.deployment_status;
 
-    let mut created = BTreeMap::new();
-    for n in 0..RESOURCES {
-        let (resource_id, operation_id) = api.install_workspace(&format!("W{n}")).await;
-        created.insert(operation_id, resource_id);
-    }
+    let created = api.install_workspaces(RESOURCES).await;
     let request_stream = queues.nats.stream_name(&queues.resource_request);
     let requests =
         publisher.take_requests(&request_stream, &queues.resource_request, RESOURCES).await;
@@ -332,42 +289,16 @@ async fn sigterm_with_statuses_in_flight_loses_nothing() {
             );
         }
     }
-    let api = Api::start(dir.path(), &env);
-    api.worker_counts("deployment-status", "completed", 1).await;
-    let (status, elapsed, logs) = api.terminate(drain + Duration::from_secs(5));
-    assert!(status.success(), "exit {status:?}");
-    assert!(elapsed <= drain + Duration::from_secs(5), "took {elapsed:?}");
-    let before = handled_messages(&logs, queue);
-    assert!(!before.is_empty(), "nothing was handled before the shutdown");
+    let before = Api::interrupted(dir.path(), &env, drain, queue).await;
 
     let api = Api::start(dir.path(), &env);
     api.serving().await;
     for request in &requests {
         api.operation_reaches(request["operationId"].as_str().unwrap(), "deployed").await;
     }
-    let stream = queues.nats.stream_name(queue);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while publisher.depth(&stream).await > 0 {
-        assert!(Instant::now() < deadline, "{stream} not drained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    publisher.wait_drained(&queues.nats.stream_name(queue)).await;
     let dead = queues.nats.dead_letters(queue).await.unwrap();
     assert!(dead.is_empty(), "nothing dead-lettered: {dead:#?}");
-    let (status, _, logs) = api.terminate(Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}");
-    let after = handled_messages(&logs, queue);
-    let handled: BTreeSet<_> = before.union(&after).cloned().collect();
-    let missing: Vec<_> = published.difference(&handled).collect();
-    assert!(missing.is_empty(), "statuses never handled: {missing:?}");
-}
-
-/// The ids of the messages from `queue` the deployment-status handler parsed, from the
-/// service's JSON log lines (TRE's "Received and parsed JSON for" line).
-fn handled_messages(logs: &[String], queue: &str) -> BTreeSet<String> {
-    logs.iter()
-        .filter(|line| line.contains("Received and parsed JSON for"))
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|line| line["queue"] == queue)
-        .filter_map(|line| line["message_id"].as_str().map(str::to_owned))
-        .collect()
+    let (_, logs) = api.stop(Duration::from_secs(30));
+    assert_all_handled(&published, &before, &handled_messages(&logs, queue));
 }

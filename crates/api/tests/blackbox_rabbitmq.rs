@@ -25,9 +25,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use process::Api;
+use process::{Api, QueueNames, assert_all_handled, handled_messages};
 use serde_json::{Value, json};
-use steward_core::testkit::unique_name;
 use steward_rabbitmq::{RabbitMq, RabbitMqBuilder};
 
 /// The broker the tests use: `STEWARD_RABBITMQ_URL`, else the local default.
@@ -44,94 +43,59 @@ fn broker_address() -> String {
     if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5672") }
 }
 
-/// Whether the broker accepts TCP connections. With `CI=true` an unreachable broker
-/// fails the test; otherwise the test prints one skip line and returns.
+/// Whether the broker accepts TCP connections (see [`process::reachable`]).
 async fn broker_available(test: &str) -> bool {
-    let address = broker_address();
-    let connect = tokio::net::TcpStream::connect(&address);
-    let reachable =
-        matches!(tokio::time::timeout(Duration::from_secs(3), connect).await, Ok(Ok(_)));
-    if !reachable {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("{test}: RabbitMQ is not reachable at {address} and CI=true");
-        }
-        eprintln!("skipped {test}: RabbitMQ is not reachable at {address}");
-    }
-    reachable
+    process::reachable(test, "RabbitMQ", &broker_address()).await
 }
 
 /// The five queues of one test, uniquely named; dropping this deletes them from the
 /// broker with their `.dlq` and delay queues (also when the test panics: every quorum
 /// queue holds file handles on the shared broker).
 struct Queues {
-    deployment_status: String,
-    step_result: String,
-    resource_request: String,
-    airlock_status_changed: String,
-    airlock_notification: String,
+    names: QueueNames,
     /// The same topology the service declares, for reading dead letters and deleting.
     rabbit: RabbitMq,
 }
 
+impl std::ops::Deref for Queues {
+    type Target = QueueNames;
+
+    fn deref(&self) -> &QueueNames {
+        &self.names
+    }
+}
+
 impl Queues {
     fn new(test: &str) -> Queues {
-        let prefix = unique_name(&format!("steward-api-{test}"));
-        let name = |queue: &str| format!("{prefix}-{queue}");
-        let deployment_status = name("deploymentstatus");
-        let step_result = name("airlock-step-result");
-        let resource_request = name("workspacequeue");
-        let airlock_status_changed = name("airlock-status-changed");
-        let airlock_notification = name("airlock-notification");
+        let names = QueueNames::new(test);
         // What the service declares with STEWARD_SIMULATE_PROCESSORS=false.
         let rabbit = RabbitMqBuilder::new()
             .with_url(broker_url())
             .with_connection_name("steward-test")
-            .with_queue(&deployment_status)
-            .with_queue(&step_result)
-            .with_publish_queue(&resource_request)
-            .with_publish_queue(&airlock_status_changed)
-            .with_publish_queue(&airlock_notification)
+            .with_queue(&names.deployment_status)
+            .with_queue(&names.step_result)
+            .with_publish_queue(&names.resource_request)
+            .with_publish_queue(&names.airlock_status_changed)
+            .with_publish_queue(&names.airlock_notification)
             .build()
             .unwrap();
-        Queues {
-            deployment_status,
-            step_result,
-            resource_request,
-            airlock_status_changed,
-            airlock_notification,
-            rabbit,
-        }
+        Queues { names, rabbit }
     }
 
     /// The environment that puts the service on RabbitMQ and these queues.
     fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        self.names.env(&[
             ("STEWARD_TRANSPORT", "rabbitmq".to_owned()),
             ("STEWARD_RABBITMQ_URL", broker_url()),
             ("STEWARD_SIMULATE_PROCESSORS", "false".to_owned()),
-            ("SERVICE_BUS_DEPLOYMENT_STATUS_UPDATE_QUEUE", self.deployment_status.clone()),
-            ("SERVICE_BUS_STEP_RESULT_QUEUE", self.step_result.clone()),
-            ("SERVICE_BUS_RESOURCE_REQUEST_QUEUE", self.resource_request.clone()),
-            ("STEWARD_AIRLOCK_STATUS_CHANGED_QUEUE", self.airlock_status_changed.clone()),
-            ("STEWARD_AIRLOCK_NOTIFICATION_QUEUE", self.airlock_notification.clone()),
-        ]
+        ])
     }
 }
 
 impl Drop for Queues {
     fn drop(&mut self) {
         let rabbit = self.rabbit.clone();
-        // Drop cannot await, and may run inside the test's runtime: a thread of its own.
-        let deleting = std::thread::spawn(move || {
-            let runtime =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                if let Err(error) = rabbit.delete_topology().await {
-                    eprintln!("queue cleanup failed: {}", steward_core::error_chain(&error));
-                }
-            });
-        });
-        let _ = deleting.join();
+        process::clean_up("queue cleanup", async move { rabbit.delete_topology().await });
     }
 }
 
@@ -146,10 +110,6 @@ struct Request {
 impl Request {
     fn operation_id(&self) -> &str {
         self.body["operationId"].as_str().unwrap()
-    }
-
-    fn step_id(&self) -> &str {
-        self.body["stepId"].as_str().unwrap()
     }
 
     fn resource_id(&self) -> &str {
@@ -271,16 +231,7 @@ impl Processor {
 
 /// A TRE deployment-status body (reference §4.2).
 fn status_body(request: &Request, status: &str, message: &str, outputs: Value) -> Vec<u8> {
-    json!({
-        "operationId": request.operation_id(),
-        "stepId": request.step_id(),
-        "id": request.resource_id(),
-        "status": status,
-        "message": format!("{}: {message}", request.resource_id()),
-        "outputs": outputs,
-    })
-    .to_string()
-    .into_bytes()
+    process::status_update(&request.body, status, message, outputs).into_bytes()
 }
 
 /// The outputs a workspace install reports: an address space unique to `n`.
@@ -377,8 +328,7 @@ async fn processor_statuses_bring_resource_to_deployed_with_outputs() {
     let health = api.get("/health").await;
     assert!(health["services"].as_array().unwrap().iter().all(|s| s["status"] == "OK"), "{health}");
 
-    let (status, _, _) = api.terminate(Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}");
+    api.stop(Duration::from_secs(30));
 }
 
 /// Ensures that malformed deployment statuses (a body that is not JSON, and JSON that
@@ -446,8 +396,7 @@ async fn malformed_status_ends_in_dlq_with_message_format_incorrect() {
     assert_eq!(worker["deadLettered"], 2, "no new dead letter: {worker}");
     assert_eq!(queues.rabbit.dead_letters(queue).await.unwrap().len(), 2, "no new dead letter");
 
-    let (status, _, _) = api.terminate(Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}");
+    api.stop(Duration::from_secs(30));
 }
 
 /// Ensures that SIGTERM while a backlog of deployment statuses is being handled exits 0
@@ -470,11 +419,7 @@ async fn sigterm_with_statuses_in_flight_loses_nothing() {
     let processor = Processor::connect().await;
     let queue = &queues.deployment_status;
 
-    let mut created = BTreeMap::new();
-    for n in 0..RESOURCES {
-        let (resource_id, operation_id) = api.install_workspace(&format!("W{n}")).await;
-        created.insert(operation_id, resource_id);
-    }
+    let created = api.install_workspaces(RESOURCES).await;
     let mut requests = Vec::new();
     for _ in 0..RESOURCES {
         let request = processor.next_request(&queues.resource_request).await;
@@ -501,13 +446,7 @@ async fn sigterm_with_statuses_in_flight_loses_nothing() {
         assert_eq!(confirm.await.unwrap(), Confirmation::Ack(None));
     }
     // SIGTERM as soon as the service is handling them.
-    let api = Api::start(dir.path(), &env);
-    api.worker_counts("deployment-status", "completed", 1).await;
-    let (status, elapsed, logs) = api.terminate(drain + Duration::from_secs(5));
-    assert!(status.success(), "exit {status:?}");
-    assert!(elapsed <= drain + Duration::from_secs(5), "took {elapsed:?}");
-    let before = handled_messages(&logs, queue);
-    assert!(!before.is_empty(), "nothing was handled before the shutdown");
+    let before = Api::interrupted(dir.path(), &env, drain, queue).await;
     assert!(
         before.len() < published.len(),
         "the shutdown came too late to interrupt anything: {} of {} handled",
@@ -531,12 +470,9 @@ async fn sigterm_with_statuses_in_flight_loses_nothing() {
     assert_eq!(processor.wait_until_empty(queue).await, 0);
     let dead = queues.rabbit.dead_letters(queue).await.unwrap();
     assert!(dead.is_empty(), "nothing dead-lettered: {dead:#?}");
-    let (status, _, logs) = api.terminate(Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}");
+    let (_, logs) = api.stop(Duration::from_secs(30));
     let after = handled_messages(&logs, queue);
-    let handled: BTreeSet<_> = before.union(&after).cloned().collect();
-    let missing: Vec<_> = published.difference(&handled).collect();
-    assert!(missing.is_empty(), "statuses never handled: {missing:?}");
+    assert_all_handled(&published, &before, &after);
     // Delivery is at least once: a message handled by both processes is legal (the
     // handler is idempotent), so it is reported, not asserted.
     let twice = before.intersection(&after).count();
@@ -546,15 +482,4 @@ async fn sigterm_with_statuses_in_flight_loses_nothing() {
         before.len(),
         after.len()
     );
-}
-
-/// The ids of the messages from `queue` the deployment-status handler parsed, from the
-/// service's JSON log lines (TRE's "Received and parsed JSON for" line).
-fn handled_messages(logs: &[String], queue: &str) -> BTreeSet<String> {
-    logs.iter()
-        .filter(|line| line.contains("Received and parsed JSON for"))
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|line| line["queue"] == queue)
-        .filter_map(|line| line["message_id"].as_str().map(str::to_owned))
-        .collect()
 }

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use process::{Api, LIMIT, collect_lines, command as api_command, sigterm, wait_for_exit};
+use process::{
+    Api, LIMIT, collect_lines, command as api_command, sigterm, status_update, wait_for_exit,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -235,19 +237,6 @@ impl Rest {
     }
 }
 
-/// A deployment status update as TRE's resource processor sends it, for `request`.
-fn status_update(request: &Value, status: &str, outputs: Value) -> String {
-    json!({
-        "operationId": request["operationId"],
-        "stepId": request["stepId"],
-        "id": request["id"],
-        "status": status,
-        "message": format!("{}: {status}", request["id"].as_str().unwrap()),
-        "outputs": outputs,
-    })
-    .to_string()
-}
-
 /// Ensures that `steward-api` built with `servicebus` runs on the standalone emulator
 /// with a namespace prepared as the docs say: a workspace created over HTTP is sent to
 /// the resource processor on `workspacequeue` (played here over REST), the processor's
@@ -310,7 +299,7 @@ async fn resource_reaches_deployed_over_the_emulator_and_malformed_updates_are_d
     bus.send(
         "deploymentstatus",
         update_properties(1),
-        &status_update(&body, "deploying", json!([])),
+        &status_update(&body, "deploying", "deploying", json!([])),
     )
     .await;
     api.operation_reaches(&operation_id, "deploying").await;
@@ -318,8 +307,12 @@ async fn resource_reaches_deployed_over_the_emulator_and_malformed_updates_are_d
         {"name": "address_spaces", "value": ["10.2.0.0/24"], "type": "string"},
         {"name": "workspace_url", "value": "'https://genomics.example'", "type": "string"},
     ]);
-    bus.send("deploymentstatus", update_properties(2), &status_update(&body, "deployed", outputs))
-        .await;
+    bus.send(
+        "deploymentstatus",
+        update_properties(2),
+        &status_update(&body, "deployed", "deployed", outputs),
+    )
+    .await;
     bus.settle(&request, reqwest::Method::DELETE).await;
     let done = api.operation_reaches(&operation_id, "deployed").await;
     assert_eq!(done["steps"][0]["status"], "deployed", "{done:#}");

@@ -15,7 +15,7 @@ use steward_core::{Handler, Message, Outcome, RetryCause};
 use support::{
     CORRELATION_ID, Logs, TestDb, linuxvm_pipeline, only_error, outbox, props, raw_message,
     requests_of, set_properties, status_body, status_message, status_message_with_outputs,
-    templates, workspace, workspace_installing,
+    templates, tre_outputs_example, workspace, workspace_installing,
 };
 
 mod cases {
@@ -27,6 +27,11 @@ mod cases {
 
     pub(super) async fn handle(handler: &DeploymentStatusHandler, message: Message) -> Outcome {
         handler.handle(Arc::new(message)).await
+    }
+
+    /// The deployment status of resource `id`.
+    async fn deployment_status(db: &TestDb, id: &str) -> Option<Status> {
+        db.store.read().resource(id).await.unwrap().deployment_status
     }
 
     async fn operation(db: &TestDb, id: &str) -> Operation {
@@ -157,10 +162,7 @@ mod cases {
         assert!(stored.updated_when > op.updated_when);
         assert_eq!(step.updated_when, Some(stored.updated_when));
         assert_ne!(stored.etag, op.etag);
-        assert_eq!(
-            db.store.read().resource(&ws.id).await.unwrap().deployment_status,
-            Some(Status::Deleted)
-        );
+        assert_eq!(deployment_status(db, &ws.id).await, Some(Status::Deleted));
     }
 
     /// Ensures that (reference §10.1.6) outputs given with capitalised keys are merged
@@ -171,31 +173,13 @@ mod cases {
         let registry = templates();
         let (ws, op) = workspace_installing(&db.store, &registry).await;
         set_properties(&db.store, &ws.id, props(json!({"exitingName": "exitingValue"}))).await;
-        let outputs = json!([
-            {"Name": "string1", "Value": "value1", "Type": "string"},
-            {"Name": "string2", "Value": "\"value2\"", "Type": "string"},
-            {"Name": "boolean1", "Value": "True", "Type": "boolean"},
-            {"Name": "boolean2", "Value": "true", "Type": "boolean"},
-            {"Name": "boolean3", "Value": "\"true\"", "Type": "boolean"},
-            {"Name": "list1", "Value": "['one', 'two']", "Type": "string"},
-            {"Name": "list2", "Value": ["one", "two"], "Type": "string"},
-        ]);
-        let message = status_message_with_outputs(&op, 0, Status::Deployed, "done", outputs);
+        let (outputs, mut expected) = tre_outputs_example();
+        let message =
+            status_message_with_outputs(&op, 0, Status::Deployed, "done", Value::from(outputs));
         assert_eq!(handle(&handler(db), message).await, Outcome::Complete);
         let stored = db.store.read().resource(&ws.id).await.unwrap();
-        assert_eq!(
-            Value::Object(stored.properties),
-            json!({
-                "exitingName": "exitingValue",
-                "string1": "value1",
-                "string2": "value2",
-                "boolean1": true,
-                "boolean2": true,
-                "boolean3": true,
-                "list1": "['one', 'two']",
-                "list2": ["one", "two"],
-            })
-        );
+        expected.insert("exitingName".to_owned(), json!("exitingValue"));
+        assert_eq!(stored.properties, expected);
     }
 
     /// Ensures that (reference §10.1.7) a success without outputs leaves the properties
@@ -232,10 +216,7 @@ mod cases {
         assert_eq!(stored.steps()[0].message.as_deref(), Some("upgrade succeeded"));
         let vm = db.store.read().resource(&pipeline.vm.id).await.unwrap();
         assert_eq!(vm.resource_version, vm_before.resource_version + 1, "patched for the step");
-        assert_eq!(
-            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
-            Some(Status::Updated)
-        );
+        assert_eq!(deployment_status(db, &pipeline.firewall.id).await, Some(Status::Updated));
 
         let sent = requests_of(&db.store, &op.id).await;
         assert_eq!(sent.len(), 2, "exactly one new request");
@@ -387,12 +368,9 @@ mod cases {
         assert_eq!(stored.status, Status::DeploymentFailed);
         assert_eq!(stored.message, "Multi step pipeline failed on step post-step-1");
         assert_eq!(stored.steps()[2].status, Some(Status::UpdatingFailed));
+        assert_eq!(deployment_status(db, &pipeline.vm.id).await, Some(Status::DeploymentFailed));
         assert_eq!(
-            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
-            Some(Status::DeploymentFailed)
-        );
-        assert_eq!(
-            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
+            deployment_status(db, &pipeline.firewall.id).await,
             Some(Status::UpdatingFailed)
         );
     }
@@ -416,10 +394,7 @@ mod cases {
             (Status::DeploymentFailed, "Multi step pipeline failed on step main")
         );
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2, "post-step never queued");
-        assert_eq!(
-            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
-            Some(Status::DeploymentFailed)
-        );
+        assert_eq!(deployment_status(db, &pipeline.vm.id).await, Some(Status::DeploymentFailed));
     }
 
     /// Ensures that (reference §12, "failure while dispatching the next pipeline step")
@@ -458,10 +433,7 @@ mod cases {
         assert_eq!(next.resource_request_message_id, None);
         assert_eq!(stored.status, Status::DeploymentFailed);
         assert_eq!(stored.message, "Multi step pipeline failed on step post-step-1");
-        assert_eq!(
-            db.store.read().resource(&pipeline.vm.id).await.unwrap().deployment_status,
-            Some(Status::DeploymentFailed)
-        );
+        assert_eq!(deployment_status(db, &pipeline.vm.id).await, Some(Status::DeploymentFailed));
         assert_eq!(requests_of(&db.store, &op.id).await.len(), 2);
         assert_eq!(db.store.read().resource(&pipeline.firewall.id).await.unwrap(), firewall_before);
         let error = only_error(&logs, "Unable to send update for resource in pipeline step");
@@ -627,10 +599,7 @@ mod cases {
             Outcome::Complete
         );
         assert_eq!(operation(db, &op.id).await, after);
-        assert_eq!(
-            db.store.read().resource(&pipeline.firewall.id).await.unwrap().deployment_status,
-            Some(Status::Updated)
-        );
+        assert_eq!(deployment_status(db, &pipeline.firewall.id).await, Some(Status::Updated));
         assert_eq!(
             handle(&handler, status_message(op, 0, Status::UpdatingFailed, "rolled back")).await,
             Outcome::Complete
@@ -648,10 +617,7 @@ mod cases {
         assert_eq!(outcome, Outcome::Complete);
         let stored = operation(db, &op.id).await;
         assert_eq!((stored.status, stored.message.as_str()), (Status::Deploying, "Job starting"));
-        assert_eq!(
-            db.store.read().resource(&ws.id).await.unwrap().deployment_status,
-            Some(Status::Deploying)
-        );
+        assert_eq!(deployment_status(db, &ws.id).await, Some(Status::Deploying));
     }
 }
 

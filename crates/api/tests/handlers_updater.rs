@@ -23,7 +23,7 @@ use steward_core::{
     OutgoingMessage, Supervisor, SupervisorConfig, Updater, UpdaterConfig, WorkerHealth,
     WorkerState,
 };
-use steward_inmem::{InMemoryBroker, QueueOptions};
+use steward_inmem::{InMemoryBroker, InMemorySource, QueueOptions};
 use support::{
     TestDb, airlock_request, outbox_for, status_body, status_message, step_result_body, templates,
     user, workspace, workspace_installing,
@@ -61,6 +61,21 @@ fn broker(queue: &str) -> InMemoryBroker {
     broker
         .declare_queue(queue, QueueOptions::default().with_lock_duration(Duration::from_secs(30)));
     broker
+}
+
+/// A supervisor running updater `name` over `source` with `config`, its handler `inner`
+/// recording what it sees.
+fn recorded(
+    name: &str,
+    inner: impl Handler,
+    source: InMemorySource,
+    config: UpdaterConfig,
+) -> (Supervisor, Seen) {
+    let seen = Seen::default();
+    let handler = Recording { inner, seen: seen.clone() };
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor.spawn(Updater::with_source(name, source, handler).with_config(config));
+    (supervisor, seen)
 }
 
 fn config(max_deliveries: u32) -> UpdaterConfig {
@@ -125,15 +140,11 @@ mod cases {
         send(&broker, QUEUE, "good", good_body.clone(), Some(&op.id)).await;
         send(&broker, QUEUE, "good-again", good_body, Some(&op.id)).await;
 
-        let seen = Seen::default();
-        let handler = Recording {
-            inner: DeploymentStatusHandler::new(db.store.clone(), registry.clone()),
-            seen: seen.clone(),
-        };
-        let supervisor = Supervisor::new(SupervisorConfig::default());
-        supervisor.spawn(
-            Updater::with_source("deployment-status", broker.source(QUEUE).unwrap(), handler)
-                .with_config(config(10)),
+        let (supervisor, seen) = recorded(
+            "deployment-status",
+            DeploymentStatusHandler::new(db.store.clone(), registry.clone()),
+            broker.source(QUEUE).unwrap(),
+            config(10),
         );
         let health = supervisor.health();
         eventually("all four settled", || {
@@ -179,15 +190,11 @@ mod cases {
         send(&broker, QUEUE, "illegal", illegal.to_string(), None).await;
         send(&broker, QUEUE, "malformed", r#"{"data": {}}"#.to_owned(), None).await;
 
-        let seen = Seen::default();
-        let handler = Recording {
-            inner: AirlockStatusHandler::new(db.store.clone(), Arc::new(StaticRecipients::none())),
-            seen: seen.clone(),
-        };
-        let supervisor = Supervisor::new(SupervisorConfig::default());
-        supervisor.spawn(
-            Updater::with_source("airlock-status", broker.source(QUEUE).unwrap(), handler)
-                .with_config(config(100)),
+        let (supervisor, seen) = recorded(
+            "airlock-status",
+            AirlockStatusHandler::new(db.store.clone(), Arc::new(StaticRecipients::none())),
+            broker.source(QUEUE).unwrap(),
+            config(100),
         );
         let health = supervisor.health();
         let deliveries_of_early =
@@ -254,15 +261,11 @@ mod cases {
         let body =
             step_result_body(&request.id, "approval_in_progress", Some("approved"), None, None);
         send(&broker, QUEUE, "stuck", body.to_string(), None).await;
-        let seen = Seen::default();
-        let handler = Recording {
-            inner: AirlockStatusHandler::new(db.store.clone(), Arc::new(StaticRecipients::none())),
-            seen: seen.clone(),
-        };
-        let supervisor = Supervisor::new(SupervisorConfig::default());
-        supervisor.spawn(
-            Updater::with_source("airlock-status", broker.source(QUEUE).unwrap(), handler)
-                .with_config(config(3)),
+        let (supervisor, seen) = recorded(
+            "airlock-status",
+            AirlockStatusHandler::new(db.store.clone(), Arc::new(StaticRecipients::none())),
+            broker.source(QUEUE).unwrap(),
+            config(3),
         );
         eventually("dead-lettered", || broker.dead_letter_count(QUEUE) == 1).await;
         assert_eq!(

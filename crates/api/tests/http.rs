@@ -664,6 +664,18 @@ async fn the_last_workspace_owner_cannot_be_removed() {
     assert_eq!(status, StatusCode::OK, "one of two owners steps down: {answer}");
 }
 
+/// Asks for resource `body` as `user`, a `TREUser`, who is refused (`why`), then as a
+/// `TREAdmin`, who is answered; returns the new resource's id.
+async fn create_as_admin_only(router: &Router, user: &str, body: Value, why: &str) -> String {
+    let (status, _) =
+        call(router, as_user(user, "TREUser", "POST", "/api/resources", Some(body.clone()))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{why}");
+    let (status, body) =
+        call(router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(body))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    body["operation"]["resourceId"].as_str().unwrap().to_owned()
+}
+
 /// Ensures that each route class checks its roles: workspaces and shared services need
 /// `TREAdmin`; workspace services the workspace's owner; user resources its owner or a
 /// researcher; reads any role in the workspace (shared services anyone); lists show
@@ -677,24 +689,10 @@ async fn every_route_class_checks_its_roles() {
         "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
     let firewall =
         json!({"templateName": "tre-shared-service-firewall", "resourceType": "shared-service"});
-    let (status, _) = call(
-        router,
-        as_user("outsider", "TREUser", "POST", "/api/resources", Some(workspace.clone())),
-    )
-    .await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "a workspace needs TREAdmin");
-    let (status, body) =
-        call(router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(workspace))).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
-    let (status, _) =
-        call(router, as_user("owner", "TREUser", "POST", "/api/resources", Some(firewall.clone())))
-            .await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "a shared service needs TREAdmin");
-    let (status, body) =
-        call(router, as_user("admin", "TREAdmin", "POST", "/api/resources", Some(firewall))).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let fw = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let ws =
+        create_as_admin_only(router, "outsider", workspace, "a workspace needs TREAdmin").await;
+    let fw =
+        create_as_admin_only(router, "owner", firewall, "a shared service needs TREAdmin").await;
     for (user, roles) in [
         ("owner", json!(["WorkspaceOwner"])),
         ("researcher", json!(["WorkspaceResearcher"])),

@@ -98,43 +98,6 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-/// The reference's deployment status example (reference §4.2).
-fn valid_status() -> Value {
-    json!({
-        "operationId": "0000c8e7-5c42-4fcb-a7fd-294cfc27aa76",
-        "stepId": "7d96130f-b323-4b95-8351-a05e943d51a2",
-        "id": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76",
-        "status": "deployed",
-        "message": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76: install action completed successfully.",
-        "outputs": [
-            {"name": "workspace_address_space", "value": "10.1.4.0/24", "type": "string"},
-            {"name": "is_exposed_externally", "value": "true", "type": "boolean"},
-            {"name": "fqdns", "value": ["a.example", "b.example"], "type": "string"},
-            {"name": "unset_output", "value": null, "type": "string"}
-        ]
-    })
-}
-
-/// The reference's step result example (reference §4.3).
-fn valid_step_result() -> Value {
-    json!({
-        "id": "2d1f4a6e-0c3b-4a55-9a51-0d6f3a1c9e21",
-        "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.EventGrid/topics/t",
-        "subject": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
-        "eventType": "Airlock.StepResult",
-        "eventTime": "2026-08-17T10:00:00.123456Z",
-        "data": {
-            "completed_step": "submitted",
-            "new_status": "in_review",
-            "request_id": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
-            "request_files": [{"name": "data.csv", "size": 1024}],
-            "status_message": null
-        },
-        "dataVersion": "1.0",
-        "metadataVersion": "1"
-    })
-}
-
 /// One change to a valid message.
 #[derive(Debug, Clone)]
 enum Mutation {
@@ -298,7 +261,7 @@ proptest! {
     /// nothing (TRE ignores unknown fields).
     #[test]
     fn deployment_parser_maps_mutated_messages(mutation in mutation()) {
-        let base = valid_status();
+        let base = support::status_update_example();
         let body = mutate(&base, &mutation);
         check_status(&body)?;
         if let Mutation::Add(_, key, _) = &mutation {
@@ -325,7 +288,7 @@ proptest! {
     /// a valid message or the dead-letter; an added unknown member changes nothing.
     #[test]
     fn step_result_parser_maps_mutated_messages(mutation in mutation()) {
-        let base = valid_step_result();
+        let base = support::step_result_example();
         let body = mutate(&base, &mutation);
         check_step_result(&body)?;
         if let Mutation::Add(_, key, _) = &mutation {
@@ -338,8 +301,10 @@ proptest! {
 
 #[test]
 fn the_reference_examples_are_valid() {
-    assert!(parse_deployment_status(valid_status().to_string().as_bytes()).is_ok());
-    assert!(parse_step_result(valid_step_result().to_string().as_bytes()).is_ok());
+    assert!(
+        parse_deployment_status(support::status_update_example().to_string().as_bytes()).is_ok()
+    );
+    assert!(parse_step_result(support::step_result_example().to_string().as_bytes()).is_ok());
 }
 
 /// Ensures that the mutation strategy is not degenerate: of a few hundred mutated
@@ -351,11 +316,12 @@ fn mutations_reach_both_valid_and_invalid_messages() {
     let (mut status, mut result) = ([0_u32; 2], [0_u32; 2]);
     for _ in 0..400 {
         let mutation = mutation().new_tree(&mut runner).unwrap().current();
-        status
-            [usize::from(parse_deployment_status(&mutate(&valid_status(), &mutation)).is_ok())] +=
-            1;
-        result[usize::from(parse_step_result(&mutate(&valid_step_result(), &mutation)).is_ok())] +=
-            1;
+        status[usize::from(
+            parse_deployment_status(&mutate(&support::status_update_example(), &mutation)).is_ok(),
+        )] += 1;
+        result[usize::from(
+            parse_step_result(&mutate(&support::step_result_example(), &mutation)).is_ok(),
+        )] += 1;
     }
     assert!(status.iter().all(|&n| n >= 40), "deployment status invalid/valid: {status:?}");
     assert!(result.iter().all(|&n| n >= 40), "step result invalid/valid: {result:?}");
@@ -389,7 +355,7 @@ fn deployment_handler_maps_mutated_messages_to_settlements() {
         &ws.id,
         "deploying",
         "Job starting",
-        valid_status()["outputs"].clone(),
+        support::status_update_example()["outputs"].clone(),
     );
     let mut runner = TestRunner::new(Config { cases: 96, ..Config::default() });
     runner
@@ -429,7 +395,7 @@ fn airlock_handler_maps_mutated_messages_to_settlements() {
     let request =
         runtime.block_on(support::airlock_request(&db.store, &ws, AirlockRequestStatus::Submitted));
     let handler = AirlockStatusHandler::new(db.store.clone(), Arc::new(StaticRecipients::none()));
-    let mut base = valid_step_result();
+    let mut base = support::step_result_example();
     base["data"]["request_id"] = json!(request.id);
     let mut runner = TestRunner::new(Config { cases: 96, ..Config::default() });
     runner

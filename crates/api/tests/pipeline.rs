@@ -17,7 +17,7 @@ use steward_api::templates::TemplateRegistry;
 use steward_api::workers::DeploymentStatusHandler;
 use steward_api::workers::{FailurePolicy, ResourceProcessor};
 use steward_api::workers::{OutboxConfig, OutboxWorker};
-use steward_core::{Supervisor, SupervisorConfig, Updater, UpdaterConfig};
+use steward_core::{Handler, Supervisor, SupervisorConfig, Updater, UpdaterConfig};
 use steward_inmem::InMemoryBroker;
 use tokio::time::{Instant, sleep};
 
@@ -28,23 +28,9 @@ fn properties(value: serde_json::Value) -> Properties {
 /// The service's workers for resource operations, on `broker`.
 fn start(store: &Store, broker: &InMemoryBroker, failures: FailurePolicy) -> Supervisor {
     let templates = Arc::new(TemplateRegistry::builtin().unwrap());
-    let fast = UpdaterConfig::default().with_wait(Duration::from_millis(200));
     let supervisor = Supervisor::new(SupervisorConfig::default());
     let handler = DeploymentStatusHandler::new(store.clone(), templates);
-    supervisor.spawn(
-        Updater::new(
-            "deployment-status",
-            {
-                let broker = broker.clone();
-                move || {
-                    let broker = broker.clone();
-                    async move { broker.source("deploymentstatus") }
-                }
-            },
-            handler,
-        )
-        .with_config(fast.clone()),
-    );
+    supervisor.spawn(updater("deployment-status", broker, "deploymentstatus", handler));
     supervisor.spawn(
         OutboxWorker::new(store.clone(), Arc::new(broker.clone()))
             .with_config(OutboxConfig::default().with_poll_interval(Duration::from_millis(50))),
@@ -52,21 +38,24 @@ fn start(store: &Store, broker: &InMemoryBroker, failures: FailurePolicy) -> Sup
     let processor = ResourceProcessor::new(Arc::new(broker.clone()), "deploymentstatus")
         .with_pause(Duration::from_millis(5), Duration::from_millis(20))
         .with_failures(failures);
-    supervisor.spawn(
-        Updater::new(
-            "resource-processor-simulator",
-            {
-                let broker = broker.clone();
-                move || {
-                    let broker = broker.clone();
-                    async move { broker.source("workspacequeue") }
-                }
-            },
-            processor,
-        )
-        .with_config(fast),
-    );
+    supervisor.spawn(updater("resource-processor-simulator", broker, "workspacequeue", processor));
     supervisor
+}
+
+/// Updater `name`: `handler` on `queue` of `broker`, retrying after 200 ms.
+fn updater(
+    name: &str,
+    broker: &InMemoryBroker,
+    queue: &'static str,
+    handler: impl Handler,
+) -> Updater {
+    let broker = broker.clone();
+    let connect = move || {
+        let broker = broker.clone();
+        async move { broker.source(queue) }
+    };
+    Updater::new(name, connect, handler)
+        .with_config(UpdaterConfig::default().with_wait(Duration::from_millis(200)))
 }
 
 async fn install(store: &Store, new: NewResource) -> (String, String) {

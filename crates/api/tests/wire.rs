@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -22,12 +24,12 @@ fn round_trip<T: Serialize + DeserializeOwned>(json: &Value) -> T {
     typed
 }
 
-/// Ensures that the resource request example of reference §4.1 round-trips.
-#[test]
-fn resource_request_matches_reference_example() {
-    let example = json!({
-        "operationId": "7ac667f0-fd3f-4a6c-815b-82d0cb7a2132",
-        "stepId": "7d96130f-b323-4b95-8351-a05e943d51a2",
+/// The resource request of reference §4.1: install the VM of [`user_resource`] in
+/// operation `operation_id`, step `step_id`.
+fn vm_install_request(operation_id: &str, step_id: &str) -> Value {
+    json!({
+        "operationId": operation_id,
+        "stepId": step_id,
         "action": "install",
         "id": "933ad738-7265-4b5f-9eae-a1a62928772e",
         "name": "tre-service-guacamole-linuxvm",
@@ -36,7 +38,16 @@ fn resource_request_matches_reference_example() {
         "workspaceId": "a1b2c3d4-....",
         "ownerId": "user-object-id",
         "parentWorkspaceServiceId": "e5f6...."
-    });
+    })
+}
+
+/// Ensures that the resource request example of reference §4.1 round-trips.
+#[test]
+fn resource_request_matches_reference_example() {
+    let example = vm_install_request(
+        "7ac667f0-fd3f-4a6c-815b-82d0cb7a2132",
+        "7d96130f-b323-4b95-8351-a05e943d51a2",
+    );
     let request: ResourceRequest = round_trip(&example);
     assert_eq!(request.parameters["os_image"], "Ubuntu 22.04 LTS");
 }
@@ -64,18 +75,7 @@ fn tre_10_3_01_resource_request_payload_per_resource_type() {
     let vm = user_resource();
     assert_eq!(vm.etag, "0000-etag", "escaped quotes are stripped");
     let request = vm.resource_request("op-1", "step-1", "install");
-    let expected = json!({
-        "operationId": "op-1",
-        "stepId": "step-1",
-        "action": "install",
-        "id": "933ad738-7265-4b5f-9eae-a1a62928772e",
-        "name": "tre-service-guacamole-linuxvm",
-        "version": "1.2.3",
-        "parameters": {"display_name": "My VM", "os_image": "Ubuntu 22.04 LTS", "tre_id": "mytre"},
-        "workspaceId": "a1b2c3d4-....",
-        "ownerId": "user-object-id",
-        "parentWorkspaceServiceId": "e5f6...."
-    });
+    let expected = vm_install_request("op-1", "step-1");
     assert_eq!(serde_json::to_value(&request).unwrap(), expected);
 
     let mut service = vm.clone();
@@ -200,19 +200,7 @@ fn operation_matches_reference_example() {
 /// outputs read with either key spelling.
 #[test]
 fn deployment_status_update_matches_reference_example() {
-    let example = json!({
-      "operationId": "0000c8e7-5c42-4fcb-a7fd-294cfc27aa76",
-      "stepId": "7d96130f-b323-4b95-8351-a05e943d51a2",
-      "id": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76",
-      "status": "deployed",
-      "message": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76: install action completed successfully.",
-      "outputs": [
-        {"name": "workspace_address_space", "value": "10.1.4.0/24", "type": "string"},
-        {"name": "is_exposed_externally", "value": "true", "type": "boolean"},
-        {"name": "fqdns", "value": ["a.example", "b.example"], "type": "string"},
-        {"name": "unset_output", "value": null, "type": "string"}
-      ]
-    });
+    let example = support::status_update_example();
     let update: DeploymentStatusUpdate = round_trip(&example);
     assert_eq!(update.outputs[3].value, None);
 
@@ -263,26 +251,12 @@ fn deployment_status_update_validates_like_tre() {
 #[test]
 fn tre_10_1_10_outputs_convert_to_properties() {
     assert!(outputs_to_properties(&[]).unwrap().is_empty());
-    let outputs: Vec<Output> = serde_json::from_value(json!([
-        {"Name": "string1", "Value": "value1", "Type": "string"},
-        {"Name": "string2", "Value": "\"value2\"", "Type": "string"},
-        {"Name": "boolean1", "Value": "True", "Type": "boolean"},
-        {"Name": "boolean2", "Value": "true", "Type": "boolean"},
-        {"Name": "boolean3", "Value": "\"true\"", "Type": "boolean"},
-        {"Name": "boolean4", "Value": "no", "Type": "boolean"},
-        {"Name": "list1", "Value": "['one', 'two']", "Type": "string"},
-        {"Name": "list2", "Value": ["one", "two"], "Type": "string"},
-        {"Name": "skipped", "Value": null, "Type": "string"}
-    ]))
-    .unwrap();
-    let properties = outputs_to_properties(&outputs).unwrap();
-    assert_eq!(
-        Value::Object(properties),
-        json!({
-            "string1": "value1", "string2": "value2", "boolean1": true, "boolean2": true, "boolean3": true,
-            "boolean4": false, "list1": "['one', 'two']", "list2": ["one", "two"]
-        })
-    );
+    let (mut outputs, mut expected) = support::tre_outputs_example();
+    outputs.push(json!({"Name": "boolean4", "Value": "no", "Type": "boolean"}));
+    outputs.push(json!({"Name": "skipped", "Value": null, "Type": "string"}));
+    expected.insert("boolean4".to_owned(), json!(false));
+    let outputs: Vec<Output> = serde_json::from_value(Value::from(outputs)).unwrap();
+    assert_eq!(outputs_to_properties(&outputs).unwrap(), expected);
     let bad: Vec<Output> =
         serde_json::from_value(json!([{"name": "b", "value": ["x"], "type": "boolean"}])).unwrap();
     assert_eq!(outputs_to_properties(&bad).unwrap_err().name, "b");
@@ -292,22 +266,7 @@ fn tre_10_1_10_outputs_convert_to_properties() {
 /// that a files-only result has no new status.
 #[test]
 fn step_result_matches_reference_example() {
-    let example = json!({
-      "id": "2d1f4a6e-0c3b-4a55-9a51-0d6f3a1c9e21",
-      "topic": "/subscriptions/<sub>/resourceGroups/rg-mytre/providers/Microsoft.EventGrid/topics/evgt-airlock-step-result-v2-mytre",
-      "subject": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
-      "eventType": "Airlock.StepResult",
-      "eventTime": "2026-08-17T10:00:00.123456Z",
-      "data": {
-        "completed_step": "submitted",
-        "new_status": "in_review",
-        "request_id": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
-        "request_files": [{"name": "data.csv", "size": 1024}],
-        "status_message": null
-      },
-      "dataVersion": "1.0",
-      "metadataVersion": "1"
-    });
+    let example = support::step_result_example();
     let event: StepResultEvent = round_trip(&example);
     assert_eq!(event.data.completed_status().unwrap(), AirlockRequestStatus::Submitted);
     assert_eq!(event.data.new_status().unwrap(), Some(AirlockRequestStatus::InReview));

@@ -1,80 +1,44 @@
 //! Airlock requests, their statuses and the transition table (reference §5.6).
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::resource::{Properties, User};
-use super::status::UnknownValue;
 
-/// The status of an airlock request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AirlockRequestStatus {
-    /// Being prepared by its creator.
-    Draft,
-    /// Submitted; the processor is checking the files.
-    Submitted,
-    /// Waiting for a reviewer.
-    InReview,
-    /// Approved; the files are being moved.
-    ApprovalInProgress,
-    /// Approved and done.
-    Approved,
-    /// Rejected; the files are being moved.
-    RejectionInProgress,
-    /// Rejected and done.
-    Rejected,
-    /// Cancelled by a user.
-    Cancelled,
-    /// The scan found a threat; the files are being moved.
-    BlockingInProgress,
-    /// Blocked by the scan.
-    BlockedByScan,
-    /// Processing failed.
-    Failed,
-    /// An approval was revoked.
-    Revoked,
+named_enum! {
+    /// The status of an airlock request.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum AirlockRequestStatus: "airlock request status" {
+        /// Being prepared by its creator.
+        Draft => "draft",
+        /// Submitted; the processor is checking the files.
+        Submitted => "submitted",
+        /// Waiting for a reviewer.
+        InReview => "in_review",
+        /// Approved; the files are being moved.
+        ApprovalInProgress => "approval_in_progress",
+        /// Approved and done.
+        Approved => "approved",
+        /// Rejected; the files are being moved.
+        RejectionInProgress => "rejection_in_progress",
+        /// Rejected and done.
+        Rejected => "rejected",
+        /// Cancelled by a user.
+        Cancelled => "cancelled",
+        /// The scan found a threat; the files are being moved.
+        BlockingInProgress => "blocking_in_progress",
+        /// Blocked by the scan.
+        BlockedByScan => "blocked_by_scan",
+        /// Processing failed.
+        Failed => "failed",
+        /// An approval was revoked.
+        Revoked => "revoked",
+    }
 }
 
 impl AirlockRequestStatus {
-    /// Every status, in TRE's declaration order.
-    pub const ALL: [AirlockRequestStatus; 12] = [
-        AirlockRequestStatus::Draft,
-        AirlockRequestStatus::Submitted,
-        AirlockRequestStatus::InReview,
-        AirlockRequestStatus::ApprovalInProgress,
-        AirlockRequestStatus::Approved,
-        AirlockRequestStatus::RejectionInProgress,
-        AirlockRequestStatus::Rejected,
-        AirlockRequestStatus::Cancelled,
-        AirlockRequestStatus::BlockingInProgress,
-        AirlockRequestStatus::BlockedByScan,
-        AirlockRequestStatus::Failed,
-        AirlockRequestStatus::Revoked,
-    ];
-
-    /// TRE's name for this status.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            AirlockRequestStatus::Draft => "draft",
-            AirlockRequestStatus::Submitted => "submitted",
-            AirlockRequestStatus::InReview => "in_review",
-            AirlockRequestStatus::ApprovalInProgress => "approval_in_progress",
-            AirlockRequestStatus::Approved => "approved",
-            AirlockRequestStatus::RejectionInProgress => "rejection_in_progress",
-            AirlockRequestStatus::Rejected => "rejected",
-            AirlockRequestStatus::Cancelled => "cancelled",
-            AirlockRequestStatus::BlockingInProgress => "blocking_in_progress",
-            AirlockRequestStatus::BlockedByScan => "blocked_by_scan",
-            AirlockRequestStatus::Failed => "failed",
-            AirlockRequestStatus::Revoked => "revoked",
-        }
-    }
-
     /// The statuses a request in this status may move to (TRE
     /// `AirlockRequestRepository.validate_status_update`). Empty for final statuses.
     #[must_use]
@@ -106,47 +70,15 @@ impl AirlockRequestStatus {
     }
 }
 
-impl fmt::Display for AirlockRequestStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for AirlockRequestStatus {
-    type Err = UnknownValue;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        AirlockRequestStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| UnknownValue { kind: "airlock request status", value: s.to_owned() })
-    }
-}
-
-/// The direction of an airlock request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AirlockRequestType {
-    /// Data comes into the workspace.
-    Import,
-    /// Data leaves the workspace.
-    Export,
-}
-
-impl AirlockRequestType {
-    /// TRE's name for this type.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            AirlockRequestType::Import => "import",
-            AirlockRequestType::Export => "export",
-        }
-    }
-}
-
-impl fmt::Display for AirlockRequestType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+named_enum! {
+    /// The direction of an airlock request.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum AirlockRequestType {
+        /// Data comes into the workspace.
+        Import => "import",
+        /// Data leaves the workspace.
+        Export => "export",
     }
 }
 

@@ -1,13 +1,10 @@
 //! Resources, their history and the user who acted on them (reference §5.4–5.5).
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use super::messages::ResourceRequest;
-use super::status::{Status, UnknownValue};
+use super::status::Status;
 
 /// JSON properties of a resource: TRE's `dict`.
 pub type Properties = Map<String, Value>;
@@ -298,72 +295,21 @@ pub struct ResourceHistoryItem {
     pub template_version: Option<String>,
 }
 
-/// The four kinds of resource a TRE manages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum ResourceType {
-    /// A workspace (`workspace`).
-    #[serde(rename = "workspace")]
-    Workspace,
-    /// A service inside a workspace (`workspace-service`).
-    #[serde(rename = "workspace-service")]
-    WorkspaceService,
-    /// A resource a user owns inside a workspace service (`user-resource`).
-    #[serde(rename = "user-resource")]
-    UserResource,
-    /// A service shared by all workspaces (`shared-service`).
-    #[serde(rename = "shared-service")]
-    SharedService,
-}
-
-impl ResourceType {
-    /// Every resource type.
-    pub const ALL: [ResourceType; 4] = [
-        ResourceType::Workspace,
-        ResourceType::WorkspaceService,
-        ResourceType::UserResource,
-        ResourceType::SharedService,
-    ];
-
-    /// TRE's name for this resource type.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ResourceType::Workspace => "workspace",
-            ResourceType::WorkspaceService => "workspace-service",
-            ResourceType::UserResource => "user-resource",
-            ResourceType::SharedService => "shared-service",
-        }
-    }
-}
-
-impl fmt::Display for ResourceType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ResourceType {
-    type Err = UnknownValue;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ResourceType::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| UnknownValue { kind: "resource type", value: s.to_owned() })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resource_types_use_tre_names() {
-        for kind in ResourceType::ALL {
-            let json = serde_json::to_string(&kind).unwrap();
-            assert_eq!(json, format!("\"{kind}\""));
-            assert_eq!(kind.as_str().parse::<ResourceType>().unwrap(), kind);
-        }
-        assert!("workspace_service".parse::<ResourceType>().is_err());
+named_enum! {
+    /// The four kinds of resource a TRE manages.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    pub enum ResourceType: "resource type" {
+        /// A workspace (`workspace`).
+        #[serde(rename = "workspace")]
+        Workspace => "workspace",
+        /// A service inside a workspace (`workspace-service`).
+        #[serde(rename = "workspace-service")]
+        WorkspaceService => "workspace-service",
+        /// A resource a user owns inside a workspace service (`user-resource`).
+        #[serde(rename = "user-resource")]
+        UserResource => "user-resource",
+        /// A service shared by all workspaces (`shared-service`).
+        #[serde(rename = "shared-service")]
+        SharedService => "shared-service",
     }
 }

@@ -5,31 +5,15 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A role a user holds in one workspace, with TRE's name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum WorkspaceRole {
-    /// Owns the workspace: everything in it, and assigning its roles.
-    WorkspaceOwner,
-    /// Works in the workspace: its services and user resources, airlock requests.
-    WorkspaceResearcher,
-    /// Reviews the workspace's airlock requests.
-    AirlockManager,
-}
-
-impl WorkspaceRole {
-    /// TRE's name.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkspaceRole::WorkspaceOwner => "WorkspaceOwner",
-            WorkspaceRole::WorkspaceResearcher => "WorkspaceResearcher",
-            WorkspaceRole::AirlockManager => "AirlockManager",
-        }
-    }
-}
-
-impl std::fmt::Display for WorkspaceRole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+named_enum! {
+    /// A role a user holds in one workspace, with TRE's name.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+    pub enum WorkspaceRole {
+        /// Owns the workspace: everything in it, and assigning its roles.
+        WorkspaceOwner => "WorkspaceOwner",
+        /// Works in the workspace: its services and user resources, airlock requests.
+        WorkspaceResearcher => "WorkspaceResearcher",
+        /// Reviews the workspace's airlock requests.
+        AirlockManager => "AirlockManager",
     }
 }

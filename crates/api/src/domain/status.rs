@@ -1,8 +1,5 @@
 //! Deployment statuses and the action → status maps (reference §5.1).
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
 /// The actions TRE knows by name. Any other action name is a custom action.
@@ -15,94 +12,51 @@ pub mod action {
     pub const UNINSTALL: &str = "uninstall";
 }
 
-/// The status of an operation, of one of its steps, or of a resource's deployment.
-///
-/// The serialized names are TRE's (`awaiting_deployment`, `deploying`, …).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// An install is queued.
-    AwaitingDeployment,
-    /// An install is running.
-    Deploying,
-    /// An install succeeded.
-    Deployed,
-    /// An install failed.
-    DeploymentFailed,
-    /// An upgrade is queued.
-    AwaitingUpdate,
-    /// An upgrade is running.
-    Updating,
-    /// An upgrade succeeded.
-    Updated,
-    /// An upgrade failed.
-    UpdatingFailed,
-    /// An uninstall is queued.
-    AwaitingDeletion,
-    /// An uninstall is running.
-    Deleting,
-    /// An uninstall succeeded.
-    Deleted,
-    /// An uninstall failed.
-    DeletingFailed,
-    /// A custom action is queued.
-    AwaitingAction,
-    /// A custom action is running.
-    InvokingAction,
-    /// A custom action succeeded.
-    ActionSucceeded,
-    /// A custom action failed.
-    ActionFailed,
-    /// A multi-step operation is between its first and last step.
-    PipelineRunning,
+named_enum! {
+    /// The status of an operation, of one of its steps, or of a resource's deployment.
+    ///
+    /// The serialized names are TRE's (`awaiting_deployment`, `deploying`, …).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Status: "status" {
+        /// An install is queued.
+        AwaitingDeployment => "awaiting_deployment",
+        /// An install is running.
+        Deploying => "deploying",
+        /// An install succeeded.
+        Deployed => "deployed",
+        /// An install failed.
+        DeploymentFailed => "deployment_failed",
+        /// An upgrade is queued.
+        AwaitingUpdate => "awaiting_update",
+        /// An upgrade is running.
+        Updating => "updating",
+        /// An upgrade succeeded.
+        Updated => "updated",
+        /// An upgrade failed.
+        UpdatingFailed => "updating_failed",
+        /// An uninstall is queued.
+        AwaitingDeletion => "awaiting_deletion",
+        /// An uninstall is running.
+        Deleting => "deleting",
+        /// An uninstall succeeded.
+        Deleted => "deleted",
+        /// An uninstall failed.
+        DeletingFailed => "deleting_failed",
+        /// A custom action is queued.
+        AwaitingAction => "awaiting_action",
+        /// A custom action is running.
+        InvokingAction => "invoking_action",
+        /// A custom action succeeded.
+        ActionSucceeded => "action_succeeded",
+        /// A custom action failed.
+        ActionFailed => "action_failed",
+        /// A multi-step operation is between its first and last step.
+        PipelineRunning => "pipeline_running",
+    }
 }
 
 impl Status {
-    /// Every status, in TRE's declaration order.
-    pub const ALL: [Status; 17] = [
-        Status::AwaitingDeployment,
-        Status::Deploying,
-        Status::Deployed,
-        Status::DeploymentFailed,
-        Status::AwaitingUpdate,
-        Status::Updating,
-        Status::Updated,
-        Status::UpdatingFailed,
-        Status::AwaitingDeletion,
-        Status::Deleting,
-        Status::Deleted,
-        Status::DeletingFailed,
-        Status::AwaitingAction,
-        Status::InvokingAction,
-        Status::ActionSucceeded,
-        Status::ActionFailed,
-        Status::PipelineRunning,
-    ];
-
-    /// TRE's name for this status.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Status::AwaitingDeployment => "awaiting_deployment",
-            Status::Deploying => "deploying",
-            Status::Deployed => "deployed",
-            Status::DeploymentFailed => "deployment_failed",
-            Status::AwaitingUpdate => "awaiting_update",
-            Status::Updating => "updating",
-            Status::Updated => "updated",
-            Status::UpdatingFailed => "updating_failed",
-            Status::AwaitingDeletion => "awaiting_deletion",
-            Status::Deleting => "deleting",
-            Status::Deleted => "deleted",
-            Status::DeletingFailed => "deleting_failed",
-            Status::AwaitingAction => "awaiting_action",
-            Status::InvokingAction => "invoking_action",
-            Status::ActionSucceeded => "action_succeeded",
-            Status::ActionFailed => "action_failed",
-            Status::PipelineRunning => "pipeline_running",
-        }
-    }
-
     /// Whether this is a success status (TRE `OperationStep.is_success`).
     #[must_use]
     pub const fn is_success(self) -> bool {
@@ -214,12 +168,6 @@ impl Status {
     }
 }
 
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// A string that names no known value of an enum.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {kind} {value:?}")]
@@ -230,32 +178,9 @@ pub struct UnknownValue {
     pub value: String,
 }
 
-impl FromStr for Status {
-    type Err = UnknownValue;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Status::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| UnknownValue { kind: "status", value: s.to_owned() })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_status_round_trips_through_its_tre_name() {
-        for status in Status::ALL {
-            let json = serde_json::to_string(&status).unwrap();
-            assert_eq!(json, format!("\"{}\"", status.as_str()));
-            assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
-            assert_eq!(status.as_str().parse::<Status>().unwrap(), status);
-        }
-        assert!("pipeline_failed".parse::<Status>().is_err());
-        assert!(serde_json::from_str::<Status>("\"pipeline_succeeded\"").is_err());
-    }
 
     #[test]
     fn predicates_match_tre_step_predicates() {

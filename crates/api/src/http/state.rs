@@ -12,7 +12,7 @@ use crate::storage::Database;
 use crate::templates::TemplateRegistry;
 
 /// Settings the HTTP layer needs.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ApiSettings {
     /// Where resource requests go.
     pub resource_request_queue: String,
@@ -25,18 +25,6 @@ pub struct ApiSettings {
     pub metrics_open: bool,
     /// The transport's name, for health messages.
     pub transport: String,
-}
-
-impl fmt::Debug for ApiSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiSettings")
-            .field("resource_request_queue", &self.resource_request_queue)
-            .field("airlock_queues", &self.airlock_queues)
-            .field("auth", &self.auth)
-            .field("metrics_open", &self.metrics_open)
-            .field("transport", &self.transport)
-            .finish()
-    }
 }
 
 /// The state every HTTP handler gets: cheap to clone.

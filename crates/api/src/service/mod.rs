@@ -177,33 +177,26 @@ fn spawn_workers<F>(
     if config.simulate_processors() {
         let sink = transport.sink();
         let simulator_config = UpdaterConfig::default().with_wait(Duration::from_secs(1));
-        faults.spawn(
-            supervisor,
+        let simulators = [
             Updater::new(
                 names::RESOURCE_PROCESSOR,
                 transport.connect(&config.resource_request_queue),
                 ResourceProcessor::new(sink.clone(), config.deployment_status_queue.clone()),
-            )
-            .with_config(simulator_config.clone()),
-        );
-        faults.spawn(
-            supervisor,
+            ),
             Updater::new(
                 names::AIRLOCK_PROCESSOR,
                 transport.connect(&config.airlock_status_changed_queue),
                 AirlockProcessor::new(sink, config.step_result_queue.clone()),
-            )
-            .with_config(simulator_config.clone()),
-        );
-        faults.spawn(
-            supervisor,
+            ),
             Updater::new(
                 names::AIRLOCK_NOTIFIER,
                 transport.connect(&config.airlock_notification_queue),
                 crate::workers::Notifier,
-            )
-            .with_config(simulator_config),
-        );
+            ),
+        ];
+        for simulator in simulators {
+            faults.spawn(supervisor, simulator.with_config(simulator_config.clone()));
+        }
     }
 }
 

@@ -1,7 +1,6 @@
 //! The store behind a readiness gate: the service starts with the database possibly
 //! down, and every worker and request waits for the one-time migration.
 
-use std::fmt;
 use std::sync::Arc;
 
 use tokio::sync::OnceCell;
@@ -13,19 +12,10 @@ use super::{Store, StoreError};
 /// The service starts with the database possibly down: [`ready`](Self::ready) runs the
 /// migrations the first time the database answers, and every worker and request waits
 /// for that before touching a table.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Database {
     store: Store,
     migrated: Arc<OnceCell<()>>,
-}
-
-impl fmt::Debug for Database {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Database")
-            .field("store", &self.store)
-            .field("migrated", &self.migrated.initialized())
-            .finish()
-    }
 }
 
 impl Database {

@@ -69,6 +69,17 @@ pub(super) fn with_new_etag<T: Document>(record: &T) -> Result<(T, String), Stor
     Ok((stored, doc))
 }
 
+/// The records `read` makes of the rows `sql` selects with its one parameter, `value`.
+pub(super) async fn fetch_all<'c, T, E: Executor<'c, Database = Any>>(
+    executor: E,
+    sql: &str,
+    value: &str,
+    read: impl Fn(&AnyRow) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let rows = sqlx::query(sql).bind(value.to_owned()).fetch_all(executor).await?;
+    rows.iter().map(read).collect()
+}
+
 /// The record with this id, if there is one.
 pub(super) async fn fetch<'c, T: Document, E: Executor<'c, Database = Any>>(
     executor: E,

@@ -1,35 +1,22 @@
 //! The storage error, named for what the caller does next.
 
-use std::fmt;
-
-/// The kind of record an error is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Entity {
-    /// A resource.
-    Resource,
-    /// An operation.
-    Operation,
-    /// A resource history item.
-    ResourceHistory,
-    /// An airlock request.
-    AirlockRequest,
-    /// An outbox message.
-    OutboxMessage,
-    /// A user's roles in a workspace.
-    WorkspaceRoles,
-}
-
-impl fmt::Display for Entity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Entity::Resource => "resource",
-            Entity::Operation => "operation",
-            Entity::ResourceHistory => "resource history item",
-            Entity::AirlockRequest => "airlock request",
-            Entity::OutboxMessage => "outbox message",
-            Entity::WorkspaceRoles => "workspace roles",
-        })
+named_enum! {
+    /// The kind of record an error is about.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[non_exhaustive]
+    pub enum Entity {
+        /// A resource.
+        Resource => "resource",
+        /// An operation.
+        Operation => "operation",
+        /// A resource history item.
+        ResourceHistory => "resource history item",
+        /// An airlock request.
+        AirlockRequest => "airlock request",
+        /// An outbox message.
+        OutboxMessage => "outbox message",
+        /// A user's roles in a workspace.
+        WorkspaceRoles => "workspace roles",
     }
 }
 

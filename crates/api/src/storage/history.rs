@@ -3,6 +3,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{Any, Executor, Row};
 
+use super::document::fetch_all;
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Tx};
 use crate::domain::ResourceHistoryItem;
@@ -19,13 +20,9 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     resource_id: &str,
 ) -> Result<Vec<ResourceHistoryItem>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id, doc FROM resource_history WHERE resource_id = $1 ORDER BY resource_version, updated_at, id",
-    )
-    .bind(resource_id.to_owned())
-    .fetch_all(executor)
-    .await?;
-    rows.iter().map(from_row).collect()
+    let sql = "SELECT id, doc FROM resource_history WHERE resource_id = $1 \
+               ORDER BY resource_version, updated_at, id";
+    fetch_all(executor, sql, resource_id, from_row).await
 }
 
 impl Tx {

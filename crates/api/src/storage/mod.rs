@@ -49,13 +49,15 @@ pub use error::{Entity, StoreError};
 pub use outbox::{OutboxMessage, OutboxRecord};
 pub use resources::ResourceFilter;
 
-/// The database behind a [`Store`], chosen by the URL scheme.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Backend {
-    /// `sqlite:` URLs.
-    Sqlite,
-    /// `postgres:` and `postgresql:` URLs.
-    Postgres,
+named_enum! {
+    /// The database behind a [`Store`], chosen by the URL scheme.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Backend {
+        /// `sqlite:` URLs.
+        Sqlite => "sqlite",
+        /// `postgres:` and `postgresql:` URLs.
+        Postgres => "postgres",
+    }
 }
 
 impl Backend {
@@ -73,15 +75,6 @@ impl Backend {
                 message: "the scheme must be sqlite: or postgres: (postgresql:)".to_owned(),
             }),
         }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        })
     }
 }
 

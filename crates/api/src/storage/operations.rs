@@ -2,7 +2,7 @@
 
 use sqlx::{Any, Executor};
 
-use super::document::{fetch, from_row, with_new_etag};
+use super::document::{fetch, fetch_all, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::Operation;
@@ -12,13 +12,8 @@ async fn for_resource<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     resource_id: &str,
 ) -> Result<Vec<Operation>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id, etag, doc FROM operations WHERE resource_id = $1 ORDER BY created_at, id",
-    )
-    .bind(resource_id.to_owned())
-    .fetch_all(executor)
-    .await?;
-    rows.iter().map(from_row).collect()
+    let sql = "SELECT id, etag, doc FROM operations WHERE resource_id = $1 ORDER BY created_at, id";
+    fetch_all(executor, sql, resource_id, from_row).await
 }
 
 impl Store {}

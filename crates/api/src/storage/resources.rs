@@ -2,6 +2,8 @@
 
 use std::future::Future;
 
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
 use sqlx::{Any, Executor};
 
 use super::document::{Listing, fetch, from_row, with_new_etag};
@@ -12,6 +14,22 @@ use crate::domain::{Resource, ResourcePatch, ResourceType, Status, User};
 use crate::storage::millis;
 
 const COLUMNS: &str = "id, etag, doc";
+
+/// `query` with the columns a replace may change, but the times and the document, bound
+/// in table order: `template_version`, `deployment_status`, `resource_path`,
+/// `workspace_id`, `parent_workspace_service_id`, `etag`.
+fn bind_changing_columns<'q>(
+    query: Query<'q, Any, AnyArguments<'q>>,
+    stored: &Resource,
+) -> Query<'q, Any, AnyArguments<'q>> {
+    query
+        .bind(stored.template_version.clone())
+        .bind(stored.deployment_status.map(|status| status.as_str().to_owned()))
+        .bind(stored.resource_path.clone())
+        .bind(stored.workspace_id().map(str::to_owned))
+        .bind(stored.parent_workspace_service_id().map(str::to_owned))
+        .bind(stored.etag.clone())
+}
 
 /// Which resources to list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -123,25 +141,20 @@ impl Tx {
     pub async fn insert_resource(&mut self, resource: &Resource) -> Result<Resource, StoreError> {
         let (stored, doc) = with_new_etag(resource)?;
         let now = millis(self.now());
-        let result = sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO resources (id, resource_type, template_name, template_version, deployment_status, \
              resource_path, workspace_id, parent_workspace_service_id, etag, created_at, updated_at, doc) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING",
         )
         .bind(stored.id.clone())
         .bind(stored.resource_type().as_str())
-        .bind(stored.template_name.clone())
-        .bind(stored.template_version.clone())
-        .bind(stored.deployment_status.map(|status| status.as_str().to_owned()))
-        .bind(stored.resource_path.clone())
-        .bind(stored.workspace_id().map(str::to_owned))
-        .bind(stored.parent_workspace_service_id().map(str::to_owned))
-        .bind(stored.etag.clone())
-        .bind(now)
-        .bind(now)
-        .bind(doc)
-        .execute(self.conn())
-        .await?;
+        .bind(stored.template_name.clone());
+        let result = bind_changing_columns(query, &stored)
+            .bind(now)
+            .bind(now)
+            .bind(doc)
+            .execute(self.conn())
+            .await?;
         inserted(&result, Entity::Resource, &stored.id)?;
         Ok(stored)
     }
@@ -160,23 +173,18 @@ impl Tx {
     pub async fn replace_resource(&mut self, resource: &Resource) -> Result<Resource, StoreError> {
         let (stored, doc) = with_new_etag(resource)?;
         let now = millis(self.now());
-        let result = sqlx::query(
+        let query = sqlx::query(
             "UPDATE resources SET template_version = $1, deployment_status = $2, resource_path = $3, \
              workspace_id = $4, parent_workspace_service_id = $5, etag = $6, updated_at = $7, doc = $8 \
              WHERE id = $9 AND etag = $10",
-        )
-        .bind(stored.template_version.clone())
-        .bind(stored.deployment_status.map(|status| status.as_str().to_owned()))
-        .bind(stored.resource_path.clone())
-        .bind(stored.workspace_id().map(str::to_owned))
-        .bind(stored.parent_workspace_service_id().map(str::to_owned))
-        .bind(stored.etag.clone())
-        .bind(now)
-        .bind(doc)
-        .bind(stored.id.clone())
-        .bind(resource.etag.clone())
-        .execute(self.conn())
-        .await?;
+        );
+        let result = bind_changing_columns(query, &stored)
+            .bind(now)
+            .bind(doc)
+            .bind(stored.id.clone())
+            .bind(resource.etag.clone())
+            .execute(self.conn())
+            .await?;
         if result.rows_affected() == 1 {
             return Ok(stored);
         }

@@ -1,7 +1,6 @@
 //! Template types: properties and pipelines (reference §5.7).
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -64,22 +63,24 @@ impl Template {
     }
 }
 
-/// The JSON type of a template property.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PropertyType {
-    /// A string.
-    String,
-    /// `true` or `false`.
-    Boolean,
-    /// A whole number.
-    Integer,
-    /// Any number.
-    Number,
-    /// A list.
-    Array,
-    /// An object.
-    Object,
+named_enum! {
+    /// The JSON type of a template property.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum PropertyType {
+        /// A string.
+        String => "string",
+        /// `true` or `false`.
+        Boolean => "boolean",
+        /// A whole number.
+        Integer => "integer",
+        /// Any number.
+        Number => "number",
+        /// A list.
+        Array => "array",
+        /// An object.
+        Object => "object",
+    }
 }
 
 impl PropertyType {
@@ -94,25 +95,6 @@ impl PropertyType {
             PropertyType::Array => value.is_array(),
             PropertyType::Object => value.is_object(),
         }
-    }
-
-    /// The JSON Schema name of this type.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            PropertyType::String => "string",
-            PropertyType::Boolean => "boolean",
-            PropertyType::Integer => "integer",
-            PropertyType::Number => "number",
-            PropertyType::Array => "array",
-            PropertyType::Object => "object",
-        }
-    }
-}
-
-impl fmt::Display for PropertyType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -3,7 +3,9 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
@@ -78,6 +80,108 @@ pub fn wait_for_exit(child: &mut Child, within: Duration, logs: &Mutex<Vec<Strin
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether `broker` accepts TCP connections at `address`. With `CI=true` an unreachable
+/// broker fails the test; otherwise the test prints one skip line and returns.
+pub async fn reachable(test: &str, broker: &str, address: &str) -> bool {
+    let connect = tokio::net::TcpStream::connect(address.to_owned());
+    let reachable =
+        matches!(tokio::time::timeout(Duration::from_secs(3), connect).await, Ok(Ok(_)));
+    if !reachable {
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            panic!("{test}: {broker} is not reachable at {address} and CI=true");
+        }
+        eprintln!("skipped {test}: {broker} is not reachable at {address}");
+    }
+    reachable
+}
+
+/// The five queues of one test, uniquely named after it.
+pub struct QueueNames {
+    pub deployment_status: String,
+    pub step_result: String,
+    pub resource_request: String,
+    pub airlock_status_changed: String,
+    pub airlock_notification: String,
+}
+
+impl QueueNames {
+    pub fn new(test: &str) -> QueueNames {
+        let prefix = steward_core::testkit::unique_name(&format!("steward-api-{test}"));
+        let name = |queue: &str| format!("{prefix}-{queue}");
+        QueueNames {
+            deployment_status: name("deploymentstatus"),
+            step_result: name("airlock-step-result"),
+            resource_request: name("workspacequeue"),
+            airlock_status_changed: name("airlock-status-changed"),
+            airlock_notification: name("airlock-notification"),
+        }
+    }
+
+    /// The environment that puts the service on these queues, after `transport`'s.
+    pub fn env(&self, transport: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+        let mut env = transport.to_vec();
+        env.extend([
+            ("SERVICE_BUS_DEPLOYMENT_STATUS_UPDATE_QUEUE", self.deployment_status.clone()),
+            ("SERVICE_BUS_STEP_RESULT_QUEUE", self.step_result.clone()),
+            ("SERVICE_BUS_RESOURCE_REQUEST_QUEUE", self.resource_request.clone()),
+            ("STEWARD_AIRLOCK_STATUS_CHANGED_QUEUE", self.airlock_status_changed.clone()),
+            ("STEWARD_AIRLOCK_NOTIFICATION_QUEUE", self.airlock_notification.clone()),
+        ]);
+        env
+    }
+}
+
+/// Runs `cleanup` to its end on a thread and runtime of its own (a `Drop` cannot await,
+/// and may run inside the test's runtime); a failure prints `<what> failed: <error>`.
+pub fn clean_up<E>(what: &str, cleanup: impl Future<Output = Result<(), E>> + Send + 'static)
+where
+    E: std::error::Error + 'static,
+{
+    let deleting = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(cleanup).map_err(|error| steward_core::error_chain(&error))
+    });
+    if let Ok(Err(error)) = deleting.join() {
+        eprintln!("{what} failed: {error}");
+    }
+}
+
+/// The ids of the messages from `queue` the deployment-status handler parsed, from the
+/// service's JSON log lines (TRE's "Received and parsed JSON for" line).
+pub fn handled_messages(logs: &[String], queue: &str) -> BTreeSet<String> {
+    logs.iter()
+        .filter(|line| line.contains("Received and parsed JSON for"))
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["queue"] == queue)
+        .filter_map(|line| line["message_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A TRE deployment-status body (reference §4.2) answering resource request `request`,
+/// with the message `<resource id>: <message>`.
+pub fn status_update(request: &Value, status: &str, message: &str, outputs: Value) -> String {
+    json!({
+        "operationId": request["operationId"],
+        "stepId": request["stepId"],
+        "id": request["id"],
+        "status": status,
+        "message": format!("{}: {message}", request["id"].as_str().unwrap()),
+        "outputs": outputs,
+    })
+    .to_string()
+}
+
+/// Asserts that every message in `published` was handled, before or after a shutdown.
+pub fn assert_all_handled(
+    published: &BTreeSet<String>,
+    before: &BTreeSet<String>,
+    after: &BTreeSet<String>,
+) {
+    let handled: BTreeSet<_> = before.union(after).cloned().collect();
+    let missing: Vec<_> = published.difference(&handled).collect();
+    assert!(missing.is_empty(), "statuses never handled: {missing:?}");
 }
 
 /// A running `steward-api` process, killed when dropped.
@@ -185,6 +289,16 @@ impl Api {
             .await
     }
 
+    /// Asks for `n` workspaces `W0`, `W1`, …; returns their resource ids by operation id.
+    pub async fn install_workspaces(&self, n: usize) -> BTreeMap<String, String> {
+        let mut created = BTreeMap::new();
+        for n in 0..n {
+            let (resource_id, operation_id) = self.install_workspace(&format!("W{n}")).await;
+            created.insert(operation_id, resource_id);
+        }
+        created
+    }
+
     /// Waits until operation `id` has `status`, or panics naming where it is.
     pub async fn operation_reaches(&self, id: &str, status: &str) -> Value {
         let deadline = Instant::now() + LIMIT;
@@ -254,6 +368,36 @@ impl Api {
             reader.join().expect("log reader");
         }
         (status, elapsed, self.logs())
+    }
+}
+
+/// What [`Api::stop`] returns: how long the exit took, and every log line.
+pub type Stopped = (Duration, Vec<String>);
+
+impl Api {
+    /// Sends SIGTERM and asserts the process exits successfully within `within`.
+    pub fn stop(self, within: Duration) -> Stopped {
+        let (status, elapsed, logs) = self.terminate(within);
+        assert!(status.success(), "exit {status:?}");
+        (elapsed, logs)
+    }
+
+    /// Restarts on `dir` and `env` and sends SIGTERM as soon as the deployment-status
+    /// updater completed a message; asserts an exit 0 within `drain` + 5 s, and returns
+    /// the messages from `queue` handled before it (at least one).
+    pub async fn interrupted(
+        dir: &Path,
+        env: &[(&'static str, String)],
+        drain: Duration,
+        queue: &str,
+    ) -> BTreeSet<String> {
+        let api = Api::start(dir, env);
+        api.worker_counts("deployment-status", "completed", 1).await;
+        let (elapsed, logs) = api.stop(drain + Duration::from_secs(5));
+        assert!(elapsed <= drain + Duration::from_secs(5), "took {elapsed:?}");
+        let before = handled_messages(&logs, queue);
+        assert!(!before.is_empty(), "nothing was handled before the shutdown");
+        before
     }
 }
 

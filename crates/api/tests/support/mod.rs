@@ -204,3 +204,59 @@ pub fn props(value: Value) -> Properties {
 pub fn workspace_props() -> Properties {
     props(json!({"display_name": "Genomics", "description": "Sequencing data"}))
 }
+
+/// The airlock step result example of reference §4.3.
+pub fn step_result_example() -> Value {
+    json!({
+        "id": "2d1f4a6e-0c3b-4a55-9a51-0d6f3a1c9e21",
+        "topic": "/subscriptions/<sub>/resourceGroups/rg-mytre/providers/Microsoft.EventGrid/topics/evgt-airlock-step-result-v2-mytre",
+        "subject": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
+        "eventType": "Airlock.StepResult",
+        "eventTime": "2026-08-17T10:00:00.123456Z",
+        "data": {
+            "completed_step": "submitted",
+            "new_status": "in_review",
+            "request_id": "5dbc15ae-40e1-49a5-834b-595f59d626b7",
+            "request_files": [{"name": "data.csv", "size": 1024}],
+            "status_message": null
+        },
+        "dataVersion": "1.0",
+        "metadataVersion": "1"
+    })
+}
+
+/// The deployment status update example of reference §4.2.
+pub fn status_update_example() -> Value {
+    json!({
+        "operationId": "0000c8e7-5c42-4fcb-a7fd-294cfc27aa76",
+        "stepId": "7d96130f-b323-4b95-8351-a05e943d51a2",
+        "id": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76",
+        "status": "deployed",
+        "message": "59b5c8e7-5c42-4fcb-a7fd-294cfc27aa76: install action completed successfully.",
+        "outputs": [
+            {"name": "workspace_address_space", "value": "10.1.4.0/24", "type": "string"},
+            {"name": "is_exposed_externally", "value": "true", "type": "boolean"},
+            {"name": "fqdns", "value": ["a.example", "b.example"], "type": "string"},
+            {"name": "unset_output", "value": null, "type": "string"}
+        ]
+    })
+}
+
+/// Outputs as TRE's resource processor reports them (reference §10.1.6, capitalised
+/// keys), and the properties they become.
+pub fn tre_outputs_example() -> (Vec<Value>, Properties) {
+    let outputs = vec![
+        json!({"Name": "string1", "Value": "value1", "Type": "string"}),
+        json!({"Name": "string2", "Value": "\"value2\"", "Type": "string"}),
+        json!({"Name": "boolean1", "Value": "True", "Type": "boolean"}),
+        json!({"Name": "boolean2", "Value": "true", "Type": "boolean"}),
+        json!({"Name": "boolean3", "Value": "\"true\"", "Type": "boolean"}),
+        json!({"Name": "list1", "Value": "['one', 'two']", "Type": "string"}),
+        json!({"Name": "list2", "Value": ["one", "two"], "Type": "string"}),
+    ];
+    let properties = props(json!({
+        "string1": "value1", "string2": "value2", "boolean1": true, "boolean2": true,
+        "boolean3": true, "list1": "['one', 'two']", "list2": ["one", "two"],
+    }));
+    (outputs, properties)
+}

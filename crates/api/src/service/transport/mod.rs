@@ -15,6 +15,54 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use steward_core::{Connect, Message, MessageSink, MessageSource, TransportError};
 
+/// For a broker client `$client` that opens sources and sinks and declares its
+/// topology itself (RabbitMQ, NATS): declares `$name`, its [`Transport`] (the check
+/// declares the queues, checking those that exist), and implements [`OpenTransport`] for
+/// the file's `Settings`, with `$builder` (where `$settings` is the `Settings`) given the
+/// service's connection name, delivery limit and queues.
+#[allow(unused_macros, reason = "used only by the transports compiled in")]
+macro_rules! broker_transport {
+    ($name:ident($client:ty), |$settings:ident| $builder:expr) => {
+        impl super::OpenTransport for Settings {
+            fn open(
+                &self,
+                topology: &super::Topology,
+            ) -> Result<Arc<dyn super::Transport>, steward_core::BoxError> {
+                let $settings = self;
+                let builder = $builder
+                    .with_connection_name("steward-api")
+                    .with_max_deliveries(topology.max_deliveries);
+                let builder = topology.consumed.iter().fold(builder, |b, q| b.with_queue(q));
+                let builder =
+                    topology.published.iter().fold(builder, |b, q| b.with_publish_queue(q));
+                Ok(Arc::new($name(builder.build()?)))
+            }
+        }
+
+        #[derive(Debug)]
+        struct $name($client);
+
+        #[async_trait::async_trait]
+        impl super::Transport for $name {
+            async fn source(
+                &self,
+                queue: &str,
+            ) -> Result<Arc<dyn steward_core::MessageSource>, steward_core::TransportError> {
+                Ok(Arc::new(self.0.source(queue).await?))
+            }
+
+            fn sink(&self) -> Arc<dyn steward_core::MessageSink> {
+                Arc::new(self.0.sink())
+            }
+
+            /// Declares the topology, checking what exists.
+            async fn check(&self) -> Result<(), steward_core::TransportError> {
+                self.0.declare_topology().await
+            }
+        }
+    };
+}
+
 include!(concat!(env!("OUT_DIR"), "/transports.rs"));
 
 /// The queues the service uses, for transports that declare or probe them.

@@ -3,11 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use steward_core::{MessageSink, MessageSource, TransportError};
 use steward_nats::{Credentials, Nats};
-
-use super::{OpenTransport, Topology, Transport};
 
 /// The NATS settings: the server, and at most one kind of credentials.
 #[derive(Clone, clap::Args)]
@@ -66,41 +62,12 @@ impl Settings {
     }
 }
 
-impl OpenTransport for Settings {
-    fn open(&self, topology: &Topology) -> Result<Arc<dyn Transport>, steward_core::BoxError> {
-        let mut builder = steward_nats::NatsBuilder::new()
-            .with_url(self.nats_url.clone())
-            .with_credentials(self.credentials()?)
-            .with_connection_name("steward-api")
-            .with_max_deliveries(topology.max_deliveries);
-        for queue in &topology.consumed {
-            builder = builder.with_queue(queue.clone());
-        }
-        for queue in &topology.published {
-            builder = builder.with_publish_queue(queue.clone());
-        }
-        Ok(Arc::new(NatsTransport(builder.build()?)))
-    }
-}
-
-#[derive(Debug)]
-struct NatsTransport(Nats);
-
-#[async_trait]
-impl Transport for NatsTransport {
-    async fn source(&self, queue: &str) -> Result<Arc<dyn MessageSource>, TransportError> {
-        Ok(Arc::new(self.0.source(queue).await?))
-    }
-
-    fn sink(&self) -> Arc<dyn MessageSink> {
-        Arc::new(self.0.sink())
-    }
-
-    /// Declares the streams and consumers, checking those that exist.
-    async fn check(&self) -> Result<(), TransportError> {
-        self.0.declare_topology().await
-    }
-}
+// The transport, `NatsTransport`: its check declares the streams and consumers.
+broker_transport!(NatsTransport(Nats), |settings| {
+    steward_nats::NatsBuilder::new()
+        .with_url(settings.nats_url.clone())
+        .with_credentials(settings.credentials()?)
+});
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,6 @@
 //! A simulated airlock processor: answers `statusChanged` events with the step results
 //! TRE's airlock processor sends (reference §4.3), malware scanning off.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +9,7 @@ use serde_json::{Value, json};
 use steward_core::{Handler, Message, MessageSink, Outcome, OutgoingMessage, error_chain};
 
 use crate::domain::{AirlockRequestStatus, StatusChangedEvent, rfc3339_utc};
+use crate::opaque::Opaque;
 
 /// The simulated airlock processor: a [`Handler`] for the status-changed queue.
 ///
@@ -20,19 +20,11 @@ use crate::domain::{AirlockRequestStatus, StatusChangedEvent, rfc3339_utc};
 /// | `rejection_in_progress` | `rejection_in_progress` → `rejected` |
 /// | `blocking_in_progress` | `blocking_in_progress` → `blocked_by_scan` |
 /// | anything else | nothing |
+#[derive(Debug)]
 pub(crate) struct AirlockProcessor {
-    sink: Arc<dyn MessageSink>,
+    sink: Opaque<Arc<dyn MessageSink>>,
     step_result_queue: String,
     pause: (Duration, Duration),
-}
-
-impl fmt::Debug for AirlockProcessor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AirlockProcessor")
-            .field("step_result_queue", &self.step_result_queue)
-            .field("pause", &self.pause)
-            .finish_non_exhaustive()
-    }
 }
 
 impl AirlockProcessor {
@@ -40,7 +32,7 @@ impl AirlockProcessor {
     #[must_use]
     pub(crate) fn new(sink: Arc<dyn MessageSink>, step_result_queue: impl Into<String>) -> Self {
         AirlockProcessor {
-            sink,
+            sink: Opaque(sink),
             step_result_queue: step_result_queue.into(),
             pause: (Duration::from_millis(20), Duration::from_millis(200)),
         }

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use steward_core::{Handler, Message, MessageSink, Outcome, OutgoingMessage, error_chain};
 
 use crate::domain::{ResourceRequest, Status, rfc3339_utc};
+use crate::opaque::Opaque;
 
 /// Decides whether the simulated processor reports a failure for a request.
 #[derive(Clone)]
@@ -51,21 +52,12 @@ impl FailurePolicy {
 /// (`address_spaces` and `workspace_url` for a workspace install; `ip_address`,
 /// `connection_uri`, `is_exposed_externally` for other installs; `last_action`
 /// otherwise) or the failure status.
+#[derive(Debug)]
 pub struct ResourceProcessor {
-    sink: Arc<dyn MessageSink>,
+    sink: Opaque<Arc<dyn MessageSink>>,
     status_queue: String,
     pause: (Duration, Duration),
     failures: FailurePolicy,
-}
-
-impl fmt::Debug for ResourceProcessor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResourceProcessor")
-            .field("status_queue", &self.status_queue)
-            .field("pause", &self.pause)
-            .field("failures", &self.failures)
-            .finish_non_exhaustive()
-    }
 }
 
 impl ResourceProcessor {
@@ -73,7 +65,7 @@ impl ResourceProcessor {
     #[must_use]
     pub fn new(sink: Arc<dyn MessageSink>, status_queue: impl Into<String>) -> Self {
         ResourceProcessor {
-            sink,
+            sink: Opaque(sink),
             status_queue: status_queue.into(),
             pause: (Duration::from_millis(20), Duration::from_millis(200)),
             failures: FailurePolicy::ByParameter,

@@ -2,7 +2,6 @@
 //! step results move a request on, or update its files, and announce status changes
 //! through the outbox.
 
-use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -11,6 +10,7 @@ use steward_core::{BoxError, Handler, Message, Outcome, error_chain};
 use super::recipients::{RecipientError, RecipientProvider, RecipientsByRole};
 use super::{CONFLICT_ATTEMPTS, MessageFormatError, parse_json, parse_message, reason, tre};
 use crate::domain::{AirlockRequest, AirlockRequestStatus, StepResultEvent, queues};
+use crate::opaque::Opaque;
 use crate::rules::airlock::{self, AirlockError, AirlockQueues, AirlockUpdate};
 use crate::storage::{Store, StoreError};
 
@@ -76,22 +76,12 @@ pub fn parse_step_result(body: &[u8]) -> Result<StepResult, MessageFormatError> 
 /// - a database or directory outage → retry with
 ///   [`RetryCause::Dependency`](steward_core::RetryCause::Dependency); [`probe`](Handler::probe)
 ///   pings the database and the recipient provider.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AirlockStatusHandler {
     store: Store,
     queues: AirlockQueues,
-    recipients: Arc<dyn RecipientProvider>,
+    recipients: Opaque<Arc<dyn RecipientProvider>>,
     queue: String,
-}
-
-impl fmt::Debug for AirlockStatusHandler {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AirlockStatusHandler")
-            .field("store", &self.store)
-            .field("queues", &self.queues)
-            .field("queue", &self.queue)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What a step result means for a request in its current state.
@@ -167,7 +157,7 @@ impl AirlockStatusHandler {
         AirlockStatusHandler {
             store,
             queues: AirlockQueues::default(),
-            recipients,
+            recipients: Opaque(recipients),
             queue: queues::STEP_RESULT.to_owned(),
         }
     }
