@@ -1,0 +1,255 @@
+//! Regression tests for Updater defects the deterministic simulation (`cargo xtask sim`)
+//! found; each names the seed that failed before its fix and the defect. All run on a
+//! transport without broker sessions, where the Updater keeps each session's order.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use steward_core::{ErrorKind, Handler, Message, Outcome, Updater, UpdaterConfig};
+use steward_inmem::InMemoryBroker;
+use support::{
+    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send_local_session,
+    supervisor, worker,
+};
+use tokio::time::{Instant, sleep};
+
+/// What a handler does on one handling of a message.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Works this long, then completes.
+    Complete(Duration),
+    /// Works this long, then asks for a retry after the delay.
+    RetryAfter(Duration, Duration),
+    /// Never returns.
+    Hang,
+}
+
+/// One handling: message id, delivery count, start, and end if it returned.
+#[derive(Debug, Clone)]
+struct Call {
+    id: String,
+    delivery: u32,
+    start: Instant,
+    end: Option<Instant>,
+}
+
+/// A handler that plays each message's script, one step per handling (then completes
+/// at once), and records every handling.
+#[derive(Clone, Default)]
+struct Scripted {
+    scripts: Arc<Mutex<BTreeMap<String, Vec<Step>>>>,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+impl Scripted {
+    fn new(scripts: &[(&str, &[Step])]) -> Self {
+        let scripts =
+            scripts.iter().map(|(id, steps)| ((*id).to_owned(), steps.to_vec())).collect();
+        Self { scripts: Arc::new(Mutex::new(scripts)), calls: Arc::default() }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// The handlings so far as `id#delivery`, in the order they started.
+    fn started(&self) -> Vec<String> {
+        self.calls().iter().map(|c| format!("{}#{}", c.id, c.delivery)).collect()
+    }
+
+    /// How many handlings of `id` returned.
+    fn ended(&self, id: &str) -> usize {
+        self.calls().iter().filter(|c| c.id == id && c.end.is_some()).count()
+    }
+}
+
+#[async_trait]
+impl Handler for Scripted {
+    async fn handle(&self, message: Arc<Message>) -> Outcome {
+        let step = {
+            let mut scripts = self.scripts.lock().unwrap();
+            let steps = scripts.entry(message.id.clone()).or_default();
+            if steps.is_empty() { Step::Complete(Duration::ZERO) } else { steps.remove(0) }
+        };
+        let at = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(Call {
+                id: message.id.clone(),
+                delivery: message.delivery_count,
+                start: Instant::now(),
+                end: None,
+            });
+            calls.len() - 1
+        };
+        let outcome = match step {
+            Step::Complete(work) => {
+                sleep(work).await;
+                Outcome::Complete
+            }
+            Step::RetryAfter(work, delay) => {
+                sleep(work).await;
+                Outcome::retry_after(delay, "scripted retry")
+            }
+            Step::Hang => std::future::pending().await,
+        };
+        self.calls.lock().unwrap()[at].end = Some(Instant::now());
+        outcome
+    }
+}
+
+/// Asserts that every handling of `later` started after the last handling of `earlier`
+/// ended.
+fn assert_after(calls: &[Call], earlier: &str, later: &str) {
+    let ended = calls.iter().filter(|c| c.id == earlier).filter_map(|c| c.end).max().unwrap();
+    for call in calls.iter().filter(|c| c.id == later) {
+        assert!(
+            call.start >= ended,
+            "{later}#{} started at {:?}, before {earlier} ended at {ended:?}",
+            call.delivery,
+            call.start
+        );
+    }
+}
+
+/// A config with the error drain shortened to `drain`.
+fn with_error_drain(config: UpdaterConfig, drain: Duration) -> UpdaterConfig {
+    let mut config = config;
+    config.error_drain = drain;
+    config
+}
+
+async fn send_all(broker: &InMemoryBroker, ids: &[&str]) {
+    for id in ids {
+        send_local_session(broker, id, "s").await;
+    }
+}
+
+/// Ensures that a running message whose lock was lost, cut short at the drain
+/// deadline, makes its session wait for it in the next run (simulation seed 6: it did
+/// not, so the follower the drain released ran first).
+#[tokio::test(start_paused = true)]
+async fn a_lost_running_message_aborted_by_the_drain_is_waited_for_next_run() {
+    let broker = broker(Duration::from_secs(30));
+    send_all(&broker, &["a", "b"]).await;
+    let faults = Arc::new(SettleFaults::default());
+    // a's first renewal (at 15 s) reports its lock lost; the broker keeps it until 30 s.
+    SettleFaults::arm(&faults.lose_renewal, "a", 1);
+    let handler = Scripted::new(&[("a", &[Step::Hang])]);
+    let source = Faulty { inner: LocalSessions(broker.source(QUEUE).unwrap()), faults };
+    let supervisor = supervisor();
+    let config = with_error_drain(
+        config().with_concurrency(2).with_wait(Duration::from_secs(5)),
+        Duration::from_secs(1),
+    );
+    supervisor.spawn(Updater::with_source("lost", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    sleep(Duration::from_secs(22)).await;
+    assert_eq!(worker(&health, "lost").outcomes.lease_lost, 1);
+    // The run ends: a still hangs, and is aborted at the error drain's deadline.
+    broker.faults(QUEUE).fail_receives(1, ErrorKind::Connection);
+    eventually("a and b completed", Duration::from_secs(60), || {
+        worker(&health, "lost").outcomes.completed == 2
+    })
+    .await;
+    assert_eq!(handler.started(), ["a#1", "a#2", "b#2"]);
+    assert_after(&handler.calls(), "a", "b");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a session's wait for its head does not run out while no receive can
+/// happen because every slot is busy: the head, long due back, is received first once
+/// a slot frees (simulation seed 31: the wait ended by the clock, and the follower ran
+/// before the head).
+#[tokio::test(start_paused = true)]
+async fn a_wait_does_not_run_out_while_every_slot_is_busy() {
+    let broker = broker(Duration::from_secs(30));
+    send_all(&broker, &["a", "b"]).await;
+    for id in ["x", "y"] {
+        support::send(&broker, id, None).await;
+    }
+    let busy = Step::Complete(Duration::from_secs(60));
+    let retry = Step::RetryAfter(Duration::ZERO, Duration::from_secs(2));
+    let handler = Scripted::new(&[("a", &[retry]), ("x", &[busy]), ("y", &[busy])]);
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    let supervisor = supervisor();
+    let config = config().with_concurrency(2).with_batch_size(4);
+    supervisor.spawn(Updater::with_source("busy", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    eventually("all completed", Duration::from_secs(120), || {
+        worker(&health, "busy").outcomes.completed == 4
+    })
+    .await;
+    let started = handler.started();
+    let a2 = started.iter().position(|c| c == "a#2").unwrap();
+    let b = started.iter().position(|c| c.starts_with("b#")).unwrap();
+    assert!(a2 < b, "the follower ran before its head: {started:?}");
+    // a was due back at 2 s, its wait's bound 6 × 2 s + 2 × 1 s later; the slots were
+    // busy until 60 s.
+    let calls = handler.calls();
+    let busy_until = calls.iter().filter(|c| c.id == "x").find_map(|c| c.end).unwrap();
+    assert!(calls[a2].start >= busy_until);
+    assert_after(&calls, "a", "b");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a follower whose lock is lost while it waits holds back only the
+/// messages that arrived after it, not those ahead of it (simulation seed 151: it
+/// blocked the whole session until it came back, and then ran first).
+#[tokio::test(start_paused = true)]
+async fn a_follower_losing_its_lock_holds_back_only_those_behind_it() {
+    let broker = broker(Duration::from_secs(10));
+    send_all(&broker, &["h", "x", "y", "z"]).await;
+    let faults = Arc::new(SettleFaults::default());
+    // y's first renewal (at 5 s) reports its lock lost; the broker redelivers it when
+    // the lock runs out (10 s), within the wait's bound (2 × 5 s), while h still runs.
+    SettleFaults::arm(&faults.lose_renewal, "y", 1);
+    let handler = Scripted::new(&[("h", &[Step::Complete(Duration::from_secs(20))])]);
+    let source = Faulty { inner: LocalSessions(broker.source(QUEUE).unwrap()), faults };
+    let supervisor = supervisor();
+    let config = config().with_concurrency(2).with_batch_size(4).with_wait(Duration::from_secs(5));
+    supervisor.spawn(Updater::with_source("ranked", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    eventually("all completed", Duration::from_secs(120), || {
+        worker(&health, "ranked").outcomes.completed == 4
+    })
+    .await;
+    assert_eq!(handler.started(), ["h#1", "x#1", "y#2", "z#1"]);
+    let calls = handler.calls();
+    assert_eq!(calls[1].start, calls[0].end.unwrap(), "x ran as soon as h was done");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a completion still hanging when a run's drain ends makes the session
+/// wait for its message in the next run (simulation seed 413: the next run let the
+/// follower go first).
+#[tokio::test(start_paused = true)]
+async fn a_completion_hanging_past_the_drain_holds_the_session_next_run() {
+    let broker = broker(Duration::from_secs(10));
+    send_all(&broker, &["a", "b"]).await;
+    let faults = Arc::new(SettleFaults::default());
+    SettleFaults::arm(&faults.hang_complete, "a", 1);
+    let handler = Scripted::new(&[]);
+    let source = Faulty { inner: LocalSessions(broker.source(QUEUE).unwrap()), faults };
+    let supervisor = supervisor();
+    let config = with_error_drain(
+        config().with_concurrency(2).with_wait(Duration::from_secs(5)),
+        Duration::from_secs(1),
+    );
+    supervisor.spawn(Updater::with_source("hung", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    eventually("a handled", Duration::from_secs(5), || handler.ended("a") == 1).await;
+    broker.faults(QUEUE).fail_receives(1, ErrorKind::Connection);
+    eventually("a and b completed", Duration::from_secs(60), || {
+        worker(&health, "hung").outcomes.completed == 2
+    })
+    .await;
+    assert_eq!(handler.started(), ["a#1", "a#2", "b#2"]);
+    assert_after(&handler.calls(), "a", "b");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
