@@ -130,6 +130,38 @@ async fn send_all(broker: &InMemoryBroker, ids: &[&str]) {
     }
 }
 
+/// Ensures that a settlement given up at the end of a run's drain makes its session
+/// wait, in the next run, until the message's lock runs out: the message comes back
+/// only then, not when the settlement was given up (simulation seed 3326, and 6060,
+/// 7846, 10038, 14745, 15408, 18554: the wait began at the moment it was given up and
+/// lasted 2 × `wait`, so a follower released by the drain ran first).
+#[tokio::test(start_paused = true)]
+async fn a_settlement_given_up_at_the_drain_waits_for_its_lock_in_the_next_run() {
+    let broker = broker(Duration::from_secs(30));
+    send_all(&broker, &["a", "b"]).await;
+    let faults = Arc::new(SettleFaults::default());
+    SettleFaults::arm(&faults.hang_complete, "a", 1);
+    let handler = Scripted::new(&[("a", &[Step::Complete(Duration::from_secs(1))])]);
+    let source = Faulty { inner: LocalSessions(broker.source(QUEUE).unwrap()), faults };
+    let supervisor = supervisor();
+    let config = with_error_drain(config().with_concurrency(2), Duration::from_secs(1));
+    supervisor.spawn(Updater::with_source("given-up", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    eventually("a handled", Duration::from_secs(5), || handler.ended("a") == 1).await;
+    // The next receive fails: the run drains, its completion of a still hanging.
+    broker.faults(QUEUE).fail_receives(1, ErrorKind::Connection);
+    eventually("a and b completed", Duration::from_secs(120), || {
+        worker(&health, "given-up").outcomes.completed == 2
+    })
+    .await;
+    assert_eq!(handler.started(), ["a#1", "a#2", "b#2"]);
+    let calls = handler.calls();
+    assert!(calls[1].start >= calls[0].start + Duration::from_secs(30), "a#2 after its lock");
+    assert_after(&calls, "a", "b");
+    assert_eq!(worker(&health, "given-up").restarts, 1);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
 /// Ensures that a running message whose lock was lost, cut short at the drain
 /// deadline, makes its session wait for it in the next run (simulation seed 6: it did
 /// not, so the follower the drain released ran first).
