@@ -162,6 +162,35 @@ async fn a_settlement_given_up_at_the_drain_waits_for_its_lock_in_the_next_run()
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
+/// Ensures that a message found lost while parked, and received again in one batch
+/// right behind its session's returning head, goes where its first copy arrived:
+/// after a follower that arrived before it (simulation seed 9926, and 6480, 6674, 7790,
+/// 12942, 14083, 18312: its place was taken by comparing its rank with the new key of
+/// the head's copy, so it went ahead of the head's copy and of that follower, and ran
+/// before the follower).
+#[tokio::test(start_paused = true)]
+async fn a_returned_copy_stands_where_it_first_arrived_behind_a_returning_head() {
+    let broker = broker(Duration::from_secs(10));
+    send_all(&broker, &["a", "b", "c"]).await;
+    let faults = Arc::new(SettleFaults::default());
+    // c's first renewal (at 5 s) reports its lock lost; the broker keeps it until 10 s,
+    // when a's delayed retry is due too, and the session still waits for c (2 × 5 s).
+    SettleFaults::arm(&faults.lose_renewal, "c", 1);
+    let retry = Step::RetryAfter(Duration::ZERO, Duration::from_secs(10));
+    let handler = Scripted::new(&[("a", &[retry])]);
+    let source = Faulty { inner: LocalSessions(broker.source(QUEUE).unwrap()), faults };
+    let supervisor = supervisor();
+    let config = config().with_concurrency(1).with_batch_size(3).with_wait(Duration::from_secs(5));
+    supervisor.spawn(Updater::with_source("placed", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    eventually("all completed", Duration::from_secs(60), || {
+        worker(&health, "placed").outcomes.completed == 3
+    })
+    .await;
+    assert_eq!(handler.started(), ["a#1", "a#2", "b#1", "c#2"]);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
 /// Ensures that a running message whose lock was lost, cut short at the drain
 /// deadline, makes its session wait for it in the next run (simulation seed 6: it did
 /// not, so the follower the drain released ran first).

@@ -424,15 +424,17 @@ impl<'a> Run<'a> {
                 self.settlements.start(held, settlement, Some(Settled::DeadLettered), None);
                 continue;
             }
-            // A message its session waits for goes in its place: before every held
-            // message of the session, or, if it never started, before those that
-            // arrived after it.
+            // A message its session waits for goes in its place (see
+            // [`SessionGate::place`]): before every held message of the session, or, if
+            // it never started, before those that arrived after it, returned copies
+            // among them standing where they first arrived.
             let session = message.session_id.as_deref();
-            let awaited = session.and_then(|s| Some((s, self.gate.awaited(s, &message.id)?)));
-            if let Some((session, rank)) = awaited {
+            let awaited = session.filter(|s| self.gate.awaited(s, &message.id).is_some());
+            if let Some(session) = awaited {
                 self.gate.returned(session, &message.id);
+                let place = self.gate.place(session, held.key, held.id());
                 let at = self.pending.iter().position(|p| {
-                    p.session() == Some(session) && rank.is_none_or(|rank| p.key > rank)
+                    p.session() == Some(session) && self.gate.place(session, p.key, p.id()) > place
                 });
                 self.pending.insert(at.unwrap_or(self.pending.len()), held);
             } else {
