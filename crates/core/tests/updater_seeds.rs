@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::{ErrorKind, Handler, Message, Outcome, Updater, UpdaterConfig};
+use steward_core::{ErrorKind, Handler, Message, Outcome, Updater, UpdaterConfig, WorkerState};
 use steward_inmem::InMemoryBroker;
 use support::{
-    Faulty, LocalSessions, QUEUE, SettleFaults, broker, config, eventually, send_local_session,
-    supervisor, worker,
+    Faulty, LocalSessions, QUEUE, SettleFaults, WithoutDelayedAbandon, broker, config, eventually,
+    send_local_session, supervisor, worker,
 };
 use tokio::time::{Instant, sleep};
 
@@ -188,6 +188,37 @@ async fn a_returned_copy_stands_where_it_first_arrived_behind_a_returning_head()
     })
     .await;
     assert_eq!(handler.started(), ["a#1", "a#2", "b#1", "c#2"]);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that on a transport without delayed abandon, a session's head that comes
+/// back from its local delayed retry while parked followers fill their bound is still
+/// received: intake goes on, one message at a time, and the worker never stalls
+/// (simulation seeds 7987, 10225, 10241, 15080: intake stopped at the parked bound, the
+/// head stayed at the broker, and the stall watchdog restarted the worker).
+#[tokio::test(start_paused = true)]
+async fn a_head_back_from_its_local_delay_is_received_past_the_parked_bound() {
+    let broker = broker(Duration::from_secs(30));
+    let ids = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    send_all(&broker, &ids).await;
+    let retry = Step::RetryAfter(Duration::ZERO, Duration::from_secs(5));
+    let handler = Scripted::new(&[("a", &[retry])]);
+    let source = WithoutDelayedAbandon(LocalSessions(broker.source(QUEUE).unwrap()));
+    let supervisor = supervisor();
+    // Parked bound: 4 × (1 + 1) = 8, which b..i fill.
+    let config = config().with_concurrency(1).with_batch_size(1);
+    supervisor.spawn(Updater::with_source("overflow", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    eventually("all completed within 30 s", Duration::from_secs(30), || {
+        worker(&health, "overflow").outcomes.completed == 10
+    })
+    .await;
+    let order: Vec<String> = handler.calls().iter().map(|c| c.id.clone()).collect();
+    let mut expected = vec!["a".to_owned()];
+    expected.extend(ids.iter().map(|id| (*id).to_owned()));
+    assert_eq!(order, expected);
+    let state = worker(&health, "overflow");
+    assert_eq!((state.restarts, state.state), (0, WorkerState::Running), "never stalled");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 

@@ -241,6 +241,15 @@ impl SessionGate {
         self.blocked.values().flatten().filter(|a| !a.returned).map(|a| a.until).min()
     }
 
+    /// Whether a session with nothing of it here waits first for a message that is
+    /// back at the broker by `now`: only a receive can bring that message back.
+    pub(super) fn awaits_one_due(&self, now: Instant) -> bool {
+        self.blocked.iter().any(|(session, queue)| {
+            !self.active.contains_key(session)
+                && queue.front().is_some_and(|first| !first.returned && first.due <= now)
+        })
+    }
+
     /// The first message an idle `session` waits for, and when it is due back at the
     /// broker, or, once that passed, when the wait for it ends; `None` while a message
     /// of the session occupies it, or it waits for none.
@@ -444,6 +453,22 @@ mod tests {
             head < between && between < lost && lost < after,
             "{head:?} {between:?} {lost:?} {after:?}"
         );
+    }
+
+    /// Ensures that a session whose first awaited message is back at the broker, with
+    /// nothing of it here, counts as waiting for one that only a receive brings back;
+    /// not before it is due, nor once a copy of it is held again.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_waits_for_a_due_message_until_a_copy_is_held() {
+        let mut gate = gate();
+        let now = Instant::now();
+        gate.occupy("s", 1, "head");
+        gate.release_awaiting("s", 1, "head", now, Duration::from_secs(5));
+        assert!(!gate.awaits_one_due(now), "not due back yet");
+        let due = now + Duration::from_secs(5);
+        assert!(gate.awaits_one_due(due));
+        gate.returned("s", "head");
+        assert!(!gate.awaits_one_due(due), "a copy is held again");
     }
 
     #[tokio::test(start_paused = true)]

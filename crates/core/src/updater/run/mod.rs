@@ -148,11 +148,27 @@ impl<'a> Run<'a> {
         self.pending.iter().filter(|held| self.is_parked(held)).count() + self.delayed.len()
     }
 
-    fn can_receive(&self) -> bool {
-        !self.breaker.is_open()
-            && self.handlers.len() < self.config.concurrency
-            && self.intake() < self.max_in_flight()
-            && self.parked() < self.max_parked()
+    /// Whether to receive now, and at most how many messages.
+    ///
+    /// Past the parked bound the loop still receives, one message at a time and up to
+    /// twice the bound, while a session waits for a message that is back at the broker
+    /// and nothing of it runs: only a receive brings that message back, and stopping
+    /// would leave the session, and with it the worker, stuck until the stall watchdog
+    /// restarts it (on a transport without delayed abandon, where [`Self::make_room`]
+    /// cannot send parked messages back).
+    fn receive_max(&self, now: Instant) -> Option<usize> {
+        if self.breaker.is_open()
+            || self.handlers.len() >= self.config.concurrency
+            || self.intake() >= self.max_in_flight()
+        {
+            return None;
+        }
+        let parked = self.parked();
+        if parked < self.max_parked() {
+            return Some(self.config.batch_size.min(self.max_in_flight() - self.intake()).max(1));
+        }
+        let overflow = parked < self.max_parked().saturating_mul(2);
+        (overflow && self.gate.awaits_one_due(now)).then_some(1)
     }
 
     /// Makes room under the parked bound while a session waits for a message back at
@@ -218,11 +234,10 @@ impl<'a> Run<'a> {
             self.report();
             // A receive under way when the breaker opened is left to finish: dropping it
             // could cost its messages a delivery for nothing.
-            if receiving.is_none() && self.can_receive() {
-                let max = self.config.batch_size.min(self.max_in_flight() - self.intake());
-                receiving = Some(source.receive(max.max(1), self.config.wait));
+            if let Some(max) = self.receive_max(now).filter(|_| receiving.is_none()) {
+                receiving = Some(source.receive(max, self.config.wait));
                 self.receive_began = Some(now);
-                self.receive_max = max.max(1);
+                self.receive_max = max;
             }
             if receiving.is_none() {
                 intake_stopped = Some(now);
