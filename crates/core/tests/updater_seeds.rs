@@ -222,6 +222,36 @@ async fn a_head_back_from_its_local_delay_is_received_past_the_parked_bound() {
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 
+/// Ensures that a copy of a message waiting here whose lock was taken back, and that
+/// the broker redelivers, never runs: the redelivery replaces it (simulation seed
+/// 10878: x's first copy was found lost and x came back; that copy's lock expired too
+/// and x came back again; the stale copy ran after the head, so x was handled twice).
+#[tokio::test(start_paused = true)]
+async fn a_stale_copy_replaced_by_a_redelivery_never_runs() {
+    let broker = broker(Duration::from_secs(10));
+    send_all(&broker, &["a", "x"]).await;
+    let faults = Arc::new(SettleFaults::default());
+    // x's first renewal (at 5 s) reports the lock lost; the broker redelivers x at 10 s.
+    SettleFaults::arm(&faults.lose_renewal, "x", 1);
+    // a comes back at 13 s: after x's second copy lost its lock (12 s), before that
+    // copy's first renewal (15 s) could find out.
+    let retry = Step::RetryAfter(Duration::ZERO, Duration::from_secs(13));
+    let handler = Scripted::new(&[("a", &[retry])]);
+    let source = Faulty { inner: LocalSessions(broker.source(QUEUE).unwrap()), faults };
+    let supervisor = supervisor();
+    supervisor.spawn(Updater::with_source("stale", source, handler.clone()).with_config(config()));
+    let health = supervisor.health();
+    sleep(Duration::from_secs(12)).await;
+    broker.faults(QUEUE).expire_locks();
+    eventually("a and x completed", Duration::from_secs(60), || {
+        worker(&health, "stale").outcomes.completed == 2
+    })
+    .await;
+    assert_eq!(handler.started(), ["a#1", "a#2", "x#3"]);
+    assert_eq!(worker(&health, "stale").outcomes.lease_lost, 2, "both stale copies");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
 /// Ensures that a running message whose lock was lost, cut short at the drain
 /// deadline, makes its session wait for it in the next run (simulation seed 6: it did
 /// not, so the follower the drain released ran first).
@@ -287,6 +317,33 @@ async fn a_wait_does_not_run_out_while_every_slot_is_busy() {
     let busy_until = calls.iter().filter(|c| c.id == "x").find_map(|c| c.end).unwrap();
     assert!(calls[a2].start >= busy_until);
     assert_after(&calls, "a", "b");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that redeliveries of messages still waiting here (their locks taken back)
+/// take their old deliveries' places: after the head, in arrival order, and the old
+/// copies never run (simulation seed 61: a redelivery went to the back of the queue,
+/// behind its own followers).
+#[tokio::test(start_paused = true)]
+async fn redeliveries_of_waiting_messages_take_their_places() {
+    let broker = broker(Duration::from_secs(30));
+    send_all(&broker, &["a", "x", "y"]).await;
+    let retry = Step::RetryAfter(Duration::ZERO, Duration::from_secs(12));
+    let handler = Scripted::new(&[("a", &[retry])]);
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    let supervisor = supervisor();
+    let config = config().with_concurrency(2).with_batch_size(4);
+    supervisor.spawn(Updater::with_source("placed", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    sleep(Duration::from_secs(2)).await;
+    // x and y wait for a (back at 12 s); the broker takes their locks back and
+    // redelivers both at once.
+    broker.faults(QUEUE).expire_locks();
+    eventually("all completed", Duration::from_secs(60), || {
+        worker(&health, "placed").outcomes.completed == 3
+    })
+    .await;
+    assert_eq!(handler.started(), ["a#1", "a#2", "x#2", "y#2"]);
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
 

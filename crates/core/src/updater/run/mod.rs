@@ -439,6 +439,28 @@ impl<'a> Run<'a> {
                 self.settlements.start(held, settlement, Some(Settled::DeadLettered), None);
                 continue;
             }
+            // A redelivery of a message still waiting here means the broker took that
+            // copy's lock back: it must neither run nor be settled. Its session waits
+            // for the message in that copy's place, which the new copy takes.
+            let stale = self.pending.iter_mut().filter(|p| {
+                p.id() == message.id && p.delivery.message().delivery_count < message.delivery_count
+            });
+            let mut lost = 0;
+            for copy in stale {
+                copy.lost = true;
+                lost += 1;
+            }
+            if lost > 0 {
+                tracing::warn!(
+                    message_id = %message.id,
+                    delivery_count = message.delivery_count,
+                    "redelivered while an earlier delivery waited here: that delivery's lock is lost"
+                );
+                for _ in 0..lost {
+                    self.ctx.record_settled(Settled::LeaseLost, None);
+                }
+                self.drop_lost_waiting();
+            }
             // A message its session waits for goes in its place (see
             // [`SessionGate::place`]): before every held message of the session, or, if
             // it never started, before those that arrived after it, returned copies
