@@ -75,6 +75,9 @@ pub(crate) struct Observed {
     pub(crate) locked_after_shutdown: Vec<String>,
     /// When the shutdown began and returned, and its deadline.
     pub(crate) shutdown: Option<(Instant, Instant, Instant)>,
+    /// When the shutdown's drain gives up on the abandons still unanswered
+    /// (`Deadlines::abandon_by`, the grace widened to the Updater's `shutdown_grace`).
+    pub(crate) abandon_by: Option<Instant>,
     /// The worker's state at the end of the liveness window, and whether it was live.
     pub(crate) final_state: WorkerState,
     /// Whether the snapshot was live at the end of the liveness window.
@@ -555,9 +558,10 @@ fn deadlines(
             // A disposition that failed or never answered before the shutdown left the
             // message to its lock, as the Settle contract allows: not the drain's doing.
             // So does an abandon during the shutdown that the transport failed, or did
-            // not answer before the drain gave up on it (at most the grace, 1 s, before
-            // the deadline): the transport was not answering.
-            let given_up = deadline.checked_sub(Duration::from_secs(1)).unwrap_or(deadline);
+            // not answer before the drain gave up on it (at the shutdown's `abandon_by`,
+            // up to ⅜ of the `shutdown_grace` before the deadline): the transport was
+            // not answering.
+            let given_up = seen.abandon_by.unwrap_or(deadline);
             let settled_badly = index.calls.iter().any(|c| {
                 c.key == *key
                     && c.op != Op::Renew
