@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_core::{ErrorKind, Handler, Message, Outcome, Updater, UpdaterConfig, WorkerState};
+use steward_core::{
+    ErrorKind, Handler, Message, MessageSource, Outcome, Updater, UpdaterConfig, WorkerState,
+};
 use steward_inmem::InMemoryBroker;
 use support::{
     Faulty, LocalSessions, QUEUE, SettleFaults, WithoutDelayedAbandon, broker, config, eventually,
@@ -400,5 +402,38 @@ async fn a_completion_hanging_past_the_drain_holds_the_session_next_run() {
     .await;
     assert_eq!(handler.started(), ["a#1", "a#2", "b#2"]);
     assert_after(&handler.calls(), "a", "b");
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that a message dead-lettered on arrival (over its delivery limit) holds its
+/// session's later messages until the dead-letter is answered: one that fails or is
+/// given up brings the message back (simulation seed 26189: the session's wait for the
+/// message ran out while its dead-letter hung, and the follower ran first).
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_on_arrival_holds_its_session_until_answered() {
+    let broker = broker(Duration::from_secs(30));
+    send_all(&broker, &["a", "b"]).await;
+    // One delivery of a already spent: the Updater sees it a second time, over its limit.
+    let direct = broker.source(QUEUE).unwrap();
+    let first = direct.receive(1, Duration::from_secs(1)).await.unwrap();
+    first.into_iter().next().unwrap().abandon(None).await.unwrap();
+    broker.faults(QUEUE).hang_dispositions(true);
+    let handler = Scripted::new(&[]);
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    let supervisor = supervisor();
+    let config = config().with_max_deliveries(1).with_concurrency(2);
+    supervisor.spawn(Updater::with_source("limit", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    sleep(Duration::from_secs(10)).await;
+    assert_eq!(handler.started(), Vec::<String>::new(), "b ran while a's dead-letter hung");
+    let released = Instant::now();
+    broker.faults(QUEUE).hang_dispositions(false);
+    eventually("b completed", Duration::from_secs(120), || {
+        worker(&health, "limit").outcomes.completed == 1
+    })
+    .await;
+    assert_eq!(handler.started(), ["b#1"]);
+    assert!(handler.calls()[0].start >= released);
+    assert_eq!(broker.dead_letters(QUEUE).len(), 1, "a was dead-lettered");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }

@@ -436,6 +436,22 @@ impl<'a> Run<'a> {
                     reason: crate::transport::MAX_DELIVERY_COUNT_EXCEEDED.to_owned(),
                     description,
                 };
+                // Until the broker took it, the message is not gone: a dead-letter that
+                // fails, or is given up, brings it back. Its session waits for it (in
+                // the place where it arrived, if it did not already), and the wait
+                // does not run out meanwhile.
+                if let Some(session) = message.session_id.as_deref() {
+                    if self.gate.awaited(session, &message.id).is_none() {
+                        self.gate.release_awaiting(
+                            session,
+                            held.key,
+                            &message.id,
+                            now,
+                            Duration::ZERO,
+                        );
+                    }
+                    self.gate.returned(session, &message.id);
+                }
                 self.settlements.start(held, settlement, Some(Settled::DeadLettered), None);
                 continue;
             }
