@@ -341,10 +341,11 @@ fn duplicates_explained(index: &Index<'_>, violations: &mut Vec<Violation>) {
 }
 
 /// How many messages the Updater may hold parked (waiting for their session, or for a
-/// local delayed retry) beyond its intake: 4 × (`concurrency` + `batch_size`), its
-/// documented bound.
+/// local delayed retry) beyond its intake before it stops receiving for good: twice its
+/// parked bound of 4 × (`concurrency` + `batch_size`), as it goes on receiving one
+/// message at a time past that bound while a session waits for a message due back.
 fn parked_bound(scenario: &Scenario) -> usize {
-    4 * (scenario.settings.concurrency + scenario.settings.batch_size)
+    2 * 4 * (scenario.settings.concurrency + scenario.settings.batch_size)
 }
 
 /// Whether the Updater held at least `bound` messages that were not running just before
@@ -388,8 +389,8 @@ fn order(scenario: &Scenario, index: &Index<'_>, violations: &mut Vec<Violation>
             s.as_deref() == Some(session) && position[e.as_str()] < position[id]
         }) {
             let gone = index.gone_at(earlier).is_some_and(|at| at < run.start);
-            // Documented limit: with the parked bound full, intake stops and a session's
-            // wait for its head ends by time alone.
+            // Documented limit (docs/workers.md): with twice the parked bound full,
+            // intake stops until the stall watchdog restarts the worker.
             if !gone && !parked_full_before(index, run.start, parked_bound) {
                 violations.push(Violation {
                     invariant: Invariant::Order,
