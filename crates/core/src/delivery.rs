@@ -23,6 +23,10 @@ use crate::{Message, TransportError};
 ///   current holder's lock untouched.
 /// - `locked_until` is a `tokio::time::Instant`, so paused-time tests work; a wall-clock
 ///   lock time from the broker is converted once, on receipt.
+/// - `locked_until` (and each expiry `renew_lock` returns) is never later than the
+///   broker's real expiry, as renewals are timed by it, and earlier by less than twice
+///   the Updater's `wait`: a session's order after a failed settlement waits for the
+///   message until then (see `docs/transports.md`).
 /// - Dropping an unsettled handle must not lose the message: the broker redelivers it at
 ///   the latest when its lock expires or its connection closes.
 #[cfg_attr(feature = "mock", mockall::automock)]

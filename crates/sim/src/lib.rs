@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use steward_core::{
-    Backoff, Jitter, Supervisor, SupervisorConfig, Updater, UpdaterConfig, WorkerState,
+    Backoff, Deadlines, Jitter, Supervisor, SupervisorConfig, Updater, UpdaterConfig, WorkerState,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
 use tokio::time::{Instant, sleep, sleep_until};
@@ -292,6 +292,7 @@ async fn simulate(
     };
     let config = updater_config(scenario);
     let stall_timeout = config.effective_stall_timeout();
+    let shutdown_grace = config.shutdown_grace;
     let slack = progress_slack(scenario, &config);
     let supervisor = Supervisor::new(supervisor_config(scenario.settings.jitter_seeds[2]));
     let health = supervisor.health();
@@ -337,10 +338,14 @@ async fn simulate(
     producer.abort();
     faults.abort();
     let mut shutdown = None;
+    let mut abandon_by = None;
     let mut locked_after_shutdown = Vec::new();
     if !livelock {
         let began = Instant::now();
         let deadline = began + scenario.shutdown_within;
+        // When the drain gives up on the abandons still unanswered: the shutdown's
+        // `abandon_by`, its grace widened to the Updater's `shutdown_grace`.
+        abandon_by = Some(Deadlines::until(deadline).with_grace_up_to(shutdown_grace).abandon_by());
         log.push(Event::ShutdownStart { deadline });
         let report = tokio::select! {
             biased;
@@ -372,6 +377,7 @@ async fn simulate(
         start,
         locked_after_shutdown,
         shutdown,
+        abandon_by,
         final_state,
         final_live,
         stall_timeout,

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use steward_sim::scenario::{Family, Scenario, SimMessage, Step};
+use steward_sim::scenario::{Family, Fault, FaultKind, Scenario, SimMessage, Step};
 use steward_sim::{Invariant, Sabotage, quiet_scripted_panics, run_scenario};
 
 /// A scenario with no faults in which every message completes at once.
@@ -46,6 +46,25 @@ fn a_seed_draws_the_same_scenario() {
     let a = format!("{:?}", Scenario::generate(42));
     assert_eq!(a, format!("{:?}", Scenario::generate(42)));
     assert_ne!(a, format!("{:?}", Scenario::generate(43)));
+}
+
+/// Ensures that a transport reporting lock expiries early within the contract (by
+/// `wait`) keeps every promise, order after failed settlements included, and that one
+/// reporting them a whole lock early is out of the contract.
+#[test]
+fn early_lock_reports_within_the_contract_keep_every_promise() {
+    quiet_scripted_panics();
+    let mut scenario = benign(false);
+    scenario.lock_clock_skew = Some(scenario.settings.wait);
+    assert!(scenario.skew_within_contract());
+    let window = (Duration::from_secs(1), Duration::from_secs(4));
+    let fault = Fault { kind: FaultKind::FailDispositions, at: window.0, until: window.1 };
+    scenario.faults = vec![fault];
+    let report = run_scenario(scenario.clone(), None);
+    assert!(report.passed(), "{}", report.summary(80));
+    assert!(report.trace.iter().any(|l| l.contains(" error ")), "a settlement failed");
+    scenario.lock_clock_skew = Some(scenario.lock + Duration::from_secs(1));
+    assert!(!scenario.skew_within_contract());
 }
 
 /// Ensures that a run with nothing going wrong breaks no invariant, with and without

@@ -249,8 +249,10 @@ impl Connect for Fixed {
 ///   Several such messages of one session are waited for in order. Sessions still
 ///   waiting when a run ends are remembered by the next run of the same updater. When
 ///   parked messages fill their bound while a session waits for its head, the newest go
-///   back to the broker until the head is due (on transports with delayed abandon), so
-///   the head can still be received.
+///   back to the broker until the head is due (on transports with delayed abandon), or
+///   intake goes on one message at a time up to twice the bound (on others), so the
+///   head can still be received. A redelivery of a message still waiting here replaces
+///   the old copy, whose lock the broker took back: that copy never runs.
 /// - An optional `handler_timeout` aborts a handler running longer and retries its
 ///   message; one that blocks a thread keeps its session and is counted in the health's
 ///   `overdue_handlers` until it returns.

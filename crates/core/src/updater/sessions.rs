@@ -108,6 +108,24 @@ impl SessionGate {
             .map(|awaited| awaited.rank)
     }
 
+    /// Where message `message_id` of `session`, held under `key`, stands in its
+    /// session's order, for placing it among the messages held: one the session waits
+    /// for that ran (or was handed over from the last run) before all others, in the
+    /// order they are waited for; one it waits for that never started where its earliest
+    /// copy arrived (its rank); any other where it arrived (its key). A copy received
+    /// again has a new key, so its key alone would put it behind messages that arrived
+    /// after its first copy.
+    pub(super) fn place(&self, session: &str, key: u64, message_id: &str) -> (u64, u64) {
+        let awaited = self.blocked.get(session).and_then(|queue| {
+            queue.iter().enumerate().find(|(_, awaited)| awaited.message_id == message_id)
+        });
+        match awaited {
+            Some((at, Awaited { rank: None, .. })) => (0, u64::try_from(at).unwrap_or(u64::MAX)),
+            Some((_, Awaited { rank: Some(rank), .. })) => (1, rank.saturating_mul(2)),
+            None => (1, key.saturating_mul(2).saturating_add(1)),
+        }
+    }
+
     /// Message `message_id`, held under `key`, occupies `session`: it starts, or is held
     /// for a local delayed retry.
     pub(super) fn occupy(&mut self, session: &str, key: u64, message_id: &str) {
@@ -221,6 +239,15 @@ impl SessionGate {
     #[cfg(test)]
     pub(super) fn next_expiry(&self) -> Option<Instant> {
         self.blocked.values().flatten().filter(|a| !a.returned).map(|a| a.until).min()
+    }
+
+    /// Whether a session with nothing of it here waits first for a message that is
+    /// back at the broker by `now`: only a receive can bring that message back.
+    pub(super) fn awaits_one_due(&self, now: Instant) -> bool {
+        self.blocked.iter().any(|(session, queue)| {
+            !self.active.contains_key(session)
+                && queue.front().is_some_and(|first| !first.returned && first.due <= now)
+        })
     }
 
     /// The first message an idle `session` waits for, and when it is due back at the
@@ -406,6 +433,42 @@ mod tests {
         gate.release_awaiting("s", 2, "follower", Instant::now(), Duration::ZERO);
         assert!(gate.may_start("s", 3, "head"));
         assert!(!gate.may_start("s", 4, "follower"), "the follower went back too, behind the head");
+    }
+
+    /// Ensures that a message waited for stands in its session's order where it should
+    /// go, whatever key its new copy has: one that ran before all, one that never
+    /// started at its first copy's arrival, anything else at its own arrival.
+    #[tokio::test(start_paused = true)]
+    async fn a_waited_for_copy_is_placed_by_its_first_arrival_not_its_new_key() {
+        let mut gate = gate();
+        let now = Instant::now();
+        gate.occupy("s", 1, "head");
+        gate.release_awaiting("s", 1, "head", now, Duration::from_secs(5));
+        gate.release_awaiting("s", 4, "lost", now, Duration::ZERO);
+        let head = gate.place("s", 20, "head");
+        let lost = gate.place("s", 21, "lost");
+        let between = gate.place("s", 3, "between");
+        let after = gate.place("s", 5, "after");
+        assert!(
+            head < between && between < lost && lost < after,
+            "{head:?} {between:?} {lost:?} {after:?}"
+        );
+    }
+
+    /// Ensures that a session whose first awaited message is back at the broker, with
+    /// nothing of it here, counts as waiting for one that only a receive brings back;
+    /// not before it is due, nor once a copy of it is held again.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_waits_for_a_due_message_until_a_copy_is_held() {
+        let mut gate = gate();
+        let now = Instant::now();
+        gate.occupy("s", 1, "head");
+        gate.release_awaiting("s", 1, "head", now, Duration::from_secs(5));
+        assert!(!gate.awaits_one_due(now), "not due back yet");
+        let due = now + Duration::from_secs(5);
+        assert!(gate.awaits_one_due(due));
+        gate.returned("s", "head");
+        assert!(!gate.awaits_one_due(due), "a copy is held again");
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,7 +32,8 @@ pub(super) struct Settling {
     pub(super) dead_letter_reason: Option<String>,
     /// For an abandon: the retry delay after which the message is due back.
     returns_after: Option<Duration>,
-    /// When the lock runs out (a failed settlement leaves the message locked till then).
+    /// When the lock runs out (a failed settlement leaves the message locked till then),
+    /// as the transport reported it once the call ended.
     locked_until: Option<Instant>,
 }
 
@@ -66,13 +67,23 @@ impl Settling {
             Err(error) if error.is_lock_lost() => {
                 SessionStep::AwaitReturn { due: now, delay: Duration::ZERO }
             }
-            Err(_) => {
-                let delay = self.returns_after.unwrap_or_default();
-                let locked = self.locked_until.unwrap_or(now).max(now);
-                SessionStep::AwaitReturn { due: locked.max(saturating_add(now, delay)), delay }
-            }
+            Err(_) => unanswered(self.returns_after, self.locked_until, now),
         }
     }
+}
+
+/// A settlement that failed, or was given up, with the message's lock held until
+/// `locked_until`: the message returns when the lock runs out, and an abandon with a
+/// delay (`returns_after`) the broker may have applied brings it back no sooner than
+/// that delay.
+fn unanswered(
+    returns_after: Option<Duration>,
+    locked_until: Option<Instant>,
+    now: Instant,
+) -> SessionStep {
+    let delay = returns_after.unwrap_or_default();
+    let locked = locked_until.unwrap_or(now).max(now);
+    SessionStep::AwaitReturn { due: locked.max(saturating_add(now, delay)), delay }
 }
 
 type Finished = (Settling, Result<(), TransportError>);
@@ -83,6 +94,17 @@ pub(super) struct Unsettled {
     pub(super) id: String,
     pub(super) key: u64,
     pub(super) session: Option<String>,
+    returns_after: Option<Duration>,
+    delivery: Arc<Delivery>,
+}
+
+impl Unsettled {
+    /// What giving it up at `now` means for its session: it waits for the message until
+    /// its lock runs out (the transport's current account of it), and past an abandon's
+    /// delay, as for a failed settlement.
+    pub(super) fn session_step(&self, now: Instant) -> SessionStep {
+        unanswered(self.returns_after, self.delivery.locked_until(), now)
+    }
 }
 
 /// The settlements under way.
@@ -126,16 +148,21 @@ impl Settlements {
             id: settling.id.clone(),
             key: settling.key,
             session: settling.session.clone(),
+            returns_after,
+            delivery: held.delivery.clone(),
         };
         self.under_way.insert(settling.key, unsettled);
         let limit = self.limit;
         self.tasks.spawn(async move {
+            let mut settling = settling;
             let result = match timeout(limit, call(&held.delivery, &settlement)).await {
                 Ok(result) => result,
                 Err(_) => Err(TransportError::timeout(format!(
                     "{operation} did not answer within {limit:?}"
                 ))),
             };
+            // A renewal that answered meanwhile may have moved the lock on.
+            settling.locked_until = held.delivery.locked_until();
             (settling, result)
         });
     }

@@ -24,17 +24,23 @@ pub(super) struct TestSettle {
     pub(super) lost: bool,
     /// Counts the abandons.
     pub(super) abandons: Arc<AtomicUsize>,
+    /// The lock's expiry: 10 s from when it was first asked for (at receipt), and from
+    /// each renewal.
+    pub(super) until: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 #[async_trait]
 impl Settle for TestSettle {
     fn locked_until(&self) -> Option<Instant> {
-        Some(Instant::now() + Duration::from_secs(10))
+        let mut until = self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(*until.get_or_insert_with(|| Instant::now() + Duration::from_secs(10)))
     }
 
     async fn renew_lock(&self) -> Result<Option<Instant>, TransportError> {
         self.answer().await?;
-        Ok(Some(Instant::now() + Duration::from_secs(10)))
+        let renewed = Instant::now() + Duration::from_secs(10);
+        *self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(renewed);
+        Ok(Some(renewed))
     }
 
     async fn complete(&self) -> Result<(), TransportError> {

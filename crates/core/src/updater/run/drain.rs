@@ -7,7 +7,7 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
 use super::Run;
 use crate::updater::held::Held;
-use crate::updater::settlement::{Settlement, Settlements};
+use crate::updater::settlement::{SessionStep, Settlement, Settlements};
 use crate::{Deadlines, Delivery, Settled, error_chain};
 
 impl Run<'_> {
@@ -162,8 +162,9 @@ impl Run<'_> {
             // message, ahead of the messages that waited behind it.
             let now = Instant::now();
             for unsettled in self.settlements.abort_all() {
-                if let Some(session) = &unsettled.session {
-                    self.await_return(session, unsettled.key, &unsettled.id, now, Duration::ZERO);
+                let Some(session) = &unsettled.session else { continue };
+                if let SessionStep::AwaitReturn { due, delay } = unsettled.session_step(now) {
+                    self.await_return(session, unsettled.key, &unsettled.id, due, delay);
                 }
             }
         }

@@ -148,11 +148,27 @@ impl<'a> Run<'a> {
         self.pending.iter().filter(|held| self.is_parked(held)).count() + self.delayed.len()
     }
 
-    fn can_receive(&self) -> bool {
-        !self.breaker.is_open()
-            && self.handlers.len() < self.config.concurrency
-            && self.intake() < self.max_in_flight()
-            && self.parked() < self.max_parked()
+    /// Whether to receive now, and at most how many messages.
+    ///
+    /// Past the parked bound the loop still receives, one message at a time and up to
+    /// twice the bound, while a session waits for a message that is back at the broker
+    /// and nothing of it runs: only a receive brings that message back, and stopping
+    /// would leave the session, and with it the worker, stuck until the stall watchdog
+    /// restarts it (on a transport without delayed abandon, where [`Self::make_room`]
+    /// cannot send parked messages back).
+    fn receive_max(&self, now: Instant) -> Option<usize> {
+        if self.breaker.is_open()
+            || self.handlers.len() >= self.config.concurrency
+            || self.intake() >= self.max_in_flight()
+        {
+            return None;
+        }
+        let parked = self.parked();
+        if parked < self.max_parked() {
+            return Some(self.config.batch_size.min(self.max_in_flight() - self.intake()).max(1));
+        }
+        let overflow = parked < self.max_parked().saturating_mul(2);
+        (overflow && self.gate.awaits_one_due(now)).then_some(1)
     }
 
     /// Makes room under the parked bound while a session waits for a message back at
@@ -218,11 +234,10 @@ impl<'a> Run<'a> {
             self.report();
             // A receive under way when the breaker opened is left to finish: dropping it
             // could cost its messages a delivery for nothing.
-            if receiving.is_none() && self.can_receive() {
-                let max = self.config.batch_size.min(self.max_in_flight() - self.intake());
-                receiving = Some(source.receive(max.max(1), self.config.wait));
+            if let Some(max) = self.receive_max(now).filter(|_| receiving.is_none()) {
+                receiving = Some(source.receive(max, self.config.wait));
                 self.receive_began = Some(now);
-                self.receive_max = max.max(1);
+                self.receive_max = max;
             }
             if receiving.is_none() {
                 intake_stopped = Some(now);
@@ -421,18 +436,58 @@ impl<'a> Run<'a> {
                     reason: crate::transport::MAX_DELIVERY_COUNT_EXCEEDED.to_owned(),
                     description,
                 };
+                // Until the broker took it, the message is not gone: a dead-letter that
+                // fails, or is given up, brings it back. Its session waits for it (in
+                // the place where it arrived, if it did not already), and the wait
+                // does not run out meanwhile.
+                if let Some(session) = message.session_id.as_deref() {
+                    if self.gate.awaited(session, &message.id).is_none() {
+                        self.gate.release_awaiting(
+                            session,
+                            held.key,
+                            &message.id,
+                            now,
+                            Duration::ZERO,
+                        );
+                    }
+                    self.gate.returned(session, &message.id);
+                }
                 self.settlements.start(held, settlement, Some(Settled::DeadLettered), None);
                 continue;
             }
-            // A message its session waits for goes in its place: before every held
-            // message of the session, or, if it never started, before those that
-            // arrived after it.
+            // A redelivery of a message still waiting here means the broker took that
+            // copy's lock back: it must neither run nor be settled. Its session waits
+            // for the message in that copy's place, which the new copy takes.
+            let stale = self.pending.iter_mut().filter(|p| {
+                p.id() == message.id && p.delivery.message().delivery_count < message.delivery_count
+            });
+            let mut lost = 0;
+            for copy in stale {
+                copy.lost = true;
+                lost += 1;
+            }
+            if lost > 0 {
+                tracing::warn!(
+                    message_id = %message.id,
+                    delivery_count = message.delivery_count,
+                    "redelivered while an earlier delivery waited here: that delivery's lock is lost"
+                );
+                for _ in 0..lost {
+                    self.ctx.record_settled(Settled::LeaseLost, None);
+                }
+                self.drop_lost_waiting();
+            }
+            // A message its session waits for goes in its place (see
+            // [`SessionGate::place`]): before every held message of the session, or, if
+            // it never started, before those that arrived after it, returned copies
+            // among them standing where they first arrived.
             let session = message.session_id.as_deref();
-            let awaited = session.and_then(|s| Some((s, self.gate.awaited(s, &message.id)?)));
-            if let Some((session, rank)) = awaited {
+            let awaited = session.filter(|s| self.gate.awaited(s, &message.id).is_some());
+            if let Some(session) = awaited {
                 self.gate.returned(session, &message.id);
+                let place = self.gate.place(session, held.key, held.id());
                 let at = self.pending.iter().position(|p| {
-                    p.session() == Some(session) && rank.is_none_or(|rank| p.key > rank)
+                    p.session() == Some(session) && self.gate.place(session, p.key, p.id()) > place
                 });
                 self.pending.insert(at.unwrap_or(self.pending.len()), held);
             } else {
