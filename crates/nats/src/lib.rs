@@ -26,7 +26,8 @@ pub use builder::{
 };
 pub use message::{
     CONTENT_TYPE_HEADER, CORRELATION_ID_HEADER, DEAD_LETTER_DESCRIPTION_HEADER,
-    DEAD_LETTER_REASON_HEADER, DELIVERY_COUNT_HEADER, MESSAGE_ID_HEADER, SESSION_ID_HEADER,
+    DEAD_LETTER_MESSAGE_ID_HEADER, DEAD_LETTER_REASON_HEADER, DELIVERY_COUNT_HEADER,
+    MESSAGE_ID_HEADER, SESSION_ID_HEADER,
 };
 pub use sink::NatsSink;
 pub use source::NatsSource;
@@ -284,14 +285,22 @@ fn dead_letter(got: &jetstream::Message) -> DeadLetter {
     let delivery_count = message::header(headers, DELIVERY_COUNT_HEADER)
         .and_then(|count| count.parse().ok())
         .unwrap_or(1);
-    let message = message::to_message(
+    let mut message = message::to_message(
         headers,
         got.payload.clone(),
         || format!("dlq-{sequence}"),
         delivery_count,
         enqueued_at,
-        &[DEAD_LETTER_REASON_HEADER, DEAD_LETTER_DESCRIPTION_HEADER, DELIVERY_COUNT_HEADER],
+        &[
+            DEAD_LETTER_REASON_HEADER,
+            DEAD_LETTER_DESCRIPTION_HEADER,
+            DELIVERY_COUNT_HEADER,
+            DEAD_LETTER_MESSAGE_ID_HEADER,
+        ],
     );
+    if let Some(original) = message::header(headers, DEAD_LETTER_MESSAGE_ID_HEADER) {
+        message.id = original;
+    }
     let text =
         |name| message::header(headers, name).map(|v| message::decode(&v)).unwrap_or_default();
     DeadLetter {

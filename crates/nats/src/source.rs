@@ -201,6 +201,10 @@ impl NatsSource {
         let info = got.info().ok();
         let delivered = info.as_ref().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
         let sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
+        let copy_id = info.as_ref().map_or_else(
+            || format!("dlq-{}", uuid::Uuid::new_v4().simple()),
+            |i| format!("dlq-{}-{sequence}-{}", i.stream, i.published.unix_timestamp_nanos()),
+        );
         let enqueued_at = info.map(|i| SystemTime::from(i.published));
         let (raw, acker) = got.split();
         let message = message::to_message(
@@ -216,6 +220,7 @@ impl NatsSource {
             nats: self.nats.clone(),
             queue: self.queue.clone(),
             message_id: message.id.clone(),
+            copy_id,
             delivery_count: delivered,
             sequence,
             headers: raw.headers,
@@ -258,6 +263,9 @@ struct NatsSettle {
     nats: Nats,
     queue: String,
     message_id: String,
+    /// The dead-letter copy's own `Nats-Msg-Id`: the same for every delivery of this
+    /// stored message, and no other message's.
+    copy_id: String,
     delivery_count: u32,
     sequence: u64,
     headers: Option<HeaderMap>,
@@ -327,17 +335,17 @@ impl Settle for NatsSettle {
         self.check_lock()?;
         let mut headers =
             self.headers.as_ref().map(message::without_server_controls).unwrap_or_default();
-        if message::header(Some(&headers), crate::MESSAGE_ID_HEADER).is_none() {
-            // Published without an id: the dead letter keeps the one handlers saw.
-            message::insert(&mut headers, crate::MESSAGE_ID_HEADER, &self.message_id)?;
-        }
+        // The dead letter keeps the id handlers saw (also when the message was
+        // published without one), and is de-duplicated on an id of its own.
+        message::insert(&mut headers, crate::DEAD_LETTER_MESSAGE_ID_HEADER, &self.message_id)?;
+        message::insert(&mut headers, crate::MESSAGE_ID_HEADER, &self.copy_id)?;
         message::insert(&mut headers, crate::DEAD_LETTER_REASON_HEADER, &message::encode(reason))?;
         let description = message::encode(description);
         message::insert(&mut headers, crate::DEAD_LETTER_DESCRIPTION_HEADER, &description)?;
         let count = self.delivery_count.to_string();
         message::insert(&mut headers, message::DELIVERY_COUNT_HEADER, &count)?;
         let dlq = dead_letter_queue(&self.queue);
-        sink::publish_with(&self.nats, &dlq, &self.message_id, headers, self.body.clone()).await?;
+        sink::publish_with(&self.nats, &dlq, &self.copy_id, headers, self.body.clone()).await?;
         tracing::debug!(queue = %self.queue, message_id = %self.message_id, sequence = self.sequence, reason, "dead-lettered");
         Ok(self.send(AckKind::Term, "terminate").await?)
     }
