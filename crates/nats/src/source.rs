@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::Batch;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
@@ -23,14 +24,19 @@ use crate::{CAPABILITIES, Nats, message, sink, topology};
 /// server's, so a settlement sent before it reaches the server in time.
 const LOCK_MARGIN: Duration = Duration::from_millis(500);
 
+/// How long before a message arrived the server may have sent it (and started its ack
+/// wait), at most: transit and this process's scheduling.
+const ARRIVAL_SLACK: Duration = Duration::from_millis(250);
+
 /// How long after its `wait` a pull is given up on when the server did not end it.
 const PULL_GRACE: Duration = Duration::from_secs(2);
 
 /// A consumer of one queue: a durable pull consumer, on a connection of its own.
 ///
-/// - `receive(max, wait)` pulls up to `max` messages, waiting up to `wait` on the
-///   server; nothing is buffered between calls, so `stop_receiving` has nothing to
-///   release and only stops intake.
+/// - `receive(max, wait)` pulls one message, waiting up to `wait` on the server, then
+///   up to `max - 1` more that are there already, without waiting: it returns as soon
+///   as it has something. Nothing is buffered between calls, so `stop_receiving` has
+///   nothing to release and only stops intake.
 /// - Each delivery is locked for the consumer's `ack_wait`; renewing sends `+WPI`.
 /// - When the connection drops, `receive` fails with a retryable
 ///   [`TransportError::Connection`]; the client reconnects underneath, and unsettled
@@ -98,29 +104,32 @@ impl NatsSource {
             return Err(self.connection_lost());
         }
         let started = Instant::now();
-        let locked_until = later(started, self.nats.config().ack_wait.saturating_sub(LOCK_MARGIN));
-        let mut batch = self
+        // First a pull for one message, waiting up to `wait` on the server; then, once one
+        // came, a pull that takes only what is there already (`no_wait`). One pull for
+        // `max` would hold what arrived until `max` did or `wait` ran out, each message
+        // spending its lock meanwhile.
+        let first = self
             .consumer
             .batch()
-            .max_messages(max)
+            .max_messages(1)
             .expires(wait.max(Duration::from_millis(10)))
             .messages()
             .await
             .map_err(|e| self.pull_error(since, e))?;
         let mut got = Vec::new();
-        let mut failed = None;
         // The server ends the pull at `wait`; a server that does not answer (the pull
         // went nowhere) is given up on a little later. A message arriving after that
         // stays locked until its ack wait runs out, then comes again.
         let give_up = later(started, wait + PULL_GRACE);
-        loop {
-            match tokio::time::timeout_at(give_up, batch.next()).await {
-                Err(_) | Ok(None) => break,
-                Ok(Some(Ok(message))) => got.push(self.delivery(message, locked_until)),
-                Ok(Some(Err(e))) => {
-                    failed = Some(e);
-                    break;
+        let mut failed = self.collect(first, started, give_up, &mut got).await;
+        if failed.is_none() && got.len() == 1 && max > 1 {
+            let asked_at = Instant::now();
+            match self.consumer.fetch().max_messages(max - 1).messages().await {
+                Ok(rest) => {
+                    let give_up = later(asked_at, PULL_GRACE);
+                    failed = self.collect(rest, asked_at, give_up, &mut got).await;
                 }
+                Err(e) => failed = Some(e.into()),
             }
         }
         if let Some(error) = failed {
@@ -141,6 +150,33 @@ impl NatsSource {
             }
         }
         Ok(got)
+    }
+
+    /// Adds the messages of one pull, asked for at `asked_at`, to `got` until the pull
+    /// ends or `give_up`; the error that ended it, if one did.
+    ///
+    /// Each message's lock is counted from when the server can have sent it at the
+    /// earliest: not before the pull was asked for, nor more than [`ARRIVAL_SLACK`]
+    /// before it arrived (a message that came late in a long pull has its whole lock).
+    async fn collect(
+        &self,
+        mut batch: Batch,
+        asked_at: Instant,
+        give_up: Instant,
+        got: &mut Vec<Delivery>,
+    ) -> Option<steward_core::BoxError> {
+        let lock = self.nats.config().ack_wait.saturating_sub(LOCK_MARGIN);
+        loop {
+            match tokio::time::timeout_at(give_up, batch.next()).await {
+                Err(_) | Ok(None) => return None,
+                Ok(Some(Ok(message))) => {
+                    let now = Instant::now();
+                    let sent = now.checked_sub(ARRIVAL_SLACK).unwrap_or(now).max(asked_at);
+                    got.push(self.delivery(message, later(sent, lock)));
+                }
+                Ok(Some(Err(e))) => return Some(e),
+            }
+        }
     }
 
     fn connection_lost(&self) -> Error {
