@@ -193,10 +193,7 @@ impl NatsSource {
                 source: Some(error.into()),
             }
         } else {
-            Error::JetStream {
-                what: format!("pull from {}", self.queue),
-                source: Some(error.into()),
-            }
+            Error::jetstream(format!("pull from {}", self.queue), error)
         }
     }
 
@@ -324,10 +321,27 @@ impl NatsSettle {
         Ok(())
     }
 
+    /// Sends `kind` and waits (up to the request timeout) for the server's
+    /// confirmation. The server confirms every ack it receives, also for a delivery it
+    /// no longer holds (whose `+WPI` then extends nothing): the confirmation proves that
+    /// the server got the ack, and the local lock, checked first, that the delivery was
+    /// still ours when it was sent. Without a confirmation the outcome is unknown:
+    /// `LockLost` once the local lock ran out meanwhile, else a retryable `Timeout` or
+    /// `Connection` error.
     async fn send(&self, kind: AckKind, what: &str) -> Result<(), Error> {
         self.check_lock()?;
-        self.acker.ack_with(kind).await.map_err(|e| {
-            Error::connection(format!("{what} message {} of {}", self.message_id, self.queue), e)
+        self.acker.double_ack_with(kind).await.map_err(|e| {
+            let what = format!("{what} message {} of {}", self.message_id, self.queue);
+            if Instant::now() >= self.deadline() {
+                Error::LockExpired { message_id: self.message_id.clone() }
+            } else if e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            {
+                Error::Timeout { what, after: self.nats.config().request_timeout }
+            } else {
+                Error::Connection { what, source: Some(e) }
+            }
         })
     }
 }
@@ -349,18 +363,7 @@ impl Settle for NatsSettle {
     }
 
     async fn complete(&self) -> Result<(), TransportError> {
-        self.check_lock()?;
-        self.acker.double_ack().await.map_err(|e| {
-            // The server does not confirm an ack for a delivery it no longer holds
-            // pending: past the lock, that is the lock lost, not the connection.
-            if Instant::now() >= self.deadline() {
-                Error::LockExpired { message_id: self.message_id.clone() }
-            } else {
-                let what = format!("complete message {} of {}", self.message_id, self.queue);
-                Error::connection(what, e)
-            }
-        })?;
-        Ok(())
+        Ok(self.send(AckKind::Ack, "complete").await?)
     }
 
     async fn abandon(&self, delay: Option<Duration>) -> Result<(), TransportError> {

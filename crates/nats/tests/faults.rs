@@ -294,3 +294,52 @@ async fn consumer_settings_that_lose_bodies_or_the_lock_stop_the_start_naming_th
         assert!(text.contains(&format!(" {setting} = ")), "{setting}: {text}");
     }
 }
+
+/// Ensures that settlements and renewals wait for the server's confirmation: with the
+/// server gone, a renewal does not report a lock the server never extended, and an
+/// abandon or dead-letter's `+TERM` does not report success; each fails retryably within
+/// the request timeout, leaving the local lock where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_and_settlements_without_the_server_fail_instead_of_reporting_success() {
+    let Some(mut server) = PrivateServer::start("unconfirmed_settlements", &[]).await else {
+        return;
+    };
+    let (queue, builder) = support::unique_queue(&server.url(), "unconfirmed");
+    let nats = builder
+        .with_ack_wait(Duration::from_secs(30))
+        .with_request_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    nats.declare_topology().await.unwrap();
+    for i in 0..2 {
+        nats.sink()
+            .send(&queue, OutgoingMessage::new("b").with_message_id(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let source = nats.source(&queue).await.unwrap();
+    let mut held = drain_held(&source, 2).await;
+    server.kill();
+
+    let before = held[0].locked_until();
+    let started = Instant::now();
+    let renewed = held[0].renew_lock().await;
+    let error = renewed.expect_err("a renewal the server never confirmed");
+    assert!(error.is_retryable(), "{}", error_chain(&error));
+    assert_eq!(held[0].locked_until(), before, "the local lock was not extended");
+    let error =
+        held.remove(1).abandon(None).await.expect_err("an abandon the server never confirmed");
+    assert!(error.is_retryable(), "{}", error_chain(&error));
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by the request timeout");
+}
+
+/// Receives `n` messages without settling them.
+async fn drain_held(source: &dyn MessageSource, n: usize) -> Vec<steward_core::Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::new();
+    while held.len() < n && Instant::now() < deadline {
+        held.extend(source.receive(n - held.len(), Duration::from_millis(500)).await.unwrap());
+    }
+    assert_eq!(held.len(), n);
+    held
+}
