@@ -248,6 +248,22 @@ impl NatsSource {
             enqueued_at,
             &[],
         );
+        let max_deliver = self.nats.config().max_deliver;
+        if delivered >= max_deliver {
+            // The updater dead-letters a message delivered more than its own, lower,
+            // limit; it reaches this one only when that kept failing (or the process
+            // kept dying before it settled). The server delivers it no more: unless
+            // it is settled now, it stays in the stream until an operator removes it.
+            tracing::warn!(
+                queue = %self.queue,
+                message_id = %message.id,
+                sequence,
+                delivery_count = delivered,
+                max_deliver,
+                "the server's last delivery of this message: if it is not settled now, it \
+                 stays in the stream, never delivered again, until an operator removes it"
+            );
+        }
         let handle = NatsSettle {
             acker,
             nats: self.nats.clone(),

@@ -246,3 +246,42 @@ async fn dead_letters_sharing_a_message_id_are_each_kept() {
     assert_eq!(kept, [("same", "first"), ("same", "second")]);
     assert!(dead[0].message.properties.is_empty(), "{:?}", dead[0].message.properties);
 }
+
+/// Ensures that the server's last delivery of a message (its `max_deliver`-th) is
+/// logged as a warning with the message id: the server never delivers it again, so if
+/// it is not settled now (say dead-lettering fails) it stays in the stream until an
+/// operator removes it, and the warning is how the operator learns of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_last_delivery_of_a_message_is_logged_as_a_warning() {
+    if !support::server_available("last_delivery_warning").await {
+        return;
+    }
+    let (queue, builder) = support::unique_queue(&support::server_url(), "last");
+    let nats = builder.with_max_deliveries(1).with_max_deliver(2).build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    nats.declare_topology().await.unwrap();
+    nats.sink()
+        .send(&queue, OutgoingMessage::new("b").with_message_id("stranded-1"))
+        .await
+        .unwrap();
+    let source = nats.source(&queue).await.unwrap();
+
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let first = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+    assert!(logs.text().is_empty(), "nothing to say on delivery 1 of 2: {}", logs.text());
+    first.abandon(None).await.unwrap();
+    let last = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+    drop(guard);
+    assert_eq!(last.message().delivery_count, 2);
+    let text = logs.text();
+    assert!(text.contains("WARN") && text.contains("message_id=stranded-1"), "{text}");
+    assert!(text.contains("max_deliver=2"), "{text}");
+    last.complete().await.unwrap();
+}
