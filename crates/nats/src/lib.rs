@@ -69,7 +69,8 @@ const HEADER_ROOM: usize = 8 * 1024;
 #[derive(Clone)]
 pub struct Nats {
     config: Arc<Config>,
-    shared: Arc<OnceCell<Client>>,
+    /// The shared connection's JetStream context, built once on first use.
+    shared: Arc<OnceCell<Context>>,
     topology: Arc<OnceCell<()>>,
 }
 
@@ -99,7 +100,7 @@ impl Nats {
         let max_body_bytes = self
             .shared
             .get()
-            .map(|client| client.server_info().max_payload.saturating_sub(HEADER_ROOM));
+            .map(|js| js.client().server_info().max_payload.saturating_sub(HEADER_ROOM));
         Capabilities { max_body_bytes, ..CAPABILITIES }
     }
 
@@ -115,10 +116,16 @@ impl Nats {
         topology::dead_letter_stream_name(&self.config, queue)
     }
 
-    /// The connection shared by sinks and topology requests, opened on first use.
+    /// The connection shared by sinks and topology requests, opened on first use, with
+    /// its JetStream context (a cheap clone).
     pub(crate) async fn shared(&self) -> Result<Context, Error> {
-        let client = self.shared.get_or_try_init(|| connect(&self.config, "shared", None)).await?;
-        Ok(self.context(client.clone()))
+        let js = self
+            .shared
+            .get_or_try_init(|| async {
+                Ok::<_, Error>(self.context(connect(&self.config, "shared", None).await?))
+            })
+            .await?;
+        Ok(js.clone())
     }
 
     pub(crate) fn context(&self, client: Client) -> Context {
