@@ -44,6 +44,29 @@ pub fn redact_url(url: &str) -> String {
     builder::redact(url)
 }
 
+/// Whether a nats-server of version `server_version` (as its `INFO` reports it, say
+/// `2.9.10`) may reset a message's delivery count. Before the fix of nats-server PR
+/// #5305 (2024, in the 2.10 series), a redelivery that the server took for a pull request
+/// that had just expired was delivered again later as a new message, with delivery
+/// count 1: 2.9.x does so. The oldest release known to be fixed is 2.10.25; earlier 2.10
+/// releases are counted as affected. A version that does not parse is not known to be
+/// affected.
+///
+/// ```
+/// assert!(steward_nats::server_resets_delivery_counts("2.9.10"));
+/// assert!(!steward_nats::server_resets_delivery_counts("2.15.1"));
+/// ```
+#[must_use]
+pub fn server_resets_delivery_counts(server_version: &str) -> bool {
+    let release = server_version.trim_start_matches('v');
+    let release = release.split(['-', '+']).next().unwrap_or(release);
+    let mut parts = release.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor), patch) => (major, minor, patch.unwrap_or(0)) < (2, 10, 25),
+        _ => false,
+    }
+}
+
 use builder::Config;
 use error::Error;
 
@@ -362,8 +385,36 @@ pub(crate) async fn connect(
         }),
         Ok(Err(e)) => Err(Error::connect(&builder::redact(&config.url), e)),
         Ok(Ok(client)) => {
-            tracing::debug!(connection = %name, "nats connection opened");
+            let version = client.server_info().version;
+            tracing::debug!(connection = %name, server_version = %version, "nats connection opened");
+            if server_resets_delivery_counts(&version) {
+                tracing::warn!(
+                    connection = %name,
+                    server_version = %version,
+                    "this nats-server can reset a redelivered message's delivery count to 1, \
+                     so a message that keeps failing may never reach the dead-letter limit; \
+                     use nats-server 2.10.25 or later"
+                );
+            }
             Ok(client)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_resets_delivery_counts as resets;
+
+    #[test]
+    fn servers_before_2_10_25_may_reset_delivery_counts() {
+        for old in ["2.9.10", "v2.9.25", "2.2.0", "1.4.1", "2.10.0", "2.10.24", "2.9"] {
+            assert!(resets(old), "{old}");
+        }
+        for good in ["2.10.25", "2.10.26", "2.15.1", "v2.11.0-beta.1", "2.12.0+build", "3.0.0"] {
+            assert!(!resets(good), "{good}");
+        }
+        for unknown in ["", "2", "dev", "x.y.z"] {
+            assert!(!resets(unknown), "{unknown:?}");
         }
     }
 }
