@@ -312,7 +312,8 @@ impl MessageSink for LeaseChecker {
     async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), TransportError> {
         use std::sync::atomic::Ordering;
         let now = i64::try_from(self.now_ms.load(Ordering::SeqCst)).unwrap();
-        let id: i64 = message.message_id.as_deref().unwrap().parse().unwrap();
+        let message_id = message.message_id.as_deref().unwrap();
+        let id: i64 = message_id.split('-').next().unwrap().parse().unwrap();
         let rows = self.store.outbox_messages(100).await.unwrap();
         let row = rows.iter().find(|r| r.id == id).unwrap();
         if row.lease_until.is_none_or(|until| until <= now) {
@@ -446,4 +447,28 @@ db_test!(
     rows_committed_while_draining_go_out_before_the_exit_sqlite,
     rows_committed_while_draining_go_out_before_the_exit_postgres,
     rows_committed_while_draining_go_out_before_the_exit
+);
+
+/// Ensures that the first message of a fresh database does not reuse the message id of
+/// another database's first message: brokers that drop a repeated id within a window
+/// (JetStream, Service Bus duplicate detection) would drop it, with the send reported
+/// as a success. A retry of one row keeps its id, so a genuine resend is still dropped.
+async fn message_ids_are_unique_beyond_one_database(store: &Store) {
+    let other = support::TestDb::sqlite().await;
+    write(store, "a", 1).await;
+    write(&other.store, "a", 1).await;
+    let ours = store.outbox_messages(1).await.unwrap().remove(0);
+    let theirs = other.store.outbox_messages(1).await.unwrap().remove(0);
+    assert_eq!(ours.id, theirs.id, "both databases numbered their first row alike");
+    assert_ne!(ours.message_id(), theirs.message_id(), "the message ids differ");
+    assert!(ours.message_id().starts_with(&format!("{}-", ours.id)), "{}", ours.message_id());
+    let again = store.outbox_messages(1).await.unwrap().remove(0);
+    assert_eq!(again.message_id(), ours.message_id(), "a row keeps its message id");
+    other.finish().await;
+}
+
+db_test!(
+    message_ids_are_unique_beyond_one_database_sqlite,
+    message_ids_are_unique_beyond_one_database_postgres,
+    message_ids_are_unique_beyond_one_database
 );

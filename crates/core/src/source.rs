@@ -11,7 +11,9 @@ use crate::{Capabilities, Delivery, TransportError};
 /// # Contract
 ///
 /// - `receive(max, wait)` returns at most `max` deliveries. On an empty queue it waits
-///   about `wait` for a message, then returns an empty `Vec`. It never busy-spins.
+///   about `wait` for a message, then returns an empty `Vec`. Once it has a message it
+///   returns promptly with what is available, not waiting for `max` (each held message
+///   spends its lock). It never busy-spins.
 /// - A message is held by at most one consumer at a time.
 /// - `receive` is cancel safe: dropping its future loses no message (at worst the
 ///   message is received again once its lock expires).

@@ -16,6 +16,9 @@ pub(crate) enum Error {
     /// The server did not answer in time.
     #[error("{what} did not finish within {after:?}")]
     Timeout { what: String, after: Duration },
+    /// A JetStream request timed out.
+    #[error("{what}: JetStream did not answer in time")]
+    TimedOut { what: String, source: Option<BoxError> },
     /// A stream, consumer or subject does not exist.
     #[error("{entity}")]
     NotFound { entity: String, source: Option<BoxError> },
@@ -45,8 +48,16 @@ impl Error {
         Self::Connection { what: what.into(), source: Some(source.into()) }
     }
 
+    /// A failed JetStream request: retryable when JetStream timed out or is unavailable
+    /// (no responders, JetStream unavailable: an outage, a restart, a leader election),
+    /// else [`Error::JetStream`].
     pub(crate) fn jetstream(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Self::JetStream { what: what.into(), source: Some(source.into()) }
+        let (what, source) = (what.into(), source.into());
+        match unavailable(&*source) {
+            Some(Unavailable::TimedOut) => Self::TimedOut { what, source: Some(source) },
+            Some(Unavailable::Down) => Self::Connection { what, source: Some(source) },
+            None => Self::JetStream { what, source: Some(source) },
+        }
     }
 
     /// Maps a failed `connect` by its kind: refused credentials are `Auth`, a wrong URL
@@ -66,6 +77,39 @@ impl Error {
     }
 }
 
+/// Why JetStream did not serve a request, when that is worth retrying.
+enum Unavailable {
+    TimedOut,
+    Down,
+}
+
+/// Reads the error chain: async-nats has one error type per request, each with its own
+/// kinds, but they all say the same words for these cases.
+fn unavailable(error: &(dyn std::error::Error + 'static)) -> Option<Unavailable> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        let text = error.to_string().to_ascii_lowercase();
+        if text.contains("timed out") || text.contains("timeout") {
+            return Some(Unavailable::TimedOut);
+        }
+        // "requested JetStream resource does not exist" is how async-nats shows a request
+        // with no responders: nothing serves the JetStream API (a missing stream or
+        // consumer is an API error answered by the server, not this).
+        let down = [
+            "no responders",
+            "requested jetstream resource does not exist",
+            "jetstream unavailable",
+            "jetstream not enabled",
+            "temporarily unavailable",
+        ];
+        if down.iter().any(|words| text.contains(words)) {
+            return Some(Unavailable::Down);
+        }
+        next = error.source();
+    }
+    None
+}
+
 impl From<Error> for TransportError {
     fn from(error: Error) -> Self {
         let message = error.to_string();
@@ -73,6 +117,7 @@ impl From<Error> for TransportError {
             Error::Connection { source, .. } => with(TransportError::connection(message), source),
             Error::Auth { source, .. } => with(TransportError::auth(message), source),
             Error::Timeout { .. } => TransportError::timeout(message),
+            Error::TimedOut { source, .. } => with(TransportError::timeout(message), source),
             Error::NotFound { entity, source } => with(TransportError::not_found(entity), source),
             Error::NotConfigured { .. } => TransportError::not_found(message),
             Error::Mismatch { .. } | Error::BadMessage { .. } => TransportError::protocol(message),
@@ -120,6 +165,50 @@ mod tests {
         ];
         for (error, kind) in cases {
             assert_eq!(TransportError::from(error).kind(), kind);
+        }
+    }
+
+    /// Ensures that JetStream being slow or unavailable (a request that timed out, no
+    /// responders, JetStream unavailable) is retryable, so a NATS outage makes workers
+    /// back off instead of failing, while other server errors stay `Protocol`.
+    #[test]
+    fn jetstream_timeouts_and_unavailability_are_retryable() {
+        use async_nats::jetstream::context::{
+            CreateStreamError, CreateStreamErrorKind, RequestError, RequestErrorKind,
+        };
+        let cases = [
+            (
+                Error::jetstream("read", RequestError::new(RequestErrorKind::TimedOut)),
+                ErrorKind::Timeout,
+            ),
+            (
+                Error::jetstream("read", RequestError::new(RequestErrorKind::NoResponders)),
+                ErrorKind::Connection,
+            ),
+            (
+                Error::jetstream(
+                    "declare",
+                    CreateStreamError::new(CreateStreamErrorKind::JetStreamUnavailable),
+                ),
+                ErrorKind::Connection,
+            ),
+            (
+                Error::jetstream(
+                    "declare",
+                    CreateStreamError::new(CreateStreamErrorKind::TimedOut),
+                ),
+                ErrorKind::Timeout,
+            ),
+            (
+                Error::jetstream("declare", RequestError::new(RequestErrorKind::Other)),
+                ErrorKind::Protocol,
+            ),
+        ];
+        for (error, kind) in cases {
+            let shown = format!("{error:?}");
+            let error = TransportError::from(error);
+            assert_eq!(error.kind(), kind, "{shown}");
+            assert!(std::error::Error::source(&error).is_some(), "the cause is kept: {shown}");
         }
     }
 

@@ -25,7 +25,8 @@ pub use builder::{
 };
 pub use message::{
     CONTENT_TYPE_HEADER, CORRELATION_ID_HEADER, DEAD_LETTER_DESCRIPTION_HEADER,
-    DEAD_LETTER_REASON_HEADER, DELIVERY_COUNT_HEADER, MESSAGE_ID_HEADER, SESSION_ID_HEADER,
+    DEAD_LETTER_MESSAGE_ID_HEADER, DEAD_LETTER_REASON_HEADER, DELIVERY_COUNT_HEADER,
+    MESSAGE_ID_HEADER, SESSION_ID_HEADER,
 };
 pub use sink::NatsSink;
 pub use source::NatsSource;
@@ -39,6 +40,29 @@ pub use source::NatsSource;
 /// assert_eq!(steward_nats::redact_url("nats://u:pw@h:4222"), "nats://u:***@h:4222");
 /// ```
 pub use steward_core::transport::redact_url;
+
+/// Whether a nats-server of version `server_version` (as its `INFO` reports it, say
+/// `2.9.10`) may reset a message's delivery count. Before the fix of nats-server PR
+/// #5305 (2024, in the 2.10 series), a redelivery that the server took for a pull request
+/// that had just expired was delivered again later as a new message, with delivery
+/// count 1: 2.9.x does so. The oldest release known to be fixed is 2.10.25; earlier 2.10
+/// releases are counted as affected. A version that does not parse is not known to be
+/// affected.
+///
+/// ```
+/// assert!(steward_nats::server_resets_delivery_counts("2.9.10"));
+/// assert!(!steward_nats::server_resets_delivery_counts("2.15.1"));
+/// ```
+#[must_use]
+pub fn server_resets_delivery_counts(server_version: &str) -> bool {
+    let release = server_version.trim_start_matches('v');
+    let release = release.split(['-', '+']).next().unwrap_or(release);
+    let mut parts = release.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor), patch) => (major, minor, patch.unwrap_or(0)) < (2, 10, 25),
+        _ => false,
+    }
+}
 
 use builder::Config;
 use error::Error;
@@ -65,7 +89,8 @@ const HEADER_ROOM: usize = 8 * 1024;
 #[derive(Debug, Clone)]
 pub struct Nats {
     config: Arc<Config>,
-    shared: Arc<OnceCell<Client>>,
+    /// The shared connection's JetStream context, built once on first use.
+    shared: Arc<OnceCell<Context>>,
     topology: Arc<OnceCell<()>>,
 }
 
@@ -85,7 +110,7 @@ impl Nats {
         let max_body_bytes = self
             .shared
             .get()
-            .map(|client| client.server_info().max_payload.saturating_sub(HEADER_ROOM));
+            .map(|js| js.client().server_info().max_payload.saturating_sub(HEADER_ROOM));
         Capabilities { max_body_bytes, ..CAPABILITIES }
     }
 
@@ -101,10 +126,16 @@ impl Nats {
         topology::dead_letter_stream_name(&self.config, queue)
     }
 
-    /// The connection shared by sinks and topology requests, opened on first use.
+    /// The connection shared by sinks and topology requests, opened on first use, with
+    /// its JetStream context (a cheap clone).
     pub(crate) async fn shared(&self) -> Result<Context, Error> {
-        let client = self.shared.get_or_try_init(|| connect(&self.config, "shared", None)).await?;
-        Ok(self.context(client.clone()))
+        let js = self
+            .shared
+            .get_or_try_init(|| async {
+                Ok::<_, Error>(self.context(connect(&self.config, "shared", None).await?))
+            })
+            .await?;
+        Ok(js.clone())
     }
 
     pub(crate) fn context(&self, client: Client) -> Context {
@@ -271,14 +302,22 @@ fn dead_letter(got: &jetstream::Message) -> DeadLetter {
     let delivery_count = message::header(headers, DELIVERY_COUNT_HEADER)
         .and_then(|count| count.parse().ok())
         .unwrap_or(1);
-    let message = message::to_message(
+    let mut message = message::to_message(
         headers,
         got.payload.clone(),
         || format!("dlq-{sequence}"),
         delivery_count,
         enqueued_at,
-        &[DEAD_LETTER_REASON_HEADER, DEAD_LETTER_DESCRIPTION_HEADER, DELIVERY_COUNT_HEADER],
+        &[
+            DEAD_LETTER_REASON_HEADER,
+            DEAD_LETTER_DESCRIPTION_HEADER,
+            DELIVERY_COUNT_HEADER,
+            DEAD_LETTER_MESSAGE_ID_HEADER,
+        ],
     );
+    if let Some(original) = message::header(headers, DEAD_LETTER_MESSAGE_ID_HEADER) {
+        message.id = original;
+    }
     let text =
         |name| message::header(headers, name).map(|v| message::decode(&v)).unwrap_or_default();
     DeadLetter {
@@ -333,8 +372,36 @@ pub(crate) async fn connect(
         }),
         Ok(Err(e)) => Err(Error::connect(&config.url.redacted(), e)),
         Ok(Ok(client)) => {
-            tracing::debug!(connection = %name, "nats connection opened");
+            let version = client.server_info().version;
+            tracing::debug!(connection = %name, server_version = %version, "nats connection opened");
+            if server_resets_delivery_counts(&version) {
+                tracing::warn!(
+                    connection = %name,
+                    server_version = %version,
+                    "this nats-server can reset a redelivered message's delivery count to 1, \
+                     so a message that keeps failing may never reach the dead-letter limit; \
+                     use nats-server 2.10.25 or later"
+                );
+            }
             Ok(client)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_resets_delivery_counts as resets;
+
+    #[test]
+    fn servers_before_2_10_25_may_reset_delivery_counts() {
+        for old in ["2.9.10", "v2.9.25", "2.2.0", "1.4.1", "2.10.0", "2.10.24", "2.9"] {
+            assert!(resets(old), "{old}");
+        }
+        for good in ["2.10.25", "2.10.26", "2.15.1", "v2.11.0-beta.1", "2.12.0+build", "3.0.0"] {
+            assert!(!resets(good), "{good}");
+        }
+        for unknown in ["", "2", "dev", "x.y.z"] {
+            assert!(!resets(unknown), "{unknown:?}");
         }
     }
 }

@@ -33,6 +33,11 @@ pub const DEAD_LETTER_REASON_HEADER: &str = DEAD_LETTER_REASON_PROPERTY;
 /// The header of a dead letter holding the description given to `dead_letter`.
 pub const DEAD_LETTER_DESCRIPTION_HEADER: &str = DEAD_LETTER_DESCRIPTION_PROPERTY;
 
+/// The header of a dead letter holding the id of the message it copies: the copy's own
+/// `Nats-Msg-Id` is `dlq-<stream>-<sequence>-<published>`, so the dead-letter stream does
+/// not drop it as a duplicate of an earlier dead letter that shares the message id.
+pub const DEAD_LETTER_MESSAGE_ID_HEADER: &str = "x-steward-message-id";
+
 /// The header of a dead letter holding the delivery count the message had when it was
 /// dead-lettered.
 pub const DELIVERY_COUNT_HEADER: &str = DELIVERY_COUNT_PROPERTY;

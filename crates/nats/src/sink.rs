@@ -14,6 +14,12 @@ use crate::{Nats, message};
 /// Sends from many tasks share one connection and are in flight together; each `send`
 /// returns once its own ack arrived. A subject no stream captures is
 /// [`TransportError::NotFound`].
+///
+/// The message id travels as `Nats-Msg-Id`, and the stream drops a message whose id it
+/// holds from within its duplicate window (two minutes). Such a send still succeeds,
+/// as the resend of a message whose ack was lost must, and is logged as a warning with
+/// the message id: message ids must be unique beyond one publisher's restarts, or a
+/// reused id loses its message.
 #[derive(Debug, Clone)]
 pub struct NatsSink {
     nats: Nats,
@@ -63,8 +69,23 @@ pub(crate) async fn publish_with(
     match timeout(after, ack).await {
         Err(_) => Err(Error::Timeout { what: what(), after }),
         Ok(Err(e)) => Err(publish_error(&what(), subject, timeout_after, e)),
+        Ok(Ok(ack)) if ack.duplicate => {
+            // Not an error: the ack cannot tell a resend after a lost ack (which must
+            // succeed, or the publisher retries forever) from an id its publisher
+            // reused (whose message is lost). Only the latter is a publisher's bug.
+            tracing::warn!(
+                queue = subject,
+                message_id = id,
+                stream = %ack.stream,
+                sequence = ack.sequence,
+                "publish acked as a duplicate: the stream already holds a message with this id \
+                 from within its duplicate window and kept that one; harmless for a resend, \
+                 a lost message if the publisher reused the id"
+            );
+            Ok(())
+        }
         Ok(Ok(ack)) => {
-            tracing::trace!(queue = subject, message_id = id, stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "published");
+            tracing::trace!(queue = subject, message_id = id, stream = %ack.stream, sequence = ack.sequence, "published");
             Ok(())
         }
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::Batch;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
@@ -23,14 +24,19 @@ use crate::{CAPABILITIES, Nats, message, sink, topology};
 /// server's, so a settlement sent before it reaches the server in time.
 const LOCK_MARGIN: Duration = Duration::from_millis(500);
 
+/// How long before a message arrived the server may have sent it (and started its ack
+/// wait), at most: transit and this process's scheduling.
+const ARRIVAL_SLACK: Duration = Duration::from_millis(250);
+
 /// How long after its `wait` a pull is given up on when the server did not end it.
 const PULL_GRACE: Duration = Duration::from_secs(2);
 
 /// A consumer of one queue: a durable pull consumer, on a connection of its own.
 ///
-/// - `receive(max, wait)` pulls up to `max` messages, waiting up to `wait` on the
-///   server; nothing is buffered between calls, so `stop_receiving` has nothing to
-///   release and only stops intake.
+/// - `receive(max, wait)` pulls one message, waiting up to `wait` on the server, then
+///   up to `max - 1` more that are there already, without waiting: it returns as soon
+///   as it has something. Nothing is buffered between calls, so `stop_receiving` has
+///   nothing to release and only stops intake.
 /// - Each delivery is locked for the consumer's `ack_wait`; renewing sends `+WPI`.
 /// - When the connection drops, `receive` fails with a retryable
 ///   [`TransportError::Connection`]; the client reconnects underneath, and unsettled
@@ -98,29 +104,32 @@ impl NatsSource {
             return Err(self.connection_lost());
         }
         let started = Instant::now();
-        let locked_until = later(started, self.nats.config().ack_wait.saturating_sub(LOCK_MARGIN));
-        let mut batch = self
+        // First a pull for one message, waiting up to `wait` on the server; then, once one
+        // came, a pull that takes only what is there already (`no_wait`). One pull for
+        // `max` would hold what arrived until `max` did or `wait` ran out, each message
+        // spending its lock meanwhile.
+        let first = self
             .consumer
             .batch()
-            .max_messages(max)
+            .max_messages(1)
             .expires(wait.max(Duration::from_millis(10)))
             .messages()
             .await
             .map_err(|e| self.pull_error(since, e))?;
         let mut got = Vec::new();
-        let mut failed = None;
         // The server ends the pull at `wait`; a server that does not answer (the pull
         // went nowhere) is given up on a little later. A message arriving after that
         // stays locked until its ack wait runs out, then comes again.
         let give_up = later(started, wait + PULL_GRACE);
-        loop {
-            match tokio::time::timeout_at(give_up, batch.next()).await {
-                Err(_) | Ok(None) => break,
-                Ok(Some(Ok(message))) => got.push(self.delivery(message, locked_until)),
-                Ok(Some(Err(e))) => {
-                    failed = Some(e);
-                    break;
+        let mut failed = self.collect(first, started, give_up, &mut got).await;
+        if failed.is_none() && got.len() == 1 && max > 1 {
+            let asked_at = Instant::now();
+            match self.consumer.fetch().max_messages(max - 1).messages().await {
+                Ok(rest) => {
+                    let give_up = later(asked_at, PULL_GRACE);
+                    failed = self.collect(rest, asked_at, give_up, &mut got).await;
                 }
+                Err(e) => failed = Some(e.into()),
             }
         }
         if let Some(error) = failed {
@@ -143,6 +152,33 @@ impl NatsSource {
         Ok(got)
     }
 
+    /// Adds the messages of one pull, asked for at `asked_at`, to `got` until the pull
+    /// ends or `give_up`; the error that ended it, if one did.
+    ///
+    /// Each message's lock is counted from when the server can have sent it at the
+    /// earliest: not before the pull was asked for, nor more than [`ARRIVAL_SLACK`]
+    /// before it arrived (a message that came late in a long pull has its whole lock).
+    async fn collect(
+        &self,
+        mut batch: Batch,
+        asked_at: Instant,
+        give_up: Instant,
+        got: &mut Vec<Delivery>,
+    ) -> Option<steward_core::BoxError> {
+        let lock = self.nats.config().ack_wait.saturating_sub(LOCK_MARGIN);
+        loop {
+            match tokio::time::timeout_at(give_up, batch.next()).await {
+                Err(_) | Ok(None) => return None,
+                Ok(Some(Ok(message))) => {
+                    let now = Instant::now();
+                    let sent = now.checked_sub(ARRIVAL_SLACK).unwrap_or(now).max(asked_at);
+                    got.push(self.delivery(message, later(sent, lock)));
+                }
+                Ok(Some(Err(e))) => return Some(e),
+            }
+        }
+    }
+
     fn connection_lost(&self) -> Error {
         Error::Connection {
             what: format!("connection of the consumer of {} lost", self.queue),
@@ -157,10 +193,7 @@ impl NatsSource {
                 source: Some(error.into()),
             }
         } else {
-            Error::JetStream {
-                what: format!("pull from {}", self.queue),
-                source: Some(error.into()),
-            }
+            Error::jetstream(format!("pull from {}", self.queue), error)
         }
     }
 
@@ -201,6 +234,10 @@ impl NatsSource {
         let info = got.info().ok();
         let delivered = info.as_ref().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
         let sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
+        let copy_id = info.as_ref().map_or_else(
+            || format!("dlq-{}", uuid::Uuid::new_v4().simple()),
+            |i| format!("dlq-{}-{sequence}-{}", i.stream, i.published.unix_timestamp_nanos()),
+        );
         let enqueued_at = info.map(|i| SystemTime::from(i.published));
         let (raw, acker) = got.split();
         let message = message::to_message(
@@ -211,11 +248,28 @@ impl NatsSource {
             enqueued_at,
             &[],
         );
+        let max_deliver = self.nats.config().max_deliver;
+        if delivered >= max_deliver {
+            // The updater dead-letters a message delivered more than its own, lower,
+            // limit; it reaches this one only when that kept failing (or the process
+            // kept dying before it settled). The server delivers it no more: unless
+            // it is settled now, it stays in the stream until an operator removes it.
+            tracing::warn!(
+                queue = %self.queue,
+                message_id = %message.id,
+                sequence,
+                delivery_count = delivered,
+                max_deliver,
+                "the server's last delivery of this message: if it is not settled now, it \
+                 stays in the stream, never delivered again, until an operator removes it"
+            );
+        }
         let handle = NatsSettle {
             acker,
             nats: self.nats.clone(),
             queue: self.queue.clone(),
             message_id: message.id.clone(),
+            copy_id,
             delivery_count: delivered,
             sequence,
             headers: raw.headers,
@@ -258,6 +312,9 @@ struct NatsSettle {
     nats: Nats,
     queue: String,
     message_id: String,
+    /// The dead-letter copy's own `Nats-Msg-Id`: the same for every delivery of this
+    /// stored message, and no other message's.
+    copy_id: String,
     delivery_count: u32,
     sequence: u64,
     headers: Option<HeaderMap>,
@@ -280,10 +337,27 @@ impl NatsSettle {
         Ok(())
     }
 
+    /// Sends `kind` and waits (up to the request timeout) for the server's
+    /// confirmation. The server confirms every ack it receives, also for a delivery it
+    /// no longer holds (whose `+WPI` then extends nothing): the confirmation proves that
+    /// the server got the ack, and the local lock, checked first, that the delivery was
+    /// still ours when it was sent. Without a confirmation the outcome is unknown:
+    /// `LockLost` once the local lock ran out meanwhile, else a retryable `Timeout` or
+    /// `Connection` error.
     async fn send(&self, kind: AckKind, what: &str) -> Result<(), Error> {
         self.check_lock()?;
-        self.acker.ack_with(kind).await.map_err(|e| {
-            Error::connection(format!("{what} message {} of {}", self.message_id, self.queue), e)
+        self.acker.double_ack_with(kind).await.map_err(|e| {
+            let what = format!("{what} message {} of {}", self.message_id, self.queue);
+            if Instant::now() >= self.deadline() {
+                Error::LockExpired { message_id: self.message_id.clone() }
+            } else if e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            {
+                Error::Timeout { what, after: self.nats.config().request_timeout }
+            } else {
+                Error::Connection { what, source: Some(e) }
+            }
         })
     }
 }
@@ -305,18 +379,7 @@ impl Settle for NatsSettle {
     }
 
     async fn complete(&self) -> Result<(), TransportError> {
-        self.check_lock()?;
-        self.acker.double_ack().await.map_err(|e| {
-            // The server does not confirm an ack for a delivery it no longer holds
-            // pending: past the lock, that is the lock lost, not the connection.
-            if Instant::now() >= self.deadline() {
-                Error::LockExpired { message_id: self.message_id.clone() }
-            } else {
-                let what = format!("complete message {} of {}", self.message_id, self.queue);
-                Error::connection(what, e)
-            }
-        })?;
-        Ok(())
+        Ok(self.send(AckKind::Ack, "complete").await?)
     }
 
     async fn abandon(&self, delay: Option<Duration>) -> Result<(), TransportError> {
@@ -327,17 +390,17 @@ impl Settle for NatsSettle {
         self.check_lock()?;
         let mut headers =
             self.headers.as_ref().map(message::without_server_controls).unwrap_or_default();
-        if message::header(Some(&headers), crate::MESSAGE_ID_HEADER).is_none() {
-            // Published without an id: the dead letter keeps the one handlers saw.
-            message::insert(&mut headers, crate::MESSAGE_ID_HEADER, &self.message_id)?;
-        }
+        // The dead letter keeps the id handlers saw (also when the message was
+        // published without one), and is de-duplicated on an id of its own.
+        message::insert(&mut headers, crate::DEAD_LETTER_MESSAGE_ID_HEADER, &self.message_id)?;
+        message::insert(&mut headers, crate::MESSAGE_ID_HEADER, &self.copy_id)?;
         message::insert(&mut headers, crate::DEAD_LETTER_REASON_HEADER, &message::encode(reason))?;
         let description = message::encode(description);
         message::insert(&mut headers, crate::DEAD_LETTER_DESCRIPTION_HEADER, &description)?;
         let count = self.delivery_count.to_string();
         message::insert(&mut headers, message::DELIVERY_COUNT_HEADER, &count)?;
         let dlq = dead_letter_queue(&self.queue);
-        sink::publish_with(&self.nats, &dlq, &self.message_id, headers, self.body.clone()).await?;
+        sink::publish_with(&self.nats, &dlq, &self.copy_id, headers, self.body.clone()).await?;
         tracing::debug!(queue = %self.queue, message_id = %self.message_id, sequence = self.sequence, reason, "dead-lettered");
         Ok(self.send(AckKind::Term, "terminate").await?)
     }

@@ -3,12 +3,16 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, Context};
 use steward_core::transport::dead_letter_queue;
 
 use crate::builder::{CONSUMER_NAME, Config};
 use crate::error::Error;
+
+/// How long a stream remembers message ids to drop a second publish of one: the
+/// server's default, declared so that a stream with another window is noticed.
+pub(crate) const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// The stream holding `queue`: `<prefix>_<queue>`, dots made underscores.
 pub(crate) fn stream_name(config: &Config, queue: &str) -> String {
@@ -28,6 +32,8 @@ fn queue_stream(config: &Config, queue: &str) -> stream::Config {
         retention: RetentionPolicy::WorkQueue,
         storage: StorageType::File,
         num_replicas: 1,
+        discard: DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
     }
 }
@@ -40,6 +46,8 @@ fn dead_letter_stream(config: &Config, queue: &str) -> stream::Config {
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
         num_replicas: 1,
+        discard: DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
     }
 }
@@ -179,13 +187,49 @@ fn check_stream(wanted: &stream::Config, actual: &stream::Config) -> Result<(), 
             format!("{:?}", actual.storage),
         ));
     }
-    if actual.max_age != Duration::ZERO || actual.max_messages > 0 || actual.max_bytes > 0 {
+    if wanted.discard != actual.discard {
         return Err(mismatch(
             &entity,
-            "limits (max_age, max_msgs, max_bytes)",
-            "none".to_owned(),
-            format!("{:?}, {}, {}", actual.max_age, actual.max_messages, actual.max_bytes),
+            "discard",
+            format!("{:?}", wanted.discard),
+            format!("{:?}", actual.discard),
         ));
+    }
+    // Any limit makes the server drop stored messages (or refuse new ones) that no
+    // consumer has settled, while their publishers were told they were stored.
+    let limits = [
+        (
+            "max_msgs_per_subject",
+            actual.max_messages_per_subject > 0,
+            actual.max_messages_per_subject.to_string(),
+        ),
+        ("max_msgs", actual.max_messages > 0, actual.max_messages.to_string()),
+        ("max_bytes", actual.max_bytes > 0, actual.max_bytes.to_string()),
+        ("max_age", actual.max_age != Duration::ZERO, format!("{:?}", actual.max_age)),
+    ];
+    if let Some((setting, _, value)) = limits.into_iter().find(|(_, limited, _)| *limited) {
+        return Err(mismatch(&entity, setting, "unlimited".to_owned(), value));
+    }
+    if actual.discard_new_per_subject {
+        return Err(mismatch(
+            &entity,
+            "discard_new_per_subject",
+            "false".to_owned(),
+            "true".to_owned(),
+        ));
+    }
+    // A longer window drops more reused ids; a shorter one stores a resend twice.
+    if wanted.duplicate_window != actual.duplicate_window {
+        return Err(mismatch(
+            &entity,
+            "duplicate_window",
+            format!("{:?}", wanted.duplicate_window),
+            format!("{:?}", actual.duplicate_window),
+        ));
+    }
+    // Without publish acks every send times out, and is sent again.
+    if actual.no_ack {
+        return Err(mismatch(&entity, "no_ack", "false".to_owned(), "true".to_owned()));
     }
     Ok(())
 }
@@ -195,6 +239,20 @@ fn check_consumer(
     wanted: &pull::Config,
     actual: &jetstream::consumer::Config,
 ) -> Result<(), Error> {
+    // Headers only: every delivery comes without its body.
+    if actual.headers_only {
+        return Err(mismatch(entity, "headers_only", "false".to_owned(), "true".to_owned()));
+    }
+    // A backoff replaces `ack_wait` between redeliveries (and the server reports its
+    // first step as `ack_wait`): the lock is no longer the one the sources count.
+    if !actual.backoff.is_empty() {
+        return Err(mismatch(
+            entity,
+            "backoff",
+            "none".to_owned(),
+            format!("{:?}", actual.backoff),
+        ));
+    }
     if wanted.filter_subject != actual.filter_subject {
         return Err(mismatch(
             entity,

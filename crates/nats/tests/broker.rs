@@ -42,7 +42,8 @@ async fn many_sends_in_flight_are_each_acked_and_stored_once() {
     for sent in futures::future::join_all(sends).await {
         sent.unwrap();
     }
-    // A repeated id within the duplicate window is stored once.
+    // A repeated id within the duplicate window is stored once: a resend after a lost
+    // publish ack must not store the message twice (see the duplicate test below).
     sink.send(&queue, OutgoingMessage::new("again").with_message_id("m0")).await.unwrap();
 
     let source = nats.source(&queue).await.unwrap();
@@ -153,4 +154,134 @@ async fn the_consumer_stops_delivering_only_above_the_updaters_limit() {
             delivery.complete().await.unwrap();
         }
     }
+}
+
+/// What a test logs on its own thread, as text.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Ensures that a send the stream acks as a duplicate (a message id it holds within its
+/// duplicate window) succeeds, since a resend after a lost ack must, but is logged as a
+/// warning with the message id: when a publisher reused the id, that message is lost,
+/// and the warning is the only trace of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_acked_as_a_duplicate_succeeds_with_a_warning_naming_the_message_id() {
+    if !support::server_available("duplicate_warning").await {
+        return;
+    }
+    let (queue, builder) = support::unique_queue(&support::server_url(), "dup");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    nats.declare_topology().await.unwrap();
+    let sink = nats.sink();
+    sink.send(&queue, OutgoingMessage::new("first").with_message_id("reused-7")).await.unwrap();
+
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    sink.send(&queue, OutgoingMessage::new("second").with_message_id("reused-7")).await.unwrap();
+    sink.send(&queue, OutgoingMessage::new("other").with_message_id("fresh-8")).await.unwrap();
+    drop(guard);
+
+    let text = logs.text();
+    assert_eq!(text.lines().count(), 1, "one warning, for the duplicate alone: {text}");
+    assert!(text.contains("WARN") && text.contains("message_id=\"reused-7\""), "{text}");
+    assert!(text.contains("duplicate"), "{text}");
+    let source = nats.source(&queue).await.unwrap();
+    let got = source.receive(10, Duration::from_secs(2)).await.unwrap();
+    let bodies: Vec<_> = got.iter().map(|d| d.message().body.clone()).collect();
+    assert_eq!(bodies, ["first", "other"], "the stream kept the first of the two");
+}
+
+/// Ensures that two messages with the same message id, both dead-lettered within the
+/// duplicate window, are both kept in the dead-letter queue: the copy is de-duplicated
+/// on an id of its own, not on the message id it carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_sharing_a_message_id_are_each_kept() {
+    if !support::server_available("dead_letters_sharing_an_id").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "dlqid");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    nats.declare_topology().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    for body in ["first", "second"] {
+        // A new queue stream (and so a fresh duplicate window) for the second message:
+        // the id is reused, the dead-letter stream stays.
+        js.delete_stream(nats.stream_name(&queue)).await.ok();
+        nats.declare_topology().await.unwrap();
+        nats.sink().send(&queue, OutgoingMessage::new(body).with_message_id("same")).await.unwrap();
+        let source = nats.source(&queue).await.unwrap();
+        let delivery = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+        assert_eq!(delivery.message().body, body);
+        delivery.dead_letter("Poison", body).await.unwrap();
+    }
+    let dead = nats.dead_letters(&queue).await.unwrap();
+    let kept: Vec<_> =
+        dead.iter().map(|d| (d.message.id.as_str(), d.description.as_str())).collect();
+    assert_eq!(kept, [("same", "first"), ("same", "second")]);
+    assert!(dead[0].message.properties.is_empty(), "{:?}", dead[0].message.properties);
+}
+
+/// Ensures that the server's last delivery of a message (its `max_deliver`-th) is
+/// logged as a warning with the message id: the server never delivers it again, so if
+/// it is not settled now (say dead-lettering fails) it stays in the stream until an
+/// operator removes it, and the warning is how the operator learns of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_last_delivery_of_a_message_is_logged_as_a_warning() {
+    if !support::server_available("last_delivery_warning").await {
+        return;
+    }
+    let (queue, builder) = support::unique_queue(&support::server_url(), "last");
+    let nats = builder.with_max_deliveries(1).with_max_deliver(2).build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    nats.declare_topology().await.unwrap();
+    nats.sink()
+        .send(&queue, OutgoingMessage::new("b").with_message_id("stranded-1"))
+        .await
+        .unwrap();
+    let source = nats.source(&queue).await.unwrap();
+
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let first = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+    assert!(logs.text().is_empty(), "nothing to say on delivery 1 of 2: {}", logs.text());
+    first.abandon(None).await.unwrap();
+    let last = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+    drop(guard);
+    assert_eq!(last.message().delivery_count, 2);
+    let text = logs.text();
+    assert!(text.contains("WARN") && text.contains("message_id=stranded-1"), "{text}");
+    assert!(text.contains("max_deliver=2"), "{text}");
+    last.complete().await.unwrap();
 }

@@ -1,7 +1,7 @@
 //! Faults against real servers: a server that goes away mid-stream, a consumer deleted
 //! under a running source, refused credentials, and topology that exists with other
 //! settings. Servers the tests stop are private ones on free ports; the shared server
-//! only ever gets uniquely named streams, deleted afterwards.
+//! only ever gets uniquely named streams, deleted afterwards (also when a test fails).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,11 +10,21 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::stream::{self, RetentionPolicy};
 use steward_core::{ErrorKind, MessageSink, MessageSource, OutgoingMessage, error_chain};
 use steward_nats::{Credentials, NatsBuilder};
 use support::PrivateServer;
 use tokio::time::Instant;
+
+/// Deletes the streams of a test's transport when dropped, also when the test fails.
+struct Cleanup(steward_nats::Nats);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        support::delete_topologies(vec![self.0.clone()]);
+    }
+}
 
 /// Receives until `n` distinct messages arrived or `within` passed, completing each.
 async fn drain(source: &dyn MessageSource, n: usize, within: Duration) -> HashSet<String> {
@@ -77,6 +87,7 @@ async fn consumer_deleted_while_running_is_not_found_and_comes_back_with_a_new_s
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "deleted");
     let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
     nats.declare_topology().await.unwrap();
     let source = nats.source(&queue).await.unwrap();
     nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("kept")).await.unwrap();
@@ -89,7 +100,6 @@ async fn consumer_deleted_while_running_is_not_found_and_comes_back_with_a_new_s
     let reopened = nats.source(&queue).await.unwrap();
     let ids = drain(&reopened, 1, Duration::from_secs(10)).await;
     assert_eq!(ids, HashSet::from(["kept".into()]));
-    nats.delete_topology().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,6 +110,7 @@ async fn a_refused_dead_letter_copy_fails_and_leaves_the_message_redeliverable()
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "refused-dlq");
     let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
     nats.declare_topology().await.unwrap();
     nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("kept")).await.unwrap();
     let source = nats.source(&queue).await.unwrap();
@@ -111,7 +122,6 @@ async fn a_refused_dead_letter_copy_fails_and_leaves_the_message_redeliverable()
     // Not terminated: the same consumer gets it again once the lock runs out.
     let ids = drain(&source, 1, support::ACK_WAIT + Duration::from_secs(10)).await;
     assert_eq!(ids, HashSet::from(["kept".into()]));
-    nats.delete_topology().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,6 +160,7 @@ async fn a_stream_with_other_settings_stops_the_start_naming_the_setting() {
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "mismatch");
     let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     js.create_stream(stream::Config {
         name: nats.stream_name(&queue),
@@ -160,7 +171,6 @@ async fn a_stream_with_other_settings_stops_the_start_naming_the_setting() {
     .await
     .unwrap();
     let error = nats.declare_topology().await.unwrap_err();
-    nats.delete_topology().await.unwrap();
     assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
     let text = error.to_string();
     assert!(text.contains("retention") && text.contains(&nats.stream_name(&queue)), "{text}");
@@ -174,6 +184,7 @@ async fn a_consumer_with_another_ack_wait_stops_the_start_naming_the_setting() {
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "mismatch");
     let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
     nats.declare_topology().await.unwrap();
     let other = NatsBuilder::new()
         .with_url(&url)
@@ -182,7 +193,6 @@ async fn a_consumer_with_another_ack_wait_stops_the_start_naming_the_setting() {
         .build()
         .unwrap();
     let error = other.declare_topology().await.unwrap_err();
-    nats.delete_topology().await.unwrap();
     assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
     assert!(error.to_string().contains("ack_wait"), "{error}");
 }
@@ -196,4 +206,140 @@ async fn a_source_of_an_unconfigured_queue_is_not_found_before_connecting() {
     assert_eq!(error.kind(), ErrorKind::NotFound, "{}", error_chain(&error));
     let error = nats.source("jobs").await.unwrap_err();
     assert!(error.is_retryable(), "{}", error_chain(&error));
+}
+
+/// Sets one setting of a stream or consumer configuration to what steward must refuse.
+type Spoil<T> = fn(&mut T);
+
+/// Ensures that each stream setting that loses or drops messages stops the start when a
+/// stream exists with it, naming the setting: per-subject and total limits (5 sends
+/// acked, fewer stored), the discard policy, the duplicate window, and no publish acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_settings_that_lose_messages_stop_the_start_naming_the_setting() {
+    if !support::server_available("stream_settings_that_lose_messages").await {
+        return;
+    }
+    let url = support::server_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let cases: [(&str, Spoil<stream::Config>); 8] = [
+        ("max_msgs_per_subject", |c| c.max_messages_per_subject = 2),
+        ("max_msgs", |c| c.max_messages = 2),
+        ("max_bytes", |c| c.max_bytes = 1 << 20),
+        ("max_age", |c| c.max_age = Duration::from_secs(3600)),
+        ("discard", |c| c.discard = stream::DiscardPolicy::New),
+        ("duplicate_window", |c| c.duplicate_window = Duration::from_secs(1)),
+        ("no_ack", |c| c.no_ack = true),
+        ("discard_new_per_subject", |c| {
+            c.discard = stream::DiscardPolicy::New;
+            c.max_messages_per_subject = 2;
+            c.discard_new_per_subject = true;
+        }),
+    ];
+    for (setting, spoil) in cases {
+        let (queue, builder) = support::unique_queue(&url, "settings");
+        let nats = builder.build().unwrap();
+        let _cleanup = Cleanup(nats.clone());
+        let mut config = stream::Config {
+            name: nats.stream_name(&queue),
+            subjects: vec![queue.clone()],
+            retention: RetentionPolicy::WorkQueue,
+            ..Default::default()
+        };
+        spoil(&mut config);
+        js.create_stream(config).await.unwrap();
+        let error = nats.declare_topology().await.expect_err(setting);
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{setting}: {}", error_chain(&error));
+        let text = error.to_string();
+        let expected = if setting == "discard_new_per_subject" { "discard" } else { setting };
+        assert!(text.contains(&format!(" {expected} = ")), "{setting}: {text}");
+        assert!(text.contains(&nats.stream_name(&queue)), "{setting}: {text}");
+    }
+}
+
+/// Ensures that a consumer delivering headers only (the body is lost) or with a
+/// redelivery backoff (which overrides `ack_wait`, the lock) stops the start, naming the
+/// setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_settings_that_lose_bodies_or_the_lock_stop_the_start_naming_the_setting() {
+    if !support::server_available("consumer_settings").await {
+        return;
+    }
+    let url = support::server_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let cases: [(&str, Spoil<pull::Config>); 2] = [
+        ("headers_only", |c| c.headers_only = true),
+        ("backoff", |c| c.backoff = vec![Duration::from_secs(1), Duration::from_secs(2)]),
+    ];
+    for (setting, spoil) in cases {
+        let (queue, builder) = support::unique_queue(&url, "consumer");
+        let nats = builder.build().unwrap();
+        let _cleanup = Cleanup(nats.clone());
+        let publisher =
+            NatsBuilder::new().with_url(&url).with_publish_queue(&queue).build().unwrap();
+        publisher.declare_topology().await.unwrap();
+        let stream = js.get_stream(nats.stream_name(&queue)).await.unwrap();
+        let mut config = pull::Config {
+            durable_name: Some(steward_nats::CONSUMER_NAME.to_owned()),
+            filter_subject: queue.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: support::ACK_WAIT,
+            max_deliver: 20,
+            ..Default::default()
+        };
+        spoil(&mut config);
+        stream.create_consumer(config).await.unwrap();
+        let error = nats.declare_topology().await.expect_err(setting);
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{setting}: {}", error_chain(&error));
+        let text = error.to_string();
+        assert!(text.contains(&format!(" {setting} = ")), "{setting}: {text}");
+    }
+}
+
+/// Ensures that settlements and renewals wait for the server's confirmation: with the
+/// server gone, a renewal does not report a lock the server never extended, and an
+/// abandon or dead-letter's `+TERM` does not report success; each fails retryably within
+/// the request timeout, leaving the local lock where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_and_settlements_without_the_server_fail_instead_of_reporting_success() {
+    let Some(mut server) = PrivateServer::start("unconfirmed_settlements", &[]).await else {
+        return;
+    };
+    let (queue, builder) = support::unique_queue(&server.url(), "unconfirmed");
+    let nats = builder
+        .with_ack_wait(Duration::from_secs(30))
+        .with_request_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    nats.declare_topology().await.unwrap();
+    for i in 0..2 {
+        nats.sink()
+            .send(&queue, OutgoingMessage::new("b").with_message_id(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let source = nats.source(&queue).await.unwrap();
+    let mut held = drain_held(&source, 2).await;
+    server.kill();
+
+    let before = held[0].locked_until();
+    let started = Instant::now();
+    let renewed = held[0].renew_lock().await;
+    let error = renewed.expect_err("a renewal the server never confirmed");
+    assert!(error.is_retryable(), "{}", error_chain(&error));
+    assert_eq!(held[0].locked_until(), before, "the local lock was not extended");
+    let error =
+        held.remove(1).abandon(None).await.expect_err("an abandon the server never confirmed");
+    assert!(error.is_retryable(), "{}", error_chain(&error));
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by the request timeout");
+}
+
+/// Receives `n` messages without settling them.
+async fn drain_held(source: &dyn MessageSource, n: usize) -> Vec<steward_core::Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::new();
+    while held.len() < n && Instant::now() < deadline {
+        held.extend(source.receive(n - held.len(), Duration::from_millis(500)).await.unwrap());
+    }
+    assert_eq!(held.len(), n);
+    held
 }

@@ -522,11 +522,11 @@ pub async fn create_operation(
     }
     let message =
         resource_request_message(context.resource_request_queue, &to_send, &operation, first)?;
-    let message_id = tx.insert_outbox(message).await?;
+    let message_id = tx.insert_outbox_message(message).await?;
     // The operation is stored after its first request, so the step records the request's
     // message id without a second write (the replay marker of DESIGN §5).
     if let Some(first) = operation.steps.as_mut().and_then(|steps| steps.first_mut()) {
-        first.resource_request_message_id = Some(message_id.to_string());
+        first.resource_request_message_id = Some(message_id);
     }
     let operation = tx.insert_operation(&operation).await?;
     tracing::info!(

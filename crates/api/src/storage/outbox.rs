@@ -22,7 +22,8 @@ pub struct OutboxMessage {
     /// The subject (label), if any: sent as the `subject` property.
     pub subject: Option<String>,
     /// The message: its body (text), session id, correlation id, content type and
-    /// properties. Its message id is not kept: the row id becomes the message id.
+    /// properties. Its message id is not kept: the row gets one of its own (see
+    /// [`OutboxRecord::message_id`]).
     pub outgoing: OutgoingMessage,
 }
 
@@ -82,8 +83,11 @@ impl OutboxMessage {
 /// An outbox row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRecord {
-    /// The row id; also the broker message id, so consumers can drop duplicates.
+    /// The row id; the start of the broker message id.
     pub id: i64,
+    /// The random key written with the row, the end of the broker message id; `None`
+    /// for rows written before keys were.
+    pub message_key: Option<String>,
     /// The message.
     pub message: OutboxMessage,
     /// When it was written, in milliseconds since the epoch.
@@ -99,10 +103,22 @@ pub struct OutboxRecord {
 }
 
 impl OutboxRecord {
-    /// The broker message id: the row id as text.
+    /// The broker message id, `<id>-<message_key>`: the same on every send of this
+    /// row, so a broker or consumer drops a resend, and unlike any other database's
+    /// (row ids alone repeat across databases: a fresh or restored one numbers from
+    /// where it starts, and a broker de-duplicating by id would drop its messages). A
+    /// row written before keys were has its row id alone.
     #[must_use]
     pub fn message_id(&self) -> String {
-        self.id.to_string()
+        message_id(self.id, self.message_key.as_deref())
+    }
+}
+
+/// The broker message id of row `id` with key `key`.
+fn message_id(id: i64, key: Option<&str>) -> String {
+    match key {
+        Some(key) => format!("{id}-{key}"),
+        None => id.to_string(),
     }
 }
 
@@ -113,6 +129,7 @@ fn from_row(row: &AnyRow) -> Result<OutboxRecord, StoreError> {
         .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &id.to_string(), error))?;
     Ok(OutboxRecord {
         id,
+        message_key: row.try_get("message_key")?,
         message: OutboxMessage {
             queue: row.try_get("queue")?,
             aggregate_id: row.try_get("aggregate_id")?,
@@ -135,7 +152,8 @@ fn from_row(row: &AnyRow) -> Result<OutboxRecord, StoreError> {
 
 impl Tx {
     /// Writes a message to the outbox; it is published after this transaction commits
-    /// (and never if it rolls back). Returns the row id, which becomes the message id.
+    /// (and never if it rolls back). Returns the row id; the message id is
+    /// [`insert_outbox_message`](Self::insert_outbox_message)'s.
     ///
     /// # Errors
     ///
@@ -145,14 +163,40 @@ impl Tx {
     ///
     /// Cancel safe: the transaction is rolled back when dropped.
     pub async fn insert_outbox(&mut self, message: OutboxMessage) -> Result<i64, StoreError> {
+        Ok(self.insert_outbox_row(message).await?.0)
+    }
+
+    /// Like [`insert_outbox`](Self::insert_outbox), returning the broker message id
+    /// the message will be sent with ([`OutboxRecord::message_id`]).
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn insert_outbox_message(
+        &mut self,
+        message: OutboxMessage,
+    ) -> Result<String, StoreError> {
+        let (id, key) = self.insert_outbox_row(message).await?;
+        Ok(message_id(id, Some(&key)))
+    }
+
+    async fn insert_outbox_row(
+        &mut self,
+        message: OutboxMessage,
+    ) -> Result<(i64, String), StoreError> {
         let OutboxMessage { queue, aggregate_id, subject, outgoing: message } = message;
         let properties = serde_json::to_string(&message.properties)
             .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &aggregate_id, error))?;
         let now = millis(self.now());
+        let key = uuid::Uuid::new_v4().simple().to_string();
         let row = sqlx::query(
             "INSERT INTO outbox (queue, aggregate_id, body, session_id, correlation_id, content_type, subject, \
-             properties, created_at, available_at, attempts) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0) RETURNING id",
+             properties, created_at, available_at, attempts, message_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11) RETURNING id",
         )
         .bind(queue)
         .bind(aggregate_id)
@@ -164,10 +208,11 @@ impl Tx {
         .bind(properties)
         .bind(now)
         .bind(now)
+        .bind(&key)
         .fetch_one(self.conn())
         .await?;
         self.wrote_outbox = true;
-        Ok(row.try_get("id")?)
+        Ok((row.try_get("id")?, key))
     }
 }
 
@@ -182,13 +227,10 @@ impl Store {
     ///
     /// Cancel safe.
     pub async fn outbox_messages(&self, limit: u64) -> Result<Vec<OutboxRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, queue, aggregate_id, body, session_id, correlation_id, content_type, subject, properties, \
-             created_at, attempts, lease_owner, lease_until, last_error FROM outbox ORDER BY id LIMIT $1",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(self.reader())
-        .await?;
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM outbox ORDER BY id LIMIT $1"))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.reader())
+            .await?;
         rows.iter().map(from_row).collect()
     }
 
@@ -209,7 +251,7 @@ impl Store {
 
 /// The columns of an outbox row, in the order [`from_row`] reads them.
 const COLUMNS: &str = "id, queue, aggregate_id, body, session_id, correlation_id, content_type, subject, \
-                       properties, created_at, attempts, lease_owner, lease_until, last_error";
+                       properties, created_at, attempts, lease_owner, lease_until, last_error, message_key";
 
 impl Store {
     /// Claims up to `limit` outbox rows for `owner` until `lease_until_ms`: rows due by

@@ -3,7 +3,8 @@
 //!
 //! A crash between a commit and the send loses nothing: the row is still there, and a
 //! worker (this one after a restart, or another replica's) sends it. Consumers see each
-//! message at least once, with the row id as its message id so they can drop
+//! message at least once, with the row's message id (the row id and a random key
+//! written with the row, so no other database's row has it) so they can drop
 //! duplicates.
 
 use std::sync::Arc;
@@ -263,9 +264,10 @@ impl OutboxWorker {
         lease_until: i64,
     ) -> Result<Published, WorkerError> {
         let id = record.id;
+        let message_id = record.message_id();
         let queue = record.message.queue.clone();
         let Some(limit) = self.send_limit(ctx, lease_until) else {
-            tracing::debug!(queue = %queue, message_id = id, "lease nearly over; leaving the row for the next claim");
+            tracing::debug!(queue = %queue, message_id = %message_id, "lease nearly over; leaving the row for the next claim");
             return Ok(Published::Skipped);
         };
         let message = outgoing(&record);
@@ -275,7 +277,7 @@ impl OutboxWorker {
         };
         match sent {
             Ok(()) => {
-                tracing::debug!(queue = %queue, message_id = id, aggregate = %record.message.aggregate_id, "published");
+                tracing::debug!(queue = %queue, message_id = %message_id, aggregate = %record.message.aggregate_id, "published");
                 self.store.delete_outbox(id).await.map_err(unavailable)?;
                 Ok(Published::Sent)
             }
@@ -284,7 +286,7 @@ impl OutboxWorker {
                 let delay = self.config.retry_backoff.delay(attempts);
                 tracing::warn!(
                     queue = %queue,
-                    message_id = id,
+                    message_id = %message_id,
                     attempts = attempts + 1,
                     retry_in = ?delay,
                     error = %error,
@@ -354,7 +356,7 @@ impl OutboxWorker {
     }
 }
 
-/// The broker message for an outbox row: the row id as message id.
+/// The broker message for an outbox row, with the row's message id.
 fn outgoing(record: &OutboxRecord) -> OutgoingMessage {
     let mut outgoing = record.message.outgoing.clone().with_message_id(record.message_id());
     if let Some(subject) = &record.message.subject {
@@ -415,6 +417,7 @@ mod tests {
     fn outgoing_message_carries_row_id_and_headers() {
         let record = OutboxRecord {
             id: 42,
+            message_key: Some("k1".to_owned()),
             message: OutboxMessage::json("workspacequeue", &serde_json::json!({"a": 1}), "r-1")
                 .expect("serializable")
                 .with_session_id("r-1")
@@ -427,7 +430,7 @@ mod tests {
             last_error: None,
         };
         let out = outgoing(&record);
-        assert_eq!(out.message_id.as_deref(), Some("42"));
+        assert_eq!(out.message_id.as_deref(), Some("42-k1"));
         assert_eq!(out.session_id.as_deref(), Some("r-1"));
         assert_eq!(out.correlation_id.as_deref(), Some("op-1"));
         assert_eq!(out.content_type.as_deref(), Some("application/json"));

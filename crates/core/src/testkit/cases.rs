@@ -212,6 +212,33 @@ pub async fn receive_returns_message_sent_while_waiting(factory: &dyn TransportF
     }
 }
 
+/// `receive(10, 20 s)` with one message available returns it promptly: a receive does
+/// not hold messages it has until `max` arrived or `wait` ran out (a message held for
+/// the whole wait would spend its lock waiting).
+pub async fn receive_returns_early_when_fewer_than_max_messages_are_available(
+    factory: &dyn TransportFactory,
+) {
+    const CASE: &str = "receive_returns_early_when_fewer_than_max_messages_are_available";
+    let fx = Fixture::new(CASE, factory).await;
+    fx.send_text("alone").await;
+    let source = fx.source().await;
+    let wait = Duration::from_secs(20);
+    let started = Instant::now();
+    let got = timeout(wait + Duration::from_secs(5), source.receive(10, wait)).await;
+    let elapsed = started.elapsed();
+    let got = got.unwrap_or_else(|_| panic!("{CASE}: receive did not return within wait + 5 s"));
+    let got = ok(CASE, "receive", got);
+    let ids: Vec<_> = got.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(ids, ["alone"], "{CASE}: the one message available");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "{CASE}: receive held the message it had for {elapsed:?}, waiting for more (wait {wait:?})"
+    );
+    for delivery in got {
+        settle(CASE, "complete", delivery.complete()).await;
+    }
+}
+
 /// `receive(max)` never returns more than `max` messages, and repeated receives get
 /// every message.
 pub async fn receive_never_returns_more_than_max(factory: &dyn TransportFactory) {

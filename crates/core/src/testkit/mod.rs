@@ -278,6 +278,7 @@ pub const CASES: &[Case] = &[
     row!(send_binary_body_round_trips, [cap(BinaryBody)]),
     row!(receive_on_empty_queue_returns_empty_after_wait, []),
     row!(receive_returns_message_sent_while_waiting, []),
+    row!(receive_returns_early_when_fewer_than_max_messages_are_available, []),
     row!(receive_never_returns_more_than_max, []),
     row!(complete_removes_message, []),
     row!(abandon_redelivers_with_incremented_count, []),

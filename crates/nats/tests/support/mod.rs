@@ -63,6 +63,12 @@ pub async fn delete_dead_letter_stream(url: &str, nats: &Nats, queue: &str) {
     js.delete_stream(nats.dead_letter_stream_name(queue)).await.unwrap();
 }
 
+/// The `nats-server` program private servers run: `STEWARD_NATS_SERVER`, else the one on
+/// the `PATH`.
+pub fn server_program() -> String {
+    std::env::var("STEWARD_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned())
+}
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -80,14 +86,15 @@ pub struct PrivateServer {
 
 impl PrivateServer {
     /// Starts a server with `extra` arguments (say `--user u --pass p`), or returns
-    /// `None` (after printing why) when `nats-server` is not installed and CI is unset.
+    /// `None` (after printing why) when [`server_program`] is not installed and CI is unset.
     pub async fn start(test: &str, extra: &[&str]) -> Option<Self> {
-        if Command::new("nats-server").arg("--version").output().is_err() {
+        let program = server_program();
+        if Command::new(&program).arg("--version").output().is_err() {
             assert!(
                 !std::env::var("CI").is_ok_and(|ci| ci == "true"),
-                "{test}: nats-server is not installed and CI=true"
+                "{test}: {program} is not installed and CI=true"
             );
-            eprintln!("skipped {test}: nats-server is not installed");
+            eprintln!("skipped {test}: {program} is not installed");
             return None;
         }
         let mut server = Self {
@@ -106,7 +113,7 @@ impl PrivateServer {
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new("nats-server")
+        let child = Command::new(server_program())
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-sd")
             .arg(self.store.path())

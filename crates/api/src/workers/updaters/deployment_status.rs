@@ -93,7 +93,7 @@ enum Handled {
 #[derive(Debug)]
 enum NextStep {
     /// Its resource request is in the outbox.
-    Requested { template_step_id: String, action: String, message_id: i64 },
+    Requested { template_step_id: String, action: String, message_id: String },
     /// Preparing it failed; it is `updating_failed` and the operation failed.
     Failed { template_step_id: String, error: OperationError },
 }
@@ -225,7 +225,7 @@ impl DeploymentStatusHandler {
             Ok(message_id) => {
                 tx.release_savepoint(NEXT_STEP_SAVEPOINT).await?;
                 if let Some(step) = step_mut(operation, index) {
-                    step.resource_request_message_id = Some(message_id.to_string());
+                    step.resource_request_message_id = Some(message_id.clone());
                 }
                 Ok(NextStep::Requested { template_step_id, action, message_id })
             }
@@ -258,7 +258,7 @@ impl DeploymentStatusHandler {
         tx: &mut Tx,
         operation: &Operation,
         index: usize,
-    ) -> Result<i64, OperationError> {
+    ) -> Result<String, OperationError> {
         let step = &operation.steps()[index];
         let incomplete = |field| OperationError::IncompleteStep { step_id: step.id.clone(), field };
         let source_id = step
@@ -282,7 +282,7 @@ impl DeploymentStatusHandler {
         .await?;
         let message =
             resource_request_message(&self.resource_request_queue, &to_send, operation, step)?;
-        Ok(tx.insert_outbox(message).await?)
+        Ok(tx.insert_outbox_message(message).await?)
     }
 
     /// The outcome of a handled update, logged.
@@ -310,7 +310,7 @@ impl DeploymentStatusHandler {
                     Some(NextStep::Requested { template_step_id, action, message_id }) => {
                         // TRE log string: verbatim
                         tracing::info!(
-                            next_step_message_id = message_id,
+                            next_step_message_id = %message_id,
                             "{}",
                             tre::sending_next_step(&template_step_id, &action)
                         );
