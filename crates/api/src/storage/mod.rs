@@ -47,7 +47,7 @@ pub use airlock::AirlockRequestFilter;
 pub use database::{Database, NotReady};
 pub use error::{Entity, StoreError};
 pub use outbox::{OutboxMessage, OutboxRecord};
-pub use resources::ResourceFilter;
+pub use resources::{ResourceFilter, StatusWrite};
 
 /// The database behind a [`Store`], chosen by the URL scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
