@@ -14,7 +14,7 @@ use super::{OpenTransport, Topology, Transport};
 #[group(skip)]
 pub(super) struct Settings {
     /// The NATS server URL (transport `nats`).
-    #[arg(long, env = "STEWARD_NATS_URL", default_value = steward_nats::DEFAULT_URL)]
+    #[arg(long, env = "STEWARD_NATS_URL", default_value = steward_nats::DEFAULT_URL, hide_env_values = true)]
     nats_url: String,
     /// The NATS user, with `STEWARD_NATS_PASSWORD` (transport `nats`).
     #[arg(long, env = "STEWARD_NATS_USER")]
