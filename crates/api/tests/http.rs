@@ -235,7 +235,9 @@ async fn openapi_lists_exactly_the_served_routes() {
 }
 
 /// Ensures that the request examples of the OpenAPI document are valid against the
-/// shipped templates: the resource example installs.
+/// shipped templates: the resource example installs, and the update example is accepted
+/// once the install has finished; while it runs, the update is refused with 409 naming
+/// the running operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_examples_are_valid_requests() {
     let app = app(None, None).await;
@@ -250,9 +252,15 @@ async fn openapi_examples_are_valid_requests() {
         assert!(schemas[name]["example"].is_object(), "{name} has an example");
     }
     let update = schemas["UpdateResource"]["example"].clone();
-    let (status, body) =
-        call(&app.router, request("PATCH", &format!("/api/resources/{id}"), Some(update))).await;
-    // The workspace is still awaiting deployment, but the body itself is accepted.
+    let patch = || request("PATCH", &format!("/api/resources/{id}"), Some(update.clone()));
+    // The install is still in progress: a second operation waits for it.
+    let install_id = body["operation"]["id"].as_str().unwrap().to_owned();
+    let (status, refused) = call(&app.router, patch()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["error"], "operation_in_progress");
+    assert!(refused["detail"].as_str().unwrap().contains(&install_id), "{refused}");
+    support::set_status(&app._db.store, &id, steward_api::domain::Status::Deployed).await;
+    let (status, body) = call(&app.router, patch()).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
 

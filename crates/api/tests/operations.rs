@@ -23,6 +23,17 @@ use support::{
 mod cases {
     use super::*;
 
+    /// Gives an operation a final status, as the resource processor's last report would.
+    async fn finish_operation(
+        tx: &mut steward_api::storage::Tx,
+        operation: &Operation,
+        status: Status,
+    ) {
+        let mut stored = tx.read().operation(&operation.id).await.unwrap();
+        stored.status = status;
+        tx.replace_operation(&stored).await.unwrap();
+    }
+
     pub(super) async fn install(
         store: &Store,
         registry: &TemplateRegistry,
@@ -416,6 +427,7 @@ mod cases {
         vm.properties.insert("ip_address".to_owned(), json!("10.1.2.3"));
         vm.deployment_status = Some(Status::Deployed);
         tx.replace_resource(&vm).await.unwrap();
+        finish_operation(&mut tx, &created.operation, Status::Deployed).await;
         let post = &created.operation.steps()[2];
         let fw_id = post.resource_id.clone().unwrap();
         let to_send = pipelines::update_resource_for_step(
@@ -566,6 +578,7 @@ mod cases {
         let svc = guacamole(store, &registry, &ws).await;
         firewall(store, &registry).await;
         let vm = install(store, &registry, linuxvm_request(&ws, &svc)).await.unwrap().resource;
+        set_status(store, &vm.id, Status::Deployed).await;
         let context = OperationContext::new(&registry);
         let mut tx = store.begin().await.unwrap();
         let started =

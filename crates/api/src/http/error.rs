@@ -182,6 +182,11 @@ impl From<OperationError> for ApiError {
     fn from(error: OperationError) -> Self {
         match error {
             OperationError::Store(store) => store.into(),
+            in_progress @ OperationError::OperationInProgress { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "operation_in_progress",
+                in_progress.to_string(),
+            ),
             other if other.is_client_error() => {
                 ApiError::bad_request(steward_core::error_chain(&other))
             }

@@ -88,6 +88,21 @@ pub enum OperationError {
         /// The resource id.
         id: String,
     },
+    /// Another operation on the same resource is not finished yet.
+    #[error(
+        "resource {resource_id} has an operation in progress: {operation_id} ({action}, {status}); \
+         try again when it has finished"
+    )]
+    OperationInProgress {
+        /// The resource id.
+        resource_id: String,
+        /// The running operation.
+        operation_id: String,
+        /// Its action.
+        action: String,
+        /// Its status.
+        status: Status,
+    },
     /// The template has no such custom action.
     #[error("template {template} has no action {action:?}")]
     ActionNotAvailable {
@@ -137,6 +152,7 @@ impl OperationError {
             | OperationError::InvalidParent { .. }
             | OperationError::MissingPrerequisite { .. }
             | OperationError::ResourceDeleted { .. }
+            | OperationError::OperationInProgress { .. }
             | OperationError::ActionNotAvailable { .. } => true,
             OperationError::Store(error) => error.is_not_found() || error.is_etag_mismatch(),
             _ => false,
@@ -165,6 +181,25 @@ impl From<PropertyError> for OperationError {
 impl From<SubstitutionError> for OperationError {
     fn from(error: SubstitutionError) -> Self {
         OperationError::Substitution(error)
+    }
+}
+
+/// Refuses a new operation on `resource_id` while another operation whose own resource
+/// it is has not finished. Pipeline steps of other operations that act on it (a user
+/// resource's steps on the shared firewall) do not count: their operations belong to
+/// other resources.
+async fn ensure_no_operation_in_progress(
+    tx: &mut Tx,
+    resource_id: &str,
+) -> Result<(), OperationError> {
+    match tx.operation_in_progress(resource_id).await? {
+        Some(running) => Err(OperationError::OperationInProgress {
+            resource_id: resource_id.to_owned(),
+            operation_id: running.id,
+            action: running.action,
+            status: running.status,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -365,6 +400,7 @@ pub async fn upgrade_resource(
     if current.is_deleted() {
         return Err(OperationError::ResourceDeleted { id: id.to_owned() });
     }
+    ensure_no_operation_in_progress(tx, id).await?;
     if let Some(expected) = expected_etag
         && expected != current.etag
     {
@@ -406,6 +442,7 @@ pub async fn uninstall_resource(
     if current.is_deleted() {
         return Err(OperationError::ResourceDeleted { id: id.to_owned() });
     }
+    ensure_no_operation_in_progress(tx, id).await?;
     create_operation(tx, context, &current, action::UNINSTALL, user, cascade).await
 }
 
@@ -437,6 +474,7 @@ pub async fn invoke_action(
             action: custom_action.to_owned(),
         });
     }
+    ensure_no_operation_in_progress(tx, id).await?;
     create_operation(tx, context, &current, custom_action, user, false).await
 }
 

@@ -48,7 +48,12 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// The database: `sqlite://steward.db?mode=rwc` or `postgres://user@host/db`.
-    #[arg(long, env = "STEWARD_DATABASE_URL", default_value = "sqlite://steward.db?mode=rwc")]
+    #[arg(
+        long,
+        env = "STEWARD_DATABASE_URL",
+        default_value = "sqlite://steward.db?mode=rwc",
+        hide_env_values = true
+    )]
     pub database_url: String,
 
     /// The settings of each compiled-in transport.
@@ -316,9 +321,41 @@ impl Config {
     }
 }
 
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+/// `scheme://user:secret@host/…?password=secret` → `scheme://user:***@host/…?password=***`:
+/// the userinfo password and the value of every query parameter whose name looks secret
+/// ([`is_secret_parameter`]) are hidden.
 #[must_use]
 pub(super) fn redact_url(url: &str) -> String {
+    let (url, query) = url.split_once('?').map_or((url, None), |(u, q)| (u, Some(q)));
+    let base = redact_userinfo(url);
+    match query {
+        Some(query) => {
+            let query = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if is_secret_parameter(name) => format!("{name}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("&");
+            format!("{base}?{query}")
+        }
+        None => base,
+    }
+}
+
+/// Whether a URL query parameter carries a secret: its name (case-insensitive) contains
+/// `pass`, `pwd`, `secret`, `token`, `key`, `sig` or `credential` (`password`,
+/// `sslpassword`, `access_token`, `SharedAccessKey`, `sig`, `client_secret`, …).
+fn is_secret_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token", "key", "sig", "credential"]
+        .iter()
+        .any(|secret| name.contains(secret))
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
     let authority = match authority.rsplit_once('@') {
@@ -337,6 +374,61 @@ pub(super) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ensures that secrets in a URL's query are hidden too, whatever the parameter's
+    /// case, and that other parameters stay readable.
+    #[test]
+    fn query_secrets_are_hidden_in_logged_urls() {
+        let cases = [
+            (
+                "postgres://db/tre?user=app&password=s3cret&sslmode=require",
+                "postgres://db/tre?user=app&password=***&sslmode=require",
+            ),
+            ("postgres://db/tre?sslpassword=k3y", "postgres://db/tre?sslpassword=***"),
+            (
+                "amqps://host/vh?token=t0k&SharedAccessKey=abc=&sig=x%2By",
+                "amqps://host/vh?token=***&SharedAccessKey=***&sig=***",
+            ),
+            (
+                "https://idp/x?client_secret=c&apiKey=a",
+                "https://idp/x?client_secret=***&apiKey=***",
+            ),
+            ("postgres://app:pw@db/tre?Password=p", "postgres://app:***@db/tre?Password=***"),
+            ("sqlite://steward.db?mode=rwc", "sqlite://steward.db?mode=rwc"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(redact_url(url), expected, "{url}");
+            assert!(
+                !format!(
+                    "{:?}",
+                    Config::try_parse_from(["steward-api", "--database-url", url]).unwrap()
+                )
+                .contains("s3cret")
+            );
+        }
+    }
+
+    /// Ensures that `--help` never prints the environment's value of a secret setting:
+    /// every argument that may hold a password, token or key hides its env value.
+    #[test]
+    fn help_hides_the_env_values_of_secrets() {
+        use clap::CommandFactory;
+        let command = Config::command();
+        let mut secret_ids = vec!["database_url", "api_token", "proxy_secret"];
+        #[cfg(feature = "rabbitmq")]
+        secret_ids.push("rabbitmq_url");
+        #[cfg(feature = "nats")]
+        secret_ids.extend(["nats_url", "nats_password", "nats_token"]);
+        #[cfg(feature = "servicebus")]
+        secret_ids.push("service_bus_sas_key");
+        for id in secret_ids {
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == id)
+                .unwrap_or_else(|| panic!("no argument {id}"));
+            assert!(arg.is_hide_env_values_set(), "{id} shows its env value in --help");
+        }
+    }
 
     #[test]
     fn passwords_are_hidden_in_logged_urls() {

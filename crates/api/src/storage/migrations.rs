@@ -27,6 +27,11 @@ pub(crate) const MIGRATIONS: &[(&str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0003_outbox_message_key.sql"),
         include_str!("../../migrations/postgres/0003_outbox_message_key.sql"),
     ),
+    (
+        "0004_status_order.sql",
+        include_str!("../../migrations/sqlite/0004_status_order.sql"),
+        include_str!("../../migrations/postgres/0004_status_order.sql"),
+    ),
 ];
 
 /// The migrations of one backend, as a source sqlx's `Migrator` reads.

@@ -47,7 +47,7 @@ pub use airlock::AirlockRequestFilter;
 pub use database::{Database, NotReady};
 pub use error::{Entity, StoreError};
 pub use outbox::{OutboxMessage, OutboxRecord};
-pub use resources::ResourceFilter;
+pub use resources::{ResourceFilter, StatusWrite};
 
 named_enum! {
     /// The database behind a [`Store`], chosen by the URL scheme.
@@ -216,7 +216,11 @@ impl Store {
     pub fn connect_lazy(options: StoreOptions) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(&options.url)?;
-        let connect_options = AnyConnectOptions::from_str(&options.url)
+        let url = match backend {
+            Backend::Sqlite => sqlite_create_by_default(&options.url),
+            Backend::Postgres => options.url.clone(),
+        };
+        let connect_options = AnyConnectOptions::from_str(&url)
             .map_err(|error| StoreError::InvalidUrl { message: error.to_string() })?;
         let pool_options = || {
             AnyPoolOptions::new()
@@ -551,9 +555,45 @@ impl Tx {
 
 /// POSIX seconds as whole milliseconds, the unit of the time columns.
 #[must_use]
+/// A SQLite URL with no `mode` parameter gets `mode=rwc`, so a missing database file is
+/// created (as with the default URL) rather than leaving the service unready with
+/// "unable to open database file"; an explicit `mode` (`ro`, `rw`, …) is kept.
+fn sqlite_create_by_default(url: &str) -> String {
+    let query = url.split_once('?').map(|(_, query)| query);
+    let has_mode = query.is_some_and(|query| {
+        query.split('&').any(|pair| pair.split('=').next().is_some_and(|key| key == "mode"))
+    });
+    match query {
+        _ if has_mode => url.to_owned(),
+        Some("") => format!("{url}mode=rwc"),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
+    }
+}
+
 pub(crate) fn millis(seconds: f64) -> i64 {
     // Saturating float-to-int conversion; times are far inside the i64 range.
     #[allow(clippy::cast_possible_truncation)]
     let millis = (seconds * 1000.0).round() as i64;
     millis
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_create_by_default;
+
+    #[test]
+    fn a_sqlite_url_without_mode_gets_rwc_and_an_explicit_mode_is_kept() {
+        let cases = [
+            ("sqlite://steward.db", "sqlite://steward.db?mode=rwc"),
+            ("sqlite://steward.db?", "sqlite://steward.db?mode=rwc"),
+            ("sqlite://a.db?cache=shared", "sqlite://a.db?cache=shared&mode=rwc"),
+            ("sqlite://a.db?mode=ro", "sqlite://a.db?mode=ro"),
+            ("sqlite://a.db?cache=shared&mode=rw", "sqlite://a.db?cache=shared&mode=rw"),
+            ("sqlite://a.db?xmode=ro", "sqlite://a.db?xmode=ro&mode=rwc"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(sqlite_create_by_default(url), expected, "{url}");
+        }
+    }
 }

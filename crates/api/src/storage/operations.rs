@@ -5,7 +5,7 @@ use sqlx::{Any, Executor};
 use super::document::{fetch, fetch_all, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
-use crate::domain::Operation;
+use crate::domain::{Operation, Status};
 use crate::storage::millis;
 
 async fn for_resource<'c, E: Executor<'c, Database = Any>>(
@@ -19,6 +19,47 @@ async fn for_resource<'c, E: Executor<'c, Database = Any>>(
 impl Store {}
 
 impl Tx {
+    /// The oldest operation whose own resource is `resource_id` and that is not finished
+    /// (its status is neither a success nor a failure), if there is one.
+    ///
+    /// On PostgreSQL the resource's row is locked first (`FOR UPDATE`) until the
+    /// transaction ends, so two transactions that check and then create an operation on
+    /// the same resource run one after the other; SQLite's transactions are serialised
+    /// already.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn operation_in_progress(
+        &mut self,
+        resource_id: &str,
+    ) -> Result<Option<Operation>, StoreError> {
+        if self.store().backend() == super::Backend::Postgres {
+            sqlx::query("SELECT id FROM resources WHERE id = $1 FOR UPDATE")
+                .bind(resource_id.to_owned())
+                .fetch_optional(self.conn())
+                .await?;
+        }
+        let finished = Status::ALL
+            .into_iter()
+            .filter(|status| status.is_terminal())
+            .map(|status| format!("'{}'", status.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let row = sqlx::query(&format!(
+            "SELECT id, etag, doc FROM operations WHERE resource_id = $1 AND status NOT IN ({finished}) \
+             ORDER BY created_at, id LIMIT 1"
+        ))
+        .bind(resource_id.to_owned())
+        .fetch_optional(self.conn())
+        .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
     /// Inserts a new operation with a fresh etag and returns it as stored.
     ///
     /// # Errors

@@ -10,7 +10,7 @@ use super::document::{Listing, fetch, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::new_id;
-use crate::domain::{Resource, ResourcePatch, ResourceType, Status, User};
+use crate::domain::{Properties, Resource, ResourcePatch, ResourceType, Status, User};
 use crate::storage::millis;
 
 const COLUMNS: &str = "id, etag, doc";
@@ -30,6 +30,21 @@ fn bind_changing_columns<'q>(
         .bind(stored.parent_workspace_service_id().map(str::to_owned))
         .bind(stored.etag.clone())
 }
+
+/// What [`Tx::set_resource_status`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusWrite {
+    /// The status (and outputs) were written.
+    Written,
+    /// A newer operation already wrote the resource's status: nothing was written.
+    Superseded {
+        /// The creation time (ms) of the operation that wrote the current status.
+        by_operation_created_at: i64,
+    },
+}
+
+/// How many times [`Tx::set_resource_status`] retries a lost etag race.
+const STATUS_WRITE_RETRIES: u32 = 3;
 
 /// Which resources to list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -260,6 +275,69 @@ impl Tx {
                     tracing::debug!(resource_id = id, attempt, "etag mismatch, retrying the patch");
                 }
                 other => return other.map_err(E::from),
+            }
+        }
+    }
+
+    /// Sets a resource's `deploymentStatus` for an operation created at
+    /// `operation_created_at` (ms), and merges `outputs` into its properties (overwriting,
+    /// as `dict.update`), retrying a lost etag race.
+    ///
+    /// The write is guarded by operation order: if an operation created later already
+    /// wrote the resource's status, nothing is written and
+    /// [`StatusWrite::Superseded`] is returned, so a late message of an older operation
+    /// (a delayed `deployed` after a newer uninstall's `deleted`) cannot bring the
+    /// resource back. Operations created in the same millisecond both write.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] if the resource does not exist, the last
+    /// [`StoreError::EtagMismatch`] after the retries, or the database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the transaction is rolled back when dropped.
+    pub async fn set_resource_status(
+        &mut self,
+        id: &str,
+        status: Status,
+        outputs: Option<&Properties>,
+        operation_created_at: i64,
+    ) -> Result<StatusWrite, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let row =
+                sqlx::query("SELECT status_operation_created_at FROM resources WHERE id = $1")
+                    .bind(id.to_owned())
+                    .fetch_optional(self.conn())
+                    .await?
+                    .ok_or_else(|| StoreError::not_found(Entity::Resource, id))?;
+            let written_by: Option<i64> = sqlx::Row::try_get(&row, 0)?;
+            if let Some(newer) = written_by.filter(|&newer| newer > operation_created_at) {
+                return Ok(StatusWrite::Superseded { by_operation_created_at: newer });
+            }
+            let mut resource = self.read().resource(id).await?;
+            resource.deployment_status = Some(status);
+            if let Some(outputs) = outputs {
+                for (name, value) in outputs {
+                    resource.properties.insert(name.clone(), value.clone());
+                }
+            }
+            match self.replace_resource(&resource).await {
+                Ok(_) => {
+                    sqlx::query(
+                        "UPDATE resources SET status_operation_created_at = $1 WHERE id = $2",
+                    )
+                    .bind(operation_created_at)
+                    .bind(id.to_owned())
+                    .execute(self.conn())
+                    .await?;
+                    return Ok(StatusWrite::Written);
+                }
+                Err(error) if error.is_etag_mismatch() && attempt < STATUS_WRITE_RETRIES => {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
             }
         }
     }

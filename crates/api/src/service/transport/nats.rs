@@ -10,7 +10,7 @@ use steward_nats::{Credentials, Nats};
 #[group(skip)]
 pub(super) struct Settings {
     /// The NATS server URL (transport `nats`).
-    #[arg(long, env = "STEWARD_NATS_URL", default_value = steward_nats::DEFAULT_URL)]
+    #[arg(long, env = "STEWARD_NATS_URL", default_value = steward_nats::DEFAULT_URL, hide_env_values = true)]
     nats_url: String,
     /// The NATS user, with `STEWARD_NATS_PASSWORD` (transport `nats`).
     #[arg(long, env = "STEWARD_NATS_USER")]

@@ -16,10 +16,8 @@ use crate::domain::{
     outputs_to_properties,
 };
 use crate::rules::operations::OperationError;
-use crate::rules::pipelines::{
-    STEP_UPDATE_RETRIES, StepUpdate, resource_request_message, update_resource_for_step,
-};
-use crate::storage::{Store, StoreError, Tx};
+use crate::rules::pipelines::{StepUpdate, resource_request_message, update_resource_for_step};
+use crate::storage::{StatusWrite, Store, StoreError, Tx, millis};
 use crate::templates::TemplateRegistry;
 
 /// The savepoint around preparing a pipeline's next step, so a failure there undoes only
@@ -192,9 +190,10 @@ impl DeploymentStatusHandler {
         }
         if let Some((main_id, status)) = update_overall_status(&mut operation, index, is_last, now)
         {
-            set_resource_status(&mut tx, &main_id, status, None).await?;
+            set_resource_status(&mut tx, &operation, &main_id, status, None).await?;
         }
-        set_resource_status(&mut tx, &resource_id, update.status, outputs.as_ref()).await?;
+        set_resource_status(&mut tx, &operation, &resource_id, update.status, outputs.as_ref())
+            .await?;
         let next = if update.status.is_success() && !is_last {
             Some(self.advance(&mut tx, &mut operation, index + 1, now).await?)
         } else {
@@ -244,7 +243,7 @@ impl DeploymentStatusHandler {
                 }
                 if let Some((main_id, status)) = update_overall_status(operation, index, false, now)
                 {
-                    set_resource_status(tx, &main_id, status, None).await?;
+                    set_resource_status(tx, operation, &main_id, status, None).await?;
                 }
                 Ok(NextStep::Failed { template_step_id, error })
             }
@@ -518,35 +517,30 @@ fn update_overall_status(
     None
 }
 
-/// Sets a resource's `deploymentStatus` and merges `outputs` into its properties
-/// (overwriting, as `dict.update`), retrying a lost etag race.
+/// Sets a resource's `deploymentStatus` for `operation` and merges `outputs` into its
+/// properties, unless a newer operation already wrote its status
+/// ([`Tx::set_resource_status`]); that is logged and the update goes on without it.
 async fn set_resource_status(
     tx: &mut Tx,
+    operation: &Operation,
     id: &str,
     status: Status,
     outputs: Option<&Properties>,
 ) -> Result<(), Stop> {
-    let mut attempt = 0;
-    loop {
-        let Some(mut resource) = tx.read().find_resource(id).await? else {
-            return Err(Stop::Handled(Handled::ResourceNotFound));
-        };
-        resource.deployment_status = Some(status);
-        if let Some(outputs) = outputs {
-            for (name, value) in outputs {
-                resource.properties.insert(name.clone(), value.clone());
-            }
+    match tx.set_resource_status(id, status, outputs, millis(operation.created_when)).await {
+        Ok(StatusWrite::Written) => Ok(()),
+        Ok(StatusWrite::Superseded { by_operation_created_at }) => {
+            tracing::warn!(
+                resource_id = id,
+                operation_id = %operation.id,
+                status = %status,
+                newer_operation_created_at = by_operation_created_at,
+                "a newer operation wrote this resource's status; not overwritten"
+            );
+            Ok(())
         }
-        match tx.replace_resource(&resource).await {
-            Ok(_) => return Ok(()),
-            Err(error) if error.is_etag_mismatch() && attempt < STEP_UPDATE_RETRIES => {
-                attempt += 1;
-            }
-            Err(error) if error.is_not_found() => {
-                return Err(Stop::Handled(Handled::ResourceNotFound));
-            }
-            Err(error) => return Err(error.into()),
-        }
+        Err(error) if error.is_not_found() => Err(Stop::Handled(Handled::ResourceNotFound)),
+        Err(error) => Err(error.into()),
     }
 }
 
