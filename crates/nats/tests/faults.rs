@@ -343,3 +343,94 @@ async fn drain_held(source: &dyn MessageSource, n: usize) -> Vec<steward_core::D
     assert_eq!(held.len(), n);
     held
 }
+
+/// Ensures that a queue stream that rewrites the subject of what it stores (a subject
+/// transform, nats-server 2.10) stops the start: its messages are stored under another
+/// subject, which the queue's consumer (filtered on the queue) never delivers, while
+/// every publish is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_transforms_the_subject_stops_the_start() {
+    if !support::server_available("stream_subject_transform").await {
+        return;
+    }
+    let url = support::server_url();
+    let client = async_nats::connect(&url).await.unwrap();
+    let (queue, builder) = support::unique_queue(&url, "transform");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    let name = nats.stream_name(&queue);
+    // Raw API request: the client library shows this setting only with a feature.
+    let request = serde_json::json!({
+        "name": name,
+        "subjects": [queue],
+        "retention": "workqueue",
+        "storage": "file",
+        "discard": "old",
+        "duplicate_window": 120_000_000_000_u64,
+        "subject_transform": { "src": queue, "dest": format!("{queue}.moved") },
+    });
+    let reply = client
+        .request(format!("$JS.API.STREAM.CREATE.{name}"), request.to_string().into())
+        .await
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(reply.get("error").is_none(), "stream created: {reply}");
+
+    match nats.declare_topology().await {
+        Err(error) => {
+            assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
+            assert!(error.to_string().contains("subject_transform"), "{error}");
+        }
+        Ok(()) => {
+            // Show what the start-up check let through: an acked message never delivered.
+            nats.sink()
+                .send(&queue, OutgoingMessage::new("b").with_message_id("m1"))
+                .await
+                .unwrap();
+            let source = nats.source(&queue).await.unwrap();
+            let got = source.receive(1, Duration::from_secs(2)).await.unwrap();
+            panic!("the start-up check passed; the acked message delivered {} times", got.len());
+        }
+    }
+}
+
+/// Ensures that a consumer whose pulls may not wait as long as the sources wait
+/// (`max_expires`) stops the start: otherwise every receive fails at run time with a
+/// server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_limits_how_long_a_pull_waits_stops_the_start() {
+    if !support::server_available("consumer_max_expires").await {
+        return;
+    }
+    let url = support::server_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let (queue, builder) = support::unique_queue(&url, "expires");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    let publisher = NatsBuilder::new().with_url(&url).with_publish_queue(&queue).build().unwrap();
+    publisher.declare_topology().await.unwrap();
+    let stream = js.get_stream(nats.stream_name(&queue)).await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(steward_nats::CONSUMER_NAME.to_owned()),
+            filter_subject: queue.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: support::ACK_WAIT,
+            max_deliver: 20,
+            max_expires: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    match nats.declare_topology().await {
+        Err(error) => {
+            assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
+            assert!(error.to_string().contains("max_expires"), "{error}");
+        }
+        Ok(()) => {
+            let source = nats.source(&queue).await.unwrap();
+            let got = source.receive(1, Duration::from_secs(5)).await;
+            panic!("the start-up check passed; a 5 s receive gave {got:?}");
+        }
+    }
+}
