@@ -231,6 +231,16 @@ fn check_stream(wanted: &stream::Config, actual: &stream::Config) -> Result<(), 
     if actual.no_ack {
         return Err(mismatch(&entity, "no_ack", "false".to_owned(), "true".to_owned()));
     }
+    // A transform stores messages under another subject, which the queue's consumer
+    // (filtered on the queue) never delivers, while every publish is acked.
+    if let Some(transform) = &actual.subject_transform {
+        return Err(mismatch(
+            &entity,
+            "subject_transform",
+            "none".to_owned(),
+            format!("{} -> {}", transform.source, transform.destination),
+        ));
+    }
     Ok(())
 }
 
@@ -251,6 +261,15 @@ fn check_consumer(
             "backoff",
             "none".to_owned(),
             format!("{:?}", actual.backoff),
+        ));
+    }
+    // A limit on how long a pull may wait: every receive waiting longer is refused.
+    if actual.max_expires != Duration::ZERO {
+        return Err(mismatch(
+            entity,
+            "max_expires",
+            "unlimited".to_owned(),
+            format!("{:?}", actual.max_expires),
         ));
     }
     if wanted.filter_subject != actual.filter_subject {
