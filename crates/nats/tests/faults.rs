@@ -434,3 +434,28 @@ async fn a_consumer_that_limits_how_long_a_pull_waits_stops_the_start() {
         }
     }
 }
+
+/// Ensures that a server shut down gracefully (SIGTERM, as on every upgrade or restart
+/// by a service manager) while a receive waits on it fails that receive retryably: the
+/// server ends the waiting pull with a status of its own before it closes the
+/// connection, and that must not read as a permanent server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_shut_down_during_a_pull_fails_the_receive_retryably() {
+    let Some(mut server) = PrivateServer::start("shut_down_during_a_pull", &[]).await else {
+        return;
+    };
+    let (queue, builder) = support::unique_queue(&server.url(), "shutdown");
+    let nats = builder.build().unwrap();
+    nats.declare_topology().await.unwrap();
+    let source = nats.source(&queue).await.unwrap();
+    let receive = source.receive(1, Duration::from_secs(10));
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::task::block_in_place(|| server.terminate());
+    };
+    let (got, ()) = tokio::join!(receive, stop);
+    match got {
+        Ok(got) => assert!(got.is_empty(), "nothing was published"),
+        Err(error) => assert!(error.is_retryable(), "{}", error_chain(&error)),
+    }
+}

@@ -140,6 +140,17 @@ impl PrivateServer {
         }
     }
 
+    /// Stops the server gracefully (SIGTERM, as a service manager does), waiting for it
+    /// to exit; its store stays.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status =
+                Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+            assert!(status.success(), "kill -TERM the private nats-server");
+            let _ = child.wait();
+        }
+    }
+
     /// Starts it again on the same port and store.
     pub async fn restart(&mut self) {
         self.kill();
