@@ -459,3 +459,31 @@ async fn a_server_shut_down_during_a_pull_fails_the_receive_retryably() {
         Err(error) => assert!(error.is_retryable(), "{}", error_chain(&error)),
     }
 }
+
+/// Ensures that a receive dropped while its pull waits (a worker shutting down, a
+/// `select!` taking another branch) leaves no pull behind on the server that swallows
+/// the next message: a message published right after is received at once, with
+/// delivery count 1, not after its lock ran out in a pull nobody reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_dropped_while_waiting_leaves_no_pull_that_swallows_the_next_message() {
+    if !support::server_available("dropped_receive").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "dropped");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    nats.declare_topology().await.unwrap();
+    let source = nats.source(&queue).await.unwrap();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(300),
+        source.receive(1, Duration::from_secs(20)),
+    )
+    .await;
+    assert!(dropped.is_err(), "the receive was still waiting when dropped");
+    nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("m1")).await.unwrap();
+    let got = source.receive(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(got.len(), 1, "the message is received by the next receive");
+    assert_eq!(got[0].message().delivery_count, 1);
+    got.into_iter().next().unwrap().complete().await.unwrap();
+}
