@@ -487,3 +487,64 @@ async fn a_receive_dropped_while_waiting_leaves_no_pull_that_swallows_the_next_m
     assert_eq!(got[0].message().delivery_count, 1);
     got.into_iter().next().unwrap().complete().await.unwrap();
 }
+
+/// Ensures that a consumer steward cannot pull from as it does stops the start: one
+/// paused until a later time (nats-server 2.11; every receive comes back empty until
+/// then, while messages wait) and one with a priority policy (2.11; every pull without
+/// a priority group is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_consumer_or_one_with_priority_groups_stops_the_start() {
+    if !support::server_available("consumer_paused_or_prioritised").await {
+        return;
+    }
+    let url = support::server_url();
+    let client = async_nats::connect(&url).await.unwrap();
+    let cases = [
+        ("pause_until", serde_json::json!({ "pause_until": "2100-01-01T00:00:00Z" })),
+        (
+            "priority_policy",
+            serde_json::json!({ "priority_policy": "overflow", "priority_groups": ["g"] }),
+        ),
+    ];
+    for (setting, extra) in cases {
+        let (queue, builder) = support::unique_queue(&url, "paused");
+        let nats = builder.build().unwrap();
+        let _cleanup = Cleanup(nats.clone());
+        let publisher =
+            NatsBuilder::new().with_url(&url).with_publish_queue(&queue).build().unwrap();
+        publisher.declare_topology().await.unwrap();
+        let stream = nats.stream_name(&queue);
+        let mut config = serde_json::json!({
+            "durable_name": steward_nats::CONSUMER_NAME,
+            "filter_subject": queue,
+            "ack_policy": "explicit",
+            "deliver_policy": "all",
+            "ack_wait": u64::try_from(support::ACK_WAIT.as_nanos()).unwrap(),
+            "max_deliver": 20,
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        let request = serde_json::json!({ "stream_name": stream, "config": config });
+        let subject = format!("$JS.API.CONSUMER.CREATE.{stream}.{}", steward_nats::CONSUMER_NAME);
+        let reply = client.request(subject, request.to_string().into()).await.unwrap();
+        let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert!(reply.get("error").is_none(), "{setting}: consumer created: {reply}");
+
+        match nats.declare_topology().await {
+            Err(error) => {
+                assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
+                assert!(error.to_string().contains(setting), "{error}");
+            }
+            Ok(()) => {
+                nats.sink()
+                    .send(&queue, OutgoingMessage::new("b").with_message_id("m1"))
+                    .await
+                    .unwrap();
+                let source = nats.source(&queue).await.unwrap();
+                let got = source.receive(1, Duration::from_secs(1)).await.map(|got| got.len());
+                panic!("{setting}: the start-up check passed; a receive gave {got:?}");
+            }
+        }
+    }
+}
