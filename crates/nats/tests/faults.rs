@@ -355,6 +355,9 @@ async fn a_stream_that_transforms_the_subject_stops_the_start() {
     }
     let url = support::server_url();
     let client = async_nats::connect(&url).await.unwrap();
+    if !support::server_at_least(&client, (2, 10), "stream_subject_transform") {
+        return;
+    }
     let (queue, builder) = support::unique_queue(&url, "transform");
     let nats = builder.build().unwrap();
     let _cleanup = Cleanup(nats.clone());
@@ -499,6 +502,9 @@ async fn a_paused_consumer_or_one_with_priority_groups_stops_the_start() {
     }
     let url = support::server_url();
     let client = async_nats::connect(&url).await.unwrap();
+    if !support::server_at_least(&client, (2, 11), "consumer_paused_or_prioritised") {
+        return;
+    }
     let cases = [
         ("pause_until", serde_json::json!({ "pause_until": "2100-01-01T00:00:00Z" })),
         (
