@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, Context};
 use steward_core::transport::dead_letter_queue;
@@ -261,6 +261,19 @@ fn check_consumer(
             "backoff",
             "none".to_owned(),
             format!("{:?}", actual.backoff),
+        ));
+    }
+    // Paused: nothing is delivered until then, while messages wait.
+    if let Some(until) = actual.pause_until {
+        return Err(mismatch(entity, "pause_until", "none".to_owned(), until.to_string()));
+    }
+    // Priority groups: every pull without one (as steward's are) is refused.
+    if actual.priority_policy != PriorityPolicy::None || !actual.priority_groups.is_empty() {
+        return Err(mismatch(
+            entity,
+            "priority_policy",
+            format!("{:?}", PriorityPolicy::None),
+            format!("{:?} {:?}", actual.priority_policy, actual.priority_groups),
         ));
     }
     // A limit on how long a pull may wait: every receive waiting longer is refused.
