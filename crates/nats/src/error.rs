@@ -212,6 +212,20 @@ mod tests {
         }
     }
 
+    /// Ensures that a pull the server ends because it is shutting down or because the
+    /// consumer's leader changed (a status async-nats reports as a plain I/O error with
+    /// the status text) is retryable: both are the server's outage, not a bad request.
+    #[test]
+    fn pull_statuses_of_a_server_shutdown_or_leader_change_are_retryable() {
+        for status in ["Server Shutdown", "Leadership Change"] {
+            let source = std::io::Error::other(format!(
+                "error while processing messages from the stream: 409, Some({status:?})"
+            ));
+            let error = TransportError::from(Error::jetstream("pull from q", source));
+            assert_eq!(error.kind(), ErrorKind::Connection, "{status}");
+        }
+    }
+
     #[test]
     fn a_mismatch_names_the_entity_and_the_setting() {
         let error = TransportError::from(Error::Mismatch {
