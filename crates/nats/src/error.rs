@@ -101,6 +101,9 @@ fn unavailable(error: &(dyn std::error::Error + 'static)) -> Option<Unavailable>
             "jetstream unavailable",
             "jetstream not enabled",
             "temporarily unavailable",
+            // Statuses ending a pull: the server shuts down, the consumer's leader moved.
+            "server shutdown",
+            "leadership change",
         ];
         if down.iter().any(|words| text.contains(words)) {
             return Some(Unavailable::Down);
