@@ -101,6 +101,9 @@ fn unavailable(error: &(dyn std::error::Error + 'static)) -> Option<Unavailable>
             "jetstream unavailable",
             "jetstream not enabled",
             "temporarily unavailable",
+            // Statuses ending a pull: the server shuts down, the consumer's leader moved.
+            "server shutdown",
+            "leadership change",
         ];
         if down.iter().any(|words| text.contains(words)) {
             return Some(Unavailable::Down);
@@ -209,6 +212,20 @@ mod tests {
             let error = TransportError::from(error);
             assert_eq!(error.kind(), kind, "{shown}");
             assert!(std::error::Error::source(&error).is_some(), "the cause is kept: {shown}");
+        }
+    }
+
+    /// Ensures that a pull the server ends because it is shutting down or because the
+    /// consumer's leader changed (a status async-nats reports as a plain I/O error with
+    /// the status text) is retryable: both are the server's outage, not a bad request.
+    #[test]
+    fn pull_statuses_of_a_server_shutdown_or_leader_change_are_retryable() {
+        for status in ["Server Shutdown", "Leadership Change"] {
+            let source = std::io::Error::other(format!(
+                "error while processing messages from the stream: 409, Some({status:?})"
+            ));
+            let error = TransportError::from(Error::jetstream("pull from q", source));
+            assert_eq!(error.kind(), ErrorKind::Connection, "{status}");
         }
     }
 

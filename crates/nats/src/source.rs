@@ -11,7 +11,7 @@ use async_nats::jetstream::consumer::pull::Batch;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use steward_core::transport::{dead_letter_queue, later};
 use steward_core::{Capabilities, Delivery, MessageSource, Settle, TransportError};
 use tokio::sync::Mutex;
@@ -35,8 +35,9 @@ const PULL_GRACE: Duration = Duration::from_secs(2);
 ///
 /// - `receive(max, wait)` pulls one message, waiting up to `wait` on the server, then
 ///   up to `max - 1` more that are there already, without waiting: it returns as soon
-///   as it has something. Nothing is buffered between calls, so `stop_receiving` has
-///   nothing to release and only stops intake.
+///   as it has something. A receive dropped while its pull is open leaves the pull to
+///   the next receive, which takes what the server sent it; `stop_receiving` stops
+///   intake and sends back (`-NAK`) what such a pull holds.
 /// - Each delivery is locked for the consumer's `ack_wait`; renewing sends `+WPI`.
 /// - When the connection drops, `receive` fails with a retryable
 ///   [`TransportError::Connection`]; the client reconnects underneath, and unsettled
@@ -50,8 +51,10 @@ pub struct NatsSource {
     consumer: PullConsumer,
     disconnects: Arc<AtomicU64>,
     stopped: AtomicBool,
-    /// One pull at a time: concurrent pulls would only compete for the same messages.
-    pulling: Mutex<()>,
+    /// One pull at a time (concurrent pulls would only compete for the same messages),
+    /// kept here while the server may still send it messages, also when the receive that
+    /// asked for it was dropped.
+    pulling: Mutex<Option<OpenPull>>,
     capabilities: Capabilities,
 }
 
@@ -86,7 +89,7 @@ impl NatsSource {
             consumer,
             disconnects,
             stopped: AtomicBool::new(false),
-            pulling: Mutex::new(()),
+            pulling: Mutex::new(None),
             capabilities,
         })
     }
@@ -98,40 +101,55 @@ impl NatsSource {
     }
 
     async fn pull(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, Error> {
-        let _pulling = self.pulling.lock().await;
+        let mut open = self.pulling.lock().await;
         let since = self.disconnects.load(Ordering::SeqCst);
         if self.broken(since) {
+            *open = None;
             return Err(self.connection_lost());
         }
         let started = Instant::now();
-        // First a pull for one message, waiting up to `wait` on the server; then, once one
-        // came, a pull that takes only what is there already (`no_wait`). One pull for
-        // `max` would hold what arrived until `max` did or `wait` ran out, each message
-        // spending its lock meanwhile.
-        let first = self
-            .consumer
-            .batch()
-            .max_messages(1)
-            .expires(wait.max(Duration::from_millis(10)))
-            .messages()
-            .await
-            .map_err(|e| self.pull_error(since, e))?;
-        let mut got = Vec::new();
         // The server ends the pull at `wait`; a server that does not answer (the pull
         // went nowhere) is given up on a little later. A message arriving after that
         // stays locked until its ack wait runs out, then comes again.
-        let give_up = later(started, wait + PULL_GRACE);
-        let mut failed = self.collect(first, started, give_up, &mut got).await;
-        if failed.is_none() && got.len() == 1 && max > 1 {
+        let until = later(started, wait);
+        let mut got = Vec::new();
+        // A pull that a dropped receive left open: the server still sends it what it
+        // asked for, so its messages are this receive's (or they would stay locked in a
+        // pull nobody reads until their ack wait ran out).
+        if let Some(left) = open.as_mut() {
+            left.resumed = true;
+        }
+        let mut failed = self.collect(&mut open, max, until, &mut got).await;
+        // First a pull for one message, waiting up to `wait` on the server; then, once
+        // one came, a pull that takes only what is there already (`no_wait`). One pull
+        // for `max` would hold what arrived until `max` did or `wait` ran out, each
+        // message spending its lock meanwhile.
+        if failed.is_none() && got.is_empty() && open.is_none() {
             let asked_at = Instant::now();
-            match self.consumer.fetch().max_messages(max - 1).messages().await {
+            let expires = until.saturating_duration_since(asked_at).max(Duration::from_millis(10));
+            let first = self
+                .consumer
+                .batch()
+                .max_messages(1)
+                .expires(expires)
+                .messages()
+                .await
+                .map_err(|e| self.pull_error(since, e))?;
+            *open = Some(OpenPull::new(first, asked_at, later(asked_at, expires + PULL_GRACE)));
+            failed = self.collect(&mut open, max, later(until, PULL_GRACE), &mut got).await;
+        }
+        if failed.is_none() && !got.is_empty() && got.len() < max && open.is_none() {
+            let asked_at = Instant::now();
+            match self.consumer.fetch().max_messages(max - got.len()).messages().await {
                 Ok(rest) => {
                     let give_up = later(asked_at, PULL_GRACE);
-                    failed = self.collect(rest, asked_at, give_up, &mut got).await;
+                    *open = Some(OpenPull::new(rest, asked_at, give_up));
+                    failed = self.collect(&mut open, max, give_up, &mut got).await;
                 }
                 Err(e) => failed = Some(e.into()),
             }
         }
+        drop(open);
         if let Some(error) = failed {
             if got.is_empty() {
                 return Err(self.check(since, error).await);
@@ -144,39 +162,55 @@ impl NatsSource {
             }
             self.check_consumer().await?;
             // The server's expiry may come a moment before the caller's clock says so.
-            let elapsed = started.elapsed();
-            if elapsed < wait {
-                tokio::time::sleep(wait - elapsed).await;
-            }
+            tokio::time::sleep_until(until).await;
         }
         Ok(got)
     }
 
-    /// Adds the messages of one pull, asked for at `asked_at`, to `got` until the pull
-    /// ends or `give_up`; the error that ended it, if one did.
+    /// Adds the messages of the open pull to `got` until it has `max`, the pull ends
+    /// (and is closed), or `until` (the pull stays open for the next receive); the
+    /// error that ended the pull, if one did.
     ///
     /// Each message's lock is counted from when the server can have sent it at the
     /// earliest: not before the pull was asked for, nor more than [`ARRIVAL_SLACK`]
     /// before it arrived (a message that came late in a long pull has its whole lock).
+    /// A message of a pull a dropped receive left open may have waited unread since
+    /// any time after the pull was asked for: its lock counts from then.
+    ///
+    /// Cancel safe: the pull stays in `open` until it ends, with what it did not hand
+    /// over yet.
     async fn collect(
         &self,
-        mut batch: Batch,
-        asked_at: Instant,
-        give_up: Instant,
+        open: &mut Option<OpenPull>,
+        max: usize,
+        until: Instant,
         got: &mut Vec<Delivery>,
     ) -> Option<steward_core::BoxError> {
         let lock = self.nats.config().ack_wait.saturating_sub(LOCK_MARGIN);
-        loop {
-            match tokio::time::timeout_at(give_up, batch.next()).await {
-                Err(_) | Ok(None) => return None,
+        while got.len() < max {
+            let pull = open.as_mut()?;
+            match tokio::time::timeout_at(pull.give_up.min(until), pull.batch.next()).await {
+                Err(_) if Instant::now() < pull.give_up => return None,
+                Err(_) | Ok(None) => {
+                    *open = None;
+                    return None;
+                }
                 Ok(Some(Ok(message))) => {
-                    let now = Instant::now();
-                    let sent = now.checked_sub(ARRIVAL_SLACK).unwrap_or(now).max(asked_at);
+                    let sent = if pull.resumed {
+                        pull.asked_at
+                    } else {
+                        let now = Instant::now();
+                        now.checked_sub(ARRIVAL_SLACK).unwrap_or(now).max(pull.asked_at)
+                    };
                     got.push(self.delivery(message, later(sent, lock)));
                 }
-                Ok(Some(Err(e))) => return Some(e),
+                Ok(Some(Err(e))) => {
+                    *open = None;
+                    return Some(e);
+                }
             }
         }
+        None
     }
 
     fn connection_lost(&self) -> Error {
@@ -300,9 +334,33 @@ impl MessageSource for NatsSource {
     }
 
     async fn stop_receiving(&self) -> Result<(), TransportError> {
-        // Pulls hand over everything they received, so nothing is buffered here.
         self.stopped.store(true, Ordering::SeqCst);
+        // A pull a dropped receive left open: what it already holds goes back now, not
+        // when its lock runs out; closing it unsubscribes.
+        let Some(mut left) = self.pulling.lock().await.take() else { return Ok(()) };
+        while let Some(Some(Ok(message))) = left.batch.next().now_or_never() {
+            if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+                tracing::debug!(queue = %self.queue, error = %error, "could not send back a message of a pull left open; it comes again when its lock runs out");
+            }
+        }
         Ok(())
+    }
+}
+
+/// A pull the server may still send messages to.
+struct OpenPull {
+    batch: Batch,
+    /// When it was asked for: the server sent nothing for it before.
+    asked_at: Instant,
+    /// When it is given up on, if the server did not end it.
+    give_up: Instant,
+    /// Whether a receive that asked for it was dropped: its messages may have waited.
+    resumed: bool,
+}
+
+impl OpenPull {
+    fn new(batch: Batch, asked_at: Instant, give_up: Instant) -> Self {
+        Self { batch, asked_at, give_up, resumed: false }
     }
 }
 

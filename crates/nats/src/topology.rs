@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, Context};
 use steward_core::transport::dead_letter_queue;
@@ -231,6 +231,16 @@ fn check_stream(wanted: &stream::Config, actual: &stream::Config) -> Result<(), 
     if actual.no_ack {
         return Err(mismatch(&entity, "no_ack", "false".to_owned(), "true".to_owned()));
     }
+    // A transform stores messages under another subject, which the queue's consumer
+    // (filtered on the queue) never delivers, while every publish is acked.
+    if let Some(transform) = &actual.subject_transform {
+        return Err(mismatch(
+            &entity,
+            "subject_transform",
+            "none".to_owned(),
+            format!("{} -> {}", transform.source, transform.destination),
+        ));
+    }
     Ok(())
 }
 
@@ -251,6 +261,28 @@ fn check_consumer(
             "backoff",
             "none".to_owned(),
             format!("{:?}", actual.backoff),
+        ));
+    }
+    // Paused: nothing is delivered until then, while messages wait.
+    if let Some(until) = actual.pause_until {
+        return Err(mismatch(entity, "pause_until", "none".to_owned(), until.to_string()));
+    }
+    // Priority groups: every pull without one (as steward's are) is refused.
+    if actual.priority_policy != PriorityPolicy::None || !actual.priority_groups.is_empty() {
+        return Err(mismatch(
+            entity,
+            "priority_policy",
+            format!("{:?}", PriorityPolicy::None),
+            format!("{:?} {:?}", actual.priority_policy, actual.priority_groups),
+        ));
+    }
+    // A limit on how long a pull may wait: every receive waiting longer is refused.
+    if actual.max_expires != Duration::ZERO {
+        return Err(mismatch(
+            entity,
+            "max_expires",
+            "unlimited".to_owned(),
+            format!("{:?}", actual.max_expires),
         ));
     }
     if wanted.filter_subject != actual.filter_subject {

@@ -343,3 +343,214 @@ async fn drain_held(source: &dyn MessageSource, n: usize) -> Vec<steward_core::D
     assert_eq!(held.len(), n);
     held
 }
+
+/// Ensures that a queue stream that rewrites the subject of what it stores (a subject
+/// transform, nats-server 2.10) stops the start: its messages are stored under another
+/// subject, which the queue's consumer (filtered on the queue) never delivers, while
+/// every publish is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_transforms_the_subject_stops_the_start() {
+    if !support::server_available("stream_subject_transform").await {
+        return;
+    }
+    let url = support::server_url();
+    let client = async_nats::connect(&url).await.unwrap();
+    if !support::server_at_least(&client, (2, 10), "stream_subject_transform") {
+        return;
+    }
+    let (queue, builder) = support::unique_queue(&url, "transform");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    let name = nats.stream_name(&queue);
+    // Raw API request: the client library shows this setting only with a feature.
+    let request = serde_json::json!({
+        "name": name,
+        "subjects": [queue],
+        "retention": "workqueue",
+        "storage": "file",
+        "discard": "old",
+        "duplicate_window": 120_000_000_000_u64,
+        "subject_transform": { "src": queue, "dest": format!("{queue}.moved") },
+    });
+    let reply = client
+        .request(format!("$JS.API.STREAM.CREATE.{name}"), request.to_string().into())
+        .await
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(reply.get("error").is_none(), "stream created: {reply}");
+
+    match nats.declare_topology().await {
+        Err(error) => {
+            assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
+            assert!(error.to_string().contains("subject_transform"), "{error}");
+        }
+        Ok(()) => {
+            // Show what the start-up check let through: an acked message never delivered.
+            nats.sink()
+                .send(&queue, OutgoingMessage::new("b").with_message_id("m1"))
+                .await
+                .unwrap();
+            let source = nats.source(&queue).await.unwrap();
+            let got = source.receive(1, Duration::from_secs(2)).await.unwrap();
+            panic!("the start-up check passed; the acked message delivered {} times", got.len());
+        }
+    }
+}
+
+/// Ensures that a consumer whose pulls may not wait as long as the sources wait
+/// (`max_expires`) stops the start: otherwise every receive fails at run time with a
+/// server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_limits_how_long_a_pull_waits_stops_the_start() {
+    if !support::server_available("consumer_max_expires").await {
+        return;
+    }
+    let url = support::server_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let (queue, builder) = support::unique_queue(&url, "expires");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    let publisher = NatsBuilder::new().with_url(&url).with_publish_queue(&queue).build().unwrap();
+    publisher.declare_topology().await.unwrap();
+    let stream = js.get_stream(nats.stream_name(&queue)).await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(steward_nats::CONSUMER_NAME.to_owned()),
+            filter_subject: queue.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: support::ACK_WAIT,
+            max_deliver: 20,
+            max_expires: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    match nats.declare_topology().await {
+        Err(error) => {
+            assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
+            assert!(error.to_string().contains("max_expires"), "{error}");
+        }
+        Ok(()) => {
+            let source = nats.source(&queue).await.unwrap();
+            let got = source.receive(1, Duration::from_secs(5)).await;
+            panic!("the start-up check passed; a 5 s receive gave {got:?}");
+        }
+    }
+}
+
+/// Ensures that a server shut down gracefully (SIGTERM, as on every upgrade or restart
+/// by a service manager) while a receive waits on it fails that receive retryably: the
+/// server ends the waiting pull with a status of its own before it closes the
+/// connection, and that must not read as a permanent server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_shut_down_during_a_pull_fails_the_receive_retryably() {
+    let Some(mut server) = PrivateServer::start("shut_down_during_a_pull", &[]).await else {
+        return;
+    };
+    let (queue, builder) = support::unique_queue(&server.url(), "shutdown");
+    let nats = builder.build().unwrap();
+    nats.declare_topology().await.unwrap();
+    let source = nats.source(&queue).await.unwrap();
+    let receive = source.receive(1, Duration::from_secs(10));
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::task::block_in_place(|| server.terminate());
+    };
+    let (got, ()) = tokio::join!(receive, stop);
+    match got {
+        Ok(got) => assert!(got.is_empty(), "nothing was published"),
+        Err(error) => assert!(error.is_retryable(), "{}", error_chain(&error)),
+    }
+}
+
+/// Ensures that a receive dropped while its pull waits (a worker shutting down, a
+/// `select!` taking another branch) leaves no pull behind on the server that swallows
+/// the next message: a message published right after is received at once, with
+/// delivery count 1, not after its lock ran out in a pull nobody reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_dropped_while_waiting_leaves_no_pull_that_swallows_the_next_message() {
+    if !support::server_available("dropped_receive").await {
+        return;
+    }
+    let url = support::server_url();
+    let (queue, builder) = support::unique_queue(&url, "dropped");
+    let nats = builder.build().unwrap();
+    let _cleanup = Cleanup(nats.clone());
+    nats.declare_topology().await.unwrap();
+    let source = nats.source(&queue).await.unwrap();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(300),
+        source.receive(1, Duration::from_secs(20)),
+    )
+    .await;
+    assert!(dropped.is_err(), "the receive was still waiting when dropped");
+    nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("m1")).await.unwrap();
+    let got = source.receive(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(got.len(), 1, "the message is received by the next receive");
+    assert_eq!(got[0].message().delivery_count, 1);
+    got.into_iter().next().unwrap().complete().await.unwrap();
+}
+
+/// Ensures that a consumer steward cannot pull from as it does stops the start: one
+/// paused until a later time (nats-server 2.11; every receive comes back empty until
+/// then, while messages wait) and one with a priority policy (2.11; every pull without
+/// a priority group is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_consumer_or_one_with_priority_groups_stops_the_start() {
+    if !support::server_available("consumer_paused_or_prioritised").await {
+        return;
+    }
+    let url = support::server_url();
+    let client = async_nats::connect(&url).await.unwrap();
+    if !support::server_at_least(&client, (2, 11), "consumer_paused_or_prioritised") {
+        return;
+    }
+    let cases = [
+        ("pause_until", serde_json::json!({ "pause_until": "2100-01-01T00:00:00Z" })),
+        (
+            "priority_policy",
+            serde_json::json!({ "priority_policy": "overflow", "priority_groups": ["g"] }),
+        ),
+    ];
+    for (setting, extra) in cases {
+        let (queue, builder) = support::unique_queue(&url, "paused");
+        let nats = builder.build().unwrap();
+        let _cleanup = Cleanup(nats.clone());
+        let publisher =
+            NatsBuilder::new().with_url(&url).with_publish_queue(&queue).build().unwrap();
+        publisher.declare_topology().await.unwrap();
+        let stream = nats.stream_name(&queue);
+        let mut config = serde_json::json!({
+            "durable_name": steward_nats::CONSUMER_NAME,
+            "filter_subject": queue,
+            "ack_policy": "explicit",
+            "deliver_policy": "all",
+            "ack_wait": u64::try_from(support::ACK_WAIT.as_nanos()).unwrap(),
+            "max_deliver": 20,
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        let request = serde_json::json!({ "stream_name": stream, "config": config });
+        let subject = format!("$JS.API.CONSUMER.CREATE.{stream}.{}", steward_nats::CONSUMER_NAME);
+        let reply = client.request(subject, request.to_string().into()).await.unwrap();
+        let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert!(reply.get("error").is_none(), "{setting}: consumer created: {reply}");
+
+        match nats.declare_topology().await {
+            Err(error) => {
+                assert_eq!(error.kind(), ErrorKind::Protocol, "{}", error_chain(&error));
+                assert!(error.to_string().contains(setting), "{error}");
+            }
+            Ok(()) => {
+                nats.sink()
+                    .send(&queue, OutgoingMessage::new("b").with_message_id("m1"))
+                    .await
+                    .unwrap();
+                let source = nats.source(&queue).await.unwrap();
+                let got = source.receive(1, Duration::from_secs(1)).await.map(|got| got.len());
+                panic!("{setting}: the start-up check passed; a receive gave {got:?}");
+            }
+        }
+    }
+}

@@ -63,6 +63,26 @@ pub async fn delete_dead_letter_stream(url: &str, nats: &Nats, queue: &str) {
     js.delete_stream(nats.dead_letter_stream_name(queue)).await.unwrap();
 }
 
+/// Whether the server `client` is connected to is of release `major.minor` or later;
+/// prints one skip line for `test` when not (the setting a test needs does not exist
+/// there, and the server ignores it).
+pub fn server_at_least(
+    client: &async_nats::Client,
+    (major, minor): (u32, u32),
+    test: &str,
+) -> bool {
+    let version = client.server_info().version;
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u32>().ok());
+    let at_least = match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => true,
+    };
+    if !at_least {
+        eprintln!("skipped {test}: nats-server {version} is older than {major}.{minor}");
+    }
+    at_least
+}
+
 /// The `nats-server` program private servers run: `STEWARD_NATS_SERVER`, else the one on
 /// the `PATH`.
 pub fn server_program() -> String {
@@ -136,6 +156,17 @@ impl PrivateServer {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server gracefully (SIGTERM, as a service manager does), waiting for it
+    /// to exit; its store stays.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status =
+                Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+            assert!(status.success(), "kill -TERM the private nats-server");
             let _ = child.wait();
         }
     }
