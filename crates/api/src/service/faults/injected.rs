@@ -2,9 +2,9 @@
 //! watch the supervisor and the probes at work.
 //!
 //! `panic=P` makes the status handlers panic with probability P, `db_error=P` makes them
-//! answer as if the database failed, `fail_worker=NAME` makes that worker fail at every
-//! start (so it ends `failed`). Entries are separated by commas; unknown keys are an
-//! error.
+//! answer as if the database failed, `delay=D` (for example `250ms`) makes each of them
+//! take at least D, `fail_worker=NAME` makes that worker fail at every start (so it ends
+//! `failed`). Entries are separated by commas; unknown keys are an error.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,8 @@ pub(super) struct Faults {
     pub panic: f64,
     /// Probability that a status handler reports a database error.
     pub db_error: f64,
+    /// How long each status handler waits before it handles its message.
+    pub delay: Duration,
     /// Workers that fail at every start.
     pub fail_workers: Vec<String>,
 }
@@ -33,7 +35,7 @@ pub(super) struct Faults {
 pub(super) struct FaultsError(String);
 
 impl Faults {
-    /// Parses `panic=0.01,db_error=0.05,fail_worker=deployment-status`.
+    /// Parses `panic=0.01,db_error=0.05,delay=250ms,fail_worker=deployment-status`.
     ///
     /// # Errors
     ///
@@ -56,10 +58,15 @@ impl Faults {
             match key.trim() {
                 "panic" => faults.panic = probability()?,
                 "db_error" => faults.db_error = probability()?,
+                "delay" => {
+                    faults.delay = humantime::parse_duration(value.trim()).map_err(|error| {
+                        FaultsError(format!("delay must be a duration like 250ms: {error}"))
+                    })?;
+                }
                 "fail_worker" => faults.fail_workers.push(value.trim().to_owned()),
                 other => {
                     return Err(FaultsError(format!(
-                        "unknown key {other:?} (known: panic, db_error, fail_worker)"
+                        "unknown key {other:?} (known: panic, db_error, delay, fail_worker)"
                     )));
                 }
             }
@@ -104,25 +111,29 @@ fn draw() -> f64 {
     bits as f64 / (1u64 << 53) as f64
 }
 
-/// A handler with injected panics and database errors.
+/// A handler with injected panics, database errors and delays.
 #[derive(Debug)]
 pub(super) struct FaultyHandler<H> {
     inner: H,
     panic: f64,
     db_error: f64,
+    delay: Duration,
 }
 
 impl<H> FaultyHandler<H> {
     /// `inner` with the handler faults of `faults`.
     #[must_use]
     pub(super) fn new(inner: H, faults: &Faults) -> Self {
-        FaultyHandler { inner, panic: faults.panic, db_error: faults.db_error }
+        FaultyHandler { inner, panic: faults.panic, db_error: faults.db_error, delay: faults.delay }
     }
 }
 
 #[async_trait]
 impl<H: Handler> Handler for FaultyHandler<H> {
     async fn handle(&self, message: Arc<Message>) -> Outcome {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         let roll = draw();
         if roll < self.panic {
             panic!("injected handler panic (STEWARD_FAULTS) for message {}", message.id);
@@ -173,10 +184,13 @@ mod tests {
 
     #[test]
     fn parses_every_key_and_refuses_unknown_ones() {
-        let faults = Faults::parse("panic=0.01, db_error=0.5,fail_worker=deployment-status")
-            .unwrap_or_default();
+        let faults =
+            Faults::parse("panic=0.01, db_error=0.5,delay=250ms,fail_worker=deployment-status")
+                .unwrap_or_default();
         assert_eq!(faults.panic, 0.01);
         assert_eq!(faults.db_error, 0.5);
+        assert_eq!(faults.delay, Duration::from_millis(250));
+        assert!(Faults::parse("delay=soon").unwrap_err().to_string().contains("delay"));
         assert!(faults.fails("deployment-status"));
         assert!(!faults.fails("outbox"));
         assert!(
