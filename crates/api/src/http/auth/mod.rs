@@ -407,6 +407,26 @@ mod tests {
         assert!(!format!("{auth:?}").contains("p-s3cret"));
     }
 
+    #[tokio::test]
+    async fn a_proxy_header_given_twice_names_nobody() {
+        // A proxy that appends its X-User-Id rather than replacing the client's would
+        // otherwise let the client's own value, which comes first, name the caller.
+        let auth = Authentication::none().with_proxy_headers(true).with_proxy_secret("p");
+        for name in ["x-user-id", "x-user-name", "x-user-email", "x-proxy-secret"] {
+            let mut map = headers(&[("x-user-id", "u-1"), ("x-proxy-secret", "p")]);
+            let spoofed = if name == "x-proxy-secret" { "p" } else { "victim" };
+            map.insert(axum::http::HeaderName::from_static(name), spoofed.parse().unwrap());
+            map.append(
+                axum::http::HeaderName::from_static(name),
+                if name == "x-user-id" || name == "x-proxy-secret" { "u-1" } else { "x" }
+                    .parse()
+                    .unwrap(),
+            );
+            let refused = auth.authenticate(&map).await;
+            assert!(matches!(refused, Err(AuthError::Missing)), "{name}: {refused:?}");
+        }
+    }
+
     #[test]
     fn the_token_never_shows_in_debug_output() {
         let auth = Authentication::none().with_api_token("s3cret-value");
