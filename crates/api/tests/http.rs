@@ -1191,3 +1191,80 @@ fn route_table_uses_http_methods() {
         assert!(method.parse::<Method>().is_ok(), "{method}");
     }
 }
+
+/// Ensures that the operator routes cannot be reached by another spelling of their
+/// path (percent-encoded, a trailing or doubled slash, other letter case) by a caller
+/// without `TREAdmin`: the role check and the router agree on what the path is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_routes_have_no_other_spelling() {
+    let app = build(proxy(), false, None, true).await;
+    for path in [
+        "/api/worker%73",
+        "/api/%77orkers",
+        "/metric%73",
+        "/api/workers/",
+        "//api/workers",
+        "/api//workers",
+        "/API/workers",
+        "/Metrics",
+        "/api/./workers",
+        "/api/x/../workers",
+    ] {
+        let (status, body) = call(&app.router, as_user("u-1", "", "GET", path, None)).await;
+        assert!(
+            status == StatusCode::FORBIDDEN || status == StatusCode::NOT_FOUND,
+            "{path}: {status} {body}"
+        );
+        assert!(body.get("workers").is_none(), "{path}: {body}");
+    }
+}
+
+/// Ensures that a user resource naming, as its parent, a workspace service of a
+/// workspace the caller cannot see answers exactly as one naming a service that does
+/// not exist: the error must not tell the two apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_in_an_unseen_workspace_looks_missing() {
+    let app = build(proxy(), false, None, true).await;
+    let router = &app.router;
+    let mut workspaces = Vec::new();
+    for name in ["Mine", "Theirs"] {
+        let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+            "properties": {"display_name": name, "description": "d"}});
+        let (status, body) =
+            call(router, as_user("admin", "", "POST", "/api/resources", Some(workspace))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        workspaces.push(body["operation"]["resourceId"].as_str().unwrap().to_owned());
+    }
+    let (mine, theirs) = (&workspaces[0], &workspaces[1]);
+    let uri = format!("/api/workspaces/{mine}/roles/ada");
+    let (status, _) = call(
+        router,
+        as_user("admin", "", "PUT", &uri, Some(json!({"roles": ["WorkspaceResearcher"]}))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let service = json!({"templateName": "tre-service-guacamole", "resourceType": "workspace-service",
+        "workspaceId": theirs, "properties": {"display_name": "Desktops"}});
+    let (status, body) =
+        call(router, as_user("admin", "", "POST", "/api/resources", Some(service))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let secret_service = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+
+    let missing = "00000000-0000-4000-8000-000000000000";
+    let vm = |parent: &str| {
+        json!({"templateName": "tre-user-resource-linuxvm", "resourceType": "user-resource",
+            "workspaceId": mine, "parentWorkspaceServiceId": parent,
+            "properties": {"display_name": "VM", "os_image": "Ubuntu 22.04 LTS"}})
+    };
+    let (status, hidden) =
+        call(router, as_user("ada", "", "POST", "/api/resources", Some(vm(&secret_service)))).await;
+    assert!(status.is_client_error(), "{status} {hidden}");
+    let (absent_status, absent) =
+        call(router, as_user("ada", "", "POST", "/api/resources", Some(vm(missing)))).await;
+    assert_eq!(status, absent_status, "{hidden} vs {absent}");
+    assert_eq!(
+        hidden.to_string().replace(&secret_service, missing),
+        absent.to_string(),
+        "a service of another workspace is told apart from a missing one"
+    );
+}

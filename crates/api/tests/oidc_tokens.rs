@@ -312,3 +312,20 @@ async fn a_hanging_issuer_stalls_no_request_behind_the_refresh() {
     assert_eq!(user.id, "next");
     fetching.abort();
 }
+
+/// Ensures that an RSA key shorter than 2048 bits in the issuer's key set verifies
+/// nothing: a token signed with it is refused, not accepted.
+#[tokio::test]
+async fn a_weak_rsa_key_in_the_key_set_verifies_nothing() {
+    let idp = Idp::start().await;
+    let verifier = verifier(&idp);
+    let weak = RsaKey::generate_with_bits("weak-1024", 1024);
+    let strong = RsaKey::generate("strong-2048");
+    idp.add_key(weak.jwk());
+    idp.add_key(strong.jwk());
+    let claims = idp.claims("u-1", &["TREUser"]);
+    let refused = verifier.verify(&weak.sign_plainly(&claims)).await;
+    assert!(refused.is_err(), "{refused:?}");
+    // The same signing, with a key of 2048 bits, passes: the size is what is refused.
+    assert!(verifier.verify(&strong.sign_plainly(&claims)).await.is_ok());
+}

@@ -305,10 +305,13 @@ pub async fn install_resource(
             )
             .await?;
             if service.workspace_id() != Some(workspace.id.as_str()) {
+                // Worded as for a service that does not exist: the caller may hold no
+                // role in the service's workspace, which must not be told it exists.
                 return Err(OperationError::InvalidParent {
                     message: format!(
-                        "workspace service {} is not in workspace {}",
-                        service.id, workspace.id
+                        "parentWorkspaceServiceId {} is not an existing {}",
+                        service.id,
+                        ResourceType::WorkspaceService
                     ),
                 });
             }

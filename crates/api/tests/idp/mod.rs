@@ -41,7 +41,12 @@ pub struct RsaKey {
 
 impl RsaKey {
     pub fn generate(kid: &str) -> Self {
-        RsaKey { kid: kid.to_owned(), key: Rsa::generate(2048).unwrap() }
+        Self::generate_with_bits(kid, 2048)
+    }
+
+    /// A key of `bits` bits: a weak one, to see that it is refused.
+    pub fn generate_with_bits(kid: &str, bits: u32) -> Self {
+        RsaKey { kid: kid.to_owned(), key: Rsa::generate(bits).unwrap() }
     }
 
     pub fn jwk(&self) -> Value {
@@ -52,6 +57,22 @@ impl RsaKey {
     /// The public key in PEM, as an attacker would have it.
     pub fn public_pem(&self) -> Vec<u8> {
         self.key.public_key_to_pem().unwrap()
+    }
+
+    /// RS256 signed with OpenSSL rather than `jsonwebtoken`, which refuses to sign
+    /// with a key shorter than 2048 bits.
+    pub fn sign_plainly(&self, claims: &Value) -> String {
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": self.kid});
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let key = PKey::from_rsa(self.key.clone()).unwrap();
+        let mut signer =
+            openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), &key).unwrap();
+        let signature = signer.sign_oneshot_to_vec(input.as_bytes()).unwrap();
+        format!("{input}.{}", b64(&signature))
     }
 
     pub fn sign(&self, claims: &Value) -> String {

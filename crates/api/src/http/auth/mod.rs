@@ -8,7 +8,7 @@ mod oidc;
 
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 
 pub use oidc::{
     Clock, GLOBAL_ROLES, KEYS_MAX_AGE, KeySetError, LEEWAY, OidcConfig, OidcVerifier,
@@ -259,9 +259,8 @@ impl Authentication {
     /// Whether the request shows the proxy's secret, when one is configured.
     fn shows_proxy_secret(&self, headers: &HeaderMap) -> bool {
         let Some(secret) = &self.proxy_secret else { return true };
-        headers
-            .get("x-proxy-secret")
-            .is_some_and(|given| same_token(given.as_bytes(), secret.as_bytes()))
+        single(headers, "x-proxy-secret")
+            .is_ok_and(|given| given.is_some_and(|v| same_token(v.as_bytes(), secret.as_bytes())))
     }
 }
 
@@ -282,18 +281,33 @@ fn not_reserved(user: User) -> Result<User, AuthError> {
     if is_reserved(&user.id) { Err(AuthError::ReservedIdentity) } else { Ok(user) }
 }
 
+/// The one value of the header `name`: none without it, an error when it is given more
+/// than once (which of them would the proxy have meant?).
+fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h HeaderValue>, ()> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(());
+    }
+    Ok(first)
+}
+
 /// The user the proxy names, when it names one: `TREUser`, and `TREAdmin` when listed
-/// in `admins`. `X-User-Roles` and any other header are ignored.
+/// in `admins`. `X-User-Roles` and any other header are ignored. Nobody when one of
+/// TRE's three headers is given twice: a proxy that appends its own value rather than
+/// replacing the client's would otherwise let the client's, which comes first, count.
 fn proxy_user(headers: &HeaderMap, admins: &[String]) -> Option<User> {
-    let header = |name: &str| {
-        headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
-    };
-    let id = header("x-user-id")?;
-    let mut user = User::new(
-        id,
-        header("x-user-name").unwrap_or(id),
-        header("x-user-email").unwrap_or_default(),
-    );
+    let mut given = [None; 3];
+    for (value, name) in given.iter_mut().zip(["x-user-id", "x-user-name", "x-user-email"]) {
+        *value = single(headers, name)
+            .ok()?
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty());
+    }
+    let [id, name, email] = given;
+    let id = id?;
+    let mut user = User::new(id, name.unwrap_or(id), email.unwrap_or_default());
     user.roles = vec![TRE_USER.to_owned()];
     if admins.iter().any(|admin| admin == id) {
         user.roles.push(TRE_ADMIN.to_owned());
@@ -405,6 +419,26 @@ mod tests {
         let pairs = [("x-user-id", "u-1"), ("x-proxy-secret", "p-s3cret")];
         assert_eq!(auth.authenticate(&headers(&pairs)).await.unwrap().id, "u-1");
         assert!(!format!("{auth:?}").contains("p-s3cret"));
+    }
+
+    #[tokio::test]
+    async fn a_proxy_header_given_twice_names_nobody() {
+        // A proxy that appends its X-User-Id rather than replacing the client's would
+        // otherwise let the client's own value, which comes first, name the caller.
+        let auth = Authentication::none().with_proxy_headers(true).with_proxy_secret("p");
+        for name in ["x-user-id", "x-user-name", "x-user-email", "x-proxy-secret"] {
+            let mut map = headers(&[("x-user-id", "u-1"), ("x-proxy-secret", "p")]);
+            let spoofed = if name == "x-proxy-secret" { "p" } else { "victim" };
+            map.insert(axum::http::HeaderName::from_static(name), spoofed.parse().unwrap());
+            map.append(
+                axum::http::HeaderName::from_static(name),
+                if name == "x-user-id" || name == "x-proxy-secret" { "u-1" } else { "x" }
+                    .parse()
+                    .unwrap(),
+            );
+            let refused = auth.authenticate(&map).await;
+            assert!(matches!(refused, Err(AuthError::Missing)), "{name}: {refused:?}");
+        }
     }
 
     #[test]
