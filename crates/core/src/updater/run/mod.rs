@@ -705,7 +705,10 @@ impl<'a> Run<'a> {
             _ => key,
         };
         self.gate.release_awaiting(session, rank, message_id, due, delay);
-        if !copies.is_empty() {
+        // A copy held here, or one being settled (a redelivery dead-lettered on
+        // arrival holds its session until answered), keeps the message from being
+        // back at the broker: the wait must not run out meanwhile.
+        if !copies.is_empty() || self.settlements.settles_copy(message_id, key) {
             self.gate.returned(session, message_id);
         }
     }
