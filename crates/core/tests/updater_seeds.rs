@@ -437,3 +437,33 @@ async fn a_dead_letter_on_arrival_holds_its_session_until_answered() {
     assert_eq!(broker.dead_letters(QUEUE).len(), 1, "a was dead-lettered");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }
+
+/// Ensures that a message waiting here is not taken for a stale copy of another
+/// message that only shares its id (producers that retry a send, or reuse ids, make
+/// such messages; found by review, not by a seed): `d` of session `t` is retried and
+/// comes back with delivery count 2 while the other `d`, of session `s`, waits behind
+/// its head. That one's lock is not lost, so it must run, long before its lock (an
+/// hour here; never, on a transport without timed locks such as RabbitMQ) runs out.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_message_is_not_replaced_by_another_with_the_same_id() {
+    let broker = broker(Duration::from_secs(3600));
+    send_local_session(&broker, "h", "s").await;
+    send_local_session(&broker, "d", "t").await;
+    send_local_session(&broker, "d", "s").await;
+    let retry = Step::RetryAfter(Duration::ZERO, Duration::ZERO);
+    let handler =
+        Scripted::new(&[("h", &[Step::Complete(Duration::from_secs(10))]), ("d", &[retry])]);
+    let source = LocalSessions(broker.source(QUEUE).unwrap());
+    let supervisor = supervisor();
+    let config = config().with_concurrency(2).with_batch_size(4);
+    supervisor.spawn(Updater::with_source("same-id", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    sleep(Duration::from_secs(30)).await;
+    assert_eq!(worker(&health, "same-id").outcomes.lease_lost, 0, "no lock was lost");
+    eventually("h and both d completed", Duration::from_secs(300), || {
+        worker(&health, "same-id").outcomes.completed == 3
+    })
+    .await;
+    assert_eq!(handler.started(), ["h#1", "d#1", "d#2", "d#1"]);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}

@@ -291,3 +291,52 @@ async fn many_publishes_in_flight_one_unroutable_only_it_is_not_found() {
     assert_eq!(ids, wanted);
     source.stop_receiving().await.unwrap();
 }
+
+/// Ensures that settlements after `stop_receiving` requeued the buffered deliveries
+/// neither settle those again nor close the channel: of ten messages pushed to a
+/// consumer (prefetch 10), three are handed out and the rest requeued by
+/// `stop_receiving`; then the
+/// second is requeued, and the third and first are completed at once (a multiple ack
+/// over the first three passes over the requeued one). Exactly the eight not completed
+/// come back, so no settlement was lost to a closed channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_after_stop_receiving_ack_only_their_own_messages() {
+    require_broker!("settlements_after_stop_receiving_ack_only_their_own_messages");
+    const TOTAL: usize = 10;
+    let test_queue =
+        support::TestQueue::declare("steward-acks-stop", |b| b.with_prefetch(TOTAL as u16)).await;
+    let (queue, rabbit) = (test_queue.name.clone(), test_queue.rabbit.clone());
+    let sink = rabbit.sink();
+    for n in 0..TOTAL {
+        sink.send(&queue, OutgoingMessage::new(format!("{n}")).with_message_id(format!("m-{n}")))
+            .await
+            .unwrap();
+    }
+    let source = rabbit.source(&queue).await.unwrap();
+    let mut handed = receive_n(&source, 3, PROMPTLY).await;
+    assert_eq!(handed.len(), 3);
+    source.stop_receiving().await.unwrap();
+    let third = handed.pop().unwrap();
+    let second = handed.pop().unwrap();
+    let first = handed.pop().unwrap();
+    assert_eq!(second.message().id, "m-1");
+    second.abandon(None).await.unwrap();
+    let (third, first) = futures::future::join(third.complete(), first.complete()).await;
+    third.unwrap();
+    first.unwrap();
+    let left = (TOTAL - 2) as u64;
+    assert_eq!(support::wait_until_depth(&queue, left, PROMPTLY).await, Some(left));
+    drop(source);
+
+    let again = rabbit.source(&queue).await.unwrap();
+    let back = receive_n(&again, TOTAL, Duration::from_secs(5)).await;
+    let ids: BTreeSet<String> = back.iter().map(|d| d.message().id.clone()).collect();
+    let expected: BTreeSet<String> =
+        (1..TOTAL).filter(|n| *n != 2).map(|n| format!("m-{n}")).collect();
+    assert_eq!(ids, expected);
+    for result in futures::future::join_all(back.into_iter().map(Delivery::complete)).await {
+        result.unwrap();
+    }
+    assert_eq!(support::wait_until_empty(&queue, PROMPTLY).await, Some(0));
+    again.stop_receiving().await.unwrap();
+}

@@ -128,3 +128,18 @@ fn a_failure_report_names_its_seed() {
     assert!(summary.contains("STEWARD_SIM_SEED=7 cargo xtask sim"), "{summary}");
     assert!(summary.contains("nothing-lost: m0"), "{summary}");
 }
+
+/// Ensures that seeds 44263, 62934 and 63965 keep every promise. Each broke order the
+/// same way: a message's settlement hung, its lock ran out, and its redeliveries were
+/// dead-lettered on arrival (over the delivery limit) while dispositions hung; when the
+/// hung settlement was given up, the message counted as back at the broker although
+/// the dead-letters of its later copies were still unanswered, the wait for it ran
+/// out, and its session's next message started first.
+#[test]
+fn a_given_up_settlement_keeps_the_session_while_a_later_copy_is_dead_lettered() {
+    quiet_scripted_panics();
+    for seed in [44263, 62934, 63965] {
+        let report = run_scenario(Scenario::generate(seed), None);
+        assert!(report.passed(), "{}", report.summary(40));
+    }
+}

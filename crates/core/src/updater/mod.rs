@@ -252,7 +252,10 @@ impl Connect for Fixed {
 ///   back to the broker until the head is due (on transports with delayed abandon), or
 ///   intake goes on one message at a time up to twice the bound (on others), so the
 ///   head can still be received. A redelivery of a message still waiting here replaces
-///   the old copy, whose lock the broker took back: that copy never runs.
+///   the old copy, whose lock the broker took back: that copy never runs. (A redelivery
+///   has the old copy's session and enqueue time and a higher delivery count, and only
+///   a timed lock can be taken back; another message that merely shares the id is no
+///   redelivery.)
 /// - An optional `handler_timeout` aborts a handler running longer and retries its
 ///   message; one that blocks a thread keeps its session and is counted in the health's
 ///   `overdue_handlers` until it returns.

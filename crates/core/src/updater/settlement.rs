@@ -195,6 +195,14 @@ impl Settlements {
         self.tasks.is_empty()
     }
 
+    /// Whether a copy of message `message_id` other than the one held under `key` is
+    /// being settled (say, a redelivery dead-lettered on arrival while an earlier
+    /// copy's settlement hung): until it is answered, the message is not back at the
+    /// broker.
+    pub(super) fn settles_copy(&self, message_id: &str, key: u64) -> bool {
+        self.under_way.values().any(|unsettled| unsettled.key != key && unsettled.id == message_id)
+    }
+
     pub(super) fn len(&self) -> usize {
         self.tasks.len()
     }
@@ -251,6 +259,24 @@ mod tests {
             SessionStep::AwaitReturn { due: now, delay: Duration::ZERO }
         );
         assert!(settlements.is_empty());
+    }
+
+    /// Ensures that a copy of a message being settled is found under another key, not
+    /// under its own, and no longer once its settlement ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_being_settled_is_found_by_the_other_copies() {
+        let mut settlements = Settlements::new(Duration::from_secs(5));
+        let hung = held_with(2, "m", Some("s"), TestSettle { hang: true, ..TestSettle::default() });
+        let reason = crate::transport::MAX_DELIVERY_COUNT_EXCEEDED.to_owned();
+        let dead_letter = Settlement::DeadLetter { reason, description: String::new() };
+        settlements.start(hung, dead_letter, Some(Settled::DeadLettered), None);
+        assert!(settlements.settles_copy("m", 1), "the earlier copy finds the later one");
+        assert!(!settlements.settles_copy("m", 2), "not itself");
+        assert!(!settlements.settles_copy("other", 1));
+        let (settling, result) = settlements.next().await;
+        assert_eq!(settling.key, 2);
+        assert!(result.is_err());
+        assert!(!settlements.settles_copy("m", 1), "answered: no longer under way");
     }
 
     #[tokio::test(start_paused = true)]

@@ -457,9 +457,20 @@ impl<'a> Run<'a> {
             }
             // A redelivery of a message still waiting here means the broker took that
             // copy's lock back: it must neither run nor be settled. Its session waits
-            // for the message in that copy's place, which the new copy takes.
+            // for the message in that copy's place, which the new copy takes. Only a
+            // timed lock can be taken back (a transport without one redelivers nothing
+            // its consumer holds), and a redelivery keeps its session and enqueue
+            // time: another message that merely has the same id (a producer's retried
+            // send) is no redelivery, and the waiting one must still run.
             let stale = self.pending.iter_mut().filter(|p| {
-                p.id() == message.id && p.delivery.message().delivery_count < message.delivery_count
+                let copy = p.delivery.message();
+                copy.id == message.id
+                    && copy.delivery_count < message.delivery_count
+                    && copy.session_id == message.session_id
+                    && (copy.enqueued_at.is_none()
+                        || message.enqueued_at.is_none()
+                        || copy.enqueued_at == message.enqueued_at)
+                    && p.delivery.locked_until().is_some()
             });
             let mut lost = 0;
             for copy in stale {
@@ -694,7 +705,10 @@ impl<'a> Run<'a> {
             _ => key,
         };
         self.gate.release_awaiting(session, rank, message_id, due, delay);
-        if !copies.is_empty() {
+        // A copy held here, or one being settled (a redelivery dead-lettered on
+        // arrival holds its session until answered), keeps the message from being
+        // back at the broker: the wait must not run out meanwhile.
+        if !copies.is_empty() || self.settlements.settles_copy(message_id, key) {
             self.gate.returned(session, message_id);
         }
     }
