@@ -128,6 +128,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     inmem::bench(&bench, &mut report);
     let peers = python::Peers::prepare(&bench);
     rabbitmq::bench(&bench, &peers, &mut report);
+    rabbitmq::bench_memory(&bench, &mut report);
+    missing(&mut report);
     goals(&mut report);
 
     report.meta("wall time", format!("{:.0?}", started.elapsed()));
@@ -135,6 +137,22 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     report.write(&dir)?;
     println!("\n{}\nwritten to {}", report.to_markdown(), dir.display());
     Ok(())
+}
+
+/// The figures of the issue this benchmark does not measure yet, each with the reason.
+fn missing(report: &mut Report) {
+    let not_built = "not implemented in the benchmark yet (no time in this change)";
+    for key in ["e2e.sqlite.rate", "e2e.postgres.rate"] {
+        report.missing(key, "msg/s", not_built);
+    }
+    for key in
+        ["latency.inmem.p50", "latency.inmem.p99", "latency.rabbitmq.p50", "latency.rabbitmq.p99"]
+    {
+        report.missing(key, "µs", not_built);
+    }
+    report.missing("resilience.reconnect.median", "ms", not_built);
+    report.missing("resilience.reconnect.max", "ms", not_built);
+    report.missing("resilience.sigterm-64-in-flight", "ms", not_built);
 }
 
 /// The issue's goals, from the figures measured.
@@ -158,5 +176,5 @@ fn goals(report: &mut Report) {
     let reconnect = report.value("resilience.reconnect.max");
     report.goal("Reconnect ≤ 2 s (max of 5, ms)", reconnect, false, 2_000.0);
     let rss = report.value("memory.idle.rss");
-    report.goal("Idle RSS ≤ 30 MB (MB)", rss, false, 30.0);
+    report.goal("Idle RSS ≤ 30 MB (Updater worker process, MB)", rss, false, 30.0);
 }

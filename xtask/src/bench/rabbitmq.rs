@@ -336,3 +336,138 @@ pub(super) fn bench(
         report.ratio("rabbitmq.consume.updater.cpu", &format!("rabbitmq.consume.{other}.cpu"));
     }
 }
+
+/// This process's resident set size in kB, from `/proc/self/status`.
+fn rss_kb() -> Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/self/status")
+}
+
+/// The memory worker: an Updater (as in [`consume_updater`]) on the empty `queue`;
+/// prints its RSS once idle (after 2 s connected), then again once `count` messages,
+/// published by another process, are handled.
+pub(crate) async fn memory(queue: &str, count: usize) -> Result<()> {
+    let rabbit = transport(queue)?;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(Notify::new());
+    let handler = {
+        let (handled, finished) = (handled.clone(), finished.clone());
+        handler_fn(move |message| {
+            let ok = parse(&message.body);
+            if handled.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                finished.notify_one();
+            }
+            async move {
+                if ok {
+                    Outcome::Complete
+                } else {
+                    Outcome::DeadLetter {
+                        reason: "MessageFormatIncorrect".into(),
+                        description: "not a JSON object".into(),
+                    }
+                }
+            }
+        })
+    };
+    let connect = {
+        let (rabbit, queue) = (rabbit.clone(), queue.to_owned());
+        move || {
+            let (rabbit, queue) = (rabbit.clone(), queue.clone());
+            async move { rabbit.source(&queue).await }
+        }
+    };
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    supervisor.spawn(
+        Updater::new("bench", connect, handler)
+            .with_config(UpdaterConfig::default().with_concurrency(8).with_batch_size(64)),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("{{\"idle_kb\":{}}}", rss_kb()?);
+    finished.notified().await;
+    println!("{{\"after_kb\":{}}}", rss_kb()?);
+    let _ = supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// Runs the memory worker on `queue`, publishing `count` messages once it reports idle;
+/// returns its idle and after-`count` RSS in MB.
+fn measure_memory(
+    bench: &super::Bench,
+    queue: &str,
+    count: usize,
+    limit: Duration,
+) -> Result<(f64, f64)> {
+    use std::io::BufRead as _;
+    block_on(purge(queue))?;
+    let mut child = std::process::Command::new(&bench.exe)
+        .args(["bench-worker", "rabbitmq-memory", queue, &count.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .context("could not start the memory worker")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let read = |field: &str| -> Result<f64> {
+        let line =
+            received.recv_timeout(limit).with_context(|| format!("no {field} within {limit:?}"))?;
+        let value: serde_json::Value = serde_json::from_str(&line)?;
+        Ok(value[field].as_f64().with_context(|| format!("{line:?} has no {field}"))? / 1024.0)
+    };
+    let result = (|| {
+        let idle = read("idle_kb")?;
+        bench.worker(&["rabbitmq-publish-raw", queue, &count.to_string()], limit)?;
+        let after = read("after_kb")?;
+        Ok((idle, after))
+    })();
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    result
+}
+
+/// The memory figures: RSS of a process running the Updater, idle and after 100k
+/// messages.
+pub(super) fn bench_memory(bench: &super::Bench, report: &mut super::Report) {
+    const COUNT: usize = 100_000;
+    let limit = Duration::from_secs(180);
+    let queue = unique_queue("memory");
+    if let Err(error) = block_on(async { Ok(transport(&queue)?.declare_topology().await?) }) {
+        report.missing("memory.idle.rss", "MB", format!("{error:#}"));
+        report.missing("memory.after-100k.rss", "MB", format!("{error:#}"));
+        return;
+    }
+    let (mut idle, mut after, mut failure) = (Vec::new(), Vec::new(), None);
+    for round in 0..super::ROUNDS {
+        println!("memory: round {}", round + 1);
+        match measure_memory(bench, &queue, COUNT, limit) {
+            Ok((i, a)) => {
+                idle.push(i);
+                after.push(a);
+            }
+            Err(error) => failure = Some(format!("{error:#}")),
+        }
+    }
+    if let Err(error) = block_on(async { Ok(transport(&queue)?.delete_topology().await?) }) {
+        eprintln!("could not delete the benchmark's queue {queue}: {error:#}");
+    }
+    for (key, rounds) in [("memory.idle.rss", idle), ("memory.after-100k.rss", after)] {
+        if rounds.is_empty() {
+            report.missing(key, "MB", failure.clone().unwrap_or_default());
+        } else {
+            report.figure(key, "MB", rounds);
+        }
+    }
+}

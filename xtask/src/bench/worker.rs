@@ -90,6 +90,11 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
         .enable_all()
         .build()
         .context("could not start the tokio runtime")?;
+    if kind == "rabbitmq-memory" {
+        let queue: String = arg(args, 1, "queue")?;
+        let count = arg(args, 2, "count")?;
+        return runtime.block_on(rabbitmq::memory(&queue, count));
+    }
     let sample = runtime.block_on(async {
         match kind {
             "inmem-updater" => {
