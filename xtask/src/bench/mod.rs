@@ -10,6 +10,7 @@
 
 mod cpu;
 mod inmem;
+mod latency;
 mod python;
 mod rabbitmq;
 mod report;
@@ -51,7 +52,12 @@ impl Bench {
 }
 
 /// Runs `command`, expecting one sample line on its stdout within `limit`.
-fn run_sample(mut command: Command, limit: Duration) -> Result<Sample> {
+fn run_sample(command: Command, limit: Duration) -> Result<Sample> {
+    Sample::from_json(&run_line(command, limit)?)
+}
+
+/// Runs `command`, returning the last line it printed on stdout within `limit`.
+fn run_line(mut command: Command, limit: Duration) -> Result<String> {
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -74,8 +80,7 @@ fn run_sample(mut command: Command, limit: Duration) -> Result<Sample> {
         bail!("failed: {}", output.status);
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().context("printed nothing")?;
-    Sample::from_json(line)
+    Ok(stdout.lines().last().context("printed nothing")?.to_owned())
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
@@ -129,6 +134,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let peers = python::Peers::prepare(&bench);
     rabbitmq::bench(&bench, &peers, &mut report);
     rabbitmq::bench_memory(&bench, &mut report);
+    latency::bench(&bench, &mut report);
     missing(&mut report);
     goals(&mut report);
 

@@ -471,3 +471,15 @@ pub(super) fn bench_memory(bench: &super::Bench, report: &mut super::Report) {
         }
     }
 }
+
+/// Declares the steward topology of `queue`.
+pub(crate) fn declare(queue: &str) -> Result<()> {
+    block_on(async { Ok(transport(queue)?.declare_topology().await?) })
+}
+
+/// Deletes the steward topology of `queue`, reporting a failure on stderr.
+pub(crate) fn delete(queue: &str) {
+    if let Err(error) = block_on(async { Ok(transport(queue)?.delete_topology().await?) }) {
+        eprintln!("could not delete the benchmark's queue {queue}: {error:#}");
+    }
+}

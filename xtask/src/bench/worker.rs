@@ -90,6 +90,15 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
         .enable_all()
         .build()
         .context("could not start the tokio runtime")?;
+    if let Some(transport) = kind.strip_suffix("-latency") {
+        let rate: f64 = arg(args, 1, "rate")?;
+        let count = arg(args, 2, "count")?;
+        let queue: String = arg(args, 3, "queue").unwrap_or_default();
+        let (p50, p99) =
+            runtime.block_on(super::latency::measure(transport, &queue, rate, count))?;
+        println!("{}", serde_json::json!({ "p50_us": p50, "p99_us": p99 }));
+        return Ok(());
+    }
     if kind == "rabbitmq-memory" {
         let queue: String = arg(args, 1, "queue")?;
         let count = arg(args, 2, "count")?;
