@@ -137,8 +137,17 @@ pub(super) fn bench(bench: &super::Bench, report: &mut super::Report) {
         if let Err(error) = declared {
             failure = Some(format!("{error:#}"));
         } else {
-            for round in 0..super::ROUNDS {
-                println!("latency {transport}: round {}, {rate:.0} msg/s", round + 1);
+            // A failed round is retried, twice at most, and counted in the report.
+            let mut failed = 0;
+            while p50.len() < super::ROUNDS && failed <= 2 {
+                println!("latency {transport}: round {}, {rate:.0} msg/s", p50.len() + 1);
+                if transport == "rabbitmq"
+                    && let Err(error) = rabbitmq::purge_queue(&queue)
+                {
+                    failure = Some(format!("{error:#}"));
+                    failed += 1;
+                    continue;
+                }
                 let mut command = std::process::Command::new(&bench.exe);
                 command.args([
                     "bench-worker",
@@ -159,9 +168,13 @@ pub(super) fn bench(bench: &super::Bench, report: &mut super::Report) {
                         p50.push(a);
                         p99.push(b);
                     }
-                    Err(error) => failure = Some(format!("{error:#}")),
+                    Err(error) => {
+                        failure = Some(format!("{error:#}"));
+                        failed += 1;
+                    }
                 }
             }
+            report.meta(&format!("latency {transport} failed rounds"), failed.to_string());
             if transport == "rabbitmq" {
                 rabbitmq::delete(&queue);
             }

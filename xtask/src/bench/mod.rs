@@ -151,11 +151,6 @@ fn missing(report: &mut Report) {
     for key in ["e2e.sqlite.rate", "e2e.postgres.rate"] {
         report.missing(key, "msg/s", not_built);
     }
-    for key in
-        ["latency.inmem.p50", "latency.inmem.p99", "latency.rabbitmq.p50", "latency.rabbitmq.p99"]
-    {
-        report.missing(key, "µs", not_built);
-    }
     report.missing("resilience.reconnect.median", "ms", not_built);
     report.missing("resilience.reconnect.max", "ms", not_built);
     report.missing("resilience.sigterm-64-in-flight", "ms", not_built);

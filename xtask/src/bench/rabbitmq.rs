@@ -472,6 +472,11 @@ pub(super) fn bench_memory(bench: &super::Bench, report: &mut super::Report) {
     }
 }
 
+/// Empties `queue`, from the orchestrator.
+pub(crate) fn purge_queue(queue: &str) -> Result<()> {
+    block_on(purge(queue))
+}
+
 /// Declares the steward topology of `queue`.
 pub(crate) fn declare(queue: &str) -> Result<()> {
     block_on(async { Ok(transport(queue)?.declare_topology().await?) })
