@@ -4,9 +4,9 @@
 //!   `cargo test`, with the tests of real-broker and black-box binaries one at a time),
 //!   doc tests, 500 seeds of the deterministic simulation, and the runnable example
 //!   (bounded by its `--run-for` flag and a hard time limit): what CI runs.
-//! - `cargo xtask bench`: the benchmarks, built in release. Each reports a value and a
-//!   baseline measured in the same process run, and their ratio, so results compare
-//!   across noisy machines. Writes `target/bench/report.json` and `report.md`.
+//! - `cargo xtask bench [--quick]`: steward against the bare clients (in memory,
+//!   RabbitMQ, Python peers), built in release, each measured consumer in its own child
+//!   process; writes `target/bench/report.json` and `report.md` (see `BENCHMARKS.md`).
 //! - `cargo xtask sim [--seeds N] [--from N]`: the deterministic simulation
 //!   (`crates/sim`), built in release with tokio's RNG seeded per seed;
 //!   `STEWARD_SIM_SEED=<n>` replays one seed with its whole trace.
@@ -17,15 +17,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("bench") => bench(),
+        Some("bench") => bench::run(&args[1..]),
+        // Hidden: one measured consumer or publisher, run by `bench` in a child process.
+        Some("bench-worker") => bench::worker::main(&args[1..]),
         Some("sim") => sim(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, 500 simulation seeds, examples\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
+                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, 500 simulation seeds, examples\n  bench  benchmarks against the bare clients, in release: [--quick]\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
             );
             Ok(())
         }
@@ -267,55 +271,6 @@ fn ci() -> Result<()> {
     example("steward-core", "supervised", &["--run-for", "6"], Duration::from_secs(300))?;
     feature_builds()?;
     println!("\nci passed in {:.0?}", started.elapsed());
-    Ok(())
-}
-
-/// The benchmark targets: (package, bench name).
-const BENCHES: &[(&str, &str)] = &[("steward-core", "updater")];
-
-fn bench() -> Result<()> {
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut results = Vec::new();
-    for (package, name) in BENCHES {
-        println!("==> cargo bench -p {package} --bench {name}");
-        let output = Command::new(&cargo)
-            .args(["bench", "--quiet", "-p", package, "--bench", name])
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .with_context(|| format!("could not run {cargo}"))?;
-        if !output.status.success() {
-            bail!("benchmark {package}/{name} failed: {}", output.status);
-        }
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
-            match serde_json::from_str::<serde_json::Value>(line) {
-                Ok(value) if value.get("ratio").is_some() => {
-                    println!("{line}");
-                    results.push(value);
-                }
-                _ => println!("{line}"),
-            }
-        }
-    }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask lives inside the workspace")?;
-    let dir = root.join("target").join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let json = serde_json::to_string_pretty(&serde_json::json!({ "results": results }))?;
-    std::fs::write(dir.join("report.json"), json)?;
-    let mut table = String::from("| benchmark | value | baseline | ratio |\n|---|---|---|---|\n");
-    for r in &results {
-        let unit = r["unit"].as_str().unwrap_or("");
-        table.push_str(&format!(
-            "| {} | {} {unit} | {} {unit} | {} |\n",
-            r["name"].as_str().unwrap_or("?"),
-            r["value"],
-            r["baseline"],
-            r["ratio"]
-        ));
-    }
-    std::fs::write(dir.join("report.md"), &table)?;
-    println!("\n{table}\nwritten to {}", dir.display());
     Ok(())
 }
 
