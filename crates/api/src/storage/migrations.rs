@@ -22,6 +22,11 @@ pub(crate) const MIGRATIONS: &[(&str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0002_workspace_roles.sql"),
         include_str!("../../migrations/postgres/0002_workspace_roles.sql"),
     ),
+    (
+        "0003_outbox_parked.sql",
+        include_str!("../../migrations/sqlite/0003_outbox_parked.sql"),
+        include_str!("../../migrations/postgres/0003_outbox_parked.sql"),
+    ),
 ];
 
 /// The migrations of one backend, as a source sqlx's `Migrator` reads.
