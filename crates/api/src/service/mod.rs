@@ -257,6 +257,7 @@ impl Service {
             auth,
             metrics_open: config.metrics_open,
             transport: transport.name().to_owned(),
+            max_message_bytes: transport.max_message_bytes(),
         };
         let state = AppState {
             db: db.clone(),

@@ -133,19 +133,41 @@ fn from_row(row: &AnyRow) -> Result<OutboxRecord, StoreError> {
     })
 }
 
+/// Room kept for the message id the row id becomes: an `i64` as text.
+const MESSAGE_ID_ROOM: usize = 20;
+
 impl Tx {
+    /// Refuses, from now on in this transaction, outbox messages larger than `limit`
+    /// bytes (the transport's, see [`Capabilities::max_body_bytes`]); `None` for no
+    /// limit. A message over it fails [`insert_outbox`](Self::insert_outbox) with
+    /// [`StoreError::MessageTooLarge`], so nothing is committed.
+    ///
+    /// [`Capabilities::max_body_bytes`]: steward_core::Capabilities::max_body_bytes
+    pub fn limit_message_size(&mut self, limit: Option<usize>) {
+        self.max_message_bytes = limit;
+    }
+
     /// Writes a message to the outbox; it is published after this transaction commits
     /// (and never if it rolls back). Returns the row id, which becomes the message id.
     ///
     /// # Errors
     ///
-    /// The database failed.
+    /// [`StoreError::MessageTooLarge`] over the [limit](Self::limit_message_size); the
+    /// database failed.
     ///
     /// # Cancellation safety
     ///
     /// Cancel safe: the transaction is rolled back when dropped.
     pub async fn insert_outbox(&mut self, message: OutboxMessage) -> Result<i64, StoreError> {
         let OutboxMessage { queue, aggregate_id, subject, outgoing: message } = message;
+        if let Some(limit) = self.max_message_bytes {
+            let size = message.size_bytes()
+                + subject.as_ref().map_or(0, |subject| "subject".len() + subject.len())
+                + MESSAGE_ID_ROOM;
+            if size > limit {
+                return Err(StoreError::MessageTooLarge { queue, size, limit });
+            }
+        }
         let properties = serde_json::to_string(&message.properties)
             .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &aggregate_id, error))?;
         let now = millis(self.now());
