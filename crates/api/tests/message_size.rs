@@ -88,3 +88,30 @@ db_test!(
     oversized_message_is_refused_with_413_before_any_commit_postgres,
     oversized_message_is_refused_with_413_before_any_commit
 );
+
+/// Ensures that a string over its template's `maxLength` is a validation error with the
+/// same status and code as a value of the wrong type, and commits nothing; a string of
+/// exactly `maxLength` characters passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_length_violation_is_a_validation_error() {
+    let db = support::TestDb::sqlite().await;
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    let firewall = |display_name: Value| {
+        json!({
+            "templateName": "tre-shared-service-firewall",
+            "resourceType": "shared-service",
+            "properties": {"display_name": display_name},
+        })
+    };
+    let (wrong_type, wrong_body) = post(&db, &supervisor, &firewall(json!(5))).await;
+    assert_eq!(wrong_type, StatusCode::BAD_REQUEST, "{wrong_body}");
+    let (too_long, body) = post(&db, &supervisor, &firewall(json!("é".repeat(257)))).await;
+    assert_eq!(too_long, wrong_type, "{body}");
+    assert_eq!(body["error"], wrong_body["error"], "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("longer than 256 characters"), "{body}");
+    assert_eq!(resource_count(&db).await, 0);
+    assert_eq!(db.outbox_backlog().await.unwrap(), 0);
+    let (status, body) = post(&db, &supervisor, &firewall(json!("é".repeat(256)))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    db.finish().await;
+}
