@@ -281,3 +281,32 @@ db_test!(
     broker_outage_parks_nothing_postgres,
     broker_outage_parks_nothing
 );
+
+fn epoch_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+/// Ensures that a worker whose lease ran out cannot delete the row another worker has
+/// claimed since; the owner's own delete removes it.
+async fn a_delete_checks_the_lease_owner(store: &Store) {
+    write_one(store, "x", 0, 0).await;
+    let now = epoch_ms() + 1_000;
+    let first = store.claim_outbox("first", 10, now, now + 1_000).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let second = store.claim_outbox("second", 10, now + 2_000, now + 60_000).await.unwrap();
+    assert_eq!(second.len(), 1, "the lease of `first` ran out");
+    let id = second[0].id;
+    assert!(!store.delete_outbox(id, "first").await.unwrap(), "not the owner any more");
+    let rows = store.outbox_messages(10).await.unwrap();
+    assert_eq!(rows.len(), 1, "the row stays for its owner");
+    assert_eq!(rows[0].lease_owner.as_deref(), Some("second"));
+    assert!(store.delete_outbox(id, "second").await.unwrap());
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+db_test!(
+    a_delete_checks_the_lease_owner_sqlite,
+    a_delete_checks_the_lease_owner_postgres,
+    a_delete_checks_the_lease_owner
+);

@@ -283,7 +283,9 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Deletes a published outbox row.
+    /// Deletes a published outbox row that `owner` holds. Returns whether it did: not
+    /// when the lease has passed to another worker meanwhile, whose claim stands (it
+    /// sends the row again; consumers drop the duplicate by its message id).
     ///
     /// # Errors
     ///
@@ -293,10 +295,15 @@ impl Store {
     ///
     /// Cancel safe: a cancelled delete leaves the row, which is then published again
     /// (consumers drop the duplicate by its message id).
-    pub async fn delete_outbox(&self, id: i64) -> Result<(), StoreError> {
+    pub async fn delete_outbox(&self, id: i64, owner: &str) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM outbox WHERE id = $1").bind(id).execute(tx.conn()).await?;
-        tx.commit().await
+        let done = sqlx::query("DELETE FROM outbox WHERE id = $1 AND lease_owner = $2")
+            .bind(id)
+            .bind(owner)
+            .execute(tx.conn())
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Records a failed publish of a row `owner` holds: one more attempt, the error, the

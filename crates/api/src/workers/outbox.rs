@@ -328,7 +328,9 @@ impl OutboxWorker {
                 tracing::debug!(queue = %queue, message_id = id, aggregate = %record.message.aggregate_id, "published");
                 self.successes.fetch_add(1, Ordering::SeqCst);
                 self.forget_strikes(id);
-                self.store.delete_outbox(id).await.map_err(unavailable)?;
+                if !self.store.delete_outbox(id, &self.owner).await.map_err(unavailable)? {
+                    tracing::warn!(queue = %queue, message_id = id, "the lease passed to another worker during the send; it sends the row again");
+                }
                 Ok(Published::Sent)
             }
             Err((kind, error)) => {
