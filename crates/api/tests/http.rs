@@ -1100,6 +1100,7 @@ async fn probes_follow_worker_health() {
             ("Message Transport".to_owned(), "OK".to_owned()),
             ("Deployment Status Updater".to_owned(), "OK".to_owned()),
             ("Airlock Status Updater".to_owned(), "OK".to_owned()),
+            ("Outbox".to_owned(), "OK".to_owned()),
         ]
     );
 

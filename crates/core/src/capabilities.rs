@@ -31,7 +31,10 @@ pub struct Capabilities {
     pub delivery_count: bool,
     /// Bodies may hold any bytes; without it, bodies must be UTF-8 text.
     pub binary_body: bool,
-    /// The largest body the transport accepts, if it has a limit.
+    /// The largest message the transport accepts, if it has a limit: the whole message
+    /// as [`OutgoingMessage::size_bytes`](crate::OutgoingMessage::size_bytes) counts
+    /// it (body, ids, content type and properties; Service Bus counts properties
+    /// too), not the body alone.
     pub max_body_bytes: Option<usize>,
 }
 

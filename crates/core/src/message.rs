@@ -93,6 +93,20 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
+    /// The size of the whole message as transports count it against their limit
+    /// ([`Capabilities::max_body_bytes`](crate::Capabilities::max_body_bytes)): the
+    /// body, the ids, the content type and every property's name and value, in bytes.
+    #[must_use]
+    pub fn size_bytes(&self) -> usize {
+        let text = |value: &Option<String>| value.as_ref().map_or(0, String::len);
+        self.body.len()
+            + text(&self.message_id)
+            + text(&self.session_id)
+            + text(&self.correlation_id)
+            + text(&self.content_type)
+            + self.properties.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
+    }
+
     /// A message with this body and nothing else set.
     #[must_use]
     pub fn new(body: impl Into<Bytes>) -> Self {

@@ -113,7 +113,9 @@ impl InMemoryBrokerBuilder {
         self
     }
 
-    /// Refuses bodies larger than `max` bytes. Default: no limit.
+    /// Refuses messages larger than `max` bytes, counting the whole message as
+    /// [`OutgoingMessage::size_bytes`] does (body, ids, content type, properties).
+    /// Default: no limit.
     pub fn with_max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = Some(max);
         self
@@ -388,10 +390,10 @@ impl InMemoryBroker {
     ) -> Result<Enqueued, TransportError> {
         self.before(Operation::Send, queue).await?;
         if let Some(max) = self.inner.max_body_bytes {
-            if message.body.len() > max {
+            if message.size_bytes() > max {
                 return Err(TransportError::protocol(format!(
                     "message of {} bytes to queue {queue} exceeds the limit of {max} bytes",
-                    message.body.len()
+                    message.size_bytes()
                 )));
             }
         }

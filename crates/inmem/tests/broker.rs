@@ -272,7 +272,8 @@ async fn lock_by_message_id_finds_only_the_holder() {
     assert_eq!(broker.message_count("q"), 0);
 }
 
-/// Ensures that a body over the broker's limit is refused with a protocol error.
+/// Ensures that a message over the broker's limit is refused with a protocol error,
+/// its properties counted with its body.
 #[tokio::test(start_paused = true)]
 async fn body_over_limit_is_refused() {
     let broker = InMemoryBroker::builder().with_max_body_bytes(8).build();
@@ -280,6 +281,10 @@ async fn body_over_limit_is_refused() {
     let error = broker.send("q", OutgoingMessage::new("123456789")).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Protocol);
     broker.send("q", OutgoingMessage::new("12345678")).await.unwrap();
+    let mut with_property = OutgoingMessage::new("1234");
+    with_property.properties.insert("ab".to_owned(), "cde".to_owned());
+    let error = broker.send("q", with_property).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Protocol, "4 + 2 + 3 bytes are over 8");
 }
 
 /// Ensures that a source stopped with `stop_receiving` takes no more messages but its

@@ -95,6 +95,7 @@ pub(super) async fn create(
     let store = state.db.serving()?;
     Access::new(&state, store, &user).author_airlock(&body.workspace_id).await?;
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let new = NewAirlockRequest {
         workspace_id: body.workspace_id,
         request_type: body.request_type,
@@ -162,6 +163,7 @@ pub(super) async fn submit(
     let existing = store.read().airlock_request(&id).await?;
     Access::new(&state, store, &user).author_airlock_request(&existing).await?;
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let request = airlock::submit(&mut tx, &state.settings.airlock_queues, &id, &user).await?;
     tx.commit().await?;
     tracing::info!(request_id = %id, "airlock request submitted");
@@ -186,6 +188,7 @@ pub(super) async fn review(
     let existing = store.read().airlock_request(&id).await?;
     Access::new(&state, store, &user).review_airlock(&existing).await?;
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let request = airlock::review(
         &mut tx,
         &state.settings.airlock_queues,
@@ -213,6 +216,7 @@ pub(super) async fn cancel(
     let existing = store.read().airlock_request(&id).await?;
     Access::new(&state, store, &user).author_airlock_request(&existing).await?;
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let request = airlock::cancel(&mut tx, &state.settings.airlock_queues, &id, &user).await?;
     tx.commit().await?;
     tracing::info!(request_id = %id, "airlock request cancelled");

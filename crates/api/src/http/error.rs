@@ -158,6 +158,8 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         if error.is_not_found() {
             ApiError::not_found(error.to_string())
+        } else if error.is_message_too_large() {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", error.to_string())
         } else if error.is_etag_mismatch() {
             ApiError::new(StatusCode::CONFLICT, "conflict", error.to_string())
         } else if error.is_unavailable() {

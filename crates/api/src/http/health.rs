@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use steward_core::{HealthSnapshot, WorkerHealth, WorkerState};
+use steward_core::{HealthSnapshot, WorkerHealth, WorkerState, error_chain};
 
 use super::extract::ShowDetails;
 use crate::http::AppState;
@@ -26,7 +26,8 @@ pub(super) enum ServiceStatusValue {
 /// One service in `/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub(super) struct ServiceStatus {
-    /// `Database`, `Message Transport`, `Deployment Status Updater`, `Airlock Status Updater`.
+    /// `Database`, `Message Transport`, `Deployment Status Updater`, `Airlock Status
+    /// Updater`, `Outbox`.
     pub service: String,
     /// `OK` or `Not OK`.
     pub status: ServiceStatusValue,
@@ -70,16 +71,51 @@ fn describe(health: &WorkerHealth) -> String {
     }
 }
 
+/// The `/health` entry for the outbox: `Not OK` while messages are parked (they were
+/// not sent and need an operator), or when they cannot be counted.
+pub(super) const OUTBOX_SERVICE: &str = "Outbox";
+
+async fn outbox(state: &AppState, details: bool) -> ServiceStatus {
+    let (status, mut message) = match state.db.serving() {
+        Err(not_ready) => (ServiceStatusValue::NotOk, not_ready.to_string()),
+        Ok(store) => match store.parked_outbox().await {
+            Ok(parked) if parked.count == 0 => (ServiceStatusValue::Ok, String::new()),
+            Ok(parked) => {
+                let now = crate::storage::millis(store.clock().now());
+                let age = parked.oldest_parked_at.map_or(0, |at| now.saturating_sub(at).max(0));
+                (
+                    ServiceStatusValue::NotOk,
+                    format!(
+                        "{} outbox message(s) parked, the oldest {} s ago",
+                        parked.count,
+                        age / 1000
+                    ),
+                )
+            }
+            Err(error) => (
+                ServiceStatusValue::NotOk,
+                format!("cannot count the parked outbox messages: {}", error_chain(&error)),
+            ),
+        },
+    };
+    if !details {
+        message.clear();
+    }
+    ServiceStatus { service: OUTBOX_SERVICE.to_owned(), status, message }
+}
+
 /// The TRE-compatible health document; always 200. The messages (error chains with
-/// host and queue names) only for `TREAdmin`; empty for everyone else.
+/// host and queue names, parked outbox messages) only for `TREAdmin`; empty for
+/// everyone else.
 #[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = HealthCheck)))]
 pub(super) async fn health(
     State(state): State<AppState>,
     ShowDetails(details): ShowDetails,
 ) -> Json<HealthCheck> {
     let snapshot = state.health.snapshot();
-    let services =
+    let mut services: Vec<ServiceStatus> =
         SERVICES.iter().map(|(name, worker)| service(&snapshot, name, worker, details)).collect();
+    services.push(outbox(&state, details).await);
     Json(HealthCheck { services })
 }
 

@@ -131,6 +131,7 @@ pub(super) async fn create(
         .create_resource(body.resource_type, body.workspace_id.as_deref())
         .await?;
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let new = NewResource {
         template_name: body.template_name,
         resource_type: body.resource_type,
@@ -239,6 +240,7 @@ pub(super) async fn update(
     let resource = store.read().resource(&id).await?;
     Access::new(&state, store, &user).change_resource(&resource).await?;
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let created =
         operations::upgrade_resource(&mut tx, context(&state), &id, body.properties, None, &user)
             .await?;
@@ -260,6 +262,7 @@ pub(super) async fn delete(
     let resource = store.read().resource(&id).await?;
     Access::new(&state, store, &user).change_resource(&resource).await?;
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let operation =
         operations::uninstall_resource(&mut tx, context(&state), &id, &user, false).await?;
     tx.commit().await?;
@@ -280,6 +283,7 @@ pub(super) async fn action(
     let resource = store.read().resource(&id).await?;
     Access::new(&state, store, &user).change_resource(&resource).await?;
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let operation =
         operations::invoke_action(&mut tx, context(&state), &id, &action, &user).await?;
     tx.commit().await?;

@@ -86,6 +86,7 @@ pub(super) async fn set(
         )));
     }
     let mut tx = store.begin().await?;
+    tx.limit_message_size(state.settings.max_message_bytes);
     let before = tx.read().workspace_roles(&workspace_id, &user_id).await?;
     let grants_manager = body.roles.contains(&WorkspaceRole::AirlockManager)
         && !before.contains(&WorkspaceRole::AirlockManager);

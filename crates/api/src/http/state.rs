@@ -25,6 +25,11 @@ pub struct ApiSettings {
     pub metrics_open: bool,
     /// The transport's name, for health messages.
     pub transport: String,
+    /// The largest message the transport accepts, whole (see
+    /// [`Capabilities::max_body_bytes`](steward_core::Capabilities::max_body_bytes)):
+    /// a request whose messages would be larger is refused with 413 before anything is
+    /// committed. `None`: no limit.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// The state every HTTP handler gets: cheap to clone.

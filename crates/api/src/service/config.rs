@@ -10,6 +10,7 @@ use steward_core::UpdaterConfig;
 
 use crate::domain::queues;
 use crate::http::auth::{Authentication, KeySetError, OidcConfig, OidcVerifier};
+use crate::workers::OutboxConfig;
 
 use super::transport::{KNOWN, Topology, TransportConfigError, TransportOptions};
 
@@ -103,6 +104,12 @@ pub struct Config {
     /// Deliveries after which a message is dead-lettered.
     #[arg(long, env = "STEWARD_MAX_DELIVERIES", default_value_t = UpdaterConfig::default().max_deliveries, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliveries: u32,
+
+    /// Failed sends after which an outbox message is parked, counting only failures
+    /// with other sends to the transport succeeding in between (a broker outage parks
+    /// nothing). A send error of the message's own parks it at once.
+    #[arg(long, env = "STEWARD_OUTBOX_PARK_AFTER", default_value_t = OutboxConfig::default().park_after, value_parser = clap::value_parser!(u32).range(1..))]
+    pub outbox_park_after: u32,
 
     /// How long a shutdown waits for in-flight work, e.g. `25s` or `2m`.
     #[arg(long, env = "STEWARD_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
@@ -204,6 +211,7 @@ impl std::fmt::Debug for Config {
             .field("simulate_processors", &self.simulate_processors)
             .field("templates_dir", &self.templates_dir)
             .field("max_deliveries", &self.max_deliveries)
+            .field("outbox_park_after", &self.outbox_park_after)
             .field("drain_timeout", &self.drain_timeout)
             .field("restart_backoff", &self.restart_backoff)
             .field("restart_limit", &self.restart_limit)

@@ -34,8 +34,8 @@ use crate::storage::{Database, OutboxMessage, Store, StoreOptions};
 use crate::templates::TemplateRegistry;
 use crate::workers::{
     AfterDatabase, AirlockProcessor, AirlockStatusHandler, DatabaseWatcher,
-    DeploymentStatusHandler, OutboxWorker, ResourceProcessor, StaticRecipients, TransportWatcher,
-    names,
+    DeploymentStatusHandler, OutboxConfig, OutboxWorker, ResourceProcessor, StaticRecipients,
+    TransportWatcher, names,
 };
 
 /// Why the service did not start: bad configuration (exit code 2).
@@ -170,7 +170,9 @@ fn spawn_workers<F>(
         supervisor,
         AfterDatabase::new(
             db.clone(),
-            OutboxWorker::new(store, transport.sink()).with_producers(supervisor.health()),
+            OutboxWorker::new(store, transport.sink())
+                .with_config(OutboxConfig::default().with_park_after(config.outbox_park_after))
+                .with_producers(supervisor.health()),
         ),
     );
 
@@ -248,6 +250,7 @@ impl Service {
             auth,
             metrics_open: config.metrics_open,
             transport: transport.name().to_owned(),
+            max_message_bytes: transport.max_message_bytes(),
         };
         let state = AppState {
             db: db.clone(),

@@ -96,6 +96,18 @@ pub enum StoreError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    /// A message written to the outbox is larger than the transport accepts, so it
+    /// could never be sent; nothing of the transaction is committed.
+    #[error("a message to {queue} of {size} bytes is over the transport's limit of {limit} bytes")]
+    MessageTooLarge {
+        /// Where it was going.
+        queue: String,
+        /// Its size, as [`OutgoingMessage::size_bytes`](steward_core::OutgoingMessage::size_bytes)
+        /// counts it, with room for the message id and the subject.
+        size: usize,
+        /// The transport's limit.
+        limit: usize,
+    },
     /// The database URL is not one steward supports.
     #[error("invalid database url: {message}")]
     InvalidUrl {
@@ -117,6 +129,12 @@ impl StoreError {
             ),
             _ => false,
         }
+    }
+
+    /// Whether a message was over the transport's limit.
+    #[must_use]
+    pub fn is_message_too_large(&self) -> bool {
+        matches!(self, StoreError::MessageTooLarge { .. })
     }
 
     /// Whether the record does not exist.

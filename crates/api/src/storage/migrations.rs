@@ -32,6 +32,11 @@ pub(crate) const MIGRATIONS: &[(&str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0004_status_order.sql"),
         include_str!("../../migrations/postgres/0004_status_order.sql"),
     ),
+    (
+        "0005_outbox_parked.sql",
+        include_str!("../../migrations/sqlite/0005_outbox_parked.sql"),
+        include_str!("../../migrations/postgres/0005_outbox_parked.sql"),
+    ),
 ];
 
 /// The migrations of one backend, as a source sqlx's `Migrator` reads.

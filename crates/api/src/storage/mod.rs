@@ -46,7 +46,7 @@ use crate::domain::Clock;
 pub use airlock::AirlockRequestFilter;
 pub use database::{Database, NotReady};
 pub use error::{Entity, StoreError};
-pub use outbox::{OutboxMessage, OutboxRecord};
+pub use outbox::{OutboxMessage, OutboxRecord, ParkedOutbox, ParkedRecord};
 pub use resources::{ResourceFilter, StatusWrite};
 
 named_enum! {
@@ -317,7 +317,7 @@ impl Store {
             Backend::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.inner.writer.begin().await?,
         };
-        Ok(Tx { tx, store: self.clone(), wrote_outbox: false })
+        Ok(Tx { tx, store: self.clone(), wrote_outbox: false, max_message_bytes: None })
     }
 
     /// Waits until a transaction that wrote to the outbox commits (or returns at once if
@@ -424,6 +424,7 @@ pub struct Tx {
     tx: Transaction<'static, Any>,
     store: Store,
     wrote_outbox: bool,
+    max_message_bytes: Option<usize>,
 }
 
 impl fmt::Debug for Tx {
@@ -446,7 +447,7 @@ impl Tx {
     ///
     /// Not cancel safe: a cancelled commit may or may not have been applied.
     pub async fn commit(self) -> Result<(), StoreError> {
-        let Tx { mut tx, store, wrote_outbox } = self;
+        let Tx { mut tx, store, wrote_outbox, .. } = self;
         if store.inner.backend == Backend::Postgres {
             // PostgreSQL turns the COMMIT of a transaction that saw an error into a
             // silent ROLLBACK; ask first, so the caller learns nothing was written.

@@ -150,14 +150,28 @@ fn from_row(row: &AnyRow) -> Result<OutboxRecord, StoreError> {
     })
 }
 
+/// Room kept for the message id the row id becomes: an `i64` as text.
+const MESSAGE_ID_ROOM: usize = 20;
+
 impl Tx {
+    /// Refuses, from now on in this transaction, outbox messages larger than `limit`
+    /// bytes (the transport's, see [`Capabilities::max_body_bytes`]); `None` for no
+    /// limit. A message over it fails [`insert_outbox`](Self::insert_outbox) with
+    /// [`StoreError::MessageTooLarge`], so nothing is committed.
+    ///
+    /// [`Capabilities::max_body_bytes`]: steward_core::Capabilities::max_body_bytes
+    pub fn limit_message_size(&mut self, limit: Option<usize>) {
+        self.max_message_bytes = limit;
+    }
+
     /// Writes a message to the outbox; it is published after this transaction commits
     /// (and never if it rolls back). Returns the row id; the message id is
     /// [`insert_outbox_message`](Self::insert_outbox_message)'s.
     ///
     /// # Errors
     ///
-    /// The database failed.
+    /// [`StoreError::MessageTooLarge`] over the [limit](Self::limit_message_size); the
+    /// database failed.
     ///
     /// # Cancellation safety
     ///
@@ -189,6 +203,14 @@ impl Tx {
         message: OutboxMessage,
     ) -> Result<(i64, String), StoreError> {
         let OutboxMessage { queue, aggregate_id, subject, outgoing: message } = message;
+        if let Some(limit) = self.max_message_bytes {
+            let size = message.size_bytes()
+                + subject.as_ref().map_or(0, |subject| "subject".len() + subject.len())
+                + MESSAGE_ID_ROOM;
+            if size > limit {
+                return Err(StoreError::MessageTooLarge { queue, size, limit });
+            }
+        }
         let properties = serde_json::to_string(&message.properties)
             .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &aggregate_id, error))?;
         let now = millis(self.now());
@@ -303,7 +325,9 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Deletes a published outbox row.
+    /// Deletes a published outbox row that `owner` holds. Returns whether it did: not
+    /// when the lease has passed to another worker meanwhile, whose claim stands (it
+    /// sends the row again; consumers drop the duplicate by its message id).
     ///
     /// # Errors
     ///
@@ -313,10 +337,15 @@ impl Store {
     ///
     /// Cancel safe: a cancelled delete leaves the row, which is then published again
     /// (consumers drop the duplicate by its message id).
-    pub async fn delete_outbox(&self, id: i64) -> Result<(), StoreError> {
+    pub async fn delete_outbox(&self, id: i64, owner: &str) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM outbox WHERE id = $1").bind(id).execute(tx.conn()).await?;
-        tx.commit().await
+        let done = sqlx::query("DELETE FROM outbox WHERE id = $1 AND lease_owner = $2")
+            .bind(id)
+            .bind(owner)
+            .execute(tx.conn())
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Records a failed publish of a row `owner` holds: one more attempt, the error, the
@@ -371,5 +400,158 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(done.rows_affected())
+    }
+}
+
+/// An outbox row that could not be sent, moved aside so its aggregate goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedRecord {
+    /// The outbox row id (the message id it would have been sent with).
+    pub id: i64,
+    /// The message.
+    pub message: OutboxMessage,
+    /// When it was written, in milliseconds since the epoch.
+    pub created_at: i64,
+    /// When it was parked, in milliseconds since the epoch.
+    pub parked_at: i64,
+    /// How many sends failed.
+    pub attempts: i64,
+    /// Why the last send failed.
+    pub error: String,
+}
+
+/// How many outbox rows are parked, and since when the oldest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParkedOutbox {
+    /// The number of parked rows.
+    pub count: i64,
+    /// When the oldest one was parked, in milliseconds since the epoch; `None` when
+    /// none is.
+    pub oldest_parked_at: Option<i64>,
+}
+
+impl Store {
+    /// Moves the outbox row `id` that `owner` holds to the parked rows, with one more
+    /// failed attempt and its `error`, so the later rows of its aggregate go on. Returns
+    /// whether it moved: not when the lease has passed to another worker meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: the move is one transaction, rolled back if dropped.
+    pub async fn park_outbox(
+        &self,
+        id: i64,
+        owner: &str,
+        error: &str,
+        parked_at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM outbox WHERE id = $1 AND lease_owner = $2 RETURNING {COLUMNS}"
+        ))
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(tx.conn())
+        .await?;
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(false);
+        };
+        let record = from_row(&row)?;
+        let OutboxMessage { queue, aggregate_id, subject, outgoing } = record.message;
+        let properties = serde_json::to_string(&outgoing.properties)
+            .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &aggregate_id, error))?;
+        sqlx::query(
+            "INSERT INTO outbox_parked (id, queue, aggregate_id, body, session_id, correlation_id, content_type, \
+             subject, properties, created_at, parked_at, attempts, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(id)
+        .bind(queue)
+        .bind(aggregate_id)
+        .bind(String::from_utf8_lossy(&outgoing.body).into_owned())
+        .bind(outgoing.session_id)
+        .bind(outgoing.correlation_id)
+        .bind(outgoing.content_type)
+        .bind(subject)
+        .bind(properties)
+        .bind(record.created_at)
+        .bind(parked_at_ms)
+        .bind(record.attempts.saturating_add(1))
+        .bind(error)
+        .execute(tx.conn())
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Up to `limit` parked rows, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn parked_outbox_messages(
+        &self,
+        limit: u64,
+    ) -> Result<Vec<ParkedRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, queue, aggregate_id, body, session_id, correlation_id, content_type, subject, properties, \
+             created_at, parked_at, attempts, error FROM outbox_parked ORDER BY id LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id")?;
+                let properties: String = row.try_get("properties")?;
+                let properties = serde_json::from_str(&properties).map_err(|error| {
+                    StoreError::corrupt(Entity::OutboxMessage, &id.to_string(), error)
+                })?;
+                Ok(ParkedRecord {
+                    id,
+                    message: OutboxMessage {
+                        queue: row.try_get("queue")?,
+                        aggregate_id: row.try_get("aggregate_id")?,
+                        subject: row.try_get("subject")?,
+                        outgoing: OutgoingMessage {
+                            session_id: row.try_get("session_id")?,
+                            correlation_id: row.try_get("correlation_id")?,
+                            content_type: row.try_get("content_type")?,
+                            properties,
+                            ..OutgoingMessage::new(row.try_get::<String, _>("body")?)
+                        },
+                    },
+                    created_at: row.try_get("created_at")?,
+                    parked_at: row.try_get("parked_at")?,
+                    attempts: row.try_get("attempts")?,
+                    error: row.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    /// How many rows are parked, and when the oldest was.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn parked_outbox(&self) -> Result<ParkedOutbox, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(parked_at) AS oldest FROM outbox_parked")
+            .fetch_one(self.reader())
+            .await?;
+        Ok(ParkedOutbox { count: row.try_get("n")?, oldest_parked_at: row.try_get("oldest")? })
     }
 }

@@ -123,6 +123,9 @@ pub struct TemplateProperty {
     /// Whether it is a secret: stored and returned as `"REDACTED"`.
     #[serde(default)]
     pub sensitive: bool,
+    /// The longest string value allowed, in characters (JSON Schema `maxLength`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
 }
 
 /// A custom action of a template.

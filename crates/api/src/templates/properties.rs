@@ -46,6 +46,16 @@ pub enum PropertyError {
         /// The type the template wants.
         expected: PropertyType,
     },
+    /// A string value is longer than the template's `maxLength`.
+    #[error("property {property:?} of template {template} is longer than {max_length} characters")]
+    TooLong {
+        /// The template.
+        template: String,
+        /// The property.
+        property: String,
+        /// The template's `maxLength`.
+        max_length: usize,
+    },
     /// The value is not one of the allowed values.
     #[error("property {property:?} of template {template} has a value that is not allowed")]
     NotAllowed {
@@ -128,6 +138,16 @@ impl Template {
                     template: self.name.clone(),
                     property: name.clone(),
                     expected: property.property_type,
+                });
+            }
+            if let (Some(max_length), Some(text)) = (property.max_length, value.as_str())
+                && text.chars().count() > max_length
+                && !(property.sensitive && is_redacted(value))
+            {
+                return Err(PropertyError::TooLong {
+                    template: self.name.clone(),
+                    property: name.clone(),
+                    max_length,
                 });
             }
             if let Some(allowed) = &property.allowed

@@ -7,7 +7,9 @@ mod simulators;
 mod updaters;
 mod watchers;
 
-pub use outbox::{OutboxConfig, OutboxWorker};
+pub use outbox::{
+    OutboxConfig, OutboxWorker, PARKED_METRIC, PARKED_OLDEST_AGE_METRIC, is_message_fault,
+};
 pub(crate) use simulators::{AirlockProcessor, Notifier};
 pub use simulators::{FailurePolicy, ResourceProcessor};
 pub use updaters::{

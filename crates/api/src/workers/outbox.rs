@@ -7,13 +7,15 @@
 //! written with the row, so no other database's row has it) so they can drop
 //! duplicates.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use steward_core::{
-    Backoff, HealthHandle, HealthSnapshot, Jitter, MessageSink, OutgoingMessage, Worker,
+    Backoff, ErrorKind, HealthHandle, HealthSnapshot, Jitter, MessageSink, OutgoingMessage, Worker,
     WorkerContext, WorkerError, WorkerState, error_chain,
 };
 use tokio::time::{Instant, sleep, timeout};
@@ -24,6 +26,13 @@ use crate::storage::{OutboxRecord, Store, StoreError};
 
 /// The metric with the number of outbox rows not yet published.
 pub(super) const BACKLOG_METRIC: &str = "steward_outbox_backlog";
+
+/// The metric with the number of parked outbox rows, labelled with the worker's name.
+pub const PARKED_METRIC: &str = "steward_outbox_parked";
+
+/// The metric with the age of the oldest parked outbox row in seconds (0 when none),
+/// labelled with the worker's name.
+pub const PARKED_OLDEST_AGE_METRIC: &str = "steward_outbox_parked_oldest_age_seconds";
 
 /// How an [`OutboxWorker`] publishes.
 #[derive(Debug, Clone)]
@@ -43,6 +52,11 @@ pub struct OutboxConfig {
     /// The delay before a failed row is tried again, by attempts so far: by default
     /// 1 s doubling to 5 min.
     pub retry_backoff: Backoff,
+    /// After how many failed sends a row is parked, counting only failures with a
+    /// send to the transport succeeding since the row's previous failure (so an outage
+    /// of the broker parks nothing). Default 10. A send error of the message's own
+    /// (see [`is_message_fault`]) parks the row at once.
+    pub park_after: u32,
 }
 
 impl Default for OutboxConfig {
@@ -55,6 +69,7 @@ impl Default for OutboxConfig {
             poll_interval: Duration::from_secs(1),
             retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300))
                 .with_jitter(Jitter::none()),
+            park_after: 10,
         }
     }
 }
@@ -81,6 +96,14 @@ impl OutboxConfig {
         self
     }
 
+    /// Sets after how many failed sends (with the transport otherwise working) a row
+    /// is parked.
+    #[must_use]
+    pub fn with_park_after(mut self, park_after: u32) -> Self {
+        self.park_after = park_after;
+        self
+    }
+
     /// Sets the send timeout.
     #[must_use]
     pub fn with_send_timeout(mut self, send_timeout: Duration) -> Self {
@@ -97,7 +120,14 @@ impl OutboxConfig {
 ///   about one resource or airlock request leave in the order they were written.
 /// - Deletes a row only after the send succeeded; a failed send is retried with
 ///   backoff, with its error kept on the row.
-/// - Reports the backlog as the gauge `steward_outbox_backlog`.
+/// - Parks a row that cannot be sent: moves it to the parked rows, with its error and
+///   attempts, so the later rows of its aggregate go on (leaving a gap in that
+///   aggregate's order). A send error of the message's own ([`is_message_fault`])
+///   parks it at once; other errors park it after
+///   [`park_after`](OutboxConfig::park_after) failures, counting only those with a
+///   send succeeding in between, so a broker outage parks nothing.
+/// - Reports the backlog as the gauge `steward_outbox_backlog`, and the parked rows as
+///   `steward_outbox_parked` and `steward_outbox_parked_oldest_age_seconds`.
 /// - On shutdown it keeps publishing until the drain deadline or an empty outbox, then
 ///   gives up its leases. Given the supervisor's health
 ///   ([`with_producers`](Self::with_producers)), an empty outbox ends the flush only
@@ -112,6 +142,11 @@ pub struct OutboxWorker {
     owner: String,
     clock: Clock,
     producers: Option<HealthHandle>,
+    /// Sends that succeeded, so far.
+    successes: AtomicU64,
+    /// Per failing row: its failures counted toward `park_after`, and `successes` at
+    /// its last failure. In memory: a restart or another replica starts counting anew.
+    strikes: Mutex<HashMap<i64, (u32, u64)>>,
 }
 
 impl std::fmt::Debug for OutboxWorker {
@@ -140,6 +175,18 @@ enum Published {
     Failed,
     /// Not tried: too little of the lease was left for a whole send.
     Skipped,
+    /// It could not be sent; it was moved to the parked rows.
+    Parked,
+}
+
+/// Whether a send error is the message's own fault, so retrying it cannot help: a
+/// protocol error (the broker refused the message: too large, malformed) or an
+/// unclassified one. Connection errors and timeouts are the broker's, and a refused
+/// credential or a missing queue hits every message alike: those count toward
+/// [`OutboxConfig::park_after`] instead.
+#[must_use]
+pub fn is_message_fault(kind: ErrorKind) -> bool {
+    !kind.is_retryable() && matches!(kind, ErrorKind::Protocol | ErrorKind::Other)
 }
 
 fn unavailable(error: StoreError) -> WorkerError {
@@ -162,6 +209,8 @@ impl OutboxWorker {
             owner: format!("outbox-{}", uuid::Uuid::new_v4().simple()),
             clock: Clock::system(),
             producers: None,
+            successes: AtomicU64::new(0),
+            strikes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,7 +278,7 @@ impl OutboxWorker {
         for result in results {
             match result? {
                 Published::Sent => pass.sent += 1,
-                Published::Failed => {}
+                Published::Failed | Published::Parked => {}
                 Published::Skipped => skipped = true,
             }
         }
@@ -271,18 +320,44 @@ impl OutboxWorker {
             return Ok(Published::Skipped);
         };
         let message = outgoing(&record);
+        let successes_before = self.successes.load(Ordering::SeqCst);
         let sent = match timeout(limit, self.sink.send(&queue, message)).await {
-            Ok(result) => result.map_err(|error| error_chain(&error)),
-            Err(_) => Err(format!("send timed out after {limit:?}")),
+            Ok(result) => result.map_err(|error| (error.kind(), error_chain(&error))),
+            Err(_) => Err((ErrorKind::Timeout, format!("send timed out after {limit:?}"))),
         };
         match sent {
             Ok(()) => {
                 tracing::debug!(queue = %queue, message_id = %message_id, aggregate = %record.message.aggregate_id, "published");
-                self.store.delete_outbox(id).await.map_err(unavailable)?;
+                self.successes.fetch_add(1, Ordering::SeqCst);
+                self.forget_strikes(id);
+                if !self.store.delete_outbox(id, &self.owner).await.map_err(unavailable)? {
+                    tracing::warn!(queue = %queue, message_id = %message_id, "the lease passed to another worker during the send; it sends the row again");
+                }
                 Ok(Published::Sent)
             }
-            Err(error) => {
+            Err((kind, error)) => {
                 let attempts = u32::try_from(record.attempts).unwrap_or(u32::MAX);
+                let strikes = self.strike(id, successes_before);
+                if is_message_fault(kind) || strikes >= self.config.park_after.max(1) {
+                    let parked = self
+                        .store
+                        .park_outbox(id, &self.owner, &error, self.now_ms())
+                        .await
+                        .map_err(unavailable)?;
+                    self.forget_strikes(id);
+                    if parked {
+                        tracing::error!(
+                            queue = %queue,
+                            message_id = %message_id,
+                            aggregate = %record.message.aggregate_id,
+                            attempts = attempts + 1,
+                            error = %error,
+                            "an outbox message cannot be sent; parked it, and its aggregate goes on without it"
+                        );
+                        return Ok(Published::Parked);
+                    }
+                    return Ok(Published::Failed);
+                }
                 let delay = self.config.retry_backoff.delay(attempts);
                 tracing::warn!(
                     queue = %queue,
@@ -302,11 +377,42 @@ impl OutboxWorker {
         }
     }
 
+    /// Counts a failure of row `id` toward parking it when a send to the transport
+    /// succeeded since its previous failure (or, for its first, since its send began),
+    /// and returns its count.
+    fn strike(&self, id: i64, successes_before: u64) -> u32 {
+        let successes = self.successes.load(Ordering::SeqCst);
+        let mut strikes = self.strikes.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = strikes.entry(id).or_insert((0, successes_before));
+        if successes > entry.1 {
+            entry.0 = entry.0.saturating_add(1);
+        }
+        entry.1 = successes;
+        entry.0
+    }
+
+    fn forget_strikes(&self, id: i64) {
+        self.strikes.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+    }
+
     async fn report_backlog(&self) {
         match self.store.outbox_backlog().await {
             Ok(backlog) => metrics::gauge!(BACKLOG_METRIC).set(backlog as f64),
             Err(error) => {
                 tracing::debug!(error = %error_chain(&error), "could not count the outbox backlog");
+            }
+        }
+        match self.store.parked_outbox().await {
+            Ok(parked) => {
+                let age = parked
+                    .oldest_parked_at
+                    .map_or(0.0, |at| (self.now_ms().saturating_sub(at)).max(0) as f64 / 1000.0);
+                let worker = self.name.clone();
+                metrics::gauge!(PARKED_METRIC, "worker" => worker.clone()).set(parked.count as f64);
+                metrics::gauge!(PARKED_OLDEST_AGE_METRIC, "worker" => worker).set(age);
+            }
+            Err(error) => {
+                tracing::debug!(error = %error_chain(&error), "could not count the parked outbox rows");
             }
         }
     }

@@ -40,6 +40,10 @@ impl Transport for Inmem {
         Arc::new(self.broker.clone())
     }
 
+    fn max_message_bytes(&self) -> Option<usize> {
+        self.broker.capabilities().max_body_bytes
+    }
+
     async fn check(&self) -> Result<(), TransportError> {
         Ok(())
     }

@@ -129,6 +129,12 @@ pub(crate) trait Transport: fmt::Debug + Send + Sync + 'static {
     /// The sink every outbound message goes through.
     fn sink(&self) -> Arc<dyn MessageSink>;
 
+    /// The largest message the sink accepts, whole, when known at start (see
+    /// [`Capabilities::max_body_bytes`](steward_core::Capabilities::max_body_bytes)).
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Checks that the broker answers and the topology is right (declaring it where the
     /// transport can): once at start, then by the transport watcher.
     ///
@@ -257,6 +263,11 @@ impl TransportHandle {
     /// The sink every outbound message goes through.
     pub(crate) fn sink(&self) -> Arc<dyn MessageSink> {
         self.transport.sink()
+    }
+
+    /// See [`Transport::max_message_bytes`].
+    pub(crate) fn max_message_bytes(&self) -> Option<usize> {
+        self.transport.max_message_bytes()
     }
 
     /// A [`Connect`] opening a new source of `queue` on every worker (re)start.

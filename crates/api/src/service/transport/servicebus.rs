@@ -90,6 +90,10 @@ impl Transport for Bus {
         Arc::new(self.bus.sink())
     }
 
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(steward_servicebus::MAX_BODY_BYTES)
+    }
+
     /// Probes the consumed queues until one probe passes, and not again.
     ///
     /// A probe peek-locks each queue's first message, which counts as a delivery of
