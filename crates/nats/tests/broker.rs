@@ -10,27 +10,15 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use steward_core::{MessageSink, MessageSource, OutgoingMessage};
-use steward_nats::Nats;
 use tokio::time::Instant;
-
-/// Deletes the streams of a test's transport when dropped, also when the test fails.
-struct Cleanup(Nats);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        support::delete_topologies(vec![self.0.clone()]);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_sends_in_flight_are_each_acked_and_stored_once() {
-    if !support::server_available("many_sends_in_flight").await {
+    let Some(support::Declared { queue, nats, _cleanup, .. }) =
+        support::declared("many_sends_in_flight", "inflight").await
+    else {
         return;
-    }
-    let (queue, builder) = support::unique_queue(&support::server_url(), "inflight");
-    let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     let sink = nats.sink();
     let sends = (0..200).map(|i| {
         let sink = sink.clone();
@@ -68,7 +56,7 @@ async fn a_message_without_an_id_keeps_the_one_handlers_saw_into_the_dead_letter
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "noid");
     let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
+    let _cleanup = support::Cleanup(nats.clone());
     nats.declare_topology().await.unwrap();
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     js.publish(queue.clone(), "plain".into()).await.unwrap().await.unwrap();
@@ -102,7 +90,7 @@ async fn a_dead_letter_copy_leaves_out_the_headers_the_server_acts_on() {
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "ctl");
     let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
+    let _cleanup = support::Cleanup(nats.clone());
     nats.declare_topology().await.unwrap();
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     let mut headers = async_nats::HeaderMap::new();
@@ -133,7 +121,7 @@ async fn the_consumer_stops_delivering_only_above_the_updaters_limit() {
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "limit");
     let nats = builder.with_max_deliveries(3).build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
+    let _cleanup = support::Cleanup(nats.clone());
     nats.declare_topology().await.unwrap();
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     let stream = js.get_stream(nats.stream_name(&queue)).await.unwrap();
@@ -183,13 +171,11 @@ impl Logs {
 /// and the warning is the only trace of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_acked_as_a_duplicate_succeeds_with_a_warning_naming_the_message_id() {
-    if !support::server_available("duplicate_warning").await {
+    let Some(support::Declared { queue, nats, _cleanup, .. }) =
+        support::declared("duplicate_warning", "dup").await
+    else {
         return;
-    }
-    let (queue, builder) = support::unique_queue(&support::server_url(), "dup");
-    let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     let sink = nats.sink();
     sink.send(&queue, OutgoingMessage::new("first").with_message_id("reused-7")).await.unwrap();
 
@@ -226,7 +212,7 @@ async fn dead_letters_sharing_a_message_id_are_each_kept() {
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "dlqid");
     let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
+    let _cleanup = support::Cleanup(nats.clone());
     nats.declare_topology().await.unwrap();
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     for body in ["first", "second"] {
@@ -258,7 +244,7 @@ async fn the_servers_last_delivery_of_a_message_is_logged_as_a_warning() {
     }
     let (queue, builder) = support::unique_queue(&support::server_url(), "last");
     let nats = builder.with_max_deliveries(1).with_max_deliver(2).build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
+    let _cleanup = support::Cleanup(nats.clone());
     nats.declare_topology().await.unwrap();
     nats.sink()
         .send(&queue, OutgoingMessage::new("b").with_message_id("stranded-1"))

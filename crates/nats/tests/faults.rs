@@ -17,15 +17,6 @@ use steward_nats::{Credentials, NatsBuilder};
 use support::PrivateServer;
 use tokio::time::Instant;
 
-/// Deletes the streams of a test's transport when dropped, also when the test fails.
-struct Cleanup(steward_nats::Nats);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        support::delete_topologies(vec![self.0.clone()]);
-    }
-}
-
 /// Receives until `n` distinct messages arrived or `within` passed, completing each.
 async fn drain(source: &dyn MessageSource, n: usize, within: Duration) -> HashSet<String> {
     let deadline = Instant::now() + within;
@@ -81,14 +72,11 @@ async fn server_gone_mid_stream_fails_receive_retryably_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_deleted_while_running_is_not_found_and_comes_back_with_a_new_source() {
-    if !support::server_available("consumer_deleted").await {
+    let Some(support::Declared { url, queue, nats, _cleanup }) =
+        support::declared("consumer_deleted", "deleted").await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let (queue, builder) = support::unique_queue(&url, "deleted");
-    let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     let source = nats.source(&queue).await.unwrap();
     nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("kept")).await.unwrap();
 
@@ -104,14 +92,11 @@ async fn consumer_deleted_while_running_is_not_found_and_comes_back_with_a_new_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_dead_letter_copy_fails_and_leaves_the_message_redeliverable() {
-    if !support::server_available("refused_dead_letter").await {
+    let Some(support::Declared { url, queue, nats, _cleanup }) =
+        support::declared("refused_dead_letter", "refused-dlq").await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let (queue, builder) = support::unique_queue(&url, "refused-dlq");
-    let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     nats.sink().send(&queue, OutgoingMessage::new("b").with_message_id("kept")).await.unwrap();
     let source = nats.source(&queue).await.unwrap();
     let delivery = source.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
@@ -160,7 +145,7 @@ async fn a_stream_with_other_settings_stops_the_start_naming_the_setting() {
     let url = support::server_url();
     let (queue, builder) = support::unique_queue(&url, "mismatch");
     let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
+    let _cleanup = support::Cleanup(nats.clone());
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     js.create_stream(stream::Config {
         name: nats.stream_name(&queue),
@@ -178,14 +163,11 @@ async fn a_stream_with_other_settings_stops_the_start_naming_the_setting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_with_another_ack_wait_stops_the_start_naming_the_setting() {
-    if !support::server_available("consumer_mismatch").await {
+    let Some(support::Declared { url, queue, nats: _, _cleanup }) =
+        support::declared("consumer_mismatch", "mismatch").await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let (queue, builder) = support::unique_queue(&url, "mismatch");
-    let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     let other = NatsBuilder::new()
         .with_url(&url)
         .with_queue(&queue)
@@ -238,7 +220,7 @@ async fn stream_settings_that_lose_messages_stop_the_start_naming_the_setting() 
     for (setting, spoil) in cases {
         let (queue, builder) = support::unique_queue(&url, "settings");
         let nats = builder.build().unwrap();
-        let _cleanup = Cleanup(nats.clone());
+        let _cleanup = support::Cleanup(nats.clone());
         let mut config = stream::Config {
             name: nats.stream_name(&queue),
             subjects: vec![queue.clone()],
@@ -273,7 +255,7 @@ async fn consumer_settings_that_lose_bodies_or_the_lock_stop_the_start_naming_th
     for (setting, spoil) in cases {
         let (queue, builder) = support::unique_queue(&url, "consumer");
         let nats = builder.build().unwrap();
-        let _cleanup = Cleanup(nats.clone());
+        let _cleanup = support::Cleanup(nats.clone());
         let publisher =
             NatsBuilder::new().with_url(&url).with_publish_queue(&queue).build().unwrap();
         publisher.declare_topology().await.unwrap();
@@ -360,7 +342,7 @@ async fn a_stream_that_transforms_the_subject_stops_the_start() {
     }
     let (queue, builder) = support::unique_queue(&url, "transform");
     let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
+    let _cleanup = support::Cleanup(nats.clone());
     let name = nats.stream_name(&queue);
     // Raw API request: the client library shows this setting only with a feature.
     let request = serde_json::json!({
@@ -409,7 +391,7 @@ async fn a_consumer_that_limits_how_long_a_pull_waits_stops_the_start() {
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     let (queue, builder) = support::unique_queue(&url, "expires");
     let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
+    let _cleanup = support::Cleanup(nats.clone());
     let publisher = NatsBuilder::new().with_url(&url).with_publish_queue(&queue).build().unwrap();
     publisher.declare_topology().await.unwrap();
     let stream = js.get_stream(nats.stream_name(&queue)).await.unwrap();
@@ -469,14 +451,11 @@ async fn a_server_shut_down_during_a_pull_fails_the_receive_retryably() {
 /// delivery count 1, not after its lock ran out in a pull nobody reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receive_dropped_while_waiting_leaves_no_pull_that_swallows_the_next_message() {
-    if !support::server_available("dropped_receive").await {
+    let Some(support::Declared { queue, nats, _cleanup, .. }) =
+        support::declared("dropped_receive", "dropped").await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let (queue, builder) = support::unique_queue(&url, "dropped");
-    let nats = builder.build().unwrap();
-    let _cleanup = Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     let source = nats.source(&queue).await.unwrap();
     let dropped = tokio::time::timeout(
         Duration::from_millis(300),
@@ -515,7 +494,7 @@ async fn a_paused_consumer_or_one_with_priority_groups_stops_the_start() {
     for (setting, extra) in cases {
         let (queue, builder) = support::unique_queue(&url, "paused");
         let nats = builder.build().unwrap();
-        let _cleanup = Cleanup(nats.clone());
+        let _cleanup = support::Cleanup(nats.clone());
         let publisher =
             NatsBuilder::new().with_url(&url).with_publish_queue(&queue).build().unwrap();
         publisher.declare_topology().await.unwrap();

@@ -183,3 +183,35 @@ impl Drop for PrivateServer {
         self.kill();
     }
 }
+
+/// Deletes the streams of a test's transport when dropped, also when the test fails.
+pub struct Cleanup(pub Nats);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        delete_topologies(vec![self.0.clone()]);
+    }
+}
+
+/// A uniquely named queue declared on the shared server, with its transport, whose
+/// streams are deleted when this is dropped.
+pub struct Declared {
+    pub url: String,
+    pub queue: String,
+    pub nats: Nats,
+    pub _cleanup: Cleanup,
+}
+
+/// Declares a queue named after `prefix` for test `test`, or `None` (the test skips,
+/// as [`server_available`] says) where no server answers.
+pub async fn declared(test: &str, prefix: &str) -> Option<Declared> {
+    if !server_available(test).await {
+        return None;
+    }
+    let url = server_url();
+    let (queue, builder) = unique_queue(&url, prefix);
+    let nats = builder.build().unwrap();
+    let cleanup = Cleanup(nats.clone());
+    nats.declare_topology().await.unwrap();
+    Some(Declared { url, queue, nats, _cleanup: cleanup })
+}
