@@ -122,26 +122,31 @@ fn message_id(id: i64, key: Option<&str>) -> String {
     }
 }
 
-fn from_row(row: &AnyRow) -> Result<OutboxRecord, StoreError> {
-    let id: i64 = row.try_get("id")?;
+/// The message of an outbox row (or a parked one: both tables have its columns).
+fn message_from_row(id: i64, row: &AnyRow) -> Result<OutboxMessage, StoreError> {
     let properties: String = row.try_get("properties")?;
     let properties = serde_json::from_str(&properties)
         .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &id.to_string(), error))?;
+    Ok(OutboxMessage {
+        queue: row.try_get("queue")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        subject: row.try_get("subject")?,
+        outgoing: OutgoingMessage {
+            session_id: row.try_get("session_id")?,
+            correlation_id: row.try_get("correlation_id")?,
+            content_type: row.try_get("content_type")?,
+            properties,
+            ..OutgoingMessage::new(row.try_get::<String, _>("body")?)
+        },
+    })
+}
+
+fn from_row(row: &AnyRow) -> Result<OutboxRecord, StoreError> {
+    let id: i64 = row.try_get("id")?;
     Ok(OutboxRecord {
         id,
         message_key: row.try_get("message_key")?,
-        message: OutboxMessage {
-            queue: row.try_get("queue")?,
-            aggregate_id: row.try_get("aggregate_id")?,
-            subject: row.try_get("subject")?,
-            outgoing: OutgoingMessage {
-                session_id: row.try_get("session_id")?,
-                correlation_id: row.try_get("correlation_id")?,
-                content_type: row.try_get("content_type")?,
-                properties,
-                ..OutgoingMessage::new(row.try_get::<String, _>("body")?)
-            },
-        },
+        message: message_from_row(id, row)?,
         created_at: row.try_get("created_at")?,
         attempts: row.try_get("attempts")?,
         lease_owner: row.try_get("lease_owner")?,
@@ -512,24 +517,9 @@ impl Store {
         rows.iter()
             .map(|row| {
                 let id: i64 = row.try_get("id")?;
-                let properties: String = row.try_get("properties")?;
-                let properties = serde_json::from_str(&properties).map_err(|error| {
-                    StoreError::corrupt(Entity::OutboxMessage, &id.to_string(), error)
-                })?;
                 Ok(ParkedRecord {
                     id,
-                    message: OutboxMessage {
-                        queue: row.try_get("queue")?,
-                        aggregate_id: row.try_get("aggregate_id")?,
-                        subject: row.try_get("subject")?,
-                        outgoing: OutgoingMessage {
-                            session_id: row.try_get("session_id")?,
-                            correlation_id: row.try_get("correlation_id")?,
-                            content_type: row.try_get("content_type")?,
-                            properties,
-                            ..OutgoingMessage::new(row.try_get::<String, _>("body")?)
-                        },
-                    },
+                    message: message_from_row(id, row)?,
                     created_at: row.try_get("created_at")?,
                     parked_at: row.try_get("parked_at")?,
                     attempts: row.try_get("attempts")?,
