@@ -18,31 +18,10 @@ use steward_core::{
     Delivery, ErrorKind, MessageSink, MessageSource, Outcome, OutgoingMessage, Supervisor,
     SupervisorConfig, Updater, UpdaterConfig, WorkerState, handler_fn,
 };
-use steward_rabbitmq::RabbitMqSource;
+use support::{PROMPTLY, receive_n, require_broker};
 use tokio::time::{Instant, sleep, timeout};
 
 /// A generous bound for things that happen "within seconds" on a real broker.
-const PROMPTLY: Duration = Duration::from_secs(30);
-
-macro_rules! require_broker {
-    ($test:literal) => {
-        if !support::broker_available($test).await {
-            return;
-        }
-    };
-}
-
-/// Receives until `n` deliveries arrived or `within` passed.
-async fn receive_n(source: &RabbitMqSource, n: usize, within: Duration) -> Vec<Delivery> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    while got.len() < n && Instant::now() < deadline {
-        let wait = (deadline - Instant::now()).min(Duration::from_secs(1));
-        got.extend(source.receive(n - got.len(), wait).await.unwrap());
-    }
-    got
-}
-
 /// Per message: the delivery counts it was handled with, and what the handler did.
 type Seen = BTreeMap<usize, Vec<(u32, &'static str)>>;
 
@@ -109,15 +88,7 @@ async fn updater_with_mixed_outcomes_acks_every_completed_message_exactly_once()
             }
         })
     };
-    let connect = {
-        let rabbit = rabbit.clone();
-        let queue = queue.clone();
-        move || {
-            let rabbit = rabbit.clone();
-            let queue = queue.clone();
-            async move { rabbit.source(&queue).await }
-        }
-    };
+    let connect = support::connector(&rabbit, &queue);
     let updater = Updater::new("acks-mixed", connect, handler).with_config(
         UpdaterConfig::default()
             .with_concurrency(8)

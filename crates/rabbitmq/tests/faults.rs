@@ -449,15 +449,7 @@ async fn updater_handles_every_message_while_its_connection_is_closed_three_time
             }
         })
     };
-    let connect = {
-        let rabbit = rabbit.clone();
-        let queue = queue.clone();
-        move || {
-            let rabbit = rabbit.clone();
-            let queue = queue.clone();
-            async move { rabbit.source(&queue).await }
-        }
-    };
+    let connect = support::connector(&rabbit, &queue);
     let updater = Updater::new("fault-updater", connect, handler).with_config(
         UpdaterConfig::default()
             .with_concurrency(8)

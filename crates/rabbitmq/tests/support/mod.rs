@@ -26,6 +26,25 @@ macro_rules! require_broker {
 #[allow(unused_imports)]
 pub(crate) use require_broker;
 
+/// An Updater's connect function: a new source of `queue` on `rabbit` at each start.
+pub fn connector(
+    rabbit: &RabbitMq,
+    queue: &str,
+) -> impl Fn() -> std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<RabbitMqSource, steward_core::TransportError>>
+            + Send,
+    >,
+> + Send
++ Sync
++ 'static {
+    let (rabbit, queue) = (rabbit.clone(), queue.to_owned());
+    move || {
+        let (rabbit, queue) = (rabbit.clone(), queue.clone());
+        Box::pin(async move { rabbit.source(&queue).await })
+    }
+}
+
 /// Receives until `n` deliveries arrived or `within` passed.
 pub async fn receive_n(source: &RabbitMqSource, n: usize, within: Duration) -> Vec<Delivery> {
     let deadline = Instant::now() + within;
