@@ -118,6 +118,8 @@ async fn unsendable_row_is_parked_and_its_aggregate_goes_on(store: &Store, worke
     assert_eq!(parked.len(), 1, "{parked:?}");
     assert_eq!(parked[0].message.aggregate_id, "a");
     assert_eq!(parked[0].attempts, 1, "parked at the first non-retryable failure");
+    let key = parked[0].message_key.as_deref().expect("the row's message key is kept");
+    assert_eq!(parked[0].message_id(), format!("{}-{key}", parked[0].id), "its message id too");
     assert!(parked[0].error.contains("exceeds the limit"), "{}", parked[0].error);
     let body: serde_json::Value =
         serde_json::from_str(std::str::from_utf8(&parked[0].message.outgoing.body).unwrap())

@@ -1,10 +1,11 @@
 -- Parked outbox messages: rows that could not be sent (a non-retryable send error, or
 -- too many failures while other sends to the transport succeeded), moved out of the
--- outbox so the later messages of their aggregate go on. `id` is the outbox row id
--- (the message id it would have had); `attempts` counts every failed send, `error`
--- is the last one.
+-- outbox so the later messages of their aggregate go on. `id` and `message_key` are
+-- the outbox row's (its message id is theirs); `attempts` counts every failed send,
+-- `error` is the last one.
 CREATE TABLE outbox_parked (
     id BIGINT PRIMARY KEY,
+    message_key TEXT,
     queue TEXT NOT NULL,
     aggregate_id TEXT NOT NULL,
     body TEXT NOT NULL,

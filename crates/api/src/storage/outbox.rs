@@ -411,8 +411,10 @@ impl Store {
 /// An outbox row that could not be sent, moved aside so its aggregate goes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParkedRecord {
-    /// The outbox row id (the message id it would have been sent with).
+    /// The outbox row id.
     pub id: i64,
+    /// The row's message key (see [`OutboxRecord::message_key`]).
+    pub message_key: Option<String>,
     /// The message.
     pub message: OutboxMessage,
     /// When it was written, in milliseconds since the epoch.
@@ -423,6 +425,15 @@ pub struct ParkedRecord {
     pub attempts: i64,
     /// Why the last send failed.
     pub error: String,
+}
+
+impl ParkedRecord {
+    /// The broker message id the row was sent with, as
+    /// [`OutboxRecord::message_id`] gives it.
+    #[must_use]
+    pub fn message_id(&self) -> String {
+        message_id(self.id, self.message_key.as_deref())
+    }
 }
 
 /// How many outbox rows are parked, and since when the oldest.
@@ -455,41 +466,33 @@ impl Store {
         parked_at_ms: i64,
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(&format!(
-            "DELETE FROM outbox WHERE id = $1 AND lease_owner = $2 RETURNING {COLUMNS}"
-        ))
-        .bind(id)
-        .bind(owner)
-        .fetch_optional(tx.conn())
-        .await?;
-        let Some(row) = row else {
-            tx.commit().await?;
-            return Ok(false);
-        };
-        let record = from_row(&row)?;
-        let OutboxMessage { queue, aggregate_id, subject, outgoing } = record.message;
-        let properties = serde_json::to_string(&outgoing.properties)
-            .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &aggregate_id, error))?;
-        sqlx::query(
-            "INSERT INTO outbox_parked (id, queue, aggregate_id, body, session_id, correlation_id, content_type, \
-             subject, properties, created_at, parked_at, attempts, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        // Copied as stored (the message key too, so the message keeps its id), then
+        // removed; both only while `owner` holds the lease.
+        let copied = sqlx::query(
+            "INSERT INTO outbox_parked (id, message_key, queue, aggregate_id, body, session_id, \
+             correlation_id, content_type, subject, properties, created_at, parked_at, attempts, error) \
+             SELECT id, message_key, queue, aggregate_id, body, session_id, correlation_id, content_type, \
+             subject, properties, created_at, $3, attempts + 1, $4 FROM outbox \
+             WHERE id = $1 AND lease_owner = $2",
         )
         .bind(id)
-        .bind(queue)
-        .bind(aggregate_id)
-        .bind(String::from_utf8_lossy(&outgoing.body).into_owned())
-        .bind(outgoing.session_id)
-        .bind(outgoing.correlation_id)
-        .bind(outgoing.content_type)
-        .bind(subject)
-        .bind(properties)
-        .bind(record.created_at)
+        .bind(owner)
         .bind(parked_at_ms)
-        .bind(record.attempts.saturating_add(1))
         .bind(error)
         .execute(tx.conn())
-        .await?;
+        .await?
+        .rows_affected();
+        let removed = sqlx::query("DELETE FROM outbox WHERE id = $1 AND lease_owner = $2")
+            .bind(id)
+            .bind(owner)
+            .execute(tx.conn())
+            .await?
+            .rows_affected();
+        if copied != 1 || removed != 1 {
+            // The lease passed to another worker: leave the row to it.
+            tx.rollback().await?;
+            return Ok(false);
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -508,8 +511,8 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<ParkedRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, queue, aggregate_id, body, session_id, correlation_id, content_type, subject, properties, \
-             created_at, parked_at, attempts, error FROM outbox_parked ORDER BY id LIMIT $1",
+            "SELECT id, message_key, queue, aggregate_id, body, session_id, correlation_id, content_type, subject, \
+             properties, created_at, parked_at, attempts, error FROM outbox_parked ORDER BY id LIMIT $1",
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(self.reader())
@@ -519,6 +522,7 @@ impl Store {
                 let id: i64 = row.try_get("id")?;
                 Ok(ParkedRecord {
                     id,
+                    message_key: row.try_get("message_key")?,
                     message: message_from_row(id, row)?,
                     created_at: row.try_get("created_at")?,
                     parked_at: row.try_get("parked_at")?,
