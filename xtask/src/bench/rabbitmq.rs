@@ -16,8 +16,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use steward_core::{
-    MessageSink, Outcome, OutgoingMessage, Supervisor, SupervisorConfig, Updater, UpdaterConfig,
-    handler_fn,
+    Handler, MessageSink, Outcome, OutgoingMessage, Supervisor, SupervisorConfig, Updater,
+    UpdaterConfig, handler_fn,
 };
 use steward_rabbitmq::{RabbitMq, RabbitMqBuilder};
 use tokio::sync::Notify;
@@ -195,6 +195,17 @@ pub(crate) async fn consume_updater(queue: &str, count: usize) -> Result<Sample>
             async move { outcome }
         })
     };
+    let supervisor = spawn_updater(&rabbit, queue, handler);
+    finished.notified().await;
+    let sample = first.get().copied().context("no message")?.finish(count);
+    let _ = supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)).await;
+    Ok(sample)
+}
+
+/// Runs `f` on a small runtime of the orchestrator (declaring and deleting topology).
+/// A supervisor running the benchmark's Updater (concurrency 8, batches of 64) with
+/// `handler` on `queue`.
+fn spawn_updater(rabbit: &RabbitMq, queue: &str, handler: impl Handler) -> Supervisor {
     let connect = {
         let (rabbit, queue) = (rabbit.clone(), queue.to_owned());
         move || {
@@ -207,13 +218,9 @@ pub(crate) async fn consume_updater(queue: &str, count: usize) -> Result<Sample>
         Updater::new("bench", connect, handler)
             .with_config(UpdaterConfig::default().with_concurrency(8).with_batch_size(64)),
     );
-    finished.notified().await;
-    let sample = first.get().copied().context("no message")?.finish(count);
-    let _ = supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)).await;
-    Ok(sample)
+    supervisor
 }
 
-/// Runs `f` on a small runtime of the orchestrator (declaring and deleting topology).
 fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -374,18 +381,7 @@ pub(crate) async fn memory(queue: &str, count: usize) -> Result<()> {
             }
         })
     };
-    let connect = {
-        let (rabbit, queue) = (rabbit.clone(), queue.to_owned());
-        move || {
-            let (rabbit, queue) = (rabbit.clone(), queue.clone());
-            async move { rabbit.source(&queue).await }
-        }
-    };
-    let supervisor = Supervisor::new(SupervisorConfig::default());
-    supervisor.spawn(
-        Updater::new("bench", connect, handler)
-            .with_config(UpdaterConfig::default().with_concurrency(8).with_batch_size(64)),
-    );
+    let supervisor = spawn_updater(&rabbit, queue, handler);
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("{{\"idle_kb\":{}}}", rss_kb()?);
     finished.notified().await;
