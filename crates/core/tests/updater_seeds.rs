@@ -313,7 +313,7 @@ async fn a_wait_does_not_run_out_while_every_slot_is_busy() {
     let a2 = started.iter().position(|c| c == "a#2").unwrap();
     let b = started.iter().position(|c| c.starts_with("b#")).unwrap();
     assert!(a2 < b, "the follower ran before its head: {started:?}");
-    // a was due back at 2 s, its wait's bound 6 × 2 s + 2 × 1 s later; the slots were
+    // a was due back at 2 s, its wait's bound 6 × 2 s + 2 × 1 s + 5 s later; the slots were
     // busy until 60 s.
     let calls = handler.calls();
     let busy_until = calls.iter().filter(|c| c.id == "x").find_map(|c| c.end).unwrap();
