@@ -9,6 +9,21 @@ use tokio::time::Instant;
 
 use crate::{Message, TransportError};
 
+/// How much earlier than the broker's real lock expiry a transport may report it, on
+/// top of twice the Updater's `wait` (see [`Settle`]'s contract).
+///
+/// After a settlement fails or is given up, a session on a transport without sessions
+/// waits for the message until its reported expiry plus `2 × wait` plus this (and past
+/// any retry delay). `2 × wait` alone covers a transport's earliness only when `wait`
+/// is long: a transport never sees the Updater's `wait`, and its own margins do not
+/// shrink with it. Service Bus REST counts the lock from the start of a long poll
+/// (up to `wait`, rounded up to seconds) and a second or two short for whole-second
+/// clocks, plus the round trip; NATS ends its lock 500 ms early and counts it from up
+/// to 250 ms before a message arrived. Both stay well within `2 × wait` plus 5 s for
+/// any `wait`; the cost is that a session whose message another consumer took waits
+/// 5 s longer before a later message goes first.
+pub const LOCK_REPORT_SLACK: Duration = Duration::from_secs(5);
+
 /// How a transport settles one delivery: the half of a [`Delivery`] a handler never sees.
 ///
 /// Transport crates implement this for their lock handle (a lock token, a channel and
@@ -25,8 +40,8 @@ use crate::{Message, TransportError};
 ///   lock time from the broker is converted once, on receipt.
 /// - `locked_until` (and each expiry `renew_lock` returns) is never later than the
 ///   broker's real expiry, as renewals are timed by it, and earlier by less than twice
-///   the Updater's `wait`: a session's order after a failed settlement waits for the
-///   message until then (see `docs/transports.md`).
+///   the Updater's `wait` plus [`LOCK_REPORT_SLACK`]: a session's order after a failed
+///   settlement waits for the message until then (see `docs/transports.md`).
 /// - Dropping an unsettled handle must not lose the message: the broker redelivers it at
 ///   the latest when its lock expires or its connection closes.
 #[cfg_attr(feature = "mock", mockall::automock)]

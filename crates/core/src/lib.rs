@@ -72,7 +72,7 @@ pub mod testkit;
 
 pub use capabilities::{Capabilities, Capability};
 pub use deadlines::Deadlines;
-pub use delivery::{Delivery, Settle};
+pub use delivery::{Delivery, LOCK_REPORT_SLACK, Settle};
 pub use error::{BoxError, ErrorKind, TransportError, error_chain};
 pub use handler::{Handler, HandlerFn, Outcome, RetryCause, handler_fn};
 pub use message::{Message, OutgoingMessage};

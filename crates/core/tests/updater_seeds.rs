@@ -313,7 +313,7 @@ async fn a_wait_does_not_run_out_while_every_slot_is_busy() {
     let a2 = started.iter().position(|c| c == "a#2").unwrap();
     let b = started.iter().position(|c| c.starts_with("b#")).unwrap();
     assert!(a2 < b, "the follower ran before its head: {started:?}");
-    // a was due back at 2 s, its wait's bound 6 × 2 s + 2 × 1 s later; the slots were
+    // a was due back at 2 s, its wait's bound 6 × 2 s + 2 × 1 s + 5 s later; the slots were
     // busy until 60 s.
     let calls = handler.calls();
     let busy_until = calls.iter().filter(|c| c.id == "x").find_map(|c| c.end).unwrap();
@@ -465,5 +465,36 @@ async fn a_waiting_message_is_not_replaced_by_another_with_the_same_id() {
     })
     .await;
     assert_eq!(handler.started(), ["h#1", "d#1", "d#2", "d#1"]);
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// Ensures that after a failed settlement a session waits for its head past the
+/// reported lock expiry by more than 2 × `wait` when `wait` is short: a transport may
+/// report its lock up to `LOCK_REPORT_SLACK` more than that early (Service Bus REST
+/// counts the lock from the start of a long poll, NATS keeps a margin and an arrival
+/// slack), and the follower must not start before the head is back (with a 200 ms
+/// `wait` and a lock reported 1 s early, the wait ended 0.4 s after the reported
+/// expiry, 0.6 s before the head came back, and the follower ran first).
+#[tokio::test(start_paused = true)]
+async fn a_short_wait_still_waits_for_a_head_whose_lock_was_reported_early() {
+    let broker = broker(Duration::from_secs(5));
+    send_all(&broker, &["a", "b"]).await;
+    let faults = Arc::new(SettleFaults::default());
+    *faults.reports_early.lock().unwrap() = Duration::from_secs(1);
+    SettleFaults::arm(&faults.fail_complete, "a", 1);
+    let handler = Scripted::new(&[]);
+    let source = Faulty { inner: LocalSessions(broker.source(QUEUE).unwrap()), faults };
+    let supervisor = supervisor();
+    let config = config().with_wait(Duration::from_millis(200)).with_concurrency(2);
+    supervisor.spawn(Updater::with_source("early", source, handler.clone()).with_config(config));
+    let health = supervisor.health();
+    eventually("a and b completed", Duration::from_secs(60), || {
+        worker(&health, "early").outcomes.completed == 2
+    })
+    .await;
+    assert_eq!(handler.started(), ["a#1", "a#2", "b#1"]);
+    let calls = handler.calls();
+    assert!(calls[1].start >= calls[0].start + Duration::from_secs(5), "a#2 after its lock");
+    assert_after(&calls, "a", "b");
     let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
 }

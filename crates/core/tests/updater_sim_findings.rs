@@ -149,7 +149,7 @@ async fn a_session_waits_for_its_head_across_an_open_breaker() {
         worker(&health, "paused").state == WorkerState::BackingOff
     })
     .await;
-    // Far past the wait's bound (5 s + 6 × 5 s delay + 2 × 1 s wait).
+    // Far past the wait's bound (5 s + 6 × 5 s delay + 2 × 1 s wait + 5 s slack).
     sleep(Duration::from_secs(60)).await;
     handler.up.store(true, Ordering::SeqCst);
     eventually("both completed", Duration::from_secs(60), || {

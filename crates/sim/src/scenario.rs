@@ -195,7 +195,8 @@ pub struct Scenario {
     pub local_delays: bool,
     /// The source reports every lock expiry this much too early; the broker's real
     /// locks are unchanged. Within the transport contract ([`Self::skew_within_contract`])
-    /// it is a transport's own margin and a round trip, at most `wait`; beyond it, more
+    /// it is a transport's own margin and a round trip, at most `wait`, or just short of
+    /// the contract's limit (2 × `wait` + `LOCK_REPORT_SLACK`); beyond it, more
     /// than a whole lock (a broker clock far ahead of ours), so every reported expiry
     /// lies in the past.
     pub lock_clock_skew: Option<Duration>,
@@ -203,6 +204,12 @@ pub struct Scenario {
 
 fn millis(rng: &mut SmallRng, from: u64, to: u64) -> Duration {
     Duration::from_millis(rng.random_range(from..=to))
+}
+
+/// How early the transport contract lets a transport report a lock's expiry, exclusive:
+/// 2 × `wait` + `LOCK_REPORT_SLACK`.
+fn contract_limit(wait: Duration) -> Duration {
+    wait.saturating_mul(2).saturating_add(steward_core::LOCK_REPORT_SLACK)
 }
 
 fn pick<T: Copy>(rng: &mut SmallRng, items: &[T]) -> T {
@@ -262,13 +269,23 @@ impl Scenario {
         };
         // Drawn last, so adding it left every earlier draw of a seed as it was.
         let local_delays = rng.random_bool(0.25);
+        // Beyond the contract: past both the lock and the contract's limit.
+        let beyond = lock.max(contract_limit(settings.wait));
         let mut lock_clock_skew =
-            rng.random_bool(0.05).then(|| lock + millis(&mut rng, 1_000, 10_000));
+            rng.random_bool(0.05).then(|| beyond + millis(&mut rng, 1_000, 10_000));
         // Drawn after every earlier draw, for the same reason: in one seed in ten of the
-        // rest, expiries reported early within the contract.
+        // rest, expiries reported early within the contract; in a third of those, just
+        // short of its limit (2 × `wait` + `LOCK_REPORT_SLACK`), where the lock allows
+        // it (the reported expiry still ahead at receipt).
         let wait_ms = u64::try_from(settings.wait.as_millis()).unwrap_or(u64::MAX);
         if lock_clock_skew.is_none() && rng.random_bool(0.1) {
-            lock_clock_skew = Some(millis(&mut rng, 100, wait_ms.max(100)));
+            let near_limit = contract_limit(settings.wait)
+                .checked_sub(millis(&mut rng, 1, 500))
+                .filter(|skew| *skew < lock);
+            lock_clock_skew = match near_limit {
+                Some(skew) if rng.random_bool(0.34) => Some(skew),
+                _ => Some(millis(&mut rng, 100, wait_ms.max(100))),
+            };
         }
         Self {
             seed,
@@ -308,11 +325,12 @@ impl Scenario {
     }
 
     /// Whether the reported lock expiries keep the transport contract: not later than
-    /// the broker's, and less than 2 × `wait` earlier (docs/transports.md), which the
-    /// Updater's waits for a message whose settlement failed rely on.
+    /// the broker's, and less than 2 × `wait` + `LOCK_REPORT_SLACK` earlier
+    /// (docs/transports.md), which the Updater's waits for a message whose settlement
+    /// failed rely on.
     #[must_use]
     pub fn skew_within_contract(&self) -> bool {
-        self.lock_clock_skew.is_none_or(|skew| skew < self.settings.wait * 2)
+        self.lock_clock_skew.is_none_or(|skew| skew < contract_limit(self.settings.wait))
     }
 
     /// How many messages hang in their handler at some delivery.

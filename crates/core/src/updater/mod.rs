@@ -245,7 +245,7 @@ impl Connect for Fixed {
 ///   On transports without sessions, a message retried with a delay, or one whose lock
 ///   was lost or whose settlement failed, also holds back its session's later messages
 ///   until it returns (or, if another consumer took it, until 6 × its delay + 2 × the
-///   wait after it was due back; that clock stops while the updater stops receiving).
+///   wait + [`LOCK_REPORT_SLACK`](crate::LOCK_REPORT_SLACK) after it was due back; that clock stops while the updater stops receiving).
 ///   Several such messages of one session are waited for in order. Sessions still
 ///   waiting when a run ends are remembered by the next run of the same updater. When
 ///   parked messages fill their bound while a session waits for its head, the newest go

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::deadlines::saturating_add;
+use crate::delivery::LOCK_REPORT_SLACK;
 
 /// A message its session waits for: it is back at the broker.
 #[derive(Debug)]
@@ -34,8 +35,10 @@ struct Awaited {
 /// started (it lost its lock while parked) holds back only the messages that arrived
 /// after it. A wait ends when the message comes back and starts, when it is settled
 /// for good, or, if another consumer evidently took it, at a bound:
-/// `6 × delay + 2 × wait` after the moment it was due back (transports round delays
-/// up: RabbitMQ's buckets turn 5.1 s into 30 s), checked when a poll answers without
+/// `6 × delay + 2 × wait + LOCK_REPORT_SLACK` after the moment it was due back
+/// (transports round delays up: RabbitMQ's buckets turn 5.1 s into 30 s; a failed
+/// settlement is due back at the lock expiry the transport reported, which may be up
+/// to `2 × wait + LOCK_REPORT_SLACK` early, see [`crate::LOCK_REPORT_SLACK`]), checked when a poll answers without
 /// it ([`expire`](Self::expire)). The bound's clock stops while the updater itself stops
 /// receiving ([`postpone`](Self::postpone)); a wait whose message is held here again
 /// never ends at the bound.
@@ -163,7 +166,10 @@ impl SessionGate {
         if self.broker_sessions {
             return;
         }
-        let bound = delay.saturating_mul(6).saturating_add(self.wait.saturating_mul(2));
+        let bound = delay
+            .saturating_mul(6)
+            .saturating_add(self.wait.saturating_mul(2))
+            .saturating_add(LOCK_REPORT_SLACK);
         let due = due.max(Instant::now());
         let until = saturating_add(due, bound);
         let due = saturating_add(due, delay);
@@ -338,12 +344,12 @@ mod tests {
         assert_eq!(gate.awaited("s", "a"), Some(None));
         assert_eq!(gate.first_awaited("s", now), Some(("a", now + Duration::from_secs(15))));
         let late = now + Duration::from_secs(20);
-        assert_eq!(gate.first_awaited("s", late), Some(("a", now + Duration::from_secs(42))));
-        // Due back at 10 s, then 6 × 5 s + 2 × 1 s.
-        assert_eq!(gate.next_expiry(), Some(now + Duration::from_secs(42)));
-        gate.expire(now + Duration::from_secs(41));
+        assert_eq!(gate.first_awaited("s", late), Some(("a", now + Duration::from_secs(47))));
+        // Due back at 10 s, then 6 × 5 s + 2 × 1 s + 5 s (`LOCK_REPORT_SLACK`).
+        assert_eq!(gate.next_expiry(), Some(now + Duration::from_secs(47)));
+        gate.expire(now + Duration::from_secs(46));
         assert!(!gate.may_start("s", 2, "b"));
-        gate.expire(now + Duration::from_secs(42));
+        gate.expire(now + Duration::from_secs(47));
         assert!(gate.may_start("s", 2, "b"), "another consumer took a: b goes on");
     }
 
@@ -385,7 +391,7 @@ mod tests {
         gate.release_awaiting("s", 2, "m2", now, Duration::ZERO);
         gate.release_awaiting("s", 3, "m3", now, Duration::ZERO);
         gate.returned("s", "m2");
-        assert_eq!(gate.next_expiry(), Some(now + Duration::from_secs(2)), "m3's bound only");
+        assert_eq!(gate.next_expiry(), Some(now + Duration::from_secs(7)), "m3's bound only");
         gate.expire(now + Duration::from_secs(60));
         assert!(gate.may_start("s", 9, "m2"));
         assert!(!gate.may_start("s", 8, "m3"), "m3 comes after m2");
@@ -399,7 +405,7 @@ mod tests {
         gate.occupy("s", 1, "a");
         gate.release_awaiting("s", 1, "a", now, Duration::ZERO);
         gate.postpone(Duration::from_secs(10));
-        assert_eq!(gate.next_expiry(), Some(now + Duration::from_secs(12)));
+        assert_eq!(gate.next_expiry(), Some(now + Duration::from_secs(17)));
     }
 
     #[tokio::test(start_paused = true)]

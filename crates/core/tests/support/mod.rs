@@ -321,11 +321,20 @@ pub struct SettleFaults {
     pub renewals: std::sync::atomic::AtomicUsize,
     /// Every `abandon`: the message id and the delay asked for.
     pub abandons: Mutex<Vec<(String, Option<Duration>)>>,
+    /// Every lock expiry is reported this much before the broker's real one (as a
+    /// transport counting its lock from the start of a long poll does).
+    pub reports_early: Mutex<Duration>,
 }
 
 impl SettleFaults {
     pub fn arm(list: &Mutex<Vec<(String, u32)>>, id: &str, calls: u32) {
         list.lock().unwrap().push((id.to_owned(), calls));
+    }
+
+    /// `until` as reported: [`Self::reports_early`] before it.
+    fn early(&self, until: Instant) -> Instant {
+        let early = *self.reports_early.lock().unwrap();
+        until.checked_sub(early).unwrap_or(until)
     }
 
     /// Whether a fault of `list` fires for `id` now (using up one call).
@@ -379,7 +388,7 @@ impl steward_core::Settle for FaultySettle {
         let Some(delivery) = inner.as_ref() else {
             return Err(TransportError::lock_lost(self.id.clone()));
         };
-        let until = delivery.renew_lock().await?;
+        let until = delivery.renew_lock().await?.map(|until| self.faults.early(until));
         *self.until.lock().unwrap() = until;
         Ok(until)
     }
@@ -423,7 +432,7 @@ wrap_source!(
                 let message = (**delivery.message()).clone();
                 let settle = FaultySettle {
                     id: message.id.clone(),
-                    until: Mutex::new(delivery.locked_until()),
+                    until: Mutex::new(delivery.locked_until().map(|u| self.faults.early(u))),
                     inner: tokio::sync::Mutex::new(Some(delivery)),
                     faults: self.faults.clone(),
                 };
