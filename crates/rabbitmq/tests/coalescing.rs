@@ -21,7 +21,6 @@ use steward_core::{
 use support::{PROMPTLY, receive_n, require_broker};
 use tokio::time::{Instant, sleep, timeout};
 
-/// A generous bound for things that happen "within seconds" on a real broker.
 /// Per message: the delivery counts it was handled with, and what the handler did.
 type Seen = BTreeMap<usize, Vec<(u32, &'static str)>>;
 
@@ -144,6 +143,24 @@ async fn updater_with_mixed_outcomes_acks_every_completed_message_exactly_once()
     assert_eq!(dead.iter().collect::<BTreeSet<_>>(), expected_dead.iter().collect::<BTreeSet<_>>());
 }
 
+/// A queue (prefetch [`TOTAL`]) holding [`TOTAL`] messages `m-0`… with bodies `0`…,
+/// and a source of it.
+async fn holding_ten(name: &str) -> (support::TestQueue, steward_rabbitmq::RabbitMqSource) {
+    let test_queue = support::TestQueue::declare(name, |b| b.with_prefetch(TOTAL as u16)).await;
+    let (queue, rabbit) = (&test_queue.name, &test_queue.rabbit);
+    let sink = rabbit.sink();
+    for n in 0..TOTAL {
+        sink.send(queue, OutgoingMessage::new(format!("{n}")).with_message_id(format!("m-{n}")))
+            .await
+            .unwrap();
+    }
+    let source = rabbit.source(queue).await.unwrap();
+    (test_queue, source)
+}
+
+/// How many messages [`holding_ten`] sends.
+const TOTAL: usize = 10;
+
 /// Ensures that a connection lost while completions wait for their coalesced ack
 /// redelivers only those messages: of ten deliveries, the first stays held (so it
 /// holds the completed prefix back), four are completed and their acks written (one
@@ -154,17 +171,8 @@ async fn updater_with_mixed_outcomes_acks_every_completed_message_exactly_once()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_connection_redelivers_only_the_messages_whose_acks_were_not_written() {
     require_broker!("lost_connection_redelivers_only_the_messages_whose_acks_were_not_written");
-    const TOTAL: usize = 10;
-    let test_queue =
-        support::TestQueue::declare("steward-acks-lost", |b| b.with_prefetch(TOTAL as u16)).await;
+    let (test_queue, source) = holding_ten("steward-acks-lost").await;
     let (queue, rabbit) = (test_queue.name.clone(), test_queue.rabbit.clone());
-    let sink = rabbit.sink();
-    for n in 0..TOTAL {
-        sink.send(&queue, OutgoingMessage::new(format!("{n}")).with_message_id(format!("m-{n}")))
-            .await
-            .unwrap();
-    }
-    let source = rabbit.source(&queue).await.unwrap();
     let mut deliveries = receive_n(&source, TOTAL, PROMPTLY).await;
     assert_eq!(deliveries.len(), TOTAL);
     let ids: Vec<String> = deliveries.iter().map(|d| d.message().id.clone()).collect();
@@ -273,17 +281,8 @@ async fn many_publishes_in_flight_one_unroutable_only_it_is_not_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlements_after_stop_receiving_ack_only_their_own_messages() {
     require_broker!("settlements_after_stop_receiving_ack_only_their_own_messages");
-    const TOTAL: usize = 10;
-    let test_queue =
-        support::TestQueue::declare("steward-acks-stop", |b| b.with_prefetch(TOTAL as u16)).await;
+    let (test_queue, source) = holding_ten("steward-acks-stop").await;
     let (queue, rabbit) = (test_queue.name.clone(), test_queue.rabbit.clone());
-    let sink = rabbit.sink();
-    for n in 0..TOTAL {
-        sink.send(&queue, OutgoingMessage::new(format!("{n}")).with_message_id(format!("m-{n}")))
-            .await
-            .unwrap();
-    }
-    let source = rabbit.source(&queue).await.unwrap();
     let mut handed = receive_n(&source, 3, PROMPTLY).await;
     assert_eq!(handed.len(), 3);
     source.stop_receiving().await.unwrap();
