@@ -50,14 +50,11 @@ async fn many_sends_in_flight_are_each_acked_and_stored_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_without_an_id_keeps_the_one_handlers_saw_into_the_dead_letter_queue() {
-    if !support::server_available("message_without_an_id").await {
+    let Some(support::Declared { url, queue, nats, _cleanup }) =
+        support::declared("message_without_an_id", "noid").await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let (queue, builder) = support::unique_queue(&url, "noid");
-    let nats = builder.build().unwrap();
-    let _cleanup = support::Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     js.publish(queue.clone(), "plain".into()).await.unwrap().await.unwrap();
 
@@ -84,14 +81,11 @@ async fn a_message_without_an_id_keeps_the_one_handlers_saw_into_the_dead_letter
 /// copy leaves them out, or the server would refuse it every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_copy_leaves_out_the_headers_the_server_acts_on() {
-    if !support::server_available("server_control_headers").await {
+    let Some(support::Declared { url, queue, nats, _cleanup }) =
+        support::declared("server_control_headers", "ctl").await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let (queue, builder) = support::unique_queue(&url, "ctl");
-    let nats = builder.build().unwrap();
-    let _cleanup = support::Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Expected-Stream", nats.stream_name(&queue).as_str());
@@ -206,14 +200,11 @@ async fn a_send_acked_as_a_duplicate_succeeds_with_a_warning_naming_the_message_
 /// on an id of its own, not on the message id it carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_sharing_a_message_id_are_each_kept() {
-    if !support::server_available("dead_letters_sharing_an_id").await {
+    let Some(support::Declared { url, queue, nats, _cleanup }) =
+        support::declared("dead_letters_sharing_an_id", "dlqid").await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let (queue, builder) = support::unique_queue(&url, "dlqid");
-    let nats = builder.build().unwrap();
-    let _cleanup = support::Cleanup(nats.clone());
-    nats.declare_topology().await.unwrap();
+    };
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     for body in ["first", "second"] {
         // A new queue stream (and so a fresh duplicate window) for the second message:

@@ -332,14 +332,10 @@ async fn drain_held(source: &dyn MessageSource, n: usize) -> Vec<steward_core::D
 /// every publish is acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_transforms_the_subject_stops_the_start() {
-    if !support::server_available("stream_subject_transform").await {
+    let Some((url, client)) = support::client_at_least("stream_subject_transform", (2, 10)).await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let client = async_nats::connect(&url).await.unwrap();
-    if !support::server_at_least(&client, (2, 10), "stream_subject_transform") {
-        return;
-    }
+    };
     let (queue, builder) = support::unique_queue(&url, "transform");
     let nats = builder.build().unwrap();
     let _cleanup = support::Cleanup(nats.clone());
@@ -476,14 +472,11 @@ async fn a_receive_dropped_while_waiting_leaves_no_pull_that_swallows_the_next_m
 /// a priority group is refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_consumer_or_one_with_priority_groups_stops_the_start() {
-    if !support::server_available("consumer_paused_or_prioritised").await {
+    let Some((url, client)) =
+        support::client_at_least("consumer_paused_or_prioritised", (2, 11)).await
+    else {
         return;
-    }
-    let url = support::server_url();
-    let client = async_nats::connect(&url).await.unwrap();
-    if !support::server_at_least(&client, (2, 11), "consumer_paused_or_prioritised") {
-        return;
-    }
+    };
     let cases = [
         ("pause_until", serde_json::json!({ "pause_until": "2100-01-01T00:00:00Z" })),
         (

@@ -63,6 +63,20 @@ pub async fn delete_dead_letter_stream(url: &str, nats: &Nats, queue: &str) {
     js.delete_stream(nats.dead_letter_stream_name(queue)).await.unwrap();
 }
 
+/// The shared server's URL and a client of it, or `None` (the test skips, saying why)
+/// where no server answers or it is older than `major.minor`.
+pub async fn client_at_least(
+    test: &str,
+    version: (u32, u32),
+) -> Option<(String, async_nats::Client)> {
+    if !server_available(test).await {
+        return None;
+    }
+    let url = server_url();
+    let client = async_nats::connect(&url).await.unwrap();
+    server_at_least(&client, version, test).then_some((url, client))
+}
+
 /// Whether the server `client` is connected to is of release `major.minor` or later;
 /// prints one skip line for `test` when not (the setting a test needs does not exist
 /// there, and the server ignores it).
