@@ -205,16 +205,18 @@ mod cases {
         let mut tx = db.store.begin().await.unwrap();
         airlock::submit(&mut tx, &AirlockQueues::default(), &request.id, &user()).await.unwrap();
         tx.commit().await.unwrap();
-        eventually("the early result applied", || {
-            seen.lock()
-                .unwrap()
-                .iter()
-                .any(|(id, _, outcome)| id == "early" && *outcome == Outcome::Complete)
+        // Wait for the settlement, not for the handler's answer: `seen` records the
+        // outcome when the handler returns, before the updater completes the message on
+        // the broker, while the worker's counts move only once the broker took it.
+        eventually("the early result applied and settled", || {
+            let outcomes = worker(&health, "airlock-status").outcomes;
+            outcomes.completed >= 1 && outcomes.dead_lettered >= 2
         })
         .await;
 
         let early: Vec<_> =
             seen.lock().unwrap().iter().filter(|(id, ..)| id == "early").cloned().collect();
+        assert_eq!(early.last().map(|(_, _, outcome)| outcome), Some(&Outcome::Complete));
         let counts: Vec<u32> = early.iter().map(|(_, count, _)| *count).collect();
         assert_eq!(
             counts,
@@ -353,10 +355,13 @@ async fn database_outage_pauses_both_workers_without_burning_deliveries() {
         .with_config(config(3)),
     );
     let health = supervisor.health();
+    // The breaker opens when the handler answers, the retry is counted once the broker
+    // took it back: wait for both.
     eventually("both workers backing off", || {
-        ["deployment-status", "airlock-status"]
-            .iter()
-            .all(|name| worker(&health, name).state == WorkerState::BackingOff)
+        ["deployment-status", "airlock-status"].iter().all(|name| {
+            let worker = worker(&health, name);
+            worker.state == WorkerState::BackingOff && worker.outcomes.retried >= 1
+        })
     })
     .await;
     // Probes fail every 0.2–1 s; give them several rounds to (wrongly) resume.
