@@ -1,7 +1,8 @@
 //! One queue (or dead-letter sub-queue): messages in sequence order and the rules for
 //! handing them out. Everything here takes `now` explicitly and never blocks.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -86,6 +87,17 @@ pub(crate) struct LockGone;
 pub(crate) struct Entity {
     pub(crate) options: QueueOptions,
     messages: BTreeMap<u64, Stored>,
+    /// Messages that may be available now, in sequence order. A superset: entries are
+    /// checked (and dropped when stale) as `take` meets them, so no operation has to
+    /// walk the whole queue.
+    ready: BTreeSet<u64>,
+    /// When a message may next become available (its delay ending or its lock
+    /// expiring), by time and sequence; stale entries are dropped as they come due.
+    timers: BTreeSet<(Instant, u64)>,
+    /// The sequences of each session's messages, so a session's head is found at once.
+    session_index: BTreeMap<String, BTreeSet<u64>>,
+    /// The message holding each lock token.
+    tokens: HashMap<Uuid, u64>,
     next_sequence: u64,
     pub(crate) generation: u64,
     pub(crate) notify: Arc<Notify>,
@@ -98,6 +110,10 @@ impl Entity {
         Self {
             options,
             messages: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            session_index: BTreeMap::new(),
+            tokens: HashMap::new(),
             next_sequence: 1,
             generation: 0,
             notify: Arc::new(Notify::new()),
@@ -119,6 +135,11 @@ impl Entity {
         self.messages.values()
     }
 
+    /// The session that gates `message`'s delivery, if sessions are kept.
+    fn gating_session<'m>(&self, message: &'m Message) -> Option<&'m str> {
+        message.session_id.as_deref().filter(|_| self.sessions)
+    }
+
     /// Appends a message, visible from `visible_at`; returns its sequence number.
     pub(crate) fn push(
         &mut self,
@@ -131,14 +152,57 @@ impl Entity {
         if message.enqueued_at.is_none() {
             message.enqueued_at = Some(SystemTime::now());
         }
+        if let Some(session) = self.gating_session(&message) {
+            self.session_index.entry(session.to_owned()).or_default().insert(sequence);
+        }
         self.messages
             .insert(sequence, Stored { message, sequence, visible_at, lock: None, dead_letter });
+        self.ready.insert(sequence);
+        self.timers.insert((visible_at, sequence));
         self.notify.notify_waiters();
         sequence
     }
 
+    /// Removes a message and its index entries; the next message of its session, if
+    /// any, becomes a candidate for delivery.
+    fn remove(&mut self, sequence: u64) -> Option<Stored> {
+        let stored = self.messages.remove(&sequence)?;
+        self.ready.remove(&sequence);
+        self.timers.remove(&(stored.visible_at, sequence));
+        if let Some(lock) = stored.lock {
+            self.tokens.remove(&lock.token);
+            self.timers.remove(&(lock.until, sequence));
+        }
+        if let Some(session) = stored.message.session_id.as_deref().filter(|_| self.sessions) {
+            if let Some(members) = self.session_index.get_mut(session) {
+                members.remove(&sequence);
+                match members.first() {
+                    Some(&head) => {
+                        self.ready.insert(head);
+                    }
+                    None => {
+                        self.session_index.remove(session);
+                    }
+                }
+            }
+        }
+        Some(stored)
+    }
+
     fn lock_is_held(&self, lock: &Lock, now: Instant) -> bool {
         lock.until > now && lock.generation == self.generation
+    }
+
+    /// Whether the stored message is its session's oldest (always, without a session).
+    fn is_head(&self, stored: &Stored) -> bool {
+        match self.gating_session(&stored.message) {
+            Some(session) => self
+                .session_index
+                .get(session)
+                .and_then(BTreeSet::first)
+                .is_none_or(|&head| head == stored.sequence),
+            None => true,
+        }
     }
 
     /// Locks up to `max` available messages for `generation`. Messages due for the
@@ -154,52 +218,64 @@ impl Entity {
         now: Instant,
         generation: u64,
     ) -> (Vec<LockedMessage>, Vec<Stored>) {
-        let mut taken = Vec::new();
-        let mut overflow = Vec::new();
-        let mut seen_sessions: HashSet<String> = HashSet::new();
-        let mut expired_overflow = Vec::new();
-        let current_generation = self.generation;
-        for stored in self.messages.values_mut() {
-            if taken.len() >= max {
+        // Whatever came due is a candidate again.
+        while let Some(&(at, sequence)) = self.timers.first() {
+            if at > now {
                 break;
             }
-            let held = stored
-                .lock
-                .is_some_and(|lock| lock.until > now && lock.generation == current_generation);
-            let is_head = match &stored.message.session_id {
-                Some(session) if self.sessions => seen_sessions.insert(session.clone()),
-                _ => true,
+            self.timers.pop_first();
+            if self.messages.contains_key(&sequence) {
+                self.ready.insert(sequence);
+            }
+        }
+        let mut taken = Vec::new();
+        let mut expired_overflow = Vec::new();
+        let mut cursor = 0;
+        while taken.len() < max {
+            let Some(&sequence) = self.ready.range(cursor..).next() else { break };
+            cursor = sequence + 1;
+            let Some(stored) = self.messages.get(&sequence) else {
+                self.ready.remove(&sequence);
+                continue;
             };
-            if !is_head || held || stored.visible_at > now {
+            let held = stored.lock.is_some_and(|lock| self.lock_is_held(&lock, now));
+            // Not available now: a due timer, or a session head change, brings it back.
+            if held || stored.visible_at > now || !self.is_head(stored) {
+                self.ready.remove(&sequence);
                 continue;
             }
-            if let Some(max_count) = self.options.max_delivery_count {
-                if stored.message.delivery_count >= max_count {
-                    // Delivered too often: off to the dead-letter queue, and the next
-                    // message of the session (if any) becomes its head next time.
-                    expired_overflow.push(stored.sequence);
-                    continue;
-                }
+            if self
+                .options
+                .max_delivery_count
+                .is_some_and(|max_count| stored.message.delivery_count >= max_count)
+            {
+                // Delivered too often: off to the dead-letter queue, and the next
+                // message of the session (if any) becomes its head next time.
+                expired_overflow.push(sequence);
+                continue;
             }
-            stored.message.delivery_count += 1;
             let lock = Lock {
                 token: Uuid::new_v4(),
                 until: later(now, self.options.lock_duration),
                 generation,
             };
-            stored.lock = Some(lock);
+            let Some(stored) = self.messages.get_mut(&sequence) else { continue };
+            stored.message.delivery_count += 1;
+            if let Some(old) = stored.lock.replace(lock) {
+                self.tokens.remove(&old.token);
+            }
             taken.push(LockedMessage {
                 message: stored.message.clone(),
-                sequence: stored.sequence,
+                sequence,
                 lock_token: lock.token,
                 locked_until: lock.until,
             });
+            self.tokens.insert(lock.token, sequence);
+            self.ready.remove(&sequence);
+            self.timers.insert((lock.until, sequence));
         }
-        for sequence in expired_overflow {
-            if let Some(stored) = self.messages.remove(&sequence) {
-                overflow.push(stored);
-            }
-        }
+        let overflow: Vec<Stored> =
+            expired_overflow.into_iter().filter_map(|sequence| self.remove(sequence)).collect();
         if !overflow.is_empty() {
             self.notify.notify_waiters();
         }
@@ -207,18 +283,13 @@ impl Entity {
     }
 
     /// The earliest future moment at which a message may become available: a delay
-    /// ending or a lock expiring.
+    /// ending or a lock expiring. It may be early (a renewed lock, a settled message),
+    /// never late.
     pub(crate) fn next_change(&self, now: Instant) -> Option<Instant> {
-        self.messages
-            .values()
-            .flat_map(|stored| {
-                let visible = (stored.visible_at > now).then_some(stored.visible_at);
-                let unlock =
-                    stored.lock.filter(|lock| self.lock_is_held(lock, now)).map(|lock| lock.until);
-                [visible, unlock]
-            })
-            .flatten()
-            .min()
+        self.timers
+            .range((Bound::Excluded((now, u64::MAX)), Bound::Unbounded))
+            .next()
+            .map(|&(at, _)| at)
     }
 
     fn held_mut(
@@ -241,10 +312,10 @@ impl Entity {
 
     /// The sequence number of the message with `message_id`, if it is held with `token`.
     pub(crate) fn sequence_of(&self, message_id: &str, token: Uuid) -> Option<u64> {
-        self.messages
-            .values()
-            .find(|s| s.message.id == message_id && s.lock.is_some_and(|l| l.token == token))
-            .map(|s| s.sequence)
+        let sequence = *self.tokens.get(&token)?;
+        let stored = self.messages.get(&sequence)?;
+        (stored.message.id == message_id && stored.lock.is_some_and(|l| l.token == token))
+            .then_some(sequence)
     }
 
     pub(crate) fn complete(
@@ -254,7 +325,7 @@ impl Entity {
         now: Instant,
     ) -> Result<Stored, LockGone> {
         self.held_mut(sequence, token, now)?;
-        let stored = self.messages.remove(&sequence).ok_or(LockGone)?;
+        let stored = self.remove(sequence).ok_or(LockGone)?;
         self.notify.notify_waiters();
         Ok(stored)
     }
@@ -271,12 +342,19 @@ impl Entity {
         let max = self.options.max_delivery_count;
         let stored = self.held_mut(sequence, token, now)?;
         if max.is_some_and(|max| stored.message.delivery_count >= max) {
-            let removed = self.messages.remove(&sequence);
+            let removed = self.remove(sequence);
             self.notify.notify_waiters();
             return Ok(removed);
         }
-        stored.lock = None;
-        stored.visible_at = later(now, delay.unwrap_or_default());
+        let released = stored.lock.take();
+        let visible_at = later(now, delay.unwrap_or_default());
+        stored.visible_at = visible_at;
+        if let Some(lock) = released {
+            self.timers.remove(&(lock.until, sequence));
+        }
+        self.tokens.remove(&token);
+        self.ready.insert(sequence);
+        self.timers.insert((visible_at, sequence));
         self.notify.notify_waiters();
         Ok(None)
     }
@@ -290,43 +368,58 @@ impl Entity {
         let duration = self.options.lock_duration;
         let stored = self.held_mut(sequence, token, now)?;
         let until = later(now, duration);
-        if let Some(lock) = stored.lock.as_mut() {
-            lock.until = until;
+        let previous = stored.lock.as_mut().map(|lock| std::mem::replace(&mut lock.until, until));
+        if let Some(previous) = previous {
+            self.timers.remove(&(previous, sequence));
         }
+        self.timers.insert((until, sequence));
         Ok(until)
     }
 
     /// Removes every message, in sequence order.
     pub(crate) fn take_all(&mut self) -> Vec<Stored> {
         let taken = std::mem::take(&mut self.messages).into_values().collect();
+        self.ready.clear();
+        self.timers.clear();
+        self.session_index.clear();
+        self.tokens.clear();
         self.notify.notify_waiters();
         taken
+    }
+
+    /// Drops every lock; each message is a candidate for delivery again.
+    fn release_all_locks(&mut self) {
+        for stored in self.messages.values_mut() {
+            if stored.lock.take().is_some() {
+                self.ready.insert(stored.sequence);
+            }
+        }
+        self.tokens.clear();
+        self.notify.notify_waiters();
     }
 
     /// Invalidates every lock and every source of the current connection generation.
     pub(crate) fn disconnect(&mut self) {
         self.generation += 1;
-        for stored in self.messages.values_mut() {
-            stored.lock = None;
-        }
-        self.notify.notify_waiters();
+        self.release_all_locks();
     }
 
     /// Ends every lock now, as if each had expired.
     pub(crate) fn expire_locks(&mut self) {
-        for stored in self.messages.values_mut() {
-            stored.lock = None;
-        }
-        self.notify.notify_waiters();
+        self.release_all_locks();
     }
 
     /// The ids of the messages locked at `now`, in sequence order.
     pub(crate) fn locked_ids(&self, now: Instant) -> Vec<String> {
-        self.messages
+        let mut locked: Vec<(u64, String)> = self
+            .tokens
             .values()
+            .filter_map(|sequence| self.messages.get(sequence))
             .filter(|s| s.lock.is_some_and(|lock| self.lock_is_held(&lock, now)))
-            .map(|s| s.message.id.clone())
-            .collect()
+            .map(|s| (s.sequence, s.message.id.clone()))
+            .collect();
+        locked.sort_unstable_by_key(|(sequence, _)| *sequence);
+        locked.into_iter().map(|(_, id)| id).collect()
     }
 
     /// Removes a held message for dead-lettering.
@@ -433,6 +526,64 @@ mod tests {
         assert!(again.is_empty());
         assert_eq!(overflow.len(), 1);
         assert_eq!(overflow[0].message.id, "m");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_head_of_a_session_follows_an_overflowed_head() {
+        let now = Instant::now();
+        let lock = Duration::from_secs(1);
+        let options = QueueOptions::default().with_lock_duration(lock).with_max_delivery_count(1);
+        let mut entity = Entity::new(options);
+        for (id, session) in [("a1", "a"), ("a2", "a")] {
+            entity.push(message(id, Some(session)), now, None);
+        }
+        assert_eq!(ids(&entity.take(10, now, 0).0), ["a1"]);
+        let (none, overflow) = entity.take(10, now + lock, 0);
+        assert!(none.is_empty(), "a2 becomes the head only on the next take");
+        assert_eq!(overflow[0].message.id, "a1");
+        assert_eq!(ids(&entity.take(10, now + lock, 0).0), ["a2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewed_lock_outlasts_its_first_expiry_and_settled_messages_leave_no_wakeups() {
+        let now = Instant::now();
+        let lock = Duration::from_secs(10);
+        let mut entity = Entity::new(QueueOptions::default().with_lock_duration(lock));
+        entity.push(message("m", None), now, None);
+        entity.push(message("n", None), now, None);
+        let (got, _) = entity.take(2, now, 0);
+        let renewed_at = now + Duration::from_secs(5);
+        let until = entity.renew(got[0].sequence, got[0].lock_token, renewed_at).unwrap();
+        assert_eq!(entity.next_change(renewed_at), Some(now + lock), "n's lock ends first");
+        entity.complete(got[1].sequence, got[1].lock_token, renewed_at).unwrap();
+        assert_eq!(entity.next_change(renewed_at), Some(until), "only m's renewed lock is left");
+        assert!(entity.take(2, now + lock, 0).0.is_empty(), "m is still held");
+        assert_eq!(ids(&entity.take(2, until, 0).0), ["m"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn message_found_by_id_only_with_its_current_token() {
+        let now = Instant::now();
+        let lock = Duration::from_secs(1);
+        let mut entity = Entity::new(QueueOptions::default().with_lock_duration(lock));
+        entity.push(message("m", None), now, None);
+        let (first, _) = entity.take(1, now, 0);
+        assert_eq!(entity.sequence_of("m", first[0].lock_token), Some(first[0].sequence));
+        assert_eq!(entity.sequence_of("other", first[0].lock_token), None);
+        let (second, _) = entity.take(1, now + lock, 0);
+        assert_eq!(entity.sequence_of("m", first[0].lock_token), None, "relocked");
+        assert_eq!(entity.sequence_of("m", second[0].lock_token), Some(second[0].sequence));
+        assert_eq!(entity.locked_ids(now + lock), ["m"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_sessions_one_session_is_handed_out_at_once() {
+        let now = Instant::now();
+        let mut entity = Entity::new(QueueOptions::default()).with_sessions(false);
+        for id in ["a1", "a2", "a3"] {
+            entity.push(message(id, Some("a")), now, None);
+        }
+        assert_eq!(ids(&entity.take(10, now, 0).0), ["a1", "a2", "a3"]);
     }
 
     #[tokio::test(start_paused = true)]
