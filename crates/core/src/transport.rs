@@ -70,10 +70,12 @@ const TOKEN_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
 ///
 /// - a password (`user:password@`) becomes `user:***@`;
 /// - a user part without a password is a user name and stays (`amqp://u@h/`), except
-///   in a NATS URL (scheme `nats`, `tls`, `ws`, `wss`, or none), where it is a token and
+///   in a NATS URL (scheme `nats`, `tls`, `ws`, `wss` in any case, or none), where it is a token and
 ///   becomes `***` whole;
 /// - a NATS URL may list several servers separated by commas; each is redacted on its
-///   own. Other URLs are one server.
+///   own. Other URLs are one server;
+/// - the value of a query parameter whose name looks secret (`password`, `sslpassword`,
+///   `access_token`, `SharedAccessKey`, `sig`, …) becomes `***`.
 ///
 /// # Examples
 ///
@@ -86,14 +88,39 @@ const TOKEN_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
 /// ```
 #[must_use]
 pub fn redact_url(url: &str) -> String {
+    let (url, query) = url.split_once('?').map_or((url, None), |(url, query)| (url, Some(query)));
     let first = url.split(',').next().unwrap_or(url);
     let scheme = first.find("://").map(|end| &first[..end]);
-    let nats = scheme.is_none_or(|scheme| TOKEN_SCHEMES.contains(&scheme));
-    if nats {
+    // Schemes are case-insensitive (`NATS://t0ken@h` connects as well).
+    let nats = scheme
+        .is_none_or(|scheme| TOKEN_SCHEMES.iter().any(|token| token.eq_ignore_ascii_case(scheme)));
+    let base = if nats {
         url.split(',').map(|server| redact_server(server, true)).collect::<Vec<_>>().join(",")
     } else {
         redact_server(url, false)
+    };
+    match query {
+        Some(query) => format!("{base}?{}", redact_query(query)),
+        None => base,
     }
+}
+
+/// A URL query with the value of every parameter whose name looks secret hidden: the
+/// name (in any case) contains `pass`, `pwd`, `secret`, `token`, `key`, `sig` or
+/// `credential` (`password`, `sslpassword`, `access_token`, `SharedAccessKey`, `sig`,
+/// `client_secret`, …).
+fn redact_query(query: &str) -> String {
+    const SECRET: [&str; 7] = ["pass", "pwd", "secret", "token", "key", "sig", "credential"];
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if SECRET.iter().any(|s| name.to_ascii_lowercase().contains(s)) => {
+                format!("{name}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// A broker URL whose `Debug` output is [`redact_url`]ed, so configuration that holds
@@ -190,6 +217,16 @@ mod tests {
             ("u:p@h:4222,nats://h2", "u:***@h:4222,nats://h2"),
             ("nats://h1,t0ken@h2", "nats://h1,***@h2"),
             ("nats://h/path@x", "nats://h/path@x"),
+            ("NATS://s3cr3t@h:4222", "NATS://***@h:4222"),
+            ("Nats://h1,t0k@h2", "Nats://h1,***@h2"),
+            (
+                "postgres://db/tre?user=app&Password=s3&sslmode=x",
+                "postgres://db/tre?user=app&Password=***&sslmode=x",
+            ),
+            (
+                "amqp://u:p@h/?auth_token=t&heartbeat=5",
+                "amqp://u:***@h/?auth_token=***&heartbeat=5",
+            ),
         ] {
             assert_eq!(redact_url(url), redacted, "{url}");
         }

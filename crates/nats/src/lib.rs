@@ -86,12 +86,24 @@ const HEADER_ROOM: usize = 8 * 1024;
 ///
 /// Cheap to clone; clones share the configuration, the publishing connection and the
 /// "topology declared" state. Build one with [`NatsBuilder`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Nats {
     config: Arc<Config>,
     /// The shared connection's JetStream context, built once on first use.
     shared: Arc<OnceCell<Context>>,
     topology: Arc<OnceCell<()>>,
+}
+
+/// The configuration (credentials hidden) and whether the shared connection and the
+/// topology are set up; not the client's internals.
+impl std::fmt::Debug for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nats")
+            .field("config", &self.config)
+            .field("connected", &self.shared.initialized())
+            .field("topology_declared", &self.topology.initialized())
+            .finish()
+    }
 }
 
 impl Nats {

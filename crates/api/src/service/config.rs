@@ -329,54 +329,11 @@ impl Config {
     }
 }
 
-/// `scheme://user:secret@host/…?password=secret` → `scheme://user:***@host/…?password=***`:
-/// the userinfo password and the value of every query parameter whose name looks secret
-/// ([`is_secret_parameter`]) are hidden.
+/// The URL with its credentials hidden: the userinfo password and the value of every
+/// query parameter whose name looks secret (see [`steward_core::transport::redact_url`]).
 #[must_use]
 pub(super) fn redact_url(url: &str) -> String {
-    let (url, query) = url.split_once('?').map_or((url, None), |(u, q)| (u, Some(q)));
-    let base = redact_userinfo(url);
-    match query {
-        Some(query) => {
-            let query = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) if is_secret_parameter(name) => format!("{name}=***"),
-                    _ => pair.to_owned(),
-                })
-                .collect::<Vec<_>>()
-                .join("&");
-            format!("{base}?{query}")
-        }
-        None => base,
-    }
-}
-
-/// Whether a URL query parameter carries a secret: its name (case-insensitive) contains
-/// `pass`, `pwd`, `secret`, `token`, `key`, `sig` or `credential` (`password`,
-/// `sslpassword`, `access_token`, `SharedAccessKey`, `sig`, `client_secret`, …).
-fn is_secret_parameter(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    ["pass", "pwd", "secret", "token", "key", "sig", "credential"]
-        .iter()
-        .any(|secret| name.contains(secret))
-}
-
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
-fn redact_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    match path {
-        Some(path) => format!("{scheme}://{authority}/{path}"),
-        None => format!("{scheme}://{authority}"),
-    }
+    steward_core::transport::redact_url(url)
 }
 
 #[cfg(test)]
