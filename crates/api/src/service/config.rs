@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use steward_core::UpdaterConfig;
+use steward_core::transport::redact_url;
 
 use crate::domain::queues;
 use crate::http::auth::{Authentication, KeySetError, OidcConfig, OidcVerifier};
@@ -327,13 +328,6 @@ impl Config {
     pub fn database_for_log(&self) -> String {
         redact_url(&self.database_url)
     }
-}
-
-/// The URL with its credentials hidden: the userinfo password and the value of every
-/// query parameter whose name looks secret (see [`steward_core::transport::redact_url`]).
-#[must_use]
-pub(super) fn redact_url(url: &str) -> String {
-    steward_core::transport::redact_url(url)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let hidden = |value: &Option<String>| value.as_ref().map(|_| "<hidden>");
         f.debug_struct("Settings")
-            .field("nats_url", &steward_nats::redact_url(&self.nats_url))
+            .field("nats_url", &steward_core::transport::redact_url(&self.nats_url))
             .field("nats_user", &self.nats_user)
             .field("nats_password", &hidden(&self.nats_password))
             .field("nats_token", &hidden(&self.nats_token))

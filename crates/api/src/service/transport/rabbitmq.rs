@@ -21,7 +21,7 @@ pub(super) struct Settings {
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
-            .field("rabbitmq_url", &crate::service::config::redact_url(&self.rabbitmq_url))
+            .field("rabbitmq_url", &steward_core::transport::redact_url(&self.rabbitmq_url))
             .finish()
     }
 }
