@@ -17,7 +17,7 @@ use clap::Parser;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use sqlx::{AnyConnection, Connection, Executor};
-use steward_api::domain::WorkspaceRole;
+use steward_api::domain::{Status, WorkspaceRole};
 use steward_api::http::auth::Authentication;
 use steward_api::http::{ApiSettings, AppState, router};
 use steward_api::service::Config;
@@ -25,7 +25,10 @@ use steward_api::storage::{
     Database, OutboxMessage, SessionSettings, Store, StoreError, StoreOptions,
 };
 use steward_api::templates::TemplateRegistry;
-use steward_core::{Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError};
+use steward_api::workers::DeploymentStatusHandler;
+use steward_core::{
+    Handler, Outcome, RetryCause, Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError,
+};
 use tower::ServiceExt;
 
 /// Parses the service's command line.
@@ -343,5 +346,56 @@ async fn readyz_and_the_workers_do_not_queue_behind_http_requests() {
     drop(held);
     let (status, _, body) = call(&app, "/api/resources").await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    db.finish().await;
+}
+
+/// Ensures that a deployment status update that meets a busy database (every
+/// connection of the workers' writer held) is retried as a message (`Retry` with cause
+/// `Message`), not answered `Retry { cause: Dependency }`, which would open the
+/// updater's circuit breaker and turn `/readyz` 503.
+async fn a_busy_database_retries_the_message_without_opening_the_breaker(
+    db: &support::TestDb,
+    held_connections: usize,
+) {
+    let templates = support::templates();
+    let (_, operation) = support::workspace_installing(db, &templates).await;
+    let workers = db.for_workers();
+    let mut held = Vec::new();
+    for _ in 0..held_connections {
+        held.push(workers.begin().await.unwrap());
+    }
+    let handler = DeploymentStatusHandler::new(workers.clone(), templates);
+    let message = support::status_message(&operation, 0, Status::Deploying, "deploying");
+    let outcome = handler.handle(Arc::new(message.clone())).await;
+    assert!(matches!(outcome, Outcome::Retry { cause: RetryCause::Message, .. }), "{outcome:?}");
+    drop(held);
+    let outcome = handler.handle(Arc::new(message)).await;
+    assert_eq!(outcome, Outcome::Complete);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_sqlite_database_retries_the_message_without_opening_the_breaker() {
+    let db = support::TestDb::sqlite_with(|url| {
+        support::options(url).with_acquire_timeout(Duration::from_millis(300))
+    })
+    .await;
+    // SQLite's one writer.
+    a_busy_database_retries_the_message_without_opening_the_breaker(&db, 1).await;
+    db.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_postgres_database_retries_the_message_without_opening_the_breaker() {
+    let test = "a_busy_postgres_database_retries_the_message_without_opening_the_breaker";
+    let Some(db) = support::TestDb::postgres_with(test, |url| {
+        support::options(url)
+            .with_worker_connections(2)
+            .with_acquire_timeout(Duration::from_millis(300))
+    })
+    .await
+    else {
+        return;
+    };
+    a_busy_database_retries_the_message_without_opening_the_breaker(&db, 2).await;
     db.finish().await;
 }
