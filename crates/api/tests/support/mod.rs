@@ -144,6 +144,18 @@ impl TestDb {
         Some(TestDb { store, kind: Kind::Postgres { admin_url, schema } })
     }
 
+    /// The database URL (on PostgreSQL, with the test's schema as its `search_path`),
+    /// e.g. for a `steward-api` process of the test's own.
+    pub fn url(&self) -> String {
+        match &self.kind {
+            Kind::Sqlite { url, .. } => url.clone(),
+            Kind::Postgres { admin_url, schema } => {
+                let separator = if admin_url.contains('?') { '&' } else { '?' };
+                format!("{admin_url}{separator}options[search_path]={schema}")
+            }
+        }
+    }
+
     /// Runs `sql` on a connection of its own, outside the store's pools (in the test's
     /// schema on PostgreSQL): a side door for breaking the database on purpose.
     pub async fn execute(&self, sql: &str) {
