@@ -164,6 +164,12 @@ impl From<StoreError> for ApiError {
             ApiError::new(StatusCode::CONFLICT, "conflict", error.to_string())
         } else if error.is_unavailable() {
             ApiError::unavailable("the database", &error)
+        } else if error.is_busy() {
+            // Retryable, not an outage: 503 with Retry-After, code `busy`.
+            let mut busy = ApiError::unavailable("the database", &error);
+            busy.code = "busy";
+            busy.detail = "the database is busy; try again later".to_owned();
+            busy
         } else {
             ApiError::internal(&error)
         }

@@ -158,7 +158,9 @@ pub(super) async fn livez(
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// 200 when the database answers and every worker is `running`; 503 otherwise, with
-/// the reason for `TREAdmin`.
+/// the reason for `TREAdmin`. The database check runs on the store's probe connection
+/// ([`Store::ping`](crate::storage::Store::ping)), never queuing behind HTTP requests
+/// that hold every connection of theirs.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
 pub(super) async fn readyz(
     State(state): State<AppState>,

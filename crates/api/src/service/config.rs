@@ -11,6 +11,7 @@ use steward_core::transport::redact_url;
 
 use crate::domain::queues;
 use crate::http::auth::{Authentication, KeySetError, OidcConfig, OidcVerifier};
+use crate::storage::{SessionSettings, StoreOptions};
 use crate::workers::OutboxConfig;
 
 use super::transport::{KNOWN, Topology, TransportConfigError, TransportOptions};
@@ -57,6 +58,10 @@ pub struct Config {
         hide_env_values = true
     )]
     pub database_url: String,
+
+    /// The database pools and PostgreSQL session settings.
+    #[command(flatten)]
+    pub database: DatabaseSettings,
 
     /// The settings of each compiled-in transport.
     #[command(flatten)]
@@ -203,6 +208,7 @@ impl std::fmt::Debug for Config {
             .field("transport", &self.transport)
             .field("listen", &self.listen)
             .field("database_url", &redact_url(&self.database_url))
+            .field("database", &self.database)
             .field("transports", &self.transports)
             .field("deployment_status_queue", &self.deployment_status_queue)
             .field("step_result_queue", &self.step_result_queue)
@@ -230,6 +236,71 @@ impl std::fmt::Debug for Config {
             .field("faults", &self.faults)
             .field("log_format", &self.log_format)
             .finish()
+    }
+}
+
+/// The database's pools and the settings of every PostgreSQL connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct DatabaseSettings {
+    /// The most database connections HTTP requests hold at once (per replica).
+    #[arg(long, env = "STEWARD_DATABASE_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_max_connections: u32,
+
+    /// The most database connections the workers (status updaters, outbox, watchers)
+    /// hold at once, in a pool of their own so HTTP load cannot starve them. On SQLite
+    /// their reads only: the one writer is shared.
+    #[arg(long, env = "STEWARD_DATABASE_WORKER_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_worker_connections: u32,
+
+    /// How long a request or worker waits for a free connection before its call fails
+    /// as busy (retryable; readiness unchanged).
+    #[arg(long, env = "STEWARD_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub database_acquire_timeout: Duration,
+
+    /// PostgreSQL `statement_timeout` of every connection (`0s`: none).
+    #[arg(long, env = "STEWARD_DATABASE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub database_statement_timeout: Duration,
+
+    /// PostgreSQL `lock_timeout` of every connection (`0s`: none).
+    #[arg(long, env = "STEWARD_DATABASE_LOCK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub database_lock_timeout: Duration,
+
+    /// PostgreSQL `idle_in_transaction_session_timeout` of every connection (`0s`: none).
+    #[arg(long, env = "STEWARD_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub database_idle_in_transaction_timeout: Duration,
+
+    /// PostgreSQL `tcp_keepalives_idle` of every connection: the server's idle time
+    /// before its first keepalive probe (`0s`: the OS default).
+    #[arg(long, env = "STEWARD_DATABASE_TCP_KEEPALIVES_IDLE", default_value = "60s", value_parser = parse_duration)]
+    pub database_tcp_keepalives_idle: Duration,
+
+    /// PostgreSQL `tcp_keepalives_interval`: between unanswered probes (`0s`: the OS
+    /// default).
+    #[arg(long, env = "STEWARD_DATABASE_TCP_KEEPALIVES_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub database_tcp_keepalives_interval: Duration,
+
+    /// PostgreSQL `tcp_keepalives_count`: unanswered probes before the server drops the
+    /// connection (`0`: the OS default).
+    #[arg(long, env = "STEWARD_DATABASE_TCP_KEEPALIVES_COUNT", default_value_t = 6)]
+    pub database_tcp_keepalives_count: u32,
+}
+
+impl DatabaseSettings {
+    /// The store options for `url` with these pools and session settings.
+    #[must_use]
+    pub fn store_options(&self, url: &str) -> StoreOptions {
+        StoreOptions::new(url)
+            .with_max_connections(self.database_max_connections)
+            .with_worker_connections(self.database_worker_connections)
+            .with_acquire_timeout(self.database_acquire_timeout)
+            .with_session(SessionSettings {
+                statement_timeout: self.database_statement_timeout,
+                lock_timeout: self.database_lock_timeout,
+                idle_in_transaction_timeout: self.database_idle_in_transaction_timeout,
+                tcp_keepalives_idle: self.database_tcp_keepalives_idle,
+                tcp_keepalives_interval: self.database_tcp_keepalives_interval,
+                tcp_keepalives_count: self.database_tcp_keepalives_count,
+            })
     }
 }
 
@@ -321,6 +392,12 @@ impl Config {
             auth = auth.with_oidc(std::sync::Arc::new(verifier));
         }
         Ok(auth)
+    }
+
+    /// How to open the store: the URL, the pools and the session settings.
+    #[must_use]
+    pub fn store_options(&self) -> StoreOptions {
+        self.database.store_options(&self.database_url)
     }
 
     /// The database URL with any password hidden, for logs.

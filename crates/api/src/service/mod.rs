@@ -22,7 +22,7 @@ mod faults;
 mod metrics;
 mod transport;
 
-pub use config::{Config, LogFormat};
+pub use config::{Config, DatabaseSettings, LogFormat};
 pub(crate) use transport::TransportHandle;
 pub use transport::{TransportConfigError, TransportOptions};
 
@@ -30,7 +30,7 @@ use faults::FaultPlan;
 
 use crate::http::{ApiSettings, AppState};
 use crate::rules::airlock::AirlockQueues;
-use crate::storage::{Database, OutboxMessage, Store, StoreOptions};
+use crate::storage::{Database, OutboxMessage, Store};
 use crate::templates::TemplateRegistry;
 use crate::workers::{
     AfterDatabase, AirlockProcessor, AirlockStatusHandler, DatabaseWatcher,
@@ -132,7 +132,8 @@ fn spawn_workers<F>(
 ) where
     F: FaultPlan,
 {
-    let store = db.store().clone();
+    // The workers' own pools: HTTP load cannot take their connections.
+    let store = db.store().for_workers();
     let updater_config = UpdaterConfig::default().with_max_deliveries(config.max_deliveries);
     let airlock_queues = AirlockQueues {
         status_changed: config.airlock_status_changed_queue.clone(),
@@ -223,8 +224,7 @@ impl Service {
         }
         let templates = Arc::new(TemplateRegistry::load(config.templates_dir.as_deref())?);
         let transport = config.transports.open(config.transport_name()?, &config.topology())?;
-        let store = Store::connect_lazy(StoreOptions::new(config.database_url.clone()))
-            .map_err(StartError::Database)?;
+        let store = Store::connect_lazy(config.store_options()).map_err(StartError::Database)?;
         let db = Database::new(store);
         check_broker(&transport).await?;
 

@@ -11,13 +11,20 @@
 //! longer matches fails with [`StoreError::EtagMismatch`], and the `*_with_retries`
 //! helpers re-read and try again, returning the updated value.
 //!
+//! HTTP requests and the workers draw on separate pools, so a flood of requests cannot
+//! starve the workers of connections: [`Store::for_workers`] gives the workers' handle
+//! of the same store. A third pool of one connection answers [`Store::ping`], so a
+//! readiness probe never queues behind either.
+//!
 //! On SQLite the database runs in WAL mode and writes are serialised: one writer
-//! connection, each transaction opened with `BEGIN IMMEDIATE`, so a transaction never
-//! fails with `SQLITE_BUSY` halfway; reads outside a transaction use a separate pool.
-//! In-memory SQLite is refused, since every pooled connection would see a different
-//! database. On PostgreSQL one pool serves both, at the default `READ COMMITTED`
-//! isolation: a compare-and-swap that loses a race sees the winner's etag on its next
-//! read, even inside the same transaction.
+//! connection, shared by HTTP and the workers (SQLite has one writer at a time in any
+//! case), each transaction opened with `BEGIN IMMEDIATE`, so a transaction never fails
+//! with `SQLITE_BUSY` halfway; reads outside a transaction use a read pool of each
+//! side's size. In-memory SQLite is refused, since every pooled connection would see a
+//! different database. On PostgreSQL each side's one pool serves reads and
+//! transactions, at the default `READ COMMITTED` isolation: a compare-and-swap that
+//! loses a race sees the winner's etag on its next read, even inside the same
+//! transaction. Every PostgreSQL connection gets the [`SessionSettings`] when it opens.
 
 mod airlock;
 mod database;
@@ -83,9 +90,77 @@ impl Backend {
 pub struct StoreOptions {
     url: String,
     max_connections: u32,
+    worker_connections: u32,
     acquire_timeout: Duration,
+    session: SessionSettings,
     clock: Clock,
 }
+
+/// What every PostgreSQL connection is set to when it opens (`SET` in the session; a
+/// pooler in transaction mode would lose them). Zero leaves a setting off (the
+/// timeouts) or at the operating system's default (the keepalives), as PostgreSQL reads
+/// it. SQLite has none of these.
+///
+/// The keepalives are the server's (`tcp_keepalives_*`): the server probes an idle
+/// connection and ends the session of a client that vanished, releasing its locks and
+/// its transaction. They do not make this side notice a server that vanished; sqlx
+/// sets no keepalive on its own sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSettings {
+    /// `statement_timeout`: the longest one statement may run (default 30 s).
+    pub statement_timeout: Duration,
+    /// `lock_timeout`: the longest a statement waits for a lock (default 10 s).
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout`: the longest a transaction may sit idle
+    /// before the server ends its session (default 60 s).
+    pub idle_in_transaction_timeout: Duration,
+    /// `tcp_keepalives_idle`: idle time before the server's first keepalive probe
+    /// (default 60 s; whole seconds).
+    pub tcp_keepalives_idle: Duration,
+    /// `tcp_keepalives_interval`: time between unanswered probes (default 10 s; whole
+    /// seconds).
+    pub tcp_keepalives_interval: Duration,
+    /// `tcp_keepalives_count`: unanswered probes before the server drops the connection
+    /// (default 6).
+    pub tcp_keepalives_count: u32,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            tcp_keepalives_idle: Duration::from_secs(60),
+            tcp_keepalives_interval: Duration::from_secs(10),
+            tcp_keepalives_count: 6,
+        }
+    }
+}
+
+impl SessionSettings {
+    /// The `SET` statements, one string (PostgreSQL's simple query runs them in turn).
+    fn sql(&self) -> String {
+        // PostgreSQL reads a bare number as milliseconds for the timeouts and as seconds
+        // for the keepalives; both are 32-bit integers there.
+        let millis = |d: Duration| d.as_millis().min(i32::MAX as u128);
+        let seconds = |d: Duration| d.as_secs().min(i32::MAX as u64);
+        format!(
+            "SET statement_timeout = {}; SET lock_timeout = {}; \
+             SET idle_in_transaction_session_timeout = {}; SET tcp_keepalives_idle = {}; \
+             SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}",
+            millis(self.statement_timeout),
+            millis(self.lock_timeout),
+            millis(self.idle_in_transaction_timeout),
+            seconds(self.tcp_keepalives_idle),
+            seconds(self.tcp_keepalives_interval),
+            self.tcp_keepalives_count.min(i32::MAX as u32),
+        )
+    }
+}
+
+/// How long [`Store::ping`] waits for its one connection.
+const PROBE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for StoreOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -94,7 +169,9 @@ impl fmt::Debug for StoreOptions {
         f.debug_struct("StoreOptions")
             .field("url", &format_args!("{scheme}:…"))
             .field("max_connections", &self.max_connections)
+            .field("worker_connections", &self.worker_connections)
             .field("acquire_timeout", &self.acquire_timeout)
+            .field("session", &self.session)
             .field("clock", &self.clock)
             .finish()
     }
@@ -108,19 +185,37 @@ impl StoreOptions {
         StoreOptions {
             url: url.into(),
             max_connections: 5,
+            worker_connections: 5,
             acquire_timeout: Duration::from_secs(10),
+            session: SessionSettings::default(),
             clock: Clock::system(),
         }
     }
 
-    /// The most connections per pool (default 5). SQLite always has one writer.
+    /// The most connections of the pool HTTP requests use (default 5). SQLite always
+    /// has one writer, shared with the workers.
     #[must_use]
     pub fn with_max_connections(mut self, max_connections: u32) -> Self {
         self.max_connections = max_connections.max(1);
         self
     }
 
-    /// How long to wait for a free connection before [`StoreError::Unavailable`]
+    /// The most connections of the workers' pool ([`Store::for_workers`], default 5).
+    #[must_use]
+    pub fn with_worker_connections(mut self, worker_connections: u32) -> Self {
+        self.worker_connections = worker_connections.max(1);
+        self
+    }
+
+    /// What every PostgreSQL connection is set to (default: [`SessionSettings::default`]).
+    #[must_use]
+    pub fn with_session(mut self, session: SessionSettings) -> Self {
+        self.session = session;
+        self
+    }
+
+    /// How long to wait for a free connection before [`StoreError::Busy`] (every
+    /// connection in use) or [`StoreError::Unavailable`] (none could be opened)
     /// (default 10 s).
     #[must_use]
     pub fn with_acquire_timeout(mut self, acquire_timeout: Duration) -> Self {
@@ -136,12 +231,32 @@ impl StoreOptions {
     }
 }
 
-struct Inner {
-    backend: Backend,
+/// The pools of one side (HTTP or the workers).
+struct Pools {
     /// Reads outside a transaction.
     reader: AnyPool,
-    /// Transactions. On SQLite a pool of exactly one connection.
+    /// Transactions. On SQLite a pool of exactly one connection, shared by both sides;
+    /// on PostgreSQL the reader pool itself.
     writer: AnyPool,
+}
+
+/// Whose pools a [`Store`] handle draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Http,
+    Workers,
+}
+
+struct Inner {
+    backend: Backend,
+    http: Pools,
+    workers: Pools,
+    /// One connection for [`Store::ping`].
+    probe: AnyPool,
+    /// For the migration's own connection.
+    connect_options: AnyConnectOptions,
+    acquire_timeout: Duration,
+    session: SessionSettings,
     clock: Clock,
     outbox_written: Notify,
 }
@@ -168,11 +283,15 @@ struct Inner {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    side: Side,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Store").field("backend", &self.inner.backend).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("backend", &self.inner.backend)
+            .field("side", &self.side)
+            .finish_non_exhaustive()
     }
 }
 
@@ -222,42 +341,78 @@ impl Store {
         };
         let connect_options = AnyConnectOptions::from_str(&url)
             .map_err(|error| StoreError::InvalidUrl { message: error.to_string() })?;
-        let pool_options = || {
-            AnyPoolOptions::new()
-                .acquire_timeout(options.acquire_timeout)
-                .max_connections(options.max_connections)
+        let session_sql: Arc<str> = options.session.sql().into();
+        let pool_options = |max_connections: u32| {
+            pool_options(backend, options.acquire_timeout, max_connections, &session_sql)
         };
-        let (reader, writer) = match backend {
+        if backend == Backend::Sqlite {
+            let url = options.url.to_ascii_lowercase();
+            if url.contains(":memory:") || url.contains("mode=memory") {
+                return Err(StoreError::InvalidUrl {
+                    message: "in-memory SQLite is not supported (each pooled connection would see its own database); use a file".to_owned(),
+                });
+            }
+        }
+        let pool = |max_connections: u32| {
+            pool_options(max_connections).connect_lazy_with(connect_options.clone())
+        };
+        let (http, workers) = match backend {
             Backend::Sqlite => {
-                let url = options.url.to_ascii_lowercase();
-                if url.contains(":memory:") || url.contains("mode=memory") {
-                    return Err(StoreError::InvalidUrl {
-                        message: "in-memory SQLite is not supported (each pooled connection would see its own database); use a file".to_owned(),
-                    });
-                }
-                let writer = pool_options()
-                    .max_connections(1)
-                    .after_connect(|conn, _| Box::pin(async move { sqlite_pragmas(conn).await }))
-                    .connect_lazy_with(connect_options.clone());
-                let reader = pool_options()
-                    .after_connect(|conn, _| Box::pin(async move { sqlite_pragmas(conn).await }))
-                    .connect_lazy_with(connect_options);
-                (reader, writer)
+                let writer = pool(1);
+                (
+                    Pools { reader: pool(options.max_connections), writer: writer.clone() },
+                    Pools { reader: pool(options.worker_connections), writer },
+                )
             }
             Backend::Postgres => {
-                let pool = pool_options().connect_lazy_with(connect_options);
-                (pool.clone(), pool)
+                let http = pool(options.max_connections);
+                let workers = pool(options.worker_connections);
+                (
+                    Pools { reader: http.clone(), writer: http },
+                    Pools { reader: workers.clone(), writer: workers },
+                )
             }
         };
+        let probe = pool_options(1)
+            .acquire_timeout(PROBE_ACQUIRE_TIMEOUT.min(options.acquire_timeout))
+            .connect_lazy_with(connect_options.clone());
         Ok(Store {
             inner: Arc::new(Inner {
                 backend,
-                reader,
-                writer,
+                http,
+                workers,
+                probe,
+                connect_options,
+                acquire_timeout: options.acquire_timeout,
+                session: options.session,
                 clock: options.clock,
                 outbox_written: Notify::new(),
             }),
+            side: Side::Http,
         })
+    }
+
+    /// The same store drawing on the workers' pools (the status updaters, the outbox,
+    /// the watchers), so that HTTP requests holding every connection of theirs cannot
+    /// starve them. Cheap; the outbox wake-up ([`outbox_written`](Self::outbox_written))
+    /// is shared.
+    #[must_use]
+    pub fn for_workers(&self) -> Store {
+        Store { inner: self.inner.clone(), side: Side::Workers }
+    }
+
+    /// The most connections of this handle's pool: HTTP's, or the workers' after
+    /// [`for_workers`](Self::for_workers) (on SQLite, its read pool; the writer is one).
+    #[must_use]
+    pub fn max_connections(&self) -> u32 {
+        self.pools().reader.options().get_max_connections()
+    }
+
+    fn pools(&self) -> &Pools {
+        match self.side {
+            Side::Http => &self.inner.http,
+            Side::Workers => &self.inner.workers,
+        }
     }
 
     /// Brings the schema up to date (embedded migrations for the backend).
@@ -274,7 +429,33 @@ impl Store {
         let migrator = migrations::migrator(self.inner.backend)
             .await
             .map_err(|source| StoreError::Migrate { source })?;
-        migrator.run(&self.inner.writer).await.map_err(|source| StoreError::Migrate { source })
+        match self.inner.backend {
+            Backend::Sqlite => {
+                let pool = &self.inner.workers.writer;
+                migrator.run(pool).await.map_err(|source| StoreError::Migrate { source })
+            }
+            Backend::Postgres => {
+                // A connection of its own with no statement or lock timeout: a migration
+                // may rightly take long, and waits for another replica's to finish.
+                let session = SessionSettings {
+                    statement_timeout: Duration::ZERO,
+                    lock_timeout: Duration::ZERO,
+                    ..self.inner.session
+                };
+                let sql: Arc<str> = session.sql().into();
+                let pool = pool_options(Backend::Postgres, self.inner.acquire_timeout, 1, &sql)
+                    .connect_lazy_with(self.inner.connect_options.clone());
+                let migrated = match pool.acquire().await {
+                    Ok(conn) => {
+                        drop(conn);
+                        migrator.run(&pool).await.map_err(|source| StoreError::Migrate { source })
+                    }
+                    Err(error) => Err(StoreError::from_acquire(&pool, error)),
+                };
+                pool.close().await;
+                migrated
+            }
+        }
     }
 
     /// The backend.
@@ -289,7 +470,9 @@ impl Store {
         &self.inner.clock
     }
 
-    /// Checks that the database answers (`SELECT 1`), for readiness probes.
+    /// Checks that the database answers (`SELECT 1`), for readiness probes and the
+    /// database watcher: on a pool of one connection of its own, so it never queues
+    /// behind HTTP requests or workers holding theirs.
     ///
     /// # Errors
     ///
@@ -299,24 +482,53 @@ impl Store {
     ///
     /// Cancel safe.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.reader.execute("SELECT 1").await?;
+        let pool = &self.inner.probe;
+        let mut conn =
+            pool.acquire().await.map_err(|error| StoreError::from_acquire(pool, error))?;
+        conn.execute("SELECT 1").await?;
         Ok(())
     }
 
-    /// Opens a transaction. On SQLite this waits for the single writer connection.
+    /// A PostgreSQL run-time setting as a connection of this handle's pool sees it
+    /// (`current_setting`, the text `SHOW` prints), e.g. `statement_timeout`; `None` on
+    /// SQLite.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unavailable`] when no connection can be had in time.
+    /// The database failed, or there is no such setting.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn postgres_setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        if self.inner.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT current_setting($1) AS value")
+            .bind(name)
+            .fetch_one(&mut *self.read_connection().await?)
+            .await?;
+        Ok(Some(sqlx::Row::try_get(&row, "value")?))
+    }
+
+    /// Opens a transaction on this handle's pool. On SQLite this waits for the single
+    /// writer connection.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Busy`] when every connection stayed in use for the acquire timeout,
+    /// [`StoreError::Unavailable`] when none could be opened.
     ///
     /// # Cancellation safety
     ///
     /// Cancel safe: a cancelled `begin` opens nothing.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
-        let tx = match self.inner.backend {
-            Backend::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.inner.writer.begin().await?,
+        let pool = &self.pools().writer;
+        let begun = match self.inner.backend {
+            Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => pool.begin().await,
         };
+        let tx = begun.map_err(|error| StoreError::from_acquire(pool, error))?;
         Ok(Tx { tx, store: self.clone(), wrote_outbox: false, max_message_bytes: None })
     }
 
@@ -337,18 +549,22 @@ impl Store {
     ///
     /// Cancel safe; the pools are closed either way.
     pub async fn close(&self) {
-        self.inner.writer.close().await;
-        self.inner.reader.close().await;
+        let Inner { http, workers, probe, .. } = &*self.inner;
+        for pool in [&http.writer, &http.reader, &workers.writer, &workers.reader, probe] {
+            pool.close().await;
+        }
     }
 
-    pub(crate) fn reader(&self) -> &AnyPool {
-        &self.inner.reader
+    /// A connection of this handle's read pool, for one read outside a transaction.
+    pub(crate) async fn read_connection(&self) -> Result<PoolConnection<Any>, StoreError> {
+        let pool = &self.pools().reader;
+        pool.acquire().await.map_err(|error| StoreError::from_acquire(pool, error))
     }
 
-    /// Reads outside any transaction, each on a connection of the read pool.
+    /// Reads outside any transaction, each on a connection of this handle's read pool.
     #[must_use]
     pub fn read(&self) -> Reader<'_> {
-        Reader(ReadFrom::Pool(self.reader()))
+        Reader(ReadFrom::Store(self))
     }
 }
 
@@ -360,7 +576,7 @@ pub struct Reader<'a>(ReadFrom<'a>);
 
 #[derive(Debug)]
 enum ReadFrom<'a> {
-    Pool(&'a AnyPool),
+    Store(&'a Store),
     Tx(&'a mut AnyConnection),
 }
 
@@ -395,9 +611,33 @@ impl<'a> Reader<'a> {
     /// A connection for this read.
     async fn connection(self) -> Result<ReadConnection<'a>, StoreError> {
         Ok(match self.0 {
-            ReadFrom::Pool(pool) => ReadConnection::Pooled(pool.acquire().await?),
+            ReadFrom::Store(store) => ReadConnection::Pooled(store.read_connection().await?),
             ReadFrom::Tx(conn) => ReadConnection::Tx(conn),
         })
+    }
+}
+
+/// A pool's options: its size and acquire timeout, and what each new connection runs
+/// first (SQLite's pragmas, or PostgreSQL's session settings `session_sql`).
+fn pool_options(
+    backend: Backend,
+    acquire_timeout: Duration,
+    max_connections: u32,
+    session_sql: &Arc<str>,
+) -> AnyPoolOptions {
+    let options =
+        AnyPoolOptions::new().acquire_timeout(acquire_timeout).max_connections(max_connections);
+    match backend {
+        Backend::Sqlite => {
+            options.after_connect(|conn, _| Box::pin(async move { sqlite_pragmas(conn).await }))
+        }
+        Backend::Postgres => {
+            let sql = session_sql.clone();
+            options.after_connect(move |conn, _| {
+                let sql = sql.clone();
+                Box::pin(async move { conn.execute(&*sql).await.map(|_| ()) })
+            })
+        }
     }
 }
 
@@ -431,6 +671,7 @@ impl fmt::Debug for Tx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tx")
             .field("backend", &self.store.inner.backend)
+            .field("side", &self.store.side)
             .field("wrote_outbox", &self.wrote_outbox)
             .finish_non_exhaustive()
     }
@@ -554,8 +795,6 @@ impl Tx {
     }
 }
 
-/// POSIX seconds as whole milliseconds, the unit of the time columns.
-#[must_use]
 /// A SQLite URL with no `mode` parameter gets `mode=rwc`, so a missing database file is
 /// created (as with the default URL) rather than leaving the service unready with
 /// "unable to open database file"; an explicit `mode` (`ro`, `rw`, …) is kept.
@@ -572,6 +811,8 @@ fn sqlite_create_by_default(url: &str) -> String {
     }
 }
 
+/// POSIX seconds as whole milliseconds, the unit of the time columns.
+#[must_use]
 pub(crate) fn millis(seconds: f64) -> i64 {
     // Saturating float-to-int conversion; times are far inside the i64 range.
     #[allow(clippy::cast_possible_truncation)]

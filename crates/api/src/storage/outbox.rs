@@ -256,7 +256,7 @@ impl Store {
     pub async fn outbox_messages(&self, limit: u64) -> Result<Vec<OutboxRecord>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM outbox ORDER BY id LIMIT $1"))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(self.reader())
+            .fetch_all(&mut *self.read_connection().await?)
             .await?;
         rows.iter().map(from_row).collect()
     }
@@ -271,7 +271,9 @@ impl Store {
     ///
     /// Cancel safe.
     pub async fn outbox_backlog(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM outbox").fetch_one(self.reader()).await?;
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM outbox")
+            .fetch_one(&mut *self.read_connection().await?)
+            .await?;
         Ok(row.try_get("n")?)
     }
 }
@@ -515,7 +517,7 @@ impl Store {
              properties, created_at, parked_at, attempts, error FROM outbox_parked ORDER BY id LIMIT $1",
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(self.reader())
+        .fetch_all(&mut *self.read_connection().await?)
         .await?;
         rows.iter()
             .map(|row| {
@@ -544,7 +546,7 @@ impl Store {
     /// Cancel safe.
     pub async fn parked_outbox(&self) -> Result<ParkedOutbox, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) AS n, MIN(parked_at) AS oldest FROM outbox_parked")
-            .fetch_one(self.reader())
+            .fetch_one(&mut *self.read_connection().await?)
             .await?;
         Ok(ParkedOutbox { count: row.try_get("n")?, oldest_parked_at: row.try_get("oldest")? })
     }

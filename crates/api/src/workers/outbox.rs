@@ -189,9 +189,18 @@ pub fn is_message_fault(kind: ErrorKind) -> bool {
     !kind.is_retryable() && matches!(kind, ErrorKind::Protocol | ErrorKind::Other)
 }
 
+/// Whether a worker error came from a busy database ([`StoreError::is_busy`]).
+fn database_busy(error: &WorkerError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<StoreError>())
+        .is_some_and(StoreError::is_busy)
+}
+
 fn unavailable(error: StoreError) -> WorkerError {
     if error.is_unavailable() {
         WorkerError::dependency("the database is unavailable", error)
+    } else if error.is_busy() {
+        WorkerError::dependency("the database is busy", error)
     } else {
         WorkerError::Fatal { message: "outbox query failed".to_owned(), source: Some(error.into()) }
     }
@@ -493,7 +502,16 @@ impl Worker for OutboxWorker {
             }
             // A pass is not interrupted by cancellation: once shutting down, each send
             // ends by the drain deadline, and a row sent is always deleted.
-            let pass = self.pass(&ctx).await?;
+            let pass = match self.pass(&ctx).await {
+                Ok(pass) => pass,
+                // A busy database (no connection free, a deadlock) is not down: try
+                // again at the next poll, staying `running`.
+                Err(error) if database_busy(&error) => {
+                    tracing::warn!(worker = %self.name, error = %error_chain(&error), "the database was busy; the outbox tries again at its next poll");
+                    Pass { claimed: 0, sent: 0 }
+                }
+                Err(error) => return Err(error),
+            };
             self.report_backlog().await;
             ctx.progress();
             if pass.sent > 0 {

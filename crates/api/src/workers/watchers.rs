@@ -17,6 +17,8 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(10);
 fn database_down(error: crate::storage::StoreError) -> WorkerError {
     if error.is_unavailable() {
         WorkerError::dependency("the database is unavailable", error)
+    } else if error.is_busy() {
+        WorkerError::dependency("the database is busy", error)
     } else {
         WorkerError::Fatal {
             message: "the database cannot be used".to_owned(),
@@ -57,8 +59,14 @@ impl Worker for DatabaseWatcher {
         let store = self.db.ready().await.map_err(database_down)?;
         ctx.set_running();
         loop {
-            store.ping().await.map_err(database_down)?;
-            ctx.progress();
+            match store.ping().await {
+                Ok(()) => ctx.progress(),
+                // Busy is not down: the database answers; look again next time.
+                Err(error) if error.is_busy() => {
+                    tracing::warn!(worker = names::DATABASE, error = %steward_core::error_chain(&error), "the database was too busy to answer the ping");
+                }
+                Err(error) => return Err(database_down(error)),
+            }
             tokio::select! {
                 () = tokio::time::sleep(WATCH_INTERVAL) => {}
                 () = ctx.cancelled() => return Ok(()),

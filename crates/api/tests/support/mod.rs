@@ -83,21 +83,38 @@ pub fn postgres_url() -> String {
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-fn options(url: String) -> StoreOptions {
-    StoreOptions::new(url).with_max_connections(4).with_clock(ticking_clock())
+/// The store options of every test database: small pools, the ticking clock.
+pub fn options(url: String) -> StoreOptions {
+    StoreOptions::new(url)
+        .with_max_connections(4)
+        .with_worker_connections(2)
+        .with_clock(ticking_clock())
 }
 
 impl TestDb {
     pub async fn sqlite() -> TestDb {
+        Self::sqlite_with(options).await
+    }
+
+    /// [`sqlite`](Self::sqlite) with the store options `make` builds from the URL.
+    pub async fn sqlite_with(make: impl FnOnce(String) -> StoreOptions) -> TestDb {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("steward.db").display());
-        let store = Store::connect_with(options(url.clone())).await.unwrap();
+        let store = Store::connect_with(make(url.clone())).await.unwrap();
         TestDb { store, kind: Kind::Sqlite { url, _dir: dir } }
     }
 
     /// A store in a new schema, or `None` (after a skip line) when PostgreSQL is
     /// unreachable and `CI` is not `true`.
     pub async fn postgres(test: &str) -> Option<TestDb> {
+        Self::postgres_with(test, options).await
+    }
+
+    /// [`postgres`](Self::postgres) with the store options `make` builds from the URL.
+    pub async fn postgres_with(
+        test: &str,
+        make: impl FnOnce(String) -> StoreOptions,
+    ) -> Option<TestDb> {
         sqlx::any::install_default_drivers();
         let admin_url = postgres_url();
         let connected =
@@ -123,8 +140,20 @@ impl TestDb {
         admin.close().await.unwrap();
         let separator = if admin_url.contains('?') { '&' } else { '?' };
         let url = format!("{admin_url}{separator}options[search_path]={schema}");
-        let store = Store::connect_with(options(url)).await.unwrap();
+        let store = Store::connect_with(make(url)).await.unwrap();
         Some(TestDb { store, kind: Kind::Postgres { admin_url, schema } })
+    }
+
+    /// The database URL (on PostgreSQL, with the test's schema as its `search_path`),
+    /// e.g. for a `steward-api` process of the test's own.
+    pub fn url(&self) -> String {
+        match &self.kind {
+            Kind::Sqlite { url, .. } => url.clone(),
+            Kind::Postgres { admin_url, schema } => {
+                let separator = if admin_url.contains('?') { '&' } else { '?' };
+                format!("{admin_url}{separator}options[search_path]={schema}")
+            }
+        }
     }
 
     /// Runs `sql` on a connection of its own, outside the store's pools (in the test's
