@@ -46,7 +46,7 @@ use crate::domain::Clock;
 pub use airlock::AirlockRequestFilter;
 pub use database::{Database, NotReady};
 pub use error::{Entity, StoreError};
-pub use outbox::{OutboxMessage, OutboxRecord, ParkedOutbox, ParkedRecord};
+pub use outbox::{LeaseClock, OutboxMessage, OutboxRecord, ParkedOutbox, ParkedRecord};
 pub use resources::{ResourceFilter, StatusWrite};
 
 named_enum! {
