@@ -771,7 +771,10 @@ async fn every_route_class_checks_its_roles() {
     };
     let (_, body) = call(router, as_user("outsider", "", "GET", "/api/resources", None)).await;
     assert_eq!(ids(&body), vec![fw.clone()], "an outsider lists the shared services only");
+    // Of the user resources, a researcher lists their own; the owner every one.
     let (_, body) = call(router, as_user("researcher", "", "GET", "/api/resources", None)).await;
+    assert_eq!(ids(&body), vec![ws.clone(), fw.clone(), svc.clone(), vms[0].clone()]);
+    let (_, body) = call(router, as_user("owner", "", "GET", "/api/resources", None)).await;
     let mut expected = vec![ws.clone(), fw.clone(), svc.clone()];
     expected.extend(vms);
     assert_eq!(ids(&body), expected);

@@ -155,9 +155,11 @@ pub(super) async fn list(
 ) -> Result<Json<ResourceList>, ApiError> {
     let (offset, limit) = Page { limit: query.limit, cursor: query.cursor }.bounds()?;
     let store = state.db.serving()?;
-    let visible_workspaces = Access::new(&state, store, &user).visible_workspaces().await?;
+    let (visible_workspaces, user_resources) =
+        Access::new(&state, store, &user).visible_resources().await?;
     let filter = ResourceFilter {
         visible_workspaces,
+        user_resources,
         resource_type: query.resource_type,
         status: query.status,
         skip: offset,

@@ -47,7 +47,7 @@ pub use airlock::AirlockRequestFilter;
 pub use database::{Database, NotReady};
 pub use error::{Entity, StoreError};
 pub use outbox::{LeaseClock, OutboxMessage, OutboxRecord, ParkedOutbox, ParkedRecord};
-pub use resources::{ResourceFilter, StatusWrite};
+pub use resources::{ResourceFilter, StatusWrite, UserResourceScope};
 
 named_enum! {
     /// The database behind a [`Store`], chosen by the URL scheme.
