@@ -116,6 +116,9 @@ impl OutboxConfig {
 ///   `poll_interval` otherwise (rows due for a retry, rows other replicas wrote).
 /// - Claims rows with a lease; at most one row per aggregate is in flight, so messages
 ///   about one resource or airlock request leave in the order they were written.
+/// - Times leases, retries and parking by the database's clock
+///   ([`LeaseClock::Database`]), which every replica shares: a replica whose own clock
+///   runs ahead cannot take over a row whose lease another still holds.
 /// - Deletes a row only after the send succeeded; a failed send is retried with
 ///   backoff, with its error kept on the row.
 /// - Parks a row that cannot be sent: moves it to the parked rows, with its error and
