@@ -195,3 +195,64 @@ db_test!(
     researchers_see_only_their_own_user_resources_postgres,
     researchers_see_only_their_own_user_resources
 );
+
+/// Ensures that migration 0006 gives user resources stored before it their owner
+/// column from their documents: its backfill, run over rows without one, makes a
+/// researcher's list show their own user resource again.
+async fn the_migration_fills_in_the_owner_of_older_user_resources(db: &TestDb) {
+    use steward_api::storage::{ResourceFilter, UserResourceScope};
+    let registry = support::templates();
+    let pipeline = support::linuxvm_pipeline(&db.store, &registry).await;
+    let mine = ResourceFilter {
+        user_resources: Some(UserResourceScope {
+            owner_id: support::user().id,
+            all_in_workspaces: Vec::new(),
+        }),
+        resource_type: Some(steward_api::domain::ResourceType::UserResource),
+        ..ResourceFilter::default()
+    };
+    let ids = |resources: Vec<steward_api::domain::Resource>| -> Vec<String> {
+        resources.into_iter().map(|resource| resource.id).collect()
+    };
+    assert_eq!(
+        ids(db.store.read().resources(&mine).await.unwrap()),
+        std::slice::from_ref(&pipeline.vm.id)
+    );
+    // As a row written before the column existed.
+    db.execute("UPDATE resources SET owner_id = NULL").await;
+    assert!(db.store.read().resources(&mine).await.unwrap().is_empty());
+    let migration = match db.store.backend() {
+        steward_api::storage::Backend::Sqlite => {
+            include_str!("../migrations/sqlite/0006_user_resource_owner.sql")
+        }
+        steward_api::storage::Backend::Postgres => {
+            include_str!("../migrations/postgres/0006_user_resource_owner.sql")
+        }
+    };
+    let backfill = migration
+        .split(';')
+        .map(|statement| {
+            statement.lines().filter(|line| !line.starts_with("--")).collect::<Vec<_>>().join("\n")
+        })
+        .find(|statement| statement.trim_start().starts_with("UPDATE resources"))
+        .expect("the migration fills in the column");
+    db.execute(&backfill).await;
+    assert_eq!(
+        ids(db.store.read().resources(&mine).await.unwrap()),
+        std::slice::from_ref(&pipeline.vm.id)
+    );
+    let others = ResourceFilter {
+        user_resources: Some(UserResourceScope {
+            owner_id: "someone-else".to_owned(),
+            all_in_workspaces: Vec::new(),
+        }),
+        ..mine.clone()
+    };
+    assert!(db.store.read().resources(&others).await.unwrap().is_empty());
+}
+
+db_test!(
+    the_migration_fills_in_the_owner_of_older_user_resources_sqlite,
+    the_migration_fills_in_the_owner_of_older_user_resources_postgres,
+    the_migration_fills_in_the_owner_of_older_user_resources
+);
