@@ -264,6 +264,152 @@ async fn openapi_examples_are_valid_requests() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
 
+/// Ensures that the OpenAPI document lists the statuses the routes answer: every route
+/// but the probes documents 401, 403 and 503, every route with a body 400, 413, 415
+/// and 422, every route that starts an operation 409 and 413; and each status these
+/// requests get (409 for an operation in progress, 413 for a large body, 401, 403,
+/// 404, 415, 422…) is documented for its route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_status_a_route_answers_is_documented() {
+    let doc = serde_json::to_value(openapi()).unwrap();
+    let statuses = |method: &str, path: &str| -> Vec<String> {
+        let responses = &doc["paths"][path][method.to_lowercase()]["responses"];
+        responses.as_object().unwrap().keys().cloned().collect()
+    };
+    for (method, path) in ROUTES {
+        let listed = statuses(method, path);
+        let operation = &doc["paths"][path][method.to_lowercase()];
+        let mut needed = Vec::new();
+        if !steward_api::http::OPEN_ROUTES.contains(path) {
+            needed.extend(["401", "403", "503"]);
+        }
+        if operation.get("requestBody").is_some() {
+            needed.extend(["400", "413", "415", "422"]);
+        }
+        if listed.iter().any(|status| status == "202") {
+            needed.extend(["404", "409", "413"]);
+        }
+        for status in needed {
+            assert!(
+                listed.iter().any(|s| s == status),
+                "{method} {path} does not document {status}: {listed:?}"
+            );
+        }
+        for (status, answer) in operation["responses"].as_object().unwrap() {
+            if status.starts_with('4') || status.starts_with('5') {
+                let schema = &answer["content"]["application/json"]["schema"]["$ref"];
+                let probe = *path == "/livez" || *path == "/readyz";
+                assert!(
+                    probe || schema == "#/components/schemas/ErrorBody",
+                    "{method} {path} {status}: {answer}"
+                );
+            }
+        }
+    }
+
+    // What the routes answer.
+    let served = build(proxy(), false, None, true).await;
+    let router = &served.router;
+    let mut seen: Vec<(&str, String, StatusCode)> = Vec::new();
+    let mut answer =
+        async |user: &str, method: &'static str, path: &str, uri: String, body: Option<Value>| {
+            let (status, reply) = call(router, as_user(user, "", method, &uri, body)).await;
+            seen.push((method, path.to_owned(), status));
+            (status, reply)
+        };
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Genomics", "description": "Sequencing data"}});
+    let (status, body) =
+        answer("admin", "POST", "/api/resources", "/api/resources".into(), Some(workspace)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let ws = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let firewall =
+        json!({"templateName": "tre-shared-service-firewall", "resourceType": "shared-service"});
+    answer("admin", "POST", "/api/resources", "/api/resources".into(), Some(firewall)).await;
+    let roles = "/api/workspaces/{workspaceId}/roles/{userId}";
+    for (user, role) in [("owner", "WorkspaceOwner"), ("ada", "WorkspaceResearcher")] {
+        let uri = format!("/api/workspaces/{ws}/roles/{user}");
+        let (status, _) = answer("admin", "PUT", roles, uri, Some(json!({"roles": [role]}))).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let service = json!({"templateName": "tre-service-guacamole", "resourceType": "workspace-service",
+        "workspaceId": ws, "properties": {"display_name": "Desktops"}});
+    let (_, body) =
+        answer("owner", "POST", "/api/resources", "/api/resources".into(), Some(service)).await;
+    let svc = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let vm = json!({"templateName": "tre-user-resource-linuxvm", "resourceType": "user-resource",
+        "workspaceId": ws, "parentWorkspaceServiceId": svc,
+        "properties": {"display_name": "VM", "os_image": "Ubuntu 22.04 LTS"}});
+    let (_, body) =
+        answer("ada", "POST", "/api/resources", "/api/resources".into(), Some(vm.clone())).await;
+    let vm_id = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    // Their installs run: every other operation on them waits (409).
+    let one = "/api/resources/{id}";
+    let patch = Some(json!({"properties": {"display_name": "VM 2"}}));
+    let (status, _) = answer("ada", "PATCH", one, format!("/api/resources/{vm_id}"), patch).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = answer("ada", "DELETE", one, format!("/api/resources/{vm_id}"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let action = "/api/resources/{id}/actions/{action}";
+    let (status, _) =
+        answer("ada", "POST", action, format!("/api/resources/{vm_id}/actions/stop"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = answer("admin", "DELETE", one, format!("/api/resources/{ws}"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // Bodies too large, not JSON, or with unknown fields; callers without the role or
+    // any role.
+    let large = Some(json!({"properties": {"display_name": "x".repeat(2 << 20)}}));
+    let (status, _) =
+        answer("admin", "PATCH", one, format!("/api/resources/{ws}"), large.clone()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _) =
+        answer("admin", "POST", "/api/resources", "/api/resources".into(), large).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _) = answer(
+        "admin",
+        "POST",
+        "/api/resources",
+        "/api/resources".into(),
+        Some(json!({"bogus": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = answer(
+        "ada",
+        "PATCH",
+        one,
+        format!("/api/resources/{ws}"),
+        Some(json!({"properties": {}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = answer("mallory", "GET", one, format!("/api/resources/{ws}"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = answer("ada", "GET", "/api/workers", "/api/workers".into(), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, reply) = call(router, {
+        let mut request = as_user("admin", "", "POST", "/api/resources", None);
+        *request.body_mut() = Body::from("{}");
+        request
+    })
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{reply}");
+    seen.push(("POST", "/api/resources".to_owned(), status));
+    // Without credentials, where a token is needed.
+    let guarded = app(Some("secret"), None).await;
+    for (method, path) in ROUTES {
+        let (status, _) = call(&guarded.router, request(method, &concrete(path), None)).await;
+        seen.push((method, (*path).to_owned(), status));
+    }
+    for (method, path, status) in seen {
+        let listed = statuses(method, &path);
+        assert!(
+            listed.iter().any(|s| s == status.as_str()),
+            "{method} {path} answered {status}, which it does not document: {listed:?}"
+        );
+    }
+}
+
 /// Ensures that with `STEWARD_API_TOKEN` set every route but the probes answers 401
 /// with `WWW-Authenticate: Bearer` without the token, reads included, and with
 /// `error="invalid_token"` for a wrong one; the probes stay open; spoofed `X-User-*`
@@ -771,7 +917,10 @@ async fn every_route_class_checks_its_roles() {
     };
     let (_, body) = call(router, as_user("outsider", "", "GET", "/api/resources", None)).await;
     assert_eq!(ids(&body), vec![fw.clone()], "an outsider lists the shared services only");
+    // Of the user resources, a researcher lists their own; the owner every one.
     let (_, body) = call(router, as_user("researcher", "", "GET", "/api/resources", None)).await;
+    assert_eq!(ids(&body), vec![ws.clone(), fw.clone(), svc.clone(), vms[0].clone()]);
+    let (_, body) = call(router, as_user("owner", "", "GET", "/api/resources", None)).await;
     let mut expected = vec![ws.clone(), fw.clone(), svc.clone()];
     expected.extend(vms);
     assert_eq!(ids(&body), expected);

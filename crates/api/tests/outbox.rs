@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use steward_api::storage::{OutboxMessage, Store};
+use steward_api::storage::{LeaseClock, OutboxMessage, Store};
 use steward_api::workers::{OutboxConfig, OutboxWorker};
 use steward_core::{
     Backoff, ErrorKind, Jitter, MessageSink, OutgoingMessage, Supervisor, SupervisorConfig,
@@ -354,7 +354,9 @@ async fn rows_are_never_sent_on_a_spent_lease(store: &Store) {
     config.concurrency = 1;
     let supervisor = Supervisor::new(SupervisorConfig::default());
     supervisor.spawn(
-        OutboxWorker::new(store.clone(), sink.clone()).with_clock(clock).with_config(config),
+        OutboxWorker::new(store.clone(), sink.clone())
+            .with_clock(LeaseClock::Local(clock))
+            .with_config(config),
     );
     wait_for("every row sent", || sink.broker.message_count("out") == 4).await;
     wait_for_empty_outbox(store).await;
@@ -368,6 +370,113 @@ db_test!(
     rows_are_never_sent_on_a_spent_lease_sqlite,
     rows_are_never_sent_on_a_spent_lease_postgres,
     rows_are_never_sent_on_a_spent_lease
+);
+
+/// A sink shared by two replicas' workers: it records every send of a message id that
+/// starts while another send of that id is still in flight, and holds the first send
+/// of aggregate `held` until the test lets it go.
+struct Holding {
+    held: &'static str,
+    holding: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+    first: std::sync::atomic::AtomicBool,
+    in_flight: Mutex<HashSet<String>>,
+    overlaps: Mutex<Vec<String>>,
+    broker: InMemoryBroker,
+}
+
+#[async_trait]
+impl MessageSink for Holding {
+    async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), TransportError> {
+        let id = message.message_id.clone().unwrap();
+        if !self.in_flight.lock().unwrap().insert(id.clone()) {
+            self.overlaps.lock().unwrap().push(id.clone());
+        }
+        let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
+        if body["aggregate"] == self.held
+            && !self.first.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.holding.notify_one();
+            self.release.acquire().await.unwrap().forget();
+        }
+        self.in_flight.lock().unwrap().remove(&id);
+        self.broker.send(queue, message).await
+    }
+}
+
+/// Ensures that two replicas whose own clocks disagree by minutes cannot both hold the
+/// lease of one row: the one whose clock runs ahead does not take over a row the other
+/// is still sending, since leases are timed by the database's clock.
+async fn replicas_with_skewed_clocks_never_both_hold_a_lease(db: &support::TestDb) {
+    let system = steward_api::Clock::system();
+    let behind = {
+        let system = system.clone();
+        steward_api::Clock::from_fn(move || system.now() - 300.0)
+    };
+    let ahead = steward_api::Clock::from_fn(move || system.now() + 300.0);
+    let replica_behind = db.replica(behind.clone()).await;
+    let replica_ahead = db.replica(ahead.clone()).await;
+    write(&replica_behind, "held", 1).await;
+    let sink = Arc::new(Holding {
+        held: "held",
+        holding: tokio::sync::Notify::new(),
+        release: tokio::sync::Semaphore::new(0),
+        first: std::sync::atomic::AtomicBool::new(false),
+        in_flight: Mutex::default(),
+        overlaps: Mutex::default(),
+        broker: InMemoryBroker::new(),
+    });
+    let config = fast().with_lease(Duration::from_secs(60));
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    // The replica whose clock is behind claims the row and sends it, slowly.
+    supervisor.spawn(
+        OutboxWorker::new(replica_behind.clone(), sink.clone())
+            .with_name("outbox-behind")
+            .with_config(config.clone()),
+    );
+    tokio::time::timeout(Duration::from_secs(30), sink.holding.notified())
+        .await
+        .expect("the first replica sends the row");
+    // The replica whose clock is 10 minutes ahead, where the first one's 60 s lease has
+    // long run out, polls meanwhile. A row of another aggregate written now goes out
+    // through it alone (the first replica is stuck in its send), so by then it has
+    // claimed with the held row in view.
+    supervisor.spawn(
+        OutboxWorker::new(replica_ahead.clone(), sink.clone())
+            .with_name("outbox-ahead")
+            .with_config(config),
+    );
+    write(&replica_ahead, "other", 1).await;
+    wait_for("the other row", || sink.broker.message_count("out") == 1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db.outbox_backlog().await.unwrap() > 1 {
+        assert!(Instant::now() < deadline, "timed out waiting for the other row's delete");
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        bodies_by_aggregate(&sink.broker).get("held"),
+        None,
+        "the held row is not sent twice"
+    );
+    let rows = db.outbox_messages(10).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].lease_owner.is_some(), "the first replica still holds the held row");
+    sink.release.add_permits(1);
+    wait_for("the held row", || sink.broker.message_count("out") == 2).await;
+    wait_for_empty_outbox(db).await;
+    let _ = supervisor.shutdown(Instant::now() + Duration::from_secs(5)).await;
+    assert_eq!(*sink.overlaps.lock().unwrap(), Vec::<String>::new(), "no row sent by both");
+    let sent = bodies_by_aggregate(&sink.broker);
+    assert_eq!(sent["held"], [0], "the held row once");
+    assert_eq!(sent["other"], [0], "the other row once");
+    replica_behind.close().await;
+    replica_ahead.close().await;
+}
+
+db_test!(
+    replicas_with_skewed_clocks_never_both_hold_a_lease_sqlite,
+    replicas_with_skewed_clocks_never_both_hold_a_lease_postgres,
+    replicas_with_skewed_clocks_never_both_hold_a_lease
 );
 
 /// Ensures that a worker whose lease ran out cannot record a failure over the claim of

@@ -109,6 +109,61 @@ mod cases {
         assert_eq!(warning.fields["resource_id"], ws.id);
     }
 
+    /// Ensures that uninstalling a workspace or a workspace service is refused while an
+    /// operation runs on anything under it (here a user resource's install), naming
+    /// that operation and its resource, cascading or not; once it has finished, the
+    /// uninstall goes ahead.
+    pub(super) async fn an_uninstall_waits_for_operations_under_it(db: &TestDb) {
+        let registry = templates();
+        let pipeline = linuxvm_pipeline(&db.store, &registry).await;
+        let ws_id = pipeline.vm.workspace_id().unwrap().to_owned();
+        let service_id = pipeline.vm.parent_workspace_service_id().unwrap().to_owned();
+        for parent in [&ws_id, &service_id] {
+            for cascade in [false, true] {
+                let mut tx = db.store.begin().await.unwrap();
+                let error = operations::uninstall_resource(
+                    &mut tx,
+                    OperationContext::new(&registry),
+                    parent,
+                    &user(),
+                    cascade,
+                )
+                .await
+                .unwrap_err();
+                drop(tx);
+                match &error {
+                    OperationError::OperationInProgress {
+                        resource_id,
+                        operation_id,
+                        action,
+                        ..
+                    } => {
+                        assert_eq!(
+                            (resource_id, operation_id, action.as_str()),
+                            (&pipeline.vm.id, &pipeline.operation.id, "install"),
+                            "uninstalling {parent} (cascade {cascade})"
+                        );
+                    }
+                    other => panic!("expected OperationInProgress, got {other:?}"),
+                }
+                assert!(error.to_string().contains(&pipeline.operation.id), "{error}");
+            }
+        }
+        assert!(
+            db.store
+                .read()
+                .operations_for_resource(&ws_id)
+                .await
+                .unwrap()
+                .iter()
+                .all(|operation| operation.action == "install"),
+            "no uninstall was created"
+        );
+        support::set_status(&db.store, &pipeline.vm.id, Status::Deployed).await;
+        let operation = uninstall(db, &service_id).await.unwrap();
+        assert_eq!(operation.resource_id, service_id);
+    }
+
     /// Ensures that pipeline steps acting on another resource do not lock it: two VM
     /// installs whose pipelines both update the shared firewall are both accepted, and
     /// the firewall's own upgrade is not refused because of them.
@@ -152,6 +207,11 @@ db_test!(
     a_late_report_of_an_older_operation_does_not_revive,
     a_late_report_of_an_older_operation_does_not_revive_postgres,
     cases::a_late_report_of_an_older_operation_does_not_revive
+);
+db_test!(
+    an_uninstall_waits_for_operations_under_it,
+    an_uninstall_waits_for_operations_under_it_postgres,
+    cases::an_uninstall_waits_for_operations_under_it
 );
 db_test!(
     pipeline_steps_do_not_lock_their_targets,

@@ -5,7 +5,7 @@
 //! with one identity.
 
 use crate::domain::{AirlockRequest, Resource, ResourceType, User, WorkspaceRole};
-use crate::storage::{Entity, Store, StoreError};
+use crate::storage::{Entity, Store, StoreError, UserResourceScope};
 
 use super::AppState;
 use super::auth::{self, TRE_ADMIN};
@@ -86,6 +86,47 @@ impl<'a> Access<'a> {
         Ok(Some(roles.into_iter().map(|(workspace_id, _)| workspace_id).collect()))
     }
 
+    /// What the caller may list of the resources: the workspaces they see (as
+    /// [`visible_workspaces`](Self::visible_workspaces)), and of the user resources in
+    /// them, their own and every one of the workspaces they own; `None`s for all.
+    pub(super) async fn visible_resources(
+        &self,
+    ) -> Result<(Option<Vec<String>>, Option<UserResourceScope>), ApiError> {
+        if self.is_admin() {
+            return Ok((None, None));
+        }
+        let roles = self.store.read().roles_of_user(&self.user.id).await?;
+        let owned = roles
+            .iter()
+            .filter(|(_, held)| held.contains(&WorkspaceOwner))
+            .map(|(workspace_id, _)| workspace_id.clone())
+            .collect();
+        let workspaces = roles.into_iter().map(|(workspace_id, _)| workspace_id).collect();
+        let scope = UserResourceScope { owner_id: self.user.id.clone(), all_in_workspaces: owned };
+        Ok((Some(workspaces), Some(scope)))
+    }
+
+    /// Passes for a user resource the caller owns, or one in a workspace where they are
+    /// `WorkspaceOwner` (TRE's `validate_user_has_valid_role_for_user_resource`), and
+    /// for any other resource; 403 for `what` otherwise. The caller's role in the
+    /// workspace has been checked before.
+    async fn own_user_resource(&self, resource: &Resource, what: &str) -> Result<(), ApiError> {
+        if resource.resource_type() != ResourceType::UserResource || self.is_admin() {
+            return Ok(());
+        }
+        if resource.owner_id() == Some(self.user.id.as_str()) {
+            return Ok(());
+        }
+        let Some(workspace_id) = workspace_of(resource) else { return Ok(()) };
+        let held = self.store.read().workspace_roles(workspace_id, &self.user.id).await?;
+        if held.contains(&WorkspaceOwner) {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(format!(
+            "{what} needs {WorkspaceOwner} of the workspace, or to be its owner"
+        )))
+    }
+
     /// Creating a resource of this type (in this workspace): workspaces and shared
     /// services need `TREAdmin`; a workspace service the workspace's owner; a user
     /// resource its owner or a researcher.
@@ -108,28 +149,20 @@ impl<'a> Access<'a> {
         let subject = (Entity::Resource, resource.id.as_str());
         self.require(workspace_of(resource), change_roles(resource_type), true, &what, subject)
             .await?;
-        if resource_type != ResourceType::UserResource || self.is_admin() {
-            return Ok(());
-        }
-        let Some(workspace_id) = workspace_of(resource) else { return Ok(()) };
-        let held = self.store.read().workspace_roles(workspace_id, &self.user.id).await?;
-        if held.contains(&WorkspaceOwner) || resource.owner_id() == Some(self.user.id.as_str()) {
-            return Ok(());
-        }
-        Err(ApiError::forbidden(format!(
-            "{what} needs {WorkspaceOwner} of the workspace, or to be its owner"
-        )))
+        self.own_user_resource(resource, &what).await
     }
 
     /// Reading `resource`: shared services anyone (in the view of [`Access::shown`]);
-    /// the rest any role in its workspace.
+    /// the rest any role in its workspace, except that a user resource only its owner
+    /// and the workspace's owner (as in TRE: a researcher sees only their own).
     pub(super) async fn read_resource(&self, resource: &Resource) -> Result<(), ApiError> {
         if resource.resource_type() == ResourceType::SharedService {
             return Ok(());
         }
         let what = format!("reading the {} {}", resource.resource_type().as_str(), resource.id);
         let subject = (Entity::Resource, resource.id.as_str());
-        self.require(workspace_of(resource), &ANY_ROLE, true, &what, subject).await
+        self.require(workspace_of(resource), &ANY_ROLE, true, &what, subject).await?;
+        self.own_user_resource(resource, &what).await
     }
 
     /// Reading the operations of `resource`: as reading it, but a shared service's

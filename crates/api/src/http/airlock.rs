@@ -86,7 +86,7 @@ fn answer(status: StatusCode, airlock_request: AirlockRequest) -> Response {
 
 /// Creates a draft airlock request in a workspace.
 #[utoipa::path(post, path = "/api/airlock-requests", tag = "airlock", request_body = CreateAirlockRequest,
-    responses((status = 201, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, description = "The workspace is not one the caller holds a role in", body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn create(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -153,7 +153,7 @@ pub(super) async fn get(
 /// Submits a draft request; publishes `statusChanged`.
 #[utoipa::path(post, path = "/api/airlock-requests/{id}/submit", tag = "airlock",
     params(("id" = String, Path, description = "The airlock request id")),
-    responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "The request changed meanwhile, again on the retry (`conflict`)", body = ErrorBody), (status = 413, description = "The airlock event is larger than the transport accepts (`payload_too_large`); nothing is changed", body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -173,7 +173,7 @@ pub(super) async fn submit(
 /// Reviews a request in review; publishes `statusChanged`.
 #[utoipa::path(post, path = "/api/airlock-requests/{id}/review", tag = "airlock", request_body = ReviewBody,
     params(("id" = String, Path, description = "The airlock request id")),
-    responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "The request changed meanwhile, again on the retry (`conflict`)", body = ErrorBody), (status = 413, description = "The body is larger than 1 MiB, or the airlock event larger than the transport accepts (`payload_too_large`); nothing is changed", body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn review(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -206,7 +206,7 @@ pub(super) async fn review(
 /// Cancels a request.
 #[utoipa::path(post, path = "/api/airlock-requests/{id}/cancel", tag = "airlock",
     params(("id" = String, Path, description = "The airlock request id")),
-    responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = AirlockRequestResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "The request changed meanwhile, again on the retry (`conflict`)", body = ErrorBody), (status = 413, description = "The airlock event is larger than the transport accepts (`payload_too_large`); nothing is changed", body = ErrorBody)))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Caller(user): Caller,

@@ -79,7 +79,8 @@ fn routes() -> OpenApiRouter<AppState> {
 /// The OpenAPI document of every route, as `GET /api/openapi.json` serves it.
 #[must_use]
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(|| routes().into_openapi());
+    static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> =
+        LazyLock::new(|| openapi::with_common_answers(routes().into_openapi()));
     DOCUMENT.clone()
 }
 

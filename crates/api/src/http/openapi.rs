@@ -36,3 +36,81 @@ pub(super) struct ApiDoc;
 pub(super) async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(super::openapi())
 }
+
+/// Adds to every operation of `doc` the answers that the layers around the handlers
+/// give, each with the `ErrorBody` shape, where its handler does not document them
+/// itself:
+///
+/// - every route but the probes: 401 (no or a refused credential) and 403 (neither
+///   `TREUser` nor `TREAdmin`, or not the route's role);
+/// - every route: 503 (a request over the timeout; the database, its migration or the
+///   token issuer unavailable);
+/// - every route with a JSON body: 400 (malformed JSON), 413 (over
+///   [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES)), 415 (not `application/json`) and 422
+///   (a field missing, unknown or of the wrong type);
+/// - every route on records of the database: 500 (an internal failure, logged).
+pub(super) fn with_common_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    for (path, item) in &mut doc.paths.paths {
+        let open = super::OPEN_ROUTES.contains(&path.as_str());
+        let records =
+            ["/api/resources", "/api/operations", "/api/airlock-requests", "/api/workspaces"]
+                .iter()
+                .any(|prefix| path.starts_with(prefix));
+        let operations =
+            [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+        for operation in operations.into_iter().flatten() {
+            let mut answers = Vec::new();
+            if !open {
+                answers.push((
+                    "401",
+                    "No credential, or a refused one (`unauthorized`, `invalid_token`), with `WWW-Authenticate: Bearer`",
+                ));
+                answers.push((
+                    "403",
+                    "The caller holds neither `TREUser` nor `TREAdmin`, or not the role this route needs (`forbidden`)",
+                ));
+            }
+            answers.push((
+                "503",
+                "The database (or its migration) or the token issuer is unavailable, or the request took too long; with `Retry-After`",
+            ));
+            if operation.request_body.is_some() {
+                answers.push((
+                    "400",
+                    "The body is not JSON (`malformed_json`), or a value is not valid",
+                ));
+                answers.push(("413", "The body is larger than 1 MiB (`payload_too_large`)"));
+                answers
+                    .push(("415", "The body is not `application/json` (`unsupported_media_type`)"));
+                answers.push((
+                    "422",
+                    "A field is missing, unknown or of the wrong type (`invalid_body`)",
+                ));
+            }
+            if records {
+                answers.push(("500", "An internal failure (`internal`), logged with its cause"));
+            }
+            for (status, description) in answers {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| error_answer(description).into());
+            }
+        }
+    }
+    doc
+}
+
+/// An answer with `description` and an `ErrorBody`.
+fn error_answer(description: &str) -> utoipa::openapi::Response {
+    utoipa::openapi::ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            utoipa::openapi::Content::new(Some(utoipa::openapi::Ref::from_schema_name(
+                "ErrorBody",
+            ))),
+        )
+        .build()
+}

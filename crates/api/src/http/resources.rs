@@ -120,7 +120,7 @@ fn context(state: &AppState) -> OperationContext<'_> {
 /// Creates a resource and its install operation; the resource request goes to the
 /// resource processor through the outbox.
 #[utoipa::path(post, path = "/api/resources", tag = "resources", request_body = CreateResource,
-    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, description = "The workspace is not one the caller holds a role in", body = ErrorBody), (status = 409, description = "A resource a pipeline step changes changed meanwhile (`conflict`)", body = ErrorBody), (status = 413, description = "The body is larger than 1 MiB, or the resource request larger than the transport accepts (`payload_too_large`); nothing is created", body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn create(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -155,9 +155,11 @@ pub(super) async fn list(
 ) -> Result<Json<ResourceList>, ApiError> {
     let (offset, limit) = Page { limit: query.limit, cursor: query.cursor }.bounds()?;
     let store = state.db.serving()?;
-    let visible_workspaces = Access::new(&state, store, &user).visible_workspaces().await?;
+    let (visible_workspaces, user_resources) =
+        Access::new(&state, store, &user).visible_resources().await?;
     let filter = ResourceFilter {
         visible_workspaces,
+        user_resources,
         resource_type: query.resource_type,
         status: query.status,
         skip: offset,
@@ -229,7 +231,7 @@ pub(super) async fn operation(
 /// Upgrades a resource: changes `updateable` properties and starts an upgrade operation.
 #[utoipa::path(patch, path = "/api/resources/{id}", tag = "resources", request_body = UpdateResource,
     params(("id" = String, Path, description = "The resource id")),
-    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "Another operation on the resource (or, for an uninstall, on one under it) is in progress (`operation_in_progress`, naming it), or the resource changed meanwhile (`conflict`)", body = ErrorBody), (status = 413, description = "The body is larger than 1 MiB, or the resource request larger than the transport accepts (`payload_too_large`); nothing is changed", body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn update(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -252,7 +254,7 @@ pub(super) async fn update(
 /// Uninstalls a resource.
 #[utoipa::path(delete, path = "/api/resources/{id}", tag = "resources",
     params(("id" = String, Path, description = "The resource id")),
-    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "Another operation on the resource (or, for an uninstall, on one under it) is in progress (`operation_in_progress`, naming it), or the resource changed meanwhile (`conflict`)", body = ErrorBody), (status = 413, description = "The resource request is larger than the transport accepts (`payload_too_large`); nothing is changed", body = ErrorBody)))]
 pub(super) async fn delete(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -273,7 +275,7 @@ pub(super) async fn delete(
 /// Invokes one of the template's custom actions (e.g. `start`, `stop`).
 #[utoipa::path(post, path = "/api/resources/{id}/actions/{action}", tag = "resources",
     params(("id" = String, Path, description = "The resource id"), ("action" = String, Path, description = "A custom action of the template")),
-    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "Another operation on the resource (or, for an uninstall, on one under it) is in progress (`operation_in_progress`, naming it), or the resource changed meanwhile (`conflict`)", body = ErrorBody), (status = 413, description = "The resource request is larger than the transport accepts (`payload_too_large`); nothing is changed", body = ErrorBody)))]
 pub(super) async fn action(
     State(state): State<AppState>,
     Caller(user): Caller,

@@ -69,7 +69,7 @@ async fn may_manage(store: &Store, user: &User, workspace_id: &str) -> Result<bo
 /// only `TREAdmin` grants `AirlockManager`. The last `WorkspaceOwner` stays one (409).
 #[utoipa::path(put, path = "/api/workspaces/{workspaceId}/roles/{userId}", tag = "roles", request_body = SetRoles,
     params(("workspaceId" = String, Path, description = "The workspace id"), ("userId" = String, Path, description = "The user id (the token's oid or sub)")),
-    responses((status = 200, body = WorkspaceRoles), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = WorkspaceRoles), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "It would remove the workspace's last `WorkspaceOwner` (`conflict`)", body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn set(
     State(state): State<AppState>,
     Caller(caller): Caller,

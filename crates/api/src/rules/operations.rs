@@ -88,7 +88,8 @@ pub enum OperationError {
         /// The resource id.
         id: String,
     },
-    /// Another operation on the same resource is not finished yet.
+    /// Another operation on the same resource (or, for an uninstall, on a resource under
+    /// it) is not finished yet.
     #[error(
         "resource {resource_id} has an operation in progress: {operation_id} ({action}, {status}); \
          try again when it has finished"
@@ -427,9 +428,15 @@ pub async fn upgrade_resource(
 /// Creates the uninstall operation of a resource; with `cascade`, of everything under
 /// it too, deepest first.
 ///
+/// Refused while an operation runs on the resource or on anything under it (a
+/// workspace's services and user resources, a service's user resources), cascading or
+/// not: [`OperationError::OperationInProgress`] names the first running one found,
+/// parents first.
+///
 /// # Errors
 ///
-/// [`OperationError::ResourceDeleted`], or as [`create_operation`].
+/// [`OperationError::ResourceDeleted`], [`OperationError::OperationInProgress`], or as
+/// [`create_operation`].
 ///
 /// # Cancellation safety
 ///
@@ -446,6 +453,19 @@ pub async fn uninstall_resource(
         return Err(OperationError::ResourceDeleted { id: id.to_owned() });
     }
     ensure_no_operation_in_progress(tx, id).await?;
+    // Nor while anything under it is being changed: an install still running under a
+    // workspace being torn down would deploy into what is gone. Checked (and, on
+    // PostgreSQL, locked) parents first, the order every uninstall takes, so two
+    // uninstalls of a parent and its child never wait for each other in a circle.
+    let mut descendants = tx.read().resource_dependency_list(&current).await?;
+    descendants.retain(|resource| resource.id != current.id);
+    descendants.sort_by(|a, b| {
+        let depth = |r: &Resource| r.resource_path.matches('/').count();
+        depth(a).cmp(&depth(b)).then_with(|| a.resource_path.cmp(&b.resource_path))
+    });
+    for descendant in &descendants {
+        ensure_no_operation_in_progress(tx, &descendant.id).await?;
+    }
     create_operation(tx, context, &current, action::UNINSTALL, user, cascade).await
 }
 

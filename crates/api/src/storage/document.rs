@@ -131,6 +131,19 @@ impl Listing {
         self.sql.push(')');
     }
 
+    /// Only the records meeting `always` (SQL without parameters), or, for any
+    /// `(column, values)` of `alternatives`, with one of `values` in `column`.
+    pub(super) fn either(&mut self, always: &str, alternatives: &[(&str, &[String])]) {
+        self.sql.push_str(&format!(" AND ({always}"));
+        for (column, values) in alternatives {
+            for value in *values {
+                self.binds.push(value.clone());
+                self.sql.push_str(&format!(" OR {column} = ${}", self.binds.len()));
+            }
+        }
+        self.sql.push(')');
+    }
+
     /// Only the records meeting `condition`, SQL without parameters.
     pub(super) fn only(&mut self, condition: &str) {
         self.sql.push_str(&format!(" AND {condition}"));

@@ -53,8 +53,8 @@ use crate::domain::Clock;
 pub use airlock::AirlockRequestFilter;
 pub use database::{Database, NotReady};
 pub use error::{Entity, StoreError};
-pub use outbox::{OutboxMessage, OutboxRecord, ParkedOutbox, ParkedRecord};
-pub use resources::{ResourceFilter, StatusWrite};
+pub use outbox::{LeaseClock, OutboxMessage, OutboxRecord, ParkedOutbox, ParkedRecord};
+pub use resources::{ResourceFilter, StatusWrite, UserResourceScope};
 
 named_enum! {
     /// The database behind a [`Store`], chosen by the URL scheme.

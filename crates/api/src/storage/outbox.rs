@@ -7,8 +7,36 @@ use sqlx::any::AnyRow;
 use steward_core::OutgoingMessage;
 
 use super::error::{Entity, StoreError};
-use super::{Store, Tx};
+use super::{Backend, Store, Tx};
+use crate::domain::Clock;
 use crate::storage::millis;
+
+/// Where the outbox's lease and retry times come from.
+///
+/// Replicas whose own clocks disagree by minutes must still agree on when a lease
+/// ends, or one would take over a row another is still sending. So the service reads
+/// these times from the database's clock ([`LeaseClock::Database`]), which every
+/// replica shares; [`LeaseClock::Local`] is an explicit clock, for tests.
+#[derive(Debug, Clone, Default)]
+pub enum LeaseClock {
+    /// The database's clock: `clock_timestamp()` on PostgreSQL, `julianday('now')` on
+    /// SQLite.
+    #[default]
+    Database,
+    /// This clock (tests): leases and retries are timed by it, while rows still
+    /// become due by the database's clock when written.
+    Local(Clock),
+}
+
+/// The database's current time in milliseconds since the epoch, as an SQL expression.
+fn database_now(backend: Backend) -> &'static str {
+    match backend {
+        // `julianday('now')` has millisecond precision; `CURRENT_TIMESTAMP` only seconds.
+        Backend::Sqlite => "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)",
+        // The time of the statement, not of the transaction's start (`now()`).
+        Backend::Postgres => "CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000) AS BIGINT)",
+    }
+}
 
 /// A message to publish once the transaction that wrote it commits: the broker message
 /// and where it goes.
@@ -220,11 +248,14 @@ impl Tx {
             .map_err(|error| StoreError::corrupt(Entity::OutboxMessage, &aggregate_id, error))?;
         let now = millis(self.now());
         let key = uuid::Uuid::new_v4().simple().to_string();
-        let row = sqlx::query(
+        // Due from now by the database's clock, the one leases are timed by: a replica
+        // whose clock runs ahead would otherwise hold its rows back for as long.
+        let row = sqlx::query(&format!(
             "INSERT INTO outbox (queue, aggregate_id, body, session_id, correlation_id, content_type, subject, \
              properties, created_at, available_at, attempts, message_key) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11) RETURNING id",
-        )
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, {}, 0, $10) RETURNING id",
+            database_now(self.store().backend())
+        ))
         .bind(queue)
         .bind(aggregate_id)
         .bind(String::from_utf8_lossy(&message.body).into_owned())
@@ -233,7 +264,6 @@ impl Tx {
         .bind(message.content_type)
         .bind(subject)
         .bind(properties)
-        .bind(now)
         .bind(now)
         .bind(&key)
         .fetch_one(self.conn())
@@ -244,6 +274,27 @@ impl Tx {
 }
 
 impl Store {
+    /// The time by `clock`, in milliseconds since the epoch: for
+    /// [`LeaseClock::Database`], the database's clock, read with one query.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn lease_now(&self, clock: &LeaseClock) -> Result<i64, StoreError> {
+        match clock {
+            LeaseClock::Local(clock) => Ok(millis(clock.now())),
+            LeaseClock::Database => {
+                let sql = format!("SELECT {} AS now_ms", database_now(self.backend()));
+                let row = sqlx::query(&sql).fetch_one(self.reader()).await?;
+                Ok(row.try_get("now_ms")?)
+            }
+        }
+    }
+
     /// Up to `limit` outbox rows, oldest first.
     ///
     /// # Errors
@@ -287,6 +338,10 @@ impl Store {
     /// `now_ms`, not leased (or whose lease ran out), and each the oldest row of its
     /// aggregate, so an aggregate's messages go out one at a time, in order. Returns
     /// them oldest first.
+    ///
+    /// Every worker must take `now_ms` from one clock, the database's
+    /// ([`lease_now`](Self::lease_now) with [`LeaseClock::Database`]): a worker whose
+    /// clock ran ahead would take over rows whose lease is still live.
     ///
     /// On PostgreSQL the rows are picked with `FOR UPDATE SKIP LOCKED`, so concurrent
     /// workers (several replicas) never claim the same row; on SQLite the single writer

@@ -64,10 +64,22 @@ pub struct ResourceFilter {
     /// Only shared services, and resources of these workspaces (the workspaces
     /// themselves included); `None` for all.
     pub visible_workspaces: Option<Vec<String>>,
+    /// Of the user resources, only those this caller may see; `None` for all.
+    pub user_resources: Option<UserResourceScope>,
     /// Skip this many (in creation order).
     pub skip: u64,
     /// Return at most this many; `None` for all.
     pub limit: Option<u64>,
+}
+
+/// The user resources a caller sees (TRE's rule): those they own, and every one in the
+/// workspaces where they are `WorkspaceOwner`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserResourceScope {
+    /// The caller: user resources whose `ownerId` this is.
+    pub owner_id: String,
+    /// The workspaces whose user resources the caller sees all of.
+    pub all_in_workspaces: Vec<String>,
 }
 
 async fn list<'c, E: Executor<'c, Database = Any>>(
@@ -88,6 +100,15 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
         &["id", "workspace_id"],
         filter.visible_workspaces.as_deref(),
     );
+    if let Some(scope) = &filter.user_resources {
+        listing.either(
+            "resource_type <> 'user-resource'",
+            &[
+                ("owner_id", std::slice::from_ref(&scope.owner_id)),
+                ("workspace_id", &scope.all_in_workspaces),
+            ],
+        );
+    }
     listing.page(executor, filter.skip, filter.limit).await
 }
 
@@ -158,8 +179,9 @@ impl Tx {
         let now = millis(self.now());
         let query = sqlx::query(
             "INSERT INTO resources (id, resource_type, template_name, template_version, deployment_status, \
-             resource_path, workspace_id, parent_workspace_service_id, etag, created_at, updated_at, doc) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING",
+             resource_path, workspace_id, parent_workspace_service_id, etag, created_at, updated_at, doc, \
+             owner_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id) DO NOTHING",
         )
         .bind(stored.id.clone())
         .bind(stored.resource_type().as_str())
@@ -168,6 +190,8 @@ impl Tx {
             .bind(now)
             .bind(now)
             .bind(doc)
+            // Only at insert: a user resource's owner never changes.
+            .bind(stored.owner_id().map(str::to_owned))
             .execute(self.conn())
             .await?;
         inserted(&result, Entity::Resource, &stored.id)?;

@@ -20,9 +20,7 @@ use steward_core::{
 };
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::domain::Clock;
-use crate::storage::millis;
-use crate::storage::{OutboxRecord, Store, StoreError};
+use crate::storage::{LeaseClock, OutboxRecord, Store, StoreError};
 
 /// The metric with the number of outbox rows not yet published.
 pub(super) const BACKLOG_METRIC: &str = "steward_outbox_backlog";
@@ -118,6 +116,9 @@ impl OutboxConfig {
 ///   `poll_interval` otherwise (rows due for a retry, rows other replicas wrote).
 /// - Claims rows with a lease; at most one row per aggregate is in flight, so messages
 ///   about one resource or airlock request leave in the order they were written.
+/// - Times leases, retries and parking by the database's clock
+///   ([`LeaseClock::Database`]), which every replica shares: a replica whose own clock
+///   runs ahead cannot take over a row whose lease another still holds.
 /// - Deletes a row only after the send succeeded; a failed send is retried with
 ///   backoff, with its error kept on the row.
 /// - Parks a row that cannot be sent: moves it to the parked rows, with its error and
@@ -140,7 +141,7 @@ pub struct OutboxWorker {
     sink: Arc<dyn MessageSink>,
     config: OutboxConfig,
     owner: String,
-    clock: Clock,
+    clock: LeaseClock,
     producers: Option<HealthHandle>,
     /// Sends that succeeded, so far.
     successes: AtomicU64,
@@ -164,6 +165,17 @@ impl std::fmt::Debug for OutboxWorker {
 struct Pass {
     claimed: usize,
     sent: usize,
+}
+
+/// A reading of the lease clock, taken when a pass claims its rows: the worker tells
+/// the time from it for the rest of the pass.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    /// The lease clock's time, in milliseconds since the epoch.
+    now_ms: i64,
+    /// When, by this process's monotonic clock, the reading was asked for (before the
+    /// query: so the time told from it is never behind the database's).
+    at: Instant,
 }
 
 /// What became of one claimed row.
@@ -216,7 +228,7 @@ impl OutboxWorker {
             sink,
             config: OutboxConfig::default(),
             owner: format!("outbox-{}", uuid::Uuid::new_v4().simple()),
-            clock: Clock::system(),
+            clock: LeaseClock::Database,
             producers: None,
             successes: AtomicU64::new(0),
             strikes: Mutex::new(HashMap::new()),
@@ -232,10 +244,11 @@ impl OutboxWorker {
         self
     }
 
-    /// The clock leases and retry times are read from: the system clock by default, so
-    /// workers of several replicas agree on when a lease ends.
+    /// The clock leases, retry and parking times are read from: the database's by
+    /// default ([`LeaseClock::Database`]), so workers of replicas whose own clocks
+    /// disagree still agree on when a lease ends.
     #[must_use]
-    pub fn with_clock(mut self, clock: Clock) -> Self {
+    pub fn with_clock(mut self, clock: LeaseClock) -> Self {
         self.clock = clock;
         self
     }
@@ -254,14 +267,30 @@ impl OutboxWorker {
         self
     }
 
-    fn now_ms(&self) -> i64 {
-        millis(self.clock.now())
+    /// Reads the lease clock.
+    async fn read_clock(&self) -> Result<Reading, StoreError> {
+        let at = Instant::now();
+        let now_ms = self.store.lease_now(&self.clock).await?;
+        Ok(Reading { now_ms, at })
+    }
+
+    /// The lease clock's time now: a local clock read again; the database's told from
+    /// `reading` and the time passed since, without a query per row.
+    fn now_ms(&self, reading: Reading) -> i64 {
+        match &self.clock {
+            LeaseClock::Local(clock) => crate::storage::millis(clock.now()),
+            LeaseClock::Database => {
+                let passed = i64::try_from(reading.at.elapsed().as_millis()).unwrap_or(i64::MAX);
+                reading.now_ms.saturating_add(passed)
+            }
+        }
     }
 
     /// Claims a batch and publishes it, each send bounded by [`send_limit`](Self::send_limit).
     /// A pass is never cut between a successful send and the delete of its row.
     async fn pass(&self, ctx: &WorkerContext) -> Result<Pass, WorkerError> {
-        let now = self.now_ms();
+        let reading = self.read_clock().await.map_err(unavailable)?;
+        let now = reading.now_ms;
         let lease_until = now + i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
         let claimed = self
             .store
@@ -275,7 +304,7 @@ impl OutboxWorker {
         ctx.set_in_flight(claimed.len());
         let results: Vec<Result<Published, WorkerError>> = futures::stream::iter(claimed)
             .map(|record| async {
-                let published = self.publish(ctx, record, lease_until).await;
+                let published = self.publish(ctx, record, reading, lease_until).await;
                 ctx.progress();
                 published
             })
@@ -303,13 +332,18 @@ impl OutboxWorker {
     /// deadline once the service is shutting down, and to what is left of the lease
     /// minus a safety margin, so that no other worker can claim the row while this
     /// send may still reach the broker. `None` when too little of the lease is left.
-    fn send_limit(&self, ctx: &WorkerContext, lease_until: i64) -> Option<Duration> {
+    fn send_limit(
+        &self,
+        ctx: &WorkerContext,
+        reading: Reading,
+        lease_until: i64,
+    ) -> Option<Duration> {
         let mut limit = self.config.send_timeout;
         if ctx.is_shutting_down() {
             limit = limit.min(ctx.drain_deadline().saturating_duration_since(Instant::now()));
         }
         let margin = i64::try_from((self.config.lease / 6).as_millis()).unwrap_or(i64::MAX);
-        let lease_left = lease_until.saturating_sub(self.now_ms()).saturating_sub(margin);
+        let lease_left = lease_until.saturating_sub(self.now_ms(reading)).saturating_sub(margin);
         let lease_left = Duration::from_millis(u64::try_from(lease_left).ok()?);
         (!lease_left.is_zero()).then(|| limit.min(lease_left))
     }
@@ -319,12 +353,13 @@ impl OutboxWorker {
         &self,
         ctx: &WorkerContext,
         record: OutboxRecord,
+        reading: Reading,
         lease_until: i64,
     ) -> Result<Published, WorkerError> {
         let id = record.id;
         let message_id = record.message_id();
         let queue = record.message.queue.clone();
-        let Some(limit) = self.send_limit(ctx, lease_until) else {
+        let Some(limit) = self.send_limit(ctx, reading, lease_until) else {
             tracing::debug!(queue = %queue, message_id = %message_id, "lease nearly over; leaving the row for the next claim");
             return Ok(Published::Skipped);
         };
@@ -350,7 +385,7 @@ impl OutboxWorker {
                 if is_message_fault(kind) || strikes >= self.config.park_after.max(1) {
                     let parked = self
                         .store
-                        .park_outbox(id, &self.owner, &error, self.now_ms())
+                        .park_outbox(id, &self.owner, &error, self.now_ms(reading))
                         .await
                         .map_err(unavailable)?;
                     self.forget_strikes(id);
@@ -376,7 +411,9 @@ impl OutboxWorker {
                     error = %error,
                     "publishing an outbox message failed; retrying later"
                 );
-                let retry_at = self.now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                let retry_at = self
+                    .now_ms(reading)
+                    .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
                 self.store
                     .fail_outbox(id, &self.owner, &error, retry_at)
                     .await
@@ -411,11 +448,19 @@ impl OutboxWorker {
                 tracing::debug!(error = %error_chain(&error), "could not count the outbox backlog");
             }
         }
-        match self.store.parked_outbox().await {
-            Ok(parked) => {
+        let parked = async {
+            let parked = self.store.parked_outbox().await?;
+            let now = match parked.oldest_parked_at {
+                Some(_) => self.store.lease_now(&self.clock).await?,
+                None => 0,
+            };
+            Ok::<_, StoreError>((parked, now))
+        };
+        match parked.await {
+            Ok((parked, now)) => {
                 let age = parked
                     .oldest_parked_at
-                    .map_or(0.0, |at| (self.now_ms().saturating_sub(at)).max(0) as f64 / 1000.0);
+                    .map_or(0.0, |at| (now.saturating_sub(at)).max(0) as f64 / 1000.0);
                 let worker = self.name.clone();
                 metrics::gauge!(PARKED_METRIC, "worker" => worker.clone()).set(parked.count as f64);
                 metrics::gauge!(PARKED_OLDEST_AGE_METRIC, "worker" => worker).set(age);

@@ -175,6 +175,21 @@ impl TestDb {
         }
     }
 
+    /// Another store on the same database (schema), with `clock` as its clock: a
+    /// second replica of the service, say. Close it before [`TestDb::finish`].
+    pub async fn replica(&self, clock: Clock) -> Store {
+        let url = match &self.kind {
+            Kind::Sqlite { url, .. } => url.clone(),
+            Kind::Postgres { admin_url, schema } => {
+                let separator = if admin_url.contains('?') { '&' } else { '?' };
+                format!("{admin_url}{separator}options[search_path]={schema}")
+            }
+        };
+        Store::connect_with(StoreOptions::new(url).with_max_connections(4).with_clock(clock))
+            .await
+            .unwrap()
+    }
+
     /// Closes the store; dropping the `TestDb` then removes the schema.
     pub async fn finish(self) {
         self.store.close().await;
