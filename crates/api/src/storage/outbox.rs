@@ -289,7 +289,7 @@ impl Store {
             LeaseClock::Local(clock) => Ok(millis(clock.now())),
             LeaseClock::Database => {
                 let sql = format!("SELECT {} AS now_ms", database_now(self.backend()));
-                let row = sqlx::query(&sql).fetch_one(self.reader()).await?;
+                let row = sqlx::query(&sql).fetch_one(&mut *self.read_connection().await?).await?;
                 Ok(row.try_get("now_ms")?)
             }
         }
