@@ -12,6 +12,7 @@ mod error;
 mod extract;
 mod health;
 mod openapi;
+mod paging;
 mod resources;
 mod roles;
 mod state;
@@ -30,6 +31,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use error::ApiError;
+pub use paging::{MAX_PAGE_BYTES, MAX_PAGE_SIZE};
 pub use state::{ApiSettings, AppState};
 
 use error::LoggedCause;

@@ -3,7 +3,7 @@
 
 use sqlx::{Any, Executor};
 
-use super::document::{Listing, fetch, with_new_etag};
+use super::document::{Listed, Listing, fetch, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::{AirlockRequest, AirlockRequestStatus};
@@ -22,17 +22,20 @@ pub struct AirlockRequestFilter {
     pub skip: u64,
     /// Return at most this many; `None` for all.
     pub limit: Option<u64>,
+    /// Stop before the documents pass this many bytes (the first is always returned);
+    /// `None` for no limit.
+    pub max_bytes: Option<usize>,
 }
 
 async fn list<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     filter: &AirlockRequestFilter,
-) -> Result<Vec<AirlockRequest>, StoreError> {
+) -> Result<Listed<AirlockRequest>, StoreError> {
     let mut listing = Listing::of::<AirlockRequest>();
     listing.equal("workspace_id", filter.workspace_id.as_deref());
     listing.equal("status", filter.status.map(AirlockRequestStatus::as_str));
     listing.any_of("1 = 0", &["workspace_id"], filter.visible_workspaces.as_deref());
-    listing.page(executor, filter.skip, filter.limit).await
+    listing.page(executor, filter.skip, filter.limit, filter.max_bytes).await
 }
 
 impl Store {}
@@ -117,6 +120,23 @@ impl Reader<'_> {
         self,
         filter: &AirlockRequestFilter,
     ) -> Result<Vec<AirlockRequest>, StoreError> {
+        Ok(self.airlock_requests_page(filter).await?.items)
+    }
+
+    /// One page of the airlock requests matching `filter` (its `skip`, `limit` and
+    /// `max_bytes`), in creation order, and whether more follow.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn airlock_requests_page(
+        self,
+        filter: &AirlockRequestFilter,
+    ) -> Result<Listed<AirlockRequest>, StoreError> {
         list(&mut *self.connection().await?, filter).await
     }
 }

@@ -136,13 +136,18 @@ impl Listing {
         self.sql.push_str(&format!(" AND {condition}"));
     }
 
-    /// The records after the first `skip`, at most `limit` of them, in creation order.
+    /// The records after the first `skip`, at most `limit` of them, in creation order,
+    /// stopping early before the first record whose document would bring the page's
+    /// documents past `max_bytes` (the first record is always taken). Rows are
+    /// streamed, so at most one record past the page is read.
     pub(super) async fn page<'c, T: Document, E: Executor<'c, Database = Any>>(
         mut self,
         executor: E,
         skip: u64,
         limit: Option<u64>,
-    ) -> Result<Vec<T>, StoreError> {
+        max_bytes: Option<usize>,
+    ) -> Result<Listed<T>, StoreError> {
+        use futures::TryStreamExt as _;
         let n = self.binds.len();
         self.sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${} OFFSET ${}", n + 1, n + 2));
         let mut query = sqlx::query(&self.sql);
@@ -150,10 +155,32 @@ impl Listing {
             query = query.bind(bind);
         }
         let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
-        let rows =
-            query.bind(limit.map_or(i64::MAX, count)).bind(count(skip)).fetch_all(executor).await?;
-        rows.iter().map(from_row).collect()
+        // One more than the page, to tell whether there is a next one.
+        let fetch = limit.map_or(i64::MAX, |limit| count(limit).saturating_add(1));
+        let mut rows = query.bind(fetch).bind(count(skip)).fetch(executor);
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.try_next().await? {
+            let full = limit.is_some_and(|limit| items.len() as u64 >= limit);
+            let size = row.try_get::<String, _>("doc").map_or(0, |doc| doc.len());
+            let too_big = max_bytes.is_some_and(|max| !items.is_empty() && bytes + size > max);
+            if full || too_big {
+                return Ok(Listed { items, more: true });
+            }
+            bytes += size;
+            items.push(from_row(&row)?);
+        }
+        Ok(Listed { items, more: false })
     }
+}
+
+/// One page of records, and whether more follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed<T> {
+    /// The records, in creation order.
+    pub items: Vec<T>,
+    /// Whether records follow this page (it was cut by its size or byte budget).
+    pub more: bool,
 }
 
 impl Tx {

@@ -6,7 +6,7 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, Executor};
 
-use super::document::{Listing, fetch, from_row, with_new_etag};
+use super::document::{Listed, Listing, fetch, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::new_id;
@@ -68,12 +68,15 @@ pub struct ResourceFilter {
     pub skip: u64,
     /// Return at most this many; `None` for all.
     pub limit: Option<u64>,
+    /// Stop before the documents pass this many bytes (the first is always returned);
+    /// `None` for no limit.
+    pub max_bytes: Option<usize>,
 }
 
 async fn list<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     filter: &ResourceFilter,
-) -> Result<Vec<Resource>, StoreError> {
+) -> Result<Listed<Resource>, StoreError> {
     let mut listing = Listing::of::<Resource>();
     listing.equal("resource_type", filter.resource_type.map(ResourceType::as_str));
     listing.equal("deployment_status", filter.status.map(Status::as_str));
@@ -88,7 +91,7 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
         &["id", "workspace_id"],
         filter.visible_workspaces.as_deref(),
     );
-    listing.page(executor, filter.skip, filter.limit).await
+    listing.page(executor, filter.skip, filter.limit, filter.max_bytes).await
 }
 
 impl Store {
@@ -398,6 +401,23 @@ impl Reader<'_> {
     ///
     /// Cancel safe.
     pub async fn resources(self, filter: &ResourceFilter) -> Result<Vec<Resource>, StoreError> {
+        Ok(self.resources_page(filter).await?.items)
+    }
+
+    /// One page of the resources matching `filter` (its `skip`, `limit` and
+    /// `max_bytes`), in creation order, and whether more follow.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn resources_page(
+        self,
+        filter: &ResourceFilter,
+    ) -> Result<Listed<Resource>, StoreError> {
         list(&mut *self.connection().await?, filter).await
     }
 
