@@ -14,7 +14,8 @@ use steward_api::domain::{
     ResourcePatch, Status, User,
 };
 use steward_api::storage::{
-    AirlockRequestFilter, Backend, OutboxMessage, ResourceFilter, Store, StoreError, StoreOptions,
+    AirlockRequestFilter, Backend, OperationPage, OutboxMessage, ResourceFilter, Store, StoreError,
+    StoreOptions,
 };
 use support::{NOW, props, user};
 
@@ -355,6 +356,18 @@ mod cases {
             .collect();
         assert_eq!(ids, ["op1", "op2"]);
         assert!(store.read().operation("nope").await.unwrap_err().is_not_found());
+        let page = |skip, limit, max_bytes| OperationPage { skip, limit, max_bytes };
+        let listed = store.read().operations_page("w1", page(0, Some(1), None)).await.unwrap();
+        assert_eq!(listed.items.iter().map(|op| op.id.as_str()).collect::<Vec<_>>(), ["op1"]);
+        assert!(listed.more);
+        let listed = store.read().operations_page("w1", page(1, Some(1), None)).await.unwrap();
+        assert_eq!(listed.items.iter().map(|op| op.id.as_str()).collect::<Vec<_>>(), ["op2"]);
+        assert!(!listed.more, "op3 is another resource's");
+        // A budget of one byte: each page holds the one record it always takes.
+        let listed = store.read().operations_page("w1", page(0, Some(10), Some(1))).await.unwrap();
+        assert_eq!((listed.items.len(), listed.more), (1, true));
+        let listed = store.read().operations_page("w1", page(0, None, None)).await.unwrap();
+        assert_eq!((listed.items.len(), listed.more), (2, false));
     }
 
     pub(super) fn airlock_request(
@@ -464,6 +477,20 @@ mod cases {
         assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
         let filter = ResourceFilter { skip: 1, limit: Some(1), ..Default::default() };
         assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
+        let page = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(page.items), page.more), (vec!["s1".to_owned()], true));
+        let filter = ResourceFilter { skip: 1, limit: Some(2), ..Default::default() };
+        let page = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(page.items), page.more), (vec!["s1".to_owned(), "v1".to_owned()], false));
+        // The byte budget cuts the page after the record that fills it, and says so.
+        let w1_bytes =
+            serde_json::to_string(&store.read().resource("w1").await.unwrap()).unwrap().len();
+        let filter = ResourceFilter { max_bytes: Some(w1_bytes), ..Default::default() };
+        let page = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(page.items), page.more), (vec!["w1".to_owned()], true));
+        let filter = ResourceFilter { max_bytes: Some(1 << 20), ..Default::default() };
+        let page = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((page.items.len(), page.more), (3, false));
 
         let mut tx = store.begin().await.unwrap();
         let ws = tx.read().resource("w1").await.unwrap();

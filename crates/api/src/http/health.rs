@@ -1,10 +1,13 @@
 //! Probes and worker health: `/health` (TRE's shape), `/livez`, `/readyz`,
 //! `/api/workers` and `/metrics`.
 
-use axum::Json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use steward_core::{HealthSnapshot, WorkerHealth, WorkerState, error_chain};
 
@@ -135,16 +138,48 @@ pub(super) struct Probe {
     pub reason: Option<String>,
 }
 
+/// What `/livez` and `/readyz` last answered, so that each logs a change of answer once
+/// instead of every 503 it gives: an orchestrator probing every few seconds would
+/// otherwise flood the log. A 503 there is an expected answer, not a failed request:
+/// turning unready or dead is a warning (not ready before the first ready answer,
+/// while the service starts, is only information), coming back is information.
+#[derive(Clone, Debug, Default)]
+pub(super) struct ProbeLog {
+    live: Arc<AtomicU8>,
+    ready: Arc<AtomicU8>,
+}
+
+/// A probe's last answer: none yet, 200, 503.
+const NOT_YET: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+impl ProbeLog {
+    fn record(last: &AtomicU8, probe: &'static str, reasons: &[String]) {
+        let now = if reasons.is_empty() { UP } else { DOWN };
+        let before = last.swap(now, Ordering::AcqRel);
+        let reason = reasons.join("; ");
+        match (before, now) {
+            (NOT_YET, UP) | (DOWN, UP) => tracing::info!(probe, "probe answers 200"),
+            (NOT_YET, DOWN) => tracing::info!(probe, %reason, "probe answers 503 (starting)"),
+            (UP, DOWN) => tracing::warn!(probe, %reason, "probe answers 503"),
+            _ => {}
+        }
+    }
+}
+
 /// 200 while no worker has `failed`; 503 otherwise, so the orchestrator restarts the
 /// process. The reason only for `TREAdmin`.
 #[utoipa::path(get, path = "/livez", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
 pub(super) async fn livez(
     State(state): State<AppState>,
+    Extension(log): Extension<ProbeLog>,
     ShowDetails(details): ShowDetails,
 ) -> Response {
     let snapshot = state.health.snapshot();
     let failed: Vec<String> =
         snapshot.workers.iter().filter(|w| w.state == WorkerState::Failed).map(describe).collect();
+    ProbeLog::record(&log.live, "livez", &failed);
     if failed.is_empty() {
         (StatusCode::OK, Json(Probe { status: "ok".to_owned(), reason: None })).into_response()
     } else {
@@ -162,6 +197,7 @@ const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 #[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
 pub(super) async fn readyz(
     State(state): State<AppState>,
+    Extension(log): Extension<ProbeLog>,
     ShowDetails(details): ShowDetails,
 ) -> Response {
     let snapshot = state.health.snapshot();
@@ -177,6 +213,7 @@ pub(super) async fn readyz(
         },
         Err(error) => reasons.push(error.to_string()),
     }
+    ProbeLog::record(&log.ready, "readyz", &reasons);
     if reasons.is_empty() {
         (StatusCode::OK, Json(Probe { status: "ok".to_owned(), reason: None })).into_response()
     } else {

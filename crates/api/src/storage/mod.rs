@@ -122,6 +122,12 @@ impl StoreOptions {
         self
     }
 
+    /// The most connections per pool.
+    #[must_use]
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections
+    }
+
     /// How long to wait for a free connection before [`StoreError::Unavailable`]
     /// (default 10 s).
     #[must_use]
