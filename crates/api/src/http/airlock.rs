@@ -116,7 +116,7 @@ pub(super) async fn create(
 
 /// Lists airlock requests, paged.
 #[utoipa::path(get, path = "/api/airlock-requests", tag = "airlock", params(Page),
-    responses((status = 200, body = AirlockRequestList), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = AirlockRequestList), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody, description = "busy (`overloaded`) or the database is unavailable; retry after `Retry-After`")))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Caller(user): Caller,

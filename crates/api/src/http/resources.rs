@@ -154,7 +154,7 @@ pub(super) async fn create(
 
 /// Lists resources, paged.
 #[utoipa::path(get, path = "/api/resources", tag = "resources", params(ResourceQuery),
-    responses((status = 200, body = ResourceList), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = ResourceList), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody, description = "busy (`overloaded`) or the database is unavailable; retry after `Retry-After`")))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -198,7 +198,7 @@ pub(super) async fn get(
 /// A resource's operations, oldest first, paged.
 #[utoipa::path(get, path = "/api/resources/{id}/operations", tag = "resources",
     params(("id" = String, Path, description = "The resource id"), Page),
-    responses((status = 200, body = OperationList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = OperationList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody, description = "busy (`overloaded`) or the database is unavailable; retry after `Retry-After`")))]
 pub(super) async fn operations(
     State(state): State<AppState>,
     Caller(user): Caller,

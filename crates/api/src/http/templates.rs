@@ -49,7 +49,7 @@ pub(super) struct TemplateList {
 /// Lists the templates, paged: the shipped samples and those of
 /// `STEWARD_TEMPLATES_DIR`.
 #[utoipa::path(get, path = "/api/templates", tag = "templates", params(Page),
-    responses((status = 200, body = TemplateList), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = TemplateList), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody, description = "busy (`overloaded`) or the database is unavailable; retry after `Retry-After`")))]
 pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(page): ApiQuery<Page>,
