@@ -308,3 +308,63 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.as_ref().map_or_else(String::new, |render| render());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What a subscriber wrote, one line per event.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Ensures that a probe logs each change of its answer once, whatever the number of
+    /// probes between: a first 503 while starting as information, a 503 after a 200 as
+    /// a warning, a 200 as information; never an error.
+    #[test]
+    fn a_probe_logs_each_change_of_answer_once() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let down = vec!["the database does not answer".to_owned()];
+        tracing::subscriber::with_default(subscriber, || {
+            let last = AtomicU8::new(NOT_YET);
+            let answers: [&[String]; 9] = [&down, &down, &[], &[], &[], &down, &down, &down, &[]];
+            for reasons in answers {
+                ProbeLog::record(&last, "readyz", reasons);
+            }
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged: Vec<(&str, &str)> = text
+            .lines()
+            .map(|line| {
+                let level = ["ERROR", "WARN", "INFO"].into_iter().find(|l| line.contains(l));
+                let answer = if line.contains("probe answers 503") { "503" } else { "200" };
+                (level.unwrap_or("?"), answer)
+            })
+            .collect();
+        assert_eq!(
+            logged,
+            [("INFO", "503"), ("INFO", "200"), ("WARN", "503"), ("INFO", "200")],
+            "{text}"
+        );
+        assert!(text.contains("the database does not answer"), "{text}");
+    }
+}

@@ -213,12 +213,15 @@ async fn timeout_and_log(request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            format!("the request took longer than {REQUEST_TIMEOUT:?}"),
-        )
-        .into_response(),
+        Err(_) => {
+            tracing::warn!(%method, %path, timeout = ?REQUEST_TIMEOUT, "request timed out");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!("the request took longer than {REQUEST_TIMEOUT:?}"),
+            )
+            .into_response()
+        }
     };
     if let Some(LoggedCause(cause)) = response.extensions().get::<LoggedCause>() {
         tracing::error!(%method, %path, status = response.status().as_u16(), error = %cause, "request failed");
