@@ -356,7 +356,7 @@ mod cases {
             .collect();
         assert_eq!(ids, ["op1", "op2"]);
         assert!(store.read().operation("nope").await.unwrap_err().is_not_found());
-        let page = |skip, limit, max_bytes| OperationPage { skip, limit, max_bytes };
+        let page = |skip, limit, max_bytes| OperationPage { after: None, skip, limit, max_bytes };
         let listed = store.read().operations_page("w1", page(0, Some(1), None)).await.unwrap();
         assert_eq!(listed.items.iter().map(|op| op.id.as_str()).collect::<Vec<_>>(), ["op1"]);
         assert!(listed.more);
@@ -368,6 +368,12 @@ mod cases {
         assert_eq!((listed.items.len(), listed.more), (1, true));
         let listed = store.read().operations_page("w1", page(0, None, None)).await.unwrap();
         assert_eq!((listed.items.len(), listed.more), (2, false));
+        // The next page starts after the last record of the previous one.
+        let first = store.read().operations_page("w1", page(0, Some(1), None)).await.unwrap();
+        let after = OperationPage { after: first.last.as_ref(), ..page(0, Some(5), None) };
+        let next = store.read().operations_page("w1", after).await.unwrap();
+        assert_eq!(next.items.iter().map(|op| op.id.as_str()).collect::<Vec<_>>(), ["op2"]);
+        assert!(!next.more);
     }
 
     pub(super) fn airlock_request(
@@ -491,6 +497,26 @@ mod cases {
         let filter = ResourceFilter { max_bytes: Some(1 << 20), ..Default::default() };
         let page = store.read().resources_page(&filter).await.unwrap();
         assert_eq!((page.items.len(), page.more), (3, false));
+        // Paging by key: a page starts after the last record of the previous one, even
+        // when that record left the list meanwhile (offsets would skip one).
+        let filter = ResourceFilter { limit: Some(1), ..Default::default() };
+        let first = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!(ids(first.items), ["w1"]);
+        let mut tx = store.begin().await.unwrap();
+        let mut w1 = tx.read().resource("w1").await.unwrap();
+        let w1_status = w1.deployment_status;
+        w1.deployment_status = Some(Status::Deleted);
+        let w1 = tx.replace_resource(&w1).await.unwrap();
+        tx.commit().await.unwrap();
+        let filter = ResourceFilter { after: first.last, limit: Some(1), ..Default::default() };
+        let second = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(second.items), second.more), (vec!["s1".to_owned()], true));
+        let filter = ResourceFilter { after: second.last, limit: Some(5), ..Default::default() };
+        let third = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(third.items), third.more), (vec!["v1".to_owned()], false));
+        let mut tx = store.begin().await.unwrap();
+        tx.replace_resource(&Resource { deployment_status: w1_status, ..w1 }).await.unwrap();
+        tx.commit().await.unwrap();
 
         let mut tx = store.begin().await.unwrap();
         let ws = tx.read().resource("w1").await.unwrap();

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::access::Access;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
-use super::paging::{MAX_PAGE_BYTES, Page};
+use super::paging::{Bounds, MAX_PAGE_BYTES, Page};
 use crate::domain::{AirlockRequest, AirlockRequestType, AirlockReviewDecision};
 use crate::http::AppState;
 use crate::rules::airlock::{self, NewAirlockRequest};
@@ -126,14 +126,14 @@ pub(super) async fn list(
     let store = state.db.serving()?;
     let visible_workspaces = Access::new(&state, store, &user).visible_workspaces().await?;
     let filter = AirlockRequestFilter {
-        skip: bounds.offset,
+        after: bounds.after,
         limit: Some(bounds.limit),
         max_bytes: Some(MAX_PAGE_BYTES),
         visible_workspaces,
         ..Default::default()
     };
     let page = store.read().airlock_requests_page(&filter).await?;
-    let next_cursor = bounds.next_cursor(page.items.len(), page.more);
+    let next_cursor = Bounds::next_cursor(page.last.as_ref(), page.more);
     Ok(Json(AirlockRequestList { airlock_requests: page.items, next_cursor }))
 }
 

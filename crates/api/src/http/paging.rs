@@ -1,14 +1,19 @@
 //! One paging scheme for every list route: `?limit=&cursor=`, answered with the items
-//! and a `nextCursor` while more follow.
+//! and a `nextCursor` while more follow. A cursor is the key of the last record of its
+//! page (creation time and id, or a template's name), so the next page starts right
+//! after it whatever left the list meanwhile.
 //!
 //! A page holds at most [`Page::MAX_LIMIT`] items and stops early, with a `nextCursor`,
 //! once its records pass [`MAX_PAGE_BYTES`]: a record's size is bounded only by the
 //! request body limit and what the processors report back (outputs), so a count alone
 //! does not bound a page's bytes. The first record of a page is always answered.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+use crate::storage::PageKey;
 
 /// The most bytes of records one page answers (4 MiB), besides its first record.
 pub const MAX_PAGE_BYTES: usize = 4 << 20;
@@ -30,10 +35,10 @@ pub(super) struct Page {
 }
 
 /// Where a page starts and how long it may be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Bounds {
-    /// Items before this page.
-    pub offset: u64,
+    /// The page starts after this record; `None` for the first page.
+    pub after: Option<PageKey>,
     /// The most items on this page.
     pub limit: u64,
 }
@@ -54,32 +59,55 @@ impl Page {
         if limit == 0 {
             return Err(ApiError::bad_request("limit must be at least 1"));
         }
-        let offset = match &self.cursor {
-            None => 0,
-            Some(cursor) => cursor
-                .strip_prefix("o")
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| ApiError::bad_request(format!("invalid cursor {cursor:?}")))?,
+        let after = match &self.cursor {
+            None => None,
+            Some(cursor) => Some(
+                decode(cursor)
+                    .ok_or_else(|| ApiError::bad_request(format!("invalid cursor {cursor:?}")))?,
+            ),
         };
-        Ok(Bounds { offset, limit: limit.min(Self::MAX_LIMIT) })
+        Ok(Bounds { after, limit: limit.min(Self::MAX_LIMIT) })
     }
 }
 
+/// The cursor of the page after `last`: its key, `<created_at>.<id>` in URL-safe
+/// base64, so that it needs no escaping and clients take it as it is.
+fn encode(last: &PageKey) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}.{}", last.created_at, last.id))
+}
+
+/// The key a cursor of [`encode`] holds; `None` for anything else.
+fn decode(cursor: &str) -> Option<PageKey> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
+    let (created_at, id) = text.split_once('.')?;
+    let digits = created_at.strip_prefix('-').unwrap_or(created_at);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || id.is_empty() {
+        return None;
+    }
+    Some(PageKey { created_at: created_at.parse().ok()?, id: id.to_owned() })
+}
+
 impl Bounds {
-    /// The cursor of the page after one of `returned` items starting here, when `more`
+    /// The cursor of the page after this one, whose last record is `last`, when `more`
     /// follow.
-    pub(super) fn next_cursor(self, returned: usize, more: bool) -> Option<String> {
-        more.then(|| format!("o{}", self.offset.saturating_add(returned as u64)))
+    pub(super) fn next_cursor(last: Option<&PageKey>, more: bool) -> Option<String> {
+        last.filter(|_| more).map(encode)
     }
 
-    /// This page of `items` (all of them, in order, held in memory), cut like a
-    /// database page: at most `limit`, and no more than [`MAX_PAGE_BYTES`] of their
-    /// JSON after the first. Returns the page and its `nextCursor`.
-    pub(super) fn cut<T: Serialize>(self, items: Vec<T>) -> (Vec<T>, Option<String>) {
-        let skip = usize::try_from(self.offset).unwrap_or(usize::MAX);
+    /// This page of `items` (all of them, held in memory, in the order of `key`), cut
+    /// like a database page: after the cursor's record, at most `limit`, and no more
+    /// than [`MAX_PAGE_BYTES`] of their JSON after the first. Returns the page and its
+    /// `nextCursor`.
+    pub(super) fn cut<T: Serialize>(
+        &self,
+        items: Vec<T>,
+        key: impl Fn(&T) -> PageKey,
+    ) -> (Vec<T>, Option<String>) {
         let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);
-        let mut rest = items.into_iter().skip(skip).peekable();
+        let mut rest = items
+            .into_iter()
+            .filter(|item| self.after.as_ref().is_none_or(|after| key(item) > *after))
+            .peekable();
         let mut page = Vec::new();
         let mut bytes = 0usize;
         while let Some(item) = rest.peek() {
@@ -91,7 +119,7 @@ impl Bounds {
             page.extend(rest.next());
         }
         let more = rest.peek().is_some();
-        let cursor = self.next_cursor(page.len(), more);
+        let cursor = Self::next_cursor(page.last().map(&key).as_ref(), more);
         (page, cursor)
     }
 }
@@ -104,41 +132,64 @@ mod tests {
         Page { limit, cursor: cursor.map(str::to_owned) }
     }
 
+    #[allow(clippy::ptr_arg)] // `cut` hands its key function a `&T`, here `&String`.
+    fn key(name: &String) -> PageKey {
+        PageKey { created_at: 0, id: name.clone() }
+    }
+
     #[test]
     fn limits_default_and_are_capped() {
-        assert_eq!(page(None, None).bounds().unwrap(), Bounds { offset: 0, limit: 50 });
+        assert_eq!(page(None, None).bounds().unwrap(), Bounds { after: None, limit: 50 });
         assert_eq!(page(Some(10_000), None).bounds().unwrap().limit, Page::MAX_LIMIT);
         assert!(page(Some(0), None).bounds().is_err());
     }
 
     #[test]
-    fn only_cursors_this_service_hands_out_are_taken() {
-        assert_eq!(page(None, Some("o7")).bounds().unwrap().offset, 7);
-        for bad in ["7", "o", "o-1", "o+1", "x7", "o1.5"] {
-            assert!(page(None, Some(bad)).bounds().is_err(), "{bad}");
+    fn cursors_round_trip_and_only_those_this_service_hands_out_are_taken() {
+        let last = PageKey { created_at: 1_764_950_400_123, id: "a.b-c/é".to_owned() };
+        let cursor = Bounds::next_cursor(Some(&last), true).unwrap();
+        assert!(cursor.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert_eq!(page(None, Some(&cursor)).bounds().unwrap().after, Some(last.clone()));
+        assert_eq!(Bounds::next_cursor(Some(&last), false), None);
+        let forged = |text: &str| URL_SAFE_NO_PAD.encode(text);
+        for bad in [
+            "o7".to_owned(),
+            "!!".to_owned(),
+            forged("17"),
+            forged(".id"),
+            forged("1x.id"),
+            forged("+1.id"),
+            forged("1."),
+            forged("99999999999999999999.id"),
+        ] {
+            assert!(page(None, Some(&bad)).bounds().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn in_memory_pages_follow_one_another_to_the_end() {
-        let items: Vec<u32> = (0..5).collect();
-        let first = page(Some(2), None).bounds().unwrap().cut(items.clone());
-        assert_eq!(first, (vec![0, 1], Some("o2".to_owned())));
-        let last = page(Some(3), Some("o2")).bounds().unwrap().cut(items.clone());
-        assert_eq!(last, (vec![2, 3, 4], None));
-        let past = page(Some(3), Some("o9")).bounds().unwrap().cut(items);
-        assert_eq!(past, (vec![], None));
+        let items: Vec<String> = ["a", "b", "c", "d", "e"].map(str::to_owned).to_vec();
+        let (first, cursor) = page(Some(2), None).bounds().unwrap().cut(items.clone(), key);
+        assert_eq!(first, ["a", "b"]);
+        let (last, cursor) =
+            page(Some(3), cursor.as_deref()).bounds().unwrap().cut(items.clone(), key);
+        assert_eq!((last, cursor), (vec!["c".to_owned(), "d".to_owned(), "e".to_owned()], None));
+        // A page after a record that is gone starts at the next one.
+        let without_b: Vec<String> = ["a", "c"].map(str::to_owned).to_vec();
+        let after_b = Bounds { after: Some(key(&"b".to_owned())), limit: 5 };
+        assert_eq!(after_b.cut(without_b, key), (vec!["c".to_owned()], None));
     }
 
     #[test]
     fn in_memory_pages_stop_at_the_byte_budget_but_always_take_one_item() {
-        let big = "x".repeat(MAX_PAGE_BYTES / 2);
-        let items = vec![big.clone(), big.clone(), big.clone()];
-        let (first, cursor) = page(Some(10), None).bounds().unwrap().cut(items.clone());
+        let half = |c: &str| c.repeat(MAX_PAGE_BYTES / 2);
+        let items = vec![half("a"), half("b"), half("c")];
+        let (first, cursor) = page(Some(10), None).bounds().unwrap().cut(items.clone(), key);
         assert_eq!(first.len(), 1, "two halves and their quotes are past the budget");
-        assert_eq!(cursor.as_deref(), Some("o1"));
+        let (second, _) = page(Some(10), cursor.as_deref()).bounds().unwrap().cut(items, key);
+        assert_eq!(second, [half("b")]);
         let huge = vec!["y".repeat(MAX_PAGE_BYTES + 1)];
-        let (only, cursor) = page(None, None).bounds().unwrap().cut(huge);
+        let (only, cursor) = page(None, None).bounds().unwrap().cut(huge, key);
         assert_eq!((only.len(), cursor), (1, None));
     }
 }

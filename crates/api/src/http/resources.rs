@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::access::Access;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
-use super::paging::{MAX_PAGE_BYTES, Page};
+use super::paging::{Bounds, MAX_PAGE_BYTES, Page};
 use crate::domain::{Operation, Properties, Resource, ResourceType, Status};
 use crate::http::AppState;
 use crate::rules::operations::{self, NewResource, OperationContext};
@@ -167,13 +167,13 @@ pub(super) async fn list(
         visible_workspaces,
         resource_type: query.resource_type,
         status: query.status,
-        skip: bounds.offset,
+        after: bounds.after,
         limit: Some(bounds.limit),
         max_bytes: Some(MAX_PAGE_BYTES),
         ..ResourceFilter::default()
     };
     let page = store.read().resources_page(&filter).await?;
-    let next_cursor = bounds.next_cursor(page.items.len(), page.more);
+    let next_cursor = Bounds::next_cursor(page.last.as_ref(), page.more);
     let access = Access::new(&state, store, &user);
     let resources = page.items.into_iter().map(|resource| access.shown(resource)).collect();
     Ok(Json(ResourceList { resources, next_cursor }))
@@ -210,12 +210,13 @@ pub(super) async fn operations(
     let resource = store.read().resource(&id).await?;
     Access::new(&state, store, &user).read_operations(&resource).await?;
     let page = OperationPage {
-        skip: bounds.offset,
+        after: bounds.after.as_ref(),
+        skip: 0,
         limit: Some(bounds.limit),
         max_bytes: Some(MAX_PAGE_BYTES),
     };
     let page = store.read().operations_page(&id, page).await?;
-    let next_cursor = bounds.next_cursor(page.items.len(), page.more);
+    let next_cursor = Bounds::next_cursor(page.last.as_ref(), page.more);
     Ok(Json(OperationList { operations: page.items, next_cursor }))
 }
 

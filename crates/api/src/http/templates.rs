@@ -8,6 +8,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::ApiQuery;
 use super::paging::Page;
 use crate::http::AppState;
+use crate::storage::PageKey;
 
 /// One template, summarised.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -84,6 +85,8 @@ pub(super) async fn list(
         })
         .collect();
     templates.sort_by(|a, b| a.name.cmp(&b.name));
-    let (templates, next_cursor) = bounds.cut(templates);
+    // Ordered by name: a template's key is its name.
+    let key = |t: &TemplateSummary| PageKey { created_at: 0, id: t.name.clone() };
+    let (templates, next_cursor) = bounds.cut(templates, key);
     Ok(Json(TemplateList { templates, next_cursor }))
 }

@@ -3,7 +3,7 @@
 
 use sqlx::{Any, Executor};
 
-use super::document::{Listed, Listing, fetch, with_new_etag};
+use super::document::{Listed, Listing, PageKey, Window, fetch, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::{AirlockRequest, AirlockRequestStatus};
@@ -18,7 +18,9 @@ pub struct AirlockRequestFilter {
     pub status: Option<AirlockRequestStatus>,
     /// Only requests of these workspaces; `None` for all.
     pub visible_workspaces: Option<Vec<String>>,
-    /// Skip this many (in creation order).
+    /// Only records after this one (in creation order).
+    pub after: Option<PageKey>,
+    /// Skip this many (in creation order, after `after`).
     pub skip: u64,
     /// Return at most this many; `None` for all.
     pub limit: Option<u64>,
@@ -35,7 +37,13 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
     listing.equal("workspace_id", filter.workspace_id.as_deref());
     listing.equal("status", filter.status.map(AirlockRequestStatus::as_str));
     listing.any_of("1 = 0", &["workspace_id"], filter.visible_workspaces.as_deref());
-    listing.page(executor, filter.skip, filter.limit, filter.max_bytes).await
+    let window = Window {
+        after: filter.after.as_ref(),
+        skip: filter.skip,
+        limit: filter.limit,
+        max_bytes: filter.max_bytes,
+    };
+    listing.page(executor, window).await
 }
 
 impl Store {}

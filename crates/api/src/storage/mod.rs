@@ -45,7 +45,7 @@ use crate::domain::Clock;
 
 pub use airlock::AirlockRequestFilter;
 pub use database::{Database, NotReady};
-pub use document::Listed;
+pub use document::{Listed, PageKey};
 pub use error::{Entity, StoreError};
 pub use operations::OperationPage;
 pub use outbox::{OutboxMessage, OutboxRecord, ParkedOutbox, ParkedRecord};

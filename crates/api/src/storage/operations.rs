@@ -2,7 +2,7 @@
 
 use sqlx::{Any, Executor};
 
-use super::document::{Listed, Listing, fetch, from_row, with_new_etag};
+use super::document::{Listed, Listing, PageKey, Window, fetch, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::{Operation, Status};
@@ -10,8 +10,10 @@ use crate::storage::millis;
 
 /// Which page of a resource's operations to list.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OperationPage {
-    /// Skip this many (in creation order).
+pub struct OperationPage<'a> {
+    /// Only operations after this one (in creation order).
+    pub after: Option<&'a PageKey>,
+    /// Skip this many (in creation order, after `after`).
     pub skip: u64,
     /// Return at most this many; `None` for all.
     pub limit: Option<u64>,
@@ -23,11 +25,13 @@ pub struct OperationPage {
 async fn for_resource<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     resource_id: &str,
-    page: OperationPage,
+    page: OperationPage<'_>,
 ) -> Result<Listed<Operation>, StoreError> {
     let mut listing = Listing::of::<Operation>();
     listing.equal("resource_id", Some(resource_id));
-    listing.page(executor, page.skip, page.limit, page.max_bytes).await
+    let window =
+        Window { after: page.after, skip: page.skip, limit: page.limit, max_bytes: page.max_bytes };
+    listing.page(executor, window).await
 }
 
 impl Store {}
@@ -169,7 +173,7 @@ impl Reader<'_> {
     pub async fn operations_page(
         self,
         resource_id: &str,
-        page: OperationPage,
+        page: OperationPage<'_>,
     ) -> Result<Listed<Operation>, StoreError> {
         for_resource(&mut *self.connection().await?, resource_id, page).await
     }

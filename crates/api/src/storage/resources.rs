@@ -6,7 +6,7 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, Executor};
 
-use super::document::{Listed, Listing, fetch, from_row, with_new_etag};
+use super::document::{Listed, Listing, PageKey, Window, fetch, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::new_id;
@@ -64,7 +64,9 @@ pub struct ResourceFilter {
     /// Only shared services, and resources of these workspaces (the workspaces
     /// themselves included); `None` for all.
     pub visible_workspaces: Option<Vec<String>>,
-    /// Skip this many (in creation order).
+    /// Only records after this one (in creation order).
+    pub after: Option<PageKey>,
+    /// Skip this many (in creation order, after `after`).
     pub skip: u64,
     /// Return at most this many; `None` for all.
     pub limit: Option<u64>,
@@ -91,7 +93,13 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
         &["id", "workspace_id"],
         filter.visible_workspaces.as_deref(),
     );
-    listing.page(executor, filter.skip, filter.limit, filter.max_bytes).await
+    let window = Window {
+        after: filter.after.as_ref(),
+        skip: filter.skip,
+        limit: filter.limit,
+        max_bytes: filter.max_bytes,
+    };
+    listing.page(executor, window).await
 }
 
 impl Store {
