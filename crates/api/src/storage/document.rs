@@ -175,7 +175,7 @@ impl Listing {
         let mut bytes = 0usize;
         while let Some(row) = rows.try_next().await? {
             let full = window.limit.is_some_and(|limit| listed.items.len() as u64 >= limit);
-            let size = row.try_get::<String, _>("doc").map_or(0, |doc| doc.len());
+            let size = row.try_get::<&str, _>("doc").map_or(0, str::len);
             let too_big =
                 window.max_bytes.is_some_and(|max| !listed.items.is_empty() && bytes + size > max);
             if full || too_big {
