@@ -16,7 +16,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use steward_api::http::auth::Authentication;
-use steward_api::http::{ApiSettings, AppState};
+use steward_api::http::{ApiSettings, AppState, LoadLimit};
 use steward_api::http::{openapi, router};
 use steward_api::storage::Database;
 use steward_api::templates::TemplateRegistry;
@@ -68,6 +68,17 @@ async fn build(
     failing: Option<&'static str>,
     migrated: bool,
 ) -> App {
+    build_with_load(auth, metrics_open, failing, migrated, LoadLimit::default()).await
+}
+
+/// [`build`] with this load limit.
+async fn build_with_load(
+    auth: Authentication,
+    metrics_open: bool,
+    failing: Option<&'static str>,
+    migrated: bool,
+    load: LoadLimit,
+) -> App {
     let db = support::TestDb::sqlite().await;
     let supervisor = Supervisor::new(SupervisorConfig::default().with_intensity(
         steward_core::RestartIntensity { max_restarts: 0, within: Duration::from_secs(600) },
@@ -88,6 +99,7 @@ async fn build(
             auth,
             metrics_open,
             transport: "inmem".to_owned(),
+            load,
             ..ApiSettings::default()
         }),
         metrics: None,
@@ -1417,4 +1429,231 @@ async fn a_parent_in_an_unseen_workspace_looks_missing() {
         absent.to_string(),
         "a service of another workspace is told apart from a missing one"
     );
+}
+
+/// A request to create a workspace whose body holds it in the handler until `release`
+/// is sent: the handler waits for the body, holding its turn of the load limit
+/// meanwhile. The receiver hears when the handler started reading the body, that is,
+/// when the request holds its turn.
+fn held_create(
+    release: tokio::sync::oneshot::Receiver<()>,
+) -> (Request<Body>, tokio::sync::oneshot::Receiver<()>) {
+    let body = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "Held", "description": "D"}})
+    .to_string();
+    let (started, started_rx) = tokio::sync::oneshot::channel();
+    let chunks = futures::stream::once(async move {
+        let _ = started.send(());
+        let _ = release.await;
+        Ok::<_, std::convert::Infallible>(body)
+    });
+    let request = Request::builder()
+        .method("POST")
+        .uri("/api/resources")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    (request, started_rx)
+}
+
+/// Ensures that a request that finds every turn taken, and no turn free within the queue
+/// timeout, is shed with 503 `overloaded`, `Retry-After` and the error shape, while the
+/// probes and `/metrics` answer at once; and that the API serves again once the turn
+/// is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_api_sheds_requests_but_never_the_probes() {
+    let load = LoadLimit { max_concurrency: 1, queue_timeout: Duration::ZERO };
+    let app = build_with_load(Authentication::none(), false, None, true, load).await;
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (held, holds_its_turn) = held_create(released);
+    let held = tokio::spawn(app.router.clone().oneshot(held));
+    holds_its_turn.await.unwrap();
+    let shed = app.router.clone().oneshot(request("GET", "/api/templates", None)).await.unwrap();
+    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.headers()[header::RETRY_AFTER], "1");
+    let bytes = shed.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_error_shape(&body);
+    assert_eq!(body["error"], "overloaded");
+    for (method, path) in [("GET", "/api/resources"), ("POST", "/api/airlock-requests")] {
+        let (status, body) = call(&app.router, request(method, path, None)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{method} {path}: {body}");
+    }
+    for path in ["/livez", "/readyz", "/health", "/api/health", "/metrics"] {
+        let (status, body) = call(&app.router, request("GET", path, None)).await;
+        assert_eq!(status, StatusCode::OK, "{path} while the API is busy: {body}");
+    }
+    release.send(()).unwrap();
+    let created = held.await.unwrap().unwrap();
+    assert_eq!(created.status(), StatusCode::ACCEPTED);
+    let (status, body) = call(&app.router, request("GET", "/api/resources", None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["resources"].as_array().unwrap().len(), 1);
+}
+
+/// A request whose body holds it in the handler until `release` is sent, and is then
+/// not JSON: it holds its turn of the load limit meanwhile and touches no database.
+/// The receiver hears when it holds its turn.
+fn held_garbage(
+    release: tokio::sync::oneshot::Receiver<()>,
+) -> (Request<Body>, tokio::sync::oneshot::Receiver<()>) {
+    let (started, started_rx) = tokio::sync::oneshot::channel();
+    let chunks = futures::stream::once(async move {
+        let _ = started.send(());
+        let _ = release.await;
+        Ok::<_, std::convert::Infallible>("not json")
+    });
+    let request = Request::builder()
+        .method("POST")
+        .uri("/api/resources")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    (request, started_rx)
+}
+
+/// Ensures that a request that finds every turn taken waits for one up to the queue
+/// timeout: served when the turn comes free in time, shed with 503 and `Retry-After`
+/// when it does not. Paused time; the routes involved touch no database.
+#[tokio::test]
+async fn a_request_waits_for_a_turn_up_to_the_queue_timeout() {
+    let load = LoadLimit { max_concurrency: 1, queue_timeout: Duration::from_secs(1) };
+    let app = build_with_load(Authentication::none(), false, None, true, load).await;
+    tokio::time::pause();
+    let templates = || {
+        let router = app.router.clone();
+        tokio::spawn(async move { call(&router, request("GET", "/api/templates", None)).await })
+    };
+
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (held, holds_its_turn) = held_garbage(released);
+    let held = tokio::spawn(app.router.clone().oneshot(held));
+    holds_its_turn.await.unwrap();
+    let waiting = templates();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "answered while the only turn was taken");
+    release.send(()).unwrap();
+    assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::BAD_REQUEST);
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "served once the turn came free: {body}");
+
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (held, holds_its_turn) = held_garbage(released);
+    let held = tokio::spawn(app.router.clone().oneshot(held));
+    holds_its_turn.await.unwrap();
+    let (status, body) = templates().await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "overloaded");
+    release.send(()).unwrap();
+    assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::BAD_REQUEST);
+}
+
+/// Ensures that a resource's operations and the templates are paged like the other
+/// lists: `limit`, `nextCursor`, the same cursor errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_and_templates_are_paged() {
+    let app = app(None, None).await;
+    let workspace = json!({"templateName": "tre-workspace-base", "resourceType": "workspace",
+        "properties": {"display_name": "W", "description": "D"}});
+    let (_, body) = call(&app.router, request("POST", "/api/resources", Some(workspace))).await;
+    let id = body["operation"]["resourceId"].as_str().unwrap().to_owned();
+    let mut operation_ids = vec![body["operation"]["id"].as_str().unwrap().to_owned()];
+    for name in ["W2", "W3"] {
+        support::set_status(&app._db.store, &id, steward_api::domain::Status::Deployed).await;
+        let patch = json!({"properties": {"display_name": name}});
+        let (status, body) =
+            call(&app.router, request("PATCH", &format!("/api/resources/{id}"), Some(patch))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        operation_ids.push(body["operation"]["id"].as_str().unwrap().to_owned());
+    }
+    let mut listed = Vec::new();
+    let mut uri = format!("/api/resources/{id}/operations?limit=2");
+    loop {
+        let (status, page) = call(&app.router, request("GET", &uri, None)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let operations = page["operations"].as_array().unwrap();
+        assert!(operations.len() <= 2, "{page}");
+        listed.extend(operations.iter().map(|op| op["id"].as_str().unwrap().to_owned()));
+        match page["nextCursor"].as_str() {
+            Some(cursor) => uri = format!("/api/resources/{id}/operations?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(listed, operation_ids, "every operation once, oldest first");
+    let (status, body) = call(
+        &app.router,
+        request("GET", &format!("/api/resources/{id}/operations?cursor=x"), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&body);
+
+    let (_, all) = call(&app.router, request("GET", "/api/templates", None)).await;
+    let all: Vec<_> =
+        all["templates"].as_array().unwrap().iter().map(|t| t["name"].clone()).collect();
+    assert!(all.len() > 2, "{all:?}");
+    let (_, first) = call(&app.router, request("GET", "/api/templates?limit=2", None)).await;
+    let cursor = first["nextCursor"].as_str().unwrap();
+    let (_, rest) = call(
+        &app.router,
+        request("GET", &format!("/api/templates?limit=500&cursor={cursor}"), None),
+    )
+    .await;
+    assert!(rest.get("nextCursor").is_none(), "{rest}");
+    let paged: Vec<_> = first["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["templates"].as_array().unwrap())
+        .map(|t| t["name"].clone())
+        .collect();
+    assert_eq!(paged, all);
+    let (status, body) = call(&app.router, request("GET", "/api/templates?limit=0", None)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&body);
+}
+
+/// Ensures that every list route documents the paging parameters in the OpenAPI
+/// document.
+#[test]
+fn every_list_route_documents_its_paging() {
+    let document = serde_json::to_value(openapi()).unwrap();
+    for path in [
+        "/api/resources",
+        "/api/resources/{id}/operations",
+        "/api/airlock-requests",
+        "/api/templates",
+    ] {
+        let parameters = document["paths"][path]["get"]["parameters"].as_array().unwrap();
+        let names: Vec<_> = parameters.iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert!(names.contains(&"limit") && names.contains(&"cursor"), "{path}: {names:?}");
+    }
+}
+
+/// Ensures that a probe's 503 is not logged as an error, and that repeated 503s of one
+/// probe are logged once, not once per call: an orchestrator probes every few seconds.
+#[tokio::test]
+async fn probe_503s_are_logged_once_per_change_and_not_as_errors() {
+    let logs = support::Logs::default();
+    let _guard = logs.install();
+    let app = app(None, Some("deployment-status")).await;
+    for _ in 0..3 {
+        for path in ["/livez", "/readyz"] {
+            let (status, body) = call(&app.router, request("GET", path, None)).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
+        }
+    }
+    let events = logs.all_events();
+    let errors: Vec<_> = events
+        .iter()
+        .filter(|e| e.level == tracing::Level::ERROR && e.target != "steward_core::supervisor")
+        .collect();
+    assert!(errors.is_empty(), "a probe's 503 logged as an error: {errors:#?}");
+    for probe in ["livez", "readyz"] {
+        let logged: Vec<_> =
+            events.iter().filter(|e| e.fields.get("probe").is_some_and(|p| p == probe)).collect();
+        assert_eq!(logged.len(), 1, "{probe}: {logged:#?}");
+        assert!(logged[0].message.contains("503"), "{logged:#?}");
+        assert_ne!(logged[0].level, tracing::Level::ERROR, "{logged:#?}");
+    }
 }

@@ -14,7 +14,8 @@ use steward_api::domain::{
     ResourcePatch, Status, User,
 };
 use steward_api::storage::{
-    AirlockRequestFilter, Backend, OutboxMessage, ResourceFilter, Store, StoreError, StoreOptions,
+    AirlockRequestFilter, Backend, OperationPage, OutboxMessage, ResourceFilter, Store, StoreError,
+    StoreOptions,
 };
 use support::{NOW, props, user};
 
@@ -355,6 +356,24 @@ mod cases {
             .collect();
         assert_eq!(ids, ["op1", "op2"]);
         assert!(store.read().operation("nope").await.unwrap_err().is_not_found());
+        let page = |skip, limit, max_bytes| OperationPage { after: None, skip, limit, max_bytes };
+        let listed = store.read().operations_page("w1", page(0, Some(1), None)).await.unwrap();
+        assert_eq!(listed.items.iter().map(|op| op.id.as_str()).collect::<Vec<_>>(), ["op1"]);
+        assert!(listed.more);
+        let listed = store.read().operations_page("w1", page(1, Some(1), None)).await.unwrap();
+        assert_eq!(listed.items.iter().map(|op| op.id.as_str()).collect::<Vec<_>>(), ["op2"]);
+        assert!(!listed.more, "op3 is another resource's");
+        // A budget of one byte: each page holds the one record it always takes.
+        let listed = store.read().operations_page("w1", page(0, Some(10), Some(1))).await.unwrap();
+        assert_eq!((listed.items.len(), listed.more), (1, true));
+        let listed = store.read().operations_page("w1", page(0, None, None)).await.unwrap();
+        assert_eq!((listed.items.len(), listed.more), (2, false));
+        // The next page starts after the last record of the previous one.
+        let first = store.read().operations_page("w1", page(0, Some(1), None)).await.unwrap();
+        let after = OperationPage { after: first.last.as_ref(), ..page(0, Some(5), None) };
+        let next = store.read().operations_page("w1", after).await.unwrap();
+        assert_eq!(next.items.iter().map(|op| op.id.as_str()).collect::<Vec<_>>(), ["op2"]);
+        assert!(!next.more);
     }
 
     pub(super) fn airlock_request(
@@ -464,6 +483,40 @@ mod cases {
         assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
         let filter = ResourceFilter { skip: 1, limit: Some(1), ..Default::default() };
         assert_eq!(ids(store.read().resources(&filter).await.unwrap()), ["s1"]);
+        let page = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(page.items), page.more), (vec!["s1".to_owned()], true));
+        let filter = ResourceFilter { skip: 1, limit: Some(2), ..Default::default() };
+        let page = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(page.items), page.more), (vec!["s1".to_owned(), "v1".to_owned()], false));
+        // The byte budget cuts the page after the record that fills it, and says so.
+        let w1_bytes =
+            serde_json::to_string(&store.read().resource("w1").await.unwrap()).unwrap().len();
+        let filter = ResourceFilter { max_bytes: Some(w1_bytes), ..Default::default() };
+        let page = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(page.items), page.more), (vec!["w1".to_owned()], true));
+        let filter = ResourceFilter { max_bytes: Some(1 << 20), ..Default::default() };
+        let page = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((page.items.len(), page.more), (3, false));
+        // Paging by key: a page starts after the last record of the previous one, even
+        // when that record left the list meanwhile (offsets would skip one).
+        let filter = ResourceFilter { limit: Some(1), ..Default::default() };
+        let first = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!(ids(first.items), ["w1"]);
+        let mut tx = store.begin().await.unwrap();
+        let mut w1 = tx.read().resource("w1").await.unwrap();
+        let w1_status = w1.deployment_status;
+        w1.deployment_status = Some(Status::Deleted);
+        let w1 = tx.replace_resource(&w1).await.unwrap();
+        tx.commit().await.unwrap();
+        let filter = ResourceFilter { after: first.last, limit: Some(1), ..Default::default() };
+        let second = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(second.items), second.more), (vec!["s1".to_owned()], true));
+        let filter = ResourceFilter { after: second.last, limit: Some(5), ..Default::default() };
+        let third = store.read().resources_page(&filter).await.unwrap();
+        assert_eq!((ids(third.items), third.more), (vec!["v1".to_owned()], false));
+        let mut tx = store.begin().await.unwrap();
+        tx.replace_resource(&Resource { deployment_status: w1_status, ..w1 }).await.unwrap();
+        tx.commit().await.unwrap();
 
         let mut tx = store.begin().await.unwrap();
         let ws = tx.read().resource("w1").await.unwrap();

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::access::Access;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Page};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::paging::{Bounds, MAX_PAGE_BYTES, Page};
 use crate::domain::{AirlockRequest, AirlockRequestType, AirlockReviewDecision};
 use crate::http::AppState;
 use crate::rules::airlock::{self, NewAirlockRequest};
@@ -72,7 +73,7 @@ pub(super) struct AirlockRequestResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct AirlockRequestList {
-    /// The requests, oldest first.
+    /// The requests, oldest first: at most `limit`, and fewer when they are large.
     #[schema(value_type = Vec<Object>)]
     pub airlock_requests: Vec<AirlockRequest>,
     /// Pass as `cursor` for the next page; absent on the last page.
@@ -115,24 +116,25 @@ pub(super) async fn create(
 
 /// Lists airlock requests, paged.
 #[utoipa::path(get, path = "/api/airlock-requests", tag = "airlock", params(Page),
-    responses((status = 200, body = AirlockRequestList), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = AirlockRequestList), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody, description = "busy (`overloaded`) or the database is unavailable; retry after `Retry-After`")))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<AirlockRequestList>, ApiError> {
-    let (offset, limit) = page.bounds()?;
+    let bounds = page.bounds()?;
     let store = state.db.serving()?;
     let visible_workspaces = Access::new(&state, store, &user).visible_workspaces().await?;
     let filter = AirlockRequestFilter {
-        skip: offset,
-        limit: Some(limit + 1),
+        after: bounds.after,
+        limit: Some(bounds.limit),
+        max_bytes: Some(MAX_PAGE_BYTES),
         visible_workspaces,
         ..Default::default()
     };
-    let mut requests = store.read().airlock_requests(&filter).await?;
-    let next_cursor = Page::truncate(&mut requests, offset, limit);
-    Ok(Json(AirlockRequestList { airlock_requests: requests, next_cursor }))
+    let page = store.read().airlock_requests_page(&filter).await?;
+    let next_cursor = Bounds::next_cursor(page.last.as_ref(), page.more);
+    Ok(Json(AirlockRequestList { airlock_requests: page.items, next_cursor }))
 }
 
 /// One airlock request.

@@ -81,6 +81,18 @@ impl ApiError {
         }
     }
 
+    /// 503 with code `overloaded`: the service serves as many requests as it can and
+    /// this one found no turn in time. Nothing is logged per request (a flood would
+    /// flood the log); the load shedder counts them.
+    #[must_use]
+    pub(super) fn overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the service is busy; try again after the Retry-After delay",
+        )
+    }
+
     /// 500 with code `internal`, the cause logged and not shown.
     #[must_use]
     pub(super) fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {

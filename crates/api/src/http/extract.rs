@@ -2,7 +2,6 @@
 
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::request::Parts;
-use serde::Deserialize;
 
 use super::auth::AuthError;
 use super::error::ApiError;
@@ -50,52 +49,5 @@ impl<S: Send + Sync> FromRequestParts<S> for ShowDetails {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let caller = parts.extensions.get::<Caller>();
         Ok(ShowDetails(caller.is_some_and(|Caller(user)| super::auth::is_admin(user))))
-    }
-}
-
-/// `?limit=&cursor=` on list routes.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub(super) struct Page {
-    /// At most this many items (default 50, at most 500).
-    pub limit: Option<u64>,
-    /// Where to continue: the `nextCursor` of the previous page.
-    pub cursor: Option<String>,
-}
-
-impl Page {
-    /// The default page size.
-    pub(super) const DEFAULT_LIMIT: u64 = 50;
-    /// The largest page size.
-    pub(super) const MAX_LIMIT: u64 = 500;
-
-    /// (offset, limit) of this page.
-    ///
-    /// # Errors
-    ///
-    /// A cursor this service did not hand out, or a zero limit.
-    pub(super) fn bounds(&self) -> Result<(u64, u64), ApiError> {
-        let limit = self.limit.unwrap_or(Self::DEFAULT_LIMIT);
-        if limit == 0 {
-            return Err(ApiError::bad_request("limit must be at least 1"));
-        }
-        let offset = match &self.cursor {
-            None => 0,
-            Some(cursor) => cursor
-                .strip_prefix("o")
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| ApiError::bad_request(format!("invalid cursor {cursor:?}")))?,
-        };
-        Ok((offset, limit.min(Self::MAX_LIMIT)))
-    }
-
-    /// Cuts `items` (fetched with `limit + 1`) down to the page, and returns the cursor
-    /// of the next page when there is one.
-    pub(super) fn truncate<T>(items: &mut Vec<T>, offset: u64, limit: u64) -> Option<String> {
-        let page = usize::try_from(limit).unwrap_or(usize::MAX);
-        let more = items.len() > page;
-        items.truncate(page);
-        more.then(|| format!("o{}", offset + limit))
     }
 }

@@ -1,10 +1,13 @@
 //! Probes and worker health: `/health` (TRE's shape), `/livez`, `/readyz`,
 //! `/api/workers` and `/metrics`.
 
-use axum::Json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use steward_core::{HealthSnapshot, WorkerHealth, WorkerState, error_chain};
 
@@ -135,16 +138,48 @@ pub(super) struct Probe {
     pub reason: Option<String>,
 }
 
+/// What `/livez` and `/readyz` last answered, so that each logs a change of answer once
+/// instead of every 503 it gives: an orchestrator probing every few seconds would
+/// otherwise flood the log. A 503 there is an expected answer, not a failed request:
+/// turning unready or dead is a warning (not ready before the first ready answer,
+/// while the service starts, is only information), coming back is information.
+#[derive(Clone, Debug, Default)]
+pub(super) struct ProbeLog {
+    live: Arc<AtomicU8>,
+    ready: Arc<AtomicU8>,
+}
+
+/// A probe's last answer: none yet, 200, 503.
+const NOT_YET: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+impl ProbeLog {
+    fn record(last: &AtomicU8, probe: &'static str, reasons: &[String]) {
+        let now = if reasons.is_empty() { UP } else { DOWN };
+        let before = last.swap(now, Ordering::AcqRel);
+        let reason = reasons.join("; ");
+        match (before, now) {
+            (NOT_YET, UP) | (DOWN, UP) => tracing::info!(probe, "probe answers 200"),
+            (NOT_YET, DOWN) => tracing::info!(probe, %reason, "probe answers 503 (starting)"),
+            (UP, DOWN) => tracing::warn!(probe, %reason, "probe answers 503"),
+            _ => {}
+        }
+    }
+}
+
 /// 200 while no worker has `failed`; 503 otherwise, so the orchestrator restarts the
 /// process. The reason only for `TREAdmin`.
 #[utoipa::path(get, path = "/livez", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
 pub(super) async fn livez(
     State(state): State<AppState>,
+    Extension(log): Extension<ProbeLog>,
     ShowDetails(details): ShowDetails,
 ) -> Response {
     let snapshot = state.health.snapshot();
     let failed: Vec<String> =
         snapshot.workers.iter().filter(|w| w.state == WorkerState::Failed).map(describe).collect();
+    ProbeLog::record(&log.live, "livez", &failed);
     if failed.is_empty() {
         (StatusCode::OK, Json(Probe { status: "ok".to_owned(), reason: None })).into_response()
     } else {
@@ -164,6 +199,7 @@ const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 #[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, body = Probe), (status = 503, body = Probe)))]
 pub(super) async fn readyz(
     State(state): State<AppState>,
+    Extension(log): Extension<ProbeLog>,
     ShowDetails(details): ShowDetails,
 ) -> Response {
     let snapshot = state.health.snapshot();
@@ -179,6 +215,7 @@ pub(super) async fn readyz(
         },
         Err(error) => reasons.push(error.to_string()),
     }
+    ProbeLog::record(&log.ready, "readyz", &reasons);
     if reasons.is_empty() {
         (StatusCode::OK, Json(Probe { status: "ok".to_owned(), reason: None })).into_response()
     } else {
@@ -272,4 +309,64 @@ pub(super) async fn workers(State(state): State<AppState>) -> Json<Workers> {
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.as_ref().map_or_else(String::new, |render| render());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What a subscriber wrote, one line per event.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Ensures that a probe logs each change of its answer once, whatever the number of
+    /// probes between: a first 503 while starting as information, a 503 after a 200 as
+    /// a warning, a 200 as information; never an error.
+    #[test]
+    fn a_probe_logs_each_change_of_answer_once() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let down = vec!["the database does not answer".to_owned()];
+        tracing::subscriber::with_default(subscriber, || {
+            let last = AtomicU8::new(NOT_YET);
+            let answers: [&[String]; 9] = [&down, &down, &[], &[], &[], &down, &down, &down, &[]];
+            for reasons in answers {
+                ProbeLog::record(&last, "readyz", reasons);
+            }
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged: Vec<(&str, &str)> = text
+            .lines()
+            .map(|line| {
+                let level = ["ERROR", "WARN", "INFO"].into_iter().find(|l| line.contains(l));
+                let answer = if line.contains("probe answers 503") { "503" } else { "200" };
+                (level.unwrap_or("?"), answer)
+            })
+            .collect();
+        assert_eq!(
+            logged,
+            [("INFO", "503"), ("INFO", "200"), ("WARN", "503"), ("INFO", "200")],
+            "{text}"
+        );
+        assert!(text.contains("the database does not answer"), "{text}");
+    }
 }

@@ -4,6 +4,12 @@
 //! `ErrorBody` schema of [`openapi`]). Requests are traced and bounded by a 30 s timeout
 //! and a 1 MiB body. Every route but the probes ([`OPEN_ROUTES`]) needs an identified
 //! caller ([`auth`]): 401 with `WWW-Authenticate: Bearer` otherwise.
+//!
+//! Load is bounded ([`LoadLimit`]): at most `max_concurrency` API requests run at once;
+//! one that finds no turn within `queue_timeout` answers 503 with `Retry-After`, so the
+//! database pool is never what requests queue for. The probes and `/metrics`
+//! ([`UNLIMITED_ROUTES`]) are never limited nor queued behind API requests. Lists are
+//! paged ([`MAX_PAGE_SIZE`] items and [`MAX_PAGE_BYTES`] at most).
 
 mod access;
 mod airlock;
@@ -12,12 +18,13 @@ mod error;
 mod extract;
 mod health;
 mod openapi;
+mod paging;
 mod resources;
 mod roles;
 mod state;
 mod templates;
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -30,7 +37,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use error::ApiError;
-pub use state::{ApiSettings, AppState};
+pub use paging::{MAX_PAGE_BYTES, MAX_PAGE_SIZE};
+pub use state::{ApiSettings, AppState, LoadLimit};
 
 use error::LoggedCause;
 use extract::Caller;
@@ -44,6 +52,14 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The routes that answer without authentication: the probes, for orchestrators and
 /// load balancers. `/metrics` joins them with `STEWARD_METRICS_OPEN`.
 pub const OPEN_ROUTES: [&str; 4] = ["/livez", "/readyz", "/health", "/api/health"];
+
+/// The routes the load limit leaves alone: the probes, which an orchestrator must get
+/// an answer from however busy the API is, and `/metrics`, which shows how busy.
+pub const UNLIMITED_ROUTES: [&str; 5] = ["/livez", "/readyz", "/health", "/api/health", "/metrics"];
+
+/// The metric counting API requests refused with 503 because none of the
+/// [`LoadLimit`]'s turns came free in time.
+pub const SHED_METRIC: &str = "steward_http_requests_shed_total";
 
 /// The operator routes: only `TREAdmin` may call them (`/metrics` not when
 /// `STEWARD_METRICS_OPEN` opens it).
@@ -92,10 +108,54 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { method_not_allowed() })
         .fallback(|| async { ApiError::not_found("no such route").into_response() })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(Limiter::new(state.settings.load), limit_load))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(timeout_and_log))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::Extension(health::ProbeLog::default()))
+        .layer(
+            // A 5xx's cause is logged once, at ERROR, by `timeout_and_log`; an expected
+            // one (a probe's 503, a shed request) is not an error at all.
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(state)
+}
+
+/// The turns of a [`LoadLimit`], shared by every request of one router.
+#[derive(Clone, Debug)]
+struct Limiter {
+    turns: Arc<tokio::sync::Semaphore>,
+    queue_timeout: Duration,
+}
+
+impl Limiter {
+    fn new(limit: LoadLimit) -> Self {
+        Limiter {
+            turns: Arc::new(tokio::sync::Semaphore::new(limit.max_concurrency.max(1))),
+            queue_timeout: limit.queue_timeout,
+        }
+    }
+}
+
+/// Runs an API request once it has a turn, waiting at most the queue timeout for one,
+/// and answers 503 `overloaded` with `Retry-After` otherwise. The [`UNLIMITED_ROUTES`]
+/// run at once.
+async fn limit_load(State(limiter): State<Limiter>, request: Request, next: Next) -> Response {
+    if UNLIMITED_ROUTES.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let turn = limiter.turns.acquire();
+    // A free turn is taken at once, even with a zero timeout: `timeout` polls it first.
+    match tokio::time::timeout(limiter.queue_timeout, turn).await {
+        Ok(Ok(_turn)) => next.run(request).await,
+        // The semaphore is never closed; a closed one sheds like a busy one.
+        Ok(Err(_)) | Err(_) => {
+            metrics::counter!(SHED_METRIC).increment(1);
+            tracing::debug!(path = %request.uri().path(), "request shed: no turn free in time");
+            ApiError::overloaded().into_response()
+        }
+    }
 }
 
 fn method_not_allowed() -> Response {
@@ -154,12 +214,15 @@ async fn timeout_and_log(request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            format!("the request took longer than {REQUEST_TIMEOUT:?}"),
-        )
-        .into_response(),
+        Err(_) => {
+            tracing::warn!(%method, %path, timeout = ?REQUEST_TIMEOUT, "request timed out");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!("the request took longer than {REQUEST_TIMEOUT:?}"),
+            )
+            .into_response()
+        }
     };
     if let Some(LoggedCause(cause)) = response.extensions().get::<LoggedCause>() {
         tracing::error!(%method, %path, status = response.status().as_u16(), error = %cause, "request failed");

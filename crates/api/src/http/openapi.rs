@@ -9,7 +9,11 @@ use super::{airlock, error, health, resources, roles, templates};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "steward API", description = "A TRE-style control plane whose queue consumers run under a supervisor"),
+    info(title = "steward API", description = "A TRE-style control plane whose queue consumers run under a supervisor.\n\n\
+Lists are paged: `limit` (default 50, at most 500; larger is lowered to 500) and `cursor`, the previous page's `nextCursor` as given; \
+an answer has `nextCursor` while more follow, and a page also stops early, with a `nextCursor`, once its items pass 4 MiB (its first item is always answered).\n\n\
+Load is bounded: an API request that finds no turn free within the queue timeout answers 503 `overloaded` with `Retry-After`; \
+the probes and `/metrics` are never limited."),
     components(schemas(
         error::ErrorBody,
         health::HealthCheck, health::ServiceStatus, health::ServiceStatusValue, health::Probe,

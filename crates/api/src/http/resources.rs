@@ -9,11 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use super::access::Access;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Page};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::paging::{Bounds, MAX_PAGE_BYTES, Page};
 use crate::domain::{Operation, Properties, Resource, ResourceType, Status};
 use crate::http::AppState;
 use crate::rules::operations::{self, NewResource, OperationContext};
-use crate::storage::{Entity, ResourceFilter, StoreError};
+use crate::storage::{Entity, OperationPage, ResourceFilter, StoreError};
 
 /// The body of `POST /api/resources`.
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
@@ -71,7 +72,7 @@ pub(super) struct ResourceResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct ResourceList {
-    /// The resources, oldest first.
+    /// The resources, oldest first: at most `limit`, and fewer when they are large.
     #[schema(value_type = Vec<Object>)]
     pub resources: Vec<Resource>,
     /// Pass as `cursor` for the next page; absent on the last page.
@@ -79,12 +80,16 @@ pub(super) struct ResourceList {
     pub next_cursor: Option<String>,
 }
 
-/// A resource's operations.
+/// A page of a resource's operations.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub(super) struct OperationList {
-    /// The operations, oldest first.
+    /// The operations, oldest first: at most `limit`, and fewer when they are large.
     #[schema(value_type = Vec<Object>)]
     pub operations: Vec<Operation>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// Filters of `GET /api/resources`.
@@ -98,9 +103,11 @@ pub(super) struct ResourceQuery {
     /// Only resources in this deployment status.
     #[param(value_type = Option<String>)]
     pub status: Option<Status>,
-    /// Page size (default 50, at most 500).
+    /// At most this many items (default 50, at most 500; a larger limit is lowered to
+    /// 500). A page may hold fewer, and still have a `nextCursor`, when its items are
+    /// large (4 MiB per page).
     pub limit: Option<u64>,
-    /// The `nextCursor` of the previous page.
+    /// Where to continue: the `nextCursor` of the previous page, as it was given.
     pub cursor: Option<String>,
 }
 
@@ -147,13 +154,13 @@ pub(super) async fn create(
 
 /// Lists resources, paged.
 #[utoipa::path(get, path = "/api/resources", tag = "resources", params(ResourceQuery),
-    responses((status = 200, body = ResourceList), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = ResourceList), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody, description = "busy (`overloaded`) or the database is unavailable; retry after `Retry-After`")))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiQuery(query): ApiQuery<ResourceQuery>,
 ) -> Result<Json<ResourceList>, ApiError> {
-    let (offset, limit) = Page { limit: query.limit, cursor: query.cursor }.bounds()?;
+    let bounds = Page { limit: query.limit, cursor: query.cursor }.bounds()?;
     let store = state.db.serving()?;
     let (visible_workspaces, user_resources) =
         Access::new(&state, store, &user).visible_resources().await?;
@@ -162,14 +169,15 @@ pub(super) async fn list(
         user_resources,
         resource_type: query.resource_type,
         status: query.status,
-        skip: offset,
-        limit: Some(limit + 1),
+        after: bounds.after,
+        limit: Some(bounds.limit),
+        max_bytes: Some(MAX_PAGE_BYTES),
         ..ResourceFilter::default()
     };
-    let mut resources = store.read().resources(&filter).await?;
-    let next_cursor = Page::truncate(&mut resources, offset, limit);
+    let page = store.read().resources_page(&filter).await?;
+    let next_cursor = Bounds::next_cursor(page.last.as_ref(), page.more);
     let access = Access::new(&state, store, &user);
-    let resources = resources.into_iter().map(|resource| access.shown(resource)).collect();
+    let resources = page.items.into_iter().map(|resource| access.shown(resource)).collect();
     Ok(Json(ResourceList { resources, next_cursor }))
 }
 
@@ -189,20 +197,29 @@ pub(super) async fn get(
     Ok(Json(ResourceResponse { resource: access.shown(resource) }))
 }
 
-/// A resource's operations, oldest first.
+/// A resource's operations, oldest first, paged.
 #[utoipa::path(get, path = "/api/resources/{id}/operations", tag = "resources",
-    params(("id" = String, Path, description = "The resource id")),
-    responses((status = 200, body = OperationList), (status = 404, body = ErrorBody)))]
+    params(("id" = String, Path, description = "The resource id"), Page),
+    responses((status = 200, body = OperationList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody, description = "busy (`overloaded`) or the database is unavailable; retry after `Retry-After`")))]
 pub(super) async fn operations(
     State(state): State<AppState>,
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<OperationList>, ApiError> {
+    let bounds = page.bounds()?;
     let store = state.db.serving()?;
     let resource = store.read().resource(&id).await?;
     Access::new(&state, store, &user).read_operations(&resource).await?;
-    let operations = store.read().operations_for_resource(&id).await?;
-    Ok(Json(OperationList { operations }))
+    let page = OperationPage {
+        after: bounds.after.as_ref(),
+        skip: 0,
+        limit: Some(bounds.limit),
+        max_bytes: Some(MAX_PAGE_BYTES),
+    };
+    let page = store.read().operations_page(&id, page).await?;
+    let next_cursor = Bounds::next_cursor(page.last.as_ref(), page.more);
+    Ok(Json(OperationList { operations: page.items, next_cursor }))
 }
 
 /// One operation.

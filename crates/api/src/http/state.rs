@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use steward_core::HealthHandle;
 
@@ -30,6 +31,43 @@ pub struct ApiSettings {
     /// a request whose messages would be larger is refused with 413 before anything is
     /// committed. `None`: no limit.
     pub max_message_bytes: Option<usize>,
+    /// How many API requests run at once, and how long one waits for its turn.
+    pub load: LoadLimit,
+}
+
+/// How many API requests (every route but the probes and `/metrics`) run at once, and
+/// how long one waits for its turn before it is refused with 503 and `Retry-After`.
+/// Each request uses at most one database connection at a time, so with no more
+/// requests than connections, the pool never makes a request wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadLimit {
+    /// API requests served at once (at least 1).
+    pub max_concurrency: usize,
+    /// How long a request waits for one of them before a 503.
+    pub queue_timeout: Duration,
+}
+
+impl LoadLimit {
+    /// The default wait for a turn: short, since a client told `Retry-After` does
+    /// better than one whose request times out in a queue.
+    pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// As many requests at once as the pool that serves them has connections, each
+    /// waiting [`DEFAULT_QUEUE_TIMEOUT`](Self::DEFAULT_QUEUE_TIMEOUT) at most.
+    #[must_use]
+    pub fn for_pool(connections: u32) -> Self {
+        LoadLimit {
+            max_concurrency: usize::try_from(connections.max(1)).unwrap_or(usize::MAX),
+            queue_timeout: Self::DEFAULT_QUEUE_TIMEOUT,
+        }
+    }
+}
+
+impl Default for LoadLimit {
+    /// [`for_pool`](Self::for_pool) of the store's default pool of 5 connections.
+    fn default() -> Self {
+        Self::for_pool(5)
+    }
 }
 
 /// The state every HTTP handler gets: cheap to clone.

@@ -4,7 +4,11 @@ use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 
+use super::error::{ApiError, ErrorBody};
+use super::extract::ApiQuery;
+use super::paging::Page;
 use crate::http::AppState;
+use crate::storage::PageKey;
 
 /// One template, summarised.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -32,16 +36,26 @@ pub(super) struct TemplateSummary {
     pub pipelines: serde_json::Value,
 }
 
-/// The body of `GET /api/templates`.
+/// The body of `GET /api/templates`: a page of the templates.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub(super) struct TemplateList {
-    /// Every template, by name.
+    /// The templates, by name: at most `limit`, and fewer when they are large.
     pub templates: Vec<TemplateSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
-/// Lists the templates: the shipped samples and those of `STEWARD_TEMPLATES_DIR`.
-#[utoipa::path(get, path = "/api/templates", tag = "templates", responses((status = 200, body = TemplateList)))]
-pub(super) async fn list(State(state): State<AppState>) -> Json<TemplateList> {
+/// Lists the templates, paged: the shipped samples and those of
+/// `STEWARD_TEMPLATES_DIR`.
+#[utoipa::path(get, path = "/api/templates", tag = "templates", params(Page),
+    responses((status = 200, body = TemplateList), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody, description = "busy (`overloaded`) or the database is unavailable; retry after `Retry-After`")))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    ApiQuery(page): ApiQuery<Page>,
+) -> Result<Json<TemplateList>, ApiError> {
+    let bounds = page.bounds()?;
     let mut templates: Vec<TemplateSummary> = state
         .templates
         .iter()
@@ -71,5 +85,8 @@ pub(super) async fn list(State(state): State<AppState>) -> Json<TemplateList> {
         })
         .collect();
     templates.sort_by(|a, b| a.name.cmp(&b.name));
-    Json(TemplateList { templates })
+    // Ordered by name: a template's key is its name.
+    let key = |t: &TemplateSummary| PageKey { created_at: 0, id: t.name.clone() };
+    let (templates, next_cursor) = bounds.cut(templates, key);
+    Ok(Json(TemplateList { templates, next_cursor }))
 }

@@ -10,6 +10,7 @@ use steward_core::UpdaterConfig;
 use steward_core::transport::redact_url;
 
 use crate::domain::queues;
+use crate::http::LoadLimit;
 use crate::http::auth::{Authentication, KeySetError, OidcConfig, OidcVerifier};
 use crate::storage::{SessionSettings, StoreOptions};
 use crate::workers::OutboxConfig;
@@ -132,6 +133,19 @@ pub struct Config {
     #[arg(long, env = "STEWARD_RESTART_LIMIT", default_value_t = 10)]
     pub restart_limit: u32,
 
+    // HTTP load.
+    /// API requests served at once (every route but the probes and `/metrics`); more
+    /// wait up to `STEWARD_HTTP_QUEUE_TIMEOUT`, then get 503 with `Retry-After`.
+    /// Default: the connections of the database pool that serves them, so requests
+    /// never queue for a connection.
+    #[arg(long, env = "STEWARD_HTTP_MAX_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_concurrency: Option<u32>,
+
+    /// How long an API request waits for its turn before 503, e.g. `1s` or `200ms`;
+    /// `0s` refuses at once.
+    #[arg(long, env = "STEWARD_HTTP_QUEUE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub http_queue_timeout: Duration,
+
     /// Development only: a static bearer token whose caller is the admin `steward-admin`
     /// (role `TREAdmin`). Must not be empty. Never logged.
     #[arg(long, env = "STEWARD_API_TOKEN", hide_env_values = true, value_parser = parse_api_token)]
@@ -222,6 +236,8 @@ impl std::fmt::Debug for Config {
             .field("drain_timeout", &self.drain_timeout)
             .field("restart_backoff", &self.restart_backoff)
             .field("restart_limit", &self.restart_limit)
+            .field("http_max_concurrency", &self.http_max_concurrency)
+            .field("http_queue_timeout", &self.http_queue_timeout)
             .field("api_token", &self.api_token.as_ref().map(|_| "REDACTED"))
             .field("auth_issuer", &self.auth_issuer)
             .field("auth_audience", &self.auth_audience)
@@ -400,6 +416,15 @@ impl Config {
         self.database.store_options(&self.database_url)
     }
 
+    /// The HTTP load limit, for API requests served by a database pool of
+    /// `pool_connections`.
+    #[must_use]
+    pub fn load_limit(&self, pool_connections: u32) -> LoadLimit {
+        let mut limit = LoadLimit::for_pool(self.http_max_concurrency.unwrap_or(pool_connections));
+        limit.queue_timeout = self.http_queue_timeout;
+        limit
+    }
+
     /// The database URL with any password hidden, for logs.
     #[must_use]
     pub fn database_for_log(&self) -> String {
@@ -551,6 +576,27 @@ mod tests {
         let text = format!("{config:?}");
         assert!(!text.contains("sas-s3cret") && !text.contains("mq-s3cret"), "{text}");
         assert!(text.contains("amqp://app:***@mq/%2f"), "{text}");
+    }
+
+    #[test]
+    fn http_concurrency_defaults_to_the_pool_and_can_be_set() {
+        let config = Config::try_parse_from(["steward-api"]).unwrap();
+        let limit = config.load_limit(7);
+        assert_eq!(limit.max_concurrency, 7);
+        assert_eq!(limit.queue_timeout, Duration::from_secs(1));
+        let config = Config::try_parse_from([
+            "steward-api",
+            "--http-max-concurrency",
+            "3",
+            "--http-queue-timeout",
+            "0s",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.load_limit(7),
+            LoadLimit { max_concurrency: 3, queue_timeout: Duration::ZERO }
+        );
+        assert!(Config::try_parse_from(["steward-api", "--http-max-concurrency", "0"]).is_err());
     }
 
     #[test]

@@ -224,7 +224,9 @@ impl Service {
         }
         let templates = Arc::new(TemplateRegistry::load(config.templates_dir.as_deref())?);
         let transport = config.transports.open(config.transport_name()?, &config.topology())?;
-        let store = Store::connect_lazy(config.store_options()).map_err(StartError::Database)?;
+        let store_options = config.store_options();
+        let load = config.load_limit(store_options.max_connections());
+        let store = Store::connect_lazy(store_options).map_err(StartError::Database)?;
         let db = Database::new(store);
         check_broker(&transport).await?;
 
@@ -251,6 +253,7 @@ impl Service {
             metrics_open: config.metrics_open,
             transport: transport.name().to_owned(),
             max_message_bytes: transport.max_message_bytes(),
+            load,
         };
         let state = AppState {
             db: db.clone(),

@@ -3,7 +3,7 @@
 
 use sqlx::{Any, Executor};
 
-use super::document::{Listing, fetch, with_new_etag};
+use super::document::{Listed, Listing, PageKey, Window, fetch, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::{AirlockRequest, AirlockRequestStatus};
@@ -18,21 +18,32 @@ pub struct AirlockRequestFilter {
     pub status: Option<AirlockRequestStatus>,
     /// Only requests of these workspaces; `None` for all.
     pub visible_workspaces: Option<Vec<String>>,
-    /// Skip this many (in creation order).
+    /// Only records after this one (in creation order).
+    pub after: Option<PageKey>,
+    /// Skip this many (in creation order, after `after`).
     pub skip: u64,
     /// Return at most this many; `None` for all.
     pub limit: Option<u64>,
+    /// Stop before the documents pass this many bytes (the first is always returned);
+    /// `None` for no limit.
+    pub max_bytes: Option<usize>,
 }
 
 async fn list<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     filter: &AirlockRequestFilter,
-) -> Result<Vec<AirlockRequest>, StoreError> {
+) -> Result<Listed<AirlockRequest>, StoreError> {
     let mut listing = Listing::of::<AirlockRequest>();
     listing.equal("workspace_id", filter.workspace_id.as_deref());
     listing.equal("status", filter.status.map(AirlockRequestStatus::as_str));
     listing.any_of("1 = 0", &["workspace_id"], filter.visible_workspaces.as_deref());
-    listing.page(executor, filter.skip, filter.limit).await
+    let window = Window {
+        after: filter.after.as_ref(),
+        skip: filter.skip,
+        limit: filter.limit,
+        max_bytes: filter.max_bytes,
+    };
+    listing.page(executor, window).await
 }
 
 impl Store {}
@@ -117,6 +128,23 @@ impl Reader<'_> {
         self,
         filter: &AirlockRequestFilter,
     ) -> Result<Vec<AirlockRequest>, StoreError> {
+        Ok(self.airlock_requests_page(filter).await?.items)
+    }
+
+    /// One page of the airlock requests matching `filter` (its `skip`, `limit` and
+    /// `max_bytes`), in creation order, and whether more follow.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn airlock_requests_page(
+        self,
+        filter: &AirlockRequestFilter,
+    ) -> Result<Listed<AirlockRequest>, StoreError> {
         list(&mut *self.connection().await?, filter).await
     }
 }

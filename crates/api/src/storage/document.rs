@@ -103,7 +103,7 @@ impl Listing {
     /// Every record of `T`'s table.
     pub(super) fn of<T: Document>() -> Self {
         Self {
-            sql: format!("SELECT id, etag, doc FROM {} WHERE 1 = 1", T::TABLE),
+            sql: format!("SELECT id, etag, doc, created_at FROM {} WHERE 1 = 1", T::TABLE),
             binds: Vec::new(),
         }
     }
@@ -149,24 +149,93 @@ impl Listing {
         self.sql.push_str(&format!(" AND {condition}"));
     }
 
-    /// The records after the first `skip`, at most `limit` of them, in creation order.
+    /// The records after `after` (when given) and then after the first `skip`, at most
+    /// `limit` of them, in creation order, stopping early before the first record whose
+    /// document would bring the page's documents past `max_bytes` (the first record is
+    /// always taken). Rows are streamed, so at most one record past the page is read.
     pub(super) async fn page<'c, T: Document, E: Executor<'c, Database = Any>>(
         mut self,
         executor: E,
-        skip: u64,
-        limit: Option<u64>,
-    ) -> Result<Vec<T>, StoreError> {
-        let n = self.binds.len();
+        window: Window<'_>,
+    ) -> Result<Listed<T>, StoreError> {
+        use futures::TryStreamExt as _;
+        let mut after_created_at = None;
+        if let Some(after) = window.after {
+            // (created_at, id) > (after.created_at, after.id), spelt out for SQLite and
+            // PostgreSQL alike.
+            self.binds.push(after.id.clone());
+            let id = self.binds.len();
+            let at = id + 1;
+            self.sql.push_str(&format!(
+                " AND (created_at > ${at} OR (created_at = ${at} AND id > ${id}))"
+            ));
+            after_created_at = Some(after.created_at);
+        }
+        let n = self.binds.len() + usize::from(after_created_at.is_some());
         self.sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${} OFFSET ${}", n + 1, n + 2));
         let mut query = sqlx::query(&self.sql);
         for bind in self.binds {
             query = query.bind(bind);
         }
+        if let Some(created_at) = after_created_at {
+            query = query.bind(created_at);
+        }
         let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
-        let rows =
-            query.bind(limit.map_or(i64::MAX, count)).bind(count(skip)).fetch_all(executor).await?;
-        rows.iter().map(from_row).collect()
+        // One more than the page, to tell whether there is a next one.
+        let fetch = window.limit.map_or(i64::MAX, |limit| count(limit).saturating_add(1));
+        let mut rows = query.bind(fetch).bind(count(window.skip)).fetch(executor);
+        let mut listed = Listed { items: Vec::new(), more: false, last: None };
+        let mut bytes = 0usize;
+        while let Some(row) = rows.try_next().await? {
+            let full = window.limit.is_some_and(|limit| listed.items.len() as u64 >= limit);
+            let size = row.try_get::<&str, _>("doc").map_or(0, str::len);
+            let too_big =
+                window.max_bytes.is_some_and(|max| !listed.items.is_empty() && bytes + size > max);
+            if full || too_big {
+                listed.more = true;
+                break;
+            }
+            bytes += size;
+            listed.items.push(from_row(&row)?);
+            listed.last =
+                Some(PageKey { created_at: row.try_get("created_at")?, id: row.try_get("id")? });
+        }
+        Ok(listed)
     }
+}
+
+/// Where a listed record sits in creation order: lists are ordered by it, and a page
+/// can start after one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PageKey {
+    /// The record's creation time (ms), as stored.
+    pub created_at: i64,
+    /// Its id, which orders records created in the same millisecond.
+    pub id: String,
+}
+
+/// Which part of a list to read.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Window<'a> {
+    /// Only records after this one.
+    pub after: Option<&'a PageKey>,
+    /// Then skip this many.
+    pub skip: u64,
+    /// At most this many.
+    pub limit: Option<u64>,
+    /// Stop before the documents pass this many bytes (the first is always taken).
+    pub max_bytes: Option<usize>,
+}
+
+/// One page of records, and whether more follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed<T> {
+    /// The records, in creation order.
+    pub items: Vec<T>,
+    /// Whether records follow this page (it was cut by its size or byte budget).
+    pub more: bool,
+    /// The key of the page's last record: pass it as `after` for the next page.
+    pub last: Option<PageKey>,
 }
 
 impl Tx {

@@ -52,7 +52,9 @@ use crate::domain::Clock;
 
 pub use airlock::AirlockRequestFilter;
 pub use database::{Database, NotReady};
+pub use document::{Listed, PageKey};
 pub use error::{Entity, StoreError};
+pub use operations::OperationPage;
 pub use outbox::{LeaseClock, OutboxMessage, OutboxRecord, ParkedOutbox, ParkedRecord};
 pub use resources::{ResourceFilter, StatusWrite, UserResourceScope};
 
@@ -198,6 +200,12 @@ impl StoreOptions {
     pub fn with_max_connections(mut self, max_connections: u32) -> Self {
         self.max_connections = max_connections.max(1);
         self
+    }
+
+    /// The most connections of the pool HTTP requests use.
+    #[must_use]
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections
     }
 
     /// The most connections of the workers' pool ([`Store::for_workers`], default 5).

@@ -2,18 +2,36 @@
 
 use sqlx::{Any, Executor};
 
-use super::document::{fetch, fetch_all, from_row, with_new_etag};
+use super::document::{Listed, Listing, PageKey, Window, fetch, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::{Operation, Status};
 use crate::storage::millis;
 
+/// Which page of a resource's operations to list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OperationPage<'a> {
+    /// Only operations after this one (in creation order).
+    pub after: Option<&'a PageKey>,
+    /// Skip this many (in creation order, after `after`).
+    pub skip: u64,
+    /// Return at most this many; `None` for all.
+    pub limit: Option<u64>,
+    /// Stop before the documents pass this many bytes (the first is always returned);
+    /// `None` for no limit.
+    pub max_bytes: Option<usize>,
+}
+
 async fn for_resource<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     resource_id: &str,
-) -> Result<Vec<Operation>, StoreError> {
-    let sql = "SELECT id, etag, doc FROM operations WHERE resource_id = $1 ORDER BY created_at, id";
-    fetch_all(executor, sql, resource_id, from_row).await
+    page: OperationPage<'_>,
+) -> Result<Listed<Operation>, StoreError> {
+    let mut listing = Listing::of::<Operation>();
+    listing.equal("resource_id", Some(resource_id));
+    let window =
+        Window { after: page.after, skip: page.skip, limit: page.limit, max_bytes: page.max_bytes };
+    listing.page(executor, window).await
 }
 
 impl Store {}
@@ -139,6 +157,24 @@ impl Reader<'_> {
         self,
         resource_id: &str,
     ) -> Result<Vec<Operation>, StoreError> {
-        for_resource(&mut *self.connection().await?, resource_id).await
+        Ok(self.operations_page(resource_id, OperationPage::default()).await?.items)
+    }
+
+    /// One page of the operations whose primary resource is `resource_id`, oldest
+    /// first, and whether more follow.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn operations_page(
+        self,
+        resource_id: &str,
+        page: OperationPage<'_>,
+    ) -> Result<Listed<Operation>, StoreError> {
+        for_resource(&mut *self.connection().await?, resource_id, page).await
     }
 }

@@ -6,7 +6,7 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, Executor};
 
-use super::document::{Listing, fetch, from_row, with_new_etag};
+use super::document::{Listed, Listing, PageKey, Window, fetch, from_row, with_new_etag};
 use super::error::{Entity, StoreError, inserted};
 use super::{Reader, Store, Tx};
 use crate::domain::new_id;
@@ -66,10 +66,15 @@ pub struct ResourceFilter {
     pub visible_workspaces: Option<Vec<String>>,
     /// Of the user resources, only those this caller may see; `None` for all.
     pub user_resources: Option<UserResourceScope>,
-    /// Skip this many (in creation order).
+    /// Only records after this one (in creation order).
+    pub after: Option<PageKey>,
+    /// Skip this many (in creation order, after `after`).
     pub skip: u64,
     /// Return at most this many; `None` for all.
     pub limit: Option<u64>,
+    /// Stop before the documents pass this many bytes (the first is always returned);
+    /// `None` for no limit.
+    pub max_bytes: Option<usize>,
 }
 
 /// The user resources a caller sees (TRE's rule): those they own, and every one in the
@@ -85,7 +90,7 @@ pub struct UserResourceScope {
 async fn list<'c, E: Executor<'c, Database = Any>>(
     executor: E,
     filter: &ResourceFilter,
-) -> Result<Vec<Resource>, StoreError> {
+) -> Result<Listed<Resource>, StoreError> {
     let mut listing = Listing::of::<Resource>();
     listing.equal("resource_type", filter.resource_type.map(ResourceType::as_str));
     listing.equal("deployment_status", filter.status.map(Status::as_str));
@@ -109,7 +114,13 @@ async fn list<'c, E: Executor<'c, Database = Any>>(
             ],
         );
     }
-    listing.page(executor, filter.skip, filter.limit).await
+    let window = Window {
+        after: filter.after.as_ref(),
+        skip: filter.skip,
+        limit: filter.limit,
+        max_bytes: filter.max_bytes,
+    };
+    listing.page(executor, window).await
 }
 
 impl Store {
@@ -422,6 +433,23 @@ impl Reader<'_> {
     ///
     /// Cancel safe.
     pub async fn resources(self, filter: &ResourceFilter) -> Result<Vec<Resource>, StoreError> {
+        Ok(self.resources_page(filter).await?.items)
+    }
+
+    /// One page of the resources matching `filter` (its `skip`, `limit` and
+    /// `max_bytes`), in creation order, and whether more follow.
+    ///
+    /// # Errors
+    ///
+    /// The database failed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe.
+    pub async fn resources_page(
+        self,
+        filter: &ResourceFilter,
+    ) -> Result<Listed<Resource>, StoreError> {
         list(&mut *self.connection().await?, filter).await
     }
 
