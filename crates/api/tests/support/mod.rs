@@ -146,6 +146,19 @@ impl TestDb {
         }
     }
 
+    /// A second store on the same database (its own pools), as another replica of the
+    /// service would have: on PostgreSQL the same schema; on SQLite the same file.
+    pub async fn another_store(&self) -> Store {
+        let url = match &self.kind {
+            Kind::Sqlite { url, .. } => url.clone(),
+            Kind::Postgres { admin_url, schema } => {
+                let separator = if admin_url.contains('?') { '&' } else { '?' };
+                format!("{admin_url}{separator}options[search_path]={schema}")
+            }
+        };
+        Store::connect_with(options(url)).await.unwrap()
+    }
+
     /// Closes the store; dropping the `TestDb` then removes the schema.
     pub async fn finish(self) {
         self.store.close().await;
