@@ -493,12 +493,24 @@ async fn run(schema: &Schema, queues: &Queues) {
         println!("failover after SIGKILL {} of the active replica: {failover:?}", k + 1);
         assert!(*failover <= FAILOVER_LIMIT, "failover {} took {failover:?}", k + 1);
     }
-    let standing_by = replicas.roles().await;
-    assert_eq!(
-        standing_by.iter().filter(|(_, w)| w["role"] == "standby").count(),
-        2,
-        "{standing_by:?}"
-    );
+    // Each replica shows its role in /api/workers and /health; standbys are ready.
+    let roles = replicas.roles().await;
+    let standbys = roles.iter().filter(|(_, w)| w["role"] == "standby").count();
+    assert_eq!(standbys, 2, "{roles:?}");
+    for (index, worker) in &roles {
+        let api = replicas.running[*index].as_ref().unwrap();
+        assert_eq!(worker["state"], "running", "{worker}");
+        api.answers_ok("/readyz").await;
+        let health = api.get("/health").await;
+        let line = health["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == "Deployment Status Updater")
+            .unwrap()
+            .clone();
+        assert_eq!((&line["status"], &line["role"]), (&json!("OK"), &worker["role"]), "{health}");
+    }
     for api in replicas.running.iter_mut().filter_map(Option::take) {
         api.stop(Duration::from_secs(30));
     }

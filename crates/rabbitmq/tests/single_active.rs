@@ -181,6 +181,11 @@ async fn a_standby_waits_healthy_for_ten_stall_timeouts() {
     assert_eq!(standby.role, Some(ConsumerRole::Standby));
     assert_eq!(standby.outcomes.completed, 0, "{standby:?}");
     assert!(second.health.snapshot().is_ready() && second.health.snapshot().is_live());
+    // The broker agrees: one consumer active, one waiting.
+    let owned = queue.clone();
+    let activity =
+        tokio::task::spawn_blocking(move || support::consumer_activity(&owned)).await.unwrap();
+    assert_eq!(activity, ["single_active", "waiting"]);
     let active = first.worker();
     assert_eq!((active.state, active.restarts), (WorkerState::Running, 0), "{active:?}");
     assert_eq!(active.outcomes.completed, 20);
