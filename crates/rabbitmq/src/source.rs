@@ -43,6 +43,9 @@ const REQUEUE_WAIT: Duration = Duration::from_secs(2);
 /// yet checks the queue for messages it does not get (see [`Role`]).
 const ROLE_CHECK_EVERY: Duration = Duration::from_secs(2);
 
+/// How long such a check may take: it runs within `receive`, after its wait.
+const ROLE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A consumer of one queue, on a connection of its own (named after the queue).
 ///
 /// - `receive` hands out what the broker pushed ahead (up to the prefetch); messages
@@ -140,20 +143,26 @@ impl Role {
         self.current.swap(ROLE_ACTIVE, Ordering::AcqRel) == ROLE_STANDBY
     }
 
-    /// Whether a consumer without deliveries is due to check the queue again.
+    /// Whether a consumer without deliveries is due to check the queue again; restarts
+    /// the period when it is (a failed check waits for the next period too).
     fn check_due(&self) -> bool {
         if self.received.load(Ordering::Acquire) {
             return false;
         }
-        let checked = self.checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Instant::now().saturating_duration_since(checked.0) >= ROLE_CHECK_EVERY
+        let mut checked = self.checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if now.saturating_duration_since(checked.0) < ROLE_CHECK_EVERY {
+            return false;
+        }
+        checked.0 = now;
+        true
     }
 
     /// A check found `ready` messages; whether the consumer now stands by (it did
     /// not before).
     fn checked(&self, ready: u32) -> bool {
         let mut checked = self.checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let waited_before = std::mem::replace(&mut *checked, (Instant::now(), ready > 0)).1;
+        let waited_before = std::mem::replace(&mut checked.1, ready > 0);
         if ready > 0 && waited_before && !self.received.load(Ordering::Acquire) {
             return self.current.swap(ROLE_STANDBY, Ordering::AcqRel) == ROLE_ACTIVE;
         }
@@ -255,7 +264,8 @@ impl RabbitMqSource {
             return;
         }
         let shared = &self.shared;
-        match queue_counts(&shared.connection, &shared.queue, shared.confirm_timeout).await {
+        let within = shared.confirm_timeout.min(ROLE_CHECK_TIMEOUT);
+        match queue_counts(&shared.connection, &shared.queue, within).await {
             Ok((_, ready)) => {
                 if role.checked(ready) {
                     info!(
