@@ -418,7 +418,9 @@ async fn run(schema: &Schema, queues: &Queues) {
         ("STEWARD_SIMULATE_PROCESSORS", "false".to_owned()),
         ("STEWARD_DATABASE_URL", schema.url()),
     ]);
+    let began = Instant::now();
     let mut replicas = Replicas::start(env).await;
+    println!("three replicas ready after {:?}", began.elapsed());
     let processor =
         Processor::start(names.resource_request.clone(), names.deployment_status.clone()).await;
 
@@ -438,6 +440,7 @@ async fn run(schema: &Schema, queues: &Queues) {
     }
     let created = creating.await.unwrap();
     assert_eq!(created.len(), OPERATIONS);
+    println!("{OPERATIONS} operations created, two kills done, after {:?}", began.elapsed());
 
     // Every operation deployed, its outputs merged.
     let api = replicas.any();
@@ -454,6 +457,7 @@ async fn run(schema: &Schema, queues: &Queues) {
         );
     }
     assert_eq!(processor.answered.lock().unwrap().len(), OPERATIONS, "one request per operation");
+    println!("every operation deployed after {:?}", began.elapsed());
 
     // No replica applied an operation's statuses out of order: across every replica's
     // log, in time order, no `deploying` was applied after its `deployed`.
