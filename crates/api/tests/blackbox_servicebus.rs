@@ -404,3 +404,135 @@ fn unprepared_namespace_stops_the_start_with_the_queue_named() {
         assert!(lines[0].contains(queue), "{args:?}: {lines:#?}");
     }
 }
+
+/// A schema of the test's own on PostgreSQL (`STEWARD_TEST_POSTGRES_URL`), dropped when
+/// this is dropped; `None` after a skip line when PostgreSQL is unreachable (a failure
+/// with `CI=true`).
+struct Schema {
+    admin_url: String,
+    name: String,
+}
+
+impl Schema {
+    async fn create(test: &str) -> Option<Schema> {
+        use sqlx::{Connection, Executor};
+        sqlx::any::install_default_drivers();
+        let admin_url = std::env::var("STEWARD_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|url| !url.is_empty())
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let connect = sqlx::AnyConnection::connect(&admin_url);
+        let mut admin = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(admin)) => admin,
+            failed => {
+                let reason = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                assert!(
+                    !std::env::var("CI").is_ok_and(|ci| ci == "true"),
+                    "{test}: PostgreSQL at {admin_url} is unreachable with CI=true: {reason}"
+                );
+                eprintln!("skipped {test}: PostgreSQL at {admin_url} is unreachable ({reason})");
+                return None;
+            }
+        };
+        let name = format!("steward_sb_replicas_{}", uuid::Uuid::new_v4().simple());
+        admin.execute(format!("CREATE SCHEMA {name}").as_str()).await.unwrap();
+        admin.close().await.unwrap();
+        Some(Schema { admin_url, name })
+    }
+
+    /// The database URL of the replicas: the test's schema first on the search path.
+    fn url(&self) -> String {
+        let separator = if self.admin_url.contains('?') { '&' } else { '?' };
+        format!("{}{separator}options[search_path]={}", self.admin_url, self.name)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let (url, schema) = (self.admin_url.clone(), self.name.clone());
+        process::clean_up("schema cleanup", async move {
+            use sqlx::{Connection, Executor};
+            let mut admin = sqlx::AnyConnection::connect(&url).await?;
+            admin.execute(format!("DROP SCHEMA {schema} CASCADE").as_str()).await?;
+            admin.close().await
+        });
+    }
+}
+
+/// Ensures that with two replicas consuming one queue without sessions (both on the
+/// emulator and one PostgreSQL database), an operation's `deployed` sent before its
+/// `deploying` ends `deployed` with its outputs merged: whichever replica handles
+/// which, and in whichever order, the late `deploying` is not applied over the final
+/// status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_end_a_reordered_deploying_deployed_pair_deployed() {
+    const TEST: &str = "two_replicas_end_a_reordered_deploying_deployed_pair_deployed";
+    let Some(schema) = Schema::create(TEST).await else { return };
+    let emulator = Emulator::with_queues(&[]);
+    let bus = Rest::new(&emulator);
+    let mut env = emulator.api_env();
+    env.push(("STEWARD_DATABASE_URL", schema.url()));
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // One after the other: the first migrates the schema.
+    let first = Api::start(dirs[0].path(), &env);
+    first.ready().await;
+    let second = Api::start(dirs[1].path(), &env);
+    second.ready().await;
+
+    let mut operations = Vec::new();
+    for (n, api) in [&first, &second, &first, &second].into_iter().enumerate() {
+        let (resource_id, operation_id) = api.install_workspace(&format!("W{n}")).await;
+        let request = bus.next("workspacequeue").await;
+        bus.settle(&request, reqwest::Method::DELETE).await;
+        let body: Value = serde_json::from_str(&request.body).unwrap();
+        assert_eq!(body["operationId"], operation_id.as_str(), "{body}");
+        operations.push((n, resource_id, operation_id, body));
+    }
+    // Each operation's pair, reordered: `deployed` first.
+    for (n, resource_id, operation_id, body) in &operations {
+        let outputs = json!([{"name": "address_spaces", "value": [format!("10.3.{n}.0/24")], "type": "string"}]);
+        let statuses = [("deployed", outputs), ("deploying", json!([]))];
+        for (k, (status, outputs)) in statuses.into_iter().enumerate() {
+            let properties = json!({"SessionId": operation_id, "CorrelationId": resource_id,
+                "MessageId": format!("{operation_id}-{k}")});
+            bus.send("deploymentstatus", properties, &status_update(body, status, status, outputs))
+                .await;
+        }
+    }
+    // Both replicas handled all eight reports between them.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let mut completed = 0;
+        for api in [&first, &second] {
+            completed += api.worker("deployment-status").await["completed"].as_u64().unwrap();
+        }
+        if completed >= 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{completed} of 8 reports handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (n, resource_id, operation_id, _) in &operations {
+        let operation =
+            first.get(&format!("/api/operations/{operation_id}")).await["operation"].clone();
+        assert_eq!(operation["status"], "deployed", "{operation:#}");
+        assert_eq!(operation["steps"][0]["status"], "deployed", "{operation:#}");
+        let resource =
+            second.get(&format!("/api/resources/{resource_id}")).await["resource"].clone();
+        assert_eq!(resource["deploymentStatus"], "deployed", "{resource:#}");
+        let address = json!([format!("10.3.{n}.0/24")]);
+        assert_eq!(resource["properties"]["address_spaces"], address, "{resource:#}");
+    }
+    assert!(bus.peek_lock("deploymentstatus", 0).await.is_none(), "every report completed");
+    assert!(bus.peek_lock("deploymentstatus.dlq", 0).await.is_none(), "nothing dead-lettered");
+    for (name, api) in [("first", first), ("second", second)] {
+        let completed = api.worker("deployment-status").await["completed"].clone();
+        let (status, _, logs) = api.terminate(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "{logs:#?}");
+        let stale = logs.iter().filter(|line| line.contains("already final; not applied")).count();
+        println!("{name} replica: {completed} reports handled, {stale} stale ones not applied");
+    }
+}

@@ -77,7 +77,7 @@ pub use error::{BoxError, ErrorKind, TransportError, error_chain};
 pub use handler::{Handler, HandlerFn, Outcome, RetryCause, handler_fn};
 pub use message::{Message, OutgoingMessage};
 pub use sink::MessageSink;
-pub use source::MessageSource;
+pub use source::{ConsumerRole, MessageSource};
 pub use supervisor::{
     AbortedHandler, Backoff, HealthHandle, HealthSnapshot, Jitter, OutcomeCounts, RestartIntensity,
     Settled, ShutdownReport, Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError,

@@ -6,6 +6,35 @@ use async_trait::async_trait;
 
 use crate::{Capabilities, Delivery, TransportError};
 
+/// Whether a consumer of a queue that delivers to one consumer at a time (RabbitMQ's
+/// single active consumer) is the one receiving, or waits to take over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ConsumerRole {
+    /// The broker delivers to this consumer.
+    Active,
+    /// Another consumer receives; this one waits as a hot standby and takes over when
+    /// that one goes away. Waiting is healthy: nothing to receive is expected.
+    Standby,
+}
+
+impl ConsumerRole {
+    /// The snake_case name, as in logs and JSON.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Standby => "standby",
+        }
+    }
+}
+
+impl std::fmt::Display for ConsumerRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A queue to receive messages from: the minimum a transport implements.
 ///
 /// # Contract
@@ -55,6 +84,13 @@ pub trait MessageSource: Send + Sync + 'static {
     /// Not cancel safe: a cancelled call may leave some buffered messages unreleased
     /// until their locks expire.
     async fn stop_receiving(&self) -> Result<(), TransportError>;
+
+    /// The role of this consumer when the queue delivers to one consumer at a time,
+    /// as best the transport knows it now; `None` (the default) when every consumer of
+    /// the queue receives. Cheap: read after every receive.
+    fn role(&self) -> Option<ConsumerRole> {
+        None
+    }
 }
 
 /// Implements [`MessageSource`] for a smart pointer to one, by forwarding every call.
@@ -80,6 +116,10 @@ macro_rules! forward_source {
 
             async fn stop_receiving(&self) -> Result<(), TransportError> {
                 (**self).stop_receiving().await
+            }
+
+            fn role(&self) -> Option<ConsumerRole> {
+                (**self).role()
             }
         }
     };

@@ -54,6 +54,7 @@ async fn complete_lock_lost_is_counted_and_not_settled_again() {
     let mut source = MockMessageSource::new();
     source.expect_queue().return_const("mocked".to_owned());
     source.expect_capabilities().return_const(Capabilities::default());
+    source.expect_role().return_const(None);
     source.expect_receive().returning(move |_, _| Ok(delivery.take().into_iter().collect()));
     source.expect_stop_receiving().times(1).returning(|| Ok(()));
 

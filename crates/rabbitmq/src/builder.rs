@@ -59,6 +59,15 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A queue given a single active consumer is not consumed by this transport.
+    #[error(
+        "queue {queue} has a single active consumer but is not consumed: add it with \
+         RabbitMqBuilder::with_queue"
+    )]
+    SingleActiveNotConsumed {
+        /// The queue.
+        queue: String,
+    },
     /// The broker-side delivery limit is not above the updater's `max_deliveries`, so
     /// the broker would dead-letter messages before the updater can.
     #[error(
@@ -105,6 +114,7 @@ pub struct RabbitMqBuilder {
     connection_name: String,
     queues: Vec<String>,
     publish_queues: Vec<String>,
+    single_active: Vec<String>,
     max_deliveries: Setting<u32>,
     delivery_limit: Option<u32>,
     concurrency: usize,
@@ -130,6 +140,7 @@ impl Default for RabbitMqBuilder {
             connection_name: DEFAULT_CONNECTION_NAME.to_owned(),
             queues: Vec::new(),
             publish_queues: Vec::new(),
+            single_active: Vec::new(),
             max_deliveries: Setting::Default,
             delivery_limit: None,
             concurrency: 1,
@@ -195,6 +206,24 @@ impl RabbitMqBuilder {
     /// buckets when it opens.
     pub fn with_publish_queue(mut self, queue: impl Into<String>) -> Self {
         self.publish_queues.push(queue.into());
+        self
+    }
+
+    /// Gives consumed `queue` a single active consumer (`x-single-active-consumer`):
+    /// of all the consumers of the queue, in any process, the broker delivers to one
+    /// only, the first to subscribe; the others wait as hot standbys, and the next one
+    /// takes over (with the messages the active one held unsettled) once the active
+    /// one's connection closes or its consumer is cancelled. Order then holds across
+    /// several replicas of a service. `queue` must also be given to
+    /// [`with_queue`](Self::with_queue). A source of such a queue reports whether it
+    /// is [active or standing by](steward_core::ConsumerRole) (see the crate docs for
+    /// how it infers that).
+    ///
+    /// The argument is part of the queue's identity: a queue that exists without it
+    /// stops [`declare_topology`](RabbitMq::declare_topology) with an error naming the
+    /// queue and `x-single-active-consumer`; drain and delete it, then start again.
+    pub fn with_single_active_consumer(mut self, queue: impl Into<String>) -> Self {
+        self.single_active.push(queue.into());
         self
     }
 
@@ -307,11 +336,17 @@ impl RabbitMqBuilder {
         publish_queues.dedup();
         let mut queues = self.queues;
         queues.dedup();
+        if let Some(queue) = self.single_active.iter().find(|queue| !queues.contains(queue)) {
+            return Err(ConfigError::SingleActiveNotConsumed { queue: queue.clone() });
+        }
+        let mut single_active = self.single_active;
+        single_active.dedup();
         Ok(RabbitMq::new(Config {
             uri,
             connection_name: self.connection_name,
             queues,
             publish_queues,
+            single_active,
             max_deliveries,
             delivery_limit,
             prefetch,
@@ -356,6 +391,8 @@ pub(crate) struct Config {
     pub(crate) connection_name: String,
     pub(crate) queues: Vec<String>,
     pub(crate) publish_queues: Vec<String>,
+    /// Consumed queues declared with `x-single-active-consumer`.
+    pub(crate) single_active: Vec<String>,
     pub(crate) max_deliveries: u32,
     pub(crate) delivery_limit: u32,
     pub(crate) prefetch: u16,
@@ -376,6 +413,7 @@ impl fmt::Debug for Config {
             .field("connection_name", &self.connection_name)
             .field("queues", &self.queues)
             .field("publish_queues", &self.publish_queues)
+            .field("single_active", &self.single_active)
             .field("max_deliveries", &self.max_deliveries)
             .field("delivery_limit", &self.delivery_limit)
             .field("prefetch", &self.prefetch)
@@ -437,6 +475,23 @@ mod tests {
         assert!(RabbitMqBuilder::new().with_queue("q".repeat(242)).build().is_ok());
         let err = RabbitMqBuilder::new().with_publish_queue("amq.x").build().unwrap_err();
         assert!(matches!(err, ConfigError::InvalidQueueName { .. }));
+    }
+
+    #[test]
+    fn single_active_consumer_needs_a_consumed_queue() {
+        let err = RabbitMqBuilder::new()
+            .with_publish_queue("out")
+            .with_single_active_consumer("out")
+            .build()
+            .unwrap_err();
+        assert!(matches!(&err, ConfigError::SingleActiveNotConsumed { queue } if queue == "out"));
+        let rabbit = RabbitMqBuilder::new()
+            .with_queue("in")
+            .with_single_active_consumer("in")
+            .with_single_active_consumer("in")
+            .build()
+            .unwrap();
+        assert_eq!(rabbit.config().single_active, ["in"]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,10 +14,12 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
-use steward_core::{Capabilities, Delivery, MessageSource, Settle, TransportError, error_chain};
+use steward_core::{
+    Capabilities, ConsumerRole, Delivery, MessageSource, Settle, TransportError, error_chain,
+};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout};
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::acks::Acks;
 use crate::error::{Error, is_closed};
@@ -36,6 +38,13 @@ const REQUEUE_BURST: usize = 16;
 /// How long `stop_receiving` waits at most for requeued messages to be counted back
 /// (other consumers may take them first, so the count need not get there).
 const REQUEUE_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a consumer of a queue with a single active consumer that has not received
+/// yet checks the queue for messages it does not get (see [`Role`]).
+const ROLE_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// How long such a check may take: it runs within `receive`, after its wait.
+const ROLE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A consumer of one queue, on a connection of its own (named after the queue).
 ///
@@ -75,6 +84,90 @@ struct Shared {
     /// The broker confirmed the consumer's cancellation.
     cancelled: AtomicBool,
     confirm_timeout: Duration,
+    /// The consumer's role, on a queue with a single active consumer.
+    role: Option<Role>,
+}
+
+/// What a consumer of a queue with a single active consumer infers of its role.
+///
+/// RabbitMQ (3.10 and later) does not tell a consumer over AMQP 0-9-1 that it waits,
+/// and a passive declare counts the active consumer only, not the waiting ones; so the
+/// role is inferred from what the consumer sees:
+/// - Before subscribing, a passive declare counts the queue's (active) consumers: with
+///   none, the new consumer becomes the active one; with one, it waits behind it.
+/// - A delivery makes it active, for good: a waiting consumer receives nothing, and
+///   the broker never moves a live active consumer's place to another.
+/// - Until its first delivery, a passive declare every [`ROLE_CHECK_EVERY`] (after an
+///   empty receive) that finds messages ready twice in a row, with no delivery
+///   between, shows that another consumer receives: it stands by.
+///
+/// The limits: a standby promoted while the queue is empty reports `standby` until its
+/// first delivery (at once when a message comes); a consumer that subscribed at the
+/// same moment as another and found none reports `active` until two checks find
+/// messages it does not get (at most about `2 × ROLE_CHECK_EVERY` + the receive wait
+/// once messages wait).
+struct Role {
+    /// [`ROLE_ACTIVE`] or [`ROLE_STANDBY`].
+    current: AtomicU8,
+    /// The consumer received a delivery: it is active for good.
+    received: AtomicBool,
+    /// When the queue was last checked, and whether messages were ready then.
+    checked: std::sync::Mutex<(Instant, bool)>,
+}
+
+const ROLE_ACTIVE: u8 = 1;
+const ROLE_STANDBY: u8 = 2;
+
+impl Role {
+    /// The role of a consumer that subscribes while the queue has `consumers` active.
+    fn new(consumers: u32) -> Self {
+        let current = if consumers == 0 { ROLE_ACTIVE } else { ROLE_STANDBY };
+        Self {
+            current: AtomicU8::new(current),
+            received: AtomicBool::new(false),
+            checked: std::sync::Mutex::new((Instant::now(), false)),
+        }
+    }
+
+    fn get(&self) -> ConsumerRole {
+        if self.current.load(Ordering::Acquire) == ROLE_ACTIVE {
+            ConsumerRole::Active
+        } else {
+            ConsumerRole::Standby
+        }
+    }
+
+    /// A delivery came: the consumer is active; whether it was standing by.
+    fn received(&self) -> bool {
+        self.received.store(true, Ordering::Release);
+        self.current.swap(ROLE_ACTIVE, Ordering::AcqRel) == ROLE_STANDBY
+    }
+
+    /// Whether a consumer without deliveries is due to check the queue again; restarts
+    /// the period when it is (a failed check waits for the next period too).
+    fn check_due(&self) -> bool {
+        if self.received.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut checked = self.checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if now.saturating_duration_since(checked.0) < ROLE_CHECK_EVERY {
+            return false;
+        }
+        checked.0 = now;
+        true
+    }
+
+    /// A check found `ready` messages; whether the consumer now stands by (it did
+    /// not before).
+    fn checked(&self, ready: u32) -> bool {
+        let mut checked = self.checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let waited_before = std::mem::replace(&mut checked.1, ready > 0);
+        if ready > 0 && waited_before && !self.received.load(Ordering::Acquire) {
+            return self.current.swap(ROLE_STANDBY, Ordering::AcqRel) == ROLE_ACTIVE;
+        }
+        false
+    }
 }
 
 struct Intake {
@@ -117,6 +210,13 @@ impl RabbitMqSource {
             .basic_qos(config.prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| Error::lapin(format!("set the prefetch for {queue}"), e))?;
+        let single_active = config.single_active.iter().any(|single| single == queue);
+        let role = if single_active {
+            let (consumers, _) = queue_counts(&connection, queue, config.confirm_timeout).await?;
+            Some(Role::new(consumers))
+        } else {
+            None
+        };
         let consumer_tag = format!("steward-{}", uuid::Uuid::new_v4().simple());
         let consumer = channel
             .basic_consume(
@@ -127,6 +227,9 @@ impl RabbitMqSource {
             )
             .await
             .map_err(|e| Error::lapin(format!("consume from queue {queue}"), e))?;
+        if let Some(role) = &role {
+            info!(queue, role = %role.get(), "consuming a queue with a single active consumer");
+        }
         if !config.queues.iter().any(|consumed| consumed == queue) {
             // Configured for publishing only: it has no delay buckets yet. Declared once
             // the consumer started, so a deleted queue is reported, not half recreated.
@@ -147,8 +250,43 @@ impl RabbitMqSource {
                 stopped: AtomicBool::new(false),
                 cancelled: AtomicBool::new(false),
                 confirm_timeout: config.confirm_timeout,
+                role,
             }),
         })
+    }
+
+    /// A consumer without deliveries checks the queue, at most every
+    /// [`ROLE_CHECK_EVERY`] (see [`Role`]). A failed check changes nothing: the next
+    /// receive tells of a broken connection.
+    async fn check_role(&self) {
+        let Some(role) = &self.shared.role else { return };
+        if !role.check_due() {
+            return;
+        }
+        let shared = &self.shared;
+        let within = shared.confirm_timeout.min(ROLE_CHECK_TIMEOUT);
+        match queue_counts(&shared.connection, &shared.queue, within).await {
+            Ok((_, ready)) => {
+                if role.checked(ready) {
+                    info!(
+                        queue = %shared.queue,
+                        ready,
+                        "messages wait but none come: another consumer is the active one, this one stands by"
+                    );
+                }
+            }
+            Err(error) => {
+                let error = error_chain(&error);
+                debug!(queue = %shared.queue, error, "cannot check the queue");
+            }
+        }
+    }
+
+    /// The consumer is active: logs the change once.
+    fn activated(&self) {
+        if self.shared.role.as_ref().is_some_and(Role::received) {
+            info!(queue = %self.shared.queue, "this consumer is now the single active consumer");
+        }
     }
 
     fn delivery(&self, delivery: lapin::message::Delivery) -> Delivery {
@@ -303,6 +441,8 @@ impl MessageSource for RabbitMqSource {
             return Err(self.ended_error(ended).await);
         }
         let Ok(first) = tokio::time::timeout_at(deadline, intake.consumer.next()).await else {
+            drop(intake);
+            self.check_role().await;
             return Ok(Vec::new());
         };
         // No await from here on: whatever is taken from the buffer is returned.
@@ -340,6 +480,9 @@ impl MessageSource for RabbitMqSource {
                 return Err(self.ended_error(ended).await);
             }
         }
+        if !deliveries.is_empty() {
+            self.activated();
+        }
         Ok(deliveries)
     }
 
@@ -355,6 +498,14 @@ impl MessageSource for RabbitMqSource {
     ///
     /// Not cancel safe: a cancelled call may leave buffered messages with this
     /// consumer until its connection closes.
+    /// `Some` on a queue with a single active consumer: see [`with_single_active_consumer`]
+    /// for how the role is inferred, and its limits.
+    ///
+    /// [`with_single_active_consumer`]: crate::RabbitMqBuilder::with_single_active_consumer
+    fn role(&self) -> Option<ConsumerRole> {
+        self.shared.role.as_ref().map(Role::get)
+    }
+
     async fn stop_receiving(&self) -> Result<(), TransportError> {
         let shared = &self.shared;
         shared.stopped.store(true, Ordering::Release);
@@ -423,6 +574,33 @@ impl MessageSource for RabbitMqSource {
         debug!(queue = %queue, released, "rabbitmq consumer stopped");
         Ok(())
     }
+}
+
+/// The active consumers of `queue` (a waiting one is not counted) and its ready
+/// messages: a passive declare on a channel of its own (a refused one closes its
+/// channel).
+async fn queue_counts(
+    connection: &Connection,
+    queue: &str,
+    within: Duration,
+) -> Result<(u32, u32), Error> {
+    let channel = connection.create_channel().await.map_err(|e| {
+        Error::lapin(format!("open a channel to count the consumers of {queue}"), e)
+    })?;
+    let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let declared = channel.queue_declare(queue.into(), options, FieldTable::default());
+    let result = match timeout(within, declared).await {
+        Err(_) => Err(Error::Timeout {
+            what: format!("counting the consumers of {queue}"),
+            after: within,
+        }),
+        Ok(Err(error)) => Err(Error::lapin(format!("count the consumers of {queue}"), error)),
+        Ok(Ok(declared)) => Ok((declared.consumer_count(), declared.message_count())),
+    };
+    if channel.status().connected() {
+        let _ = channel.close(200, "counted".into()).await;
+    }
+    result
 }
 
 /// The settlement handle of one delivery: its channel's acker (which tells whether the
@@ -539,5 +717,41 @@ impl Settle for RabbitMqSettle {
         let headers =
             [(DEAD_LETTER_REASON_HEADER, reason), (DEAD_LETTER_DESCRIPTION_HEADER, description)];
         Ok(self.republish_then_ack(&dlq, &headers).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn role_starts_from_the_active_consumers_and_follows_what_the_consumer_sees() {
+        // Another consumer was active: it waits, and a delivery promotes it for good.
+        let waiting = Role::new(1);
+        assert_eq!(waiting.get(), ConsumerRole::Standby);
+        assert!(!waiting.check_due(), "not before the check period");
+        tokio::time::advance(ROLE_CHECK_EVERY).await;
+        assert!(waiting.check_due());
+        assert!(!waiting.checked(3), "already standing by");
+        assert!(waiting.received(), "promoted");
+        assert_eq!(waiting.get(), ConsumerRole::Active);
+        tokio::time::advance(ROLE_CHECK_EVERY).await;
+        assert!(!waiting.check_due(), "a consumer that received checks no more");
+        assert!(!waiting.checked(5) && !waiting.checked(5));
+        assert_eq!(waiting.get(), ConsumerRole::Active);
+
+        // Nobody was active, but another consumer won the race: messages wait at two
+        // checks in a row and none come, so it stands by.
+        let raced = Role::new(0);
+        assert_eq!(raced.get(), ConsumerRole::Active);
+        assert!(!raced.checked(0));
+        assert!(!raced.checked(4), "one check with messages ready is not enough");
+        assert!(!raced.checked(0), "the messages went: an empty queue says nothing");
+        assert!(!raced.checked(2));
+        assert_eq!(raced.get(), ConsumerRole::Active);
+        assert!(raced.checked(2), "ready twice in a row, nothing received");
+        assert_eq!(raced.get(), ConsumerRole::Standby);
+        assert!(raced.received());
+        assert_eq!(raced.get(), ConsumerRole::Active);
     }
 }

@@ -65,8 +65,12 @@ fn dead_letter_to(args: &mut FieldTable, target: &str) {
     args.insert(short("x-overflow"), AMQPValue::LongString("reject-publish".into()));
 }
 
+/// The argument that gives a queue a single active consumer.
+pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
+
 /// The arguments of a consumed (or published-to) queue: quorum, the broker-side
-/// delivery limit, overflow to `<queue>.dlq`.
+/// delivery limit, overflow to `<queue>.dlq`, and a single active consumer when
+/// configured.
 pub(crate) fn queue_arguments(config: &Config, queue: &str) -> FieldTable {
     let mut args = quorum(config);
     args.insert(
@@ -74,6 +78,9 @@ pub(crate) fn queue_arguments(config: &Config, queue: &str) -> FieldTable {
         AMQPValue::LongInt(i32::try_from(config.delivery_limit).unwrap_or(i32::MAX)),
     );
     dead_letter_to(&mut args, &dead_letter_queue(queue));
+    if config.single_active.iter().any(|single| single == queue) {
+        args.insert(short(SINGLE_ACTIVE_CONSUMER), AMQPValue::Boolean(true));
+    }
     args
 }
 
@@ -273,6 +280,24 @@ mod tests {
             Some(AMQPValue::LongString("orders.dlq".into()))
         );
         assert_eq!(get("x-expires"), None);
+        assert_eq!(get(SINGLE_ACTIVE_CONSUMER), None);
+        let single = RabbitMqBuilder::new()
+            .with_queue("orders")
+            .with_queue("other")
+            .with_single_active_consumer("orders")
+            .build()
+            .unwrap()
+            .config()
+            .clone();
+        let args = queue_arguments(&single, "orders");
+        assert_eq!(args.inner().get(SINGLE_ACTIVE_CONSUMER), Some(&AMQPValue::Boolean(true)));
+        let other = queue_arguments(&single, "other");
+        assert_eq!(other.inner().get(SINGLE_ACTIVE_CONSUMER), None);
+        // Its dead-letter queue and delay buckets are consumed by nobody but tools and
+        // the broker: no single active consumer there.
+        for (name, args) in plan(&single).into_iter().filter(|(name, _)| name != "orders") {
+            assert_eq!(args.inner().get(SINGLE_ACTIVE_CONSUMER), None, "{name}");
+        }
 
         let delay = delay_arguments(&config, "orders", Duration::from_secs(30));
         let get = |key: &str| delay.inner().get(key).cloned();

@@ -36,6 +36,11 @@ pub(super) struct ServiceStatus {
     pub status: ServiceStatusValue,
     /// Empty when OK; else, for `TREAdmin` only, the worker's state and last error.
     pub message: String,
+    /// For an updater whose queue has a single active consumer: `active` when this
+    /// replica receives, `standby` when it waits to take over (still `OK`). Absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// The body of `/health` (TRE's `HealthCheck`).
@@ -64,7 +69,8 @@ fn service(snapshot: &HealthSnapshot, service: &str, worker: &str, details: bool
     if !details {
         message.clear();
     }
-    ServiceStatus { service: service.to_owned(), status, message }
+    let role = snapshot.worker(worker).and_then(|w| w.role).map(|role| role.as_str().to_owned());
+    ServiceStatus { service: service.to_owned(), status, message, role }
 }
 
 fn describe(health: &WorkerHealth) -> String {
@@ -104,7 +110,7 @@ async fn outbox(state: &AppState, details: bool) -> ServiceStatus {
     if !details {
         message.clear();
     }
-    ServiceStatus { service: OUTBOX_SERVICE.to_owned(), status, message }
+    ServiceStatus { service: OUTBOX_SERVICE.to_owned(), status, message, role: None }
 }
 
 /// The TRE-compatible health document; always 200. The messages (error chains with
@@ -255,6 +261,11 @@ pub(super) struct WorkerStatus {
     pub lease_lost: u64,
     /// Messages held now.
     pub in_flight: usize,
+    /// When the worker's queue has a single active consumer: `active` when this
+    /// replica receives, `standby` when it waits to take over (a standby is `running`,
+    /// ready and live). Absent for other workers and while not connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 fn rfc3339(time: std::time::SystemTime) -> String {
@@ -278,6 +289,7 @@ impl From<&WorkerHealth> for WorkerStatus {
             panicked: w.outcomes.panicked,
             lease_lost: w.outcomes.lease_lost,
             in_flight: w.in_flight,
+            role: w.role.map(|role| role.as_str().to_owned()),
         }
     }
 }

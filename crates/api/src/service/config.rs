@@ -380,6 +380,7 @@ impl Config {
                 self.airlock_notification_queue.clone(),
             ],
             max_deliveries: self.max_deliveries,
+            ordered: vec![self.deployment_status_queue.clone(), self.step_result_queue.clone()],
         }
     }
 

@@ -185,9 +185,13 @@ impl TestDb {
                 format!("{admin_url}{separator}options[search_path]={schema}")
             }
         };
-        Store::connect_with(StoreOptions::new(url).with_max_connections(4).with_clock(clock))
-            .await
-            .unwrap()
+        Store::connect_with(options(url).with_clock(clock)).await.unwrap()
+    }
+
+    /// A second store on the same database (its own pools) with the system clock, as
+    /// another replica of the service would have: see [`TestDb::replica`].
+    pub async fn another_store(&self) -> Store {
+        self.replica(Clock::system()).await
     }
 
     /// Closes the store; dropping the `TestDb` then removes the schema.

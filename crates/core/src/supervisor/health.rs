@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::ConsumerRole;
+
 /// The life-cycle state of a supervised worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -99,6 +101,9 @@ pub struct WorkerHealth {
     /// Handlers aborted for running past their timeout that have not ended: they block
     /// a thread, and keep their slot and their session until they return.
     pub overdue_handlers: usize,
+    /// Whether the worker's consumer receives or waits as a standby, when its queue
+    /// delivers to one consumer at a time; `None` otherwise, and while not connected.
+    pub role: Option<ConsumerRole>,
 }
 
 /// Every worker's health at a moment.
@@ -233,6 +238,7 @@ struct Status {
     outcomes: OutcomeCounts,
     in_flight: usize,
     overdue_handlers: usize,
+    role: Option<ConsumerRole>,
 }
 
 impl Status {
@@ -250,6 +256,7 @@ impl Status {
             outcomes: OutcomeCounts::default(),
             in_flight: 0,
             overdue_handlers: 0,
+            role: None,
         }
     }
 }
@@ -276,6 +283,7 @@ impl WorkerRecord {
             outcomes: status.outcomes,
             in_flight: status.in_flight,
             overdue_handlers: status.overdue_handlers,
+            role: status.role,
         }
     }
 
@@ -354,6 +362,17 @@ impl WorkerRecord {
     pub(crate) fn set_in_flight(&self, in_flight: usize) {
         lock(&self.status).in_flight = in_flight;
         crate::metrics::in_flight(&self.name, in_flight);
+    }
+
+    /// Sets the consumer role; announces when it changed.
+    pub(crate) fn set_role(&self, role: Option<ConsumerRole>) {
+        let changed = {
+            let mut status = lock(&self.status);
+            std::mem::replace(&mut status.role, role) != role
+        };
+        if changed {
+            self.announce();
+        }
     }
 
     pub(crate) fn set_overdue_handlers(&self, overdue: usize) {

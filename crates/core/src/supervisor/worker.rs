@@ -238,6 +238,14 @@ impl WorkerContext {
         self.record.set_in_flight(n);
     }
 
+    /// Records the role of the worker's consumer (see
+    /// [`MessageSource::role`](crate::MessageSource::role)): whether it receives or
+    /// stands by; `None` when the queue has no such roles or the worker is not
+    /// connected. A standby is healthy: it stays `running`, ready and live.
+    pub fn set_role(&self, role: Option<crate::ConsumerRole>) {
+        self.record.set_role(role);
+    }
+
     /// Records how many handlers were aborted for their timeout and have not ended yet
     /// (they block a thread).
     pub fn set_overdue_handlers(&self, n: usize) {

@@ -354,7 +354,8 @@ impl Worker for Updater {
         // Connecting is not progress: a worker that connects and then never receives
         // is stuck, and the supervisor must see that.
         ctx.set_running();
-        tracing::info!(queue = source.queue(), "receiving");
+        ctx.set_role(source.role());
+        tracing::info!(queue = source.queue(), role = ?source.role(), "receiving");
         let waiting = std::mem::take(&mut *lock(&self.waiting));
         let mut run = run::Run::new(&ctx, source.as_ref(), &self.handler, &self.config, waiting);
         let failure = run.receive_loop().await;
@@ -369,6 +370,8 @@ impl Worker for Updater {
             }
         }
         *lock(&self.waiting) = run.take_waiting();
+        // Not connected any more: no role until the next source says.
+        ctx.set_role(None);
         failure.map_or(Ok(()), |error| Err(error.into()))
     }
 }

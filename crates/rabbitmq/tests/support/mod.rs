@@ -190,6 +190,26 @@ pub async fn wait_until_depth(queue: &str, depth: u64, within: Duration) -> Opti
     }
 }
 
+/// The activity status of each consumer of `queue` as the broker reports it
+/// (`single_active` or `waiting` on a queue with a single active consumer, `up`
+/// otherwise), sorted.
+pub fn consumer_activity(queue: &str) -> Vec<String> {
+    let mut activity: Vec<String> = rabbitmqctl(&[
+        "-q",
+        "list_consumers",
+        "--no-table-headers",
+        "queue_name",
+        "activity_status",
+    ])
+    .lines()
+    .filter_map(|line| line.split_once('\t'))
+    .filter(|(name, _)| *name == queue)
+    .map(|(_, status)| status.trim().to_owned())
+    .collect();
+    activity.sort();
+    activity
+}
+
 /// Deletes `queue` on the broker, as an operator would.
 pub async fn delete_queue(queue: &str) {
     let queue = queue.to_owned();

@@ -18,17 +18,22 @@ use steward_core::{Connect, Message, MessageSink, MessageSource, TransportError}
 /// For a broker client `$client` that opens sources and sinks and declares its
 /// topology itself (RabbitMQ, NATS): declares `$name`, its [`Transport`] (the check
 /// declares the queues, checking those that exist), and implements [`OpenTransport`] for
-/// the file's `Settings`, with `$builder` (where `$settings` is the `Settings`) given the
-/// service's connection name, delivery limit and queues.
+/// the file's `Settings`, with `$builder` (where `$settings` is the `Settings`, and
+/// `$topology`, when named, the [`Topology`]) given the service's connection name,
+/// delivery limit and queues.
 #[allow(unused_macros, reason = "used only by the transports compiled in")]
 macro_rules! broker_transport {
     ($name:ident($client:ty), |$settings:ident| $builder:expr) => {
+        broker_transport!($name($client), |$settings, _topology| $builder);
+    };
+    ($name:ident($client:ty), |$settings:ident, $topology:ident| $builder:expr) => {
         impl super::OpenTransport for Settings {
             fn open(
                 &self,
                 topology: &super::Topology,
             ) -> Result<Arc<dyn super::Transport>, steward_core::BoxError> {
                 let $settings = self;
+                let $topology = topology;
                 let builder = $builder
                     .with_connection_name("steward-api")
                     .with_max_deliveries(topology.max_deliveries);
@@ -78,6 +83,9 @@ pub(crate) struct Topology {
     pub(crate) published: Vec<String>,
     /// Deliveries after which a message is dead-lettered.
     pub(crate) max_deliveries: u32,
+    /// The consumed queues whose messages must be handled in order across replicas
+    /// (the two status queues): a transport that can gives them one consumer at a time.
+    pub(crate) ordered: Vec<String>,
 }
 
 impl Topology {
@@ -351,6 +359,7 @@ mod tests {
             consumed: vec!["a".to_owned(), "b".to_owned(), "c".to_owned()],
             published: vec!["c".to_owned(), "d".to_owned(), "a".to_owned()],
             max_deliveries: 10,
+            ordered: Vec::new(),
         };
         assert_eq!(topology.queues(), ["a", "b", "c", "d"]);
     }

@@ -260,6 +260,7 @@ impl<'a> Run<'a> {
                             // A poll that answered, empty or not, is progress; a failed
                             // one is not.
                             self.ctx.progress();
+                            self.ctx.set_role(source.role());
                             // A session's wait for a message ends at its bound only when
                             // a receive that began after the bound answered without it
                             // and without filling its batch: evidence that another
