@@ -46,11 +46,16 @@ pub(crate) fn body(n: usize) -> Vec<u8> {
 /// The steward transport for `queue`: its quorum queue and topology, expiring if the
 /// benchmark dies before it deletes them.
 pub(crate) fn transport(queue: &str) -> Result<RabbitMq> {
+    transport_named(queue, "steward-bench", 8)
+}
+
+/// [`transport`] with connections named after `name`, for an Updater of `concurrency`.
+pub(crate) fn transport_named(queue: &str, name: &str, concurrency: usize) -> Result<RabbitMq> {
     RabbitMqBuilder::new()
         .with_url(url())
-        .with_connection_name("steward-bench")
+        .with_connection_name(name)
         .with_queue(queue)
-        .with_concurrency(8)
+        .with_concurrency(concurrency)
         .with_prefetch(PREFETCH)
         .with_queue_expiry(Duration::from_secs(900))
         .build()
@@ -195,17 +200,32 @@ pub(crate) async fn consume_updater(queue: &str, count: usize) -> Result<Sample>
             async move { outcome }
         })
     };
-    let supervisor = spawn_updater(&rabbit, queue, handler);
+    let supervisor = spawn_updater(&rabbit, queue, handler, 8);
     finished.notified().await;
     let sample = first.get().copied().context("no message")?.finish(count);
     let _ = supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)).await;
     Ok(sample)
 }
 
-/// Runs `f` on a small runtime of the orchestrator (declaring and deleting topology).
-/// A supervisor running the benchmark's Updater (concurrency 8, batches of 64) with
+/// A supervisor running the benchmark's Updater (`concurrency`, batches of 64) with
 /// `handler` on `queue`.
-fn spawn_updater(rabbit: &RabbitMq, queue: &str, handler: impl Handler) -> Supervisor {
+pub(crate) fn spawn_updater(
+    rabbit: &RabbitMq,
+    queue: &str,
+    handler: impl Handler,
+    concurrency: usize,
+) -> Supervisor {
+    spawn_supervised(SupervisorConfig::default(), rabbit, queue, handler, concurrency)
+}
+
+/// [`spawn_updater`] under a supervisor of `config`.
+pub(crate) fn spawn_supervised(
+    config: SupervisorConfig,
+    rabbit: &RabbitMq,
+    queue: &str,
+    handler: impl Handler,
+    concurrency: usize,
+) -> Supervisor {
     let connect = {
         let (rabbit, queue) = (rabbit.clone(), queue.to_owned());
         move || {
@@ -213,15 +233,18 @@ fn spawn_updater(rabbit: &RabbitMq, queue: &str, handler: impl Handler) -> Super
             async move { rabbit.source(&queue).await }
         }
     };
-    let supervisor = Supervisor::new(SupervisorConfig::default());
+    let supervisor = Supervisor::new(config);
     supervisor.spawn(
-        Updater::new("bench", connect, handler)
-            .with_config(UpdaterConfig::default().with_concurrency(8).with_batch_size(64)),
+        Updater::new("bench", connect, handler).with_config(
+            UpdaterConfig::default().with_concurrency(concurrency).with_batch_size(64),
+        ),
     );
     supervisor
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+/// Runs `f` on a small runtime of the orchestrator (declaring and deleting topology,
+/// publishing).
+pub(crate) fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -344,130 +367,6 @@ pub(super) fn bench(
     }
 }
 
-/// This process's resident set size in kB, from `/proc/self/status`.
-fn rss_kb() -> Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/self/status")
-}
-
-/// The memory worker: an Updater (as in [`consume_updater`]) on the empty `queue`;
-/// prints its RSS once idle (after 2 s connected), then again once `count` messages,
-/// published by another process, are handled.
-pub(crate) async fn memory(queue: &str, count: usize) -> Result<()> {
-    let rabbit = transport(queue)?;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let finished = Arc::new(Notify::new());
-    let handler = {
-        let (handled, finished) = (handled.clone(), finished.clone());
-        handler_fn(move |message| {
-            let ok = parse(&message.body);
-            if handled.fetch_add(1, Ordering::Relaxed) + 1 == count {
-                finished.notify_one();
-            }
-            async move {
-                if ok {
-                    Outcome::Complete
-                } else {
-                    Outcome::DeadLetter {
-                        reason: "MessageFormatIncorrect".into(),
-                        description: "not a JSON object".into(),
-                    }
-                }
-            }
-        })
-    };
-    let supervisor = spawn_updater(&rabbit, queue, handler);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("{{\"idle_kb\":{}}}", rss_kb()?);
-    finished.notified().await;
-    println!("{{\"after_kb\":{}}}", rss_kb()?);
-    let _ = supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)).await;
-    Ok(())
-}
-
-/// Runs the memory worker on `queue`, publishing `count` messages once it reports idle;
-/// returns its idle and after-`count` RSS in MB.
-fn measure_memory(
-    bench: &super::Bench,
-    queue: &str,
-    count: usize,
-    limit: Duration,
-) -> Result<(f64, f64)> {
-    use std::io::BufRead as _;
-    block_on(purge(queue))?;
-    let mut child = std::process::Command::new(&bench.exe)
-        .args(["bench-worker", "rabbitmq-memory", queue, &count.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .context("could not start the memory worker")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let (lines, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let read = |field: &str| -> Result<f64> {
-        let line =
-            received.recv_timeout(limit).with_context(|| format!("no {field} within {limit:?}"))?;
-        let value: serde_json::Value = serde_json::from_str(&line)?;
-        Ok(value[field].as_f64().with_context(|| format!("{line:?} has no {field}"))? / 1024.0)
-    };
-    let result = (|| {
-        let idle = read("idle_kb")?;
-        bench.worker(&["rabbitmq-publish-raw", queue, &count.to_string()], limit)?;
-        let after = read("after_kb")?;
-        Ok((idle, after))
-    })();
-    if result.is_err() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    result
-}
-
-/// The memory figures: RSS of a process running the Updater, idle and after 100k
-/// messages.
-pub(super) fn bench_memory(bench: &super::Bench, report: &mut super::Report) {
-    const COUNT: usize = 100_000;
-    let limit = Duration::from_secs(180);
-    let queue = unique_queue("memory");
-    if let Err(error) = block_on(async { Ok(transport(&queue)?.declare_topology().await?) }) {
-        report.missing("memory.idle.rss", "MB", format!("{error:#}"));
-        report.missing("memory.after-100k.rss", "MB", format!("{error:#}"));
-        return;
-    }
-    let (mut idle, mut after, mut failure) = (Vec::new(), Vec::new(), None);
-    for round in 0..super::ROUNDS {
-        println!("memory: round {}", round + 1);
-        match measure_memory(bench, &queue, COUNT, limit) {
-            Ok((i, a)) => {
-                idle.push(i);
-                after.push(a);
-            }
-            Err(error) => failure = Some(format!("{error:#}")),
-        }
-    }
-    if let Err(error) = block_on(async { Ok(transport(&queue)?.delete_topology().await?) }) {
-        eprintln!("could not delete the benchmark's queue {queue}: {error:#}");
-    }
-    for (key, rounds) in [("memory.idle.rss", idle), ("memory.after-100k.rss", after)] {
-        if rounds.is_empty() {
-            report.missing(key, "MB", failure.clone().unwrap_or_default());
-        } else {
-            report.figure(key, "MB", rounds);
-        }
-    }
-}
-
 /// Empties `queue`, from the orchestrator.
 pub(crate) fn purge_queue(queue: &str) -> Result<()> {
     block_on(purge(queue))
@@ -483,4 +382,16 @@ pub(crate) fn delete(queue: &str) {
     if let Err(error) = block_on(async { Ok(transport(queue)?.delete_topology().await?) }) {
         eprintln!("could not delete the benchmark's queue {queue}: {error:#}");
     }
+}
+
+/// The messages ready in `queue` (a passive declare).
+pub(crate) fn depth(queue: &str) -> Result<u32> {
+    block_on(async {
+        let connection = connect().await?;
+        let channel = connection.create_channel().await?;
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let declared = channel.queue_declare(queue.into(), options, FieldTable::default()).await?;
+        let _ = connection.close(200, "done".into()).await;
+        Ok(declared.message_count())
+    })
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::cpu::process_cpu;
-use super::{inmem, rabbitmq};
+use super::{inmem, rabbitmq, resilience};
 
 /// What one worker measured.
 #[derive(Debug, Clone, Copy)]
@@ -99,10 +99,13 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
         println!("{}", serde_json::json!({ "p50_us": p50, "p99_us": p99 }));
         return Ok(());
     }
-    if kind == "rabbitmq-memory" {
+    if kind == "rabbitmq-reconnect" {
         let queue: String = arg(args, 1, "queue")?;
-        let count = arg(args, 2, "count")?;
-        return runtime.block_on(rabbitmq::memory(&queue, count));
+        return runtime.block_on(resilience::reconnect(&queue));
+    }
+    if kind == "rabbitmq-sigterm" {
+        let queue: String = arg(args, 1, "queue")?;
+        return runtime.block_on(resilience::sigterm(&queue));
     }
     let sample = runtime.block_on(async {
         match kind {
