@@ -34,20 +34,31 @@ impl Database {
     }
 }
 
-/// What one round on one database measured.
-#[derive(Debug, Default)]
-struct Round {
-    rate: Option<f64>,
-    idle_mb: Option<f64>,
-    after_mb: Option<f64>,
-}
-
 /// The sizes of a run.
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
     operations: usize,
     /// Messages handled before the RSS "after" is read.
     memory_messages: usize,
+}
+
+/// The figures of one database, with their units, in report order.
+fn keys(database: Database, sizes: Sizes) -> Vec<(String, &'static str)> {
+    let db = database.key();
+    let mut keys = vec![
+        (format!("e2e.{db}.rate"), "msg/s"),
+        (format!("e2e.{db}.cpu"), "CPU µs/msg"),
+        (format!("e2e.{db}.cores"), "cores busy"),
+    ];
+    if database == Database::Sqlite {
+        let after = format!("memory.after-{}k", sizes.memory_messages / 1000);
+        for stage in ["memory.idle".to_owned(), after] {
+            for part in ["rss", "rss-anon", "rss-file"] {
+                keys.push((format!("{stage}.{part}"), "MB"));
+            }
+        }
+    }
+    keys
 }
 
 /// The end-to-end and memory figures.
@@ -57,69 +68,53 @@ pub(super) fn bench(bench: &super::Bench, report: &mut super::Report) {
     } else {
         Sizes { operations: 2_000, memory_messages: 100_000 }
     };
-    let after_key = format!("memory.after-{}k.rss", sizes.memory_messages / 1000);
     report.meta("end-to-end operations per round", sizes.operations.to_string());
+    let databases = [Database::Sqlite, Database::Postgres];
     let exe = match super::service::build(bench) {
         Ok(exe) => exe,
         Err(error) => {
             let reason = format!("building steward-api: {error:#}");
-            for key in ["e2e.sqlite.rate", "e2e.postgres.rate"] {
-                report.missing(key, "msg/s", reason.clone());
+            for (key, unit) in databases.into_iter().flat_map(|db| keys(db, sizes)) {
+                report.missing(&key, unit, reason.clone());
             }
-            report.missing("memory.idle.rss", "MB", reason.clone());
-            report.missing(&after_key, "MB", reason);
             return;
         }
     };
-    let mut rates = [Vec::new(), Vec::new()];
-    let (mut idle, mut after) = (Vec::new(), Vec::new());
-    let mut failures: [Option<String>; 3] = Default::default();
+    let mut measured: Vec<(String, f64)> = Vec::new();
+    let mut failures: [Option<String>; 2] = Default::default();
     for round in 0..super::ROUNDS {
-        for (index, database) in [Database::Sqlite, Database::Postgres].into_iter().enumerate() {
+        for (index, database) in databases.into_iter().enumerate() {
             println!("end to end: round {} on {}", round + 1, database.key());
-            let memory = database == Database::Sqlite;
-            let mut measured = Round::default();
-            let result = run(bench, &exe, database, sizes, memory, &mut measured);
-            if let Err(error) = &result {
+            if let Err(error) = run(bench, &exe, database, sizes, &mut measured) {
                 eprintln!("end to end on {}: {error:#}", database.key());
                 failures[index] = Some(format!("{error:#}"));
-                if memory && measured.after_mb.is_none() {
-                    failures[2] = Some(format!("{error:#}"));
-                }
             }
-            rates[index].extend(measured.rate);
-            idle.extend(measured.idle_mb);
-            after.extend(measured.after_mb);
         }
     }
-    for (index, database) in [Database::Sqlite, Database::Postgres].into_iter().enumerate() {
-        let key = format!("e2e.{}.rate", database.key());
-        let rounds = std::mem::take(&mut rates[index]);
-        if rounds.is_empty() {
-            report.missing(&key, "msg/s", failures[index].clone().unwrap_or_default());
-        } else {
-            report.figure(&key, "msg/s", rounds);
+    for (index, database) in databases.into_iter().enumerate() {
+        for (key, unit) in keys(database, sizes) {
+            let rounds: Vec<f64> =
+                measured.iter().filter(|(k, _)| *k == key).map(|(_, v)| *v).collect();
+            if rounds.is_empty() {
+                report.missing(&key, unit, failures[index].clone().unwrap_or_default());
+            } else {
+                report.figure(&key, unit, rounds);
+            }
         }
     }
     report.ratio("e2e.postgres.rate", "e2e.sqlite.rate");
-    for (key, rounds) in [("memory.idle.rss", idle), (after_key.as_str(), after)] {
-        if rounds.is_empty() {
-            report.missing(key, "MB", failures[2].clone().unwrap_or_default());
-        } else {
-            report.figure(key, "MB", rounds);
-        }
-    }
 }
 
-/// One service run on `database`, filling `measured` as it goes.
+/// One service run on `database`, adding what it measured to `measured`; on SQLite
+/// also the memory figures.
 fn run(
     bench: &super::Bench,
     exe: &std::path::Path,
     database: Database,
     sizes: Sizes,
-    memory: bool,
-    measured: &mut Round,
+    measured: &mut Vec<(String, f64)>,
 ) -> Result<()> {
+    let memory = database == Database::Sqlite;
     let queues = Queues::new(&format!("e2e-{}", database.key()));
     let dir = bench.dir().join(format!("e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -132,21 +127,35 @@ fn run(
         Some(scratch) => scratch.url.clone(),
         None => format!("sqlite://{}?mode=rwc", dir.join("steward.db").display()),
     };
+    let db = database.key();
     let result = (|| {
         let service = Service::start(exe, &queues, &url)?;
+        let rss = |stage: &str, measured: &mut Vec<(String, f64)>| -> Result<()> {
+            let rss = service.rss_mb()?;
+            measured.push((format!("memory.{stage}.rss"), rss.total));
+            measured.push((format!("memory.{stage}.rss-anon"), rss.anon));
+            measured.push((format!("memory.{stage}.rss-file"), rss.file));
+            println!("    RSS {stage}: {:.1} MB", rss.total);
+            Ok(())
+        };
         if memory {
             std::thread::sleep(Duration::from_secs(2));
             service.drain_lines();
-            measured.idle_mb = Some(service.rss_mb()?);
+            rss("idle", measured)?;
         }
         let operations = create(&service, sizes.operations)?;
         wait_for_requests(&queues, &service, sizes.operations)?;
-        let rate = consume(&service, &queues, &operations)?;
-        println!("    {rate:.0} msg/s");
-        measured.rate = Some(rate);
+        let consumed = consume(&service, &queues, &operations)?;
+        println!(
+            "    {:.0} msg/s, {:.0} CPU µs/msg, {:.2} cores busy",
+            consumed.rate, consumed.cpu_us, consumed.cores
+        );
+        measured.push((format!("e2e.{db}.rate"), consumed.rate));
+        measured.push((format!("e2e.{db}.cpu"), consumed.cpu_us));
+        measured.push((format!("e2e.{db}.cores"), consumed.cores));
         if memory {
             replay(&service, &queues, &operations, sizes.memory_messages)?;
-            measured.after_mb = Some(service.rss_mb()?);
+            rss(&format!("after-{}k", sizes.memory_messages / 1000), measured)?;
         }
         service.stop()
     })();
@@ -215,22 +224,35 @@ fn wait_for_requests(queues: &Queues, service: &Service, count: usize) -> Result
     }
 }
 
+/// What the measured consumption came to.
+#[derive(Debug)]
+struct Consumed {
+    rate: f64,
+    /// The service's CPU time per message.
+    cpu_us: f64,
+    /// The service's CPU time over the wall time: how many cores it kept busy.
+    cores: f64,
+}
+
 /// Publishes an in-progress and a success status per operation, and measures from the
-/// first publish until every operation reads back as `deployed`; returns msg/s.
-fn consume(service: &Service, queues: &Queues, operations: &[Operation]) -> Result<f64> {
+/// first publish until every operation reads back as `deployed`.
+fn consume(service: &Service, queues: &Queues, operations: &[Operation]) -> Result<Consumed> {
     let messages: Vec<(Vec<u8>, &Operation)> = operations
         .iter()
         .flat_map(|op| [(op.status("deploying"), op), (op.status("deployed"), op)])
         .collect();
     let mut http = service.http()?;
+    let cpu = service.cpu_secs()?;
     let started = Instant::now();
     super::rabbitmq::block_on(statuses::publish(&queues.deployment_status, &messages))?;
     let limit = Duration::from_secs(300);
     service.wait_completed(&mut http, messages.len() as u64, limit)?;
     wait_deployed(service, &mut http, operations, limit.saturating_sub(started.elapsed()))?;
     let secs = started.elapsed().as_secs_f64();
+    let cpu = service.cpu_secs()? - cpu;
     check_operations(&mut http, operations)?;
-    Ok(messages.len() as f64 / secs)
+    let count = messages.len() as f64;
+    Ok(Consumed { rate: count / secs, cpu_us: cpu * 1e6 / count, cores: cpu / secs })
 }
 
 /// Waits until every resource of `operations` lists as `deployed`.

@@ -43,6 +43,13 @@ pub(crate) fn body(n: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The message id of message `n`, UUID-shaped. Every publisher sets it, as TRE's
+/// publisher contract asks: a message without one would cost the steward consumer a
+/// random UUID (a `getrandom` system call) that the raw consumers never pay.
+pub(crate) fn message_id(n: usize) -> String {
+    format!("{n:08x}-0000-4000-8000-000000000000")
+}
+
 /// The steward transport for `queue`: its quorum queue and topology, expiring if the
 /// benchmark dies before it deletes them.
 pub(crate) fn transport(queue: &str) -> Result<RabbitMq> {
@@ -84,7 +91,7 @@ pub(crate) async fn publish_raw(queue: &str, count: usize) -> Result<Sample> {
     let bodies: Vec<Vec<u8>> = (0..count).map(body).collect();
     let window = Window::start();
     let mut pending = FuturesUnordered::new();
-    for body in &bodies {
+    for (n, body) in bodies.iter().enumerate() {
         if pending.len() >= PUBLISH_WINDOW {
             check_confirm(pending.next().await)?;
         }
@@ -96,7 +103,8 @@ pub(crate) async fn publish_raw(queue: &str, count: usize) -> Result<Sample> {
                 body,
                 BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
+                    .with_content_type("application/json".into())
+                    .with_message_id(message_id(n).into()),
             )
             .await?;
         pending.push(confirm);
@@ -122,15 +130,17 @@ fn check_confirm(result: Option<lapin::Result<lapin::Confirmation>>) -> Result<(
 pub(crate) async fn publish_sink(queue: &str, count: usize) -> Result<Sample> {
     let rabbit = transport(queue)?;
     let sink = rabbit.sink();
-    let bodies: Vec<Vec<u8>> = (0..count).map(body).collect();
+    let messages: Vec<OutgoingMessage> =
+        (0..count).map(|n| OutgoingMessage::json(body(n)).with_message_id(message_id(n))).collect();
     // The first send opens the connection and channels; it is not measured, as the raw
     // client's connect is not.
-    sink.send(queue, OutgoingMessage::json(body(count))).await.context("first send")?;
+    let first = OutgoingMessage::json(body(count)).with_message_id(message_id(count));
+    sink.send(queue, first).await.context("first send")?;
     let window = Window::start();
-    let results: Vec<_> = futures::stream::iter(bodies)
-        .map(|body| {
+    let results: Vec<_> = futures::stream::iter(messages)
+        .map(|message| {
             let sink = &sink;
-            async move { sink.send(queue, OutgoingMessage::json(body)).await }
+            async move { sink.send(queue, message).await }
         })
         .buffer_unordered(PUBLISH_WINDOW)
         .collect()

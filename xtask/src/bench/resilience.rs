@@ -173,7 +173,9 @@ async fn stream(queue: String) -> Result<()> {
                 queue.as_str().into(),
                 BasicPublishOptions::default(),
                 &rabbitmq::body(n),
-                BasicProperties::default().with_delivery_mode(2),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(rabbitmq::message_id(n).into()),
             )
             .await?;
     }

@@ -223,9 +223,37 @@ impl Service {
         }
     }
 
-    /// The process's resident set size in MB.
-    pub(crate) fn rss_mb(&self) -> Result<f64> {
-        rss_kb(self.child.id()).map(|kb| kb as f64 / 1024.0)
+    /// The process's resident set size in MB: all of it, its anonymous part (heap,
+    /// stacks) and its file-backed part (the mapped binary and libraries).
+    pub(crate) fn rss_mb(&self) -> Result<Rss> {
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let field = |name: &str| -> Result<f64> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+                .with_context(|| format!("no {name} in {path}"))
+        };
+        Ok(Rss { total: field("VmRSS:")?, anon: field("RssAnon:")?, file: field("RssFile:")? })
+    }
+
+    /// The CPU time (user + system) the process has used so far, from
+    /// `/proc/<pid>/stat`.
+    pub(crate) fn cpu_secs(&self) -> Result<f64> {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // After the command name in parentheses: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        let ticks = |n: usize| -> Result<f64> {
+            fields
+                .get(n - 3)
+                .and_then(|f| f.parse::<f64>().ok())
+                .with_context(|| format!("bad {path}"))
+        };
+        Ok((ticks(14)? + ticks(15)?) / clock_ticks())
     }
 
     /// Sends SIGTERM and waits for a successful exit.
@@ -257,13 +285,23 @@ impl Drop for Service {
     }
 }
 
-/// VmRSS of process `pid` in kB, from `/proc/<pid>/status`.
-pub(crate) fn rss_kb(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS in {path}"))
+/// A resident set size in MB.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rss {
+    pub(crate) total: f64,
+    pub(crate) anon: f64,
+    pub(crate) file: f64,
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`, else 100).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
