@@ -95,7 +95,7 @@ pub(crate) async fn reconnect(queue: &str) -> Result<()> {
         let last = &last;
         async move {
             let started = Instant::now();
-            while !last().is_some_and(|t| t > after) {
+            while last().is_none_or(|t| t <= after) {
                 if started.elapsed() > limit {
                     bail!("no message handled within {limit:?}");
                 }
