@@ -82,9 +82,13 @@ async fn connect() -> Result<Connection> {
     .context("connecting to RabbitMQ")
 }
 
-/// Raw lapin publishing `count` persistent messages with confirms, `PUBLISH_WINDOW` in
-/// flight.
-pub(crate) async fn publish_raw(queue: &str, count: usize) -> Result<Sample> {
+/// How many sends steward-rabbitmq's sink has waiting for confirms at most (one per
+/// confirm channel, `PUBLISH_CHANNELS` there): the window of the raw baseline that shows
+/// what that limit costs.
+pub(crate) const SINK_IN_FLIGHT: usize = 128;
+
+/// Raw lapin publishing `count` persistent messages with confirms, `window` in flight.
+pub(crate) async fn publish_raw(queue: &str, count: usize, in_flight: usize) -> Result<Sample> {
     let connection = connect().await?;
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -92,7 +96,7 @@ pub(crate) async fn publish_raw(queue: &str, count: usize) -> Result<Sample> {
     let window = Window::start();
     let mut pending = FuturesUnordered::new();
     for (n, body) in bodies.iter().enumerate() {
-        if pending.len() >= PUBLISH_WINDOW {
+        if pending.len() >= in_flight {
             check_confirm(pending.next().await)?;
         }
         let confirm = channel
@@ -299,6 +303,7 @@ pub(super) fn bench(
         "consume.updater",
         "consume.aio-pika",
         "consume.faststream",
+        "publish.raw-window128",
     ];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); keys.len()];
     let mut failures: Vec<Option<String>> = vec![None; keys.len()];
@@ -342,6 +347,11 @@ pub(super) fn bench(
         if ok {
             record(4, bench.worker(&["rabbitmq-consume-updater", &queue, &n], limit));
         }
+        // Raw lapin with the sink's limit of sends in flight.
+        let window = SINK_IN_FLIGHT.to_string();
+        let published = block_on(purge(&queue))
+            .and_then(|()| bench.worker(&["rabbitmq-publish-raw", &queue, &n, &window], limit));
+        record(7, published);
         for (index, peer) in [(5, "aio-pika"), (6, "faststream")] {
             if peers.available().is_err() {
                 continue;
@@ -361,7 +371,7 @@ pub(super) fn bench(
         let key = format!("rabbitmq.{key}");
         if !samples[index].is_empty() {
             report.samples(&key, &samples[index]);
-        } else if index >= 5
+        } else if (5..=6).contains(&index)
             && let Err(reason) = peers.available()
         {
             report.missing(&format!("{key}.rate"), "msg/s", reason);
@@ -371,6 +381,7 @@ pub(super) fn bench(
         }
     }
     report.ratio("rabbitmq.publish.sink.rate", "rabbitmq.publish.raw.rate");
+    report.ratio("rabbitmq.publish.sink.rate", "rabbitmq.publish.raw-window128.rate");
     for other in ["raw-ack1", "raw-ack32", "aio-pika", "faststream"] {
         report.ratio("rabbitmq.consume.updater.rate", &format!("rabbitmq.consume.{other}.rate"));
         report.ratio("rabbitmq.consume.updater.cpu", &format!("rabbitmq.consume.{other}.cpu"));

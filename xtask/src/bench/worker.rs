@@ -114,8 +114,13 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
             }
             "inmem-mpsc" => inmem::mpsc(arg(args, 1, "count")?, arg(args, 2, "concurrency")?).await,
             "rabbitmq-publish-raw" => {
-                rabbitmq::publish_raw(&arg::<String>(args, 1, "queue")?, arg(args, 2, "count")?)
-                    .await
+                let window = arg(args, 3, "window").unwrap_or(rabbitmq::PUBLISH_WINDOW);
+                rabbitmq::publish_raw(
+                    &arg::<String>(args, 1, "queue")?,
+                    arg(args, 2, "count")?,
+                    window,
+                )
+                .await
             }
             "rabbitmq-publish-sink" => {
                 rabbitmq::publish_sink(&arg::<String>(args, 1, "queue")?, arg(args, 2, "count")?)
