@@ -102,6 +102,15 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The machine's load averages, from `/proc/loadavg`: the benchmark shares the machine
+/// with whatever else runs, and this says how busy it was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |error| format!("unknown ({error})"),
+        |text| text.split_whitespace().take(3).collect::<Vec<_>>().join(", "),
+    )
+}
+
 /// The broker's version, from `rabbitmqctl version`.
 fn broker_version() -> String {
     Command::new("rabbitmqctl")
@@ -153,6 +162,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     report.meta("broker", format!("RabbitMQ {}", broker_version()));
     report.meta("queue type", "quorum (declared by steward-rabbitmq), persistent messages");
     report.meta("rounds per figure", ROUNDS.to_string());
+    report.meta("load average at the start (1, 5, 15 min)", load_average());
     if let Some(parts) = &only {
         report.meta("parts (--only)", parts.join(", "));
     }
@@ -175,6 +185,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     goals(&mut report);
 
+    report.meta("load average at the end (1, 5, 15 min)", load_average());
     report.meta("wall time", format!("{:.0?}", started.elapsed()));
     let dir = bench.dir();
     report.write(&dir)?;
