@@ -132,3 +132,90 @@ fn read_chunked(reader: &mut BufReader<TcpStream>) -> Result<Vec<u8>> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    use serde_json::json;
+
+    use super::Http;
+
+    /// A server that answers each of `answers` on connections it accepts in turn, one
+    /// request per answer, closing the connection after an answer that says so; returns
+    /// its base URL and the requests it read (head and body).
+    fn serve(answers: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let server = std::thread::spawn(move || {
+            let mut requests = Vec::new();
+            let mut answers = answers.into_iter().peekable();
+            while answers.peek().is_some() {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut reader = BufReader::new(stream);
+                while let Some(answer) = answers.next() {
+                    let mut request = String::new();
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line).expect("request line");
+                        if let Some(value) =
+                            line.to_ascii_lowercase().strip_prefix("content-length:")
+                        {
+                            length = value.trim().parse().expect("length");
+                        }
+                        request.push_str(&line);
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).expect("body");
+                    request.push_str(&String::from_utf8_lossy(&body));
+                    requests.push(request);
+                    reader.get_mut().write_all(answer.as_bytes()).expect("answer");
+                    if answer.contains("Connection: close") {
+                        break;
+                    }
+                }
+            }
+            requests
+        });
+        (base, server)
+    }
+
+    #[test]
+    fn reads_sized_and_chunked_bodies_on_one_kept_alive_connection() {
+        let (base, server) = serve(vec![
+            "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n{\"a\":1}\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"b\"\r\n3\r\n:2}\r\n0\r\n\r\n",
+        ]);
+        let mut http = Http::new(&base).expect("client");
+        let (status, body) = http.post("/api/resources", &json!({"x": "y"})).expect("post");
+        assert_eq!((status, body), (202, json!({"a": 1})));
+        let (status, body) = http.get("/api/workers").expect("get");
+        assert_eq!((status, body), (200, json!({"b": 2})));
+        let requests = server.join().expect("server");
+        assert!(requests[0].starts_with("POST /api/resources HTTP/1.1\r\n"), "{requests:?}");
+        assert!(requests[0].ends_with("\r\n\r\n{\"x\":\"y\"}"), "{requests:?}");
+        assert!(requests[1].starts_with("GET /api/workers HTTP/1.1\r\n"), "{requests:?}");
+    }
+
+    #[test]
+    fn opens_a_new_connection_after_the_server_closed_one() {
+        let (base, server) = serve(vec![
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]",
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\nnot json!",
+        ]);
+        let mut http = Http::new(&base).expect("client");
+        assert_eq!(http.get("/readyz").expect("first"), (200, json!([])));
+        assert_eq!(http.get("/readyz").expect("second"), (503, serde_json::Value::Null));
+        assert_eq!(server.join().expect("server").len(), 2);
+    }
+
+    #[test]
+    fn refuses_an_address_that_is_not_http() {
+        assert!(Http::new("https://127.0.0.1:1").is_err());
+    }
+}

@@ -100,3 +100,33 @@ fn confirmed(result: Option<lapin::Result<Confirmation>>) -> Result<()> {
         None => bail!("no confirm pending"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::Operation;
+
+    #[test]
+    fn statuses_answer_the_step_of_the_created_operation() {
+        let answer = json!({"operation": {"id": "op-1", "resourceId": "res-1",
+            "steps": [{"id": "step-1", "templateStepId": "main", "resourceId": "res-1"}]}});
+        let operation = Operation::from_answer(&answer).expect("an operation");
+        let deploying: Value =
+            serde_json::from_slice(&operation.status("deploying")).expect("JSON");
+        assert_eq!(
+            deploying,
+            json!({"operationId": "op-1", "stepId": "step-1", "id": "res-1",
+                "status": "deploying", "message": "res-1: deploying", "outputs": []})
+        );
+        let deployed: Value = serde_json::from_slice(&operation.status("deployed")).expect("JSON");
+        assert_eq!(deployed["outputs"][0]["name"], "workspace_url");
+        assert_eq!(deployed["outputs"][0]["type"], "string");
+    }
+
+    #[test]
+    fn an_answer_without_a_step_is_an_error() {
+        let answer = json!({"operation": {"id": "op-1", "resourceId": "res-1", "steps": []}});
+        assert!(Operation::from_answer(&answer).is_err());
+    }
+}
