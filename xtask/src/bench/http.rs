@@ -154,7 +154,7 @@ mod tests {
             while answers.peek().is_some() {
                 let (stream, _) = listener.accept().expect("accept");
                 let mut reader = BufReader::new(stream);
-                while let Some(answer) = answers.next() {
+                for answer in answers.by_ref() {
                     let mut request = String::new();
                     let mut length = 0;
                     loop {
