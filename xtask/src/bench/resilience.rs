@@ -36,7 +36,8 @@ const HOLD: Duration = Duration::from_millis(100);
 /// The backlog the SIGTERM test starts from.
 const BACKLOG: usize = 2_000;
 
-/// The broker's connections whose client-provided name starts with `prefix`: their
+/// The broker's connections whose client-provided name starts with `prefix` and a
+/// space (steward-rabbitmq names them `<prefix> source …` and `<prefix> sink …`): their
 /// `pid`s, for `rabbitmqctl close_connection`.
 fn connections(prefix: &str) -> Result<Vec<String>> {
     let output = Command::new("rabbitmqctl")
@@ -47,8 +48,8 @@ fn connections(prefix: &str) -> Result<Vec<String>> {
         bail!("rabbitmqctl list_connections: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
     // One line per connection: `<pid>\t<client properties>`, the connection name among
-    // the properties as `{"connection_name","<name>"}`.
-    let named = format!("{{\"connection_name\",\"{prefix}");
+    // the properties as `{"connection_name","<prefix> source <queue> <id>"}`.
+    let named = format!("{{\"connection_name\",\"{prefix} ");
     Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|line| line.contains(&named))
