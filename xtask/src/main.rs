@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         Some("sim") => sim(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, 500 simulation seeds, examples\n  bench  benchmarks against the bare clients, in release: [--quick]\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
+                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, 500 simulation seeds, examples\n  bench  benchmarks against the bare clients, in release: [--quick] [--only inmem,rabbitmq,latency,resilience,e2e]\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
             );
             Ok(())
         }

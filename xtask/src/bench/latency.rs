@@ -85,7 +85,9 @@ pub(crate) async fn measure(
                         queue.into(),
                         BasicPublishOptions::default(),
                         &stamp(origin),
-                        BasicProperties::default().with_delivery_mode(2),
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_message_id(super::rabbitmq::message_id(i).into()),
                     )
                     .await?;
             }

@@ -9,11 +9,18 @@
 //! `report.md` ([`report`]) and is printed.
 
 mod cpu;
+mod e2e;
+mod http;
 mod inmem;
 mod latency;
+mod postgres;
 mod python;
 mod rabbitmq;
 mod report;
+mod resilience;
+mod service;
+mod signal;
+mod statuses;
 pub(crate) mod worker;
 
 use std::path::{Path, PathBuf};
@@ -95,6 +102,15 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The machine's load averages, from `/proc/loadavg`: the benchmark shares the machine
+/// with whatever else runs, and this says how busy it was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |error| format!("unknown ({error})"),
+        |text| text.split_whitespace().take(3).collect::<Vec<_>>().join(", "),
+    )
+}
+
 /// The broker's version, from `rabbitmqctl version`.
 fn broker_version() -> String {
     Command::new("rabbitmqctl")
@@ -107,12 +123,29 @@ fn broker_version() -> String {
         .unwrap_or_else(|| "unknown (rabbitmqctl version failed)".to_owned())
 }
 
-/// `cargo xtask bench [--quick]`.
+/// The parts of the benchmark, in the order they run.
+const PARTS: [&str; 5] = ["inmem", "rabbitmq", "latency", "resilience", "e2e"];
+
+/// `cargo xtask bench [--quick] [--only <part>,…]`.
 pub(crate) fn run(args: &[String]) -> Result<()> {
-    let quick = args.iter().any(|a| a == "--quick");
-    if let Some(other) = args.iter().find(|a| *a != "--quick") {
-        bail!("unknown bench option {other:?}; the only one is --quick");
+    let mut quick = false;
+    let mut only: Option<Vec<String>> = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--only" => {
+                let parts = args.next().context("--only needs a list of parts")?;
+                let parts: Vec<String> = parts.split(',').map(str::to_owned).collect();
+                if let Some(bad) = parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
+                    bail!("unknown part {bad:?}; the parts are {}", PARTS.join(", "));
+                }
+                only = Some(parts);
+            }
+            other => bail!("unknown bench option {other:?}; the options are --quick and --only"),
+        }
     }
+    let runs = |part: &str| only.as_ref().is_none_or(|parts| parts.iter().any(|p| p == part));
     let started = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -129,31 +162,35 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     report.meta("broker", format!("RabbitMQ {}", broker_version()));
     report.meta("queue type", "quorum (declared by steward-rabbitmq), persistent messages");
     report.meta("rounds per figure", ROUNDS.to_string());
+    report.meta("load average at the start (1, 5, 15 min)", load_average());
+    if let Some(parts) = &only {
+        report.meta("parts (--only)", parts.join(", "));
+    }
 
-    inmem::bench(&bench, &mut report);
-    let peers = python::Peers::prepare(&bench);
-    rabbitmq::bench(&bench, &peers, &mut report);
-    rabbitmq::bench_memory(&bench, &mut report);
-    latency::bench(&bench, &mut report);
-    missing(&mut report);
+    if runs("inmem") {
+        inmem::bench(&bench, &mut report);
+    }
+    if runs("rabbitmq") {
+        let peers = python::Peers::prepare(&bench);
+        rabbitmq::bench(&bench, &peers, &mut report);
+    }
+    if runs("latency") {
+        latency::bench(&bench, &mut report);
+    }
+    if runs("resilience") {
+        resilience::bench(&bench, &mut report);
+    }
+    if runs("e2e") {
+        e2e::bench(&bench, &mut report);
+    }
     goals(&mut report);
 
+    report.meta("load average at the end (1, 5, 15 min)", load_average());
     report.meta("wall time", format!("{:.0?}", started.elapsed()));
     let dir = bench.dir();
     report.write(&dir)?;
     println!("\n{}\nwritten to {}", report.to_markdown(), dir.display());
     Ok(())
-}
-
-/// The figures of the issue this benchmark does not measure yet, each with the reason.
-fn missing(report: &mut Report) {
-    let not_built = "not implemented in the benchmark yet (no time in this change)";
-    for key in ["e2e.sqlite.rate", "e2e.postgres.rate"] {
-        report.missing(key, "msg/s", not_built);
-    }
-    report.missing("resilience.reconnect.median", "ms", not_built);
-    report.missing("resilience.reconnect.max", "ms", not_built);
-    report.missing("resilience.sigterm-64-in-flight", "ms", not_built);
 }
 
 /// The issue's goals, from the figures measured.
@@ -177,5 +214,5 @@ fn goals(report: &mut Report) {
     let reconnect = report.value("resilience.reconnect.max");
     report.goal("Reconnect ≤ 2 s (max of 5, ms)", reconnect, false, 2_000.0);
     let rss = report.value("memory.idle.rss");
-    report.goal("Idle RSS ≤ 30 MB (Updater worker process, MB)", rss, false, 30.0);
+    report.goal("Idle RSS ≤ 30 MB (steward-api, MB)", rss, false, 30.0);
 }

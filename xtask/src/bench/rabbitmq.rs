@@ -43,14 +43,26 @@ pub(crate) fn body(n: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The message id of message `n`, UUID-shaped. Every publisher sets it, as TRE's
+/// publisher contract asks: a message without one would cost the steward consumer a
+/// random UUID (a `getrandom` system call) that the raw consumers never pay.
+pub(crate) fn message_id(n: usize) -> String {
+    format!("{n:08x}-0000-4000-8000-000000000000")
+}
+
 /// The steward transport for `queue`: its quorum queue and topology, expiring if the
 /// benchmark dies before it deletes them.
 pub(crate) fn transport(queue: &str) -> Result<RabbitMq> {
+    transport_named(queue, "steward-bench", 8)
+}
+
+/// [`transport`] with connections named after `name`, for an Updater of `concurrency`.
+pub(crate) fn transport_named(queue: &str, name: &str, concurrency: usize) -> Result<RabbitMq> {
     RabbitMqBuilder::new()
         .with_url(url())
-        .with_connection_name("steward-bench")
+        .with_connection_name(name)
         .with_queue(queue)
-        .with_concurrency(8)
+        .with_concurrency(concurrency)
         .with_prefetch(PREFETCH)
         .with_queue_expiry(Duration::from_secs(900))
         .build()
@@ -70,17 +82,21 @@ async fn connect() -> Result<Connection> {
     .context("connecting to RabbitMQ")
 }
 
-/// Raw lapin publishing `count` persistent messages with confirms, `PUBLISH_WINDOW` in
-/// flight.
-pub(crate) async fn publish_raw(queue: &str, count: usize) -> Result<Sample> {
+/// How many sends steward-rabbitmq's sink has waiting for confirms at most (one per
+/// confirm channel, `PUBLISH_CHANNELS` there): the window of the raw baseline that shows
+/// what that limit costs.
+pub(crate) const SINK_IN_FLIGHT: usize = 128;
+
+/// Raw lapin publishing `count` persistent messages with confirms, `window` in flight.
+pub(crate) async fn publish_raw(queue: &str, count: usize, in_flight: usize) -> Result<Sample> {
     let connection = connect().await?;
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let bodies: Vec<Vec<u8>> = (0..count).map(body).collect();
     let window = Window::start();
     let mut pending = FuturesUnordered::new();
-    for body in &bodies {
-        if pending.len() >= PUBLISH_WINDOW {
+    for (n, body) in bodies.iter().enumerate() {
+        if pending.len() >= in_flight {
             check_confirm(pending.next().await)?;
         }
         let confirm = channel
@@ -91,7 +107,8 @@ pub(crate) async fn publish_raw(queue: &str, count: usize) -> Result<Sample> {
                 body,
                 BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
+                    .with_content_type("application/json".into())
+                    .with_message_id(message_id(n).into()),
             )
             .await?;
         pending.push(confirm);
@@ -117,15 +134,17 @@ fn check_confirm(result: Option<lapin::Result<lapin::Confirmation>>) -> Result<(
 pub(crate) async fn publish_sink(queue: &str, count: usize) -> Result<Sample> {
     let rabbit = transport(queue)?;
     let sink = rabbit.sink();
-    let bodies: Vec<Vec<u8>> = (0..count).map(body).collect();
+    let messages: Vec<OutgoingMessage> =
+        (0..count).map(|n| OutgoingMessage::json(body(n)).with_message_id(message_id(n))).collect();
     // The first send opens the connection and channels; it is not measured, as the raw
     // client's connect is not.
-    sink.send(queue, OutgoingMessage::json(body(count))).await.context("first send")?;
+    let first = OutgoingMessage::json(body(count)).with_message_id(message_id(count));
+    sink.send(queue, first).await.context("first send")?;
     let window = Window::start();
-    let results: Vec<_> = futures::stream::iter(bodies)
-        .map(|body| {
+    let results: Vec<_> = futures::stream::iter(messages)
+        .map(|message| {
             let sink = &sink;
-            async move { sink.send(queue, OutgoingMessage::json(body)).await }
+            async move { sink.send(queue, message).await }
         })
         .buffer_unordered(PUBLISH_WINDOW)
         .collect()
@@ -195,17 +214,32 @@ pub(crate) async fn consume_updater(queue: &str, count: usize) -> Result<Sample>
             async move { outcome }
         })
     };
-    let supervisor = spawn_updater(&rabbit, queue, handler);
+    let supervisor = spawn_updater(&rabbit, queue, handler, 8);
     finished.notified().await;
     let sample = first.get().copied().context("no message")?.finish(count);
     let _ = supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)).await;
     Ok(sample)
 }
 
-/// Runs `f` on a small runtime of the orchestrator (declaring and deleting topology).
-/// A supervisor running the benchmark's Updater (concurrency 8, batches of 64) with
+/// A supervisor running the benchmark's Updater (`concurrency`, batches of 64) with
 /// `handler` on `queue`.
-fn spawn_updater(rabbit: &RabbitMq, queue: &str, handler: impl Handler) -> Supervisor {
+pub(crate) fn spawn_updater(
+    rabbit: &RabbitMq,
+    queue: &str,
+    handler: impl Handler,
+    concurrency: usize,
+) -> Supervisor {
+    spawn_supervised(SupervisorConfig::default(), rabbit, queue, handler, concurrency)
+}
+
+/// [`spawn_updater`] under a supervisor of `config`.
+pub(crate) fn spawn_supervised(
+    config: SupervisorConfig,
+    rabbit: &RabbitMq,
+    queue: &str,
+    handler: impl Handler,
+    concurrency: usize,
+) -> Supervisor {
     let connect = {
         let (rabbit, queue) = (rabbit.clone(), queue.to_owned());
         move || {
@@ -213,15 +247,18 @@ fn spawn_updater(rabbit: &RabbitMq, queue: &str, handler: impl Handler) -> Super
             async move { rabbit.source(&queue).await }
         }
     };
-    let supervisor = Supervisor::new(SupervisorConfig::default());
+    let supervisor = Supervisor::new(config);
     supervisor.spawn(
-        Updater::new("bench", connect, handler)
-            .with_config(UpdaterConfig::default().with_concurrency(8).with_batch_size(64)),
+        Updater::new("bench", connect, handler).with_config(
+            UpdaterConfig::default().with_concurrency(concurrency).with_batch_size(64),
+        ),
     );
     supervisor
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+/// Runs `f` on a small runtime of the orchestrator (declaring and deleting topology,
+/// publishing).
+pub(crate) fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -266,6 +303,7 @@ pub(super) fn bench(
         "consume.updater",
         "consume.aio-pika",
         "consume.faststream",
+        "publish.raw-window128",
     ];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); keys.len()];
     let mut failures: Vec<Option<String>> = vec![None; keys.len()];
@@ -309,6 +347,11 @@ pub(super) fn bench(
         if ok {
             record(4, bench.worker(&["rabbitmq-consume-updater", &queue, &n], limit));
         }
+        // Raw lapin with the sink's limit of sends in flight.
+        let window = SINK_IN_FLIGHT.to_string();
+        let published = block_on(purge(&queue))
+            .and_then(|()| bench.worker(&["rabbitmq-publish-raw", &queue, &n, &window], limit));
+        record(7, published);
         for (index, peer) in [(5, "aio-pika"), (6, "faststream")] {
             if peers.available().is_err() {
                 continue;
@@ -328,7 +371,7 @@ pub(super) fn bench(
         let key = format!("rabbitmq.{key}");
         if !samples[index].is_empty() {
             report.samples(&key, &samples[index]);
-        } else if index >= 5
+        } else if (5..=6).contains(&index)
             && let Err(reason) = peers.available()
         {
             report.missing(&format!("{key}.rate"), "msg/s", reason);
@@ -338,133 +381,10 @@ pub(super) fn bench(
         }
     }
     report.ratio("rabbitmq.publish.sink.rate", "rabbitmq.publish.raw.rate");
+    report.ratio("rabbitmq.publish.sink.rate", "rabbitmq.publish.raw-window128.rate");
     for other in ["raw-ack1", "raw-ack32", "aio-pika", "faststream"] {
         report.ratio("rabbitmq.consume.updater.rate", &format!("rabbitmq.consume.{other}.rate"));
         report.ratio("rabbitmq.consume.updater.cpu", &format!("rabbitmq.consume.{other}.cpu"));
-    }
-}
-
-/// This process's resident set size in kB, from `/proc/self/status`.
-fn rss_kb() -> Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/self/status")
-}
-
-/// The memory worker: an Updater (as in [`consume_updater`]) on the empty `queue`;
-/// prints its RSS once idle (after 2 s connected), then again once `count` messages,
-/// published by another process, are handled.
-pub(crate) async fn memory(queue: &str, count: usize) -> Result<()> {
-    let rabbit = transport(queue)?;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let finished = Arc::new(Notify::new());
-    let handler = {
-        let (handled, finished) = (handled.clone(), finished.clone());
-        handler_fn(move |message| {
-            let ok = parse(&message.body);
-            if handled.fetch_add(1, Ordering::Relaxed) + 1 == count {
-                finished.notify_one();
-            }
-            async move {
-                if ok {
-                    Outcome::Complete
-                } else {
-                    Outcome::DeadLetter {
-                        reason: "MessageFormatIncorrect".into(),
-                        description: "not a JSON object".into(),
-                    }
-                }
-            }
-        })
-    };
-    let supervisor = spawn_updater(&rabbit, queue, handler);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("{{\"idle_kb\":{}}}", rss_kb()?);
-    finished.notified().await;
-    println!("{{\"after_kb\":{}}}", rss_kb()?);
-    let _ = supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)).await;
-    Ok(())
-}
-
-/// Runs the memory worker on `queue`, publishing `count` messages once it reports idle;
-/// returns its idle and after-`count` RSS in MB.
-fn measure_memory(
-    bench: &super::Bench,
-    queue: &str,
-    count: usize,
-    limit: Duration,
-) -> Result<(f64, f64)> {
-    use std::io::BufRead as _;
-    block_on(purge(queue))?;
-    let mut child = std::process::Command::new(&bench.exe)
-        .args(["bench-worker", "rabbitmq-memory", queue, &count.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .context("could not start the memory worker")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let (lines, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let read = |field: &str| -> Result<f64> {
-        let line =
-            received.recv_timeout(limit).with_context(|| format!("no {field} within {limit:?}"))?;
-        let value: serde_json::Value = serde_json::from_str(&line)?;
-        Ok(value[field].as_f64().with_context(|| format!("{line:?} has no {field}"))? / 1024.0)
-    };
-    let result = (|| {
-        let idle = read("idle_kb")?;
-        bench.worker(&["rabbitmq-publish-raw", queue, &count.to_string()], limit)?;
-        let after = read("after_kb")?;
-        Ok((idle, after))
-    })();
-    if result.is_err() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    result
-}
-
-/// The memory figures: RSS of a process running the Updater, idle and after 100k
-/// messages.
-pub(super) fn bench_memory(bench: &super::Bench, report: &mut super::Report) {
-    const COUNT: usize = 100_000;
-    let limit = Duration::from_secs(180);
-    let queue = unique_queue("memory");
-    if let Err(error) = block_on(async { Ok(transport(&queue)?.declare_topology().await?) }) {
-        report.missing("memory.idle.rss", "MB", format!("{error:#}"));
-        report.missing("memory.after-100k.rss", "MB", format!("{error:#}"));
-        return;
-    }
-    let (mut idle, mut after, mut failure) = (Vec::new(), Vec::new(), None);
-    for round in 0..super::ROUNDS {
-        println!("memory: round {}", round + 1);
-        match measure_memory(bench, &queue, COUNT, limit) {
-            Ok((i, a)) => {
-                idle.push(i);
-                after.push(a);
-            }
-            Err(error) => failure = Some(format!("{error:#}")),
-        }
-    }
-    if let Err(error) = block_on(async { Ok(transport(&queue)?.delete_topology().await?) }) {
-        eprintln!("could not delete the benchmark's queue {queue}: {error:#}");
-    }
-    for (key, rounds) in [("memory.idle.rss", idle), ("memory.after-100k.rss", after)] {
-        if rounds.is_empty() {
-            report.missing(key, "MB", failure.clone().unwrap_or_default());
-        } else {
-            report.figure(key, "MB", rounds);
-        }
     }
 }
 
@@ -483,4 +403,16 @@ pub(crate) fn delete(queue: &str) {
     if let Err(error) = block_on(async { Ok(transport(queue)?.delete_topology().await?) }) {
         eprintln!("could not delete the benchmark's queue {queue}: {error:#}");
     }
+}
+
+/// The messages ready in `queue` (a passive declare).
+pub(crate) fn depth(queue: &str) -> Result<u32> {
+    block_on(async {
+        let connection = connect().await?;
+        let channel = connection.create_channel().await?;
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let declared = channel.queue_declare(queue.into(), options, FieldTable::default()).await?;
+        let _ = connection.close(200, "done".into()).await;
+        Ok(declared.message_count())
+    })
 }

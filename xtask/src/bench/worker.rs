@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::cpu::process_cpu;
-use super::{inmem, rabbitmq};
+use super::{inmem, rabbitmq, resilience};
 
 /// What one worker measured.
 #[derive(Debug, Clone, Copy)]
@@ -99,10 +99,13 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
         println!("{}", serde_json::json!({ "p50_us": p50, "p99_us": p99 }));
         return Ok(());
     }
-    if kind == "rabbitmq-memory" {
+    if kind == "rabbitmq-reconnect" {
         let queue: String = arg(args, 1, "queue")?;
-        let count = arg(args, 2, "count")?;
-        return runtime.block_on(rabbitmq::memory(&queue, count));
+        return runtime.block_on(resilience::reconnect(&queue));
+    }
+    if kind == "rabbitmq-sigterm" {
+        let queue: String = arg(args, 1, "queue")?;
+        return runtime.block_on(resilience::sigterm(&queue));
     }
     let sample = runtime.block_on(async {
         match kind {
@@ -111,8 +114,13 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
             }
             "inmem-mpsc" => inmem::mpsc(arg(args, 1, "count")?, arg(args, 2, "concurrency")?).await,
             "rabbitmq-publish-raw" => {
-                rabbitmq::publish_raw(&arg::<String>(args, 1, "queue")?, arg(args, 2, "count")?)
-                    .await
+                let window = arg(args, 3, "window").unwrap_or(rabbitmq::PUBLISH_WINDOW);
+                rabbitmq::publish_raw(
+                    &arg::<String>(args, 1, "queue")?,
+                    arg(args, 2, "count")?,
+                    window,
+                )
+                .await
             }
             "rabbitmq-publish-sink" => {
                 rabbitmq::publish_sink(&arg::<String>(args, 1, "queue")?, arg(args, 2, "count")?)
