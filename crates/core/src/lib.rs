@@ -12,7 +12,9 @@
 //! - [`Handler`] and [`Outcome`], what application code implements;
 //! - [`Capabilities`], what a transport supports;
 //! - [`transport`]: what every transport means the same way ([`DeadLetter`], the
-//!   reason and naming constants).
+//!   reason and naming constants);
+//! - [`DeadLetterQueues`] ([`dead_letters`]): count, peek, redrive and purge dead
+//!   letters, for operators.
 //!
 //! Feature `testkit` adds the conformance suite every transport must pass
 //! ([`testkit`], not semver-stable); feature `mock` adds `mockall` mocks of the traits
@@ -55,6 +57,7 @@
 //! ```
 
 mod capabilities;
+pub mod dead_letters;
 mod deadlines;
 mod delivery;
 mod error;
@@ -71,6 +74,7 @@ mod updater;
 pub mod testkit;
 
 pub use capabilities::{Capabilities, Capability};
+pub use dead_letters::{DeadLetterCount, DeadLetterQueues, Redrive};
 pub use deadlines::Deadlines;
 pub use delivery::{Delivery, LOCK_REPORT_SLACK, Settle};
 pub use error::{BoxError, ErrorKind, TransportError, error_chain};
