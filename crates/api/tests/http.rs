@@ -155,6 +155,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/airlock-requests/{id}/cancel"),
     ("GET", "/api/workspaces/{workspaceId}/roles/{userId}"),
     ("PUT", "/api/workspaces/{workspaceId}/roles/{userId}"),
+    ("GET", "/api/dead-letters"),
+    ("GET", "/api/dead-letters/{queue}"),
+    ("POST", "/api/dead-letters/{queue}/redrive"),
+    ("DELETE", "/api/dead-letters/{queue}/messages/{id}"),
 ];
 
 /// The methods a route may take.
@@ -165,6 +169,7 @@ fn concrete(path: &str) -> String {
         .replace("{action}", "start")
         .replace("{workspaceId}", "00000000-0000-4000-8000-000000000000")
         .replace("{userId}", "u-1")
+        .replace("{queue}", "deploymentstatus")
 }
 
 fn assert_error_shape(body: &Value) {

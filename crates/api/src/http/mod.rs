@@ -12,6 +12,7 @@ mod error;
 mod extract;
 mod health;
 mod openapi;
+mod operator;
 mod resources;
 mod roles;
 mod state;
@@ -30,6 +31,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use error::ApiError;
+pub use operator::OperatorSettings;
 pub use state::{ApiSettings, AppState};
 
 use error::LoggedCause;
@@ -74,6 +76,10 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(airlock::review))
         .routes(routes!(airlock::cancel))
         .routes(routes!(roles::get, roles::set))
+        .routes(routes!(operator::list_dead_letters))
+        .routes(routes!(operator::peek_dead_letters))
+        .routes(routes!(operator::redrive_dead_letters))
+        .routes(routes!(operator::purge_dead_letter))
 }
 
 /// The OpenAPI document of every route, as `GET /api/openapi.json` serves it.

@@ -5,7 +5,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{airlock, error, health, resources, roles, templates};
+use super::{airlock, error, health, operator, resources, roles, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,8 @@ use super::{airlock, error, health, resources, roles, templates};
         airlock::CreateAirlockRequest, airlock::ReviewBody, airlock::ReviewDecision,
         airlock::AirlockRequestResponse, airlock::AirlockRequestList,
         roles::SetRoles, roles::WorkspaceRoles,
+        operator::DeadLetterQueueList, operator::DeadLetterQueueCount, operator::PeekedMessages,
+        operator::PeekedMessage, operator::RedriveBody, operator::Redriven, operator::Purged,
     )),
     tags(
         (name = "health", description = "Probes and worker health"),
@@ -27,6 +29,7 @@ use super::{airlock, error, health, resources, roles, templates};
         (name = "resources", description = "Resources and operations"),
         (name = "airlock", description = "Airlock requests"),
         (name = "roles", description = "Workspace roles"),
+        (name = "operator", description = "Operator actions, TREAdmin only: dead letters"),
     )
 )]
 pub(super) struct ApiDoc;

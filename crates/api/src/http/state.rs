@@ -30,6 +30,8 @@ pub struct ApiSettings {
     /// a request whose messages would be larger is refused with 413 before anything is
     /// committed. `None`: no limit.
     pub max_message_bytes: Option<usize>,
+    /// What the operator routes work on: dead letters.
+    pub operator: super::OperatorSettings,
 }
 
 /// The state every HTTP handler gets: cheap to clone.

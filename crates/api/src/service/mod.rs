@@ -28,7 +28,7 @@ pub use transport::{TransportConfigError, TransportOptions};
 
 use faults::FaultPlan;
 
-use crate::http::{ApiSettings, AppState};
+use crate::http::{ApiSettings, AppState, OperatorSettings};
 use crate::rules::airlock::AirlockQueues;
 use crate::storage::{Database, OutboxMessage, Store, StoreOptions};
 use crate::templates::TemplateRegistry;
@@ -251,6 +251,10 @@ impl Service {
             metrics_open: config.metrics_open,
             transport: transport.name().to_owned(),
             max_message_bytes: transport.max_message_bytes(),
+            operator: OperatorSettings {
+                dead_letters: transport.dead_letter_queues(),
+                consumed_queues: config.topology().consumed,
+            },
         };
         let state = AppState {
             db: db.clone(),

@@ -27,7 +27,7 @@ impl std::fmt::Debug for Settings {
 }
 
 // The transport, `Rabbit`: its check declares the queues with their dead-letter and
-// delay queues.
+// delay queues; its dead-letter queues are `<queue>.dlq`.
 broker_transport!(Rabbit(RabbitMq), |settings| {
     steward_rabbitmq::RabbitMqBuilder::new().with_url(settings.rabbitmq_url.clone())
-});
+}, dead_letters: |rabbit| rabbit.dead_letter_queues());

@@ -1,0 +1,249 @@
+//! The operator's dead-letter routes, driven with `oneshot` over the in-memory broker:
+//! `TREAdmin` only, counts, peeks, redrives and purges, and their errors.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use steward_api::http::auth::Authentication;
+use steward_api::http::{ApiSettings, AppState, OperatorSettings, openapi, router};
+use steward_api::storage::Database;
+use steward_api::templates::TemplateRegistry;
+use steward_core::dead_letters::REDRIVEN_PROPERTY;
+use steward_core::{
+    DeadLetterQueues, MessageSink, MessageSource, OutgoingMessage, Supervisor, SupervisorConfig,
+};
+use steward_inmem::{InMemoryBroker, QueueOptions};
+use tower::ServiceExt;
+
+const QUEUE: &str = "deploymentstatus";
+
+struct App {
+    router: Router,
+    broker: InMemoryBroker,
+    _supervisor: Supervisor,
+    _db: support::TestDb,
+}
+
+/// The router behind a proxy whose user `admin` holds `TREAdmin`, consuming `QUEUE`
+/// and `other` on an in-memory broker, with dead-letter administration when `admin`.
+async fn app(dead_letters: bool) -> App {
+    let db = support::TestDb::sqlite().await;
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    let broker = InMemoryBroker::builder().with_strict(true).build();
+    for queue in [QUEUE, "other"] {
+        broker.declare_queue(queue, QueueOptions::default());
+    }
+    let dlqs: Option<Arc<dyn DeadLetterQueues>> =
+        dead_letters.then(|| Arc::new(broker.dead_letter_queues()) as _);
+    let state = AppState {
+        db: Database::migrated(db.store.clone()),
+        templates: Arc::new(TemplateRegistry::builtin().unwrap()),
+        health: supervisor.health(),
+        settings: Arc::new(ApiSettings {
+            auth: Authentication::none().with_proxy_headers(true).with_proxy_admins(["admin"]),
+            transport: "inmem".to_owned(),
+            operator: OperatorSettings {
+                dead_letters: dlqs,
+                consumed_queues: vec![QUEUE.to_owned(), "other".to_owned()],
+            },
+            ..ApiSettings::default()
+        }),
+        metrics: None,
+    };
+    App { router: router(state), broker, _supervisor: supervisor, _db: db }
+}
+
+/// Sends `ids` to `QUEUE` and dead-letters them, in that order, as bad formats.
+async fn dead_letter(broker: &InMemoryBroker, ids: &[&str]) {
+    for id in ids {
+        let message = OutgoingMessage::json(format!(r#"{{"id":"{id}"}}"#))
+            .with_message_id(*id)
+            .with_property("origin", "test");
+        broker.send(QUEUE, message).await.unwrap();
+    }
+    let source = broker.source(QUEUE).unwrap();
+    for id in ids {
+        let delivery = source.receive(1, Duration::from_secs(1)).await.unwrap().remove(0);
+        assert_eq!(delivery.message().id, *id);
+        delivery
+            .dead_letter("MessageFormatIncorrect", &format!("{id} is not a status"))
+            .await
+            .unwrap();
+    }
+}
+
+async fn call(
+    app: &Router,
+    user: Option<&str>,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut builder = Request::builder().method(method).uri(uri);
+    if let Some(user) = user {
+        builder = builder.header("x-user-id", user);
+    }
+    let request = match body {
+        Some(body) => builder
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+        None => builder.body(Body::empty()).unwrap(),
+    };
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, body)
+}
+
+/// The operator routes, as (method, path, body).
+fn routes() -> Vec<(&'static str, String, Option<Value>)> {
+    vec![
+        ("GET", "/api/dead-letters".to_owned(), None),
+        ("GET", format!("/api/dead-letters/{QUEUE}?limit=5"), None),
+        ("POST", format!("/api/dead-letters/{QUEUE}/redrive"), Some(json!({"all": true}))),
+        ("DELETE", format!("/api/dead-letters/{QUEUE}/messages/m-0"), None),
+    ]
+}
+
+/// Ensures that the dead-letter routes answer only `TREAdmin`: 401 without a caller,
+/// 403 for another user, before anything is read or changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_routes_need_tre_admin() {
+    let app = app(true).await;
+    dead_letter(&app.broker, &["m-0"]).await;
+    for (method, path, body) in routes() {
+        let (status, _) = call(&app.router, None, method, &path, body.clone()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        let (status, answer) = call(&app.router, Some("u-1"), method, &path, body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {answer}");
+        assert!(answer["detail"].as_str().unwrap().contains("TREAdmin"), "{answer}");
+    }
+    assert_eq!(app.broker.dead_letter_count(QUEUE), 1, "nothing was redriven or purged");
+    let doc = serde_json::to_value(openapi()).unwrap();
+    for (method, path) in [
+        ("get", "/api/dead-letters"),
+        ("get", "/api/dead-letters/{queue}"),
+        ("post", "/api/dead-letters/{queue}/redrive"),
+        ("delete", "/api/dead-letters/{queue}/messages/{id}"),
+    ] {
+        let operation = &doc["paths"][path][method];
+        assert_eq!(operation["tags"], json!(["operator"]), "{method} {path} in the document");
+    }
+}
+
+/// Ensures that an admin sees each consumed queue's dead-letter count, peeks a queue's
+/// dead letters with their reason without taking them, redrives chosen ones (which
+/// come back with a redriven count) and purges one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_counts_peeks_redrives_and_purges() {
+    let app = app(true).await;
+    let ids = ["m-0", "m-1", "m-2", "m-3", "m-4"];
+    dead_letter(&app.broker, &ids).await;
+    let admin = Some("admin");
+
+    let (status, list) = call(&app.router, admin, "GET", "/api/dead-letters", None).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(
+        list,
+        json!({"transport": "inmem", "peekCountsAsDelivery": false, "queues": [
+            {"queue": QUEUE, "count": 5}, {"queue": "other", "count": 0}]})
+    );
+
+    let peek = format!("/api/dead-letters/{QUEUE}?limit=3");
+    let (status, peeked) = call(&app.router, admin, "GET", &peek, None).await;
+    assert_eq!(status, StatusCode::OK, "{peeked}");
+    let messages = peeked["messages"].as_array().unwrap();
+    let shown: Vec<&str> = messages.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(shown, ["m-0", "m-1", "m-2"]);
+    assert_eq!(messages[0]["reason"], "MessageFormatIncorrect");
+    assert_eq!(messages[0]["description"], "m-0 is not a status");
+    assert_eq!(messages[0]["bodyPreview"], r#"{"id":"m-0"}"#);
+    assert_eq!(messages[0]["bodyTruncated"], false);
+    assert_eq!(messages[0]["properties"], json!({"origin": "test"}));
+    assert_eq!(messages[0]["contentType"], "application/json");
+    assert_eq!(app.broker.dead_letter_count(QUEUE), 5, "a peek takes nothing");
+
+    let redrive = format!("/api/dead-letters/{QUEUE}/redrive");
+    let chosen = json!({"ids": ["m-1", "m-3", "gone"]});
+    let (status, answer) = call(&app.router, admin, "POST", &redrive, Some(chosen)).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"redriven": 2})));
+    let back = app.broker.peek(QUEUE);
+    let back: Vec<(&str, Option<&str>)> = back
+        .iter()
+        .map(|m| (m.id.as_str(), m.properties.get(REDRIVEN_PROPERTY).map(String::as_str)))
+        .collect();
+    assert_eq!(back, [("m-1", Some("1")), ("m-3", Some("1"))]);
+
+    let purge = format!("/api/dead-letters/{QUEUE}/messages/m-2");
+    let (status, answer) = call(&app.router, admin, "DELETE", &purge, None).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"purged": 1})));
+    let (status, answer) = call(&app.router, admin, "DELETE", &purge, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+
+    let (status, answer) =
+        call(&app.router, admin, "POST", &redrive, Some(json!({"all": true}))).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"redriven": 2})));
+    let (_, list) = call(&app.router, admin, "GET", "/api/dead-letters", None).await;
+    assert_eq!(list["queues"][0]["count"], 0, "{list}");
+    assert_eq!(app.broker.message_count(QUEUE), 4, "m-0, m-1, m-3, m-4 are back; m-2 is gone");
+}
+
+/// Ensures that bad requests are refused with the reason, and nothing changes: a queue
+/// the service does not consume, a limit out of range, a redrive naming both or neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_operator_requests_are_refused() {
+    let app = app(true).await;
+    dead_letter(&app.broker, &["m-0"]).await;
+    let admin = Some("admin");
+    let redrive = format!("/api/dead-letters/{QUEUE}/redrive");
+    for (method, path, body, expected) in [
+        ("GET", "/api/dead-letters/elsewhere".to_owned(), None, StatusCode::NOT_FOUND),
+        (
+            "POST",
+            "/api/dead-letters/elsewhere/redrive".to_owned(),
+            Some(json!({"all": true})),
+            StatusCode::NOT_FOUND,
+        ),
+        ("GET", format!("/api/dead-letters/{QUEUE}?limit=0"), None, StatusCode::BAD_REQUEST),
+        ("GET", format!("/api/dead-letters/{QUEUE}?limit=101"), None, StatusCode::BAD_REQUEST),
+        ("GET", format!("/api/dead-letters/{QUEUE}?count=1"), None, StatusCode::BAD_REQUEST),
+        ("POST", redrive.clone(), Some(json!({})), StatusCode::BAD_REQUEST),
+        ("POST", redrive.clone(), Some(json!({"ids": []})), StatusCode::BAD_REQUEST),
+        (
+            "POST",
+            redrive.clone(),
+            Some(json!({"ids": ["m-0"], "all": true})),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("POST", redrive.clone(), Some(json!({"all": false})), StatusCode::BAD_REQUEST),
+        ("POST", redrive.clone(), Some(json!({"every": true})), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let (status, answer) = call(&app.router, admin, method, &path, body).await;
+        assert_eq!(status, expected, "{method} {path}: {answer}");
+        assert!(answer["detail"].is_string(), "{answer}");
+    }
+    assert_eq!(app.broker.dead_letter_count(QUEUE), 1, "nothing was redriven");
+}
+
+/// Ensures that a transport without dead-letter administration answers 501 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_without_dead_letter_administration_says_so() {
+    let app = app(false).await;
+    for (method, path, body) in routes() {
+        let (status, answer) = call(&app.router, Some("admin"), method, &path, body).await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{method} {path}: {answer}");
+        assert!(answer["detail"].as_str().unwrap().contains("inmem"), "{answer}");
+    }
+}
