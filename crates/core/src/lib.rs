@@ -83,9 +83,9 @@ pub use message::{Message, OutgoingMessage};
 pub use sink::MessageSink;
 pub use source::MessageSource;
 pub use supervisor::{
-    AbortedHandler, Backoff, HealthHandle, HealthSnapshot, Jitter, OutcomeCounts, RestartIntensity,
-    Settled, ShutdownReport, Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError,
-    WorkerHealth, WorkerState,
+    AbortedHandler, Backoff, ControlError, HealthHandle, HealthSnapshot, Jitter, OutcomeCounts,
+    PAUSE_DRAIN, RestartIntensity, Settled, ShutdownReport, Supervisor, SupervisorConfig, Worker,
+    WorkerContext, WorkerControls, WorkerError, WorkerHealth, WorkerState,
 };
 pub use transport::DeadLetter;
 pub use updater::{Connect, MAX_BATCH_SIZE, MIN_HANDLER_TIMEOUT, Updater, UpdaterConfig};
