@@ -159,6 +159,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/dead-letters/{queue}"),
     ("POST", "/api/dead-letters/{queue}/redrive"),
     ("DELETE", "/api/dead-letters/{queue}/messages/{id}"),
+    ("POST", "/api/workers/{name}/pause"),
+    ("POST", "/api/workers/{name}/resume"),
+    ("POST", "/api/workers/{name}/restart"),
 ];
 
 /// The methods a route may take.
@@ -170,6 +173,7 @@ fn concrete(path: &str) -> String {
         .replace("{workspaceId}", "00000000-0000-4000-8000-000000000000")
         .replace("{userId}", "u-1")
         .replace("{queue}", "deploymentstatus")
+        .replace("{name}", "deployment-status")
 }
 
 fn assert_error_shape(body: &Value) {

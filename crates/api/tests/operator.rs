@@ -1,12 +1,17 @@
-//! The operator's dead-letter routes, driven with `oneshot` over the in-memory broker:
-//! `TREAdmin` only, counts, peeks, redrives and purges, and their errors.
+//! The operator's routes, driven with `oneshot`: pausing, resuming and restarting
+//! workers (the pause stored in SQLite or PostgreSQL, followed by every replica and kept
+//! across restarts), and the dead-letter routes over the in-memory broker (`TREAdmin`
+//! only, counts, peeks, redrives and purges, and their errors).
 
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use axum::Router;
 use axum::body::Body;
@@ -17,9 +22,11 @@ use steward_api::http::auth::Authentication;
 use steward_api::http::{ApiSettings, AppState, OperatorSettings, openapi, router};
 use steward_api::storage::Database;
 use steward_api::templates::TemplateRegistry;
+use steward_api::workers::{PauseFollower, PauseGate, names};
 use steward_core::dead_letters::REDRIVEN_PROPERTY;
 use steward_core::{
     DeadLetterQueues, MessageSink, MessageSource, OutgoingMessage, Supervisor, SupervisorConfig,
+    Worker, WorkerContext, WorkerError, WorkerState,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
 use tower::ServiceExt;
@@ -54,6 +61,7 @@ async fn app(dead_letters: bool) -> App {
             operator: OperatorSettings {
                 dead_letters: dlqs,
                 consumed_queues: vec![QUEUE.to_owned(), "other".to_owned()],
+                controls: supervisor.controls(),
             },
             ..ApiSettings::default()
         }),
@@ -246,4 +254,209 @@ async fn a_transport_without_dead_letter_administration_says_so() {
         assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{method} {path}: {answer}");
         assert!(answer["detail"].as_str().unwrap().contains("inmem"), "{answer}");
     }
+}
+
+/// A worker that counts its runs, and runs until cancelled.
+struct Counted {
+    name: &'static str,
+    runs: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Worker for Counted {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn stall_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn run(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        ctx.set_running();
+        ctx.cancelled().await;
+        Ok(())
+    }
+}
+
+/// One replica: the router over `store`, a supervisor running the database-gated
+/// workers `deployment-status` and `outbox`, the ungated `database`, and the pause
+/// follower; how often `deployment-status` started.
+struct Replica {
+    router: Router,
+    supervisor: Supervisor,
+    runs: Arc<AtomicUsize>,
+}
+
+fn replica(store: &steward_api::storage::Store) -> Replica {
+    let db = Database::migrated(store.clone());
+    let supervisor = Supervisor::new(SupervisorConfig::default());
+    let controls = supervisor.controls();
+    let runs = Arc::new(AtomicUsize::new(0));
+    supervisor.spawn(PauseGate::new(
+        db.clone(),
+        controls.clone(),
+        Counted { name: names::DEPLOYMENT_STATUS, runs: runs.clone() },
+    ));
+    let outbox_runs = Arc::new(AtomicUsize::new(0));
+    supervisor.spawn(PauseGate::new(
+        db.clone(),
+        controls.clone(),
+        Counted { name: names::OUTBOX, runs: outbox_runs },
+    ));
+    supervisor.spawn(Counted { name: names::DATABASE, runs: Arc::new(AtomicUsize::new(0)) });
+    supervisor.spawn(PauseFollower::new(db.clone(), controls.clone()));
+    let state = AppState {
+        db,
+        templates: Arc::new(TemplateRegistry::builtin().unwrap()),
+        health: supervisor.health(),
+        settings: Arc::new(ApiSettings {
+            auth: Authentication::none().with_proxy_headers(true).with_proxy_admins(["admin"]),
+            transport: "inmem".to_owned(),
+            operator: OperatorSettings { controls, ..OperatorSettings::default() },
+            ..ApiSettings::default()
+        }),
+        metrics: None,
+    };
+    Replica { router: router(state), supervisor, runs }
+}
+
+/// The state of `name` on `/api/workers`, and its `paused` field.
+async fn worker_state(router: &Router, name: &str) -> (String, bool) {
+    let (status, workers) = call(router, Some("admin"), "GET", "/api/workers", None).await;
+    assert_eq!(status, StatusCode::OK, "{workers}");
+    let worker = workers["workers"].as_array().unwrap().iter().find(|w| w["name"] == name).unwrap();
+    (worker["state"].as_str().unwrap().to_owned(), worker["paused"].as_bool().unwrap())
+}
+
+/// Waits (real time, polling) until `name` reads `state` on `router`, for at most 10 s.
+async fn wait_for_state(router: &Router, name: &str, state: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (now, _) = worker_state(router, name).await;
+        if now == state {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name} is {now}, not {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Pauses `deployment-status` on one replica, and checks what every replica and a
+/// restart see: the pause stored, followed by the other replica, kept across a
+/// restart without the worker starting, and undone by a resume.
+async fn pause_is_shared_and_survives_a_restart(store: &steward_api::storage::Store) {
+    let first = replica(store);
+    let second = replica(store);
+    let name = names::DEPLOYMENT_STATUS;
+    wait_for_state(&first.router, name, "running").await;
+    wait_for_state(&second.router, name, "running").await;
+
+    let pause = format!("/api/workers/{name}/pause");
+    let (status, answer) = call(&first.router, Some("u-1"), "POST", &pause, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let (status, answer) = call(&first.router, Some("admin"), "POST", &pause, None).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"worker": name, "paused": true})));
+    wait_for_state(&first.router, name, "paused").await;
+    assert_eq!(worker_state(&first.router, name).await, ("paused".to_owned(), true));
+    // The other replica follows the stored pause.
+    wait_for_state(&second.router, name, "paused").await;
+    assert_eq!(store.paused_workers().await.unwrap().into_iter().collect::<Vec<_>>(), [name]);
+    let (status, readyz) = call(&first.router, Some("admin"), "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK, "paused on purpose is ready: {readyz}");
+    let (_, health) = call(&first.router, Some("admin"), "GET", "/health", None).await;
+    let updater = health["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "Deployment Status Updater")
+        .unwrap();
+    assert_eq!(updater["status"], "OK", "{health}");
+    assert!(updater["message"].as_str().unwrap().contains("paused"), "{health}");
+
+    // A restart: the stored pause holds, and the worker never starts.
+    for old in [first, second] {
+        let report =
+            old.supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        assert!(report.is_clean(), "{report:?}");
+    }
+    let restarted = replica(store);
+    wait_for_state(&restarted.router, name, "paused").await;
+    assert_eq!(restarted.runs.load(Ordering::SeqCst), 0, "the gate paused it before it started");
+    wait_for_state(&restarted.router, names::OUTBOX, "running").await;
+
+    let resume = format!("/api/workers/{name}/resume");
+    let (status, answer) = call(&restarted.router, Some("admin"), "POST", &resume, None).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"worker": name, "paused": false})));
+    wait_for_state(&restarted.router, name, "running").await;
+    assert!(store.paused_workers().await.unwrap().is_empty());
+    let report =
+        restarted.supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+    assert!(report.is_clean(), "{report:?}");
+}
+
+/// Ensures on SQLite that a pause is stored, followed by another replica, kept across
+/// a restart, and undone by a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_is_shared_and_survives_a_restart_on_sqlite() {
+    let db = support::TestDb::sqlite().await;
+    pause_is_shared_and_survives_a_restart(&db.store).await;
+    db.finish().await;
+}
+
+/// Ensures the same on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_is_shared_and_survives_a_restart_on_postgres() {
+    let Some(db) =
+        support::TestDb::postgres("a_pause_is_shared_and_survives_a_restart_on_postgres").await
+    else {
+        return;
+    };
+    pause_is_shared_and_survives_a_restart(&db.store).await;
+    db.finish().await;
+}
+
+/// Ensures that only the status updaters and the outbox can be paused (409 otherwise),
+/// that unknown workers are 404, and that a restart starts a worker again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_pausable_workers_pause_and_any_worker_restarts() {
+    let db = support::TestDb::sqlite().await;
+    let replica = replica(&db.store);
+    let admin = Some("admin");
+    wait_for_state(&replica.router, names::DATABASE, "running").await;
+    let (status, answer) =
+        call(&replica.router, admin, "POST", "/api/workers/database/pause", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"], "not_pausable");
+    for action in ["pause", "resume", "restart"] {
+        let path = format!("/api/workers/nobody/{action}");
+        let (status, answer) = call(&replica.router, admin, "POST", &path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{action}: {answer}");
+    }
+    assert!(db.store.paused_workers().await.unwrap().is_empty(), "nothing was stored");
+
+    wait_for_state(&replica.router, names::DEPLOYMENT_STATUS, "running").await;
+    let restart = format!("/api/workers/{}/restart", names::DEPLOYMENT_STATUS);
+    let (status, answer) = call(&replica.router, Some("u-1"), "POST", &restart, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert_eq!(replica.runs.load(Ordering::SeqCst), 1, "a refused restart restarts nothing");
+    let (status, answer) = call(&replica.router, admin, "POST", &restart, None).await;
+    assert_eq!(
+        (status, answer),
+        (StatusCode::OK, json!({"worker": names::DEPLOYMENT_STATUS, "paused": false}))
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while replica.runs.load(Ordering::SeqCst) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the worker did not start again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for_state(&replica.router, names::DEPLOYMENT_STATUS, "running").await;
+    let health = replica.supervisor.health().snapshot();
+    let worker = health.worker(names::DEPLOYMENT_STATUS).unwrap();
+    assert_eq!((worker.restarts, worker.state), (1, WorkerState::Running));
+    let report =
+        replica.supervisor.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+    assert!(report.is_clean(), "{report:?}");
+    db.finish().await;
 }

@@ -80,6 +80,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(operator::peek_dead_letters))
         .routes(routes!(operator::redrive_dead_letters))
         .routes(routes!(operator::purge_dead_letter))
+        .routes(routes!(operator::pause_worker))
+        .routes(routes!(operator::resume_worker))
+        .routes(routes!(operator::restart_worker))
 }
 
 /// The OpenAPI document of every route, as `GET /api/openapi.json` serves it.

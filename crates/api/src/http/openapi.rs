@@ -22,6 +22,7 @@ use super::{airlock, error, health, operator, resources, roles, templates};
         roles::SetRoles, roles::WorkspaceRoles,
         operator::DeadLetterQueueList, operator::DeadLetterQueueCount, operator::PeekedMessages,
         operator::PeekedMessage, operator::RedriveBody, operator::Redriven, operator::Purged,
+        operator::WorkerControl,
     )),
     tags(
         (name = "health", description = "Probes and worker health"),
@@ -29,7 +30,7 @@ use super::{airlock, error, health, operator, resources, roles, templates};
         (name = "resources", description = "Resources and operations"),
         (name = "airlock", description = "Airlock requests"),
         (name = "roles", description = "Workspace roles"),
-        (name = "operator", description = "Operator actions, TREAdmin only: dead letters"),
+        (name = "operator", description = "Operator actions, TREAdmin only: pausing and restarting workers, dead letters"),
     )
 )]
 pub(super) struct ApiDoc;

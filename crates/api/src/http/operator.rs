@@ -1,5 +1,5 @@
-//! The operator's routes, `TREAdmin` only: the dead-letter queues of the consumed
-//! queues (count, peek, redrive, purge).
+//! The operator's routes, `TREAdmin` only: pausing, resuming and restarting workers,
+//! and the dead-letter queues of the consumed queues (count, peek, redrive, purge).
 //!
 //! Every action that changes something is logged with the caller's identity. Peeking
 //! happens only when a caller asks: on some transports it counts as a delivery of each
@@ -14,13 +14,16 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
-use steward_core::{DeadLetter, DeadLetterQueues, Redrive, TransportError};
+use steward_core::{
+    ControlError, DeadLetter, DeadLetterQueues, Redrive, TransportError, WorkerControls,
+};
 
 use super::auth;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::domain::User;
 use crate::http::AppState;
+use crate::workers::PAUSABLE;
 
 /// What the operator routes work on, set by the service at start.
 #[derive(Clone, Default)]
@@ -30,6 +33,8 @@ pub struct OperatorSettings {
     /// The queues the service consumes: the only ones whose dead letters the routes
     /// show.
     pub consumed_queues: Vec<String>,
+    /// Pauses, resumes and restarts this process's workers.
+    pub controls: WorkerControls,
 }
 
 impl fmt::Debug for OperatorSettings {
@@ -37,6 +42,7 @@ impl fmt::Debug for OperatorSettings {
         f.debug_struct("OperatorSettings")
             .field("dead_letters", &self.dead_letters.is_some())
             .field("consumed_queues", &self.consumed_queues)
+            .field("controls", &self.controls)
             .finish()
     }
 }
@@ -361,6 +367,109 @@ pub(super) async fn purge_dead_letter(
     }
     tracing::info!(queue = %queue, message_id = %id, by = %who(&caller), "dead letter purged");
     Ok(Json(Purged { purged }))
+}
+
+/// The answer of a pause, resume or restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub(super) struct WorkerControl {
+    /// The worker.
+    pub worker: String,
+    /// Whether it is paused (or pausing) now.
+    pub paused: bool,
+}
+
+/// 404 for a worker this process does not run.
+fn known_worker(state: &AppState, name: &str) -> Result<(), ApiError> {
+    if state.health.snapshot().worker(name).is_some() {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no worker is named {name}")))
+    }
+}
+
+fn control_error(error: &ControlError) -> ApiError {
+    match error {
+        ControlError::Unknown(_) => ApiError::not_found(error.to_string()),
+        _ => ApiError::new(StatusCode::CONFLICT, "conflict", error.to_string()),
+    }
+}
+
+/// Stores the pause (or resume) of a pausable worker, so every replica and every
+/// restart follows it, and applies it here at once.
+async fn set_paused(
+    state: &AppState,
+    caller: &User,
+    name: &str,
+    paused: bool,
+) -> Result<Json<WorkerControl>, ApiError> {
+    known_worker(state, name)?;
+    if !PAUSABLE.contains(&name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_pausable",
+            format!("{name} cannot be paused; only {} can", PAUSABLE.join(", ")),
+        ));
+    }
+    let store = state.db.serving()?;
+    let mut tx = store.begin().await?;
+    tx.set_worker_paused(name, paused, &caller.id).await?;
+    tx.commit().await?;
+    // The follower applies it within its interval anyway; here it applies at once.
+    if let Err(error) = state.settings.operator.controls.set_paused(name, paused) {
+        tracing::warn!(worker = name, error = %error, "stored the pause but cannot apply it here");
+    }
+    let action = if paused { "worker paused" } else { "worker resumed" };
+    tracing::info!(worker = name, by = %who(caller), "{action}");
+    Ok(Json(WorkerControl { worker: name.to_owned(), paused }))
+}
+
+/// Pauses a status updater or the outbox on every replica, until resumed (restarts
+/// included): its intake stops, its running handlers finish, what it had not started
+/// goes back to the queue. It then reads `paused`; `/readyz` stays 200. Other workers
+/// answer 409.
+#[utoipa::path(post, path = "/api/workers/{name}/pause", tag = "operator",
+    params(("name" = String, Path, description = "The worker, e.g. deployment-status")),
+    responses((status = 200, body = WorkerControl), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn pause_worker(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<WorkerControl>, ApiError> {
+    set_paused(&state, &caller, &name, true).await
+}
+
+/// Resumes a paused worker on every replica: its intake starts again.
+#[utoipa::path(post, path = "/api/workers/{name}/resume", tag = "operator",
+    params(("name" = String, Path, description = "The worker, e.g. deployment-status")),
+    responses((status = 200, body = WorkerControl), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn resume_worker(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<WorkerControl>, ApiError> {
+    set_paused(&state, &caller, &name, false).await
+}
+
+/// Asks this process's supervisor to restart a worker now: its current run stops as
+/// in a pause (handlers finish) and it starts again at once; not counted as a failure.
+/// 409 for a worker that `failed` (only a process restart brings it back).
+#[utoipa::path(post, path = "/api/workers/{name}/restart", tag = "operator",
+    params(("name" = String, Path, description = "The worker, e.g. deployment-status")),
+    responses((status = 200, body = WorkerControl), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn restart_worker(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<WorkerControl>, ApiError> {
+    known_worker(&state, &name)?;
+    let controls = &state.settings.operator.controls;
+    controls.restart(&name).map_err(|e| control_error(&e))?;
+    tracing::info!(worker = %name, by = %who(&caller), "worker restart requested");
+    let paused = controls.is_paused(&name).unwrap_or(false);
+    Ok(Json(WorkerControl { worker: name, paused }))
 }
 
 #[cfg(test)]

@@ -34,8 +34,8 @@ use crate::storage::{Database, OutboxMessage, Store, StoreOptions};
 use crate::templates::TemplateRegistry;
 use crate::workers::{
     AfterDatabase, AirlockProcessor, AirlockStatusHandler, DatabaseWatcher,
-    DeploymentStatusHandler, OutboxConfig, OutboxWorker, ResourceProcessor, StaticRecipients,
-    TransportWatcher, names,
+    DeploymentStatusHandler, OutboxConfig, OutboxWorker, PauseFollower, PauseGate,
+    ResourceProcessor, StaticRecipients, TransportWatcher, names,
 };
 
 /// Why the service did not start: bad configuration (exit code 2).
@@ -143,6 +143,7 @@ fn spawn_workers<F>(
 
     supervisor.spawn(DatabaseWatcher::new(db.clone()));
     supervisor.spawn(TransportWatcher::new(transport.clone()));
+    supervisor.spawn(PauseFollower::new(db.clone(), supervisor.controls()));
 
     let deployment = DeploymentStatusHandler::new(store.clone(), templates.clone())
         .with_queue(config.deployment_status_queue.clone())
@@ -170,9 +171,13 @@ fn spawn_workers<F>(
         supervisor,
         AfterDatabase::new(
             db.clone(),
-            OutboxWorker::new(store, transport.sink())
-                .with_config(OutboxConfig::default().with_park_after(config.outbox_park_after))
-                .with_producers(supervisor.health()),
+            PauseGate::new(
+                db.clone(),
+                supervisor.controls(),
+                OutboxWorker::new(store, transport.sink())
+                    .with_config(OutboxConfig::default().with_park_after(config.outbox_park_after))
+                    .with_producers(supervisor.health()),
+            ),
         ),
     );
 
@@ -254,6 +259,7 @@ impl Service {
             operator: OperatorSettings {
                 dead_letters: transport.dead_letter_queues(),
                 consumed_queues: config.topology().consumed,
+                controls: supervisor.controls(),
             },
         };
         let state = AppState {

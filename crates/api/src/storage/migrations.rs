@@ -37,6 +37,11 @@ pub(crate) const MIGRATIONS: &[(&str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0005_outbox_parked.sql"),
         include_str!("../../migrations/postgres/0005_outbox_parked.sql"),
     ),
+    (
+        "0007_worker_controls.sql",
+        include_str!("../../migrations/sqlite/0007_worker_controls.sql"),
+        include_str!("../../migrations/postgres/0007_worker_controls.sql"),
+    ),
 ];
 
 /// The migrations of one backend, as a source sqlx's `Migrator` reads.

@@ -29,6 +29,7 @@ mod operations;
 mod outbox;
 mod resources;
 mod roles;
+mod workers;
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
