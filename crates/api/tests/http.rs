@@ -162,6 +162,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/workers/{name}/pause"),
     ("POST", "/api/workers/{name}/resume"),
     ("POST", "/api/workers/{name}/restart"),
+    ("GET", "/api/outbox/parked"),
+    ("POST", "/api/outbox/parked/{id}/retry"),
 ];
 
 /// The methods a route may take.

@@ -460,3 +460,57 @@ async fn only_pausable_workers_pause_and_any_worker_restarts() {
     assert!(report.is_clean(), "{report:?}");
     db.finish().await;
 }
+
+/// Ensures that an admin lists the parked outbox rows and retries one: it goes back to
+/// the outbox, due now, with its message id, and is no longer parked; a row not parked
+/// is 404, and other users are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_outbox_rows_are_listed_and_retried() {
+    let app = app(true).await;
+    let store = &app._db.store;
+    let mut tx = store.begin().await.unwrap();
+    for n in 0..2 {
+        let message = steward_api::storage::OutboxMessage::new(
+            "workspacequeue",
+            OutgoingMessage::json(format!(r#"{{"n":{n}}}"#)),
+            format!("resource-{n}"),
+        );
+        tx.insert_outbox(message).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let now = store.clock().now();
+    let now_ms = (now * 1000.0) as i64;
+    let claimed = store.claim_outbox("test", 10, now_ms, now_ms + 60_000).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    for row in &claimed {
+        assert!(store.park_outbox(row.id, "test", "refused: too large", now_ms).await.unwrap());
+    }
+    let (first, second) = (claimed[0].id, claimed[1].id);
+
+    let (status, _) = call(&app.router, Some("u-1"), "GET", "/api/outbox/parked", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, parked) =
+        call(&app.router, Some("admin"), "GET", "/api/outbox/parked", None).await;
+    assert_eq!(status, StatusCode::OK, "{parked}");
+    assert_eq!(parked["count"], 2, "{parked}");
+    let rows = parked["rows"].as_array().unwrap();
+    assert_eq!(rows[0]["id"], first);
+    assert_eq!(rows[0]["messageId"], claimed[0].message_id());
+    assert_eq!(rows[0]["error"], "refused: too large");
+    assert_eq!(rows[0]["bodyPreview"], r#"{"n":0}"#);
+
+    let retry = format!("/api/outbox/parked/{first}/retry");
+    let (status, _) = call(&app.router, Some("u-1"), "POST", &retry, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, answer) = call(&app.router, Some("admin"), "POST", &retry, None).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"retried": first})));
+    let (status, answer) = call(&app.router, Some("admin"), "POST", &retry, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    let pending = store.outbox_messages(10).await.unwrap();
+    let pending: Vec<(i64, String, i64)> =
+        pending.iter().map(|r| (r.id, r.message_id(), r.attempts)).collect();
+    assert_eq!(pending, [(first, claimed[0].message_id(), 0)], "back in the outbox, afresh");
+    let (_, parked) = call(&app.router, Some("admin"), "GET", "/api/outbox/parked", None).await;
+    assert_eq!(parked["count"], 1, "{parked}");
+    assert_eq!(parked["rows"][0]["id"], second);
+}

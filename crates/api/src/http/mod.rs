@@ -83,6 +83,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(operator::pause_worker))
         .routes(routes!(operator::resume_worker))
         .routes(routes!(operator::restart_worker))
+        .routes(routes!(operator::parked_outbox))
+        .routes(routes!(operator::retry_parked))
 }
 
 /// The OpenAPI document of every route, as `GET /api/openapi.json` serves it.

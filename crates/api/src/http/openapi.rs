@@ -22,7 +22,7 @@ use super::{airlock, error, health, operator, resources, roles, templates};
         roles::SetRoles, roles::WorkspaceRoles,
         operator::DeadLetterQueueList, operator::DeadLetterQueueCount, operator::PeekedMessages,
         operator::PeekedMessage, operator::RedriveBody, operator::Redriven, operator::Purged,
-        operator::WorkerControl,
+        operator::WorkerControl, operator::ParkedRows, operator::ParkedRow, operator::Retried,
     )),
     tags(
         (name = "health", description = "Probes and worker health"),
@@ -30,7 +30,7 @@ use super::{airlock, error, health, operator, resources, roles, templates};
         (name = "resources", description = "Resources and operations"),
         (name = "airlock", description = "Airlock requests"),
         (name = "roles", description = "Workspace roles"),
-        (name = "operator", description = "Operator actions, TREAdmin only: pausing and restarting workers, dead letters"),
+        (name = "operator", description = "Operator actions, TREAdmin only: pausing and restarting workers, dead letters, parked outbox rows"),
     )
 )]
 pub(super) struct ApiDoc;

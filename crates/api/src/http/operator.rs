@@ -1,5 +1,6 @@
 //! The operator's routes, `TREAdmin` only: pausing, resuming and restarting workers,
-//! and the dead-letter queues of the consumed queues (count, peek, redrive, purge).
+//! the dead-letter queues of the consumed queues (count, peek, redrive, purge), and the
+//! parked outbox rows (list, retry).
 //!
 //! Every action that changes something is logged with the caller's identity. Peeking
 //! happens only when a caller asks: on some transports it counts as a delivery of each
@@ -470,6 +471,117 @@ pub(super) async fn restart_worker(
     tracing::info!(worker = %name, by = %who(&caller), "worker restart requested");
     let paused = controls.is_paused(&name).unwrap_or(false);
     Ok(Json(WorkerControl { worker: name, paused }))
+}
+
+/// `?limit=` of the parked outbox rows.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ParkedQuery {
+    /// At most this many rows, oldest first (default 50, at most 500).
+    pub limit: Option<u64>,
+}
+
+/// One parked outbox row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ParkedRow {
+    /// The row id, for the retry route.
+    pub id: i64,
+    /// The message id it is sent with.
+    pub message_id: String,
+    /// Where it goes.
+    pub queue: String,
+    /// The record it is about.
+    pub aggregate_id: String,
+    /// How many sends failed.
+    pub attempts: i64,
+    /// Why the last one failed.
+    pub error: String,
+    /// When it was written (RFC 3339).
+    pub created_at: String,
+    /// When it was parked (RFC 3339).
+    pub parked_at: String,
+    /// The start of the body.
+    pub body_preview: String,
+}
+
+/// The body of `GET /api/outbox/parked`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ParkedRows {
+    /// How many rows are parked in all.
+    pub count: i64,
+    /// The oldest rows.
+    pub rows: Vec<ParkedRow>,
+}
+
+fn millis_rfc3339(ms: i64) -> String {
+    crate::domain::rfc3339_utc(ms as f64 / 1000.0)
+}
+
+/// The outbox rows that could not be sent and wait for an operator, oldest first.
+#[utoipa::path(get, path = "/api/outbox/parked", tag = "operator", params(ParkedQuery),
+    responses((status = 200, body = ParkedRows), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn parked_outbox(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    ApiQuery(query): ApiQuery<ParkedQuery>,
+) -> Result<Json<ParkedRows>, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > 500 {
+        return Err(ApiError::bad_request("limit must be between 1 and 500"));
+    }
+    let store = state.db.serving()?;
+    let count = store.parked_outbox().await?.count;
+    let rows = store.parked_outbox_messages(limit).await?;
+    let rows = rows
+        .into_iter()
+        .map(|row| {
+            let message_id = row.message_id();
+            let body = &row.message.outgoing.body;
+            let shown = &body[..body.len().min(BODY_PREVIEW_BYTES)];
+            ParkedRow {
+                id: row.id,
+                message_id,
+                queue: row.message.queue,
+                aggregate_id: row.message.aggregate_id,
+                attempts: row.attempts,
+                error: row.error,
+                created_at: millis_rfc3339(row.created_at),
+                parked_at: millis_rfc3339(row.parked_at),
+                body_preview: String::from_utf8_lossy(shown).into_owned(),
+            }
+        })
+        .collect();
+    Ok(Json(ParkedRows { count, rows }))
+}
+
+/// The answer of a retry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub(super) struct Retried {
+    /// The row, back in the outbox.
+    pub retried: i64,
+}
+
+/// Puts a parked row back into the outbox, due now: the outbox worker sends it again
+/// (with the same message id). 404 when no such row is parked.
+#[utoipa::path(post, path = "/api/outbox/parked/{id}/retry", tag = "operator",
+    params(("id" = i64, Path, description = "The parked row's id")),
+    responses((status = 200, body = Retried), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn retry_parked(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<Retried>, ApiError> {
+    let store = state.db.serving()?;
+    if !store.retry_parked_outbox(id).await? {
+        return Err(ApiError::not_found(format!("no outbox row {id} is parked")));
+    }
+    tracing::info!(row = id, by = %who(&caller), "parked outbox row retried");
+    Ok(Json(Retried { retried: id }))
 }
 
 #[cfg(test)]

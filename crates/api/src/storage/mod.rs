@@ -26,10 +26,10 @@ mod error;
 mod history;
 mod migrations;
 mod operations;
+mod operator;
 mod outbox;
 mod resources;
 mod roles;
-mod workers;
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
