@@ -85,11 +85,13 @@ impl DeadLetterQueues for InMemoryDeadLetters {
     }
 
     async fn count(&self, queue: &str) -> Result<u64, TransportError> {
+        // Removes nothing: checks that the queue exists.
         self.remove(queue, |_, _| {}, |_| false)?;
         Ok(self.broker.dead_letter_count(queue) as u64)
     }
 
     async fn peek(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, TransportError> {
+        // Removes nothing: checks that the queue exists.
         self.remove(queue, |_, _| {}, |_| false)?;
         let mut dead = self.broker.dead_letters(queue);
         dead.truncate(limit);
