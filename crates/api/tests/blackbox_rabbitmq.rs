@@ -487,3 +487,119 @@ async fn sigterm_with_statuses_in_flight_loses_nothing() {
         after.len()
     );
 }
+
+/// Waits until `/api/workers` shows `name` in `state`.
+async fn worker_reaches(api: &Api, name: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let worker = api.worker(name).await;
+        if worker["state"] == state {
+            return worker;
+        }
+        assert!(Instant::now() < deadline, "{name} never reached {state}: {worker}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Ensures the operator's story on RabbitMQ: with `deployment-status` paused, 20
+/// published statuses stay in the queue while the worker reads `paused`; after resume
+/// they are handled. Five statuses dead-lettered for a bad format are listed with their
+/// reason by `GET /api/dead-letters/{queue}`; purged one by one, and valid statuses
+/// planted in the dead-letter queue, a redrive of all empties it and they are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_statuses_wait_and_redriven_dead_letters_are_handled() {
+    if !broker_available("paused_statuses_wait_and_redriven_dead_letters_are_handled").await {
+        return;
+    }
+    let queues = Queues::new("operator");
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(dir.path(), &queues.env());
+    api.ready().await;
+    let processor = Processor::connect().await;
+    let queue = queues.deployment_status.clone();
+
+    let paused = api.post("/api/workers/deployment-status/pause", json!({})).await;
+    assert_eq!(paused, json!({"worker": "deployment-status", "paused": true}));
+    worker_reaches(&api, "deployment-status", "paused").await;
+    let installs = api.install_workspaces(20).await;
+    let mut requests = Vec::new();
+    for _ in 0..20 {
+        requests.push(processor.next_request(&queues.resource_request).await);
+    }
+    for (n, request) in requests.iter().enumerate() {
+        let done = status_body(request, "deployed", "done", workspace_outputs(request, n));
+        processor
+            .publish_confirmed(&queue, &done, request.operation_id(), request.resource_id())
+            .await;
+    }
+    // Paused: the statuses wait in the queue (longer than the follower's interval).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(processor.depth(&queue).await, 20, "a paused updater takes nothing");
+    let worker = api.worker("deployment-status").await;
+    assert_eq!((worker["state"].clone(), worker["paused"].clone()), (json!("paused"), json!(true)));
+    api.answers_ok("/readyz").await;
+
+    api.post("/api/workers/deployment-status/resume", json!({})).await;
+    for operation_id in installs.keys() {
+        api.operation_reaches(operation_id, "deployed").await;
+    }
+    assert_eq!(processor.wait_until_empty(&queue).await, 0);
+    worker_reaches(&api, "deployment-status", "running").await;
+
+    let mut bad = Vec::new();
+    for n in 0..5 {
+        let body = format!("not JSON, number {n}");
+        let session = format!("bad-session-{n}");
+        bad.push(processor.publish_confirmed(&queue, body.as_bytes(), &session, "bad").await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let listed = loop {
+        let list = api.get("/api/dead-letters").await;
+        let count =
+            list["queues"].as_array().unwrap().iter().find(|q| q["queue"] == queue.as_str());
+        if count.is_some_and(|q| q["count"] == 5) {
+            break api.get(&format!("/api/dead-letters/{queue}?limit=50")).await;
+        }
+        assert!(Instant::now() < deadline, "five dead letters never listed: {list}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let messages = listed["messages"].as_array().unwrap();
+    let ids: BTreeSet<&str> = messages.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, bad.iter().map(String::as_str).collect(), "{listed}");
+    for message in messages {
+        assert_eq!(message["reason"], "MessageFormatIncorrect", "{message}");
+        assert!(message["bodyPreview"].as_str().unwrap().starts_with("not JSON"), "{message}");
+    }
+    assert_eq!(listed["peekCountsAsDelivery"], true);
+
+    // The cause is gone: the malformed ones are purged, and valid statuses planted in
+    // the dead-letter queue are redriven.
+    for id in &bad {
+        let path = format!("/api/dead-letters/{queue}/messages/{id}");
+        let (status, body) = api.call(reqwest::Method::DELETE, &path, None).await;
+        assert_eq!((status, body), (200, json!({"purged": 1})));
+    }
+    let planted_installs = api.install_workspaces(3).await;
+    let dlq = steward_rabbitmq::dead_letter_queue(&queue);
+    for n in 0..3 {
+        let request = processor.next_request(&queues.resource_request).await;
+        let done = status_body(&request, "deployed", "done", workspace_outputs(&request, 100 + n));
+        processor
+            .publish_confirmed(&dlq, &done, request.operation_id(), request.resource_id())
+            .await;
+    }
+    let redriven =
+        api.post(&format!("/api/dead-letters/{queue}/redrive"), json!({"all": true})).await;
+    assert_eq!(redriven, json!({"redriven": 3}));
+    for operation_id in planted_installs.keys() {
+        api.operation_reaches(operation_id, "deployed").await;
+    }
+    assert_eq!(processor.wait_until_empty(&dlq).await, 0, "the dead-letter queue is empty");
+    assert_eq!(processor.wait_until_empty(&queue).await, 0);
+    let (_, logs) = api.stop(Duration::from_secs(30));
+    let logs = logs.join("\n");
+    for action in ["worker paused", "worker resumed", "dead letters redriven", "dead letter purged"]
+    {
+        assert!(logs.contains(action), "{action} is logged: {logs}");
+    }
+}

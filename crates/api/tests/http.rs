@@ -167,6 +167,15 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/airlock-requests/{id}/cancel"),
     ("GET", "/api/workspaces/{workspaceId}/roles/{userId}"),
     ("PUT", "/api/workspaces/{workspaceId}/roles/{userId}"),
+    ("GET", "/api/dead-letters"),
+    ("GET", "/api/dead-letters/{queue}"),
+    ("POST", "/api/dead-letters/{queue}/redrive"),
+    ("DELETE", "/api/dead-letters/{queue}/messages/{id}"),
+    ("POST", "/api/workers/{name}/pause"),
+    ("POST", "/api/workers/{name}/resume"),
+    ("POST", "/api/workers/{name}/restart"),
+    ("GET", "/api/outbox/parked"),
+    ("POST", "/api/outbox/parked/{id}/retry"),
 ];
 
 /// The methods a route may take.
@@ -177,6 +186,8 @@ fn concrete(path: &str) -> String {
         .replace("{action}", "start")
         .replace("{workspaceId}", "00000000-0000-4000-8000-000000000000")
         .replace("{userId}", "u-1")
+        .replace("{queue}", "deploymentstatus")
+        .replace("{name}", "deployment-status")
 }
 
 fn assert_error_shape(body: &Value) {

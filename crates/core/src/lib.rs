@@ -12,7 +12,9 @@
 //! - [`Handler`] and [`Outcome`], what application code implements;
 //! - [`Capabilities`], what a transport supports;
 //! - [`transport`]: what every transport means the same way ([`DeadLetter`], the
-//!   reason and naming constants).
+//!   reason and naming constants);
+//! - [`DeadLetterQueues`] ([`dead_letters`]): count, peek, redrive and purge dead
+//!   letters, for operators.
 //!
 //! Feature `testkit` adds the conformance suite every transport must pass
 //! ([`testkit`], not semver-stable); feature `mock` adds `mockall` mocks of the traits
@@ -55,6 +57,7 @@
 //! ```
 
 mod capabilities;
+pub mod dead_letters;
 mod deadlines;
 mod delivery;
 mod error;
@@ -71,6 +74,7 @@ mod updater;
 pub mod testkit;
 
 pub use capabilities::{Capabilities, Capability};
+pub use dead_letters::{DeadLetterCount, DeadLetterQueues, Redrive};
 pub use deadlines::Deadlines;
 pub use delivery::{Delivery, LOCK_REPORT_SLACK, Settle};
 pub use error::{BoxError, ErrorKind, TransportError, error_chain};
@@ -79,9 +83,9 @@ pub use message::{Message, OutgoingMessage};
 pub use sink::MessageSink;
 pub use source::{ConsumerRole, MessageSource};
 pub use supervisor::{
-    AbortedHandler, Backoff, HealthHandle, HealthSnapshot, Jitter, OutcomeCounts, RestartIntensity,
-    Settled, ShutdownReport, Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError,
-    WorkerHealth, WorkerState,
+    AbortedHandler, Backoff, ControlError, HealthHandle, HealthSnapshot, Jitter, OutcomeCounts,
+    PAUSE_DRAIN, RestartIntensity, Settled, ShutdownReport, Supervisor, SupervisorConfig, Worker,
+    WorkerContext, WorkerControls, WorkerError, WorkerHealth, WorkerState,
 };
 pub use transport::DeadLetter;
 pub use updater::{Connect, MAX_BATCH_SIZE, MIN_HANDLER_TIMEOUT, Updater, UpdaterConfig};

@@ -264,6 +264,15 @@ impl InMemoryBroker {
         Ok(f(entity))
     }
 
+    /// Runs `f` on every queue under the broker's lock, and whether the broker is
+    /// strict: for the dead-letter administration, whose steps must be atomic.
+    pub(crate) fn with_entities<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, Entity>, bool) -> T,
+    ) -> T {
+        f(&mut self.state().entities, self.inner.strict)
+    }
+
     pub(crate) fn with_faults(&self, queue: &str, f: impl FnOnce(&mut QueueFaults)) {
         f(self.state().faults.entry(queue.to_owned()).or_default());
     }

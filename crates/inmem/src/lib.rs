@@ -36,11 +36,13 @@
 //! ```
 
 mod broker;
+mod dead_letters;
 mod fault;
 mod queue;
 mod source;
 
 pub use broker::{DEAD_LETTER_SUFFIX, Enqueued, InMemoryBroker, InMemoryBrokerBuilder, LockRef};
+pub use dead_letters::InMemoryDeadLetters;
 pub use fault::Faults;
 pub use queue::{LockedMessage, QueueOptions};
 pub use source::InMemorySource;

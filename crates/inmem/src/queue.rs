@@ -422,6 +422,22 @@ impl Entity {
         locked.into_iter().map(|(_, id)| id).collect()
     }
 
+    /// Removes the messages not locked at `now` that `chosen` picks, in sequence order.
+    pub(crate) fn remove_unlocked(
+        &mut self,
+        now: Instant,
+        mut chosen: impl FnMut(&Stored) -> bool,
+    ) -> Vec<Stored> {
+        let picked: Vec<u64> = self
+            .messages
+            .values()
+            .filter(|s| !s.lock.is_some_and(|lock| self.lock_is_held(&lock, now)))
+            .filter(|s| chosen(s))
+            .map(|s| s.sequence)
+            .collect();
+        picked.into_iter().filter_map(|sequence| self.remove(sequence)).collect()
+    }
+
     /// Removes a held message for dead-lettering.
     pub(crate) fn remove_held(
         &mut self,

@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use steward_core::testkit::{FaultHooks, Suite, TransportFactory, unique_name};
 use steward_core::{
-    Capabilities, DeadLetter, ErrorKind, MessageSink, MessageSource, TransportError,
+    Capabilities, DeadLetter, DeadLetterQueues, ErrorKind, MessageSink, MessageSource,
+    TransportError,
 };
 use steward_inmem::{InMemoryBroker, QueueOptions};
 
@@ -59,6 +60,10 @@ impl TransportFactory for Factory {
 
     fn faults(&self) -> Option<&dyn FaultHooks> {
         Some(self)
+    }
+
+    fn dead_letter_queues(&self) -> Option<Arc<dyn DeadLetterQueues>> {
+        Some(Arc::new(self.broker.dead_letter_queues()))
     }
 }
 

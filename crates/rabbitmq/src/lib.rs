@@ -2,6 +2,7 @@
 
 mod acks;
 mod builder;
+mod dead_letters;
 mod error;
 mod message;
 mod publish;
@@ -14,7 +15,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::{Connection, ConnectionProperties};
-use steward_core::transport::MAX_DELIVERY_COUNT_EXCEEDED;
 use steward_core::{Capabilities, DeadLetter, TransportError};
 use tokio::sync::OnceCell;
 use tokio::time::timeout;
@@ -24,6 +24,7 @@ pub use builder::{
     DEFAULT_HEARTBEAT, DEFAULT_MAX_DELIVERIES, DEFAULT_URL, MIN_DEFAULT_PREFETCH,
     PREFETCH_PER_HANDLER, RabbitMqBuilder,
 };
+pub use dead_letters::RabbitMqDeadLetters;
 pub use message::{
     DEAD_LETTER_DESCRIPTION_HEADER, DEAD_LETTER_REASON_HEADER, DELIVERY_COUNT_HEADER,
     SESSION_ID_HEADER,
@@ -207,29 +208,10 @@ impl RabbitMq {
                 .map_err(|e| Error::lapin(format!("read queue {dlq}"), e))?;
             let Some(got) = got else { break };
             let delivery = got.delivery;
-            let properties = &delivery.properties;
-            let reason = message::header_string(properties, DEAD_LETTER_REASON_HEADER)
-                .or_else(|| {
-                    message::broker_death_reason(properties).map(|reason| {
-                        if reason == "delivery_limit" {
-                            MAX_DELIVERY_COUNT_EXCEEDED.to_owned()
-                        } else {
-                            reason
-                        }
-                    })
-                })
-                .unwrap_or_default();
-            let description = message::header_string(properties, DEAD_LETTER_DESCRIPTION_HEADER)
-                .unwrap_or_default();
-            let mut message = message::to_message(properties, Bytes::from(delivery.data));
-            // A message the transport dead-lettered carries its deliveries until then;
-            // reading it back here is no delivery of it.
-            if let Some(count) = message::header_string(properties, DEAD_LETTER_REASON_HEADER)
-                .and(message::republished_count(properties))
-            {
-                message.delivery_count = count;
-            }
-            read.push(DeadLetter { message, reason, description });
+            read.push(dead_letters::to_dead_letter(
+                &delivery.properties,
+                Bytes::from(delivery.data),
+            ));
             held.push(delivery.acker);
         }
         for acker in held {

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use steward_core::testkit::{FaultHooks, Suite, TransportFactory, unique_name};
-use steward_core::{Capabilities, DeadLetter, MessageSink, MessageSource, TransportError};
+use steward_core::{
+    Capabilities, DeadLetter, DeadLetterQueues, MessageSink, MessageSource, TransportError,
+};
 use steward_rabbitmq::{RabbitMq, RabbitMqBuilder};
 use tokio::runtime::Builder;
 
@@ -105,6 +107,10 @@ impl TransportFactory for Factory {
 
     fn faults(&self) -> Option<&dyn FaultHooks> {
         Some(self)
+    }
+
+    fn dead_letter_queues(&self) -> Option<Arc<dyn DeadLetterQueues>> {
+        Some(Arc::new(self.sink.dead_letter_queues()))
     }
 }
 

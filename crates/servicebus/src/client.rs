@@ -13,10 +13,7 @@ use steward_core::{Capabilities, DeadLetter, TransportError};
 use tokio::time::Instant;
 
 use crate::error::{Error, Op};
-use crate::message::{
-    DEAD_LETTER_DESCRIPTION_PROPERTY, DEAD_LETTER_REASON_PROPERTY, Outgoing, Received,
-    read_received,
-};
+use crate::message::{Outgoing, Received, read_received};
 use crate::{AuthMethod, CAPABILITIES, ServiceBusSink, ServiceBusSource, dead_letter_queue};
 
 /// The policy name and key handed to the Azure crate, which signs every request with
@@ -156,6 +153,11 @@ impl ServiceBusTransport {
         Self { shared: Arc::new(shared) }
     }
 
+    /// What the transport's sources, sinks and dead-letter queues share.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// What the sources of this transport support; see the crate docs.
     #[must_use]
     pub fn capabilities(&self) -> Capabilities {
@@ -277,18 +279,7 @@ impl ServiceBusTransport {
         while read.len() < MAX_DEAD_LETTERS_READ {
             match self.shared.peek_lock(&dlq, Duration::ZERO).await {
                 Ok(PeekLock::Message(locked)) => {
-                    let mut message = locked.received.message.clone();
-                    // The copy carries the deliveries the message had when it was
-                    // dead-lettered; this reading is no delivery of it.
-                    if let Some(count) = locked.received.earlier_deliveries {
-                        message.delivery_count = count;
-                    }
-                    let mut take = |name: &str| {
-                        message.properties.remove(&name.to_ascii_lowercase()).unwrap_or_default()
-                    };
-                    let reason = take(DEAD_LETTER_REASON_PROPERTY);
-                    let description = take(DEAD_LETTER_DESCRIPTION_PROPERTY);
-                    read.push(DeadLetter { message, reason, description });
+                    read.push(crate::dead_letters::to_dead_letter(&locked));
                     held.push(locked.response);
                 }
                 Ok(PeekLock::Empty) => break,

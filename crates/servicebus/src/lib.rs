@@ -3,6 +3,7 @@
 mod auth;
 mod builder;
 mod client;
+mod dead_letters;
 mod error;
 mod http;
 mod message;
@@ -20,6 +21,7 @@ pub use auth::{
 };
 pub use builder::{AuthMethod, ConfigError, NAMESPACE_SUFFIX, ServiceBusBuilder};
 pub use client::{MAX_DEAD_LETTERS_READ, ServiceBusTransport};
+pub use dead_letters::ServiceBusDeadLetters;
 pub use http::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, PooledHttpClient};
 pub use message::{
     DEAD_LETTER_DESCRIPTION_PROPERTY, DEAD_LETTER_REASON_PROPERTY, DELIVERY_COUNT_PROPERTY,

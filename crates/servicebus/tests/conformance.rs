@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use steward_core::testkit::{FaultHooks, Suite, TransportFactory, unique_name};
-use steward_core::{Capabilities, DeadLetter, MessageSink, MessageSource, TransportError};
+use steward_core::{
+    Capabilities, DeadLetter, DeadLetterQueues, MessageSink, MessageSource, TransportError,
+};
 use steward_inmem::QueueOptions;
 use steward_servicebus::emulator::{Emulator, EmulatorHandle, Operation, StatusCode};
 use steward_servicebus::{ServiceBusTransport, dead_letter_queue};
@@ -82,6 +84,10 @@ impl TransportFactory for Factory {
 
     fn faults(&self) -> Option<&dyn FaultHooks> {
         Some(self)
+    }
+
+    fn dead_letter_queues(&self) -> Option<Arc<dyn DeadLetterQueues>> {
+        Some(Arc::new(self.transport.dead_letter_queues()))
     }
 }
 

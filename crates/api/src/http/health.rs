@@ -63,6 +63,10 @@ fn service(snapshot: &HealthSnapshot, service: &str, worker: &str, details: bool
         Some(health) if health.state == WorkerState::Running => {
             (ServiceStatusValue::Ok, String::new())
         }
+        // Paused on purpose by an operator: nothing is wrong, but say so.
+        Some(health) if health.state == WorkerState::Paused => {
+            (ServiceStatusValue::Ok, format!("{} is paused by an operator", health.name))
+        }
         Some(health) => (ServiceStatusValue::NotOk, describe(health)),
         None => (ServiceStatusValue::NotOk, format!("{worker} is not running in this process")),
     };
@@ -237,8 +241,11 @@ pub(super) async fn readyz(
 pub(super) struct WorkerStatus {
     /// The worker's name.
     pub name: String,
-    /// `starting`, `running`, `backing_off`, `stalled`, `stopping`, `stopped` or `failed`.
+    /// `starting`, `running`, `backing_off`, `stalled`, `stopping`, `stopped`, `failed`
+    /// or `paused`.
     pub state: String,
+    /// Whether an operator paused it: its state is `paused`.
+    pub paused: bool,
     /// Restarts so far.
     pub restarts: u64,
     /// The last error, with its chain.
@@ -278,6 +285,7 @@ impl From<&WorkerHealth> for WorkerStatus {
         WorkerStatus {
             name: w.name.clone(),
             state: w.state.as_str().to_owned(),
+            paused: w.state == WorkerState::Paused,
             restarts: w.restarts,
             last_error: w.last_error.clone(),
             seconds_since_progress: w.since_progress.map(|d| d.as_secs_f64()),

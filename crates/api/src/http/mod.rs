@@ -19,6 +19,7 @@ mod extract;
 mod health;
 mod openapi;
 mod paging;
+mod operator;
 mod resources;
 mod roles;
 mod state;
@@ -37,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use error::ApiError;
+pub use operator::OperatorSettings;
 pub use paging::{MAX_PAGE_BYTES, MAX_PAGE_SIZE};
 pub use state::{ApiSettings, AppState, LoadLimit};
 
@@ -90,6 +92,15 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(airlock::review))
         .routes(routes!(airlock::cancel))
         .routes(routes!(roles::get, roles::set))
+        .routes(routes!(operator::list_dead_letters))
+        .routes(routes!(operator::peek_dead_letters))
+        .routes(routes!(operator::redrive_dead_letters))
+        .routes(routes!(operator::purge_dead_letter))
+        .routes(routes!(operator::pause_worker))
+        .routes(routes!(operator::resume_worker))
+        .routes(routes!(operator::restart_worker))
+        .routes(routes!(operator::parked_outbox))
+        .routes(routes!(operator::retry_parked))
 }
 
 /// The OpenAPI document of every route, as `GET /api/openapi.json` serves it.

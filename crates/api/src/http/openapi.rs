@@ -5,7 +5,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{airlock, error, health, resources, roles, templates};
+use super::{airlock, error, health, operator, resources, roles, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,9 @@ the probes and `/metrics` are never limited."),
         airlock::CreateAirlockRequest, airlock::ReviewBody, airlock::ReviewDecision,
         airlock::AirlockRequestResponse, airlock::AirlockRequestList,
         roles::SetRoles, roles::WorkspaceRoles,
+        operator::DeadLetterQueueList, operator::DeadLetterQueueCount, operator::PeekedMessages,
+        operator::PeekedMessage, operator::RedriveBody, operator::Redriven, operator::Purged,
+        operator::WorkerControl, operator::ParkedRows, operator::ParkedRow, operator::Retried,
     )),
     tags(
         (name = "health", description = "Probes and worker health"),
@@ -31,6 +34,7 @@ the probes and `/metrics` are never limited."),
         (name = "resources", description = "Resources and operations"),
         (name = "airlock", description = "Airlock requests"),
         (name = "roles", description = "Workspace roles"),
+        (name = "operator", description = "Operator actions, TREAdmin only: pausing and restarting workers, dead letters, parked outbox rows"),
     )
 )]
 pub(super) struct ApiDoc;

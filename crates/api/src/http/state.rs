@@ -33,6 +33,8 @@ pub struct ApiSettings {
     pub max_message_bytes: Option<usize>,
     /// How many API requests run at once, and how long one waits for its turn.
     pub load: LoadLimit,
+    /// What the operator routes work on: dead letters.
+    pub operator: super::OperatorSettings,
 }
 
 /// How many API requests (every route but the probes and `/metrics`) run at once, and

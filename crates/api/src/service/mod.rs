@@ -28,14 +28,14 @@ pub use transport::{TransportConfigError, TransportOptions};
 
 use faults::FaultPlan;
 
-use crate::http::{ApiSettings, AppState};
+use crate::http::{ApiSettings, AppState, OperatorSettings};
 use crate::rules::airlock::AirlockQueues;
 use crate::storage::{Database, OutboxMessage, Store};
 use crate::templates::TemplateRegistry;
 use crate::workers::{
     AfterDatabase, AirlockProcessor, AirlockStatusHandler, DatabaseWatcher,
-    DeploymentStatusHandler, OutboxConfig, OutboxWorker, ResourceProcessor, StaticRecipients,
-    TransportWatcher, names,
+    DeploymentStatusHandler, OutboxConfig, OutboxWorker, PauseFollower, PauseGate,
+    ResourceProcessor, StaticRecipients, TransportWatcher, names,
 };
 
 /// Why the service did not start: bad configuration (exit code 2).
@@ -144,6 +144,7 @@ fn spawn_workers<F>(
 
     supervisor.spawn(DatabaseWatcher::new(db.clone()));
     supervisor.spawn(TransportWatcher::new(transport.clone()));
+    supervisor.spawn(PauseFollower::new(db.clone(), supervisor.controls()));
 
     let deployment = DeploymentStatusHandler::new(store.clone(), templates.clone())
         .with_queue(config.deployment_status_queue.clone())
@@ -171,9 +172,13 @@ fn spawn_workers<F>(
         supervisor,
         AfterDatabase::new(
             db.clone(),
-            OutboxWorker::new(store, transport.sink())
-                .with_config(OutboxConfig::default().with_park_after(config.outbox_park_after))
-                .with_producers(supervisor.health()),
+            PauseGate::new(
+                db.clone(),
+                supervisor.controls(),
+                OutboxWorker::new(store, transport.sink())
+                    .with_config(OutboxConfig::default().with_park_after(config.outbox_park_after))
+                    .with_producers(supervisor.health()),
+            ),
         ),
     );
 
@@ -254,6 +259,11 @@ impl Service {
             transport: transport.name().to_owned(),
             max_message_bytes: transport.max_message_bytes(),
             load,
+            operator: OperatorSettings {
+                dead_letters: transport.dead_letter_queues(),
+                consumed_queues: config.topology().consumed,
+                controls: supervisor.controls(),
+            },
         };
         let state = AppState {
             db: db.clone(),

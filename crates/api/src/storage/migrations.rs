@@ -42,6 +42,11 @@ pub(crate) const MIGRATIONS: &[(&str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0006_user_resource_owner.sql"),
         include_str!("../../migrations/postgres/0006_user_resource_owner.sql"),
     ),
+    (
+        "0007_worker_controls.sql",
+        include_str!("../../migrations/sqlite/0007_worker_controls.sql"),
+        include_str!("../../migrations/postgres/0007_worker_controls.sql"),
+    ),
 ];
 
 /// The migrations of one backend, as a source sqlx's `Migrator` reads.

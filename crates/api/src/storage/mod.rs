@@ -33,6 +33,7 @@ mod error;
 mod history;
 mod migrations;
 mod operations;
+mod operator;
 mod outbox;
 mod resources;
 mod roles;

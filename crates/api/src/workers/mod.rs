@@ -2,11 +2,13 @@
 //! [`Handler`](steward_core::Handler)s), the outbox publisher, the simulated
 //! processors, and the database and transport watchers.
 
+mod controls;
 mod outbox;
 mod simulators;
 mod updaters;
 mod watchers;
 
+pub use controls::{FOLLOW_INTERVAL, PAUSABLE, PauseFollower, PauseGate};
 pub use outbox::{
     OutboxConfig, OutboxWorker, PARKED_METRIC, PARKED_OLDEST_AGE_METRIC, is_message_fault,
 };
@@ -38,4 +40,6 @@ pub mod names {
     pub const AIRLOCK_PROCESSOR: &str = "airlock-processor-simulator";
     /// The simulated airlock notifier.
     pub const AIRLOCK_NOTIFIER: &str = "airlock-notifier-simulator";
+    /// Applies the operators' stored pauses to this process's workers.
+    pub const WORKER_CONTROLS: &str = "worker-controls";
 }

@@ -27,11 +27,15 @@ pub enum WorkerState {
     Stopped,
     /// Gave up: too many restarts within the intensity window. Needs a process restart.
     Failed,
+    /// Paused by an operator ([`WorkerControls::pause`](crate::WorkerControls::pause)):
+    /// its intake stopped, its handlers finished, what it had not started released.
+    /// Intentional, so it counts as ready.
+    Paused,
 }
 
 impl WorkerState {
     /// Every state, in life-cycle order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Starting,
         Self::Running,
         Self::BackingOff,
@@ -39,6 +43,7 @@ impl WorkerState {
         Self::Stopping,
         Self::Stopped,
         Self::Failed,
+        Self::Paused,
     ];
 
     /// The snake_case name, as in logs, metrics and JSON.
@@ -52,6 +57,7 @@ impl WorkerState {
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Failed => "failed",
+            Self::Paused => "paused",
         }
     }
 }
@@ -127,10 +133,11 @@ impl HealthSnapshot {
         self.workers.iter().all(|w| w.state != WorkerState::Failed)
     }
 
-    /// Ready: every worker is `running`. A `/readyz` probe answers 503 otherwise.
+    /// Ready: every worker is `running`, or `paused` on purpose. A `/readyz` probe
+    /// answers 503 otherwise.
     #[must_use]
     pub fn is_ready(&self) -> bool {
-        self.workers.iter().all(|w| w.state == WorkerState::Running)
+        self.workers.iter().all(|w| is_ready(w.state))
     }
 
     /// Why the snapshot is not ready: the workers that are not running, with their state
@@ -140,7 +147,7 @@ impl HealthSnapshot {
         let reasons: Vec<String> = self
             .workers
             .iter()
-            .filter(|w| w.state != WorkerState::Running)
+            .filter(|w| !is_ready(w.state))
             .map(|w| match &w.last_error {
                 Some(error) => format!("{} is {}: {error}", w.name, w.state),
                 None => format!("{} is {}", w.name, w.state),
@@ -148,6 +155,11 @@ impl HealthSnapshot {
             .collect();
         (!reasons.is_empty()).then(|| reasons.join("; "))
     }
+}
+
+/// Whether a worker in `state` counts as ready: running, or paused by an operator.
+fn is_ready(state: WorkerState) -> bool {
+    matches!(state, WorkerState::Running | WorkerState::Paused)
 }
 
 /// Reads the health of a supervisor's workers; cheap to clone, for a web layer's state.

@@ -2,6 +2,7 @@
 //! health and shuts them down by a deadline.
 
 mod backoff;
+mod control;
 mod health;
 mod worker;
 
@@ -18,11 +19,17 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use backoff::{Backoff, Jitter};
+pub use control::{ControlError, WorkerControls};
 pub use health::{HealthHandle, HealthSnapshot, OutcomeCounts, WorkerHealth, WorkerState};
 pub use worker::{AbortedHandler, Settled, Worker, WorkerContext, WorkerError};
 
 use crate::Deadlines;
+use control::Control;
 use health::{Registry, WorkerRecord};
+
+/// How long a paused worker's running handlers have to finish before they are aborted
+/// (and their messages abandoned).
+pub const PAUSE_DRAIN: Duration = Duration::from_secs(60);
 
 /// How many restarts a worker may need before it is declared `failed`.
 ///
@@ -251,6 +258,7 @@ pub struct Supervisor {
     shared: Arc<Shared>,
     registry: Arc<Registry>,
     health: HealthHandle,
+    controls: WorkerControls,
     entries: Mutex<Vec<Entry>>,
 }
 
@@ -276,7 +284,13 @@ impl Supervisor {
             aborted: Mutex::new(Vec::new()),
         });
         let health = HealthHandle { registry: registry.clone(), changes };
-        Self { shared, registry, health, entries: Mutex::new(Vec::new()) }
+        Self {
+            shared,
+            registry,
+            health,
+            controls: WorkerControls::default(),
+            entries: Mutex::new(Vec::new()),
+        }
     }
 
     /// Starts supervising `worker` at once.
@@ -297,8 +311,10 @@ impl Supervisor {
         let record = self.registry.add(worker.name());
         crate::metrics::worker_state(worker.name(), WorkerState::Starting);
         let attempt = Arc::new(Mutex::new(None));
+        let control = self.controls.add(worker.name());
         let supervision = Supervision {
             worker,
+            control,
             record: record.clone(),
             shared: self.shared.clone(),
             token: self.shared.root.child_token(),
@@ -306,6 +322,12 @@ impl Supervisor {
         };
         let handle = self.shared.tracker.spawn(supervision.run());
         lock(&self.entries).push(Entry { record, supervision: handle.abort_handle(), attempt });
+    }
+
+    /// A handle to pause, resume and restart single workers; cheap to clone.
+    #[must_use]
+    pub fn controls(&self) -> WorkerControls {
+        self.controls.clone()
     }
 
     /// A handle to read the workers' health; cheap to clone.
@@ -389,11 +411,16 @@ enum Exit {
     Failed(WorkerError),
     Panicked(String),
     Stalled(Duration),
+    /// Stopped because an operator paused it.
+    Paused,
+    /// Stopped because an operator asked for a restart.
+    Restarted,
 }
 
 /// The supervision loop of one worker.
 struct Supervision {
     worker: Arc<dyn Worker>,
+    control: Arc<Control>,
     record: Arc<WorkerRecord>,
     shared: Arc<Shared>,
     token: CancellationToken,
@@ -402,6 +429,25 @@ struct Supervision {
 
 impl Supervision {
     async fn run(self) {
+        self.supervise().await;
+        self.control.supervised.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Waits while the worker is paused; `false` when the supervisor shuts down first.
+    async fn wait_while_paused(&self) -> bool {
+        let mut paused = self.control.paused.subscribe();
+        if !*paused.borrow_and_update() {
+            return true;
+        }
+        self.record.set_state(WorkerState::Paused);
+        tracing::info!(worker = %self.record.name, "worker paused");
+        tokio::select! {
+            resumed = async { paused.wait_for(|paused| !*paused).await.is_ok() } => resumed,
+            () = self.token.cancelled() => false,
+        }
+    }
+
+    async fn supervise(&self) {
         let name = self.record.name.clone();
         let config = self.shared.config.clone();
         let mut consecutive: u32 = 0;
@@ -411,16 +457,18 @@ impl Supervision {
         let mut running_time = Duration::ZERO;
         let mut failures: VecDeque<Duration> = VecDeque::new();
         loop {
-            if self.token.is_cancelled() {
+            if self.token.is_cancelled() || !self.wait_while_paused().await {
                 break;
             }
             self.record.set_state(WorkerState::Starting);
             self.record.start_attempt();
             let attempt_token = self.token.child_token();
+            let paused_stop = Arc::new(Mutex::new(None));
             let ctx = WorkerContext {
                 record: self.record.clone(),
                 cancel: attempt_token.clone(),
                 shared: self.shared.clone(),
+                paused_stop: paused_stop.clone(),
             };
             let started = Instant::now();
             let worker = self.worker.clone();
@@ -428,7 +476,7 @@ impl Supervision {
             let handle =
                 self.shared.tracker.spawn(async move { worker.run(ctx).await }.instrument(span));
             *lock(&self.attempt) = Some(handle.abort_handle());
-            let exit = self.watch(handle, &attempt_token).await;
+            let exit = self.watch(handle, &attempt_token, &paused_stop).await;
             *lock(&self.attempt) = None;
             let ran = started.elapsed();
             running_time += ran;
@@ -444,9 +492,18 @@ impl Supervision {
                     Exit::Panicked(payload) => {
                         tracing::error!(worker = %name, panic = %payload, "worker panicked while stopping");
                     }
-                    Exit::Stalled(_) => {}
+                    Exit::Stalled(_) | Exit::Paused | Exit::Restarted => {}
                 }
                 break;
+            }
+            match exit {
+                Exit::Paused => continue,
+                Exit::Restarted => {
+                    self.record.add_restart();
+                    tracing::info!(worker = %name, "worker restarted on request");
+                    continue;
+                }
+                _ => {}
             }
 
             // Only time spent making progress counts as healthy: a start that hung for
@@ -472,6 +529,7 @@ impl Supervision {
                 Exit::Failed(error) => (!error.is_retryable(), crate::error_chain(error)),
                 Exit::Panicked(payload) => (true, format!("worker panicked: {payload}")),
                 Exit::Stalled(idle) => (true, format!("worker stalled: no progress for {idle:?}")),
+                Exit::Paused | Exit::Restarted => (false, String::new()),
             };
             self.record.set_error(Some(description.clone()));
             if fruitless_stalls >= config.stalls_before_failed.max(1) {
@@ -518,8 +576,14 @@ impl Supervision {
                 "worker stopped; restarting"
             );
             self.record.set_state(WorkerState::BackingOff);
+            let (mut paused, mut restarts) =
+                (self.control.paused.subscribe(), self.control.restarts.subscribe());
             tokio::select! {
                 () = sleep(delay) => {}
+                // A pause or a restart request ends the backoff: the loop's top waits
+                // out the pause, or starts the worker again now.
+                _ = until_paused(&mut paused) => {}
+                _ = restarts.changed() => {}
                 () = self.token.cancelled() => break,
             }
         }
@@ -533,8 +597,11 @@ impl Supervision {
         &self,
         mut handle: JoinHandle<Result<(), WorkerError>>,
         attempt_token: &CancellationToken,
+        paused_stop: &Mutex<Option<Deadlines>>,
     ) -> Exit {
         let stall_timeout = self.worker.stall_timeout();
+        let mut paused = self.control.paused.subscribe();
+        let mut restarts = self.control.restarts.subscribe();
         loop {
             // A stall timeout too long to add to the clock means no watchdog.
             let check = stall_timeout.filter(|_| !self.token.is_cancelled()).and_then(|limit| {
@@ -543,6 +610,14 @@ impl Supervision {
             });
             tokio::select! {
                 joined = &mut handle => return exit_of(joined),
+                true = until_paused(&mut paused) => {
+                    // Its handlers may finish; the stall watchdog no longer applies.
+                    *lock(paused_stop) = Some(Deadlines::until(Instant::now() + PAUSE_DRAIN));
+                    return self.stop_for(handle, attempt_token, Exit::Paused).await;
+                }
+                Ok(()) = restarts.changed() => {
+                    return self.stop_for(handle, attempt_token, Exit::Restarted).await;
+                }
                 () = sleep_until(check.unwrap_or_else(Instant::now)), if check.is_some() => {
                     let idle = self.record.since_progress();
                     if stall_timeout.is_some_and(|limit| idle >= limit) && !self.token.is_cancelled() {
@@ -559,6 +634,40 @@ impl Supervision {
             }
         }
     }
+}
+
+impl Supervision {
+    /// Cancels the attempt for a pause or a restart and waits for it to drain (as on a
+    /// restart after an error: its handlers finish, unstarted messages are released).
+    /// An error or panic while draining is logged; the attempt ends as `why`.
+    async fn stop_for(
+        &self,
+        mut handle: JoinHandle<Result<(), WorkerError>>,
+        attempt_token: &CancellationToken,
+        why: Exit,
+    ) -> Exit {
+        if !matches!(why, Exit::Restarted) {
+            self.record.set_state(WorkerState::Stopping);
+        }
+        attempt_token.cancel();
+        let name = &self.record.name;
+        match exit_of((&mut handle).await) {
+            Exit::Failed(error) => {
+                let chain = crate::error_chain(&error);
+                tracing::error!(worker = %name, error = %chain, "worker failed while stopping on request");
+            }
+            Exit::Panicked(payload) => {
+                tracing::error!(worker = %name, panic = %payload, "worker panicked while stopping on request");
+            }
+            _ => {}
+        }
+        why
+    }
+}
+
+/// Waits until `paused` says so; `false` when its sender is gone.
+async fn until_paused(paused: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    paused.wait_for(|paused| *paused).await.is_ok()
 }
 
 fn exit_of(joined: Result<Result<(), WorkerError>, JoinError>) -> Exit {

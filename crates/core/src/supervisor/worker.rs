@@ -108,6 +108,8 @@ pub struct WorkerContext {
     pub(crate) record: Arc<WorkerRecord>,
     pub(crate) cancel: CancellationToken,
     pub(crate) shared: Arc<Shared>,
+    /// The deadlines of this run's stop when an operator paused the worker.
+    pub(crate) paused_stop: Arc<std::sync::Mutex<Option<Deadlines>>>,
 }
 
 impl fmt::Debug for WorkerContext {
@@ -142,6 +144,7 @@ impl WorkerContext {
             record: registry.add(name),
             cancel: CancellationToken::new(),
             shared: Shared::for_tests(),
+            paused_stop: Arc::default(),
         }
     }
 
@@ -201,11 +204,13 @@ impl WorkerContext {
         }
     }
 
-    /// The deadlines of the worker's stop: the shutdown's, or, when the worker is being
+    /// The deadlines of the worker's stop: the shutdown's; when an operator paused the
+    /// worker, a drain long enough for its handlers to finish; when the worker is being
     /// restarted, [`Deadlines::restart`] (handlers aborted now, 1 s of grace).
     #[must_use]
     pub fn deadlines(&self) -> Deadlines {
-        self.shared.deadlines().unwrap_or_else(Deadlines::restart)
+        let paused = || *self.paused_stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.shared.deadlines().or_else(paused).unwrap_or_else(Deadlines::restart)
     }
 
     /// When in-flight work must be finished: [`Deadlines::drain`] of

@@ -1,7 +1,7 @@
 //! The conformance cases. Each panics with a message naming the case when the transport
 //! breaks the contract.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +9,11 @@ use futures::FutureExt;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::{TransportFactory, missing_requirement};
-use crate::{Delivery, MessageSink, MessageSource, OutgoingMessage, TransportError};
+use crate::dead_letters::REDRIVEN_PROPERTY;
+use crate::{
+    DeadLetter, DeadLetterQueues, Delivery, MessageSink, MessageSource, OutgoingMessage, Redrive,
+    TransportError,
+};
 
 /// How long a receive waits in the cases unless a case says otherwise.
 const WAIT: Duration = Duration::from_secs(1);
@@ -1171,4 +1175,197 @@ pub async fn failed_settlement_leaves_message_redeliverable(factory: &dyn Transp
     for consumer in [&source, &other] {
         fx.assert_nothing(consumer.as_ref(), WAIT, "the message was completed").await;
     }
+}
+
+/// The dead-letter queues of `factory`, or `None` after printing why the case skips.
+fn dead_letter_queues(
+    factory: &dyn TransportFactory,
+    case: &str,
+) -> Option<Arc<dyn DeadLetterQueues>> {
+    if missing_requirement(factory, case).is_some() {
+        return None;
+    }
+    factory.dead_letter_queues()
+}
+
+/// Sends `n` messages `<prefix>-<i>` (each with a correlation id and the property
+/// `origin`), receives them and dead-letters them in that order with reason `Invalid`
+/// and description `bad <id>`; returns their ids, in that order.
+async fn dead_letter_in_order(fx: &Fixture<'_>, prefix: &str, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    for id in &ids {
+        fx.send(
+            OutgoingMessage::new(format!("body of {id}"))
+                .with_message_id(id)
+                .with_correlation_id(format!("c-{id}"))
+                .with_property("origin", "conformance"),
+        )
+        .await;
+    }
+    let source = fx.source().await;
+    let mut held: BTreeMap<String, Delivery> = fx
+        .receive_n(source.as_ref(), n, PROMPTLY)
+        .await
+        .into_iter()
+        .map(|delivery| (delivery.message().id.clone(), delivery))
+        .collect();
+    assert_eq!(held.len(), n, "{}: received every message to dead-letter", fx.case);
+    for id in &ids {
+        let delivery =
+            held.remove(id).unwrap_or_else(|| panic!("{}: {id} was not received", fx.case));
+        settle(fx.case, "dead_letter", delivery.dead_letter("Invalid", &format!("bad {id}"))).await;
+    }
+    ok(fx.case, "stop_receiving", source.stop_receiving().await);
+    ids
+}
+
+fn dead_ids(dead: &[DeadLetter]) -> Vec<String> {
+    dead.iter().map(|d| d.message.id.clone()).collect()
+}
+
+/// Peeking a dead-letter queue, part of it or all of it and again, shows its messages
+/// oldest first with their reason, description, body and properties, and leaves every
+/// one of them there in the same order.
+pub async fn peek_dead_letters_loses_and_reorders_nothing(factory: &dyn TransportFactory) {
+    const CASE: &str = "peek_dead_letters_loses_and_reorders_nothing";
+    let Some(dlqs) = dead_letter_queues(factory, CASE) else { return };
+    let fx = Fixture::new(CASE, factory).await;
+    let ids = dead_letter_in_order(&fx, "peeked", 5).await;
+
+    let first = ok(CASE, "peek 3", dlqs.peek(&fx.queue, 3).await);
+    assert_eq!(dead_ids(&first), ids[..3], "{CASE}: the first three, oldest first");
+    for dead in &first {
+        let id = &dead.message.id;
+        assert_eq!(dead.reason, "Invalid", "{CASE}: reason of {id}");
+        assert_eq!(dead.description, format!("bad {id}"), "{CASE}: description of {id}");
+        assert_eq!(dead.message.body, format!("body of {id}"), "{CASE}: body of {id}");
+        assert_eq!(dead.message.correlation_id, Some(format!("c-{id}")), "{CASE}: correlation");
+        assert_eq!(
+            dead.message.properties.get("origin").map(String::as_str),
+            Some("conformance"),
+            "{CASE}: properties of {id}"
+        );
+    }
+    let mut counts = None;
+    for round in 0..3 {
+        let all = ok(CASE, "peek all", dlqs.peek(&fx.queue, 100).await);
+        assert_eq!(dead_ids(&all), ids, "{CASE}: peek {round} shows every message in order");
+        let now: Vec<u32> = all.iter().map(|d| d.message.delivery_count).collect();
+        if !dlqs.peek_counts_as_delivery() {
+            if let Some(before) = counts.replace(now.clone()) {
+                assert_eq!(now, before, "{CASE}: a true peek leaves delivery counts alone");
+            }
+        }
+        assert_eq!(ok(CASE, "count", dlqs.count(&fx.queue).await), 5, "{CASE}: count");
+    }
+    assert!(ok(CASE, "peek 0", dlqs.peek(&fx.queue, 0).await).is_empty(), "{CASE}: peek 0");
+    let read = ok(CASE, "dead_letters", fx.factory.dead_letters(&fx.queue).await);
+    assert_eq!(dead_ids(&read), ids, "{CASE}: the dead-letter queue still holds all, in order");
+}
+
+/// A redrive sends the chosen dead letters back to their queue, where they are received
+/// with their body and properties, a fresh delivery count and a redriven count; the
+/// others stay. Redriven and dead-lettered again, a message counts two redrives.
+pub async fn redriven_dead_letters_are_received_afresh(factory: &dyn TransportFactory) {
+    const CASE: &str = "redriven_dead_letters_are_received_afresh";
+    let Some(dlqs) = dead_letter_queues(factory, CASE) else { return };
+    let fx = Fixture::new(CASE, factory).await;
+    let ids = dead_letter_in_order(&fx, "redriven", 3).await;
+
+    let chosen = Redrive::Ids([ids[0].clone(), ids[2].clone(), "not-there".to_owned()].into());
+    assert_eq!(ok(CASE, "redrive", dlqs.redrive(&fx.queue, &chosen).await), 2, "{CASE}: redriven");
+    assert_eq!(ok(CASE, "count", dlqs.count(&fx.queue).await), 1, "{CASE}: one left");
+    let left = ok(CASE, "peek", dlqs.peek(&fx.queue, 10).await);
+    assert_eq!(dead_ids(&left), ids[1..2], "{CASE}: the one not chosen stays");
+
+    let source = fx.source().await;
+    let mut got = fx.receive_n(source.as_ref(), 2, PROMPTLY).await;
+    got.sort_by(|a, b| a.message().id.cmp(&b.message().id));
+    let got_ids: Vec<_> = got.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(got_ids, [ids[0].clone(), ids[2].clone()], "{CASE}: the chosen come back");
+    for delivery in &got {
+        let message = delivery.message();
+        let id = &message.id;
+        assert_eq!(message.body, format!("body of {id}"), "{CASE}: body of {id}");
+        assert_eq!(message.correlation_id, Some(format!("c-{id}")), "{CASE}: correlation");
+        assert_eq!(message.properties.get("origin").map(String::as_str), Some("conformance"));
+        assert_eq!(
+            message.properties.get(REDRIVEN_PROPERTY).map(String::as_str),
+            Some("1"),
+            "{CASE}: {id} says it was redriven once"
+        );
+        if fx.counts_deliveries() {
+            assert_eq!(message.delivery_count, 1, "{CASE}: {id} has a fresh delivery count");
+        }
+    }
+    let mut got = got.into_iter();
+    if let (Some(first), Some(second)) = (got.next(), got.next()) {
+        settle(CASE, "dead_letter again", first.dead_letter("Invalid", "again")).await;
+        settle(CASE, "complete", second.complete()).await;
+    }
+
+    let all = ok(CASE, "redrive all", dlqs.redrive(&fx.queue, &Redrive::All).await);
+    assert_eq!(all, 2, "{CASE}: redrive all takes the rest");
+    assert_eq!(ok(CASE, "count", dlqs.count(&fx.queue).await), 0, "{CASE}: none left");
+    let again = fx.receive_n(source.as_ref(), 2, PROMPTLY).await;
+    let mut redriven: Vec<(String, Option<String>)> = again
+        .iter()
+        .map(|d| (d.message().id.clone(), d.message().properties.get(REDRIVEN_PROPERTY).cloned()))
+        .collect();
+    redriven.sort();
+    assert_eq!(
+        redriven,
+        [(ids[0].clone(), Some("2".to_owned())), (ids[1].clone(), Some("1".to_owned()))],
+        "{CASE}: redriven counts"
+    );
+    for delivery in again {
+        settle(CASE, "complete", delivery.complete()).await;
+    }
+    fx.assert_nothing(source.as_ref(), WAIT, "every redriven message was completed").await;
+}
+
+/// Purging removes exactly the chosen dead letters, for good; unknown ids are ignored.
+pub async fn purged_dead_letters_are_gone(factory: &dyn TransportFactory) {
+    const CASE: &str = "purged_dead_letters_are_gone";
+    let Some(dlqs) = dead_letter_queues(factory, CASE) else { return };
+    let fx = Fixture::new(CASE, factory).await;
+    let ids = dead_letter_in_order(&fx, "purged", 3).await;
+
+    let chosen: BTreeSet<String> = [ids[1].clone(), "not-there".to_owned()].into();
+    assert_eq!(ok(CASE, "purge", dlqs.purge(&fx.queue, &chosen).await), 1, "{CASE}: purged");
+    let left = ok(CASE, "peek", dlqs.peek(&fx.queue, 10).await);
+    assert_eq!(dead_ids(&left), [ids[0].clone(), ids[2].clone()], "{CASE}: the others stay");
+    let rest: BTreeSet<String> = [ids[0].clone(), ids[2].clone()].into();
+    assert_eq!(ok(CASE, "purge rest", dlqs.purge(&fx.queue, &rest).await), 2, "{CASE}: purged");
+    assert_eq!(ok(CASE, "count", dlqs.count(&fx.queue).await), 0, "{CASE}: none left");
+    let source = fx.source().await;
+    fx.assert_nothing(source.as_ref(), WAIT, "purged messages are not redriven").await;
+}
+
+/// Two redrives of every dead letter at once send each message back exactly once
+/// between them.
+pub async fn concurrent_redrives_never_duplicate(factory: &dyn TransportFactory) {
+    const CASE: &str = "concurrent_redrives_never_duplicate";
+    let Some(dlqs) = dead_letter_queues(factory, CASE) else { return };
+    let fx = Fixture::new(CASE, factory).await;
+    let ids = dead_letter_in_order(&fx, "raced", 10).await;
+
+    let (a, b) = tokio::join!(
+        dlqs.redrive(&fx.queue, &Redrive::All),
+        dlqs.redrive(&fx.queue, &Redrive::All)
+    );
+    let (a, b) = (ok(CASE, "redrive a", a), ok(CASE, "redrive b", b));
+    assert_eq!(a + b, ids.len(), "{CASE}: the two redrives sent {a} and {b}");
+    let source = fx.source().await;
+    let got = fx.receive_n(source.as_ref(), ids.len(), PROMPTLY).await;
+    let mut got_ids: Vec<_> = got.iter().map(|d| d.message().id.clone()).collect();
+    got_ids.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(got_ids, expected, "{CASE}: each message comes back once");
+    for delivery in got {
+        settle(CASE, "complete", delivery.complete()).await;
+    }
+    fx.assert_nothing(source.as_ref(), WAIT, "no message came back twice").await;
+    assert_eq!(ok(CASE, "count", dlqs.count(&fx.queue).await), 0, "{CASE}: none left");
 }

@@ -52,7 +52,10 @@ use async_trait::async_trait;
 use libtest_mimic::{Arguments, Failed, Trial};
 use tokio::runtime::Runtime;
 
-use crate::{Capabilities, Capability, DeadLetter, MessageSink, MessageSource, TransportError};
+use crate::{
+    Capabilities, Capability, DeadLetter, DeadLetterQueues, MessageSink, MessageSource,
+    TransportError,
+};
 
 pub use cases::*;
 
@@ -91,6 +94,12 @@ pub trait TransportFactory: Send + Sync + 'static {
 
     /// Fault injection, where the transport's test setup can break things.
     fn faults(&self) -> Option<&dyn FaultHooks> {
+        None
+    }
+
+    /// The transport's [`DeadLetterQueues`], for the queues made by
+    /// [`create_queue`](Self::create_queue), where it has them.
+    fn dead_letter_queues(&self) -> Option<Arc<dyn DeadLetterQueues>> {
         None
     }
 }
@@ -181,6 +190,8 @@ pub enum Requirement {
     Faults,
     /// [`TransportFactory::missing_queue`] returns a name (the broker refuses unknown queues).
     StrictQueues,
+    /// [`TransportFactory::dead_letter_queues`] returns them.
+    DeadLetterAdmin,
 }
 
 impl Requirement {
@@ -190,6 +201,7 @@ impl Requirement {
             Self::Capability(cap) => factory.capabilities().has(cap),
             Self::Faults => factory.faults().is_some(),
             Self::StrictQueues => factory.missing_queue().is_some(),
+            Self::DeadLetterAdmin => factory.dead_letter_queues().is_some(),
         }
     }
 }
@@ -200,6 +212,7 @@ impl std::fmt::Display for Requirement {
             Self::Capability(cap) => cap.fmt(f),
             Self::Faults => f.write_str("fault hooks"),
             Self::StrictQueues => f.write_str("strict queues"),
+            Self::DeadLetterAdmin => f.write_str("dead-letter administration"),
         }
     }
 }
@@ -269,7 +282,7 @@ const fn cap(cap: Capability) -> Requirement {
     Requirement::Capability(cap)
 }
 use Capability::{BinaryBody, DelayedAbandon, DeliveryCount, LockRenewal, Sessions};
-use Requirement::{Faults, StrictQueues};
+use Requirement::{DeadLetterAdmin, Faults, StrictQueues};
 
 /// Every conformance case, with what it needs beyond the basic contract.
 pub const CASES: &[Case] = &[
@@ -313,6 +326,10 @@ pub const CASES: &[Case] = &[
     ),
     row!(receive_after_stop_receiving_takes_nothing, []),
     row!(failed_settlement_leaves_message_redeliverable, [Faults]),
+    row!(peek_dead_letters_loses_and_reorders_nothing, [DeadLetterAdmin]),
+    row!(redriven_dead_letters_are_received_afresh, [DeadLetterAdmin]),
+    row!(purged_dead_letters_are_gone, [DeadLetterAdmin]),
+    row!(concurrent_redrives_never_duplicate, [DeadLetterAdmin]),
 ];
 
 /// Builds a [`TransportFactory`] for one test, or `None` when the transport's service is

@@ -8,7 +8,7 @@ mod injected;
 use steward_core::{Connect, Handler, Supervisor, Updater, UpdaterConfig, Worker};
 
 use crate::storage::Database;
-use crate::workers::AfterDatabase;
+use crate::workers::{AfterDatabase, PauseGate};
 
 #[cfg(feature = "fault-injection")]
 pub(super) use injected::plan;
@@ -33,7 +33,8 @@ pub(super) trait FaultPlan {
         config: UpdaterConfig,
     ) {
         let updater = Updater::new(name, connect, self.wrap(handler)).with_config(config);
-        self.spawn(supervisor, AfterDatabase::new(db.clone(), updater));
+        let gated = PauseGate::new(db.clone(), supervisor.controls(), updater);
+        self.spawn(supervisor, AfterDatabase::new(db.clone(), gated));
     }
 }
 

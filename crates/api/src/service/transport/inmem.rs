@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use steward_core::{Message, MessageSink, MessageSource, TransportError};
+use steward_core::{DeadLetterQueues, Message, MessageSink, MessageSource, TransportError};
 use steward_inmem::InMemoryBroker;
 
 use super::{OpenTransport, Topology, Transport};
@@ -46,6 +46,10 @@ impl Transport for Inmem {
 
     async fn check(&self) -> Result<(), TransportError> {
         Ok(())
+    }
+
+    fn dead_letter_queues(&self) -> Option<Arc<dyn DeadLetterQueues>> {
+        Some(Arc::new(self.broker.dead_letter_queues()))
     }
 
     /// Every message still queued: a graceful restart loses nothing.

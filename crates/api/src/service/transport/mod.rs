@@ -13,7 +13,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use steward_core::{Connect, Message, MessageSink, MessageSource, TransportError};
+use steward_core::{
+    Connect, DeadLetterQueues, Message, MessageSink, MessageSource, TransportError,
+};
 
 /// For a broker client `$client` that opens sources and sinks and declares its
 /// topology itself (RabbitMQ, NATS): declares `$name`, its [`Transport`] (the check
@@ -23,10 +25,10 @@ use steward_core::{Connect, Message, MessageSink, MessageSource, TransportError}
 /// delivery limit and queues.
 #[allow(unused_macros, reason = "used only by the transports compiled in")]
 macro_rules! broker_transport {
-    ($name:ident($client:ty), |$settings:ident| $builder:expr) => {
-        broker_transport!($name($client), |$settings, _topology| $builder);
+    ($name:ident($client:ty), |$settings:ident| $builder:expr $(, dead_letters: |$client_ref:ident| $dead_letters:expr)?) => {
+        broker_transport!($name($client), |$settings, _topology| $builder $(, dead_letters: |$client_ref| $dead_letters)?);
     };
-    ($name:ident($client:ty), |$settings:ident, $topology:ident| $builder:expr) => {
+    ($name:ident($client:ty), |$settings:ident, $topology:ident| $builder:expr $(, dead_letters: |$client_ref:ident| $dead_letters:expr)?) => {
         impl super::OpenTransport for Settings {
             fn open(
                 &self,
@@ -64,6 +66,13 @@ macro_rules! broker_transport {
             async fn check(&self) -> Result<(), steward_core::TransportError> {
                 self.0.declare_topology().await
             }
+
+            $(
+                fn dead_letter_queues(&self) -> Option<Arc<dyn steward_core::DeadLetterQueues>> {
+                    let $client_ref = &self.0;
+                    Some(Arc::new($dead_letters))
+                }
+            )?
         }
     };
 }
@@ -155,6 +164,12 @@ pub(crate) trait Transport: fmt::Debug + Send + Sync + 'static {
     ///
     /// Cancel safe.
     async fn check(&self) -> Result<(), TransportError>;
+
+    /// The broker's dead-letter queues, for the operator routes, where the transport
+    /// has them.
+    fn dead_letter_queues(&self) -> Option<Arc<dyn DeadLetterQueues>> {
+        None
+    }
 
     /// At shutdown, once the workers stopped: the messages still queued that would be
     /// lost with the process, by queue. The service saves them to the outbox, so the
@@ -281,6 +296,11 @@ impl TransportHandle {
     /// A [`Connect`] opening a new source of `queue` on every worker (re)start.
     pub(crate) fn connect(&self, queue: &str) -> impl Connect + use<> {
         QueueSource { transport: self.transport.clone(), queue: queue.to_owned() }
+    }
+
+    /// See [`Transport::dead_letter_queues`].
+    pub(crate) fn dead_letter_queues(&self) -> Option<Arc<dyn DeadLetterQueues>> {
+        self.transport.dead_letter_queues()
     }
 
     /// See [`Transport::check`].

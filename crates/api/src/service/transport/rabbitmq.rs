@@ -41,7 +41,8 @@ impl std::fmt::Debug for Settings {
 }
 
 // The transport, `Rabbit`: its check declares the queues with their dead-letter and
-// delay queues; the status queues with a single active consumer unless turned off.
+// delay queues; the status queues with a single active consumer unless turned off; its
+// dead-letter queues are `<queue>.dlq`.
 broker_transport!(Rabbit(RabbitMq), |settings, topology| {
     let builder = steward_rabbitmq::RabbitMqBuilder::new().with_url(settings.rabbitmq_url.clone());
     let single_active = topology
@@ -50,4 +51,4 @@ broker_transport!(Rabbit(RabbitMq), |settings, topology| {
         .filter(|_| settings.rabbitmq_single_active_consumer)
         .filter(|queue| topology.consumed.contains(queue));
     single_active.fold(builder, |builder, queue| builder.with_single_active_consumer(queue))
-});
+}, dead_letters: |rabbit| rabbit.dead_letter_queues());

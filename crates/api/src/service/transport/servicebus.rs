@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use steward_core::{MessageSink, MessageSource, TransportError};
+use steward_core::{DeadLetterQueues, MessageSink, MessageSource, TransportError};
 use steward_servicebus::{ServiceBusBuilder, ServiceBusTransport};
 
 use super::{OpenTransport, Topology, Transport};
@@ -92,6 +92,10 @@ impl Transport for Bus {
 
     fn max_message_bytes(&self) -> Option<usize> {
         Some(steward_servicebus::MAX_BODY_BYTES)
+    }
+
+    fn dead_letter_queues(&self) -> Option<Arc<dyn DeadLetterQueues>> {
+        Some(Arc::new(self.bus.dead_letter_queues()))
     }
 
     /// Probes the consumed queues until one probe passes, and not again.
