@@ -19,7 +19,7 @@ impl Store {
     /// Cancel safe.
     pub async fn paused_workers(&self) -> Result<BTreeSet<String>, StoreError> {
         let rows = sqlx::query("SELECT worker FROM worker_controls WHERE paused = 1")
-            .fetch_all(self.reader())
+            .fetch_all(&mut *self.read_connection().await?)
             .await?;
         rows.iter().map(|row| Ok(row.try_get::<String, _>("worker")?)).collect()
     }
@@ -39,15 +39,16 @@ impl Store {
     /// Cancel safe: the move is one transaction, rolled back if dropped.
     pub async fn retry_parked_outbox(&self, id: i64) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        let now = millis(self.clock().now());
-        let copied = sqlx::query(
+        // Due now by the database's clock, the one the outbox's leases and due times
+        // are read by, not this replica's.
+        let copied = sqlx::query(&format!(
             "INSERT INTO outbox (id, message_key, queue, aggregate_id, body, session_id, correlation_id, \
              content_type, subject, properties, created_at, available_at, attempts) \
              SELECT id, message_key, queue, aggregate_id, body, session_id, correlation_id, content_type, \
-             subject, properties, created_at, $2, 0 FROM outbox_parked WHERE id = $1",
-        )
+             subject, properties, created_at, {}, 0 FROM outbox_parked WHERE id = $1",
+            super::outbox::database_now(self.backend())
+        ))
         .bind(id)
-        .bind(now)
         .execute(tx.conn())
         .await?
         .rows_affected();

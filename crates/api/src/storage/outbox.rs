@@ -29,7 +29,7 @@ pub enum LeaseClock {
 }
 
 /// The database's current time in milliseconds since the epoch, as an SQL expression.
-fn database_now(backend: Backend) -> &'static str {
+pub(super) fn database_now(backend: Backend) -> &'static str {
     match backend {
         // `julianday('now')` has millisecond precision; `CURRENT_TIMESTAMP` only seconds.
         Backend::Sqlite => "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)",
