@@ -80,6 +80,18 @@ async fn build_with_load(
     load: LoadLimit,
 ) -> App {
     let db = support::TestDb::sqlite().await;
+    build_on(db, auth, metrics_open, failing, migrated, load).await
+}
+
+/// [`build_with_load`] over `db`.
+async fn build_on(
+    db: support::TestDb,
+    auth: Authentication,
+    metrics_open: bool,
+    failing: Option<&'static str>,
+    migrated: bool,
+    load: LoadLimit,
+) -> App {
     let supervisor = Supervisor::new(SupervisorConfig::default().with_intensity(
         steward_core::RestartIntensity { max_restarts: 0, within: Duration::from_secs(600) },
     ));
@@ -1489,6 +1501,56 @@ async fn a_busy_api_sheds_requests_but_never_the_probes() {
     let (status, body) = call(&app.router, request("GET", "/api/resources", None)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["resources"].as_array().unwrap().len(), 1);
+}
+
+/// Ensures that `/health`, which anyone may call and which is never shed, does not draw
+/// on the HTTP pool outside the load limit: with every turn taken (and, here, every
+/// connection of the HTTP pool too), it answers 200 without queuing for a connection,
+/// its outbox entry saying that it was not counted. Otherwise a flood of `/health`
+/// calls would hold the connections that the requests holding turns wait for, and the
+/// pool, not the limit, would be what requests queue for. Once a turn is free, it
+/// counts again. On PostgreSQL, where a transaction holds the pool's one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_does_not_queue_for_the_pool_behind_a_busy_api() {
+    let Some(db) = support::TestDb::postgres_with("health_outside_the_limit", |url| {
+        support::options(url).with_max_connections(1).with_acquire_timeout(Duration::from_secs(2))
+    })
+    .await
+    else {
+        return;
+    };
+    let store = db.store.clone();
+    let load = LoadLimit { max_concurrency: 1, queue_timeout: Duration::ZERO };
+    let app = build_on(db, Authentication::none(), false, None, true, load).await;
+    let outbox_entry = |body: &Value| {
+        body["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|service| service["service"] == "Outbox")
+            .cloned()
+            .unwrap()
+    };
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (held, holds_its_turn) = held_garbage(released);
+    let held = tokio::spawn(app.router.clone().oneshot(held));
+    holds_its_turn.await.unwrap();
+    let connection = store.begin().await.unwrap();
+    for path in ["/health", "/api/health"] {
+        let (status, body) = call(&app.router, request("GET", path, None)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        let outbox = outbox_entry(&body);
+        let message = outbox["message"].as_str().unwrap();
+        assert_eq!(outbox["status"], "Not OK", "{path}: {body}");
+        assert!(!message.contains("database busy"), "{path} queued for the pool: {message}");
+        assert!(message.contains("not counted"), "{path}: {message}");
+    }
+    drop(connection);
+    release.send(()).unwrap();
+    assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::BAD_REQUEST);
+    let (status, body) = call(&app.router, request("GET", "/health", None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(outbox_entry(&body)["status"], "OK", "{body}");
 }
 
 /// A request whose body holds it in the handler until `release` is sent, and is then
