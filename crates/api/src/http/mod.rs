@@ -8,7 +8,9 @@
 //! Load is bounded ([`LoadLimit`]): at most `max_concurrency` API requests run at once;
 //! one that finds no turn within `queue_timeout` answers 503 with `Retry-After`, so the
 //! database pool is never what requests queue for. The probes and `/metrics`
-//! ([`UNLIMITED_ROUTES`]) are never limited nor queued behind API requests. Lists are
+//! ([`UNLIMITED_ROUTES`]) are never shed nor queued behind API requests; `/health`
+//! counts the parked outbox messages on the HTTP pool only when it gets a turn, and
+//! answers without that count otherwise. Lists are
 //! paged ([`MAX_PAGE_SIZE`] items and [`MAX_PAGE_BYTES`] at most).
 
 mod access;
@@ -56,6 +58,11 @@ pub const OPEN_ROUTES: [&str; 4] = ["/livez", "/readyz", "/health", "/api/health
 /// The routes the load limit leaves alone: the probes, which an orchestrator must get
 /// an answer from however busy the API is, and `/metrics`, which shows how busy.
 pub const UNLIMITED_ROUTES: [&str; 5] = ["/livez", "/readyz", "/health", "/api/health", "/metrics"];
+
+/// The unlimited routes that read the database on the HTTP pool (the parked outbox
+/// messages of `/health`): they do so only with a turn of the load limit, and answer
+/// without that read when none comes free in time.
+const COUNTED_HEALTH_ROUTES: [&str; 2] = ["/health", "/api/health"];
 
 /// The metric counting API requests refused with 503 because none of the
 /// [`LoadLimit`]'s turns came free in time.
@@ -141,7 +148,16 @@ impl Limiter {
 /// Runs an API request once it has a turn, waiting at most the queue timeout for one,
 /// and answers 503 `overloaded` with `Retry-After` otherwise. The [`UNLIMITED_ROUTES`]
 /// run at once.
-async fn limit_load(State(limiter): State<Limiter>, request: Request, next: Next) -> Response {
+async fn limit_load(State(limiter): State<Limiter>, mut request: Request, next: Next) -> Response {
+    if COUNTED_HEALTH_ROUTES.contains(&request.uri().path()) {
+        // Never shed, but its database read takes a turn like any API request, or a
+        // flood of these open routes would hold the connections that requests holding
+        // turns wait for. Without a turn in time it answers without that read.
+        let turn = tokio::time::timeout(limiter.queue_timeout, limiter.turns.acquire()).await;
+        let Ok(Ok(_turn)) = turn else { return next.run(request).await };
+        request.extensions_mut().insert(health::DatabaseTurn);
+        return next.run(request).await;
+    }
     if UNLIMITED_ROUTES.contains(&request.uri().path()) {
         return next.run(request).await;
     }
