@@ -1553,6 +1553,79 @@ async fn health_does_not_queue_for_the_pool_behind_a_busy_api() {
     assert_eq!(outbox_entry(&body)["status"], "OK", "{body}");
 }
 
+/// Ensures that a request whose client goes away (or that times out) keeps its turn of
+/// the load limit until its handler has finished with the database. Dropping a request
+/// that waits in PostgreSQL (here for a row lock) does not free its connection: the pool
+/// takes it back only once the statement has ended. A turn freed at the drop would let
+/// the next request in to wait for that connection, in the pool, up to the acquire
+/// timeout, and fail as `busy`: turns would no longer bound connections. With the turn
+/// kept, the next request is shed at once (`overloaded`), and served once the lock is
+/// gone and the first request has finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_request_keeps_its_turn_until_its_handler_ends() {
+    use sqlx::{AnyConnection, Connection, Executor, Row};
+    let Some(db) = support::TestDb::postgres_with("dropped_request_keeps_its_turn", |url| {
+        support::options(url).with_max_connections(1).with_acquire_timeout(Duration::from_secs(2))
+    })
+    .await
+    else {
+        return;
+    };
+    let url = db.url();
+    let registry = support::templates();
+    let workspace = support::workspace(&db.store, &registry).await;
+    let load = LoadLimit { max_concurrency: 1, queue_timeout: Duration::ZERO };
+    let app = build_on(db, Authentication::none(), false, None, true, load).await;
+    // Lock the workspace's row, as a worker's transaction would.
+    let mut locker = AnyConnection::connect(&url).await.unwrap();
+    locker.execute("BEGIN").await.unwrap();
+    sqlx::query("SELECT id FROM resources WHERE id = $1 FOR UPDATE")
+        .bind(workspace.id.clone())
+        .fetch_one(&mut locker)
+        .await
+        .unwrap();
+    let upgrade = request(
+        "PATCH",
+        &format!("/api/resources/{}", workspace.id),
+        Some(json!({"properties": {}})),
+    );
+    let waiting = tokio::spawn(app.router.clone().oneshot(upgrade));
+    // Until the upgrade waits for the lock.
+    let mut blocked = 0;
+    for _ in 0..500 {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))",
+        )
+        .fetch_one(&mut locker)
+        .await
+        .unwrap();
+        blocked = row.try_get::<i64, _>("n").unwrap();
+        if blocked > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(blocked, 1, "the upgrade waits for the row lock");
+    // Its client goes away.
+    waiting.abort();
+    assert!(waiting.await.unwrap_err().is_cancelled());
+    let (status, body) = call(&app.router, request("GET", "/api/resources", None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "overloaded", "a freed turn sent the request to wait in the pool");
+    locker.execute("ROLLBACK").await.unwrap();
+    let mut served = None;
+    for _ in 0..500 {
+        let (status, body) = call(&app.router, request("GET", "/api/resources", None)).await;
+        if status == StatusCode::OK {
+            served = Some(body);
+            break;
+        }
+        assert_eq!(body["error"], "overloaded", "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served.is_some(), "served again once the dropped request has finished");
+}
+
 /// A request whose body holds it in the handler until `release` is sent, and is then
 /// not JSON: it holds its turn of the load limit meanwhile and touches no database.
 /// The receiver hears when it holds its turn.
