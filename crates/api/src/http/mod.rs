@@ -34,6 +34,8 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument as _;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -153,24 +155,49 @@ async fn limit_load(State(limiter): State<Limiter>, mut request: Request, next: 
         // Never shed, but its database read takes a turn like any API request, or a
         // flood of these open routes would hold the connections that requests holding
         // turns wait for. Without a turn in time it answers without that read.
-        let turn = tokio::time::timeout(limiter.queue_timeout, limiter.turns.acquire()).await;
-        let Ok(Ok(_turn)) = turn else { return next.run(request).await };
+        let turn = limiter.turns.clone().acquire_owned();
+        let Ok(Ok(turn)) = tokio::time::timeout(limiter.queue_timeout, turn).await else {
+            return next.run(request).await;
+        };
         request.extensions_mut().insert(health::DatabaseTurn);
-        return next.run(request).await;
+        return run_holding(turn, request, next).await;
     }
     if UNLIMITED_ROUTES.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    let turn = limiter.turns.acquire();
+    let turn = limiter.turns.clone().acquire_owned();
     // A free turn is taken at once, even with a zero timeout: `timeout` polls it first.
     match tokio::time::timeout(limiter.queue_timeout, turn).await {
-        Ok(Ok(_turn)) => next.run(request).await,
+        Ok(Ok(turn)) => run_holding(turn, request, next).await,
         // The semaphore is never closed; a closed one sheds like a busy one.
         Ok(Err(_)) | Err(_) => {
             metrics::counter!(SHED_METRIC).increment(1);
             tracing::debug!(path = %request.uri().path(), "request shed: no turn free in time");
             ApiError::overloaded().into_response()
         }
+    }
+}
+
+/// Runs the rest of a request in a task of its own that holds `turn` until the handler
+/// ends, even when the request is dropped first (its client went away, or it timed
+/// out): a dropped handler does not give its database connection back at once (the pool
+/// takes it back once its statement has ended, which may be a lock or statement timeout
+/// later), so a turn freed at the drop would let the next request wait for that
+/// connection in the pool. The handler's own bounds (the session's statement and lock
+/// timeouts) bound how long the turn stays taken. A panic goes on unwinding here.
+async fn run_holding(turn: OwnedSemaphorePermit, request: Request, next: Next) -> Response {
+    let handler = async move {
+        let response = next.run(request).await;
+        drop(turn);
+        response
+    };
+    match tokio::spawn(handler.instrument(tracing::Span::current())).await {
+        Ok(response) => response,
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only a runtime shutting down cancels the task.
+            Err(cancelled) => ApiError::unavailable("the service", &cancelled).into_response(),
+        },
     }
 }
 
