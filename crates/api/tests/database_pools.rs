@@ -399,3 +399,81 @@ async fn a_busy_postgres_database_retries_the_message_without_opening_the_breake
     a_busy_database_retries_the_message_without_opening_the_breaker(&db, 2).await;
     db.finish().await;
 }
+
+/// A TCP proxy to PostgreSQL that forwards until `silence` is set, then forwards
+/// nothing more, either way, while keeping every connection open: a database behind a
+/// network that drops its packets, as a partition looks to the client.
+async fn silenceable_proxy(
+    target: String,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let silence = Arc::new(AtomicBool::new(false));
+    let silenced = silence.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else { continue };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                let silenced = silenced.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if silenced.load(Ordering::SeqCst) {
+                            // Swallowed; hold both ends open.
+                            std::future::pending::<()>().await;
+                        }
+                        if to.write_all(&buffer[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (address, silence)
+}
+
+/// Ensures that a ping that finds the probe connection stuck (a ping before it was given
+/// up after a timeout, as `/readyz` gives up after 2 s, on a database that no longer
+/// answers) is "unavailable", not "busy". The probe pool is the ping's alone and a ping
+/// takes a moment, so a full probe pool means a database that does not answer: counted
+/// busy, the database watcher would keep `/health`'s `Database` `OK` through a network
+/// partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_probe_connection_is_unavailable_not_busy() {
+    let test = "a_stuck_probe_connection_is_unavailable_not_busy";
+    let Some(db) = support::TestDb::postgres(test).await else { return };
+    let url = db.url();
+    // The host and port of the URL, `scheme://[user@]host:port/...`.
+    let authority_start = url.find("://").unwrap() + 3;
+    let authority_end = url[authority_start..].find('/').unwrap() + authority_start;
+    let host_start = url[authority_start..authority_end]
+        .rfind('@')
+        .map_or(authority_start, |at| authority_start + at + 1);
+    let target = url[host_start..authority_end].to_owned();
+    let (proxy, silence) = silenceable_proxy(target).await;
+    let proxied = format!("{}{proxy}{}", &url[..host_start], &url[authority_end..]);
+    let store = Store::connect_with(
+        support::options(proxied).with_acquire_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    store.ping().await.unwrap();
+    silence.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), store.ping()).await.is_err(),
+        "the silenced database does not answer"
+    );
+    let error = store.ping().await.unwrap_err();
+    assert!(error.is_unavailable(), "{error:?}");
+    assert!(!error.is_busy(), "{error:?}");
+    db.finish().await;
+}

@@ -80,6 +80,18 @@ async fn build_with_load(
     load: LoadLimit,
 ) -> App {
     let db = support::TestDb::sqlite().await;
+    build_on(db, auth, metrics_open, failing, migrated, load).await
+}
+
+/// [`build_with_load`] over `db`.
+async fn build_on(
+    db: support::TestDb,
+    auth: Authentication,
+    metrics_open: bool,
+    failing: Option<&'static str>,
+    migrated: bool,
+    load: LoadLimit,
+) -> App {
     let supervisor = Supervisor::new(SupervisorConfig::default().with_intensity(
         steward_core::RestartIntensity { max_restarts: 0, within: Duration::from_secs(600) },
     ));
@@ -1500,6 +1512,129 @@ async fn a_busy_api_sheds_requests_but_never_the_probes() {
     let (status, body) = call(&app.router, request("GET", "/api/resources", None)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["resources"].as_array().unwrap().len(), 1);
+}
+
+/// Ensures that `/health`, which anyone may call and which is never shed, does not draw
+/// on the HTTP pool outside the load limit: with every turn taken (and, here, every
+/// connection of the HTTP pool too), it answers 200 without queuing for a connection,
+/// its outbox entry saying that it was not counted. Otherwise a flood of `/health`
+/// calls would hold the connections that the requests holding turns wait for, and the
+/// pool, not the limit, would be what requests queue for. Once a turn is free, it
+/// counts again. On PostgreSQL, where a transaction holds the pool's one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_does_not_queue_for_the_pool_behind_a_busy_api() {
+    let Some(db) = support::TestDb::postgres_with("health_outside_the_limit", |url| {
+        support::options(url).with_max_connections(1).with_acquire_timeout(Duration::from_secs(2))
+    })
+    .await
+    else {
+        return;
+    };
+    let store = db.store.clone();
+    let load = LoadLimit { max_concurrency: 1, queue_timeout: Duration::ZERO };
+    let app = build_on(db, Authentication::none(), false, None, true, load).await;
+    let outbox_entry = |body: &Value| {
+        body["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|service| service["service"] == "Outbox")
+            .cloned()
+            .unwrap()
+    };
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (held, holds_its_turn) = held_garbage(released);
+    let held = tokio::spawn(app.router.clone().oneshot(held));
+    holds_its_turn.await.unwrap();
+    let connection = store.begin().await.unwrap();
+    for path in ["/health", "/api/health"] {
+        let (status, body) = call(&app.router, request("GET", path, None)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        let outbox = outbox_entry(&body);
+        let message = outbox["message"].as_str().unwrap();
+        assert_eq!(outbox["status"], "Not OK", "{path}: {body}");
+        assert!(!message.contains("database busy"), "{path} queued for the pool: {message}");
+        assert!(message.contains("not counted"), "{path}: {message}");
+    }
+    drop(connection);
+    release.send(()).unwrap();
+    assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::BAD_REQUEST);
+    let (status, body) = call(&app.router, request("GET", "/health", None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(outbox_entry(&body)["status"], "OK", "{body}");
+}
+
+/// Ensures that a request whose client goes away (or that times out) keeps its turn of
+/// the load limit until its handler has finished with the database. Dropping a request
+/// that waits in PostgreSQL (here for a row lock) does not free its connection: the pool
+/// takes it back only once the statement has ended. A turn freed at the drop would let
+/// the next request in to wait for that connection, in the pool, up to the acquire
+/// timeout, and fail as `busy`: turns would no longer bound connections. With the turn
+/// kept, the next request is shed at once (`overloaded`), and served once the lock is
+/// gone and the first request has finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_request_keeps_its_turn_until_its_handler_ends() {
+    use sqlx::{AnyConnection, Connection, Executor, Row};
+    let Some(db) = support::TestDb::postgres_with("dropped_request_keeps_its_turn", |url| {
+        support::options(url).with_max_connections(1).with_acquire_timeout(Duration::from_secs(2))
+    })
+    .await
+    else {
+        return;
+    };
+    let url = db.url();
+    let registry = support::templates();
+    let workspace = support::workspace(&db.store, &registry).await;
+    let load = LoadLimit { max_concurrency: 1, queue_timeout: Duration::ZERO };
+    let app = build_on(db, Authentication::none(), false, None, true, load).await;
+    // Lock the workspace's row, as a worker's transaction would.
+    let mut locker = AnyConnection::connect(&url).await.unwrap();
+    locker.execute("BEGIN").await.unwrap();
+    sqlx::query("SELECT id FROM resources WHERE id = $1 FOR UPDATE")
+        .bind(workspace.id.clone())
+        .fetch_one(&mut locker)
+        .await
+        .unwrap();
+    let upgrade = request(
+        "PATCH",
+        &format!("/api/resources/{}", workspace.id),
+        Some(json!({"properties": {}})),
+    );
+    let waiting = tokio::spawn(app.router.clone().oneshot(upgrade));
+    // Until the upgrade waits for the lock.
+    let mut blocked = 0;
+    for _ in 0..500 {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))",
+        )
+        .fetch_one(&mut locker)
+        .await
+        .unwrap();
+        blocked = row.try_get::<i64, _>("n").unwrap();
+        if blocked > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(blocked, 1, "the upgrade waits for the row lock");
+    // Its client goes away.
+    waiting.abort();
+    assert!(waiting.await.unwrap_err().is_cancelled());
+    let (status, body) = call(&app.router, request("GET", "/api/resources", None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "overloaded", "a freed turn sent the request to wait in the pool");
+    locker.execute("ROLLBACK").await.unwrap();
+    let mut served = None;
+    for _ in 0..500 {
+        let (status, body) = call(&app.router, request("GET", "/api/resources", None)).await;
+        if status == StatusCode::OK {
+            served = Some(body);
+            break;
+        }
+        assert_eq!(body["error"], "overloaded", "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served.is_some(), "served again once the dropped request has finished");
 }
 
 /// A request whose body holds it in the handler until `release` is sent, and is then

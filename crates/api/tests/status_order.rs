@@ -164,6 +164,68 @@ mod cases {
         assert_eq!(operation.resource_id, service_id);
     }
 
+    /// Ensures that nothing new is installed under a workspace or workspace service
+    /// whose uninstall runs: the other half of the rule above, or a service installed
+    /// right after its workspace's uninstall was accepted would deploy into what is being
+    /// torn down. The refusal names the uninstall; once it has finished (the parent is
+    /// `deleted`), the parent is gone as before.
+    pub(super) async fn nothing_is_installed_under_a_parent_being_uninstalled(db: &TestDb) {
+        let registry = templates();
+        let ws = support::workspace(&db.store, &registry).await;
+        let service = support::guacamole(&db.store, &registry, &ws).await;
+        support::firewall(&db.store, &registry).await;
+        let service_uninstall = uninstall(db, &service.id).await.unwrap();
+        let vm = {
+            let mut tx = db.store.begin().await.unwrap();
+            let result = operations::install_resource(
+                &mut tx,
+                OperationContext::new(&registry),
+                linuxvm_request(&ws, &service),
+                &user(),
+            )
+            .await;
+            drop(tx);
+            result
+        };
+        match &vm {
+            Err(OperationError::OperationInProgress {
+                resource_id, operation_id, action, ..
+            }) => {
+                assert_eq!(
+                    (resource_id, operation_id, action.as_str()),
+                    (&service.id, &service_uninstall.id, "uninstall")
+                );
+            }
+            other => panic!("expected OperationInProgress for the service, got {other:?}"),
+        }
+        support::set_status(&db.store, &service.id, Status::Deleted).await;
+        let ws_uninstall = uninstall(db, &ws.id).await.unwrap();
+        let mut new = support::new_resource(
+            "tre-service-guacamole",
+            steward_api::domain::ResourceType::WorkspaceService,
+            support::props(serde_json::json!({"display_name": "Desktops"})),
+        );
+        new.workspace_id = Some(ws.id.clone());
+        let mut tx = db.store.begin().await.unwrap();
+        let second =
+            operations::install_resource(&mut tx, OperationContext::new(&registry), new, &user())
+                .await;
+        drop(tx);
+        match &second {
+            Err(OperationError::OperationInProgress {
+                resource_id, operation_id, action, ..
+            }) => {
+                assert_eq!(
+                    (resource_id, operation_id, action.as_str()),
+                    (&ws.id, &ws_uninstall.id, "uninstall")
+                );
+            }
+            other => panic!("expected OperationInProgress for the workspace, got {other:?}"),
+        }
+        let listed = db.store.read().operations_for_resource(&ws.id).await.unwrap();
+        assert_eq!(listed.iter().filter(|op| op.action == "uninstall").count(), 1);
+    }
+
     /// Ensures that pipeline steps acting on another resource do not lock it: two VM
     /// installs whose pipelines both update the shared firewall are both accepted, and
     /// the firewall's own upgrade is not refused because of them.
@@ -217,4 +279,9 @@ db_test!(
     pipeline_steps_do_not_lock_their_targets,
     pipeline_steps_do_not_lock_their_targets_postgres,
     cases::pipeline_steps_do_not_lock_their_targets
+);
+db_test!(
+    nothing_is_installed_under_a_parent_being_uninstalled,
+    nothing_is_installed_under_a_parent_being_uninstalled_postgres,
+    cases::nothing_is_installed_under_a_parent_being_uninstalled
 );

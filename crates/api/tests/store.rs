@@ -748,3 +748,48 @@ async fn unreachable_postgres_is_unavailable() {
     let error = Store::connect_with(options).await.unwrap_err();
     assert!(error.is_unavailable(), "{error:?}");
 }
+
+/// Pages through resources that were all created in the same millisecond (a clock
+/// that stands still), two at a time: each appears exactly once, in id order, and the
+/// last page has no cursor. Ties in the creation time are broken by the id, in SQL and
+/// in the cursor alike.
+async fn pages_of_records_created_in_the_same_millisecond(db: &support::TestDb) {
+    let registry = support::templates();
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        let (workspace, _) = support::workspace_installing(&db.store, &registry).await;
+        ids.push(workspace.id);
+    }
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut after = None;
+    for _ in 0..10 {
+        let filter = ResourceFilter { after: after.clone(), limit: Some(2), ..Default::default() };
+        let page = db.store.read().resources_page(&filter).await.unwrap();
+        seen.extend(page.items.iter().map(|resource| resource.id.clone()));
+        if !page.more {
+            break;
+        }
+        after = page.last;
+    }
+    assert_eq!(seen, ids);
+}
+
+fn standing_clock(url: String) -> StoreOptions {
+    support::options(url).with_clock(steward_api::Clock::from_fn(|| NOW))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_records_created_in_the_same_millisecond_sqlite() {
+    let db = support::TestDb::sqlite_with(standing_clock).await;
+    pages_of_records_created_in_the_same_millisecond(&db).await;
+    db.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_records_created_in_the_same_millisecond_postgres() {
+    let test = "pages_of_records_created_in_the_same_millisecond_postgres";
+    let Some(db) = support::TestDb::postgres_with(test, standing_clock).await else { return };
+    pages_of_records_created_in_the_same_millisecond(&db).await;
+    db.finish().await;
+}

@@ -85,13 +85,20 @@ fn describe(health: &WorkerHealth) -> String {
 }
 
 /// The `/health` entry for the outbox: `Not OK` while messages are parked (they were
-/// not sent and need an operator), or when they cannot be counted.
+/// not sent and need an operator), or when they cannot be counted, or were not: the
+/// count reads the HTTP pool, so only a request holding a turn of the load limit
+/// ([`DatabaseTurn`]) counts.
 pub(super) const OUTBOX_SERVICE: &str = "Outbox";
 
-async fn outbox(state: &AppState, details: bool) -> ServiceStatus {
-    let (status, mut message) = match state.db.serving() {
-        Err(not_ready) => (ServiceStatusValue::NotOk, not_ready.to_string()),
-        Ok(store) => match store.parked_outbox().await {
+async fn outbox(state: &AppState, turn: Option<DatabaseTurn>, details: bool) -> ServiceStatus {
+    let (status, mut message) = match (state.db.serving(), turn) {
+        (Err(not_ready), _) => (ServiceStatusValue::NotOk, not_ready.to_string()),
+        (Ok(_), None) => (
+            ServiceStatusValue::NotOk,
+            "the parked outbox messages were not counted: every API turn is taken (see Retry-After on the API's 503s)"
+                .to_owned(),
+        ),
+        (Ok(store), Some(DatabaseTurn)) => match store.parked_outbox().await {
             Ok(parked) if parked.count == 0 => (ServiceStatusValue::Ok, String::new()),
             Ok(parked) => {
                 let now = crate::storage::millis(store.clock().now());
@@ -117,25 +124,35 @@ async fn outbox(state: &AppState, details: bool) -> ServiceStatus {
     ServiceStatus { service: OUTBOX_SERVICE.to_owned(), status, message, role: None }
 }
 
+/// Left in a `/health` request's extensions when it holds a turn of the load limit, so
+/// that it may read the database on the HTTP pool (see `limit_load`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DatabaseTurn;
+
 /// The TRE-compatible health document; always 200. The messages (error chains with
 /// host and queue names, parked outbox messages) only for `TREAdmin`; empty for
 /// everyone else.
 #[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = HealthCheck)))]
 pub(super) async fn health(
     State(state): State<AppState>,
+    turn: Option<Extension<DatabaseTurn>>,
     ShowDetails(details): ShowDetails,
 ) -> Json<HealthCheck> {
     let snapshot = state.health.snapshot();
     let mut services: Vec<ServiceStatus> =
         SERVICES.iter().map(|(name, worker)| service(&snapshot, name, worker, details)).collect();
-    services.push(outbox(&state, details).await);
+    services.push(outbox(&state, turn.map(|Extension(turn)| turn), details).await);
     Json(HealthCheck { services })
 }
 
 /// The same document under `/api`.
 #[utoipa::path(get, path = "/api/health", tag = "health", responses((status = 200, body = HealthCheck)))]
-pub(super) async fn api_health(state: State<AppState>, details: ShowDetails) -> Json<HealthCheck> {
-    health(state, details).await
+pub(super) async fn api_health(
+    state: State<AppState>,
+    turn: Option<Extension<DatabaseTurn>>,
+    details: ShowDetails,
+) -> Json<HealthCheck> {
+    health(state, turn, details).await
 }
 
 /// The answer of `/livez` and `/readyz`.

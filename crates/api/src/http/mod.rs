@@ -8,7 +8,9 @@
 //! Load is bounded ([`LoadLimit`]): at most `max_concurrency` API requests run at once;
 //! one that finds no turn within `queue_timeout` answers 503 with `Retry-After`, so the
 //! database pool is never what requests queue for. The probes and `/metrics`
-//! ([`UNLIMITED_ROUTES`]) are never limited nor queued behind API requests. Lists are
+//! ([`UNLIMITED_ROUTES`]) are never shed nor queued behind API requests; `/health`
+//! counts the parked outbox messages on the HTTP pool only when it gets a turn, and
+//! answers without that count otherwise. Lists are
 //! paged ([`MAX_PAGE_SIZE`] items and [`MAX_PAGE_BYTES`] at most).
 
 mod access;
@@ -33,6 +35,8 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument as _;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -58,6 +62,11 @@ pub const OPEN_ROUTES: [&str; 4] = ["/livez", "/readyz", "/health", "/api/health
 /// The routes the load limit leaves alone: the probes, which an orchestrator must get
 /// an answer from however busy the API is, and `/metrics`, which shows how busy.
 pub const UNLIMITED_ROUTES: [&str; 5] = ["/livez", "/readyz", "/health", "/api/health", "/metrics"];
+
+/// The unlimited routes that read the database on the HTTP pool (the parked outbox
+/// messages of `/health`): they do so only with a turn of the load limit, and answer
+/// without that read when none comes free in time.
+const COUNTED_HEALTH_ROUTES: [&str; 2] = ["/health", "/api/health"];
 
 /// The metric counting API requests refused with 503 because none of the
 /// [`LoadLimit`]'s turns came free in time.
@@ -152,20 +161,54 @@ impl Limiter {
 /// Runs an API request once it has a turn, waiting at most the queue timeout for one,
 /// and answers 503 `overloaded` with `Retry-After` otherwise. The [`UNLIMITED_ROUTES`]
 /// run at once.
-async fn limit_load(State(limiter): State<Limiter>, request: Request, next: Next) -> Response {
+async fn limit_load(State(limiter): State<Limiter>, mut request: Request, next: Next) -> Response {
+    if COUNTED_HEALTH_ROUTES.contains(&request.uri().path()) {
+        // Never shed, but its database read takes a turn like any API request, or a
+        // flood of these open routes would hold the connections that requests holding
+        // turns wait for. Without a turn in time it answers without that read.
+        let turn = limiter.turns.clone().acquire_owned();
+        let Ok(Ok(turn)) = tokio::time::timeout(limiter.queue_timeout, turn).await else {
+            return next.run(request).await;
+        };
+        request.extensions_mut().insert(health::DatabaseTurn);
+        return run_holding(turn, request, next).await;
+    }
     if UNLIMITED_ROUTES.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    let turn = limiter.turns.acquire();
+    let turn = limiter.turns.clone().acquire_owned();
     // A free turn is taken at once, even with a zero timeout: `timeout` polls it first.
     match tokio::time::timeout(limiter.queue_timeout, turn).await {
-        Ok(Ok(_turn)) => next.run(request).await,
+        Ok(Ok(turn)) => run_holding(turn, request, next).await,
         // The semaphore is never closed; a closed one sheds like a busy one.
         Ok(Err(_)) | Err(_) => {
             metrics::counter!(SHED_METRIC).increment(1);
             tracing::debug!(path = %request.uri().path(), "request shed: no turn free in time");
             ApiError::overloaded().into_response()
         }
+    }
+}
+
+/// Runs the rest of a request in a task of its own that holds `turn` until the handler
+/// ends, even when the request is dropped first (its client went away, or it timed
+/// out): a dropped handler does not give its database connection back at once (the pool
+/// takes it back once its statement has ended, which may be a lock or statement timeout
+/// later), so a turn freed at the drop would let the next request wait for that
+/// connection in the pool. The handler's own bounds (the session's statement and lock
+/// timeouts) bound how long the turn stays taken. A panic goes on unwinding here.
+async fn run_holding(turn: OwnedSemaphorePermit, request: Request, next: Next) -> Response {
+    let handler = async move {
+        let response = next.run(request).await;
+        drop(turn);
+        response
+    };
+    match tokio::spawn(handler.instrument(tracing::Span::current())).await {
+        Ok(response) => response,
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only a runtime shutting down cancels the task.
+            Err(cancelled) => ApiError::unavailable("the service", &cancelled).into_response(),
+        },
     }
 }
 

@@ -359,8 +359,15 @@ pub async fn install_resource(
     Ok(Created { resource, operation })
 }
 
-/// The parent a new resource names: it must exist, have the right type and not be
-/// deleted.
+/// The parent a new resource names: it must exist, have the right type, not be
+/// deleted, and not be being uninstalled (refused as
+/// [`OperationError::OperationInProgress`], naming the uninstall), or the new resource
+/// would be deployed into what is being torn down.
+///
+/// On PostgreSQL the check locks the parent's row until the transaction ends, as an
+/// uninstall locks it before it looks for operations under it: an install and an
+/// uninstall of its parent run one after the other, whichever comes second sees the
+/// other's operation. Parents are taken workspace first, the order uninstalls take.
 async fn parent(
     tx: &mut Tx,
     id: Option<&str>,
@@ -371,11 +378,24 @@ async fn parent(
     let id = id
         .filter(|id| !id.is_empty())
         .ok_or(OperationError::MissingField { field, resource_type })?;
-    match tx.read().find_resource(id).await? {
-        Some(found) if found.resource_type() == expected && !found.is_deleted() => Ok(found),
-        _ => Err(OperationError::InvalidParent {
-            message: format!("{field} {id} is not an existing {expected}"),
-        }),
+    let found = match tx.read().find_resource(id).await? {
+        Some(found) if found.resource_type() == expected && !found.is_deleted() => found,
+        _ => {
+            return Err(OperationError::InvalidParent {
+                message: format!("{field} {id} is not an existing {expected}"),
+            });
+        }
+    };
+    match tx.operation_in_progress(id).await? {
+        Some(running) if running.action == action::UNINSTALL => {
+            Err(OperationError::OperationInProgress {
+                resource_id: id.to_owned(),
+                operation_id: running.id,
+                action: running.action,
+                status: running.status,
+            })
+        }
+        _ => Ok(found),
     }
 }
 

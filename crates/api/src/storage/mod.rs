@@ -485,15 +485,21 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// The database does not answer.
+    /// The database does not answer. A probe connection still taken when the acquire
+    /// timeout ends is [`StoreError::Unavailable`], not busy: the pool is the pings'
+    /// alone and a ping takes a moment, so it is held by a ping that was given up (as
+    /// `/readyz` gives up) and whose connection the pool cannot take back before the
+    /// database answers.
     ///
     /// # Cancellation safety
     ///
     /// Cancel safe.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let pool = &self.inner.probe;
-        let mut conn =
-            pool.acquire().await.map_err(|error| StoreError::from_acquire(pool, error))?;
+        let mut conn = pool.acquire().await.map_err(|error| match error {
+            sqlx::Error::PoolTimedOut => StoreError::Unavailable { source: error },
+            error => StoreError::from_acquire(pool, error),
+        })?;
         conn.execute("SELECT 1").await?;
         Ok(())
     }
