@@ -478,8 +478,8 @@ async fn parked_outbox_rows_are_listed_and_retried() {
         tx.insert_outbox(message).await.unwrap();
     }
     tx.commit().await.unwrap();
-    let now = store.clock().now();
-    let now_ms = (now * 1000.0) as i64;
+    // The outbox's due times and leases are read by the database's clock.
+    let now_ms = store.lease_now(&steward_api::storage::LeaseClock::Database).await.unwrap();
     let claimed = store.claim_outbox("test", 10, now_ms, now_ms + 60_000).await.unwrap();
     assert_eq!(claimed.len(), 2);
     for row in &claimed {
