@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use steward_core::{
-    Backoff, ConsumerRole, ErrorKind, HealthHandle, Jitter, MessageSink, Outcome, OutgoingMessage,
-    Supervisor, SupervisorConfig, Updater, UpdaterConfig, WorkerHealth, WorkerState, handler_fn,
+    Backoff, ConsumerRole, ErrorKind, HealthHandle, Jitter, MessageSink, MessageSource, Outcome,
+    OutgoingMessage, Supervisor, SupervisorConfig, Updater, UpdaterConfig, WorkerHealth,
+    WorkerState, handler_fn,
 };
 use steward_rabbitmq::RabbitMq;
 use tokio::time::{Instant, sleep};
@@ -193,6 +194,35 @@ async fn a_standby_waits_healthy_for_ten_stall_timeouts() {
     assert_eq!(order, (0..20).map(|n| format!("m{n}")).collect::<Vec<_>>());
     first.stop().await;
     second.stop().await;
+}
+
+/// Ensures that consumers subscribing at the same time to a queue without an active
+/// consumer report one `active` and one `standby`, and that the broker delivers to the
+/// one that reports `active` (each of twenty pairs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_subscribing_together_report_one_active_and_one_standby() {
+    require_broker!("consumers_subscribing_together_report_one_active_and_one_standby");
+    for attempt in 0..20 {
+        let (queue, builder) = support::unique_queue("steward-sac-together");
+        let rabbit = builder.with_single_active_consumer(&queue).build().unwrap();
+        rabbit.declare_topology().await.unwrap();
+        let _cleanup = Cleanup(rabbit.clone());
+        let (a, b) = tokio::join!(rabbit.source(&queue), rabbit.source(&queue));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let roles = [a.role(), b.role()];
+        assert!(
+            roles.contains(&Some(ConsumerRole::Active))
+                && roles.contains(&Some(ConsumerRole::Standby)),
+            "pair {attempt}: {roles:?}"
+        );
+        let (active, standby) =
+            if a.role() == Some(ConsumerRole::Active) { (a, b) } else { (b, a) };
+        send(&rabbit, &queue, "probe").await;
+        let mut got = support::receive_n(&active, 1, PROMPTLY).await;
+        let probe = got.pop().expect("the consumer reporting active receives the probe");
+        probe.complete().await.unwrap();
+        assert!(standby.receive(1, Duration::ZERO).await.unwrap().is_empty());
+    }
 }
 
 /// Ensures that when the active replica's connection closes (what a killed process's
