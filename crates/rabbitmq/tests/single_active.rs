@@ -225,6 +225,53 @@ async fn consumers_subscribing_together_report_one_active_and_one_standby() {
     }
 }
 
+/// Ensures that when the active consumer's connection closes while it holds messages
+/// unsettled, the waiting one receives them first, in queue order, then the rest (what
+/// keeps an operation's order across a killed replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_taking_over_receives_the_unsettled_messages_first_in_order() {
+    require_broker!("a_standby_taking_over_receives_the_unsettled_messages_first_in_order");
+    let queue = steward_core::testkit::unique_name("steward-sac-redeliver");
+    let transport = |name: &str| {
+        support::builder()
+            .with_connection_name(format!("replica-{name}"))
+            .with_queue(&queue)
+            .with_single_active_consumer(&queue)
+            .with_prefetch(8)
+            .build()
+            .unwrap()
+    };
+    let rabbit = transport("a");
+    rabbit.declare_topology().await.unwrap();
+    let _cleanup = Cleanup(rabbit.clone());
+    let active = rabbit.source(&queue).await.unwrap();
+    let standby = transport("b").source(&queue).await.unwrap();
+    assert_eq!(
+        (active.role(), standby.role()),
+        (Some(ConsumerRole::Active), Some(ConsumerRole::Standby))
+    );
+    for n in 0..12 {
+        send(&rabbit, &queue, &format!("m{n:02}")).await;
+    }
+    // The active one holds the first eight (its prefetch) and settles the first two.
+    let mut held = support::receive_n(&active, 8, PROMPTLY).await;
+    let ids: Vec<String> = held.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(ids, (0..8).map(|n| format!("m{n:02}")).collect::<Vec<_>>());
+    let unsettled = held.split_off(2);
+    for delivery in held {
+        delivery.complete().await.unwrap();
+    }
+    // Its connection goes, as a killed process's does.
+    let closed = support::close_connections_containing(&format!("replica-a source {queue}")).await;
+    assert_eq!(closed, 1);
+    let taken = support::receive_n(&standby, 8, PROMPTLY).await;
+    let order: Vec<String> = taken.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(order, (2..10).map(|n| format!("m{n:02}")).collect::<Vec<_>>());
+    assert_eq!(standby.role(), Some(ConsumerRole::Active));
+    drop(unsettled);
+    drop(active);
+}
+
 /// Ensures that when the active replica's connection closes (what a killed process's
 /// does), the standby handles the next message, and reports `active`; prints the time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
