@@ -461,15 +461,37 @@ async fn run(schema: &Schema, queues: &Queues) {
 
     // No replica applied an operation's statuses out of order: across every replica's
     // log, in time order, no `deploying` was applied after its `deployed`.
+    // The step guard refuses a `deploying` that comes after `deployed` (logged as stale,
+    // not as applied), so the applied lines alone would look ordered even if statuses
+    // were handled out of order: every stale status must be a redelivered copy of one
+    // applied before it (a killed replica's unacknowledged messages), never a status
+    // handled for the first time after a later one.
     let mut applied: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut stale = Vec::new();
     for line in replicas.all_logs() {
         let message = line["message"].as_str().unwrap_or_default();
+        let at = line["timestamp"].as_str().unwrap_or_default().to_owned();
         if let Some(rest) = message.strip_prefix("Update status in DB for ") {
             let (operation, status) = rest.split_once(" - ").unwrap();
-            let at = line["timestamp"].as_str().unwrap().to_owned();
             applied.entry(operation.to_owned()).or_default().push((at, status.to_owned()));
+        } else if message.starts_with("a non-final status for a step that is already final") {
+            let span = &line["span"];
+            let field = |name: &str| span[name].as_str().unwrap_or_default().to_owned();
+            stale.push((at, field("operation_id"), field("status")));
         }
     }
+    for (at, operation, status) in &stale {
+        let before = applied.get(operation).is_some_and(|statuses| {
+            statuses.iter().any(|(applied_at, applied)| applied == status && applied_at < at)
+        });
+        assert!(
+            before,
+            "{operation}: {status} handled after a later status without being applied first \
+             (applied: {:?}; stale: {stale:?})",
+            applied.get(operation)
+        );
+    }
+    println!("{} stale statuses, each a redelivery of one applied before", stale.len());
     for (operation, statuses) in &mut applied {
         statuses.sort();
         let order: Vec<&str> = statuses.iter().map(|(_, status)| status.as_str()).collect();

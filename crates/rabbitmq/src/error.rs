@@ -145,6 +145,12 @@ pub(crate) fn is_closed(error: &lapin::Error) -> bool {
     lapin_kind(error) == ErrorKind::Connection
 }
 
+/// Whether `error` is the broker's `RESOURCE_LOCKED`: an exclusive queue of another
+/// connection.
+pub(crate) fn is_resource_locked(error: &lapin::Error) -> bool {
+    matches!(error.kind(), LapinKind::ProtocolError(amqp) if amqp.get_id() == reply::RESOURCE_LOCKED)
+}
+
 /// What the caller does next after a lapin error.
 pub(crate) fn lapin_kind(error: &lapin::Error) -> ErrorKind {
     match error.kind() {

@@ -22,7 +22,7 @@ use tokio::time::{Instant, timeout};
 use tracing::{debug, info};
 
 use crate::acks::Acks;
-use crate::error::{Error, is_closed};
+use crate::error::{Error, is_closed, is_resource_locked};
 use crate::message::{
     DEAD_LETTER_DESCRIPTION_HEADER, DEAD_LETTER_REASON_HEADER, republish_properties, short,
     to_message,
@@ -94,7 +94,9 @@ struct Shared {
 /// and a passive declare counts the active consumer only, not the waiting ones; so the
 /// role is inferred from what the consumer sees:
 /// - Before subscribing, a passive declare counts the queue's (active) consumers: with
-///   none, the new consumer becomes the active one; with one, it waits behind it.
+///   none, the new consumer becomes the active one; with one, it waits behind it. The
+///   count and the subscription are one step among the queue's sources (a
+///   [`SubscribeLock`]), so two sources starting together do not both count none.
 /// - A delivery makes it active, for good: a waiting consumer receives nothing, and
 ///   the broker never moves a live active consumer's place to another.
 /// - Until its first delivery, a passive declare every [`ROLE_CHECK_EVERY`] (after an
@@ -102,10 +104,15 @@ struct Shared {
 ///   between, shows that another consumer receives: it stands by.
 ///
 /// The limits: a standby promoted while the queue is empty reports `standby` until its
-/// first delivery (at once when a message comes); a consumer that subscribed at the
+/// first delivery (at once when a message comes); a consumer that subscribed without
+/// the lock (not taken within [`SUBSCRIBE_LOCK_WAIT`], or refused by the broker) at the
 /// same moment as another and found none reports `active` until two checks find
 /// messages it does not get (at most about `2 × ROLE_CHECK_EVERY` + the receive wait
-/// once messages wait).
+/// once messages wait). Messages only wait while the active consumer is behind (its
+/// prefetch full): as long as it keeps up, the queue has none ready at a check, and
+/// the waiting consumer keeps reporting `active` however many messages pass (without
+/// the lock, two sources opened together ended up both `active` about four times in
+/// ten on RabbitMQ 3.10).
 struct Role {
     /// [`ROLE_ACTIVE`] or [`ROLE_STANDBY`].
     current: AtomicU8,
@@ -211,22 +218,39 @@ impl RabbitMqSource {
             .await
             .map_err(|e| Error::lapin(format!("set the prefetch for {queue}"), e))?;
         let single_active = config.single_active.iter().any(|single| single == queue);
-        let role = if single_active {
-            let (consumers, _) = queue_counts(&connection, queue, config.confirm_timeout).await?;
-            Some(Role::new(consumers))
+        // Counting the active consumers and subscribing are one step among the sources
+        // of the queue, in any process: two that counted none before either subscribed
+        // would both take themselves for the active one.
+        let lock = if single_active {
+            SubscribeLock::take(&connection, queue, config.confirm_timeout).await
         } else {
             None
         };
         let consumer_tag = format!("steward-{}", uuid::Uuid::new_v4().simple());
-        let consumer = channel
-            .basic_consume(
-                queue_name,
-                consumer_tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::lapin(format!("consume from queue {queue}"), e))?;
+        let subscribed = async {
+            let role = if single_active {
+                let (consumers, _) =
+                    queue_counts(&connection, queue, config.confirm_timeout).await?;
+                Some(Role::new(consumers))
+            } else {
+                None
+            };
+            let consumer = channel
+                .basic_consume(
+                    queue_name,
+                    consumer_tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::lapin(format!("consume from queue {queue}"), e))?;
+            Ok::<_, Error>((role, consumer))
+        }
+        .await;
+        if let Some(lock) = lock {
+            lock.release(config.confirm_timeout).await;
+        }
+        let (role, consumer) = subscribed?;
         if let Some(role) = &role {
             info!(queue, role = %role.get(), "consuming a queue with a single active consumer");
         }
@@ -573,6 +597,88 @@ impl MessageSource for RabbitMqSource {
         }
         debug!(queue = %queue, released, "rabbitmq consumer stopped");
         Ok(())
+    }
+}
+
+/// How long a source waits at most for another source of the same queue to finish
+/// subscribing (see [`SubscribeLock`]); past it, it subscribes anyway.
+const SUBSCRIBE_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a source retries taking a [`SubscribeLock`] another one holds.
+const SUBSCRIBE_LOCK_RETRY: Duration = Duration::from_millis(10);
+
+/// An exclusive queue `<queue>.subscribing`, held while a source of
+/// a queue with a single active consumer counts its active consumers and subscribes:
+/// the broker lets one connection at a time declare it (the others get
+/// `RESOURCE_LOCKED`), and deletes it with that connection, so a process that dies
+/// holding it frees it. Without it, two sources subscribing at the same moment would
+/// both count none and both report `active` for as long as the active one keeps up.
+/// Best effort: a lock that cannot be taken within [`SUBSCRIBE_LOCK_WAIT`] (or a broker
+/// that refuses the queue) only costs the role's precision, never the start.
+struct SubscribeLock {
+    channel: Channel,
+    name: String,
+}
+
+impl SubscribeLock {
+    async fn take(connection: &Connection, queue: &str, within: Duration) -> Option<Self> {
+        let name = format!("{queue}.subscribing");
+        let short_name = short("queue name", &name).ok()?;
+        let deadline = Instant::now() + within.min(SUBSCRIBE_LOCK_WAIT);
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("classic".into()));
+        loop {
+            let channel = match connection.create_channel().await {
+                Ok(channel) => channel,
+                Err(error) => {
+                    debug!(queue, error = %error_chain(&error), "cannot open a channel to lock subscribing");
+                    return None;
+                }
+            };
+            let options = QueueDeclareOptions { exclusive: true, ..QueueDeclareOptions::default() };
+            let declared = channel.queue_declare(short_name.clone(), options, args.clone());
+            match tokio::time::timeout_at(deadline, declared).await {
+                Ok(Ok(_)) => return Some(Self { channel, name }),
+                Ok(Err(error)) if is_resource_locked(&error) && Instant::now() < deadline => {
+                    // Another source subscribes now; the refusal closed this channel.
+                    tokio::time::sleep(SUBSCRIBE_LOCK_RETRY).await;
+                }
+                Ok(Err(error)) => {
+                    debug!(queue, error = %error_chain(&error), "subscribing without the lock");
+                    close_quietly(&channel, "not locked").await;
+                    return None;
+                }
+                Err(_) => {
+                    // The broker is slow to answer: should the declare still succeed,
+                    // the delete behind it on the channel frees the lock again.
+                    debug!(queue, "subscribing without the lock: declaring it timed out");
+                    Self { channel, name }.release(within.min(SUBSCRIBE_LOCK_WAIT)).await;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Deletes the lock queue (were that to fail, it goes with the connection).
+    async fn release(self, within: Duration) {
+        let deleted = self
+            .channel
+            .queue_delete(self.name.as_str().into(), lapin::options::QueueDeleteOptions::default());
+        match timeout(within, deleted).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                debug!(queue = %self.name, error = %error_chain(&error), "cannot delete the subscribe lock");
+            }
+            Err(_) => debug!(queue = %self.name, "deleting the subscribe lock timed out"),
+        }
+        close_quietly(&self.channel, "subscribed").await;
+    }
+}
+
+/// Closes `channel` if it is still open, ignoring the outcome.
+async fn close_quietly(channel: &Channel, why: &str) {
+    if channel.status().connected() {
+        let _ = channel.close(200, why.into()).await;
     }
 }
 
