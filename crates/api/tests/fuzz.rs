@@ -380,3 +380,420 @@ fn fuzz_substitution() {
         || format!("values={} steps={}", substituted.get(), stepped.get()),
     );
 }
+
+// ---- HTTP ------------------------------------------------------------------------------
+
+mod http_fuzz {
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+    use serde::{Deserialize, Serialize};
+    use serde_json::{Value, json};
+    use steward_api::http::auth::Authentication;
+    use steward_api::http::{ApiSettings, AppState, openapi, router};
+    use steward_api::storage::Database;
+    use steward_core::{Supervisor, SupervisorConfig, Worker, WorkerContext, WorkerError};
+    use tower::ServiceExt;
+
+    use super::fuzz_support::{
+        Counter, NASTY, json_corpus, json_value, mutate, mutation, nasty_string,
+    };
+    use super::support;
+
+    /// A worker that runs until cancelled, so that the probes see a healthy service.
+    struct Idle(&'static str);
+
+    #[async_trait::async_trait]
+    impl Worker for Idle {
+        fn name(&self) -> &str {
+            self.0
+        }
+
+        fn stall_timeout(&self) -> Option<Duration> {
+            None
+        }
+
+        async fn run(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+            ctx.set_running();
+            ctx.cancelled().await;
+            Ok(())
+        }
+    }
+
+    /// One HTTP request, as stored in `tests/corpus/http/`. `{workspaceId}`,
+    /// `{serviceId}`, `{airlockId}` and `{draftId}` in the path stand for records the
+    /// fuzz run creates first.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub(super) struct HttpCase {
+        pub(super) method: String,
+        path: String,
+        #[serde(default)]
+        query: String,
+        #[serde(default)]
+        headers: Vec<(String, String)>,
+        /// A JSON body, sent as its text.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<Value>,
+        /// A body that is not JSON, byte for byte.
+        #[serde(default, skip_serializing_if = "Option::is_none", rename = "bodyBytes")]
+        body_bytes: Option<Vec<u8>>,
+    }
+
+    /// Query parameter names of the documented routes, and other likely ones.
+    const QUERY_KEYS: &[&str] =
+        &["limit", "cursor", "resourceType", "status", "workspaceId", "api-version", "timeout", ""];
+
+    /// Keys of the request bodies.
+    const BODY_KEYS: &[&str] = &[
+        "templateName",
+        "resourceType",
+        "properties",
+        "workspaceId",
+        "parentWorkspaceServiceId",
+        "display_name",
+        "description",
+        "os_image",
+        "type",
+        "title",
+        "businessJustification",
+        "reviewDecision",
+        "decisionExplanation",
+        "roles",
+        "etag",
+        "_etag",
+        "isEnabled",
+    ];
+
+    const CONTENT_TYPES: &[&str] = &[
+        "application/json",
+        "application/json; charset=utf-8",
+        "APPLICATION/JSON",
+        "application/merge-patch+json",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "",
+        "application/json; charset=latin1",
+        "\u{1f600}",
+    ];
+
+    /// Path parameter values: the records that exist, ids that do not, and junk.
+    fn path_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(&["{workspaceId}", "{serviceId}", "{airlockId}", "{draftId}"][..])
+                .prop_map(str::to_owned),
+            1 => Just("00000000-0000-4000-8000-000000000000".to_owned()),
+            1 => prop::sample::select(&["start", "stop", "upgrade", "install", "uninstall", "u-1", "WorkspaceOwner"][..])
+                .prop_map(str::to_owned),
+            2 => nasty_string().prop_map(|text| encode(&text)),
+        ]
+    }
+
+    /// `text` with the characters no header value may hold (controls but tab) replaced,
+    /// so that the request can be sent; bytes above ASCII stay (obsolete text).
+    fn header_text(text: &str) -> String {
+        text.chars()
+            .map(|c| if (c.is_control() && c != '\t') || c == '\u{7f}' { '?' } else { c })
+            .collect()
+    }
+
+    /// Percent-encodes everything but unreserved characters.
+    fn encode(text: &str) -> String {
+        text.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    fn query() -> impl Strategy<Value = String> {
+        let value = prop_oneof![
+            prop::sample::select(NASTY).prop_map(str::to_owned),
+            prop::sample::select(
+                &[
+                    "0",
+                    "1",
+                    "500",
+                    "501",
+                    "-1",
+                    "18446744073709551616",
+                    "workspace",
+                    "deployed",
+                    "user-resource"
+                ][..]
+            )
+            .prop_map(str::to_owned),
+            any::<u64>().prop_map(|n| n.to_string()),
+            nasty_string(),
+        ];
+        let key = prop_oneof![
+            4 => prop::sample::select(QUERY_KEYS).prop_map(str::to_owned),
+            1 => nasty_string(),
+        ];
+        let pair = (key, value, any::<bool>()).prop_map(|(k, v, raw)| {
+            if raw && v.bytes().all(|b| b.is_ascii_graphic() && !b"#%&=+".contains(&b)) {
+                format!("{k}={v}")
+            } else {
+                format!("{}={}", encode(&k), encode(&v))
+            }
+        });
+        prop::collection::vec(pair, 0..4).prop_map(|pairs| pairs.join("&"))
+    }
+
+    fn body(seeds: Vec<Value>) -> impl Strategy<Value = (Option<Value>, Option<Vec<u8>>)> {
+        prop_oneof![
+            1 => Just((None, None)),
+            6 => (prop::sample::select(seeds), prop::collection::vec(mutation(BODY_KEYS), 0..4))
+                .prop_map(|(seed, mutations)| {
+                    let text = mutate(&seed, &mutations);
+                    match serde_json::from_slice::<Value>(&text) {
+                        Ok(value) => (Some(value), None),
+                        Err(_) => (None, Some(text)),
+                    }
+                }),
+            2 => json_value(BODY_KEYS).prop_map(|value| (Some(value), None)),
+            1 => prop::collection::vec(any::<u8>(), 0..256).prop_map(|bytes| (None, Some(bytes))),
+            1 => (1_usize..4_000_000).prop_map(|n| (Some(json!({"properties": {"display_name": "x".repeat(n)}})), None)),
+        ]
+    }
+
+    /// Requests: a corpus request mutated in its parts, or a documented route with
+    /// generated path parameters, query, headers and body.
+    pub(super) fn requests(
+        seeds: Vec<HttpCase>,
+        routes: Vec<(String, String)>,
+    ) -> impl Strategy<Value = HttpCase> {
+        let bodies: Vec<Value> = seeds.iter().filter_map(|case| case.body.clone()).collect();
+        let method = prop_oneof![
+            8 => Just(None),
+            1 => prop::sample::select(&["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"][..]).prop_map(Some),
+        ];
+        let content_type = prop_oneof![
+            6 => Just(Some("application/json".to_owned())),
+            1 => Just(None),
+            2 => prop::sample::select(CONTENT_TYPES).prop_map(|c| Some(c.to_owned())),
+            1 => nasty_string().prop_map(|text| Some(header_text(&text))),
+        ];
+        let extra_header =
+            prop_oneof![
+                Just(None),
+                (
+                    prop::sample::select(
+                        &[
+                            "if-match",
+                            "accept",
+                            "content-length",
+                            "authorization",
+                            "x-forwarded-for"
+                        ][..]
+                    ),
+                    nasty_string()
+                )
+                    .prop_map(|(k, v)| Some((k.to_owned(), header_text(&v)))),
+            ];
+        let from_route =
+            (prop::sample::select(routes), prop::collection::vec(path_value(), 2), method.clone())
+                .prop_map(|((method, path), values, other)| {
+                    let mut filled = String::new();
+                    let mut next = values.into_iter();
+                    for segment in path.split('/').skip(1) {
+                        filled.push('/');
+                        if segment.starts_with('{') {
+                            filled.push_str(&next.next().unwrap_or_default());
+                        } else {
+                            filled.push_str(segment);
+                        }
+                    }
+                    (other.map_or(method, str::to_owned), filled)
+                });
+        let from_seed = (prop::sample::select(seeds), method)
+            .prop_map(|(case, other)| (other.map_or(case.method, str::to_owned), case.path));
+        (prop_oneof![from_route, from_seed], query(), content_type, extra_header, body(bodies))
+            .prop_map(|((method, path), query, content_type, extra, (body, body_bytes))| {
+                let mut headers: Vec<(String, String)> =
+                    content_type.into_iter().map(|c| ("content-type".to_owned(), c)).collect();
+                headers.extend(extra);
+                HttpCase { method, path, query, headers, body, body_bytes }
+            })
+    }
+
+    /// The service over a fresh SQLite database with a deployed workspace, a Guacamole
+    /// service and two airlock requests.
+    pub(super) struct App {
+        pub(super) router: Router,
+        pub(super) ids: Vec<(&'static str, String)>,
+        _supervisor: Supervisor,
+        _db: support::TestDb,
+    }
+
+    pub(super) async fn app() -> App {
+        let db = support::TestDb::sqlite().await;
+        let templates = support::templates();
+        let workspace = support::workspace(&db.store, &templates).await;
+        let service = support::guacamole(&db.store, &templates, &workspace).await;
+        let submitted = support::airlock_request(
+            &db.store,
+            &workspace,
+            steward_api::domain::AirlockRequestStatus::Submitted,
+        )
+        .await;
+        let draft = support::airlock_request(
+            &db.store,
+            &workspace,
+            steward_api::domain::AirlockRequestStatus::Draft,
+        )
+        .await;
+        let supervisor = Supervisor::new(SupervisorConfig::default());
+        for name in ["database", "transport", "deployment-status", "airlock-status"] {
+            supervisor.spawn(Idle(name));
+        }
+        let state = AppState {
+            db: Database::migrated(db.store.clone()),
+            templates,
+            health: supervisor.health(),
+            settings: std::sync::Arc::new(ApiSettings {
+                resource_request_queue: "workspacequeue".to_owned(),
+                auth: Authentication::none(),
+                transport: "inmem".to_owned(),
+                ..ApiSettings::default()
+            }),
+            metrics: None,
+        };
+        for _ in 0..200 {
+            let snapshot = state.health.snapshot();
+            if snapshot.workers.len() == 4
+                && snapshot.workers.iter().all(|w| w.state == steward_core::WorkerState::Running)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        App {
+            router: router(state),
+            ids: vec![
+                ("{workspaceId}", workspace.id),
+                ("{serviceId}", service.id),
+                ("{airlockId}", submitted.id),
+                ("{draftId}", draft.id),
+            ],
+            _supervisor: supervisor,
+            _db: db,
+        }
+    }
+
+    /// The documented (method, path) pairs.
+    pub(super) fn routes() -> Vec<(String, String)> {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let mut routes = Vec::new();
+        for (path, methods) in doc["paths"].as_object().unwrap() {
+            for method in methods.as_object().unwrap().keys() {
+                routes.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        routes.sort();
+        routes
+    }
+
+    /// The request, or `None` when no client could send it (an invalid URI or header).
+    pub(super) fn build(case: &HttpCase, ids: &[(&str, String)]) -> Option<Request<Body>> {
+        let mut path = case.path.clone();
+        let mut body = case.body.as_ref().map(Value::to_string);
+        for (placeholder, id) in ids {
+            path = path.replace(placeholder, id);
+            body = body.map(|text| text.replace(placeholder, id));
+        }
+        let uri = if case.query.is_empty() { path } else { format!("{path}?{}", case.query) };
+        let mut builder = Request::builder().method(case.method.as_str()).uri(uri);
+        for (name, value) in &case.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let body = match (body, &case.body_bytes) {
+            (Some(text), _) => Body::from(text),
+            (None, Some(bytes)) => Body::from(bytes.clone()),
+            (None, None) => Body::empty(),
+        };
+        builder.body(body).ok()
+    }
+
+    pub(super) fn seeds() -> Vec<HttpCase> {
+        json_corpus("http")
+            .into_iter()
+            .map(|value| serde_json::from_value(value).expect("an HTTP corpus entry"))
+            .collect()
+    }
+
+    /// The status and body of one request.
+    pub(super) async fn send(router: &Router, request: Request<Body>) -> (u16, Vec<u8>) {
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
+        (status, body)
+    }
+
+    pub(super) fn counters() -> [Counter; 4] {
+        Default::default()
+    }
+}
+
+/// Ensures that no HTTP request — any documented route and method, path parameters,
+/// query string, headers and body, mutated from the corpus or generated — panics the
+/// service or gets a 5xx answer; every 4xx carries the `{error, detail}` JSON shape.
+#[test]
+fn fuzz_http() {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let app = runtime.block_on(http_fuzz::app());
+    let [ok, client_error, unsendable, _] = http_fuzz::counters();
+    fuzz(
+        "http",
+        http_fuzz::requests(http_fuzz::seeds(), http_fuzz::routes()),
+        |bytes| serde_json::from_slice(bytes).expect("an HTTP corpus entry"),
+        |case| serde_json::to_vec_pretty(case).unwrap(),
+        |case| {
+            let Some(request) = http_fuzz::build(case, &app.ids) else {
+                unsendable.add();
+                return Ok(());
+            };
+            let (status, body) = runtime.block_on(http_fuzz::send(&app.router, request));
+            prop_assert!(status < 500, "{} {}", status, String::from_utf8_lossy(&body));
+            if status >= 400 {
+                client_error.add();
+                if case.method == "HEAD" {
+                    // A HEAD answer has no body.
+                    return Ok(());
+                }
+                let error: Value = serde_json::from_slice(&body).map_err(|e| {
+                    TestCaseError::fail(format!(
+                        "{status} without a JSON body ({e}): {}",
+                        String::from_utf8_lossy(&body)
+                    ))
+                })?;
+                prop_assert!(
+                    error["error"].is_string() && error["detail"].is_string(),
+                    "{}",
+                    error
+                );
+            } else {
+                ok.add();
+            }
+            Ok(())
+        },
+        || {
+            format!(
+                "2xx_3xx={} 4xx={} unsendable={}",
+                ok.get(),
+                client_error.get(),
+                unsendable.get()
+            )
+        },
+    );
+    drop(app);
+}

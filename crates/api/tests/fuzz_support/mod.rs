@@ -30,7 +30,8 @@ pub fn runs() -> u32 {
 
 /// `tests/corpus/<target>/` at the workspace root.
 pub fn corpus_dir(target: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/corpus").join(target)
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/corpus");
+    root.canonicalize().unwrap_or(root).join(target)
 }
 
 /// Every corpus entry of `target`, by file name, sorted.
