@@ -582,8 +582,7 @@ mod http_fuzz {
             2 => prop::sample::select(CONTENT_TYPES).prop_map(|c| Some(c.to_owned())),
             1 => nasty_string().prop_map(|text| Some(header_text(&text))),
         ];
-        let extra_header =
-            prop_oneof![
+        let extra_header = prop_oneof![
                 Just(None),
                 (
                     prop::sample::select(

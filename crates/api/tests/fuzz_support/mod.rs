@@ -107,7 +107,7 @@ pub fn fuzz<T: Debug + Clone>(
     for (name, bytes) in &entries {
         let input = decode(bytes);
         if let Err(error) = check(&input) {
-            panic!("corpus entry {target}/{name} fails: {error}\ninput: {input:?}");
+            panic!("corpus entry {target}/{name} fails: {}\ninput: {}", clip(&error), clip(&input));
         }
     }
     let cases = runs();
@@ -131,11 +131,22 @@ pub fn fuzz<T: Debug + Clone>(
             let path = corpus_dir(target).join(format!("regression-{:016x}", fnv(&bytes)));
             std::fs::write(&path, &bytes).unwrap();
             panic!(
-                "fuzz {target} found a failing input ({reason}); saved as corpus entry {}\ninput: {input:?}",
-                path.display()
+                "fuzz {target} found a failing input ({}); saved as corpus entry {}\ninput: {}",
+                clip(&reason),
+                path.display(),
+                clip(&input),
             );
         }
         Err(TestError::Abort(reason)) => panic!("fuzz {target} aborted: {reason}"),
+    }
+}
+
+/// The debug text of `value`, cut to a readable length.
+fn clip(value: &impl Debug) -> String {
+    let text = format!("{value:?}");
+    match text.char_indices().nth(2000) {
+        Some((at, _)) => format!("{}… ({} bytes in all)", &text[..at], text.len()),
+        None => text,
     }
 }
 
