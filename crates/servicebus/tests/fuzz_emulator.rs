@@ -184,7 +184,7 @@ fn header() -> impl Strategy<Value = (String, HeaderText)> {
             .prop_map(move |m| ("brokerproperties".to_owned(), text(String::from_utf8_lossy(&mutate(&broker_properties_seed(), &m)).into_owned()))),
         2 => prop::sample::select(&["application/json", "application/vnd.microsoft.servicebus.json", "APPLICATION/VND.MICROSOFT.SERVICEBUS.JSON; charset=utf-8", "text/plain", ""][..])
             .prop_map(move |c| ("content-type".to_owned(), text(c.to_owned()))),
-        2 => (prop::sample::select(&["x-custom", "priority", "when", "host", "x-forwarded-host", "x-forwarded-proto", "forwarded", "x-ms-steward-meta", "content-length"][..]),
+        2 => (prop::sample::select(&["x-custom", "priority", "when", "host", "x-forwarded-host", "x-forwarded-proto", "forwarded", "x-ms-steward-meta"][..]),
               prop_oneof![nasty_string(), prop::sample::select(NASTY).prop_map(|s| format!("\"{s}\"")), json_value(PROPERTY_KEYS).prop_map(|v| v.to_string())])
             .prop_map(move |(name, value)| (name.to_owned(), text(value))),
         1 => ("[a-z][a-z0-9-]{0,12}", prop::collection::vec(any::<u8>(), 0..24))
@@ -260,6 +260,26 @@ fn cases(seeds: Vec<EmulatorCase>) -> impl Strategy<Value = EmulatorCase> {
     prop_oneof![3 => generated, 2 => from_seed]
 }
 
+/// Header bytes above which the HTTP server may refuse a request before reading it.
+const OVERSIZED_HEADERS: usize = 64 * 1024;
+/// The status [`Harness::send`] reports for a request refused for its header size.
+const OVERSIZED: u16 = 1;
+
+fn header_bytes(case: &EmulatorCase) -> usize {
+    case.headers
+        .iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    HeaderText::Text(text) => text.len(),
+                    HeaderText::Bytes(bytes) => bytes.len(),
+                }
+        })
+        .sum::<usize>()
+        + case.path.len()
+        + case.query.len()
+}
+
 struct Harness {
     runtime: tokio::runtime::Runtime,
     emulator: EmulatorHandle,
@@ -312,7 +332,19 @@ impl Harness {
     /// that itself gets no answer counts.
     fn send(&self, case: &EmulatorCase) -> Result<Option<u16>, String> {
         match self.send_with(&self.client, case) {
-            Err(_) => self.send_with(&self.fresh, case),
+            Err(_) => match self.send_with(&self.fresh, case) {
+                // Headers beyond the HTTP server's limit: it answers 431 and closes the
+                // connection, which a client still writing the body sees as a broken
+                // pipe. Without a body the answer must arrive, and be a 4xx.
+                Err(_) if header_bytes(case) > OVERSIZED_HEADERS => {
+                    let bare = EmulatorCase { body: String::new(), ..case.clone() };
+                    let status = self.send_with(&self.fresh, &bare)?;
+                    Ok(status.map(
+                        |status| if (400..500).contains(&status) { OVERSIZED } else { status },
+                    ))
+                }
+                answer => answer,
+            },
             answer => answer,
         }
     }
@@ -383,8 +415,8 @@ impl Harness {
 #[test]
 fn fuzz_emulator() {
     let harness = Harness::new();
-    let [ok, client_error, unsendable] =
-        [Counter::default(), Counter::default(), Counter::default()];
+    let [ok, client_error, unsendable, oversized] =
+        [Counter::default(), Counter::default(), Counter::default(), Counter::default()];
     let seeds: Vec<EmulatorCase> = json_corpus("servicebus-emulator")
         .into_iter()
         .map(|value| serde_json::from_value(value).expect("an emulator corpus entry"))
@@ -397,6 +429,7 @@ fn fuzz_emulator() {
         |case| {
             match harness.send(case).map_err(TestCaseError::fail)? {
                 None => unsendable.add(),
+                Some(OVERSIZED) => oversized.add(),
                 Some(status) => {
                     prop_assert!(status < 500, "answered {}", status);
                     if status >= 400 { client_error.add() } else { ok.add() }
@@ -404,7 +437,15 @@ fn fuzz_emulator() {
             }
             Ok(())
         },
-        || format!("2xx={} 4xx={} unsendable={}", ok.get(), client_error.get(), unsendable.get()),
+        || {
+            format!(
+                "2xx={} 4xx={} oversized_headers_4xx={} unsendable={}",
+                ok.get(),
+                client_error.get(),
+                oversized.get(),
+                unsendable.get()
+            )
+        },
     );
     harness.runtime.block_on(harness.emulator.shutdown());
 }
