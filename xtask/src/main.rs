@@ -10,6 +10,9 @@
 //! - `cargo xtask sim [--seeds N] [--from N]`: the deterministic simulation
 //!   (`crates/sim`), built in release with tokio's RNG seeded per seed;
 //!   `STEWARD_SIM_SEED=<n>` replays one seed with its whole trace.
+//! - `cargo xtask fuzz [--runs N] [--target T]`: the structure-aware fuzz targets
+//!   (messages, substitution, HTTP, the Service Bus emulator), built in release, each
+//!   seeded from its corpus in `tests/corpus/<target>/` (see `docs/reliability.md`).
 
 use std::env;
 use std::process::{Command, ExitCode};
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod fuzz;
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -27,9 +31,10 @@ fn main() -> ExitCode {
         // Hidden: one measured consumer or publisher, run by `bench` in a child process.
         Some("bench-worker") => bench::worker::main(&args[1..]),
         Some("sim") => sim(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, 500 simulation seeds, examples\n  bench  benchmarks against the bare clients, in release: [--quick] [--only inmem,rabbitmq,latency,resilience,e2e]\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed"
+                "usage: cargo xtask <command>\n\ncommands:\n  ci     fmt, clippy, tests, doc tests, 500 simulation seeds, examples\n  bench  benchmarks against the bare clients, in release: [--quick] [--only inmem,rabbitmq,latency,resilience,e2e]\n  sim    deterministic simulation, built in release: [--seeds N] [--from N]; STEWARD_SIM_SEED=<n> replays one seed\n  fuzz   structure-aware fuzzing, built in release: [--runs N] [--target T]"
             );
             Ok(())
         }
