@@ -878,3 +878,110 @@ async fn start_refuses_unusable_configuration_and_taken_address() {
     let taken = Emulator::builder().with_listen_addr(running.addr()).start().await;
     assert!(matches!(taken, Err(EmulatorError::Bind { addr, .. }) if addr == running.addr()));
 }
+
+/// One HTTP/1.1 connection to the emulator, written and read by hand, so that a test
+/// sees what the server does with the connection itself.
+struct RawConnection {
+    reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    /// `None` while a request is being written.
+    writer: Option<tokio::net::tcp::OwnedWriteHalf>,
+}
+
+impl RawConnection {
+    async fn open(emulator: &EmulatorHandle) -> Self {
+        let address = emulator.endpoint().trim_start_matches("http://").to_owned();
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (reader, writer) = stream.into_split();
+        Self { reader: tokio::io::BufReader::new(reader), writer: Some(writer) }
+    }
+
+    /// Writes a request with a body of `body_len` bytes in a task of its own, so that
+    /// the answer can be read while the body is still being written; the task gives the
+    /// write half back once the whole request is written.
+    fn write(
+        mut writer: tokio::net::tcp::OwnedWriteHalf,
+        method: &str,
+        path: &str,
+        body_len: usize,
+    ) -> tokio::task::JoinHandle<std::io::Result<tokio::net::tcp::OwnedWriteHalf>> {
+        use tokio::io::AsyncWriteExt as _;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: emulator\r\ncontent-length: {body_len}\r\n\r\n"
+        );
+        tokio::spawn(async move {
+            writer.write_all(head.as_bytes()).await?;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = body_len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                writer.write_all(&chunk[..n]).await?;
+                left -= n;
+            }
+            writer.flush().await?;
+            Ok(writer)
+        })
+    }
+
+    /// Reads one answer: its status, or the error that ended the connection first.
+    async fn read_status(&mut self) -> std::io::Result<u16> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+        let mut status_line = String::new();
+        if self.reader.read_line(&mut status_line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
+        let mut content_length = 0;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    content_length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; content_length];
+        self.reader.read_exact(&mut body).await?;
+        Ok(status)
+    }
+
+    /// Sends a request with a body of `body_len` bytes and reads its answer, which must
+    /// come after the whole body is written.
+    async fn exchange(&mut self, method: &str, path: &str, body_len: usize) -> u16 {
+        let writer = self.writer.take().unwrap();
+        let writing = Self::write(writer, method, path, body_len);
+        let status = self.read_status().await;
+        let written = writing.await.unwrap();
+        self.writer = Some(written.expect("the whole request body is written"));
+        status.expect("an answer on the connection")
+    }
+}
+
+/// Ensures that a request's body is read to its end whatever the answer, so that the
+/// client can finish writing, read the answer and use the connection again: a receive
+/// and a settlement with large bodies, a send over the size limit (413) and an unknown
+/// path (404), one after another on one keep-alive connection.
+#[tokio::test]
+async fn large_request_bodies_are_read_before_the_answer_and_keep_the_connection() {
+    let emulator = start(Emulator::builder().with_max_message_bytes(1024)).await;
+    let mut connection = RawConnection::open(&emulator).await;
+    let large = 4 * 1024 * 1024;
+
+    assert_eq!(connection.exchange("POST", "/q/messages/head?timeout=0", large).await, 204);
+    assert_eq!(connection.exchange("DELETE", "/q/messages/head?timeout=0", large).await, 204);
+    let lock =
+        "/q/messages/00000000-0000-4000-8000-000000000000/00000000-0000-4000-8000-000000000000";
+    assert_eq!(connection.exchange("DELETE", lock, large).await, 404);
+    assert_eq!(connection.exchange("POST", "/q/messages", large).await, 413);
+    assert_eq!(connection.exchange("POST", "/only-a-queue", large).await, 404);
+    assert_eq!(connection.exchange("POST", "/q/messages", 1024).await, 201);
+    assert_eq!(connection.exchange("DELETE", "/q/messages/head?timeout=0", 0).await, 200);
+    assert_eq!(emulator.connection_count(), 1);
+    emulator.shutdown().await;
+}

@@ -284,8 +284,6 @@ struct Harness {
     runtime: tokio::runtime::Runtime,
     emulator: EmulatorHandle,
     client: reqwest::Client,
-    /// A client that opens a new connection for every request.
-    fresh: reqwest::Client,
     lock: Mutex<String>,
 }
 
@@ -308,16 +306,10 @@ impl Harness {
                 .unwrap()
         });
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-        let fresh = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
         Harness {
             runtime,
             emulator,
             client,
-            fresh,
             lock: Mutex::new(
                 "00000000-0000-4000-8000-000000000000/00000000-0000-4000-8000-000000000000"
                     .to_owned(),
@@ -327,9 +319,9 @@ impl Harness {
 
     /// Sends one case: `Some(status)`, or `None` when the client could not build it.
     ///
-    /// A pooled connection the server has just closed fails the request before it is
-    /// sent; such a failure is retried once on a new connection, so that only a request
-    /// that itself gets no answer counts.
+    /// Requests share keep-alive connections, and a failure is not retried: the emulator
+    /// reads every request's body to its end, so a connection is never closed under a
+    /// request.
     fn send(&self, case: &EmulatorCase) -> Result<Option<u16>, String> {
         // Headers beyond the HTTP server's limit never reach the emulator: the server
         // answers 431 and closes the connection while the client is still writing,
@@ -337,17 +329,7 @@ impl Harness {
         if header_bytes(case) > OVERSIZED_HEADERS {
             return Ok(Some(OVERSIZED));
         }
-        match self.send_with(&self.client, case) {
-            Err(_) => self.send_with(&self.fresh, case),
-            answer => answer,
-        }
-    }
-
-    fn send_with(
-        &self,
-        client: &reqwest::Client,
-        case: &EmulatorCase,
-    ) -> Result<Option<u16>, String> {
+        let client = &self.client;
         let path = case.path.replace("{lock}", &self.lock.lock().unwrap());
         let url = format!(
             "{}{path}{}{}",

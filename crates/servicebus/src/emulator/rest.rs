@@ -9,9 +9,11 @@ use std::time::{Duration, SystemTime};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::BytesMut;
+use http_body_util::BodyExt;
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -36,6 +38,12 @@ const XML_CONTENT_TYPE: &str = "application/xml; charset=utf-8";
 /// The `Content-Type` of a Send Message Batch request.
 const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.servicebus.json";
 const BROKER_PROPERTIES: HeaderName = HeaderName::from_static("brokerproperties");
+/// Request body bytes read and thrown away beyond those an operation keeps. Every
+/// request's body is read to its end before the answer goes out: the HTTP server closes
+/// a connection whose request body is left unread, and a client still writing the body
+/// then gets a broken pipe instead of the answer. A body longer than this is left
+/// unread, and its connection closed after the answer.
+const MAX_DISCARDED_BYTES: usize = 64 * 1024 * 1024;
 
 /// The service's text for a non-session receive on a session-enabled queue (it
 /// answers 405 Method Not Allowed).
@@ -242,16 +250,18 @@ fn receive_timeout(query: Option<&str>, default: Duration) -> Result<Duration, A
 async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let response = match serve(&shared, request).await {
+    let (parts, mut body) = request.into_parts();
+    let response = match serve(&shared, &parts, &mut body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
+    // Whatever the answer, the client may still be sending: read the rest.
+    discard(&mut body).await;
     tracing::debug!(%method, path, status = response.status().as_u16(), "request");
     response
 }
 
-async fn serve(shared: &Shared, request: Request) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
+async fn serve(shared: &Shared, parts: &Parts, body: &mut Body) -> Result<Response, ApiError> {
     let route = parse_route(parts.uri.path())?;
     let Some(operation) = operation(&parts.method, &route.target) else {
         return Err(ApiError::new(
@@ -303,6 +313,8 @@ async fn serve(shared: &Shared, request: Request) -> Result<Response, ApiError> 
     match route.target {
         Target::Messages => send(shared, entity, &parts.headers, body).await,
         Target::Head => {
+            // Before waiting for a message, so that the client is not left writing.
+            discard(body).await;
             let wait = receive_timeout(parts.uri.query(), shared.default_receive_timeout)?;
             let location = LocationBase::new(&parts.headers, shared.local_addr);
             let mode = match operation {
@@ -311,7 +323,41 @@ async fn serve(shared: &Shared, request: Request) -> Result<Response, ApiError> 
             };
             receive(shared, entity, mode, wait).await
         }
-        Target::Lock { id, token } => settle(shared, entity, &id, &token, operation).await,
+        Target::Lock { id, token } => {
+            discard(body).await;
+            settle(shared, entity, &id, &token, operation).await
+        }
+    }
+}
+
+// ---- request bodies ------------------------------------------------------------------
+
+/// Reads `body` to its end, keeping it if it has at most `keep` bytes: `Ok(None)` for a
+/// longer body, whose bytes are thrown away as they arrive. Past `keep` plus
+/// [`MAX_DISCARDED_BYTES`] it stops reading.
+async fn read_body(body: &mut Body, keep: usize) -> Result<Option<Bytes>, axum::Error> {
+    let mut kept = Some(BytesMut::new());
+    let mut read = 0_usize;
+    while let Some(frame) = body.frame().await {
+        // Trailers carry no body bytes.
+        let Ok(data) = frame?.into_data() else { continue };
+        read = read.saturating_add(data.len());
+        kept = kept.filter(|_| read <= keep).map(|mut kept| {
+            kept.extend_from_slice(&data);
+            kept
+        });
+        if read > keep.saturating_add(MAX_DISCARDED_BYTES) {
+            break;
+        }
+    }
+    Ok(kept.map(BytesMut::freeze))
+}
+
+/// Reads what is left of a request body and throws it away.
+async fn discard(body: &mut Body) {
+    if let Err(error) = read_body(body, 0).await {
+        // The connection is broken; the server closes it.
+        tracing::debug!(error = %error_chain(&error), "reading the request body failed");
     }
 }
 
@@ -321,7 +367,7 @@ async fn send(
     shared: &Shared,
     entity: &str,
     headers: &HeaderMap,
-    body: Body,
+    body: &mut Body,
 ) -> Result<Response, ApiError> {
     if entity.ends_with(DEAD_LETTER_SUFFIX) {
         return Err(ApiError::new(
@@ -330,9 +376,10 @@ async fn send(
         ));
     }
     let max = shared.max_message_bytes;
-    let body = match Limited::new(body, max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<LengthLimitError>() => {
+    // A body over the limit is still read to its end, so that the client gets the 413.
+    let body = match read_body(body, max).await {
+        Ok(Some(body)) => body,
+        Ok(None) => {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("The message to '{entity}' exceeds the limit of {max} bytes."),
