@@ -1,6 +1,7 @@
 //! [`RabbitMqSource`]: a consumer on its own connection, and the settlement of its
 //! deliveries.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -54,6 +55,11 @@ const ROLE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 ///   had buffered but not handed out back on the queue (`basic.nack` with requeue);
 ///   after requeuing 16 or more it waits (at most 2 s) until the queue counts them
 ///   back, so that settlements right after it are not lost (rabbitmq-server#10327).
+/// - On a queue with a single active consumer, `stop_receiving` instead keeps the
+///   consumer until every delivery handed out is settled (a requeue without delay is
+///   left to the close), then closes the consumer's channel: the broker puts what is
+///   unacknowledged back at the head of the queue, in order, before the next consumer
+///   becomes active.
 /// - When the connection or channel closes, `receive` fails with a retryable
 ///   [`TransportError::Connection`] at once (a silent network failure is noticed by
 ///   the heartbeat within about two heartbeat intervals); the deliveries it handed out
@@ -86,6 +92,12 @@ struct Shared {
     confirm_timeout: Duration,
     /// The consumer's role, on a queue with a single active consumer.
     role: Option<Role>,
+    /// On a queue with a single active consumer: the delivery tags handed out and not
+    /// yet settled. Once stopped, the last one settled closes the consumer's channel
+    /// (see `stop_receiving`).
+    handed_out: std::sync::Mutex<HashSet<u64>>,
+    /// The consumer's channel is closed (or being closed) to end a stop.
+    closing: AtomicBool,
 }
 
 /// What a consumer of a queue with a single active consumer infers of its role.
@@ -275,6 +287,8 @@ impl RabbitMqSource {
                 cancelled: AtomicBool::new(false),
                 confirm_timeout: config.confirm_timeout,
                 role,
+                handed_out: std::sync::Mutex::new(HashSet::new()),
+                closing: AtomicBool::new(false),
             }),
         })
     }
@@ -317,6 +331,9 @@ impl RabbitMqSource {
         let body = Bytes::from(delivery.data);
         let message = to_message(&delivery.properties, body.clone());
         self.shared.acks.track(delivery.delivery_tag);
+        if self.shared.role.is_some() {
+            self.shared.handed_out().insert(delivery.delivery_tag);
+        }
         let settle = RabbitMqSettle {
             shared: self.shared.clone(),
             tag: delivery.delivery_tag,
@@ -355,6 +372,56 @@ impl RabbitMqSource {
 }
 
 impl Shared {
+    fn handed_out(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.handed_out.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a requeue of a delivery handed out is left to the closing of the
+    /// channel: the consumer of a queue with a single active consumer stopped receiving.
+    fn requeues_on_close(&self) -> bool {
+        self.role.is_some() && self.stopped.load(Ordering::Acquire)
+    }
+
+    /// The delivery `tag` handed out is settled (or left to the close); whether it was
+    /// the last one of a consumer that stopped receiving, whose channel is now to close.
+    fn handed_back(&self, tag: u64) -> bool {
+        if self.role.is_none() {
+            return false;
+        }
+        let mut handed_out = self.handed_out();
+        handed_out.remove(&tag);
+        handed_out.is_empty()
+            && self.stopped.load(Ordering::Acquire)
+            && !self.closing.load(Ordering::Acquire)
+    }
+
+    /// Ends the stop of a consumer of a queue with a single active consumer once no
+    /// delivery it handed out is unsettled: acks what completed, then closes the
+    /// consumer's channel, so the broker puts every message still unacknowledged (those
+    /// left to the close, and those buffered) back at the head of the queue, in order,
+    /// before it makes the next consumer active. Closes once; errors are logged only
+    /// (a channel already gone gave the messages back too).
+    async fn close_consumer(&self) {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.acks.flush().await;
+        let queue = &self.queue;
+        if !self.channel.status().connected() {
+            debug!(queue = %queue, "consumer already gone with its channel");
+            return;
+        }
+        let closed = self.channel.close(200, "stopped receiving".into());
+        match timeout(self.confirm_timeout, closed).await {
+            Ok(Ok(())) => debug!(queue = %queue, "rabbitmq consumer stopped, its channel closed"),
+            Ok(Err(error)) => {
+                let error = error_chain(&error);
+                debug!(queue = %queue, error, "closing the consumer's channel failed");
+            }
+            Err(_) => debug!(queue = %queue, "closing the consumer's channel timed out"),
+        }
+    }
+
     /// A channel of the source's connection for a passive declare (a refused one
     /// closes its channel, so never the consumer's).
     async fn throwaway_channel(&self, what: &str) -> Result<Channel, TransportError> {
@@ -512,6 +579,9 @@ impl MessageSource for RabbitMqSource {
 
     /// Cancels the consumer (`basic.cancel`) and requeues what it had buffered; after
     /// requeuing 16 or more, waits (at most 2 s) until the queue counts them back.
+    /// On a queue with a single active consumer, hands out nothing more and closes the
+    /// consumer's channel once every delivery handed out is settled (see the type's
+    /// docs).
     ///
     /// # Errors
     ///
@@ -533,6 +603,9 @@ impl MessageSource for RabbitMqSource {
     async fn stop_receiving(&self) -> Result<(), TransportError> {
         let shared = &self.shared;
         shared.stopped.store(true, Ordering::Release);
+        if shared.role.is_some() {
+            return self.stop_single_active().await;
+        }
         // Completed deliveries are acked now, not only once their wait is up.
         shared.acks.flush().await;
         if shared.cancelled.load(Ordering::Acquire) {
@@ -596,6 +669,35 @@ impl MessageSource for RabbitMqSource {
             shared.wait_until_ready(&channel, target).await;
         }
         debug!(queue = %queue, released, "rabbitmq consumer stopped");
+        Ok(())
+    }
+}
+
+impl RabbitMqSource {
+    /// `stop_receiving` on a queue with a single active consumer: hands out nothing
+    /// more, but keeps the consumer (a `basic.cancel` would make the broker activate the
+    /// next consumer at once, which would then receive later messages while this one
+    /// still handles earlier ones). The channel closes once every delivery handed out is
+    /// settled: at once when none is, else when the last one is (see
+    /// [`Shared::close_consumer`]). Until then a requeue of a delivery handed out
+    /// (`abandon` without delay) is left to that close, since a `basic.nack` would have
+    /// the broker deliver it straight back to this consumer.
+    async fn stop_single_active(&self) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        {
+            // Taken after `stopped` is set: no receive hands out anything from here on.
+            let mut intake = shared.intake.lock().await;
+            if intake.ended.is_none() {
+                intake.ended = Some(Ended::Stopped);
+            }
+        }
+        let idle = shared.handed_out().is_empty();
+        if idle {
+            shared.close_consumer().await;
+        } else {
+            let in_flight = shared.handed_out().len();
+            debug!(queue = %shared.queue, in_flight, "rabbitmq consumer stops once its deliveries are settled");
+        }
         Ok(())
     }
 }
@@ -752,6 +854,11 @@ impl RabbitMqSettle {
         if !self.acker.usable() {
             return Err(self.gone());
         }
+        if self.shared.requeues_on_close() {
+            // Back at the head of the queue when the channel closes (see
+            // `stop_receiving`), which a nack would not be.
+            return Ok(());
+        }
         match self.shared.acks.requeue(&[self.tag]).await.pop() {
             Some(result) => self.settled("requeue", result),
             None => Err(self.gone()),
@@ -792,6 +899,29 @@ impl RabbitMqSettle {
     }
 }
 
+impl RabbitMqSettle {
+    /// The delivery is settled: the last one of a stopped consumer of a queue with a
+    /// single active consumer closes its channel (see `stop_receiving`).
+    async fn handed_back(&self) {
+        if self.shared.handed_back(self.tag) {
+            self.shared.close_consumer().await;
+        }
+    }
+}
+
+impl Drop for RabbitMqSettle {
+    /// A delivery dropped unsettled no longer holds back the close of a stopped
+    /// consumer's channel (the broker requeues it with the others).
+    fn drop(&mut self) {
+        if self.shared.handed_back(self.tag) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let shared = self.shared.clone();
+                runtime.spawn(async move { shared.close_consumer().await });
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Settle for RabbitMqSettle {
     fn locked_until(&self) -> Option<Instant> {
@@ -805,24 +935,30 @@ impl Settle for RabbitMqSettle {
     }
 
     async fn complete(&self) -> Result<(), TransportError> {
-        Ok(self.ack().await?)
+        let result = self.ack().await;
+        self.handed_back().await;
+        Ok(result?)
     }
 
     async fn abandon(&self, delay: Option<Duration>) -> Result<(), TransportError> {
-        match delay.filter(|delay| !delay.is_zero()) {
-            None => Ok(self.requeue().await?),
+        let result = match delay.filter(|delay| !delay.is_zero()) {
+            None => self.requeue().await,
             Some(delay) => {
                 let bucket = delay_queue(&self.shared.queue, delay);
-                Ok(self.republish_then_ack(&bucket, &[]).await?)
+                self.republish_then_ack(&bucket, &[]).await
             }
-        }
+        };
+        self.handed_back().await;
+        Ok(result?)
     }
 
     async fn dead_letter(&self, reason: &str, description: &str) -> Result<(), TransportError> {
         let dlq = dead_letter_queue(&self.shared.queue);
         let headers =
             [(DEAD_LETTER_REASON_HEADER, reason), (DEAD_LETTER_DESCRIPTION_HEADER, description)];
-        Ok(self.republish_then_ack(&dlq, &headers).await?)
+        let result = self.republish_then_ack(&dlq, &headers).await;
+        self.handed_back().await;
+        Ok(result?)
     }
 }
 

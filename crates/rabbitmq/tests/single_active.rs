@@ -276,12 +276,13 @@ async fn a_standby_taking_over_receives_the_unsettled_messages_first_in_order() 
 /// handlers still hold messages does not let the standby handle later messages before
 /// those are settled: the standby's first message is the first one not settled.
 ///
-/// Fails on RabbitMQ 3.10: `basic.cancel` (and a client's own `connection.close`) makes
-/// the broker activate the standby at once, which then gets the next ready message
-/// (here m08) while m00 and m01 are still in flight and before m02..m07, requeued
-/// after the cancel, come back. See the crate docs, "Several replicas".
+/// On RabbitMQ 3.10 a `basic.cancel` (or a client's own `connection.close`) would make
+/// the broker activate the standby at once, which would then get the next ready
+/// message (here m08) while m00 and m01 are still in flight and before m02..m07 came
+/// back; so the source keeps its consumer until they are settled, then closes its
+/// channel. See the crate docs, "Several replicas".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a graceful stop of the active consumer reorders across replicas on RabbitMQ 3.10"]
+
 async fn a_graceful_stop_hands_the_standby_nothing_after_the_messages_still_in_flight() {
     require_broker!("a_graceful_stop_hands_the_standby_nothing_after_the_messages_still_in_flight");
     let queue = steward_core::testkit::unique_name("steward-sac-drain");
@@ -312,8 +313,65 @@ async fn a_graceful_stop_hands_the_standby_nothing_after_the_messages_still_in_f
     for delivery in in_flight {
         delivery.complete().await.unwrap();
     }
-    let next = support::receive_n(&standby, 1, PROMPTLY).await;
-    assert_eq!(next[0].message().id, "m02");
+    // Then the rest, in queue order: the buffered m02..m07 ahead of m08 and m09 (its
+    // prefetch is eight).
+    let rest = support::receive_n(&standby, 8, PROMPTLY).await;
+    let rest: Vec<String> = rest.iter().map(|d| d.message().id.clone()).collect();
+    assert_eq!(rest, (2..10).map(|n| format!("m{n:02}")).collect::<Vec<_>>());
+    assert_eq!(standby.role(), Some(ConsumerRole::Active));
+}
+
+/// Ensures that a stopping consumer with a large buffer (more than 32 messages held)
+/// whose handlers abandon one message and complete the others hands the standby the
+/// abandoned one first, then the buffered ones, in queue order, then the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_returns_an_abandoned_and_a_large_buffer_first_in_order() {
+    require_broker!("a_graceful_stop_returns_an_abandoned_and_a_large_buffer_first_in_order");
+    let queue = steward_core::testkit::unique_name("steward-sac-drain-large");
+    let transport = |name: &str| {
+        support::builder()
+            .with_connection_name(format!("replica-{name}"))
+            .with_queue(&queue)
+            .with_single_active_consumer(&queue)
+            .with_prefetch(48)
+            .build()
+            .unwrap()
+    };
+    let rabbit = transport("a");
+    rabbit.declare_topology().await.unwrap();
+    let _cleanup = Cleanup(rabbit.clone());
+    let active = rabbit.source(&queue).await.unwrap();
+    let standby = transport("b").source(&queue).await.unwrap();
+    for n in 0..60 {
+        send(&rabbit, &queue, &format!("m{n:02}")).await;
+    }
+    let mut in_flight = support::receive_n(&active, 3, PROMPTLY).await;
+    active.stop_receiving().await.unwrap();
+    assert!(active.receive(10, Duration::ZERO).await.unwrap().is_empty());
+    // m00 completes, m01 goes back (a retry without delay), m02 completes last.
+    let last = in_flight.pop().unwrap();
+    let abandoned = in_flight.pop().unwrap();
+    in_flight.pop().unwrap().complete().await.unwrap();
+    abandoned.abandon(None).await.unwrap();
+    let early = support::receive_n(&standby, 1, Duration::from_millis(500)).await;
+    assert!(
+        early.is_empty(),
+        "the standby got {:?} while m02 was in flight",
+        early[0].message().id
+    );
+    last.complete().await.unwrap();
+    // More than the standby's prefetch: it completes as it goes.
+    let deadline = Instant::now() + PROMPTLY;
+    let mut order = Vec::new();
+    while order.len() < 58 && Instant::now() < deadline {
+        for delivery in standby.receive(58, Duration::from_millis(200)).await.unwrap() {
+            order.push(delivery.message().id.clone());
+            delivery.complete().await.unwrap();
+        }
+    }
+    let expected: Vec<String> =
+        std::iter::once(1).chain(3..60).map(|n| format!("m{n:02}")).collect();
+    assert_eq!(order, expected);
 }
 
 /// Ensures that when the active replica's connection closes (what a killed process's
