@@ -654,6 +654,18 @@ mod http_fuzz {
         for name in ["database", "transport", "deployment-status", "airlock-status"] {
             supervisor.spawn(Idle(name));
         }
+        // The operator routes see an in-memory broker's dead letters, as the service
+        // on the `inmem` transport does.
+        let broker = steward_inmem::InMemoryBroker::builder().build();
+        let consumed = ["deploymentstatus", "airlock-step-result"].map(str::to_owned);
+        for queue in &consumed {
+            broker.declare_queue(queue, steward_inmem::QueueOptions::default());
+        }
+        let operator = steward_api::http::OperatorSettings {
+            dead_letters: Some(std::sync::Arc::new(broker.dead_letter_queues())),
+            consumed_queues: consumed.to_vec(),
+            controls: supervisor.controls(),
+        };
         let state = AppState {
             db: Database::migrated(db.store.clone()),
             templates,
@@ -662,6 +674,7 @@ mod http_fuzz {
                 resource_request_queue: "workspacequeue".to_owned(),
                 auth: Authentication::none(),
                 transport: "inmem".to_owned(),
+                operator,
                 ..ApiSettings::default()
             }),
             metrics: None,

@@ -3,7 +3,7 @@
 //! generators and mutations, progress lines, and turning a failure into a corpus entry.
 //!
 //! Under plain `cargo test` each target replays its whole corpus and then runs
-//! [`DEFAULT_CASES`] generated cases; `cargo xtask fuzz --runs N` sets
+//! [`DEFAULT_CASES`] generated cases, the same ones every run (a fixed seed); `cargo xtask fuzz --runs N` sets
 //! `STEWARD_FUZZ_RUNS=N` and runs the same tests in release.
 
 #![allow(dead_code, unreachable_pub)]
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestError, TestRunner};
+use proptest::test_runner::{Config, TestError, TestRng, TestRunner};
 use serde_json::{Map, Value, json};
 
 /// Generated cases per target when `STEWARD_FUZZ_RUNS` is not set: few, so that the
@@ -112,12 +112,17 @@ pub fn fuzz<T: Debug + Clone>(
     }
     let cases = runs();
     let progress = Progress::new(target, cases);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 2048,
-        ..Config::default()
-    });
+    let config =
+        Config { cases, failure_persistence: None, max_shrink_iters: 2048, ..Config::default() };
+    // A fuzz run explores new inputs every time; the normal test suite runs the same
+    // generated cases every time, so that it never fails by chance: what a fuzz run
+    // finds comes back through the corpus.
+    let mut runner = if std::env::var_os("STEWARD_FUZZ_RUNS").is_some() {
+        TestRunner::new(config)
+    } else {
+        let rng = TestRng::deterministic_rng(config.rng_algorithm);
+        TestRunner::new_with_rng(config, rng)
+    };
     let result = runner.run(&strategy, |input| {
         progress.tick();
         check(&input)
