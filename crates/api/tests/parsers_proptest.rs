@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod fuzz_support;
 mod support;
 
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use steward_api::workers::{
     parse_deployment_status, parse_step_result, tre,
 };
 use steward_core::{Handler, Message, Outcome};
+
+use fuzz_support::{paths, pointer};
 
 /// Field names of both schemas, so generated objects often look almost right.
 const KEYS: &[&str] = &[
@@ -121,35 +124,6 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         any::<usize>().prop_map(Mutation::Truncate),
         (any::<usize>(), any::<u8>()).prop_map(|(n, b)| Mutation::Flip(n, b)),
     ]
-}
-
-/// Every path (as JSON pointer segments) below the root.
-fn paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
-    match value {
-        Value::Object(map) => {
-            for (key, child) in map {
-                prefix.push(key.clone());
-                out.push(prefix.clone());
-                paths(child, prefix, out);
-                prefix.pop();
-            }
-        }
-        Value::Array(items) => {
-            for (index, child) in items.iter().enumerate() {
-                prefix.push(index.to_string());
-                out.push(prefix.clone());
-                paths(child, prefix, out);
-                prefix.pop();
-            }
-        }
-        _ => {}
-    }
-}
-
-fn pointer(path: &[String]) -> String {
-    path.iter()
-        .map(|segment| format!("/{}", segment.replace('~', "~0").replace('/', "~1")))
-        .collect()
 }
 
 /// The mutated body, as bytes.

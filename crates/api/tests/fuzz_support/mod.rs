@@ -303,7 +303,7 @@ pub fn mutation(keys: &'static [&'static str]) -> impl Strategy<Value = Mutation
 }
 
 /// Every path (as JSON pointer segments) below the root.
-fn paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+pub fn paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
     match value {
         Value::Object(map) => {
             for (key, child) in map {
@@ -325,7 +325,8 @@ fn paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
     }
 }
 
-fn pointer(path: &[String]) -> String {
+/// `path` as a JSON pointer.
+pub fn pointer(path: &[String]) -> String {
     path.iter()
         .map(|segment| format!("/{}", segment.replace('~', "~0").replace('/', "~1")))
         .collect()
